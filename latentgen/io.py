@@ -1,0 +1,95 @@
+"""Crash-safe writes: every file or folder is written under a temporary name, then renamed into place.
+
+A rename within one filesystem is atomic, so Ctrl-C or SIGKILL at any moment leaves either the old complete
+file or the new complete file, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path`, on failure it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it takes the place of `path` (replacing an old one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if path.exists():
+            # Two renames: a crash between them leaves the old folder under `.old` and the new one complete.
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_image(image, path: str | os.PathLike, pnginfo=None) -> Path:
+    """Save a PIL image atomically; the format follows the suffix (PNG metadata kept when given)."""
+    path = Path(path)
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
+    with atomic_file(path) as tmp:
+        image.save(tmp, format=fmt, pnginfo=pnginfo if fmt == "PNG" else None)
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+def weights_hash(folder: str | os.PathLike, length: int = 12) -> str:
+    """A short sha256 over every safetensors file in a model folder (names and bytes), for image metadata."""
+    digest = hashlib.sha256()
+    for f in sorted(Path(folder).rglob("*.safetensors")):
+        digest.update(str(f.relative_to(folder)).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:length]

