@@ -23,3 +23,9 @@ def one_of(what: str, value: object, allowed: Sequence[str]) -> UserError:
     """The standard 'unknown X' error that lists the allowed values."""
     hint = nearest(str(value), allowed)
     return UserError(f"unknown {what} {value!r}{hint}; choose one of: {', '.join(allowed)}")
+
+
+def first_line(err: BaseException) -> str:
+    """'Type: first line of the message' of a library exception, for wrapping it in a UserError."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__

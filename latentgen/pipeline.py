@@ -18,7 +18,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from .errors import UserError, one_of
+from .errors import UserError, first_line, one_of
 from .guidance import classifier_free_guidance
 from .io import atomic_dir
 from .schedulers import make_scheduler, scheduler_name_of, scheduler_names, step_kwargs
@@ -117,8 +117,7 @@ class LatentPipeline(DiffusionPipeline):
         except UserError:
             raise
         except Exception as err:  # diffusers/transformers/safetensors errors name no file the user can act on
-            raise UserError(f"cannot load the model in {folder}: {type(err).__name__}: {str(err).splitlines()[0]}") \
-                from err
+            raise UserError(f"cannot load the model in {folder}: {first_line(err)}") from err
         return pipe
 
     def save_pretrained(self, folder: str | Path, **kwargs) -> None:

@@ -1,0 +1,280 @@
+"""Training data: the built-in shapes dataset or any 🤗 datasets source, as (image tensor, caption) pairs.
+
+Randomness (crop, flip, which of several captions) is drawn from a generator seeded by (seed, epoch, index), so
+an item is a pure function of where the run is: exact resume needs no data-loader state beyond the position.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import UserError, first_line, one_of
+from .shapes import ShapesSpec, make_sample
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("shapes", "hf")
+DATA_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+
+
+@dataclass
+class DataConfig:
+    """Where the training images and captions come from, and how they are transformed."""
+
+    source: str = "shapes"  # "shapes" (built in) or "hf" (any 🤗 datasets source)
+    resolution: int = 64
+    # shapes
+    num_samples: int = 20000
+    split: str = "train"  # shapes split: train or heldout
+    seed: int = 0  # which shapes dataset (not the training seed)
+    max_shapes: int = 2
+    two_shape_fraction: float = 0.3
+    language: str = "en"  # en, zh or both
+    # hf: a local image folder (metadata.jsonl/csv), parquet/arrow/json files, or a hub dataset id
+    path: str | None = None
+    hf_split: str = "train"
+    image_column: str = "image"
+    caption_column: str = "text"
+    streaming: bool = False
+    # transforms (hf): resize the short side to `resolution`, then crop a square
+    random_crop: bool = False
+    hflip: float = 0.0  # probability of a horizontal flip
+
+    def check(self) -> "DataConfig":
+        if self.source not in SOURCES:
+            raise one_of("data source", self.source, list(SOURCES))
+        if not isinstance(self.resolution, int) or self.resolution < 8:
+            raise UserError(f"data.resolution must be an integer ≥ 8, got {self.resolution!r}")
+        if not 0.0 <= self.hflip <= 1.0:
+            raise UserError(f"data.hflip is a probability in [0, 1], got {self.hflip!r}")
+        if self.source == "shapes":
+            if self.num_samples < 1:
+                raise UserError(f"data.num_samples must be ≥ 1, got {self.num_samples}")
+            self.shapes_spec()
+        elif not self.path:
+            raise UserError("data.source is 'hf' but data.path is empty; give a folder, data files or a hub id")
+        return self
+
+    def shapes_spec(self) -> ShapesSpec:
+        return ShapesSpec(split=self.split, resolution=self.resolution, seed=self.seed, max_shapes=self.max_shapes,
+                          two_shape_fraction=self.two_shape_fraction, language=self.language).check()
+
+
+def check_resolution(resolution: int, factor: int, what: str = "the VAE") -> None:
+    """A resolution the model can take: a multiple of its total downsampling factor."""
+    if resolution % factor:
+        lower, upper = resolution - resolution % factor, resolution - resolution % factor + factor
+        raise UserError(f"resolution {resolution} is not a multiple of {factor}, which {what} needs "
+                        f"(try {lower or upper} or {upper})")
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB (H, W) -> (3, H, W) float in [-1, 1]."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def transform(image: Image.Image, resolution: int, rng: np.random.Generator, random_crop: bool,
+              hflip: float) -> torch.Tensor:
+    """Resize the short side to `resolution`, crop a square (center or random), maybe flip."""
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = resolution / min(w, h)
+    if (w, h) != (resolution, resolution):
+        nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+        image = image.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=None)
+        w, h = nw, nh
+    if random_crop:
+        left, top = int(rng.integers(w - resolution + 1)), int(rng.integers(h - resolution + 1))
+    else:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if hflip and rng.random() < hflip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_tensor(image)
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """The shapes dataset as a map-style dataset of {pixel_values, text, index}."""
+
+    def __init__(self, config: DataConfig):
+        self.config = config
+        self.spec = config.shapes_spec()
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return self.config.num_samples
+
+    def item(self, index: int, epoch: int = 0, seed: int = 0) -> dict[str, Any]:
+        sample = make_sample(self.spec, index)
+        return {"pixel_values": to_tensor(sample.render()), "text": sample.text, "index": index}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.item(index)
+
+
+def _decode(value: Any) -> Image.Image:
+    """An image column value (decode=False: {'bytes', 'path'}) as a fully loaded PIL image."""
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, dict) and value.get("bytes") is not None:
+        image = Image.open(io.BytesIO(value["bytes"]))
+    elif isinstance(value, dict) and value.get("path"):
+        image = Image.open(value["path"])
+    elif isinstance(value, str):
+        image = Image.open(value)
+    else:
+        raise UnidentifiedImageError(f"not an image: {type(value).__name__}")
+    image.load()
+    return image.convert("RGB")
+
+
+UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError)
+
+
+def _load_hf(config: DataConfig):
+    """The 🤗 dataset that `config.path` names, with images left undecoded (so bad files can be skipped)."""
+    import datasets
+
+    path = Path(config.path).expanduser()
+    kwargs: dict[str, Any] = {"split": config.hf_split, "streaming": config.streaming}
+    if path.is_dir():
+        builders = {DATA_SUFFIXES[f.suffix] for f in path.iterdir() if f.suffix in (".parquet", ".arrow")}
+        if builders:
+            builder = builders.pop()
+            files = sorted(str(f) for f in path.iterdir() if DATA_SUFFIXES.get(f.suffix) == builder)
+            args = (builder,)
+            kwargs["data_files"] = {config.hf_split: files}
+        else:
+            args = ("imagefolder",)
+            kwargs["data_dir"] = str(path)
+    elif path.is_file() or any(ch in config.path for ch in "*?"):
+        builder = DATA_SUFFIXES.get(path.suffix)
+        if builder is None:
+            raise UserError(f"data.path {config.path} is a file datasets cannot read; "
+                            f"give a folder or a {', '.join(DATA_SUFFIXES)} file")
+        args = (builder,)
+        kwargs["data_files"] = {config.hf_split: config.path}
+    elif "/" in config.path and not config.path.startswith((".", "/", "~")) and config.path.count("/") == 1:
+        args = (config.path,)  # a hub id such as "lambdalabs/naruto-blip-captions"
+    else:
+        raise UserError(f"dataset folder {config.path} does not exist")
+    try:
+        ds = datasets.load_dataset(*args, **kwargs)
+    except UserError:
+        raise
+    except Exception as err:  # datasets raises many kinds; the first line says what went wrong
+        raise UserError(f"cannot load dataset {config.path}: {first_line(err)}") from None
+    columns = list(ds.column_names or [])
+    if columns:
+        for what, col in (("image", config.image_column), ("caption", config.caption_column)):
+            if col not in columns:
+                raise UserError(f"{what} column '{col}' is not in dataset {config.path}; "
+                                f"its columns are: {', '.join(columns)}")
+    if config.image_column in (ds.features or {}) and isinstance(ds.features[config.image_column], datasets.Image):
+        ds = ds.cast_column(config.image_column, datasets.Image(decode=False))
+    return ds
+
+
+class HFImageTextDataset(torch.utils.data.Dataset):
+    """A map-style 🤗 dataset of (image, caption); unreadable images are found once, skipped and counted."""
+
+    def __init__(self, config: DataConfig, ds=None):
+        self.config = config
+        self.ds = ds if ds is not None else _load_hf(config)
+        if len(self.ds) == 0:
+            raise UserError(f"dataset {config.path} has no rows")
+        self.valid, self.skipped_files = self._scan()
+        self.skipped = len(self.skipped_files)
+        if self.skipped:
+            log.warning("skipped %d unreadable image(s) of %d, e.g. %s", self.skipped, len(self.ds),
+                        self.skipped_files[0])
+        if not self.valid:
+            raise UserError(f"dataset {config.path} has no readable images ({self.skipped} unreadable)")
+
+    def _scan(self) -> tuple[list[int], list[str]]:
+        valid, bad = [], []
+        column = self.ds.select_columns([self.config.image_column])
+        for start, batch in enumerate(column.iter(batch_size=256)):
+            for offset, value in enumerate(batch[self.config.image_column]):
+                i = start * 256 + offset
+                try:
+                    _decode(value)
+                    valid.append(i)
+                except UNREADABLE:
+                    bad.append(str(value.get("path") if isinstance(value, dict) else i))
+        return valid, bad
+
+    def __len__(self) -> int:
+        return len(self.valid)
+
+    def item(self, index: int, epoch: int = 0, seed: int = 0) -> dict[str, Any]:
+        row = self.ds[self.valid[index]]
+        rng = np.random.default_rng([seed, epoch, index])
+        return {"pixel_values": _row_pixels(row, self.config, rng), "text": _caption(row, self.config, rng),
+                "index": index}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.item(index)
+
+
+def _row_pixels(row: dict, config: DataConfig, rng: np.random.Generator) -> torch.Tensor:
+    return transform(_decode(row[config.image_column]), config.resolution, rng, config.random_crop, config.hflip)
+
+
+def _caption(row: dict, config: DataConfig, rng: np.random.Generator) -> str:
+    """The caption; with several per image (a list), one drawn at random."""
+    text = row[config.caption_column]
+    if isinstance(text, (list, tuple)):
+        text = [t for t in text if isinstance(t, str) and t.strip()] or [""]
+        text = text[int(rng.integers(len(text)))]
+    return "" if text is None else str(text)
+
+
+class StreamingImageTextDataset(torch.utils.data.IterableDataset):
+    """A streamed 🤗 dataset for sets too large to index: bad images are skipped and counted on the fly."""
+
+    def __init__(self, config: DataConfig, ds=None, buffer_size: int = 1000):
+        self.config = config
+        self.ds = ds if ds is not None else _load_hf(config)
+        self.buffer_size = buffer_size
+        self.skipped = 0
+        self.epoch = 0
+        self.seed = 0
+
+    def iterate(self, epoch: int, seed: int, start: int = 0) -> Iterator[dict[str, Any]]:
+        """Items of one epoch (shuffled by (seed, epoch)), from position `start` on."""
+        stream = self.ds.shuffle(seed=seed * 1000003 + epoch, buffer_size=self.buffer_size)
+        position = 0
+        for row in stream:
+            try:
+                image = _decode(row[self.config.image_column])
+            except UNREADABLE:
+                self.skipped += 1
+                continue
+            if position >= start:
+                rng = np.random.default_rng([seed, epoch, position])
+                pixels = transform(image, self.config.resolution, rng, self.config.random_crop, self.config.hflip)
+                yield {"pixel_values": pixels, "text": _caption(row, self.config, rng), "index": position}
+            position += 1
+
+    def __iter__(self):
+        return self.iterate(self.epoch, self.seed)
+
+
+def build_dataset(config: DataConfig):
+    """The dataset a config describes (checked, with one-line errors)."""
+    config.check()
+    if config.source == "shapes":
+        return ShapesDataset(config)
+    if config.streaming:
+        return StreamingImageTextDataset(config)
+    return HFImageTextDataset(config)
