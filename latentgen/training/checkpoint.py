@@ -1,0 +1,83 @@
+"""Training checkpoints: written atomically, loaded without unpickling anything that could run code.
+
+A checkpoint is a folder `checkpoints/checkpoint-0000100/` holding each model's weights as safetensors, the
+optimizer, LR-schedule, EMA and scaler states (`training_state.pt`, plain tensors and numbers, read back with
+`torch.load(weights_only=True)`) and `state.json` (the step). It is built under a temporary name and renamed into
+place, so a run killed at any moment leaves only complete checkpoints under the names `latest` looks at.
+
+accelerate's save_state/load_state would do most of this, but its load unpickles registered objects and RNG
+states with weights_only=False and it does not write atomically; our RNG is derived from the step, so there is
+no RNG state to keep.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from ..errors import UserError, first_line
+from ..io import atomic_dir
+
+NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of interrupted saves are never listed)."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if NAME.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)))
+
+
+def resolve_resume(output_dir: str | Path, resume_from: str | None) -> Path | None:
+    """The checkpoint `resume_from` names: None, "latest" (None if there is none yet) or a folder."""
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume_from)
+    if not (path / "state.json").is_file():
+        raise UserError(f"resume_from {path} is not a checkpoint folder (no state.json); "
+                        f"use 'latest' or a folder under {checkpoints_dir(output_dir)}")
+    return path
+
+
+def save_checkpoint(output_dir: str | Path, step: int, models: dict[str, torch.nn.Module],
+                    states: dict[str, Any], keep: int, info: dict[str, Any] | None = None) -> Path:
+    """Save models (unwrapped) and objects with state_dict(); keep the newest `keep` checkpoints."""
+    target = checkpoints_dir(output_dir) / f"checkpoint-{step:07d}"
+    with atomic_dir(target) as tmp:
+        for name, model in models.items():
+            save_model(model, str(tmp / f"{name}.safetensors"))
+        torch.save({name: obj.state_dict() for name, obj in states.items() if obj is not None},
+                   tmp / "training_state.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **(info or {})}, indent=2))
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(path: Path, models: dict[str, torch.nn.Module], states: dict[str, Any]) -> dict[str, Any]:
+    """Restore what save_checkpoint wrote; returns state.json."""
+    try:
+        for name, model in models.items():
+            load_model(model, str(path / f"{name}.safetensors"), strict=True)
+        saved = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+        for name, obj in states.items():
+            if obj is not None:
+                obj.load_state_dict(saved[name])
+        return json.loads((path / "state.json").read_text())
+    except (OSError, RuntimeError, KeyError, ValueError) as err:
+        raise UserError(f"cannot resume from {path}: {first_line(err)}") from None

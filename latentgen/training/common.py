@@ -1,0 +1,307 @@
+"""What both training scripts share: the run config, accelerate set-up, deterministic batches and randomness,
+optimizer and LR schedule, EMA, logging.
+
+Exact resume rests on one idea: every random draw of a step (data order, augmentation, noise, timesteps,
+dropout, caption dropout) comes from a generator seeded by (seed, step, micro-batch, rank). Nothing random
+carries over from one step to the next, so a checkpoint needs only the weights, optimizer, LR schedule, EMA and
+scaler, and a resumed run replays exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from ..data.sources import DataConfig, StreamingImageTextDataset
+from ..errors import UserError, one_of
+
+MIXED_PRECISION = ("auto", "fp32", "bf16", "fp16")  # not "no": YAML reads that as false
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+@dataclass
+class TrainConfig:
+    """Settings every training run has; `train_vae.py` and `train_unet.py` add their own."""
+
+    output_dir: str = "runs/run"
+    seed: int = 0
+    max_steps: int = 1000
+    train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant_with_warmup"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    use_8bit_adam: bool = False
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "auto"  # auto: bf16 where the hardware has fast bf16, else fp32
+    gradient_checkpointing: bool = False
+    ema: bool = False
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume_from: str | None = None  # "latest" or a checkpoint folder
+    log_every: int = 10
+    validate_every: int = 0  # 0: validate only at the end
+    num_workers: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def check(self) -> None:
+        positive = ("max_steps", "train_batch_size", "gradient_accumulation_steps", "checkpoint_every",
+                    "keep_checkpoints", "log_every")
+        for name in positive:
+            value = getattr(self, name)
+            if value < 1:
+                raise UserError(f"{name} must be ≥ 1, got {value}")
+        for name in ("lr_warmup_steps", "validate_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise UserError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise one_of("mixed_precision", self.mixed_precision, list(MIXED_PRECISION))
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise one_of("lr_scheduler", self.lr_scheduler, list(LR_SCHEDULERS))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# accelerate
+
+
+def resolve_mixed_precision(choice: str, cpu: bool) -> str:
+    """Our choice as accelerate's mixed_precision value ("no", "bf16" or "fp16")."""
+    from ..device import cpu_has_fast_bf16
+
+    if choice == "auto":
+        if cpu:
+            choice = "bf16" if cpu_has_fast_bf16() else "fp32"
+        else:
+            choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if choice == "fp16" and cpu:
+        raise UserError("mixed_precision fp16 needs a CUDA GPU; on the CPU use bf16 or fp32")
+    return "no" if choice == "fp32" else choice
+
+
+def make_accelerator(config: TrainConfig, project: str):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(config.mixed_precision, cpu),
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=config.output_dir,
+                                            logging_dir=str(Path(config.output_dir) / "logs")),
+        cpu=cpu,
+    )
+    if accelerator.is_main_process:
+        accelerator.init_trackers(project, config=flat_scalars(config))
+    return accelerator
+
+
+def save_run_config(accelerator, config: TrainConfig) -> None:
+    """The full config of the run, beside its checkpoints (enough to rebuild and rerun it)."""
+    if accelerator.is_main_process:
+        from ..config import to_yaml
+        from ..io import write_text
+
+        write_text(Path(config.output_dir) / "train_config.yaml", to_yaml(config))
+
+
+def weight_dtype(accelerator) -> torch.dtype:
+    """The dtype for frozen modules: the mixed-precision compute dtype (their outputs feed autocast anyway)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def flat_scalars(config: Any, prefix: str = "") -> dict[str, Any]:
+    """A config as {dotted.key: scalar} (TensorBoard's hparams take only scalars)."""
+    from dataclasses import fields, is_dataclass
+
+    out: dict[str, Any] = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        key = prefix + f.name
+        if is_dataclass(value):
+            out.update(flat_scalars(value, key + "."))
+        elif isinstance(value, (int, float, str, bool)):
+            out[key] = value
+        elif value is not None:
+            out[key] = str(value)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Deterministic randomness and batches
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
+    """The generator for one micro-batch; also reseeds torch's global RNG (dropout inside the models)."""
+    s = step_seed(seed, step, micro, rank)
+    torch.manual_seed(s)
+    return torch.Generator(device=device).manual_seed(s)
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """The index batches of micro-steps `start`, `start+1`, ... for one rank: exact, resumable data order.
+
+    Micro-step m of rank r takes positions [(m·W + r)·B, (m·W + r + 1)·B) of the epoch's permutation, seeded by
+    (seed, epoch). An epoch holds the largest multiple of W·B samples that fits, so a batch never spans epochs.
+    """
+
+    def __init__(self, size: int, batch_size: int, world: int, rank: int, seed: int, start: int = 0):
+        self.size, self.batch_size, self.world, self.rank = size, batch_size, world, rank
+        self.seed, self.start = seed, start
+        self.per_epoch = size // (batch_size * world) * batch_size * world
+        if self.per_epoch == 0:
+            raise UserError(f"the dataset has {size} usable samples, fewer than one step needs "
+                            f"(train_batch_size {batch_size} × {world} process(es)); lower train_batch_size")
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        micro, cached_epoch, perm = self.start, -1, None
+        while True:
+            position = (micro * self.world + self.rank) * self.batch_size
+            epoch, offset = divmod(position, self.per_epoch)
+            if epoch != cached_epoch:
+                perm, cached_epoch = self.permutation(epoch), epoch
+            yield [(int(i), epoch) for i in perm[offset:offset + self.batch_size]]
+            micro += 1
+
+    def __len__(self) -> int:  # infinite; DataLoader only needs this for its own bookkeeping
+        return 2**62
+
+
+class EpochItems(torch.utils.data.Dataset):
+    """Adapts a dataset with `item(index, epoch, seed)` to the (index, epoch) pairs StepBatches yields."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, epoch = key
+        return self.dataset.item(index, epoch, self.seed)
+
+
+def batch_iterator(dataset, config: TrainConfig, world: int, rank: int, start_micro: int) -> Iterator[dict]:
+    """Micro-batches from micro-step `start_micro` on, for this rank."""
+    if isinstance(dataset, StreamingImageTextDataset):
+        yield from _stream_batches(dataset, config, world, rank, start_micro)
+        return
+    sampler = StepBatches(len(dataset), config.train_batch_size, world, rank, config.seed, start_micro)
+    loader = torch.utils.data.DataLoader(EpochItems(dataset, config.seed), batch_sampler=sampler,
+                                         num_workers=config.num_workers, persistent_workers=config.num_workers > 0)
+    yield from loader
+
+
+def _stream_batches(dataset: StreamingImageTextDataset, config: TrainConfig, world: int, rank: int,
+                    start_micro: int) -> Iterator[dict]:
+    """Streamed data: every W-th group of B items goes to this rank; resume skips what was consumed."""
+    from torch.utils.data import default_collate
+
+    per_micro = config.train_batch_size * world
+    skip, epoch, group = start_micro * per_micro, 0, []
+    while True:
+        seen = 0
+        for item in dataset.iterate(epoch, config.seed):
+            seen += 1
+            if skip > 0:
+                skip -= 1
+                continue
+            group.append(item)
+            if len(group) == per_micro:
+                yield default_collate(group[rank * config.train_batch_size:(rank + 1) * config.train_batch_size])
+                group = []
+        if seen == 0:
+            raise UserError("the streamed dataset yielded no readable rows")
+        epoch += 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimization
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig, lr: float | None = None):
+    kwargs = dict(lr=lr or config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("use_8bit_adam needs bitsandbytes: pip install 'latentgen[cuda]'") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def make_lr_scheduler(optimizer, config: TrainConfig):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                         num_training_steps=config.max_steps)
+
+
+def make_ema(model: torch.nn.Module, config: TrainConfig):
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(model.parameters(), decay=config.ema_decay, model_cls=type(model), model_config=model.config)
+
+
+class Averages:
+    """Running means of logged values between two log lines."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, **values: float) -> None:
+        for k, v in values.items():
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                continue
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def pop(self) -> dict[str, float]:
+        out = {k: self.sums[k] / self.counts[k] for k in self.sums}
+        self.sums.clear()
+        self.counts.clear()
+        return out
+
+
+def log_image(accelerator, tag: str, image, step: int) -> None:
+    """Log a PIL image to TensorBoard (main process)."""
+    if not accelerator.is_main_process:
+        return
+    tracker = accelerator.get_tracker("tensorboard", unwrap=True)
+    tracker.add_image(tag, np.asarray(image), step, dataformats="HWC")
+
+
+def image_grid(rows: list[list]):
+    """PIL images in a grid, rows top to bottom."""
+    from PIL import Image
+
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            grid.paste(image, (x * w, y * h))
+    return grid

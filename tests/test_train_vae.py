@@ -1,0 +1,104 @@
+"""train_vae.py: loss goes down, the saved VAE round-trips, the scaling factor, resume, bad configs."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from conftest import ROOT
+from latentgen.config import load_config
+from latentgen.errors import UserError
+from latentgen.training.checkpoint import list_checkpoints
+from latentgen.training.vae import VAETrainConfig, _fixed_images, reconstruction_terms, train_vae
+
+SMOKE = ROOT / "configs" / "vae-smoke.yaml"
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+
+
+def smoke(tmp_path, *overrides):
+    return load_config(VAETrainConfig, SMOKE, [f"output_dir={tmp_path / 'run'}", "mixed_precision=fp32",
+                                                *overrides])
+
+
+def _l1(vae, images):
+    with torch.no_grad():
+        return reconstruction_terms(vae.eval(), images, torch.Generator().manual_seed(0))["l1"].mean().item()
+
+
+def test_training_lowers_the_loss_and_the_vae_round_trips(tmp_path):
+    config = smoke(tmp_path, "max_steps=60", "learning_rate=2e-3", "checkpoint_every=100")
+    from latentgen.data import build_dataset
+    from latentgen.training.vae import load_vae
+
+    torch.manual_seed(config.seed)
+    initial = load_vae(config)
+    images = _fixed_images(build_dataset(config.data), 8)
+    folder = train_vae(config)
+    trained = AutoencoderKL.from_pretrained(folder)
+    assert _l1(trained, images) < 0.75 * _l1(initial, images)
+    # the folder is complete: config + safetensors, and loads again to the same weights
+    again = AutoencoderKL.from_pretrained(folder)
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), again.state_dict().values()))
+    assert (folder / "diffusion_pytorch_model.safetensors").is_file()
+    assert (tmp_path / "run" / "validation" / "step-0000060.png").is_file()
+
+
+def test_scaling_factor_gives_unit_variance_latents(tmp_path):
+    config = smoke(tmp_path, "max_steps=3", "scaling_batches=8")
+    folder = train_vae(config)
+    vae = AutoencoderKL.from_pretrained(folder).eval()
+    from latentgen.data import build_dataset
+    from latentgen.training.vae import _scaling_batches
+
+    with torch.no_grad():
+        z = torch.cat([vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(1))
+                       for x in _scaling_batches(build_dataset(config.data), config)])
+    scaled = z * vae.config.scaling_factor
+    assert vae.config.scaling_factor != 0.18215
+    assert abs(scaled.std().item() - 1.0) < 0.05
+
+
+def test_resume_continues_from_the_saved_step(tmp_path):
+    full = train_vae(smoke(tmp_path / "a", "max_steps=6", "checkpoint_every=3"))
+    AcceleratorState = __import__("accelerate.state", fromlist=["AcceleratorState"]).AcceleratorState
+    AcceleratorState._reset_state(True)
+    cut = smoke(tmp_path / "b", "max_steps=3", "checkpoint_every=3")
+    train_vae(cut)
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "run")] == ["checkpoint-0000003"]
+    AcceleratorState._reset_state(True)
+    resumed = train_vae(smoke(tmp_path / "b", "max_steps=6", "checkpoint_every=3", "resume_from=latest"))
+    a, b = AutoencoderKL.from_pretrained(full), AutoencoderKL.from_pretrained(resumed)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["max_step=3"], "unknown config key 'max_step'; did you mean 'max_steps'?"),
+    (["loss.kl_wieght=1"], "did you mean 'loss.kl_weight'?"),
+    (["max_steps=abc"], "config key 'max_steps'"),
+    (["data.resolution=33"], "resolution 33 is not a multiple of 2"),
+    (["data.source=hf", "data.path=/nonexistent/folder"], "dataset folder /nonexistent/folder does not exist"),
+    (["model.block_out_channel=[8]"], "unknown AutoencoderKL argument model.block_out_channel"),
+    (["mixed_precision=fp8"], "unknown mixed_precision 'fp8'"),
+])
+def test_bad_configs_fail_before_training(tmp_path, overrides, message):
+    r = subprocess.run([sys.executable, str(ROOT / "train_vae.py"), "--config", str(SMOKE),
+                        f"output_dir={tmp_path / 'run'}", *overrides], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(VAETrainConfig, tmp_path / "none.yaml")
