@@ -117,6 +117,9 @@ class ShapesDataset(torch.utils.data.Dataset):
         sample = make_sample(self.spec, index)
         return {"pixel_values": to_tensor(sample.render()), "text": sample.text, "index": index}
 
+    def captions(self, index: int) -> list[str]:
+        return [make_sample(self.spec, index).text]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.item(index)
 
@@ -219,8 +222,12 @@ class HFImageTextDataset(torch.utils.data.Dataset):
     def item(self, index: int, epoch: int = 0, seed: int = 0) -> dict[str, Any]:
         row = self.ds[self.valid[index]]
         rng = np.random.default_rng([seed, epoch, index])
-        return {"pixel_values": _row_pixels(row, self.config, rng), "text": _caption(row, self.config, rng),
-                "index": index}
+        return {"pixel_values": _row_pixels(row, self.config, rng),
+                "text": choose_caption(_captions(row, self.config), seed, epoch, index), "index": index}
+
+    def captions(self, index: int) -> list[str]:
+        """Every caption of image `index` (training draws one per epoch with `choose_caption`)."""
+        return _captions(self.ds[self.valid[index]], self.config)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.item(index)
@@ -230,13 +237,19 @@ def _row_pixels(row: dict, config: DataConfig, rng: np.random.Generator) -> torc
     return transform(_decode(row[config.image_column]), config.resolution, rng, config.random_crop, config.hflip)
 
 
-def _caption(row: dict, config: DataConfig, rng: np.random.Generator) -> str:
-    """The caption; with several per image (a list), one drawn at random."""
+def _captions(row: dict, config: DataConfig) -> list[str]:
+    """An image's captions: the caption column holds one string or a list of them."""
     text = row[config.caption_column]
     if isinstance(text, (list, tuple)):
-        text = [t for t in text if isinstance(t, str) and t.strip()] or [""]
-        text = text[int(rng.integers(len(text)))]
-    return "" if text is None else str(text)
+        return [str(t) for t in text if isinstance(t, str) and t.strip()] or [""]
+    return ["" if text is None else str(text)]
+
+
+def choose_caption(captions: list[str], seed: int, epoch: int, index: int) -> str:
+    """With several captions per image, one drawn at random for this (seed, epoch, index)."""
+    if len(captions) == 1:
+        return captions[0]
+    return captions[int(np.random.default_rng([seed, epoch, index, 1]).integers(len(captions)))]
 
 
 class StreamingImageTextDataset(torch.utils.data.IterableDataset):
@@ -263,7 +276,8 @@ class StreamingImageTextDataset(torch.utils.data.IterableDataset):
             if position >= start:
                 rng = np.random.default_rng([seed, epoch, position])
                 pixels = transform(image, self.config.resolution, rng, self.config.random_crop, self.config.hflip)
-                yield {"pixel_values": pixels, "text": _caption(row, self.config, rng), "index": position}
+                yield {"pixel_values": pixels, "index": position,
+                       "text": choose_caption(_captions(row, self.config), seed, epoch, position)}
             position += 1
 
     def __iter__(self):

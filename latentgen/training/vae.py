@@ -172,6 +172,7 @@ def validation_grid(vae, images: torch.Tensor):
 def train_vae(config: VAETrainConfig) -> Path:
     """Run the training; returns the folder of the final VAE (`{output_dir}/vae`)."""
     # 1. Model and data, checked before any training starts.
+    resume = resolve_resume(config.output_dir, config.resume_from)
     torch.manual_seed(config.seed)  # the initial weights
     vae = load_vae(config)
     check_resolution(config.data.resolution, vae_factor(vae), "the VAE")
@@ -204,7 +205,6 @@ def train_vae(config: VAETrainConfig) -> Path:
               "disc_optimizer": disc_opt.optimizer if disc_opt is not None else None,
               "scaler": accelerator.scaler}
     start = 0
-    resume = resolve_resume(config.output_dir, config.resume_from)
     if resume is not None:
         start = load_checkpoint(resume, models, states)["step"]
         accelerator.print(f"resumed from {resume} at step {start}")

@@ -1,0 +1,182 @@
+"""train_unet.py: learning, multi-process, exact resume after SIGKILL, atomic checkpoints, bad configs."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from latentgen import LatentPipeline
+from latentgen.config import load_config
+from latentgen.training.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
+from latentgen.training.unet import UNetTrainConfig, diffusion_loss, load_components, train_unet
+
+SMOKE = ROOT / "configs" / "smoke.yaml"
+TRAIN = [sys.executable, str(ROOT / "train_unet.py"), "--config", str(SMOKE)]
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_unet.py"), "--config", str(SMOKE)]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+
+
+def run(cmd, *overrides, timeout=300):
+    r = subprocess.run([*cmd, *map(str, overrides)], capture_output=True, text=True, timeout=timeout, env=ENV)
+    return r
+
+
+def final_unet(output_dir):
+    return load_file(str(list_checkpoints(output_dir)[-1] / "unet.safetensors"))
+
+
+def test_training_lowers_the_loss_and_writes_a_loadable_pipeline(tmp_path):
+    config = load_config(UNetTrainConfig, SMOKE, [f"output_dir={tmp_path}", "max_steps=40", "checkpoint_every=100"])
+    torch.manual_seed(config.seed)
+    initial = load_components(config).unet.eval()
+
+    folder = train_unet(config)
+
+    from latentgen.training.unet import CachedData, scale_latents
+
+    cache = next((tmp_path / "cache").glob("*.safetensors"))
+    data = CachedData(load_file(str(cache)), [])
+    parts = load_components(config)
+    latents = scale_latents(parts.vae, data.mean[:32])
+    context = data.embeddings[data.caption_rows[:32]]
+
+    def loss(unet):
+        with torch.no_grad():
+            return diffusion_loss(unet.eval(), parts.noise_scheduler, latents, context,
+                                  torch.Generator().manual_seed(0), config.noise).mean().item()
+
+    pipe = LatentPipeline.from_pretrained(folder)
+    assert loss(pipe.unet) < 0.8 * loss(initial)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle on a blue background", num_inference_steps=3, seed=0).images[0]
+    assert image.size == (32, 32)
+    assert (tmp_path / "validation" / "step-0000040.png").is_file()
+    assert (folder / "train_config.yaml").is_file()
+
+
+def test_two_processes_with_accelerate_launch(tmp_path):
+    r = run(LAUNCH, f"output_dir={tmp_path}", "max_steps=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    pipe = LatentPipeline.from_pretrained(tmp_path / "pipeline")
+    assert pipe.unet.config.cross_attention_dim == 32
+
+
+def _kill_at_random(cmd, output_dir, overrides, seed):
+    """Start a run, SIGKILL it (its whole process group) at a random moment after it starts training."""
+    rng = random.Random(seed)
+    proc = subprocess.Popen([*cmd, f"output_dir={output_dir}", *overrides], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    deadline = time.time() + 240
+    while not list_checkpoints(output_dir) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, 1.5))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exact_resume_after_sigkill_is_bitwise(tmp_path, seed):
+    overrides = ["max_steps=30", "checkpoint_every=3", "keep_checkpoints=2", "ema=true",
+                 "lr_scheduler=cosine", "lr_warmup_steps=4", "gradient_accumulation_steps=2"]
+    r = run(TRAIN, f"output_dir={tmp_path / 'whole'}", *overrides)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    _kill_at_random(TRAIN, tmp_path / "cut", overrides, seed)
+    killed_at = resolve_resume(tmp_path / "cut", "latest")
+    assert killed_at is not None and killed_at.name != "checkpoint-0000030"  # killed mid-run
+    r = run(TRAIN, f"output_dir={tmp_path / 'cut'}", *overrides, "resume_from=latest")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {killed_at}" in r.stdout
+
+    whole, resumed = final_unet(tmp_path / "whole"), final_unet(tmp_path / "cut")
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+    a = load_file(str(tmp_path / "whole" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the EMA weights too
+
+
+def test_exact_resume_with_two_processes(tmp_path):
+    overrides = ["max_steps=16", "checkpoint_every=2"]
+    r = run(LAUNCH, f"output_dir={tmp_path / 'whole'}", *overrides)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _kill_at_random(LAUNCH, tmp_path / "cut", overrides, 1)
+    r = run(LAUNCH, f"output_dir={tmp_path / 'cut'}", *overrides, "resume_from=latest")
+    assert r.returncode == 0, r.stderr[-3000:]
+    whole, resumed = final_unet(tmp_path / "whole"), final_unet(tmp_path / "cut")
+    for name in whole:
+        torch.testing.assert_close(whole[name], resumed[name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_killed_save_never_leaves_a_checkpoint_latest_would_pick(tmp_path):
+    """SIGKILL a process while it writes a large checkpoint, at random moments: `latest` stays loadable."""
+    script = (
+        "import sys, torch; from latentgen.training.checkpoint import save_checkpoint;"
+        "m = torch.nn.Linear(4096, 4096); opt = torch.optim.AdamW(m.parameters());"
+        "[save_checkpoint(sys.argv[1], s, {'unet': m}, {'optimizer': opt}, keep=2) for s in range(1, 100)]")
+    rng = random.Random(0)
+    for attempt in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=ENV, cwd=ROOT)
+        while not list_checkpoints(tmp_path) and proc.poll() is None:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 1.0))
+        proc.kill()
+        proc.wait()
+        latest = resolve_resume(tmp_path, "latest")
+        assert latest is not None
+        m = torch.nn.Linear(4096, 4096)
+        opt = torch.optim.AdamW(m.parameters())
+        from latentgen.training.checkpoint import load_checkpoint
+
+        assert load_checkpoint(latest, {"unet": m}, {"optimizer": opt})["step"] >= 1
+    leftovers = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert all(not p.startswith("checkpoint") for p in leftovers)  # temporaries are hidden, never listed
+
+
+def test_list_ignores_incomplete_folders(tmp_path):
+    m = torch.nn.Linear(2, 2)
+    save_checkpoint(tmp_path, 2, {"unet": m}, {}, keep=3)
+    (tmp_path / "checkpoints" / ".checkpoint-0000004.abc.tmp").mkdir()
+    (tmp_path / "checkpoints" / "checkpoint-0000006").mkdir()  # no state.json: not complete
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-0000002"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["max_step=3"], "unknown config key 'max_step'; did you mean 'max_steps'?"),
+    (["text_encoder.knd=minilm"], "did you mean 'text_encoder.kind'?"),
+    (["vae_model.latent_channels=8"], "the VAE makes 8-channel latents but the U-Net takes in_channels=4"),
+    (["text_encoder.model.hidden_size=48"], "the text encoder's width is 48 but the U-Net has cross_attention_dim=32"),
+    (["train_batch_size=200"], "the dataset has 96 usable samples, fewer than one step needs"),
+    (["sampler=dpm2"], "unknown sampler 'dpm2'"),
+    (["data.hflip=0.5"], "cache=true stores one view of each image"),
+    (["resume_from=/nonexistent"], "resume_from /nonexistent is not a checkpoint folder"),
+])
+def test_bad_configs_fail_before_training(tmp_path, overrides, message):
+    r = run(TRAIN, f"output_dir={tmp_path / 'run'}", *overrides)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message in r.stderr and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_command_line_overrides_apply(tmp_path):
+    config = load_config(UNetTrainConfig, SMOKE, [f"output_dir={tmp_path}", "max_steps=3", "checkpoint_every=1",
+                                                  "resume_from=latest", "seed=5", "train_batch_size=4"])
+    assert (config.max_steps, config.checkpoint_every, config.resume_from, config.seed,
+            config.train_batch_size) == (3, 1, "latest", 5, 4)
