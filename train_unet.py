@@ -7,21 +7,17 @@
 
 import sys
 
-from latentgen.cli import ArgumentParser, quiet_libraries, run_cli
+from latentgen.cli import run_cli, training_main
+
+
+def load():
+    from latentgen.training.unet import UNetTrainConfig, train_unet
+
+    return UNetTrainConfig, train_unet
 
 
 def main(argv=None):
-    p = ArgumentParser(prog="train_unet.py", description="Train the text-conditioned U-Net.")
-    p.add_argument("--config", required=True, help="a YAML file in configs/")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 resume_from=latest")
-    args = p.parse_args(argv)
-
-    from latentgen.config import load_config
-    from latentgen.training.unet import UNetTrainConfig, train_unet
-
-    config = load_config(UNetTrainConfig, args.config, args.overrides)
-    quiet_libraries()
-    train_unet(config)
+    training_main("train_unet.py", "Train the text-conditioned U-Net.", load, argv)
 
 
 if __name__ == "__main__":

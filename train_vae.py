@@ -7,21 +7,17 @@
 
 import sys
 
-from latentgen.cli import ArgumentParser, quiet_libraries, run_cli
+from latentgen.cli import run_cli, training_main
+
+
+def load():
+    from latentgen.training.vae import VAETrainConfig, train_vae
+
+    return VAETrainConfig, train_vae
 
 
 def main(argv=None):
-    p = ArgumentParser(prog="train_vae.py", description="Train or fine-tune the VAE.")
-    p.add_argument("--config", required=True, help="a YAML file in configs/")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 data.resolution=32")
-    args = p.parse_args(argv)
-
-    from latentgen.config import load_config
-    from latentgen.training.vae import VAETrainConfig, train_vae
-
-    config = load_config(VAETrainConfig, args.config, args.overrides)
-    quiet_libraries()
-    train_vae(config)
+    training_main("train_vae.py", "Train or fine-tune the VAE.", load, argv)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,16 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
 
 
 def quiet_libraries() -> None:
-    """Keep diffusers/transformers/datasets from printing load progress and advice on every run."""
+    """Keep diffusers/transformers/datasets from printing load progress and advice on every run; our own
+    warnings (latentgen logger) print as one `warning: ...` line each."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ours = logging.getLogger("latentgen")
+    if not ours.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.WARNING)
+        ours.propagate = False
     for name in ("diffusers", "transformers", "datasets", "accelerate", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
@@ -52,3 +60,22 @@ def quiet_libraries() -> None:
         tlog.set_verbosity_error()
     except ImportError:  # pragma: no cover
         pass
+
+
+def training_main(prog: str, description: str, load: Callable[[], tuple[type, Callable]], argv=None) -> None:
+    """The command line of both training scripts: `--config FILE` and `key=value` overrides.
+
+    `load()` returns (config dataclass, train function); it is called after argument parsing so that `--help`
+    and argument mistakes answer without importing torch.
+    """
+    p = ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", required=True, help="a YAML file in configs/")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 resume_from=latest")
+    args = p.parse_args(argv)
+
+    from .config import load_config
+
+    config_cls, train = load()
+    config = load_config(config_cls, args.config, args.overrides)
+    quiet_libraries()
+    train(config)

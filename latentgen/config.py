@@ -62,11 +62,15 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     layers = []
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise UserError(f"config {path} is a folder; give a YAML file (see configs/)")
         if not path.is_file():
             raise UserError(f"config file {path} does not exist")
+        import yaml
+
         try:
             data = OmegaConf.to_container(OmegaConf.load(path)) or {}
-        except (OmegaConfBaseException, ValueError, OSError) as err:
+        except (OmegaConfBaseException, ValueError, OSError, yaml.YAMLError) as err:
             raise UserError(f"cannot read config {path}: {str(err).splitlines()[0]}") from None
         _check_keys(cls, data, "", str(path))
         layers.append(data)

@@ -45,6 +45,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "auto"  # auto: bf16 where the hardware has fast bf16, else fp32
     gradient_checkpointing: bool = False
+    attention: str = "auto"  # auto, sdpa, math or xformers (see latentgen.device.set_attention)
     ema: bool = False
     ema_decay: float = 0.999
     checkpoint_every: int = 500
@@ -71,6 +72,10 @@ class TrainConfig:
             raise UserError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise one_of("mixed_precision", self.mixed_precision, list(MIXED_PRECISION))
+        from ..device import ATTENTION
+
+        if self.attention not in ATTENTION:
+            raise one_of("attention", self.attention, list(ATTENTION))
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise one_of("lr_scheduler", self.lr_scheduler, list(LR_SCHEDULERS))
 
@@ -264,6 +269,85 @@ def make_ema(model: torch.nn.Module, config: TrainConfig):
     from diffusers.training_utils import EMAModel
 
     return EMAModel(model.parameters(), decay=config.ema_decay, model_cls=type(model), model_config=model.config)
+
+
+class TrainLoop:
+    """The bookkeeping around every optimizer step, shared by both trainers: progress bar, LR schedule, EMA,
+    logging, checkpoints and validation at their intervals, then the final checkpoint and the summary line.
+
+        loop = TrainLoop(config, accelerator, "train_unet", models, states, lr_scheduler, ema, raw_unet, validate)
+        for step in loop.run(start):
+            ...  # forward, backward, optimizer step; loop.averages.add(loss=...)
+        loop.finish(samples_per_step)
+    """
+
+    def __init__(self, config: TrainConfig, accelerator, name: str, models: dict, states: dict, lr_scheduler,
+                 ema, ema_model: torch.nn.Module, validate):
+        self.config, self.accelerator, self.name = config, accelerator, name
+        self.models, self.states, self.lr_scheduler = models, states, lr_scheduler
+        self.ema, self.ema_model, self.validate = ema, ema_model, validate
+        self.out = Path(config.output_dir)
+        self.averages = Averages()
+        self.timer = StepTimer()
+
+    def run(self, start: int) -> Iterator[int]:
+        """Yield the step numbers from `start`; after each step comes back, do what is due."""
+        from tqdm.auto import tqdm
+
+        config, accelerator = self.config, self.accelerator
+        bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc=self.name,
+                   disable=not accelerator.is_local_main_process)
+        for step in bar:
+            self.timer.tick()
+            yield step
+            self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.step(self.ema_model.parameters())
+            done = step + 1
+            if done % config.log_every == 0 or done == config.max_steps:
+                logs = self.averages.pop() | {"lr": self.lr_scheduler.get_last_lr()[0]}
+                accelerator.log(logs, step=done)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "psnr")})
+            if done % config.checkpoint_every == 0 and done < config.max_steps:
+                self.checkpoint(done)
+            if config.validate_every and done % config.validate_every == 0 and accelerator.is_main_process:
+                self.validate(done)
+
+    def checkpoint(self, step: int) -> None:
+        from .checkpoint import save_checkpoint
+
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.out, step, self.models, self.states, self.config.keep_checkpoints)
+
+    def finish(self, samples_per_step: int) -> bool:
+        """The summary line and the final checkpoint; True in the process that writes the final model."""
+        self.accelerator.print(self.timer.summary(samples_per_step))
+        self.checkpoint(self.config.max_steps)
+        return self.accelerator.is_main_process
+
+
+class StepTimer:
+    """Wall time of the training steps, for the run's summary line; the rate leaves out the first (warm-up) step."""
+
+    def __init__(self):
+        import time
+
+        self.clock = time.perf_counter
+        self.ticks: list[float] = []
+
+    def tick(self) -> None:
+        self.ticks.append(self.clock())
+
+    def summary(self, samples_per_step: int) -> str:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if len(self.ticks) < 3:
+            return f"peak memory {peak:.0f} MB"
+        rate = samples_per_step * (len(self.ticks) - 2) / (self.ticks[-1] - self.ticks[1])
+        return (f"trained {len(self.ticks)} steps in {self.clock() - self.ticks[0]:.1f} s: {rate:.1f} samples/s "
+                f"(after the first step), peak memory {peak:.0f} MB")
 
 
 class Averages:

@@ -20,18 +20,37 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from ..config import to_yaml
 from ..data.sources import build_dataset, check_resolution, choose_caption
+from ..device import set_attention
 from ..errors import UserError, first_line, one_of
-from ..io import atomic_dir, atomic_file, save_image, weights_hash
+from ..io import atomic_file, save_image, weights_hash
 from ..schedulers import make_scheduler, scheduler_names
-from ..text_encoders import (OpenCLIPTextEncoder, TransformersTextEncoder, clip_tokenizer, load_transformers_encoder,
-                             minilm_path)
-from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from .common import (Averages, StepBatches, TrainConfig, batch_iterator, image_grid, log_image,
-                     make_accelerator, make_ema, make_lr_scheduler, make_optimizer, save_run_config, step_generator)
+from ..text_encoders import (
+    OpenCLIPTextEncoder,
+    TransformersTextEncoder,
+    clip_tokenizer,
+    load_transformers_encoder,
+    minilm_path,
+)
+from .checkpoint import load_checkpoint, resolve_resume
+from .common import (
+    StepBatches,
+    TrainConfig,
+    TrainLoop,
+    batch_iterator,
+    image_grid,
+    log_image,
+    make_accelerator,
+    make_ema,
+    make_lr_scheduler,
+    make_optimizer,
+    save_run_config,
+    step_generator,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +109,8 @@ class UNetTrainConfig(TrainConfig):
     sampler: str = "dpm++"  # the scheduler saved with the pipeline (and used for validation)
     validation_prompts: list[str] = field(default_factory=lambda: [
         "a red circle on a blue background", "a yellow square on a black background",
-        "a green triangle on a white background", "a purple circle to the left of an orange square on a gray background"])
+        "a green triangle on a white background",
+        "a purple circle to the left of an orange square on a gray background"])
     validation_steps: int = 20
     validation_guidance: float = 7.5
     save_dtype: str = "fp32"  # fp32, fp16 or bf16 weights in the final pipeline
@@ -403,8 +423,8 @@ def train_unet(config: UNetTrainConfig) -> Path:
     torch.manual_seed(config.seed)  # the initial weights
     parts = load_components(config)
     dataset = build_dataset(config.data)
+    _check_batch_fits(len(dataset), config, PartialState().num_processes)
     accelerator = make_accelerator(config, "train_unet")
-    _check_batch_fits(len(dataset), config, accelerator.num_processes)
     save_run_config(accelerator, config)
     device = accelerator.device
     noise_config = dict(parts.noise_scheduler.config)
@@ -424,6 +444,7 @@ def train_unet(config: UNetTrainConfig) -> Path:
     # 3. The U-Net, optimizer, schedule, EMA.
     unet = parts.unet
     unet.train()
+    set_attention(unet, config.attention, device, training=True)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     params = list(unet.parameters()) + (list(parts.text_model.parameters()) if train_text else [])
@@ -447,13 +468,11 @@ def train_unet(config: UNetTrainConfig) -> Path:
         accelerator.print(f"resumed from {resume} at step {start}")
 
     # 5. Train.
-    out = Path(config.output_dir)
     accum = config.gradient_accumulation_steps
     batches = batch_iterator(data, config, accelerator.num_processes, accelerator.process_index, start * accum)
-    averages = Averages()
-    bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc="train_unet",
-               disable=not accelerator.is_local_main_process)
-    for step in bar:
+    loop = TrainLoop(config, accelerator, "train_unet", models, states, lr_scheduler, ema, raw_unet,
+                     lambda step: _validate(config, parts, raw_unet, ema, noise_config, accelerator, step))
+    for step in loop.run(start):
         for micro in range(accum):
             g = step_generator(config.seed, step, micro, accelerator.process_index, device)
             batch = next(batches)
@@ -470,27 +489,11 @@ def train_unet(config: UNetTrainConfig) -> Path:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            averages.add(loss=loss.item())
-        lr_scheduler.step()
-        if ema is not None:
-            ema.step(raw_unet.parameters())
-        done = step + 1
-        if done % config.log_every == 0 or done == config.max_steps:
-            logs = averages.pop() | {"lr": lr_scheduler.get_last_lr()[0]}
-            accelerator.log(logs, step=done)
-            bar.set_postfix(loss=f"{logs['loss']:.4f}")
-        if done % config.checkpoint_every == 0 and done < config.max_steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(out, done, models, states, config.keep_checkpoints)
-        if config.validate_every and done % config.validate_every == 0 and accelerator.is_main_process:
-            _validate(config, parts, raw_unet, ema, noise_config, accelerator, done)
+            loop.averages.add(loss=loss.item())
 
     # 6. The final pipeline, with EMA weights when on.
-    accelerator.wait_for_everyone()
-    target = out / "pipeline"
-    if accelerator.is_main_process:
-        save_checkpoint(out, config.max_steps, models, states, config.keep_checkpoints)
+    target = Path(config.output_dir) / "pipeline"
+    if loop.finish(config.train_batch_size * accum * accelerator.num_processes):
         if ema is not None:
             ema.copy_to(raw_unet.parameters())
         _validate(config, parts, raw_unet, None, noise_config, accelerator, config.max_steps)

@@ -15,18 +15,30 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..data.sources import build_dataset, check_resolution, to_tensor
+from ..config import to_yaml
+from ..data.sources import build_dataset, check_resolution
+from ..device import set_attention
 from ..errors import UserError
 from ..io import atomic_dir, save_image
-from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from ..config import to_yaml
-from .common import (Averages, TrainConfig, batch_iterator, image_grid, log_image, make_accelerator, make_ema,
-                     make_lr_scheduler, make_optimizer, save_run_config, step_generator)
+from .checkpoint import load_checkpoint, resolve_resume
+from .common import (
+    TrainConfig,
+    TrainLoop,
+    batch_iterator,
+    image_grid,
+    log_image,
+    make_accelerator,
+    make_ema,
+    make_lr_scheduler,
+    make_optimizer,
+    save_run_config,
+    step_generator,
+)
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +195,7 @@ def train_vae(config: VAETrainConfig) -> Path:
     accelerator = make_accelerator(config, "train_vae")
     save_run_config(accelerator, config)
     device = accelerator.device
+    set_attention(vae, config.attention, device, training=True)
     if config.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     vae.train()
@@ -214,10 +227,9 @@ def train_vae(config: VAETrainConfig) -> Path:
     accum = config.gradient_accumulation_steps
     batches = batch_iterator(dataset, config, accelerator.num_processes, accelerator.process_index, start * accum)
     fixed = _fixed_images(dataset, config.validation_images)
-    averages = Averages()
-    bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc="train_vae",
-               disable=not accelerator.is_local_main_process)
-    for step in bar:
+    loop = TrainLoop(config, accelerator, "train_vae", models, states, lr_scheduler, ema, raw_vae,
+                     lambda step: _validate(accelerator, raw_vae, ema, fixed, out, step))
+    for step in loop.run(start):
         for micro in range(accum):
             g = step_generator(config.seed, step, micro, accelerator.process_index, device)
             x = next(batches)["pixel_values"].to(device)
@@ -245,29 +257,14 @@ def train_vae(config: VAETrainConfig) -> Path:
                     if adversarial:
                         disc_opt.step()
                     disc_opt.zero_grad(set_to_none=True)
-            averages.add(loss=loss.item(), l1=terms["l1"].mean().item(), kl=terms["kl"].mean().item(),
-                         ssim=terms["ssim"].mean().item(), psnr=psnr(terms["rec"], x).mean().item(),
-                         g_adv=g_adv.item() if adversarial else None, d_loss=d_loss.item() if adversarial else None)
-        lr_scheduler.step()
-        if ema is not None:
-            ema.step(raw_vae.parameters())
-        done = step + 1
-        if done % config.log_every == 0 or done == config.max_steps:
-            logs = averages.pop() | {"lr": lr_scheduler.get_last_lr()[0]}
-            accelerator.log(logs, step=done)
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", psnr=f"{logs['psnr']:.1f}")
-        if done % config.checkpoint_every == 0 and done < config.max_steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(out, done, models, states, config.keep_checkpoints)
-        if config.validate_every and done % config.validate_every == 0 and accelerator.is_main_process:
-            _validate(accelerator, raw_vae, ema, fixed, out, done)
+            loop.averages.add(loss=loss.item(), l1=terms["l1"].mean().item(), kl=terms["kl"].mean().item(),
+                              ssim=terms["ssim"].mean().item(), psnr=psnr(terms["rec"], x).mean().item(),
+                              g_adv=g_adv.item() if adversarial else None,
+                              d_loss=d_loss.item() if adversarial else None)
 
     # 5. Final model: EMA weights when on, scaling factor measured on the data.
-    accelerator.wait_for_everyone()
     target = out / "vae"
-    if accelerator.is_main_process:
-        save_checkpoint(out, config.max_steps, models, states, config.keep_checkpoints)
+    if loop.finish(config.train_batch_size * accum * accelerator.num_processes):
         if ema is not None:
             ema.copy_to(raw_vae.parameters())
         raw_vae.eval()
@@ -279,6 +276,7 @@ def train_vae(config: VAETrainConfig) -> Path:
             raw_vae.save_pretrained(tmp, safe_serialization=True)
             (tmp / "train_config.yaml").write_text(to_yaml(config))
         accelerator.print(f"latent scaling factor {scaling:.5f}; wrote {target}")
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return target
 
