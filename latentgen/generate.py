@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from dataclasses import dataclass
@@ -41,6 +42,15 @@ def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> lis
     if any(not p.strip() for p in found):
         raise UserError("a prompt is empty; give some text")
     return found
+
+
+def check_prompt_syntax(prompts: Sequence[str]) -> None:
+    """Weighting-syntax errors (unbalanced brackets) for every prompt, before any image is made."""
+    from .prompts import has_syntax, parse
+
+    for prompt in prompts:
+        if has_syntax(prompt):
+            parse(prompt)
 
 
 def plan_jobs(prompts: Sequence[str], negative_prompts: Sequence[str] | None, num_images: int,
@@ -96,3 +106,100 @@ def resolve_model(model: str | None) -> Path:
         raise UserError(f"no --model given and the default model is missing from {DEFAULT_MODEL}; "
                         "pass --model FOLDER (a diffusers pipeline folder)")
     return DEFAULT_MODEL
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image metadata: AUTOMATIC1111's `parameters` text chunk (read by A1111, ComfyUI, civitai, ...) and our own
+# JSON chunk with everything `infer.py --replay` needs.
+
+A1111_SAMPLERS = {"ddpm": "DDPM", "ddim": "DDIM", "dpm++": "DPM++ 2M", "dpm++-karras": "DPM++ 2M Karras",
+                  "euler": "Euler", "euler-a": "Euler a", "heun": "Heun", "unipc": "UniPC", "pndm": "PLMS",
+                  "lms": "LMS"}
+METADATA_KEY = "latentgen"
+
+
+def a1111_parameters(meta: dict) -> str:
+    """The `parameters` text A1111 writes: prompt, 'Negative prompt: …', then 'Key: value, …'."""
+    fields = {"Steps": meta["steps"], "Sampler": A1111_SAMPLERS.get(meta["scheduler"], meta["scheduler"]),
+              "CFG scale": meta["guidance"], "Seed": meta["seed"], "Size": f"{meta['width']}x{meta['height']}",
+              "Model hash": meta["model_hash"], "Model": Path(meta["model"]).name}
+    if "strength" in meta:
+        fields["Denoising strength"] = meta["strength"]
+    if meta.get("guidance_rescale"):
+        fields["CFG Rescale phi"] = meta["guidance_rescale"]
+    fields["Version"] = f"latentgen {meta['version']}"
+    lines = [meta["prompt"]]
+    if meta.get("negative_prompt"):
+        lines.append(f"Negative prompt: {meta['negative_prompt']}")
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
+    return "\n".join(lines)
+
+
+def png_metadata(meta: dict):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", a1111_parameters(meta))
+    info.add_text(METADATA_KEY, json.dumps(meta, ensure_ascii=False, sort_keys=True))
+    return info
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The latentgen metadata of an image written by infer.py."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            text = im.info.get(METADATA_KEY) or getattr(im, "text", {}).get(METADATA_KEY)
+    except FileNotFoundError:
+        raise UserError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise UserError(f"cannot read image {path}: {err}") from None
+    if not text:
+        raise UserError(f"{path} has no latentgen metadata (it was not written by infer.py)")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise UserError(f"{path} has damaged latentgen metadata") from None
+
+
+def file_sha256(path: str | Path, length: int = 16) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:length]
+
+
+def load_image(path: str | Path, what: str = "image"):
+    """A PIL image from a file, or a one-line error."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise UserError(f"{what} file {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise UserError(f"cannot read {what} file {path}: {str(err).splitlines()[0]}") from None
+
+
+def contact_sheet(images: Sequence, captions: Sequence[str], columns: int = 8, min_cell: int = 128):
+    """A grid of images with a two-line caption under each (nearest-neighbour upscaled to `min_cell`)."""
+    from PIL import Image, ImageDraw
+
+    w, h = images[0].size
+    scale = max(1, min_cell // max(w, h))
+    cw, ch = w * scale, h * scale + 30
+    columns = min(columns, len(images))
+    rows = (len(images) + columns - 1) // columns
+    sheet = Image.new("RGB", (cw * columns, ch * rows), "white")
+    draw = ImageDraw.Draw(sheet)
+    chars = max(8, cw // 6)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        x, y = (i % columns) * cw, (i // columns) * ch
+        sheet.paste(image.resize((cw, h * scale), Image.Resampling.NEAREST), (x, y))
+        draw.text((x + 2, y + h * scale + 2), caption[:chars], fill="black")
+        draw.text((x + 2, y + h * scale + 15), caption[chars:2 * chars], fill="black")
+    return sheet

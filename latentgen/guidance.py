@@ -1,10 +1,70 @@
-"""Classifier-free guidance and its variants, each a small function over the two model predictions."""
+"""Classifier-free guidance and its variants, each a small function over the model's predictions.
+
+- `classifier_free_guidance`: ε̃ = ε∅ + w·(εc − ε∅) (Ho & Salimans 2022).
+- guidance rescale (Lin et al. 2023, §3.4): pull the guided prediction's std back toward the conditional one's;
+  it fixes the over-exposure that guidance causes with zero-terminal-SNR models. diffusers' `rescale_noise_cfg`.
+- a guidance interval: guidance only for the steps in a fraction [start, end) of the trajectory
+  (Kynkäänniemi et al. 2024); outside it the step uses the conditional prediction and skips the unconditional pass.
+- dynamic thresholding (Imagen, Saharia et al. 2022) clips the predicted x̂0 at its p-th |value| percentile s
+  (s ≥ 1) and divides by s, which pulls saturated pixels back into [-1, 1]. That is only valid in pixel space:
+  latents have no fixed range, and dividing them by s (≈ 2.8 for unit-variance latents at p = 99.5%) rescales
+  the whole latent and wrecks the image; diffusers' schedulers implement exactly Imagen's rule, so they are not
+  used for it. What stays valid for latents is the clipping half: x̂0 is clipped per image to ±max(s, floor),
+  `floor` in the latent's own unit-variance scale (default 3σ), without the division, so only the outliers that
+  strong guidance creates are cut. It works on the prediction itself, so with every sampler.
+"""
 
 from __future__ import annotations
 
 import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
 
 
 def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """ε̃ = ε(x_t, ∅) + w·(ε(x_t, c) − ε(x_t, ∅))  (Ho & Salimans 2022); the same for v-prediction."""
+    """ε̃ = ε(x_t, ∅) + w·(ε(x_t, c) − ε(x_t, ∅)); the same for v-prediction."""
     return uncond + scale * (cond - uncond)
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """φ·ε̃·std(εc)/std(ε̃) + (1 − φ)·ε̃, per image."""
+    return rescale_noise_cfg(guided, cond, guidance_rescale=phi) if phi > 0 else guided
+
+
+def in_interval(step: int, steps: int, interval: tuple[float, float]) -> bool:
+    """Whether step `step` of `steps` (0 = the noisiest) lies in the fraction interval [start, end)."""
+    start, end = interval
+    return start <= step / steps < end
+
+
+def alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor | float) -> tuple[float, float]:
+    """(α_t, σ_t) = (sqrt(ᾱ_t), sqrt(1 − ᾱ_t)) at a possibly fractional timestep, interpolated in
+    σ_t/α_t as the k-diffusion-style samplers (Euler, Heun, LMS, ...) do."""
+    import numpy as np
+
+    acp = alphas_cumprod.double().cpu().numpy()
+    k = np.interp(float(t), np.arange(len(acp)), np.sqrt((1 - acp) / acp))
+    abar = 1.0 / (1.0 + k * k)
+    return abar**0.5, (1 - abar) ** 0.5
+
+
+def clip_x0(pred: torch.Tensor, x_t: torch.Tensor, alpha: float, sigma: float, prediction_type: str,
+            ratio: float, floor: float) -> torch.Tensor:
+    """The latent-valid half of dynamic thresholding, applied to a model prediction at x_t (VP form).
+
+    x̂0 from the prediction (ε: (x_t − σ·ε)/α; v: α·x_t − σ·v), clipped per image to ±max(percentile, floor),
+    then back to the prediction's parametrization.
+    """
+    if prediction_type == "epsilon":
+        x0 = (x_t - sigma * pred) / alpha
+    elif prediction_type == "v_prediction":
+        x0 = alpha * x_t - sigma * pred
+    else:  # "sample": the model predicts x0
+        x0 = pred
+    s = torch.quantile(x0.abs().flatten(1).float(), ratio, dim=1).clamp_min(floor).view(-1, 1, 1, 1)
+    x0 = torch.maximum(torch.minimum(x0, s), -s)
+    if prediction_type == "epsilon":
+        return (x_t - alpha * x0) / sigma
+    if prediction_type == "v_prediction":
+        return (alpha * x_t - x0) / sigma
+    return x0

@@ -7,6 +7,7 @@ file or the new complete file, never a truncated one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -38,6 +39,10 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:  # name the file the user asked for, not our temporary
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -1,34 +1,42 @@
 """LatentPipeline: text -> image by latent diffusion with classifier-free guidance, in diffusers' folder layout.
 
 A call reads as numbered stages: check the request, encode the prompts, prepare the sampler, prepare the
-latents, denoise, decode. `from_pretrained`/`save_pretrained` come from diffusers' `DiffusionPipeline`, so
-Stable Diffusion folders load as they are and ours load in diffusers' `StableDiffusionPipeline`.
+latents (noise, or a noised init image for image-to-image and inpainting), denoise, decode.
+`from_pretrained`/`save_pretrained` come from diffusers' `DiffusionPipeline`, so Stable Diffusion folders load
+as they are and ours load in diffusers' `StableDiffusionPipeline`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from .errors import UserError, first_line, one_of
-from .guidance import classifier_free_guidance
+from .guidance import alpha_sigma, classifier_free_guidance, clip_x0, in_interval, rescale_guidance
 from .io import atomic_dir
+from .prompts import ChunkedEncoder, has_syntax, parse
 from .schedulers import make_scheduler, scheduler_name_of, scheduler_names, step_kwargs
-from .text_encoders import (EncodedPrompts, TextEncoder, clip_tokenizer, openclip_to_transformers,
-                            text_encoder_for)
+from .text_encoders import TextEncoder, clip_tokenizer, openclip_to_transformers, text_encoder_for
+
+log = logging.getLogger("latentgen")
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+PROMPT_CACHE_SIZE = 512
 
 
 @dataclass
@@ -47,6 +55,13 @@ class Request:
     scheduler: str | None
     output_type: str
     eta: float = 0.0
+    image: torch.Tensor | None = None  # (1 or N, 3, H, W) in [-1, 1]
+    mask: torch.Tensor | None = None  # (1 or N, 1, H, W) in {0, 1}; 1 = repaint
+    strength: float = 1.0
+    guidance_rescale: float = 0.0
+    dynamic_threshold: float | None = None  # x̂0 percentile ratio, e.g. 0.995
+    threshold_max: float = 3.0
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
 
     @property
     def batch_size(self) -> int:
@@ -56,6 +71,9 @@ class Request:
     def do_cfg(self) -> bool:
         return self.guidance_scale > 1.0
 
+    def cfg_at(self, step: int) -> bool:
+        return self.do_cfg and in_interval(step, self.num_inference_steps, self.guidance_interval)
+
 
 @dataclass
 class GenerationOutput:
@@ -63,6 +81,33 @@ class GenerationOutput:
     seeds: list[int] | None = None
     scheduler: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    """Text conditioning for the U-Net: the conditional rows, and [uncond; cond] for guided steps."""
+
+    cond: torch.Tensor  # (N, T, D)
+    cond_mask: torch.Tensor | None  # (N, T), only when prompts have different lengths
+    both: torch.Tensor | None = None  # (2N, T', D)
+    both_mask: torch.Tensor | None = None
+
+    def for_step(self, guided: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return (self.both, self.both_mask) if guided else (self.cond, self.cond_mask)
+
+
+def _pad_tokens(tensors: list[torch.Tensor], masks: list[torch.Tensor | None]):
+    """Pad (N, T_i, D) tensors to a common T (zeros, masked out); masks only when lengths differ."""
+    longest = max(t.shape[1] for t in tensors)
+    if all(t.shape[1] == longest for t in tensors) and all(m is None for m in masks):
+        return tensors, None
+    out, out_masks = [], []
+    for t, m in zip(tensors, masks):
+        n, length = t.shape[:2]
+        m = torch.ones(n, length, dtype=torch.bool, device=t.device) if m is None else m
+        out.append(F.pad(t, (0, 0, 0, longest - length)))
+        out_masks.append(F.pad(m, (0, longest - length)))
+    return out, torch.cat(out_masks)
 
 
 def _as_list(value: str | Sequence[str] | None, what: str) -> list[str] | None:
@@ -78,6 +123,16 @@ def _as_list(value: str | Sequence[str] | None, what: str) -> list[str] | None:
 
 def _is_openclip(module: Any) -> bool:
     return all(hasattr(module, a) for a in ("transformer", "ln_final", "token_embedding", "attn_mask"))
+
+
+def _image_size(image) -> tuple[int, int]:
+    """(width, height) of a PIL image, an (H, W, C) array or a (B, C, H, W) / (C, H, W) tensor."""
+    if hasattr(image, "size") and not callable(image.size):
+        return image.size
+    shape = tuple(image.shape)
+    if isinstance(image, torch.Tensor):
+        return shape[-1], shape[-2]
+    return shape[1], shape[0]
 
 
 class LatentPipeline(DiffusionPipeline):
@@ -96,29 +151,65 @@ class LatentPipeline(DiffusionPipeline):
         self.register_to_config(clip_skip=clip_skip)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.mask_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False,
+                                                do_binarize=True, do_convert_grayscale=True)
 
     # ------------------------------------------------------------------------------------------------------------
     # Loading and saving
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, torch_dtype: torch.dtype | None = None, allow_pickle: bool = False,
-                        dtype: torch.dtype | None = None, **kwargs) -> "LatentPipeline":
+    def from_pretrained(cls, folder: str | Path, torch_dtype: torch.dtype | str | None = None,
+                        allow_pickle: bool = False, dtype: torch.dtype | str | None = None,
+                        **kwargs) -> "LatentPipeline":
         """Load a diffusers pipeline folder (ours or Stable Diffusion's), offline.
 
+        `torch_dtype` None or "auto" picks the fast precision for this machine (bf16 on CPUs with bf16 matrix
+        units, fp16/bf16 on CUDA, else fp32); pass `torch.float32` for diffusers' exact numbers.
         Weights must be safetensors unless `allow_pickle=True`, which loads `.bin` files with
         `torch.load(weights_only=True)` (no code runs, but prefer converting them).
         """
+        from .device import resolve_device, resolve_dtype
+
         folder = Path(folder)
         check_pipeline_folder(folder, allow_pickle=allow_pickle)
         kwargs.setdefault("local_files_only", True)
+        target = dtype or torch_dtype
+        if target is None or target == "auto":
+            target = resolve_dtype("auto", resolve_device("auto"))
         try:
-            pipe = super().from_pretrained(folder, dtype=dtype or torch_dtype, use_safetensors=None if allow_pickle else True,
+            pipe = super().from_pretrained(folder, dtype=target, use_safetensors=None if allow_pickle else True,
                                            **kwargs)
         except UserError:
             raise
         except Exception as err:  # diffusers/transformers/safetensors errors name no file the user can act on
             raise UserError(f"cannot load the model in {folder}: {first_line(err)}") from err
+        pipe.keep_vae_safe()
         return pipe
+
+    def compile_unet(self, mode: str | None = None) -> float:
+        """torch.compile the U-Net in place and warm it up at the default size; returns the seconds it took.
+
+        Later calls with other batch sizes or image sizes may compile again (once per shape).
+        """
+        import time
+
+        self.unet.compile(mode=mode)
+        f = self.vae_scale_factor
+        size = self.default_size // f
+        x = torch.zeros(2, self.unet.config.in_channels, size, size, device=self.unet.device, dtype=self.unet.dtype)
+        hidden, _ = self.encode_prompts(["", ""])
+        start = time.perf_counter()
+        with torch.no_grad():
+            self.unet(x, torch.tensor([1, 1], device=x.device), encoder_hidden_states=hidden)
+        return time.perf_counter() - start
+
+    def keep_vae_safe(self) -> None:
+        """An fp16 VAE overflows in its decoder (the black-image bug of SD's VAE); keep it in fp32 then.
+
+        bf16 has fp32's range, so a bf16 VAE stays bf16.
+        """
+        if self.vae.dtype == torch.float16:
+            self.vae.to(torch.float32)
 
     def save_pretrained(self, folder: str | Path, **kwargs) -> None:
         """Write the diffusers folder layout atomically, readable by `StableDiffusionPipeline.from_pretrained`."""
@@ -148,8 +239,15 @@ class LatentPipeline(DiffusionPipeline):
     def default_size(self) -> int:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
-    def check_request(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
-                      num_images_per_prompt, generator, seed, scheduler, output_type, eta) -> Request:
+    @property
+    def inpainting_unet(self) -> bool:
+        """A 9-channel U-Net (SD inpainting): noisy latents + mask + masked-image latents."""
+        return self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
+
+    def check_request(self, prompt, negative_prompt=None, num_inference_steps=30, guidance_scale=7.5, height=None,
+                      width=None, num_images_per_prompt=1, generator=None, seed=None, scheduler=None,
+                      output_type="pil", eta=0.0, image=None, mask_image=None, strength=None,
+                      guidance_rescale=0.0, dynamic_threshold=None, guidance_interval=(0.0, 1.0)) -> Request:
         prompts = _as_list(prompt, "prompt")
         if not prompts:
             raise UserError("no prompt given; pass a prompt string or a non-empty list of prompts")
@@ -159,18 +257,53 @@ class LatentPipeline(DiffusionPipeline):
         if len(negatives) != len(prompts):
             raise UserError(f"got {len(prompts)} prompts and {len(negatives)} negative prompts; "
                             "give one negative prompt for all or one per prompt")
+        for text in dict.fromkeys(prompts + negatives):
+            if has_syntax(text):
+                parse(text)  # weighting syntax errors before any work
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise UserError(f"steps must be an integer ≥ 1, got {num_inference_steps!r}")
         if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0 or guidance_scale != guidance_scale:
             raise UserError(f"guidance must be a number ≥ 0, got {guidance_scale!r}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise UserError(f"images per prompt must be an integer ≥ 1, got {num_images_per_prompt!r}")
-        height, width = check_size(height, width, self.vae_scale_factor, self.default_size)
         if scheduler is not None and scheduler not in scheduler_names():
             raise one_of("scheduler", scheduler, scheduler_names())
         if output_type not in OUTPUT_TYPES:
             raise one_of("output_type", output_type, list(OUTPUT_TYPES))
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise UserError(f"guidance rescale must be in [0, 1], got {guidance_rescale}")
+        start, end = guidance_interval
+        if not 0.0 <= start < end <= 1.0:
+            raise UserError(f"guidance interval must satisfy 0 ≤ start < end ≤ 1, got {start}, {end}")
+        if dynamic_threshold is not None:
+            if not 0.5 < dynamic_threshold < 1.0:
+                raise UserError(f"dynamic threshold is a percentile ratio in (0.5, 1), got {dynamic_threshold}")
+        if mask_image is not None and image is None:
+            raise UserError("a mask needs an image to inpaint")
+        if strength is None:
+            strength = 0.8 if image is not None and mask_image is None else 1.0
+        if not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+            raise UserError(f"strength must be in (0, 1], got {strength!r}")
+        if self.inpainting_unet and mask_image is None:
+            raise UserError("this is an inpainting model (9-channel U-Net): give an image and a mask")
         total = len(prompts) * num_images_per_prompt
+        init, mask = None, None
+        if image is not None:
+            w, h = _image_size(image)
+            if height is None and width is None and (w % self.vae_scale_factor or h % self.vae_scale_factor):
+                raise UserError(f"the image is {w}×{h}; its sides must be multiples of {self.vae_scale_factor} "
+                                "(resize it, or pass height and width to resize it)")
+            height, width = height or h, width or w
+            if mask_image is not None and _image_size(mask_image) != (w, h):
+                mw, mh = _image_size(mask_image)
+                raise UserError(f"the mask is {mw}×{mh} but the image is {w}×{h}; they must be the same size")
+        height, width = check_size(height, width, self.vae_scale_factor, self.default_size)
+        if image is not None:
+            init = self.image_processor.preprocess(image, height=height, width=width).float()
+            if init.shape[0] not in (1, total):
+                raise UserError(f"got {init.shape[0]} images for {total} outputs; give one or one per output")
+        if mask_image is not None:
+            mask = self.mask_processor.preprocess(mask_image, height=height, width=width).float()
         seeds = None
         if seed is not None:
             if generator is not None:
@@ -181,53 +314,171 @@ class LatentPipeline(DiffusionPipeline):
         if isinstance(generator, list) and len(generator) != total:
             raise UserError(f"got {len(generator)} generators for {total} images")
         return Request(prompts, negatives, num_inference_steps, float(guidance_scale), height, width,
-                       num_images_per_prompt, generator, seeds, scheduler, output_type, eta)
+                       num_images_per_prompt, generator, seeds, scheduler, output_type, eta, init, mask,
+                       float(strength), float(guidance_rescale), dynamic_threshold, 3.0,
+                       (float(start), float(end)))
 
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(B,) prompts -> (B, T, D) hidden states in the U-Net's dtype."""
-        encoded: EncodedPrompts = self.text_encoder_backend.encode(prompts)
-        return encoded.hidden_states.to(device=self.unet.device, dtype=self.unet.dtype)
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B,) prompts -> hidden states (B, T, D) in the U-Net's dtype, and a (B, T) mask or None.
 
-    def prepare_scheduler(self, request: Request):
+        Each distinct prompt is encoded alone (weighting, windows of the encoder's length) and kept in a small
+        cache, so an embedding never depends on which other prompts share the call. Prompts of different
+        lengths are padded and the padding masked out of cross-attention.
+        """
+        device, dtype = self.unet.device, self.unet.dtype
+        key = (id(self.text_encoder), self.config.clip_skip, str(device), str(dtype))
+        cache = self.__dict__.setdefault("_prompt_cache", OrderedDict())
+        encoder = None
+        for prompt in dict.fromkeys(prompts):
+            if (key, prompt) in cache:
+                cache.move_to_end((key, prompt))
+                continue
+            encoder = encoder or ChunkedEncoder(self.text_encoder_backend)
+            cache[(key, prompt)] = encoder.encode(prompt).to(device=device, dtype=dtype)
+            while len(cache) > PROMPT_CACHE_SIZE:
+                cache.popitem(last=False)
+        rows = [cache[(key, p)] for p in prompts]
+        padded, mask = _pad_tokens([r[None] for r in rows], [None] * len(rows))
+        return torch.cat(padded), mask
+
+    def clear_prompt_cache(self) -> None:
+        """Forget cached prompt embeddings (after changing the text encoder's weights in place)."""
+        self.__dict__.pop("_prompt_cache", None)
+
+    def prepare_context(self, req: Request) -> Context:
+        n = req.num_images_per_prompt
+        cond, cond_mask = self.encode_prompts(req.prompts)
+        ctx = Context(cond.repeat_interleave(n, 0), None if cond_mask is None else cond_mask.repeat_interleave(n, 0))
+        if req.do_cfg:
+            uncond, uncond_mask = self.encode_prompts(req.negative_prompts)
+            uncond_mask = None if uncond_mask is None else uncond_mask.repeat_interleave(n, 0)
+            hidden, ctx.both_mask = _pad_tokens([uncond.repeat_interleave(n, 0), ctx.cond],
+                                                [uncond_mask, ctx.cond_mask])
+            ctx.both = torch.cat(hidden)
+        return ctx
+
+    def prepare_scheduler(self, req: Request):
         """A fresh sampler for this call (schedulers keep per-run state), with its timesteps set."""
-        if request.scheduler is None:
+        if req.scheduler is None:
             scheduler = type(self.scheduler).from_config(self.scheduler.config)
         else:
-            scheduler = make_scheduler(request.scheduler, self.scheduler.config)
-        scheduler.set_timesteps(request.num_inference_steps, device=self.unet.device)
+            scheduler = make_scheduler(req.scheduler, self.scheduler.config)
+        scheduler.set_timesteps(req.num_inference_steps, device=self.unet.device)
         return scheduler
 
-    def prepare_latents(self, request: Request, scheduler, generator) -> torch.Tensor:
-        """x_T ~ N(0, σ_max² I): (N, C, H/f, W/f), each image's noise from its own generator when seeded."""
-        f = self.vae_scale_factor
-        shape = (request.batch_size, self.unet.config.in_channels, request.height // f, request.width // f)
-        latents = randn_tensor(shape, generator=generator, device=self.unet.device, dtype=self.unet.dtype)
-        return latents * scheduler.init_noise_sigma
+    def timesteps_for(self, req: Request, scheduler) -> torch.Tensor:
+        """All timesteps, or for image-to-image the last `strength` fraction of them (SDEdit)."""
+        if req.image is None or req.strength >= 1.0:
+            return scheduler.timesteps
+        n = req.num_inference_steps
+        start = (n - min(int(n * req.strength), n)) * scheduler.order
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        return scheduler.timesteps[start:]
 
-    def denoise(self, latents: torch.Tensor, context: torch.Tensor, request: Request, scheduler,
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [-1, 1] -> scaled latents z0 (N, C, H/f, W/f), the posterior mean."""
+        cfg = self.vae.config
+        z = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist.mode().float()
+        return (z - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
+
+    def prepare_latents(self, req: Request, scheduler, timesteps, generator) -> tuple[torch.Tensor, dict]:
+        """x_T ~ N(0, σ_max² I) (N, C, h, w), each image's noise from its own generator when seeded; or an init
+        image noised to the first timestep. Latents stay fp32 whatever the U-Net's dtype: the same seed gives
+        the same starting noise in every precision, and the sampler's arithmetic keeps full precision."""
+        f = self.vae_scale_factor
+        shape = (req.batch_size, self.vae.config.latent_channels, req.height // f, req.width // f)
+        noise = randn_tensor(shape, generator=generator, device=self.unet.device, dtype=torch.float32)
+        known: dict[str, torch.Tensor] = {"noise": noise}
+        if req.image is None:
+            return noise * scheduler.init_noise_sigma, known
+        z0 = self.encode_images(req.image).expand(req.batch_size, -1, -1, -1)
+        known["z0"] = z0
+        if req.mask is not None:
+            mask = F.interpolate(req.mask, size=shape[-2:]).to(noise.device)  # (N or 1, 1, h, w)
+            known["mask"] = mask.expand(req.batch_size, -1, -1, -1)
+            if self.inpainting_unet:
+                masked = req.image * (req.mask < 0.5)
+                known["masked_z0"] = self.encode_images(masked).expand(req.batch_size, -1, -1, -1)
+        if req.strength >= 1.0:
+            return noise * scheduler.init_noise_sigma, known
+        if len(timesteps) == 0:  # strength so small that no step remains: the image itself
+            return z0.clone(), known
+        return scheduler.add_noise(z0, noise, timesteps[:1].repeat(req.batch_size)), known
+
+    def predict(self, x: torch.Tensor, t, ctx: Context, req: Request, step: int, scheduler,
+                known: dict) -> torch.Tensor:
+        """The (guided) model prediction at x_t; one batched U-Net call on [uncond; cond] when guiding."""
+        guided = req.cfg_at(step)
+        hidden, mask = ctx.for_step(guided)
+        x_t = scheduler.scale_model_input(x, t)  # the VP form sqrt(ᾱ_t)·z0 + sqrt(1−ᾱ_t)·ε, (N, C, h, w)
+        x_in = torch.cat([x_t] * 2) if guided else x_t  # (2N or N, C, h, w)
+        if "masked_z0" in known:  # 9-channel inpainting U-Net input
+            extra = torch.cat([known["mask"], known["masked_z0"]], dim=1)
+            x_in = torch.cat([x_in, torch.cat([extra] * 2) if guided else extra], dim=1)
+        pred = self.run_unet(x_in.to(hidden.dtype), t, hidden, mask, rows_per_image=2 if guided else 1)
+        if guided:
+            uncond, cond = pred.chunk(2)
+            pred = rescale_guidance(classifier_free_guidance(uncond, cond, req.guidance_scale), cond,
+                                    req.guidance_rescale)
+        if req.dynamic_threshold:
+            alpha, sigma = alpha_sigma(scheduler.alphas_cumprod, t)
+            pred = clip_x0(pred, x_t, alpha, sigma, scheduler.config.prediction_type, req.dynamic_threshold,
+                           req.threshold_max)
+        return pred
+
+    def run_unet(self, x_in: torch.Tensor, t, hidden: torch.Tensor, mask: torch.Tensor | None,
+                 rows_per_image: int) -> torch.Tensor:
+        """One U-Net evaluation of all rows, fp32 out.
+
+        An image's result must not depend on the batch it is in. In bf16 the CPU kernels are batch-invariant
+        (tests/test_reliability.py checks it), so the rows go in one call. In fp32, oneDNN and MKL choose their
+        convolution and small-matrix algorithms by batch size, so each image's rows ([uncond_i; cond_i]) go in a
+        call of their own: the same shapes for every image, whatever the batch.
+        """
+        def call(rows):
+            return self.unet(x_in[rows], t, encoder_hidden_states=hidden[rows],
+                             encoder_attention_mask=None if mask is None else mask[rows], return_dict=False)[0]
+
+        n = x_in.shape[0] // rows_per_image
+        if x_in.dtype != torch.float32 or n == 1:
+            return call(slice(None)).float()
+        out = torch.empty_like(x_in[:, :self.unet.config.out_channels])
+        for i in range(n):
+            rows = [i + k * n for k in range(rows_per_image)]  # image i in each of the [uncond; cond] halves
+            out[rows] = call(rows)
+        return out
+
+    def denoise(self, latents: torch.Tensor, ctx: Context, req: Request, scheduler, timesteps, known: dict,
                 generator, on_step: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Run the sampler from x_T to x_0; with guidance, one U-Net call per step on [uncond; cond]."""
-        extra = step_kwargs(scheduler, generator, request.eta)
-        for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
-            x_in = torch.cat([latents] * 2) if request.do_cfg else latents  # (2N or N, C, h, w)
-            x_in = scheduler.scale_model_input(x_in, t)
-            pred = self.unet(x_in, t, encoder_hidden_states=context, return_dict=False)[0]
-            if request.do_cfg:
-                pred_uncond, pred_cond = pred.chunk(2)
-                pred = classifier_free_guidance(pred_uncond, pred_cond, request.guidance_scale)
+        """Run the sampler over `timesteps`; with a 4-channel U-Net and a mask, the known region is put back
+        (noised to the next timestep) after every step, so only the masked region is generated."""
+        extra = step_kwargs(scheduler, generator, req.eta)
+        offset = (len(scheduler.timesteps) - len(timesteps)) // scheduler.order  # steps skipped by img2img
+        blend = "mask" in known and "masked_z0" not in known
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            pred = self.predict(latents, t, ctx, req, offset + i // scheduler.order, scheduler, known)
             latents = scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
-            last = i == len(scheduler.timesteps) - 1
+            if blend:
+                if i + 1 < len(timesteps):
+                    keep = scheduler.add_noise(known["z0"], known["noise"], timesteps[i + 1:i + 2])
+                else:
+                    keep = known["z0"]
+                latents = known["mask"] * latents + (1 - known["mask"]) * keep
+            last = i == len(timesteps) - 1
             if on_step is not None and (last or (i + 1) % scheduler.order == 0):  # once per sampling step
                 on_step(i // scheduler.order)
         return latents
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """z (N, C, h, w) -> image (N, 3, H, W) in [-1, 1]."""
+        """z (N, C, h, w) -> image (N, 3, H, W) in [-1, 1], one image per call: the VAE's attention kernels are
+        not batch-invariant, and one decode per image costs little next to the sampling steps."""
         cfg = self.vae.config
         z = latents / cfg.scaling_factor
         if getattr(cfg, "shift_factor", None):
             z = z + cfg.shift_factor
-        return self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+        z = z.to(self.vae.dtype)
+        return torch.cat([self.vae.decode(z[i:i + 1], return_dict=False)[0] for i in range(z.shape[0])])
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -237,37 +488,105 @@ class LatentPipeline(DiffusionPipeline):
                  width: int | None = None, num_images_per_prompt: int = 1,
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  seed: int | Sequence[int] | None = None, scheduler: str | None = None,
-                 output_type: str = "pil", eta: float = 0.0,
+                 output_type: str = "pil", eta: float = 0.0, image=None, mask_image=None,
+                 strength: float | None = None, guidance_rescale: float = 0.0,
+                 dynamic_threshold: float | None = None, guidance_interval: tuple[float, float] = (0.0, 1.0),
                  on_step: Callable[[int], None] | None = None) -> GenerationOutput:
-        """Generate images; `seed` (one int, or one per image) makes each image reproducible on its own,
-        `generator` keeps diffusers' meaning, `on_step(i)` is called after each sampling step."""
+        """Generate images.
+
+        `seed` (one int, or one per image) makes each image reproducible on its own; `generator` keeps
+        diffusers' meaning. `image` (+ `strength`) is image-to-image; `image` + `mask_image` (white = repaint)
+        is inpainting. Prompts may use A1111's weighting syntax and be longer than the encoder's window.
+        `guidance_rescale`, `dynamic_threshold` and `guidance_interval` are the guidance variants of
+        `latentgen.guidance`; `on_step(i)` is called after each sampling step.
+        """
         # 1. Check the request.
         req = self.check_request(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
-                                 num_images_per_prompt, generator, seed, scheduler, output_type, eta)
-        if req.seeds is not None:
-            generator = [torch.Generator("cpu").manual_seed(s) for s in req.seeds]
+                                 num_images_per_prompt, generator, seed, scheduler, output_type, eta, image,
+                                 mask_image, strength, guidance_rescale, dynamic_threshold, guidance_interval)
+        generators = _generator_factory(req, generator)
+        info_extra: dict[str, Any] = {}
 
-        # 2. Encode the prompts: (N, T, D), or (2N, T, D) as [uncond; cond] with guidance.
-        n = req.num_images_per_prompt
-        context = self.encode_prompts(req.prompts).repeat_interleave(n, dim=0)
-        if req.do_cfg:
-            uncond = self.encode_prompts(req.negative_prompts).repeat_interleave(n, dim=0)
-            context = torch.cat([uncond, context])
+        # 2-5. Encode the prompts, prepare the sampler and the latents, denoise; in fp32 again if the low
+        # precision overflowed (NaN/Inf latents would decode to a black image).
+        latents = self.sample(req, generators(), on_step)
+        if not torch.isfinite(latents).all():
+            if self.unet.dtype == torch.float32:
+                raise UserError("the model produced NaN/Inf latents even in fp32; its weights may be damaged")
+            log.warning("NaN/Inf in the latents sampled in %s; sampling again in fp32",
+                        str(self.unet.dtype).removeprefix("torch."))
+            with _in_fp32(self.unet, self.text_encoder):
+                latents = self.sample(req, generators(), None)
+            info_extra["fp32_retry"] = "unet"
 
-        # 3. Prepare the sampler and 4. the initial latents.
-        sampler = self.prepare_scheduler(req)
-        latents = self.prepare_latents(req, sampler, generator)
-
-        # 5. Denoise.
-        latents = self.denoise(latents, context, req, sampler, generator, on_step)
-
-        # 6. Decode.
+        # 6. Decode, with the same guard for the VAE.
         if req.output_type == "latent":
             images = latents
         else:
-            images = self.image_processor.postprocess(self.decode(latents), output_type=req.output_type)
-        return GenerationOutput(images=images, seeds=req.seeds,
-                                scheduler=req.scheduler or scheduler_name_of(self.scheduler))
+            decoded = self.decode(latents)
+            if not torch.isfinite(decoded).all():
+                if self.vae.dtype == torch.float32:
+                    raise UserError("the VAE decoded NaN/Inf pixels even in fp32; its weights may be damaged")
+                log.warning("NaN/Inf in the image decoded in %s; decoding again in fp32",
+                            str(self.vae.dtype).removeprefix("torch."))
+                with _in_fp32(self.vae):
+                    decoded = self.decode(latents)
+                info_extra["fp32_retry"] = "vae"
+            images = self.image_processor.postprocess(decoded, output_type=req.output_type)
+        name = req.scheduler or scheduler_name_of(self.scheduler)
+        return GenerationOutput(images=images, seeds=req.seeds, scheduler=name,
+                                info=self.describe(req, name) | info_extra)
+
+    def sample(self, req: Request, generator, on_step: Callable[[int], None] | None) -> torch.Tensor:
+        """Stages 2-5: the final latents z0 (N, C, h, w), fp32."""
+        ctx = self.prepare_context(req)
+        sampler = self.prepare_scheduler(req)
+        timesteps = self.timesteps_for(req, sampler)
+        latents, known = self.prepare_latents(req, sampler, timesteps, generator)
+        return self.denoise(latents, ctx, req, sampler, timesteps, known, generator, on_step)
+
+    def describe(self, req: Request, scheduler: str) -> dict[str, Any]:
+        """The settings that made the images (for image metadata and replay)."""
+        info = {"steps": req.num_inference_steps, "guidance": req.guidance_scale, "scheduler": scheduler,
+                "height": req.height, "width": req.width, "dtype": str(self.unet.dtype).removeprefix("torch."),
+                "eta": req.eta}
+        if req.image is not None:
+            info["strength"] = req.strength
+        if req.guidance_rescale:
+            info["guidance_rescale"] = req.guidance_rescale
+        if req.dynamic_threshold:
+            info["dynamic_threshold"] = req.dynamic_threshold
+        if req.guidance_interval != (0.0, 1.0):
+            info["guidance_interval"] = list(req.guidance_interval)
+        return info
+
+
+def _generator_factory(req: Request, generator):
+    """A function giving the call's generators in their initial state, each time it is called (for a retry)."""
+    if req.seeds is not None:
+        return lambda: [torch.Generator("cpu").manual_seed(s) for s in req.seeds]
+    gens = generator if isinstance(generator, list) else [generator] if generator is not None else []
+    states = [g.get_state() for g in gens]
+
+    def fresh():
+        for g, state in zip(gens, states):
+            g.set_state(state)
+        return generator
+
+    return fresh
+
+
+@contextlib.contextmanager
+def _in_fp32(*modules: nn.Module):
+    """Run modules in fp32 for a while; back to their dtype afterwards (bf16/fp16 -> fp32 -> back is exact)."""
+    dtypes = [next(m.parameters()).dtype for m in modules]
+    try:
+        for m in modules:
+            m.to(torch.float32)
+        yield
+    finally:
+        for m, dtype in zip(modules, dtypes):
+            m.to(dtype)
 
 
 def check_size(height: int | None, width: int | None, factor: int, default: int) -> tuple[int, int]:
@@ -310,6 +629,7 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> None:
     for name in WEIGHT_COMPONENTS:
         files = [f for f in (folder / name).iterdir() if f.is_file()]
         if any(f.suffix == ".safetensors" for f in files):
+            check_weights(folder, name, index[name])
             continue
         pickles = [f.name for f in files if f.suffix in PICKLE_SUFFIXES]
         if not pickles:
@@ -318,3 +638,52 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> None:
             raise UserError(f"{folder / name}/{pickles[0]} is a pickle file, which can run code when loaded; "
                             "convert it to safetensors, or allow it explicitly with --allow-pickle "
                             "(allow_pickle=True), which loads it with torch.load(weights_only=True)")
+
+
+def _strip(key: str) -> str:
+    return key.removeprefix("text_model.")  # transformers 4 nests CLIP's text model; 5 does not
+
+
+def check_weights(folder: Path, name: str, entry: list) -> None:
+    """Each safetensors file of a component is complete, and its tensors have the shapes its config implies.
+
+    Reads only the files' headers and builds the model on the meta device (no memory, no weights), so a
+    truncated download or weights saved for another config are named precisely instead of failing deep inside
+    diffusers or transformers.
+    """
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in sorted((folder / name).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt") as sf:
+                shapes.update({_strip(k): tuple(sf.get_slice(k).get_shape()) for k in sf.keys()})
+        except Exception as err:  # safetensors raises its own error type for every kind of damage
+            raise UserError(f"{f} is corrupt or truncated ({first_line(err)}); re-save or re-download it") \
+                from None
+    expected = _expected_shapes(folder / name, entry)
+    if expected is None:
+        return
+    for key, shape in expected.items():
+        if key in shapes and shapes[key] != shape:
+            raise UserError(f"{folder / name}: weight {key} has shape {list(shapes[key])} but {name}/config.json "
+                            f"needs {list(shape)}; the weights and the config do not belong together")
+
+
+def _expected_shapes(path: Path, entry: list) -> dict[str, tuple[int, ...]] | None:
+    """{parameter: shape} of the component's class built from its config on the meta device; None if unknown."""
+    import importlib
+
+    from accelerate import init_empty_weights
+
+    library, class_name = entry
+    try:
+        cls = getattr(importlib.import_module(library), class_name)
+        with init_empty_weights():
+            if library == "diffusers":
+                model = cls.from_config(cls.load_config(path))
+            else:
+                model = cls._from_config(cls.config_class.from_pretrained(path))
+    except Exception:  # an unusual class or config: leave the check to the loader
+        return None
+    return {_strip(k): tuple(v.shape) for k, v in model.state_dict().items()}

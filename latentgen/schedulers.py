@@ -43,11 +43,12 @@ def scheduler_names() -> list[str]:
     return list(SCHEDULERS)
 
 
-def make_scheduler(name: str, base_config: Mapping[str, Any] | None = None):
+def make_scheduler(name: str, base_config: Mapping[str, Any] | None = None, **overrides: Any):
     """Build the sampler `name` for a model whose training noise is described by `base_config`.
 
     `base_config` is any diffusers scheduler config (the model folder's `scheduler/`); only its noise keys
     are used, so a setting of one sampler (say DDIM's `set_alpha_to_one`) never leaks into another.
+    `overrides` set further options of the sampler (e.g. thresholding).
     """
     if name not in SCHEDULERS:
         raise one_of("scheduler", name, scheduler_names())
@@ -60,7 +61,7 @@ def make_scheduler(name: str, base_config: Mapping[str, Any] | None = None):
         noise.pop("trained_betas", None)
     if noise.get("rescale_betas_zero_snr") and "timestep_spacing" not in noise:
         noise["timestep_spacing"] = "trailing"  # a zero-SNR model must start sampling from t = T
-    return cls.from_config({**noise, **defining})
+    return cls.from_config({**noise, **defining, **overrides})
 
 
 def scheduler_name_of(scheduler) -> str:

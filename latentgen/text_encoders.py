@@ -229,9 +229,7 @@ def load_transformers_encoder(path: str | Path, max_length: int | None = None, u
     elif config.model_type in ("t5", "mt5", "umt5"):
         model = T5EncoderModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
     else:
-        model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True, add_pooling_layer=False) \
-            if config.model_type == "bert" else AutoModel.from_pretrained(path, local_files_only=True,
-                                                                           use_safetensors=True)
+        model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
     if config.model_type != "clip":
         model.config.use_attention_mask = use_attention_mask
     if max_length:

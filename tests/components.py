@@ -27,11 +27,12 @@ def unet(cross_attention_dim: int = 32, sample_size: int = 16, prediction_type: 
     ).eval()
 
 
-def vae(seed: int = 0):
+def vae(seed: int = 0, attention: bool = True):
     torch.manual_seed(seed)
     return AutoencoderKL(
         block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
+        mid_block_add_attention=attention,
     ).eval()
 
 
@@ -51,3 +52,16 @@ def scheduler(prediction_type: str = "epsilon"):
 def components(prediction_type: str = "epsilon") -> dict:
     return dict(unet=unet(prediction_type=prediction_type), vae=vae(), text_encoder=clip_text_encoder(),
                 tokenizer=tokenizer(), scheduler=scheduler(prediction_type))
+
+
+def record_calls(module) -> list:
+    """Make `module.forward` record the batch size of every call; returns the (live) list of sizes."""
+    sizes = []
+    forward = module.forward
+
+    def spy(sample, *args, **kwargs):
+        sizes.append(sample.shape[0])
+        return forward(sample, *args, **kwargs)
+
+    module.forward = spy
+    return sizes

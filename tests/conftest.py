@@ -31,3 +31,16 @@ def tiny_pipe():
     pipe = LatentPipeline(**C.components())
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def smoke_model(tmp_path_factory):
+    """The pipeline that `train_unet.py --config configs/smoke.yaml` writes (tiny, a few steps)."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("smoke")
+    r = subprocess.run([sys.executable, str(ROOT / "train_unet.py"), "--config", str(ROOT / "configs" / "smoke.yaml"),
+                        f"output_dir={out}", "max_steps=4", "checkpoint_every=100"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out / "pipeline"

@@ -1,6 +1,5 @@
 """Every text-encoder backend: its embeddings, and that they condition the U-Net."""
 
-import components as C
 import numpy as np
 import open_clip
 import pytest
@@ -9,10 +8,17 @@ from diffusers import StableDiffusionPipeline
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from transformers import T5Config, T5EncoderModel
 
+import components as C
 from latentgen import LatentPipeline
-from latentgen.text_encoders import (OpenCLIPTextEncoder, TransformersTextEncoder, clip_tokenizer,
-                                     load_transformers_encoder, minilm_path, openclip_to_transformers,
-                                     text_encoder_for)
+from latentgen.text_encoders import (
+    OpenCLIPTextEncoder,
+    TransformersTextEncoder,
+    clip_tokenizer,
+    load_transformers_encoder,
+    minilm_path,
+    openclip_to_transformers,
+    text_encoder_for,
+)
 
 PROMPTS = ["a red circle on a blue background", "a green square to the left of a yellow triangle"]
 
@@ -108,7 +114,7 @@ def test_each_backend_feeds_the_unet(name, build, tmp_path):
     assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
     assert np.abs(images[0] - images[1]).max() > 1e-4  # same noise, different prompts: the text conditions
     pipe.save_pretrained(tmp_path / name)
-    loaded = LatentPipeline.from_pretrained(tmp_path / name)
+    loaded = LatentPipeline.from_pretrained(tmp_path / name, torch_dtype=torch.float32)
     loaded.set_progress_bar_config(disable=True)
     again = loaded(PROMPTS, num_inference_steps=2, seed=[0, 0], output_type="np").images
     np.testing.assert_allclose(images, again, atol=1e-6)

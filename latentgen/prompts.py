@@ -1,0 +1,131 @@
+"""Prompt weighting and prompts longer than the text encoder's window, as AUTOMATIC1111 reads them.
+
+Syntax (A1111's): `(word:1.3)` multiplies the attention to `word` by 1.3, `(word)` by 1.1, `[word]` divides by
+1.1; brackets nest and multiply (`((word))` = 1.21). `\\(`, `\\)`, `\\[`, `\\]` are literal brackets. An
+unbalanced bracket is an error that names its position.
+
+Long prompts are cut into windows of the encoder's length minus its special tokens (75 tokens for CLIP), each
+window is wrapped in the special tokens, padded and encoded on its own, and the hidden states are joined along the
+token axis, so a 150-token prompt conditions on all 150 tokens instead of being cut off.
+
+Weights scale each token's hidden state, then the whole window is rescaled to keep its mean (A1111's rule), so
+emphasis changes relative, not absolute, strength. compel implements a different syntax (`(word)1.3`, `word++`)
+for CLIP-style encoders only; our encoders include T5, BERT and OpenCLIP, so the parser is ours.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserError
+
+UP, DOWN = 1.1, 1 / 1.1
+_TOKEN = re.compile(r"\\[()\[\]\\]|\(|\)|\[|\]|:\s*([+-]?\d+(?:\.\d+)?)\s*\)|[^\\()\[\]:]+|:|\\", re.S)
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    weight: float
+
+
+def parse(prompt: str) -> list[Segment]:
+    """A prompt -> [(text, weight)], merging neighbours of equal weight."""
+    segments: list[Segment] = []
+    stack: list[tuple[str, int, int]] = []  # (bracket, position, index of its first segment)
+
+    def add(text: str) -> None:
+        weight = 1.0
+        for bracket, _, _ in stack:
+            weight *= UP if bracket == "(" else DOWN
+        segments.append(Segment(text, weight))
+
+    for m in _TOKEN.finditer(prompt):
+        tok, pos = m.group(0), m.start()
+        if tok.startswith("\\") and len(tok) == 2:
+            add(tok[1])
+        elif tok in ("(", "["):
+            stack.append((tok, pos, len(segments)))
+        elif m.group(1) is not None and stack and stack[-1][0] == "(":  # ":1.3)" closes a weighted group
+            _, _, first = stack.pop()
+            factor = float(m.group(1)) / UP  # its "(" counted UP for the segments inside; replace it
+            segments[first:] = [Segment(s.text, s.weight * factor) for s in segments[first:]]
+        elif tok in (")", "]"):
+            if not stack or stack[-1][0] != {")": "(", "]": "["}[tok]:
+                raise UserError(f"unbalanced {tok!r} at position {pos} of the prompt {prompt!r}; "
+                                f"write \\{tok} for a literal bracket")
+            stack.pop()
+        else:
+            add(tok)
+    if stack:
+        bracket, pos, _ = stack[-1]
+        raise UserError(f"unbalanced {bracket!r} at position {pos} of the prompt {prompt!r}; "
+                        f"close it or write \\{bracket} for a literal bracket")
+    merged: list[Segment] = []
+    for s in segments:
+        if merged and merged[-1].weight == s.weight:
+            merged[-1] = Segment(merged[-1].text + s.text, s.weight)
+        elif s.text:
+            merged.append(s)
+    return merged or [Segment("", 1.0)]
+
+
+def has_syntax(prompt: str) -> bool:
+    return any(c in prompt for c in "()[]\\")
+
+
+class ChunkedEncoder:
+    """Encode one prompt with weighting and windows over a TextEncoder backend: (k·T, D) hidden states."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.tokenizer = backend.tokenizer
+        self.max_length = backend.max_length
+        self.is_openclip = hasattr(self.tokenizer, "sot_token_id")
+        if self.is_openclip:
+            self.prefix, self.suffix, self.pad = [self.tokenizer.sot_token_id], [self.tokenizer.eot_token_id], 0
+        else:
+            # The special tokens around any text (CLIP: BOS … EOS, BERT: [CLS] … [SEP], T5: … </s>).
+            content = self.tokenizer("a", add_special_tokens=False).input_ids
+            full = self.tokenizer("a").input_ids
+            cut = next(i for i in range(len(full)) if full[i:i + len(content)] == content)
+            self.prefix, self.suffix = full[:cut], full[cut + len(content):]
+            self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.window = self.max_length - len(self.prefix) - len(self.suffix)
+
+    def token_ids(self, text: str) -> list[int]:
+        if self.is_openclip:
+            return self.tokenizer.encode(text)
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def encode(self, prompt: str) -> torch.Tensor:
+        segments = parse(prompt) if has_syntax(prompt) else [Segment(prompt, 1.0)]
+        ids: list[int] = []
+        weights: list[float] = []
+        for s in segments:
+            t = self.token_ids(s.text)
+            ids += t
+            weights += [s.weight] * len(t)
+        windows = [(ids[i:i + self.window], weights[i:i + self.window])
+                   for i in range(0, max(len(ids), 1), self.window)] or [([], [])]
+        rows, masks, scales = [], [], []
+        for chunk, w in windows:
+            row = self.prefix + chunk + self.suffix
+            n = len(row)
+            rows.append(row + [self.pad] * (self.max_length - n))
+            masks.append([1] * n + [0] * (self.max_length - n))
+            scales.append([1.0] * len(self.prefix) + w + [1.0] * (self.max_length - len(self.prefix) - len(w)))
+        input_ids, attention_mask = torch.tensor(rows), torch.tensor(masks)
+        if self.is_openclip:
+            hidden = self.backend.encode_ids(input_ids)
+        else:
+            hidden = self.backend.encode_ids(input_ids, attention_mask)  # (k, T, D)
+        scale = torch.tensor(scales, dtype=hidden.dtype, device=hidden.device)[..., None]
+        if (scale != 1).any():
+            mean = hidden.float().mean(dim=(1, 2), keepdim=True)
+            hidden = hidden * scale
+            hidden = hidden * (mean / hidden.float().mean(dim=(1, 2), keepdim=True)).to(hidden.dtype)
+        return hidden.reshape(-1, hidden.shape[-1])  # (k·T, D)

@@ -1,0 +1,143 @@
+"""Nothing lost, nothing executed: untrusted files, crash-safe writes, the numerics guard, determinism."""
+
+import logging
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+from latentgen import LatentPipeline
+from latentgen.cli import run_cli
+from latentgen.errors import UserError
+from latentgen.io import atomic_file, save_image
+
+
+class Payload:
+    """Unpickling this runs a shell command: what a malicious .bin/.ckpt can do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_never_runs(tiny_folder, tmp_path):
+    folder = tmp_path / "evil"
+    shutil.copytree(tiny_folder, folder)
+    marker = tmp_path / "pwned"
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps({"x": Payload(marker)}))
+    with pytest.raises(UserError, match="is a pickle file, which can run code.*--allow-pickle"):
+        LatentPipeline.from_pretrained(folder)
+    # even when allowed, pickles are read with torch.load(weights_only=True): the payload is rejected, not run
+    with pytest.raises(UserError, match="cannot load the model"):
+        LatentPipeline.from_pretrained(folder, allow_pickle=True)
+    assert not marker.exists()
+
+
+def test_an_interrupted_image_write_leaves_the_old_file(tmp_path):
+    path = tmp_path / "a.png"
+    save_image(Image.new("RGB", (8, 8), "red"), path)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_file(path) as tmp:
+            tmp.write_bytes(b"\x89PNG half of a new ima")
+            raise KeyboardInterrupt
+    assert Image.open(path).getpixel((0, 0)) == (255, 0, 0)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]  # no temporary left behind
+
+
+def test_a_full_disk_is_reported_in_one_line(tiny_folder, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("infer_script", ROOT / "infer.py")
+    infer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(infer)
+
+    def full(self, fp, *a, **k):
+        raise OSError(28, "No space left on device", str(fp))
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    code = run_cli(infer.main, ["--model", str(tiny_folder), "--prompt", "x", "--steps", "2",
+                                "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: the disk is full") and err.count("\n") == 1
+    assert not list((tmp_path / "out").glob("*"))  # nothing half-written
+
+
+def _nan_in(module, dtype):
+    forward = module.forward
+
+    def broken(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if next(module.parameters()).dtype == dtype:
+            out = (out[0] * float("nan"),) if isinstance(out, tuple) else out
+            if hasattr(out, "sample"):
+                out.sample = out.sample * float("nan")
+        return out
+
+    module.forward = broken
+
+
+def test_nan_latents_trigger_a_fp32_retry(tiny_pipe, caplog):
+    reference = tiny_pipe("a red circle", num_inference_steps=3, seed=5, output_type="np").images
+    tiny_pipe.to(torch.bfloat16)
+    _nan_in(tiny_pipe.unet, torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="latentgen"):
+        out = tiny_pipe("a red circle", num_inference_steps=3, seed=5, output_type="np")
+    assert "NaN/Inf in the latents sampled in bfloat16; sampling again in fp32" in caplog.text
+    assert out.info["fp32_retry"] == "unet" and np.isfinite(out.images).all()
+    np.testing.assert_allclose(out.images, reference, atol=2e-2)  # the fp32 U-Net, a bf16 VAE
+    assert tiny_pipe.unet.dtype == torch.bfloat16  # back to its precision afterwards
+
+
+def test_a_nan_decode_triggers_a_fp32_vae_retry(tiny_pipe, caplog):
+    tiny_pipe.vae.to(torch.bfloat16)
+    decode = tiny_pipe.vae.decode
+
+    def broken(z, *a, **k):
+        out = decode(z, *a, **k)
+        return (out[0] * float("nan"),) if tiny_pipe.vae.dtype == torch.bfloat16 else out
+
+    tiny_pipe.vae.decode = broken
+    with caplog.at_level(logging.WARNING, logger="latentgen"):
+        out = tiny_pipe("x", num_inference_steps=2, seed=0, output_type="np")
+    assert "decoding again in fp32" in caplog.text and out.info["fp32_retry"] == "vae"
+    assert np.isfinite(out.images).all()
+
+
+def test_nan_even_in_fp32_is_an_error(tiny_pipe):
+    _nan_in(tiny_pipe.unet, torch.float32)
+    with pytest.raises(UserError, match="NaN/Inf latents even in fp32"):
+        tiny_pipe("x", num_inference_steps=2, seed=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_same_seed_same_image_bit_for_bit_whatever_the_batch(tiny_folder, dtype):
+    pipe = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    kwargs = dict(num_inference_steps=4, output_type="np", scheduler="euler-a")
+    batch = pipe(prompts, seed=[7, 8, 9], **kwargs).images
+    again = pipe(prompts, seed=[7, 8, 9], **kwargs).images
+    alone = pipe(prompts[1], seed=8, **kwargs).images
+    pair = pipe([prompts[2], prompts[1]], seed=[9, 8], **kwargs).images
+    np.testing.assert_array_equal(batch, again)
+    np.testing.assert_array_equal(batch[1], alone[0])
+    np.testing.assert_array_equal(batch[1], pair[1])
+
+
+def test_infer_twice_gives_the_same_file(tiny_folder, tmp_path):
+    for name in ("a.png", "b.png"):
+        r = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--model", str(tiny_folder), "--prompt", "x",
+                            "--steps", "3", "--seed", "3", "--out", str(tmp_path / name)],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
