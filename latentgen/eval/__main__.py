@@ -1,0 +1,245 @@
+"""Evaluate a model trained on the shapes data.
+
+    python -m latentgen.eval adherence --model latentgen/default_model --guidance 7.5 1.0
+    python -m latentgen.eval reconstruction --model latentgen/default_model
+    python -m latentgen.eval distance --model latentgen/default_model
+    python -m latentgen.eval steps --model latentgen/default_model --steps 5 10 20 40 --out eval/
+    python -m latentgen.eval all --model latentgen/default_model --out eval/
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from ..cli import ArgumentParser, quiet_libraries, run_cli
+from ..errors import UserError
+from ..schedulers import scheduler_names
+
+GROUP_ORDER = ("one-heldout", "one-seen", "two-heldout", "two-seen")
+
+
+def load(model: str | None, dtype: str, device: str = "auto"):
+    from ..device import resolve_device, resolve_dtype
+    from ..generate import resolve_model
+    from ..pipeline import LatentPipeline
+
+    dev = resolve_device(device)
+    pipe = LatentPipeline.from_pretrained(resolve_model(model), torch_dtype=resolve_dtype(dtype, dev)).to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int, scheduler: str | None, guidance: float,
+             batch_size: int = 32) -> list:
+    images = []
+    for i in range(0, len(prompts), batch_size):
+        images += pipe(prompts[i:i + batch_size], seed=seeds[i:i + batch_size], num_inference_steps=steps,
+                       scheduler=scheduler, guidance_scale=guidance).images
+    return images
+
+
+def adherence(pipe, steps: int, scheduler: str | None, guidance: float, seeds: int, per_group: int,
+              groups: tuple[str, ...] = GROUP_ORDER) -> tuple[dict, list, list]:
+    from .adherence import evaluate_images, prompt_set
+
+    targets = [t for t in prompt_set(per_group) if t.group in groups for _ in range(seeds)]
+    seed_list = [1000 + i for i in range(len(targets))]
+    images = generate(pipe, [t.prompt for t in targets], seed_list, steps, scheduler, guidance)
+    return evaluate_images(targets, images), targets, images
+
+
+def real_images(count: int, split: str = "heldout", max_shapes: int = 1, resolution: int = 64, seed: int = 7):
+    from ..data.shapes import ShapesSpec, make_sample
+
+    spec = ShapesSpec(split=split, resolution=resolution, seed=seed, max_shapes=max_shapes)
+    return [make_sample(spec, i).render() for i in range(count)]
+
+
+def adherence_table(results: dict[float, dict]) -> str:
+    attrs = ["background", "shape", "shape_color", "two_shapes", "colors", "kinds", "binding", "relation", "all"]
+    lines = ["| guidance | prompts | n | " + " | ".join(attrs) + " |", "|" + "---|" * (len(attrs) + 3)]
+    for guidance, groups in results.items():
+        for group in GROUP_ORDER:
+            if group in groups:
+                r = groups[group]
+                cells = [f"{100 * r[a]:.0f}%" if a in r else "" for a in attrs]
+                lines.append(f"| {guidance} | {group} | {r['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sample_grid(targets, images, path: Path, columns: int = 8) -> None:
+    from ..generate import contact_sheet
+    from ..io import save_image
+
+    save_image(contact_sheet(images, [t.prompt.replace(" background", "") for t in targets], columns), path)
+
+
+def steps_sweep(pipe, schedulers: list[str], steps_list: list[int], seeds: int, guidance: float,
+                real_count: int = 200) -> list[dict]:
+    """Adherence (held-out single shapes) and KID against real held-out images, per sampler and step count."""
+    from .metrics import kid
+
+    real = real_images(real_count)
+    rows = []
+    for name in schedulers:
+        for steps in steps_list:
+            start = time.perf_counter()
+            scores, _, images = adherence(pipe, steps, name, guidance, seeds, 27, groups=("one-heldout",))
+            k, k_std = kid(real, images)
+            rows.append({"scheduler": name, "steps": steps, "all": scores["one-heldout"]["all"],
+                         "kid": k, "kid_std": k_std, "seconds": time.perf_counter() - start,
+                         "n": scores["one-heldout"]["n"]})
+            print(f"{name:>13} {steps:>3} steps: adherence {100 * rows[-1]['all']:.0f}%  KID×1000 {k:.1f}",
+                  file=sys.stderr)
+    return rows
+
+
+def steps_table(rows: list[dict]) -> str:
+    steps_list = sorted({r["steps"] for r in rows})
+    lines = ["| sampler | " + " | ".join(f"{s} steps" for s in steps_list) + " |", "|---|" + "---|" * len(steps_list)]
+    for name in dict.fromkeys(r["scheduler"] for r in rows):
+        cells = []
+        for s in steps_list:
+            r = next(r for r in rows if r["scheduler"] == name and r["steps"] == s)
+            cells.append(f"{100 * r['all']:.0f}% / {r['kid']:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\ncells: held-out single-shape adherence (all three attributes) / KID×1000"
+
+
+def steps_plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("the plot needs matplotlib: pip install 'latentgen[eval]'") from None
+    from ..io import atomic_file
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in dict.fromkeys(r["scheduler"] for r in rows):
+        mine = sorted((r for r in rows if r["scheduler"] == name), key=lambda r: r["steps"])
+        a.plot([r["steps"] for r in mine], [100 * r["all"] for r in mine], marker="o", label=name)
+        b.plot([r["steps"] for r in mine], [r["kid"] for r in mine], marker="o", label=name)
+    for ax, label in ((a, "held-out adherence, all attributes (%)"), (b, "KID × 1000 (lower is better)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    a.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_json(path: Path, data) -> None:
+    from ..io import write_text
+
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def main(argv=None):
+    p = ArgumentParser(prog="python -m latentgen.eval", description="Evaluate a model trained on the shapes data.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(q, generation=True):
+        q.add_argument("--model", help="pipeline folder (default: the shipped model)")
+        q.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+        q.add_argument("--out", help="folder for the report, tables, grids and plots")
+        if generation:
+            q.add_argument("--steps", type=int, nargs="+", default=[20])
+            q.add_argument("--scheduler", default="dpm++", choices=scheduler_names())
+            q.add_argument("--guidance", type=float, nargs="+", default=[7.5])
+            q.add_argument("--seeds", type=int, default=4, help="images per prompt")
+
+    common(sub.add_parser("adherence", help="per-attribute accuracy, seen vs held-out"))
+    common(sub.add_parser("reconstruction", help="VAE PSNR/SSIM on held-out shapes and photographs"), False)
+    d = sub.add_parser("distance", help="KID to real held-out images (and CLIP score with a local checkpoint)")
+    common(d)
+    d.add_argument("--clip-checkpoint", help="a local open_clip checkpoint file for the CLIP score")
+    d.add_argument("--clip-model", default="ViT-B-32")
+    s = sub.add_parser("steps", help="adherence and KID against steps, for every sampler")
+    common(s)
+    s.add_argument("--schedulers", nargs="+", default=scheduler_names(), choices=scheduler_names())
+    common(sub.add_parser("all", help="adherence at 7.5 and 1.0, reconstruction, distance: report.md"))
+    args = p.parse_args(argv)
+    if getattr(args, "seeds", 1) < 1 or any(n < 1 for n in getattr(args, "steps", [1])):
+        raise UserError("--seeds and --steps must be ≥ 1")
+    out = Path(args.out) if args.out else None
+    quiet_libraries()
+    pipe = load(args.model, args.dtype)
+    report = []
+    made: dict[float, tuple] = {}  # guidance -> (targets, images), reused by the distance section
+
+    if args.command in ("adherence", "all"):
+        guidances = args.guidance if args.command == "adherence" else [7.5, 1.0]
+        results = {}
+        for g in guidances:
+            results[g], targets, images = adherence(pipe, args.steps[0], args.scheduler, g, args.seeds, 27)
+            made[g] = (targets, images)
+            if out:
+                sample_grid(targets[::args.seeds][:48], images[::args.seeds][:48], out / f"samples-g{g}.png")
+        table = adherence_table(results)
+        report += [f"## Prompt adherence ({args.scheduler}, {args.steps[0]} steps, {args.seeds} seeds per prompt)",
+                   table]
+        if out:
+            write_json(out / "adherence.json", {str(k): v for k, v in results.items()})
+
+    if args.command in ("reconstruction", "all"):
+        from .metrics import photographs, reconstruction
+
+        shapes = reconstruction(pipe.vae, real_images(256, max_shapes=2))
+        photos = reconstruction(pipe.vae, photographs())
+        report += ["## VAE reconstruction", "| images | n | PSNR (dB) | SSIM |", "|---|---|---|---|",
+                   f"| held-out shapes 64×64 | {shapes['n']} | {shapes['psnr']:.2f} | {shapes['ssim']:.4f} |",
+                   f"| scikit-image photographs 128×128 | {photos['n']} | {photos['psnr']:.2f} | "
+                   f"{photos['ssim']:.4f} |"]
+        if out:
+            write_json(out / "reconstruction.json", {"heldout_shapes": shapes, "photographs": photos})
+
+    if args.command in ("distance", "all"):
+        from .metrics import clip_score, kid
+
+        if args.guidance[0] in made:
+            targets, images = made[args.guidance[0]]
+            keep = [i for i, t in enumerate(targets) if t.group == "one-heldout"]
+            targets, images = [targets[i] for i in keep], [images[i] for i in keep]
+        else:
+            _, targets, images = adherence(pipe, args.steps[0], args.scheduler, args.guidance[0], args.seeds, 27,
+                                           groups=("one-heldout",))
+        real = real_images(len(images) * 2)
+        k, k_std = kid(real, images)
+        reference, _ = kid(real[: len(real) // 2], real[len(real) // 2:])
+        report += ["## Distribution distance",
+                   f"KID×1000 (random-conv features) of {len(images)} generated held-out images against real "
+                   f"held-out images: **{k:.2f} ± {k_std:.2f}** (real against real: {reference:.2f})"]
+        checkpoint = getattr(args, "clip_checkpoint", None)
+        if checkpoint:
+            if not Path(checkpoint).is_file():
+                raise UserError(f"--clip-checkpoint {checkpoint} does not exist")
+            score = clip_score(images, [t.prompt for t in targets], checkpoint, args.clip_model)
+            report.append(f"CLIP score ({args.clip_model}): **{score:.2f}**")
+        else:
+            report.append("CLIP score: skipped (no local open_clip checkpoint; pass --clip-checkpoint FILE)")
+
+    if args.command == "steps":
+        rows = steps_sweep(pipe, args.schedulers, sorted(args.steps), args.seeds, args.guidance[0])
+        report += ["## Quality against sampling steps", steps_table(rows)]
+        if out:
+            write_json(out / "steps.json", rows)
+            steps_plot(rows, out / "steps.png")
+
+    text = "\n\n".join(report) + "\n"
+    print(text)
+    if out:
+        from ..io import write_text
+
+        write_text(out / f"{args.command}.md", text)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

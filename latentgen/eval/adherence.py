@@ -1,0 +1,100 @@
+"""Prompt adherence: generate for a prompt set with known answers, read each image back, score per attribute."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from ..data.shapes import COLOR_NAMES, KINDS, heldout_triples, is_heldout, train_triples
+from .analyzer import Analysis, analyze
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a prompt asks for: shapes (color, kind) left to right on a background."""
+
+    prompt: str
+    background: str
+    shapes: tuple[tuple[str, str], ...]
+    heldout: bool  # some (color, kind, background) of it never occurs in the train split
+
+    @property
+    def group(self) -> str:
+        return f"{'two' if len(self.shapes) == 2 else 'one'}-{'heldout' if self.heldout else 'seen'}"
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def single_prompt(color: str, kind: str, background: str) -> str:
+    return f"{_article(color)} {color} {kind} on {_article(background)} {background} background"
+
+
+def pair_prompt(left: tuple[str, str], right: tuple[str, str], background: str) -> str:
+    return (f"{_article(left[0])} {left[0]} {left[1]} to the left of {_article(right[0])} {right[0]} {right[1]} "
+            f"on {_article(background)} {background} background")
+
+
+def prompt_set(per_group: int = 27, seed: int = 0) -> list[Target]:
+    """Single-shape prompts (every held-out triple, and as many seen ones) and two-shape prompts."""
+    rng = random.Random(seed)
+    held = heldout_triples()
+    seen = train_triples()
+    targets = [Target(single_prompt(c, k, b), b, ((c, k),), True) for c, k, b in held[:per_group]]
+    targets += [Target(single_prompt(c, k, b), b, ((c, k),), False) for c, k, b in rng.sample(seen, per_group)]
+    for want_heldout in (False, True):
+        made = 0
+        while made < per_group:
+            b = rng.choice(COLOR_NAMES)
+            shapes = tuple((rng.choice([c for c in COLOR_NAMES if c != b]), rng.choice(KINDS)) for _ in range(2))
+            heldout = any(is_heldout(c, k, b) for c, k in shapes)
+            if heldout == want_heldout:
+                targets.append(Target(pair_prompt(shapes[0], shapes[1], b), b, shapes, heldout))
+                made += 1
+    return targets
+
+
+@dataclass
+class Scores:
+    """Per-attribute accuracies over a group of images."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    total: int = 0
+
+    def add(self, **hits: bool) -> None:
+        self.total += 1
+        for k, v in hits.items():
+            self.counts[k] = self.counts.get(k, 0) + int(bool(v))
+
+    def rates(self) -> dict[str, float]:
+        return {k: v / self.total for k, v in self.counts.items()} if self.total else {}
+
+
+def score(target: Target, analysis: Analysis) -> dict[str, bool]:
+    """Which attributes of `target` the image got right."""
+    bg = analysis.background == target.background
+    if len(target.shapes) == 1:
+        (color, kind), = target.shapes
+        main = max(analysis.shapes, key=lambda s: s.area) if analysis.shapes else None
+        shape = main is not None and main.kind == kind
+        shape_color = main is not None and main.color == color
+        return {"background": bg, "shape": shape, "shape_color": shape_color, "all": bg and shape and shape_color}
+    found = analysis.shapes
+    count = len(found) == 2
+    wanted = set(target.shapes)
+    got = {(s.color, s.kind) for s in found}
+    both = count and got == wanted  # both shapes present with the right color and kind (binding)
+    colors = count and sorted(s.color for s in found) == sorted(c for c, _ in target.shapes)
+    kinds = count and sorted(s.kind for s in found) == sorted(k for _, k in target.shapes)
+    relation = count and tuple((s.color, s.kind) for s in found) == target.shapes
+    return {"background": bg, "two_shapes": count, "colors": colors, "kinds": kinds, "binding": both,
+            "relation": relation, "all": bg and relation}
+
+
+def evaluate_images(targets: list[Target], images: list) -> dict[str, dict[str, float]]:
+    """{group: {attribute: accuracy}} for images generated from `targets` (in order)."""
+    groups: dict[str, Scores] = {}
+    for target, image in zip(targets, images):
+        groups.setdefault(target.group, Scores()).add(**score(target, analyze(image)))
+    return {g: s.rates() | {"n": s.total} for g, s in sorted(groups.items())}

@@ -1,0 +1,83 @@
+"""The shapes analyzer, adherence scoring, metrics and the eval CLI."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+from latentgen.data.shapes import ShapesSpec, make_sample
+from latentgen.eval.adherence import Target, prompt_set, score
+from latentgen.eval.analyzer import analyze
+from latentgen.eval.metrics import kid
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_analyzer_reads_the_datasets_own_images(split):
+    spec = ShapesSpec(split=split, two_shape_fraction=0.4, seed=11)
+    correct = 0
+    n = 600
+    for i in range(n):
+        s = make_sample(spec, i)
+        a = analyze(s.render())
+        correct += (a.background == s.background and len(a.shapes) == len(s.shapes)
+                    and all(d.color == t.color and d.kind == t.kind for d, t in zip(a.shapes, s.shapes)))
+    assert correct / n >= 0.99
+
+
+def test_analyzer_on_noise_and_blank_images():
+    blank = Image.new("RGB", (64, 64), (0, 0, 255))
+    assert analyze(blank).background == "blue" and analyze(blank).shapes == []
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    a = analyze(noise)
+    assert len(a.shapes) <= 2  # never more shapes than asked for
+
+
+def test_scoring_single_and_pairs():
+    s = make_sample(ShapesSpec(max_shapes=1), 3)
+    shape = s.shapes[0]
+    right = Target("", s.background, ((shape.color, shape.kind),), False)
+    assert score(right, analyze(s.render())) == {"background": True, "shape": True, "shape_color": True, "all": True}
+    other_kind = {"circle": "square", "square": "triangle", "triangle": "circle"}[shape.kind]
+    wrong = Target("", s.background, ((shape.color, other_kind),), False)
+    assert score(wrong, analyze(s.render()))["shape"] is False
+    pair = next(make_sample(ShapesSpec(two_shape_fraction=1.0), i) for i in range(50))
+    left, right_shape = pair.shapes
+    t = Target("", pair.background, ((left.color, left.kind), (right_shape.color, right_shape.kind)), False)
+    assert score(t, analyze(pair.render()))["relation"] is True
+    swapped = Target("", pair.background, t.shapes[::-1], False)
+    r = score(swapped, analyze(pair.render()))
+    assert r["binding"] is True and (r["relation"] is False or t.shapes[0] == t.shapes[1])
+
+
+def test_prompt_set_groups():
+    targets = prompt_set(per_group=27)
+    groups = {t.group for t in targets}
+    assert groups == {"one-heldout", "one-seen", "two-heldout", "two-seen"}
+    assert sum(t.group == "one-heldout" for t in targets) == 27
+
+
+def test_kid_separates_real_from_wrong_images():
+    real = [make_sample(ShapesSpec(seed=1), i).render() for i in range(60)]
+    same = [make_sample(ShapesSpec(seed=2), i).render() for i in range(60)]
+    blurred = [im.resize((16, 16)).resize((64, 64), Image.Resampling.BILINEAR) for im in same]
+    close, _ = kid(real, same, subsets=20)
+    far, _ = kid(real, blurred, subsets=20)
+    assert far > 50 and far > 5 * max(close, 1.0)
+
+
+def test_eval_cli_end_to_end_on_the_smoke_model(smoke_model, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "latentgen.eval", "all", "--model", str(smoke_model), "--seeds", "1",
+                        "--steps", "2", "--out", str(tmp_path / "eval"), "--dtype", "fp32"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("all.md", "adherence.json", "reconstruction.json", "samples-g7.5.png"):
+        assert (tmp_path / "eval" / name).is_file(), name
+    assert "| 7.5 | one-heldout | 27 |" in r.stdout and "KID×1000" in r.stdout and "PSNR" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "latentgen.eval", "steps", "--model", str(smoke_model), "--seeds", "1",
+                        "--steps", "1", "2", "--schedulers", "ddim", "dpm++", "--out", str(tmp_path / "steps")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "steps" / "steps.png").is_file() and "| dpm++ |" in r.stdout
