@@ -54,7 +54,11 @@ def _parse_overrides(overrides: Sequence[str]) -> dict:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise UserError(f"override {item!r} is not of the form key=value")
-    return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:  # e.g. the same key given as a list, then as a mapping
+        key = getattr(err, "full_key", None) or "?"
+        raise UserError(f"cannot apply the overrides at key '{key}': {str(err).splitlines()[0]}") from None
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:

@@ -34,6 +34,7 @@ def test_yaml_then_overrides(tmp_path):
     ("", ["max_steps"], "override 'max_steps' is not of the form key=value"),
     ("data: 3\n", [], "'data' must be a mapping"),
     ("data:\n  source: web\n", [], "unknown data source 'web'"),
+    ("", ["max_steps=[1, 2]", "max_steps={a: 1}"], "cannot apply the overrides at key 'max_steps'"),
 ])
 def test_bad_configs_are_one_line(tmp_path, text, overrides, message):
     path = tmp_path / "c.yaml"
