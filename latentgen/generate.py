@@ -7,7 +7,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from .errors import UserError
 
@@ -185,6 +185,27 @@ def load_image(path: str | Path, what: str = "image"):
         raise UserError(f"cannot read {what} file {path}: {str(err).splitlines()[0]}") from None
 
 
+def _wrap(text: str, fits: Callable[[str], bool], lines: int) -> list[str]:
+    """`text` broken at spaces into at most `lines` lines that each `fits` (a pixel width: textwrap counts
+    characters, which a proportional font does not fill evenly); a word too long for a line is cut,
+    and text that does not fit in `lines` ends with '...'."""
+    out: list[str] = []
+    words = text.split()
+    while words and len(out) < lines:
+        line = words.pop(0)
+        while not fits(line) and len(line) > 1:  # one word wider than the cell
+            line = line[:-1]
+        while words and fits(f"{line} {words[0]}"):
+            line = f"{line} {words.pop(0)}"
+        out.append(line)
+    if words and out:
+        last = out[-1]
+        while last and not fits(last + "..."):
+            last = last[:-1]
+        out[-1] = last + "..."
+    return out
+
+
 def contact_sheet(images: Sequence, captions: Sequence[str], columns: int = 8, min_cell: int = 128):
     """A grid of images with a two-line caption under each (nearest-neighbour upscaled to `min_cell`)."""
     from PIL import Image, ImageDraw
@@ -196,10 +217,9 @@ def contact_sheet(images: Sequence, captions: Sequence[str], columns: int = 8, m
     rows = (len(images) + columns - 1) // columns
     sheet = Image.new("RGB", (cw * columns, ch * rows), "white")
     draw = ImageDraw.Draw(sheet)
-    chars = max(8, cw // 6)
     for i, (image, caption) in enumerate(zip(images, captions)):
         x, y = (i % columns) * cw, (i // columns) * ch
         sheet.paste(image.resize((cw, h * scale), Image.Resampling.NEAREST), (x, y))
-        draw.text((x + 2, y + h * scale + 2), caption[:chars], fill="black")
-        draw.text((x + 2, y + h * scale + 15), caption[chars:2 * chars], fill="black")
+        for k, line in enumerate(_wrap(caption, lambda text: draw.textlength(text) <= cw - 4, lines=2)):
+            draw.text((x + 2, y + h * scale + 2 + 13 * k), line, fill="black")
     return sheet

@@ -13,7 +13,7 @@ import components as C
 from conftest import ROOT
 from latentgen import LatentPipeline
 from latentgen.errors import UserError
-from latentgen.generate import DEFAULT_MODEL
+from latentgen.generate import DEFAULT_MODEL, _wrap
 from latentgen.prompts import ChunkedEncoder, Segment, parse
 
 PROMPT = "a red circle on a blue background"
@@ -281,3 +281,12 @@ def test_bad_input(tiny_folder, tmp_path, args, message):
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("text", "lines"), [
+    ("a red circle on a gray", ["a red circle on a", "gray"]),  # broken between words, never inside one
+    ("a purple circle to the left of an orange square", ["a purple circle to", "the left of an..."]),
+    ("abcdefghijklmnopqrstuvwxyz", ["abcdefghijklmnopqr"]),  # one word wider than the line is cut
+])
+def test_grid_captions_wrap_at_words(text, lines):
+    assert _wrap(text, lambda line: len(line) <= 18, lines=2) == lines

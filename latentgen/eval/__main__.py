@@ -194,10 +194,10 @@ def main(argv=None):
 
         shapes = reconstruction(pipe.vae, real_images(256, max_shapes=2))
         photos = reconstruction(pipe.vae, photographs())
-        report += ["## VAE reconstruction", "| images | n | PSNR (dB) | SSIM |", "|---|---|---|---|",
-                   f"| held-out shapes 64×64 | {shapes['n']} | {shapes['psnr']:.2f} | {shapes['ssim']:.4f} |",
-                   f"| scikit-image photographs 128×128 | {photos['n']} | {photos['psnr']:.2f} | "
-                   f"{photos['ssim']:.4f} |"]
+        report += ["## VAE reconstruction", "\n".join([
+            "| images | n | PSNR (dB) | SSIM |", "|---|---|---|---|",
+            f"| held-out shapes 64×64 | {shapes['n']} | {shapes['psnr']:.2f} | {shapes['ssim']:.4f} |",
+            f"| scikit-image photographs 128×128 | {photos['n']} | {photos['psnr']:.2f} | {photos['ssim']:.4f} |"])]
         if out:
             write_json(out / "reconstruction.json", {"heldout_shapes": shapes, "photographs": photos})
 

@@ -61,7 +61,9 @@ def kid(real: Sequence[Image.Image], fake: Sequence[Image.Image], subset_size: i
     metric = KernelInceptionDistance(feature=RandomConvFeatures(), subset_size=size, subsets=subsets)
     metric.update(_uint8_batch(real), real=True)
     metric.update(_uint8_batch(fake), real=False)
-    mean, std = metric.compute()
+    with torch.random.fork_rng():  # the subsets are drawn with torch's global generator: fix them
+        torch.manual_seed(0)
+        mean, std = metric.compute()
     return 1000 * float(mean), 1000 * float(std)
 
 
