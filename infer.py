@@ -39,7 +39,8 @@ def parse_args(argv):
     p.add_argument("--strength", type=float, help="how much of the init image to redo, in (0, 1] "
                                                   "(default 0.8 for image-to-image, 1 for inpainting)")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="φ in [0, 1] (for zero-terminal-SNR models)")
-    p.add_argument("--dynamic-threshold", type=float, help="clip x̂0 at this percentile of |x̂0|, e.g. 0.995 (never below 3σ)")
+    p.add_argument("--dynamic-threshold", type=float,
+                   help="clip x̂0 at this percentile of |x̂0|, e.g. 0.995 (never below 3σ)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("START", "END"),
                    help="guide only in this fraction of the steps (0 = the noisiest)")
     p.add_argument("--model", help="a diffusers pipeline folder (default: the model shipped with latentgen)")

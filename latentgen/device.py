@@ -81,3 +81,17 @@ def _has_xformers() -> bool:
     except ImportError:
         return False
     return True
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory in MB (VmHWM: unlike getrusage's ru_maxrss, not inherited from the
+    parent across fork and exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -20,7 +20,6 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 
-
 def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     """ε̃ = ε(x_t, ∅) + w·(ε(x_t, c) − ε(x_t, ∅)); the same for v-prediction."""
     return uncond + scale * (cond - uncond)

@@ -32,6 +32,9 @@ from .text_encoders import TextEncoder, clip_tokenizer, openclip_to_transformers
 
 log = logging.getLogger("latentgen")
 
+# Linear multistep samplers that extrapolate strongly guided predictions too far (see schedulers.py).
+UNSTABLE_WITH_GUIDANCE = ("PNDMScheduler", "LMSDiscreteScheduler")
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
@@ -184,6 +187,7 @@ class LatentPipeline(DiffusionPipeline):
         except Exception as err:  # diffusers/transformers/safetensors errors name no file the user can act on
             raise UserError(f"cannot load the model in {folder}: {first_line(err)}") from err
         pipe.keep_vae_safe()
+        pipe.choose_memory_format()
         return pipe
 
     def compile_unet(self, mode: str | None = None) -> float:
@@ -203,6 +207,15 @@ class LatentPipeline(DiffusionPipeline):
             self.unet(x, torch.tensor([1, 1], device=x.device), encoder_hidden_states=hidden)
         return time.perf_counter() - start
 
+    def choose_memory_format(self) -> None:
+        """channels_last in reduced precision for U-Nets that work on 32×32 latents or more (Stable Diffusion's
+        64×64): oneDNN's channels-last bf16 convolutions measured 12% faster for the U-Net and 19% for the VAE
+        decode of a Stable-Diffusion-shaped model here; on the default model's 16×16 latents they are slower.
+        fp32 keeps diffusers' layout, and with it diffusers' exact numbers."""
+        if self.unet.dtype != torch.float32 and self.unet.config.sample_size >= 32:
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+
     def keep_vae_safe(self) -> None:
         """An fp16 VAE overflows in its decoder (the black-image bug of SD's VAE); keep it in fp32 then.
 
@@ -211,12 +224,33 @@ class LatentPipeline(DiffusionPipeline):
         if self.vae.dtype == torch.float16:
             self.vae.to(torch.float32)
 
-    def save_pretrained(self, folder: str | Path, **kwargs) -> None:
-        """Write the diffusers folder layout atomically, readable by `StableDiffusionPipeline.from_pretrained`."""
+    def save_pretrained(self, folder: str | Path, weights_dtype: torch.dtype | None = None, **kwargs) -> None:
+        """Write the diffusers folder layout atomically, readable by `StableDiffusionPipeline.from_pretrained`.
+
+        `weights_dtype` (e.g. torch.float16) stores smaller weights; the folder still declares fp32 as its compute
+        dtype, so loaders that default to the stored dtype (transformers' "auto") and loaders that default to
+        fp32 (diffusers) agree, and diffusers' default load does not mix fp16 and fp32 components.
+        """
         folder = Path(folder)
         kwargs.setdefault("safe_serialization", True)
         with atomic_dir(folder) as tmp:
-            super().save_pretrained(tmp, **kwargs)
+            if weights_dtype is None:
+                super().save_pretrained(tmp, **kwargs)
+            else:
+                original = {name: next(getattr(self, name).parameters()).dtype for name in WEIGHT_COMPONENTS}
+                try:
+                    for name in WEIGHT_COMPONENTS:
+                        getattr(self, name).to(weights_dtype)
+                    super().save_pretrained(tmp, **kwargs)
+                finally:
+                    for name, dtype in original.items():
+                        getattr(self, name).to(dtype)
+                encoder_config = tmp / "text_encoder" / "config.json"
+                config = json.loads(encoder_config.read_text())
+                for key in ("dtype", "torch_dtype"):
+                    if key in config:
+                        config[key] = "float32"
+                encoder_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             index_path = tmp / "model_index.json"
             index = json.loads(index_path.read_text())
             # Name a diffusers class so `DiffusionPipeline.from_pretrained` and other tools recognise the folder;
@@ -364,6 +398,9 @@ class LatentPipeline(DiffusionPipeline):
         else:
             scheduler = make_scheduler(req.scheduler, self.scheduler.config)
         scheduler.set_timesteps(req.num_inference_steps, device=self.unet.device)
+        if type(scheduler).__name__ in UNSTABLE_WITH_GUIDANCE and req.guidance_scale > 4:
+            log.warning("%s is a 4th-order multistep sampler and can diverge at guidance %g; "
+                        "dpm++ or euler are stable there", type(scheduler).__name__, req.guidance_scale)
         return scheduler
 
     def timesteps_for(self, req: Request, scheduler) -> torch.Tensor:

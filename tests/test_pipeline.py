@@ -70,6 +70,19 @@ def test_our_folder_is_a_diffusers_folder(tiny_pipe, tmp_path):
     assert isinstance(generic, StableDiffusionPipeline)
 
 
+def test_fp16_weights_load_in_diffusers_with_its_defaults(tiny_pipe, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path / "p", weights_dtype=torch.float16)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "p" / "text_encoder" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
+    assert tiny_pipe.unet.dtype == torch.float32  # the live pipeline keeps its precision
+    sd = _sd(tmp_path / "p")
+    assert {sd.text_encoder.dtype, sd.unet.dtype, sd.vae.dtype} == {torch.float32}
+    image = sd("a red circle", num_inference_steps=2, output_type="np").images
+    assert np.isfinite(image).all()
+
+
 def test_stable_diffusion_folder_loads(tmp_path):
     """A folder written by diffusers' StableDiffusionPipeline, with the safety checker entries SD folders carry."""
     sd = StableDiffusionPipeline(**C.components(), safety_checker=None, feature_extractor=None,

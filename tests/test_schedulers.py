@@ -1,5 +1,7 @@
 """Samplers by name, built from the model's noise configuration: ε and v models both sample correctly."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -78,3 +80,12 @@ def test_a_mismatched_prediction_type_fails_the_check(name):
     """The check above can fail: sampling a v-model as if it predicted ε gives the wrong distribution."""
     assert _sample(name, "epsilon", "v_prediction") > 0.2
     assert _sample(name, "v_prediction", "epsilon") > 0.2
+
+
+@pytest.mark.parametrize(("name", "guidance", "warned"),
+                         [("pndm", 7.5, True), ("lms", 7.5, True), ("pndm", 3.0, False), ("dpm++", 7.5, False)])
+def test_multistep_samplers_warn_under_strong_guidance(tiny_pipe, caplog, name, guidance, warned):
+    with caplog.at_level(logging.WARNING, logger="latentgen"):
+        tiny_pipe("a red circle", num_inference_steps=2, guidance_scale=guidance, scheduler=name, seed=0,
+                  output_type="np")
+    assert ("can diverge at guidance" in caplog.text) == warned

@@ -340,9 +340,9 @@ class StepTimer:
         self.ticks.append(self.clock())
 
     def summary(self, samples_per_step: int) -> str:
-        import resource
+        from ..device import peak_memory_mb
 
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = peak_memory_mb()
         if len(self.ticks) < 3:
             return f"peak memory {peak:.0f} MB"
         rate = samples_per_step * (len(self.ticks) - 2) / (self.ticks[-1] - self.ticks[1])

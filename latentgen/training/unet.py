@@ -542,10 +542,6 @@ def save_pipeline(config: UNetTrainConfig, parts: Components, unet, noise_config
 
     pipe = _pipeline(parts, unet, config.sampler, noise_config)
     dtype = DTYPES[config.save_dtype]
-    if dtype != torch.float32:
-        pipe = pipe.to(dtype=dtype)
-    pipe.save_pretrained(target)
+    pipe.save_pretrained(target, weights_dtype=None if dtype == torch.float32 else dtype)
     with atomic_file(target / "train_config.yaml") as tmp:
         tmp.write_text(to_yaml(config))
-    if dtype != torch.float32:
-        pipe.to(dtype=torch.float32)
