@@ -34,6 +34,7 @@ log = logging.getLogger("latentgen")
 
 # Linear multistep samplers that extrapolate strongly guided predictions too far (see schedulers.py).
 UNSTABLE_WITH_GUIDANCE = ("PNDMScheduler", "LMSDiscreteScheduler")
+_warned: set[str] = set()
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -398,9 +399,11 @@ class LatentPipeline(DiffusionPipeline):
         else:
             scheduler = make_scheduler(req.scheduler, self.scheduler.config)
         scheduler.set_timesteps(req.num_inference_steps, device=self.unet.device)
-        if type(scheduler).__name__ in UNSTABLE_WITH_GUIDANCE and req.guidance_scale > 4:
+        name = type(scheduler).__name__
+        if name in UNSTABLE_WITH_GUIDANCE and req.guidance_scale > 4 and name not in _warned:
+            _warned.add(name)  # once per process, not once per batch
             log.warning("%s is a 4th-order multistep sampler and can diverge at guidance %g; "
-                        "dpm++ or euler are stable there", type(scheduler).__name__, req.guidance_scale)
+                        "dpm++ or euler are stable there", name, req.guidance_scale)
         return scheduler
 
     def timesteps_for(self, req: Request, scheduler) -> torch.Tensor:

@@ -1,0 +1,90 @@
+"""The U-Net's achieved FLOP/s during sampling against this machine's bf16 matrix-product peak, measured in the
+same run.
+
+FLOPs of one U-Net call are counted with torch.utils.flop_counter (matmuls, convolutions, attention); the call
+is timed as LatentPipeline makes it (its default precision and kernels), at 8 images per call with guidance,
+i.e. a batch of 16. The peak is the best of large bf16 matrix products.
+
+    python bench/flops.py [--model latentgen/default_model] [--images 8] [--sd]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from common import ROOT, best_time, sd_shaped_folder
+
+
+def matmul_peak(dtype) -> float:
+    import torch
+
+    best = 0.0
+    for n in (2048, 4096):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        seconds = best_time(lambda: a @ b, repeat=5)
+        best = max(best, 2 * n**3 / seconds)
+    return best
+
+
+def unet_rate(model: str, images: int, profile: bool = False) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from latentgen import LatentPipeline
+
+    pipe = LatentPipeline.from_pretrained(model)
+    unet = pipe.unet
+    size = pipe.default_size // pipe.vae_scale_factor
+    x = torch.randn(2 * images, unet.config.in_channels, size, size, dtype=unet.dtype)
+    hidden, _ = pipe.encode_prompts(["a red circle on a blue background"] * 2 * images)
+    t = torch.full((2 * images,), 500)
+
+    def call():
+        with torch.no_grad():
+            return unet(x, t, encoder_hidden_states=hidden)
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        call()
+    flops = counter.get_total_flops()
+    seconds = best_time(call, repeat=5, warmup=2)
+    out = {"flops": flops, "seconds": seconds, "rate": flops / seconds, "dtype": str(unet.dtype)}
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            call()
+        out["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    return out
+
+
+def main():
+    import torch
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default=str(ROOT / "latentgen" / "default_model"))
+    p.add_argument("--images", type=int, default=8)
+    p.add_argument("--sd", action="store_true", help="also the Stable-Diffusion-shaped U-Net")
+    p.add_argument("--profile", action="store_true", help="print where the time goes")
+    args = p.parse_args()
+    peak = matmul_peak(torch.bfloat16)
+    peak32 = matmul_peak(torch.float32)
+    print(f"bf16 matrix-product peak: {peak / 1e9:.0f} GFLOP/s (fp32: {peak32 / 1e9:.0f} GFLOP/s)")
+    models = [("default model", args.model)]
+    if args.sd:
+        models.append(("SD-shaped U-Net 256×256", str(sd_shaped_folder(Path(tempfile.gettempdir())
+                                                                          / "latentgen-bench-sd-shaped"))))
+    for label, model in models:
+        r = unet_rate(model, args.images, args.profile)
+        print(f"{label}: {r['flops'] / 1e9:.1f} GFLOP per U-Net call ({2 * args.images} rows, {r['dtype']}), "
+              f"{r['seconds'] * 1000:.1f} ms -> {r['rate'] / 1e9:.0f} GFLOP/s = {100 * r['rate'] / peak:.0f}% "
+              f"of the bf16 peak")
+        if args.profile:
+            print(r["profile"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Seconds per image: LatentPipeline (its defaults) against diffusers' StableDiffusionPipeline (its defaults).
+
+Both load the same folder and run the same prompt, sampler (DPM-Solver++ 2M), steps and guidance, at 1 and 8
+images per call, each in its own process (so peak memory is its own). For the shipped default model and for a
+larger Stable-Diffusion-shaped U-Net built from a config. Then the prompt adherence of the default model's images
+under both paths, so speed is never bought with quality.
+
+    python bench/inference.py                 # everything (about 6 minutes on 2 cores)
+    python bench/inference.py --quick         # default model only, batch 1 and 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from common import ROOT, best_time, peak_rss_mb, print_table, run_child, sd_shaped_folder
+
+PROMPT = "a red circle on a blue background"
+
+
+def child(args) -> dict:
+    import torch
+
+    from latentgen.schedulers import make_scheduler
+
+    torch.manual_seed(0)
+    if args.path == "diffusers":
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(args.model, local_files_only=True)
+        pipe.scheduler = make_scheduler("dpm++", pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+
+        def run(prompts, seeds):
+            gens = [torch.Generator().manual_seed(s) for s in seeds]
+            return pipe(prompts, num_inference_steps=args.steps, guidance_scale=7.5, generator=gens).images
+    else:
+        from latentgen import LatentPipeline
+
+        pipe = LatentPipeline.from_pretrained(args.model)
+        pipe.set_progress_bar_config(disable=True)
+        if args.compile:
+            pipe.compile_unet()
+
+        def run(prompts, seeds):
+            return pipe(prompts, num_inference_steps=args.steps, guidance_scale=7.5, scheduler="dpm++",
+                        seed=seeds).images
+
+    if args.adherence:
+        from latentgen.eval.adherence import evaluate_images, prompt_set
+
+        targets = [t for t in prompt_set(27) if t.group in ("one-heldout", "one-seen") for _ in range(2)]
+        images = []
+        for i in range(0, len(targets), 8):
+            images += run([t.prompt for t in targets[i:i + 8]], list(range(i, min(i + 8, len(targets)))))
+        return {"adherence": evaluate_images(targets, images), "rss_mb": peak_rss_mb()}
+    seconds = best_time(lambda: run([PROMPT] * args.batch, list(range(args.batch))), repeat=args.repeat)
+    return {"s_per_image": seconds / args.batch, "rss_mb": peak_rss_mb(),
+            "dtype": str(getattr(pipe, "unet").dtype).removeprefix("torch.")}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--child", action="store_true")
+    p.add_argument("--path", choices=["diffusers", "latentgen"])
+    p.add_argument("--model", default=str(ROOT / "latentgen" / "default_model"))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--adherence", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--sd-steps", type=int, default=10)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+
+    models = [("default model (64×64)", args.model, args.steps)]
+    if not args.quick:
+        folder = sd_shaped_folder(Path(tempfile.gettempdir()) / "latentgen-bench-sd-shaped")
+        models.append(("SD-shaped U-Net, 256×256", str(folder), args.sd_steps))
+    rows = []
+    for label, model, steps in models:
+        for batch in (1, 8):
+            repeat = "1" if "SD" in label else str(args.repeat)
+            ref = run_child("inference", "--path", "diffusers", "--model", model, "--batch", str(batch),
+                            "--steps", str(steps), "--repeat", repeat)
+            ours = run_child("inference", "--path", "latentgen", "--model", model, "--batch", str(batch),
+                             "--steps", str(steps), "--repeat", repeat)
+            rows.append({"model": label, "images/call": batch, "steps": steps,
+                         "diffusers s/img": f"{ref['s_per_image']:.3f}",
+                         "latentgen s/img": f"{ours['s_per_image']:.3f}",
+                         "speed-up": f"{ref['s_per_image'] / ours['s_per_image']:.2f}×",
+                         "diffusers RSS MB": f"{ref['rss_mb']:.0f}", "latentgen RSS MB": f"{ours['rss_mb']:.0f}",
+                         "latentgen dtype": ours["dtype"]})
+            print(json.dumps(rows[-1]), flush=True)
+    print()
+    print_table(rows, list(rows[0]))
+
+    print("\nPrompt adherence of the default model, held-out and seen single-shape prompts (54 images each), "
+          f"{args.steps} DPM-Solver++ steps, guidance 7.5:")
+    for path in ("diffusers", "latentgen"):
+        r = run_child("inference", "--path", path, "--model", args.model, "--steps", str(args.steps), "--adherence")
+        for group, scores in r["adherence"].items():
+            print(f"  {path:>9} {group}: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in scores.items() if k != "n"))
+
+
+if __name__ == "__main__":
+    main()

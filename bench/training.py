@@ -1,0 +1,103 @@
+"""Training samples per second: `train_unet.py` against a plain diffusers training step.
+
+The reference is the core of diffusers' examples/text_to_image/train_text_to_image.py: fp32, the VAE encodes the
+images and the text encoder the captions on every step, then noise, U-Net, MSE, backward, AdamW. Ours is
+train_unet.py itself with the default model's config (cached latents and embeddings, bf16 autocast where the CPU
+has bf16 units, the attention kernel chosen for training). Same U-Net, batch size and data; each in its own
+process for its peak memory.
+
+    python bench/training.py [--steps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+from common import ROOT, peak_rss_mb, run_child
+
+CONFIG = ROOT / "configs" / "unet-shapes.yaml"
+
+
+def plain_diffusers(steps: int, batch: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from latentgen.config import load_config
+    from latentgen.data import build_dataset
+    from latentgen.text_encoders import load_transformers_encoder, minilm_path
+    from latentgen.training.unet import UNetTrainConfig
+
+    config = load_config(UNetTrainConfig, CONFIG, [f"train_batch_size={batch}"])
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**config.unet).train()
+    vae = AutoencoderKL.from_pretrained(ROOT / config.vae_path).requires_grad_(False)
+    tokenizer, text_encoder = load_transformers_encoder(minilm_path(), max_length=32)
+    text_encoder.requires_grad_(False)
+    noise_scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    data = build_dataset(config.data)
+    items = [data.item(i) for i in range(batch)]
+    pixels = torch.stack([it["pixel_values"] for it in items])
+    captions = [it["text"] for it in items]
+
+    def step():
+        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        ids = tokenizer(captions, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+        hidden = text_encoder(ids.input_ids, attention_mask=ids.attention_mask)[0]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (batch,))
+        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, hidden).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = time.perf_counter() - start
+    return {"samples_per_s": steps * batch / seconds, "rss_mb": peak_rss_mb()}
+
+
+def ours(steps: int, batch: int) -> dict:
+    """train_unet.py with the shipped config, reusing the default model's cache."""
+    out = tempfile.mkdtemp(prefix="bench-train-")
+    cmd = [sys.executable, str(ROOT / "train_unet.py"), "--config", str(CONFIG), f"output_dir={out}",
+           f"max_steps={steps + 1}", f"train_batch_size={batch}", "checkpoint_every=100000", "validate_every=0",
+           f"cache_dir={ROOT / 'runs' / 'unet-shapes' / 'cache'}", "validation_steps=1",
+           "validation_prompts=[a red circle]"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-3000:])
+    m = re.search(r"([\d.]+) samples/s \(after the first step\), peak memory (\d+) MB", r.stdout)
+    return {"samples_per_s": float(m.group(1)), "rss_mb": float(m.group(2))}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--child", action="store_true")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch", type=int, default=64)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(plain_diffusers(args.steps, args.batch)))
+        return
+    ref = run_child("training", "--steps", str(args.steps), "--batch", str(args.batch))
+    mine = ours(args.steps, args.batch)
+    print(f"plain diffusers step (fp32, VAE + text encoder every step): {ref['samples_per_s']:.1f} samples/s, "
+          f"peak RSS {ref['rss_mb']:.0f} MB")
+    print(f"train_unet.py (cached latents/embeddings, mixed precision auto): {mine['samples_per_s']:.1f} samples/s, "
+          f"peak RSS {mine['rss_mb']:.0f} MB")
+    print(f"speed-up: {mine['samples_per_s'] / ref['samples_per_s']:.2f}×")
+
+
+if __name__ == "__main__":
+    main()
