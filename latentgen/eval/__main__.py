@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..cli import ArgumentParser, quiet_libraries, run_cli
 from ..errors import UserError
-from ..schedulers import scheduler_names
+from ..schedulers import scheduler_name_of, scheduler_names
 
 GROUP_ORDER = ("one-heldout", "one-seen", "two-heldout", "two-seen")
 
@@ -152,7 +152,7 @@ def main(argv=None):
         q.add_argument("--out", help="folder for the report, tables, grids and plots")
         if generation:
             q.add_argument("--steps", type=int, nargs="+", default=[20])
-            q.add_argument("--scheduler", default="dpm++", choices=scheduler_names())
+            q.add_argument("--scheduler", choices=scheduler_names(), help="default: the model's own sampler")
             q.add_argument("--guidance", type=float, nargs="+", default=[7.5])
             q.add_argument("--seeds", type=int, default=4, help="images per prompt")
 
@@ -165,7 +165,7 @@ def main(argv=None):
     s = sub.add_parser("steps", help="adherence and KID against steps, for every sampler")
     common(s)
     s.add_argument("--schedulers", nargs="+", default=scheduler_names(), choices=scheduler_names())
-    common(sub.add_parser("all", help="adherence at 7.5 and 1.0, reconstruction, distance: report.md"))
+    common(sub.add_parser("all", help="adherence at 7.5 and 1.0, reconstruction, distance: all.md"))
     args = p.parse_args(argv)
     if getattr(args, "seeds", 1) < 1 or any(n < 1 for n in getattr(args, "steps", [1])):
         raise UserError("--seeds and --steps must be ≥ 1")
@@ -184,7 +184,8 @@ def main(argv=None):
             if out:
                 sample_grid(targets[::args.seeds][:48], images[::args.seeds][:48], out / f"samples-g{g}.png")
         table = adherence_table(results)
-        report += [f"## Prompt adherence ({args.scheduler}, {args.steps[0]} steps, {args.seeds} seeds per prompt)",
+        sampler = args.scheduler or f"the model's own sampler, {scheduler_name_of(pipe.scheduler)}"
+        report += [f"## Prompt adherence ({sampler}, {args.steps[0]} steps, {args.seeds} seeds per prompt)",
                    table]
         if out:
             write_json(out / "adherence.json", {str(k): v for k, v in results.items()})
