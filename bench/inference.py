@@ -5,7 +5,7 @@ images per call, each in its own process (so peak memory is its own). For the sh
 larger Stable-Diffusion-shaped U-Net built from a config. Then the prompt adherence of the default model's images
 under both paths, so speed is never bought with quality.
 
-    python bench/inference.py                 # everything (about 6 minutes on 2 cores)
+    python bench/inference.py                 # everything (about 12 minutes on 2 cores)
     python bench/inference.py --quick         # default model only, batch 1 and 8
 """
 
@@ -73,6 +73,7 @@ def main():
     p.add_argument("--adherence", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--rounds", type=int, default=2, help="alternate the two paths this many times; best of each")
     p.add_argument("--sd-steps", type=int, default=10)
     args = p.parse_args()
     if args.child:
@@ -87,10 +88,12 @@ def main():
     for label, model, steps in models:
         for batch in (1, 8):
             repeat = "1" if "SD" in label else str(args.repeat)
-            ref = run_child("inference", "--path", "diffusers", "--model", model, "--batch", str(batch),
-                            "--steps", str(steps), "--repeat", repeat)
-            ours = run_child("inference", "--path", "latentgen", "--model", model, "--batch", str(batch),
-                             "--steps", str(steps), "--repeat", repeat)
+            runs: dict[str, list[dict]] = {"diffusers": [], "latentgen": []}
+            for _ in range(args.rounds):  # alternated, best of each: the machine's speed drifts over minutes
+                for path in runs:
+                    runs[path].append(run_child("inference", "--path", path, "--model", model, "--batch",
+                                                str(batch), "--steps", str(steps), "--repeat", repeat))
+            ref, ours = (min(runs[path], key=lambda r: r["s_per_image"]) for path in ("diffusers", "latentgen"))
             rows.append({"model": label, "images/call": batch, "steps": steps,
                          "diffusers s/img": f"{ref['s_per_image']:.3f}",
                          "latentgen s/img": f"{ours['s_per_image']:.3f}",
