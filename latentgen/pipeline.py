@@ -549,28 +549,22 @@ class LatentPipeline(DiffusionPipeline):
 
         # 2-5. Encode the prompts, prepare the sampler and the latents, denoise; in fp32 again if the low
         # precision overflowed (NaN/Inf latents would decode to a black image).
-        latents = self.sample(req, generators(), on_step)
-        if not torch.isfinite(latents).all():
-            if self.unet.dtype == torch.float32:
-                raise UserError("the model produced NaN/Inf latents even in fp32; its weights may be damaged")
-            log.warning("NaN/Inf in the latents sampled in %s; sampling again in fp32",
-                        str(self.unet.dtype).removeprefix("torch."))
-            with _in_fp32(self.unet, self.text_encoder):
-                latents = self.sample(req, generators(), None)
+        latents, retried = _finite_or_fp32(
+            lambda retry: self.sample(req, generators(), None if retry else on_step), (self.unet, self.text_encoder),
+            warning="NaN/Inf in the latents sampled in {dtype}; sampling again in fp32",
+            fatal="the model produced NaN/Inf latents even in fp32; its weights may be damaged")
+        if retried:
             info_extra["fp32_retry"] = "unet"
 
         # 6. Decode, with the same guard for the VAE.
         if req.output_type == "latent":
             images = latents
         else:
-            decoded = self.decode(latents)
-            if not torch.isfinite(decoded).all():
-                if self.vae.dtype == torch.float32:
-                    raise UserError("the VAE decoded NaN/Inf pixels even in fp32; its weights may be damaged")
-                log.warning("NaN/Inf in the image decoded in %s; decoding again in fp32",
-                            str(self.vae.dtype).removeprefix("torch."))
-                with _in_fp32(self.vae):
-                    decoded = self.decode(latents)
+            decoded, retried = _finite_or_fp32(
+                lambda retry: self.decode(latents), (self.vae,),
+                warning="NaN/Inf in the image decoded in {dtype}; decoding again in fp32",
+                fatal="the VAE decoded NaN/Inf pixels even in fp32; its weights may be damaged")
+            if retried:
                 info_extra["fp32_retry"] = "vae"
             images = self.image_processor.postprocess(decoded, output_type=req.output_type)
         name = req.scheduler or scheduler_name_of(self.scheduler)
@@ -614,6 +608,22 @@ def _generator_factory(req: Request, generator):
         return generator
 
     return fresh
+
+
+def _finite_or_fp32(run: Callable[[bool], torch.Tensor], modules: tuple[nn.Module, ...], warning: str,
+                    fatal: str) -> tuple[torch.Tensor, bool]:
+    """`run(False)`; if its result holds NaN/Inf (a low-precision overflow), `run(True)` with `modules` in fp32,
+    after a warning. Already fp32 and still not finite: a UserError. Returns the result and whether it retried."""
+    out = run(False)
+    retried = not torch.isfinite(out).all()
+    if retried:
+        dtype = next(modules[0].parameters()).dtype
+        if dtype == torch.float32:
+            raise UserError(fatal)
+        log.warning(warning.format(dtype=str(dtype).removeprefix("torch.")))
+        with _in_fp32(*modules):
+            out = run(True)
+    return out, retried
 
 
 @contextlib.contextmanager
