@@ -28,6 +28,18 @@ def matmul_peak(dtype) -> float:
     return best
 
 
+def conv_rate(dtype) -> float:
+    """FLOP/s of a 3×3 convolution of Stable Diffusion's size (320 channels, 32×32, batch 8), channels-last."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.randn(8, 320, 32, 32, dtype=dtype).to(memory_format=torch.channels_last)
+    w = torch.randn(320, 320, 3, 3, dtype=dtype).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        seconds = best_time(lambda: F.conv2d(x, w, padding=1), repeat=5)
+    return 2 * 8 * 320 * 320 * 9 * 32 * 32 / seconds
+
+
 def unet_rate(model: str, images: int, profile: bool = False) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -73,6 +85,9 @@ def main():
     peak = matmul_peak(torch.bfloat16)
     peak32 = matmul_peak(torch.float32)
     print(f"bf16 matrix-product peak: {peak / 1e9:.0f} GFLOP/s (fp32: {peak32 / 1e9:.0f} GFLOP/s)")
+    conv16, conv32 = conv_rate(torch.bfloat16), conv_rate(torch.float32)
+    print(f"3×3 convolution, 320 channels: bf16 {conv16 / 1e9:.0f} GFLOP/s, fp32 {conv32 / 1e9:.0f} GFLOP/s "
+          f"({conv16 / conv32:.1f}×)")
     models = [("default model", args.model)]
     if args.sd:
         models.append(("SD-shaped U-Net 256×256", str(sd_shaped_folder(Path(tempfile.gettempdir())

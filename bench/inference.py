@@ -42,8 +42,6 @@ def child(args) -> dict:
 
         pipe = LatentPipeline.from_pretrained(args.model)
         pipe.set_progress_bar_config(disable=True)
-        if args.compile:
-            pipe.compile_unet()
 
         def run(prompts, seeds):
             return pipe(prompts, num_inference_steps=args.steps, guidance_scale=7.5, scheduler="dpm++",
@@ -71,7 +69,6 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--adherence", action="store_true")
-    p.add_argument("--compile", action="store_true")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rounds", type=int, default=2, help="alternate the two paths this many times; best of each")
     p.add_argument("--sd-steps", type=int, default=10)

@@ -1,0 +1,183 @@
+"""Smaller measurements the README quotes, each one command.
+
+    python bench/probes.py samplers       # PNDM/LMS against DPM-Solver++ over guidance; diffusers against ours
+    python bench/probes.py dpm-variants   # DPM-Solver++ 2M: first order, log-SNR-uniform steps, Karras sigmas
+    python bench/probes.py bf16-drift     # how far bf16 images are from fp32 images, same seeds
+    python bench/probes.py profile        # where an 8-image call of the default model spends its time
+    python bench/probes.py train-step     # the U-Net training step: attention kernels, torch.compile, profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from common import ROOT
+
+MODEL = str(ROOT / "latentgen" / "default_model")
+PROMPT = "a red circle on a blue background"
+
+
+def _pipe(dtype=None):
+    from latentgen import LatentPipeline
+
+    pipe = LatentPipeline.from_pretrained(MODEL, torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _pixels(image):
+    import numpy as np
+
+    return np.asarray(image, dtype=np.float64)
+
+
+def samplers(_):
+    """Mean color of one image per sampler and guidance (a red circle on blue is mostly blue: ~(0.1, 0, 0.9)), and
+    the mean absolute difference to diffusers' StableDiffusionPipeline in fp32 with the same sampler."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from latentgen.schedulers import make_scheduler
+
+    ours = _pipe(torch.float32)
+    ref = StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    for guidance in (1.0, 2.0, 3.0, 4.0, 5.0, 7.5):
+        cells = []
+        for name in ("dpm++", "pndm", "lms"):
+            ref.scheduler = make_scheduler(name, ref.scheduler.config)
+            a = ref(PROMPT, num_inference_steps=20, guidance_scale=guidance,
+                    generator=torch.Generator().manual_seed(0)).images[0]
+            b = ours(PROMPT, num_inference_steps=20, guidance_scale=guidance, scheduler=name,
+                     generator=torch.Generator().manual_seed(0)).images[0]
+            color = (_pixels(b).reshape(-1, 3).mean(0) / 255).round(2).tolist()
+            diff = abs(_pixels(a) - _pixels(b)).mean() / 255
+            cells.append(f"{name} {color} (vs diffusers {diff:.3f})")
+        print(f"guidance {guidance}: " + "; ".join(cells), flush=True)
+
+
+def dpm_variants(_):
+    """Held-out single-shape adherence at guidance 7.5, 20 steps, 2 seeds, for variants of DPM-Solver++ 2M."""
+    from latentgen import schedulers
+    from latentgen.eval.__main__ import adherence
+
+    pipe = _pipe()
+    base = dict(schedulers.SCHEDULERS["dpm++"][1])
+    variants = {"uniform timesteps (dpm++)": {}, "first order (= DDIM)": {"solver_order": 1},
+                "log-SNR-uniform (use_lu_lambdas)": {"use_lu_lambdas": True},
+                "Karras sigmas (dpm++-karras)": {"use_karras_sigmas": True}}
+    for label, extra in variants.items():
+        schedulers.SCHEDULERS["dpm++"] = ("DPMSolverMultistepScheduler", {**base, **extra})
+        scores, _, _ = adherence(pipe, 20, "dpm++", 7.5, 2, 27, groups=("one-heldout",))
+        r = scores["one-heldout"]
+        print(f"{label:>34}: shape {r['shape']:.0%}  shape color {r['shape_color']:.0%}  all {r['all']:.0%}",
+              flush=True)
+
+
+def bf16_drift(_):
+    """Mean absolute pixel difference (of 255) between the default (bf16 here) and fp32 images, same seeds."""
+    import numpy as np
+    import torch
+
+    prompts = [PROMPT, "a yellow square on a black background", "a green triangle on a white background",
+               "a purple circle on a gray background"]  # tests/test_fast_path.py's prompts
+    kw = dict(num_inference_steps=20, scheduler="dpm++", seed=[1, 2, 3, 4])
+    fast = _pipe().__call__(prompts, **kw).images
+    exact = _pipe(torch.float32).__call__(prompts, **kw).images
+    diffs = [float(abs(_pixels(a) - _pixels(b)).mean()) for a, b in zip(fast, exact)]
+    print("per image: " + ", ".join(f"{d:.2f}" for d in diffs) + f"; mean {np.mean(diffs):.2f} (of 255)")
+
+
+def profile(_):
+    """Share of the U-Net and the VAE decode in an 8-image call, and the operators that take the time."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    pipe = _pipe()
+    spent = {"unet": 0.0, "decode": 0.0}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            spent[name] += time.perf_counter() - start
+            return out
+        return wrapper
+
+    def call():
+        return pipe([PROMPT] * 8, num_inference_steps=20, guidance_scale=7.5, scheduler="dpm++", seed=list(range(8)))
+
+    call()  # warm-up, and the prompt cache
+    pipe.unet.forward, pipe.decode = timed("unet", pipe.unet.forward), timed("decode", pipe.decode)
+    start = time.perf_counter()
+    call()
+    total = time.perf_counter() - start
+    print(f"8 images: {total:.2f} s; U-Net {100 * spent['unet'] / total:.0f}%, "
+          f"VAE decode {100 * spent['decode'] / total:.0f}%")
+    with torch.no_grad(), torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
+
+
+def train_step(args):
+    """Samples/s of the default model's U-Net training step (batch 64, bf16 autocast, AdamW): SDPA against plain
+    matmul-softmax attention, eager against torch.compile; and the operators of the step train_unet.py runs."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import UNet2DConditionModel
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from latentgen.config import load_config
+    from latentgen.device import set_attention
+    from latentgen.training.unet import UNetTrainConfig
+
+    config = load_config(UNetTrainConfig, ROOT / "configs" / "unet-shapes.yaml")
+    x, hidden, t = torch.randn(64, 4, 16, 16), torch.randn(64, 32, 384), torch.randint(0, 1000, (64,))
+    for label, compiled, attention in (("eager, SDPA attention", False, "sdpa"),
+                                       ("eager, math attention", False, "math"),
+                                       ("torch.compile, math attention", True, "math")):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**config.unet).train()
+        set_attention(unet, attention, torch.device("cpu"), training=True)
+        model = torch.compile(unet) if compiled else unet
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+
+        def step():
+            with torch.autocast("cpu", torch.bfloat16):
+                pred = model(x, t, hidden).sample
+            F.mse_loss(pred.float(), x).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        start = time.perf_counter()
+        step()
+        first = time.perf_counter() - start
+        for _ in range(3):
+            step()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        rate = args.steps * 64 / (time.perf_counter() - start)
+        print(f"{label:>30}: first step {first:.1f} s, {rate:.1f} samples/s", flush=True)
+        if attention == "math" and not compiled:
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                step()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="probe", required=True)
+    for name in ("samplers", "dpm-variants", "bf16-drift", "profile"):
+        sub.add_parser(name)
+    sub.add_parser("train-step").add_argument("--steps", type=int, default=15)
+    args = p.parse_args()
+    {"samplers": samplers, "dpm-variants": dpm_variants, "bf16-drift": bf16_drift, "profile": profile,
+     "train-step": train_step}[args.probe](args)
+
+
+if __name__ == "__main__":
+    main()
