@@ -6,7 +6,7 @@
     python infer.py --prompt "a blue square" --image in.png --strength 0.6            # image-to-image
     python infer.py --prompt "a red circle" --image in.png --mask mask.png            # inpainting
     python infer.py --replay outputs/00000-42-a-red-circle.png                       # regenerate, compare
-    accelerate launch --num_processes 2 infer.py --prompts-file prompts.txt           # split across processes
+    accelerate launch --cpu --num_processes 2 infer.py --prompts-file prompts.txt     # split across processes
 """
 
 from __future__ import annotations
@@ -72,6 +72,10 @@ def main(argv=None):
 
     if args.replay:
         return replay(args)
+    from latentgen.distributed import describe, process_state, relaunch_cpu_ranks
+
+    relaunch_cpu_ranks(argv)  # `accelerate launch --cpu --num_processes N`: N ranks from here on
+    state = process_state()  # one process, or this rank of `accelerate launch`, before anything else asks
     # Check everything the user typed before loading a model.
     prompts = g.read_prompts(args.prompt, args.prompts_file)
     jobs = g.plan_jobs(prompts, args.negative_prompt, args.num_images, args.seed)
@@ -79,18 +83,17 @@ def main(argv=None):
     paths = g.output_paths(args.out, jobs)
     image = g.load_image(args.image) if args.image else None
     mask = g.load_image(args.mask, "mask") if args.mask else None
-    pipe, model = load_pipeline(args)
+    pipe, model = load_pipeline(args, state)
     options = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
                    width=args.width, scheduler=args.scheduler, image=image, mask_image=mask, strength=args.strength,
                    guidance_rescale=args.guidance_rescale, dynamic_threshold=args.dynamic_threshold,
                    guidance_interval=tuple(args.guidance_interval))
     pipe.check_request(prompts[0], seed=0, **options)  # every setting checked before any work
 
-    from accelerate import PartialState
-
-    state = PartialState()  # one process, or this process's share under `accelerate launch`
     mine = jobs[state.process_index::state.num_processes]
     written = run_jobs(pipe, model, mine, paths, options, args, show=state.is_local_main_process)
+    if state.num_processes > 1:
+        print(f"{describe(state)}: wrote {len(written)} of {len(jobs)} images", file=sys.stderr)
     if args.grid:
         state.wait_for_everyone()
         if state.is_main_process:
@@ -98,7 +101,8 @@ def main(argv=None):
     return written
 
 
-def load_pipeline(args):
+def load_pipeline(args, state=None):
+    """The pipeline on its device: under a multi-process launch with --device auto, this rank's own device."""
     import time
 
     from latentgen.device import resolve_device, resolve_dtype
@@ -107,6 +111,8 @@ def load_pipeline(args):
 
     quiet_libraries()
     device = resolve_device(args.device)
+    if args.device == "auto" and state is not None and state.num_processes > 1:
+        device = state.device
     dtype = resolve_dtype(args.dtype, device)
     model = resolve_model(args.model)
     check_pipeline_folder(model, allow_pickle=args.allow_pickle)

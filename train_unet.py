@@ -2,7 +2,8 @@
 """Train the text-conditioned U-Net on VAE latents (one process, or many with accelerate).
 
     python train_unet.py --config configs/smoke.yaml [key=value ...]
-    accelerate launch --num_processes 2 train_unet.py --config configs/unet-shapes.yaml
+    accelerate launch --cpu --num_processes 2 train_unet.py --config configs/unet-shapes.yaml   # CPU ranks (gloo)
+    accelerate launch --multi_gpu --num_processes 8 train_unet.py --config configs/unet-shapes.yaml
 """
 
 import sys

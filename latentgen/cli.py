@@ -74,8 +74,10 @@ def training_main(prog: str, description: str, load: Callable[[], tuple[type, Ca
     args = p.parse_args(argv)
 
     from .config import load_config
+    from .distributed import relaunch_cpu_ranks
 
     config_cls, train = load()
     config = load_config(config_cls, args.config, args.overrides)
+    relaunch_cpu_ranks(argv)  # `accelerate launch --cpu --num_processes N`: N ranks from here on
     quiet_libraries()
     train(config)

@@ -78,3 +78,6 @@ def test_prompts_file_is_split_across_two_processes(tiny_folder, tmp_path):
     assert files == [f"{i:05d}-{i}-prompt-number-{i}.png" for i in range(5)]
     written = [line for line in r.stdout.splitlines() if line.endswith(".png")]
     assert len(written) == 5 == len(set(written))  # each image written once, by one process
+    shares = sorted(line for line in r.stderr.splitlines() if line.startswith("process "))
+    assert shares == ["process 0 of 2 (MULTI_CPU, gloo): wrote 3 of 5 images",
+                      "process 1 of 2 (MULTI_CPU, gloo): wrote 2 of 5 images"], r.stderr[-2000:]

@@ -1,5 +1,6 @@
 """train_unet.py: learning, multi-process, exact resume after SIGKILL, atomic checkpoints, bad configs."""
 
+import contextlib
 import os
 import random
 import signal
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -71,15 +73,74 @@ def test_training_lowers_the_loss_and_writes_a_loadable_pipeline(tmp_path):
     assert (folder / "train_config.yaml").is_file()
 
 
-def test_two_processes_with_accelerate_launch(tmp_path):
-    r = run(LAUNCH, f"output_dir={tmp_path}", "max_steps=4")
+MULTI_CPU_CONFIG = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(ROOT / "configs" / "accelerate" / "multi-cpu.yaml"), str(ROOT / "train_unet.py"),
+                    "--config", str(SMOKE)]
+
+
+def ranks_reported(output: str) -> set[str]:
+    return {line.split(": ", 1)[1] for line in output.splitlines() if line.startswith("train_unet: process ")}
+
+
+@pytest.mark.parametrize("launch", [LAUNCH, MULTI_CPU_CONFIG], ids=["flags", "config-file"])
+def test_two_processes_with_accelerate_launch(tmp_path, launch):
+    r = run(launch, f"output_dir={tmp_path}", "max_steps=4")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert ranks_reported(r.stdout) == {"process 0 of 2 (MULTI_CPU, gloo)", "process 1 of 2 (MULTI_CPU, gloo)"}
     pipe = LatentPipeline.from_pretrained(tmp_path / "pipeline")
     assert pipe.unet.config.cross_attention_dim == 32
 
 
+def test_gradients_are_averaged_across_ranks(tmp_path):
+    """After one step both ranks hold the same weights, and they are not what one process makes from rank 0's
+    half of the batch alone (which independent, unsynchronised processes would give)."""
+    probe = [str(ROOT / "tests" / "rank_weights.py"), "--config", str(SMOKE), "max_steps=1", "checkpoint_every=10"]
+    launch = LAUNCH[:LAUNCH.index(str(ROOT / "train_unet.py"))]
+    r = run([*launch, *probe], f"output_dir={tmp_path / 'two'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run([sys.executable, *probe], f"output_dir={tmp_path / 'one'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rank0, rank1 = (load_file(str(tmp_path / "two" / f"rank-{k}.safetensors")) for k in (0, 1))
+    alone = load_file(str(tmp_path / "one" / "rank-0.safetensors"))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    changed = [k for k in rank0 if not torch.equal(rank0[k], alone[k])]
+    assert len(changed) > len(rank0) // 2, changed
+
+
+def test_two_machines_on_loopback(tmp_path):
+    """Multi-node DDP as the README documents it, with two 'machines' (one process each) on this host that share
+    no output folder: both join one group; the main machine writes the model."""
+    procs = []
+    for machine in (0, 1):
+        cmd = [*LAUNCH[:3], "--cpu", "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(machine),
+               "--main_process_ip", "127.0.0.1", "--main_process_port", str(29400 + os.getpid() % 500),
+               "--mixed_precision", "no", str(ROOT / "train_unet.py"), "--config", str(SMOKE),
+               f"output_dir={tmp_path / f'machine{machine}'}", "max_steps=2"]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert ranks_reported(outs[0][0]) == {"process 0 of 2 (MULTI_CPU, gloo)"}
+    assert ranks_reported(outs[1][0]) == {"process 1 of 2 (MULTI_CPU, gloo)"}
+    assert (tmp_path / "machine0" / "pipeline" / "model_index.json").is_file()
+    assert not (tmp_path / "machine1" / "pipeline").exists()
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
+    overrides = ["max_steps=2", "checkpoint_every=10", "validate_every=0"]
+    weights = []
+    for flag in ("false", "true"):
+        AcceleratorState = __import__("accelerate.state", fromlist=["AcceleratorState"]).AcceleratorState
+        AcceleratorState._reset_state(True)
+        config = load_config(UNetTrainConfig, SMOKE, [f"output_dir={tmp_path / flag}", *overrides,
+                                                      f"gradient_checkpointing={flag}"])
+        train_unet(config)
+        weights.append(final_unet(tmp_path / flag))
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-4, atol=1e-6)
+
+
 def _kill_at_random(cmd, output_dir, overrides, seed):
-    """Start a run, SIGKILL it (its whole process group) at a random moment after it starts training."""
+    """Start a run, SIGKILL it (all its processes) at a random moment after it starts training."""
     rng = random.Random(seed)
     proc = subprocess.Popen([*cmd, f"output_dir={output_dir}", *overrides], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
@@ -87,7 +148,12 @@ def _kill_at_random(cmd, output_dir, overrides, seed):
     while not list_checkpoints(output_dir) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     time.sleep(rng.uniform(0.0, 1.5))
+    # every descendant too: torch's launcher starts the ranks in sessions of their own
+    tree = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
+    for child in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
     proc.wait()
 
 
@@ -114,15 +180,19 @@ def test_exact_resume_after_sigkill_is_bitwise(tmp_path, seed):
 
 
 def test_exact_resume_with_two_processes(tmp_path):
-    overrides = ["max_steps=16", "checkpoint_every=2"]
+    overrides = ["max_steps=16", "checkpoint_every=2", "gradient_accumulation_steps=2"]
     r = run(LAUNCH, f"output_dir={tmp_path / 'whole'}", *overrides)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert len(ranks_reported(r.stdout)) == 2
     _kill_at_random(LAUNCH, tmp_path / "cut", overrides, 1)
+    killed_at = resolve_resume(tmp_path / "cut", "latest")
+    assert killed_at is not None and killed_at.name != "checkpoint-0000016"  # killed mid-run
     r = run(LAUNCH, f"output_dir={tmp_path / 'cut'}", *overrides, "resume_from=latest")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {killed_at}" in r.stdout and len(ranks_reported(r.stdout)) == 2
     whole, resumed = final_unet(tmp_path / "whole"), final_unet(tmp_path / "cut")
     for name in whole:
-        torch.testing.assert_close(whole[name], resumed[name], rtol=1e-4, atol=1e-5)
+        assert torch.equal(whole[name], resumed[name]), name
 
 
 def test_a_killed_save_never_leaves_a_checkpoint_latest_would_pick(tmp_path):

@@ -84,33 +84,54 @@ class TrainConfig:
 # accelerate
 
 
-def resolve_mixed_precision(choice: str, cpu: bool) -> str:
-    """Our choice as accelerate's mixed_precision value ("no", "bf16" or "fp16")."""
-    from ..device import cpu_has_fast_bf16
+def resolve_mixed_precision(choice: str, cpu: bool) -> tuple[str, str]:
+    """accelerate's mixed_precision value ("no", "bf16" or "fp16") and where it came from.
 
-    if choice == "auto":
-        if cpu:
-            choice = "bf16" if cpu_has_fast_bf16() else "fp32"
-        else:
-            choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    The training config wins where the user set it (anything but "auto"); else what `accelerate launch` was told
+    by its flag or its config file (passed on as ACCELERATE_MIXED_PRECISION); else the fastest for the hardware.
+    """
+    from ..device import resolve_dtype
+
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if choice != "auto":
+        source = "mixed_precision in the training config"
+        if launched and launched != {"fp32": "no"}.get(choice, choice):
+            source += f"; accelerate launch asked for {launched!r}"
+    elif launched:
+        choice, source = {"no": "fp32"}.get(launched, launched), "accelerate launch"
+    else:
+        source = "auto, for this hardware"
     if choice == "fp16" and cpu:
         raise UserError("mixed_precision fp16 needs a CUDA GPU; on the CPU use bf16 or fp32")
-    return "no" if choice == "fp32" else choice
+    dtype = resolve_dtype(choice, torch.device("cpu" if cpu else "cuda"))
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no"), source
 
 
 def make_accelerator(config: TrainConfig, project: str):
+    """The run's Accelerator, created before anything else asks accelerate about processes, so that every rank
+    of `accelerate launch` (or torchrun) joins one group; each rank says which it is."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    from ..distributed import describe, process_state, use_cpu
+
+    cpu = use_cpu()
+    mixed_precision, source = resolve_mixed_precision(config.mixed_precision, cpu)
+    state = process_state()
     accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(config.mixed_precision, cpu),
+        mixed_precision=mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=config.output_dir,
                                             logging_dir=str(Path(config.output_dir) / "logs")),
         cpu=cpu,
     )
+    kind = str(accelerator.distributed_type).split(".")[-1]
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise UserError(f"{project} runs data parallel (DDP) only, not {kind}: its checkpoints hold whole weights; "
+                        "launch with --multi_gpu (or --cpu) instead")
+    print(f"{project}: {describe(state)}", flush=True)
+    accelerator.print(f"{project}: mixed precision {mixed_precision} ({source})")
     if accelerator.is_main_process:
         accelerator.init_trackers(project, config=flat_scalars(config))
     return accelerator
@@ -305,13 +326,22 @@ class TrainLoop:
                 self.ema.step(self.ema_model.parameters())
             done = step + 1
             if done % config.log_every == 0 or done == config.max_steps:
-                logs = self.averages.pop() | {"lr": self.lr_scheduler.get_last_lr()[0]}
+                logs = self.mean_over_ranks(self.averages.pop()) | {"lr": self.lr_scheduler.get_last_lr()[0]}
                 accelerator.log(logs, step=done)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "psnr")})
             if done % config.checkpoint_every == 0 and done < config.max_steps:
                 self.checkpoint(done)
             if config.validate_every and done % config.validate_every == 0 and accelerator.is_main_process:
                 self.validate(done)
+
+    def mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        """Logged averages over every rank (one collective per log line, none per step)."""
+        if self.accelerator.num_processes == 1 or not values:
+            return values
+        keys = sorted(values)
+        means = self.accelerator.reduce(torch.tensor([values[k] for k in keys], device=self.accelerator.device),
+                                        reduction="mean")
+        return dict(zip(keys, means.tolist()))
 
     def checkpoint(self, step: int) -> None:
         from .checkpoint import save_checkpoint

@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from ..config import to_yaml
 from ..data.sources import build_dataset, check_resolution, choose_caption
 from ..device import set_attention
+from ..distributed import process_state
 from ..errors import UserError, first_line, one_of
 from ..io import atomic_file, save_image, weights_hash
 from ..schedulers import make_scheduler, scheduler_names
@@ -326,7 +326,10 @@ class CachedData:
 
 
 def cache_key(config: UNetTrainConfig, parts: Components, with_embeddings: bool) -> str:
-    vae_hash = weights_hash(config.vae_path) if config.vae_path else json.dumps(parts.vae.config, sort_keys=True,
+    # diffusers' private config keys ('_use_default_values' is a set turned list) vary with the hash seed, so
+    # they would give each process of a launch its own key.
+    vae_config = {k: v for k, v in parts.vae.config.items() if not k.startswith("_")}
+    vae_hash = weights_hash(config.vae_path) if config.vae_path else json.dumps(vae_config, sort_keys=True,
                                                                                   default=str)
     identity = {"data": asdict(config.data), "vae": vae_hash, "scaling": parts.vae.config.scaling_factor,
                 "text": asdict(config.text_encoder) if with_embeddings else None,
@@ -365,16 +368,17 @@ def build_cache(dataset, parts: Components, with_embeddings: bool, batch_size: i
 
 
 def load_or_build_cache(config: UNetTrainConfig, dataset, parts: Components, with_embeddings: bool, accelerator):
-    """The cache for this data, VAE and text encoder: built by the main process, read by every process."""
+    """The cache for this data, VAE and text encoder: built by each machine's main process (machines of a
+    multi-node run need not share a disk), read by every process."""
     from safetensors.torch import load_file, save_file
 
     root = Path(config.cache_dir or Path(config.output_dir) / "cache")
     key = cache_key(config, parts, with_embeddings)
     tensors_path, texts_path = root / f"{key}.safetensors", root / f"{key}.texts.json"
-    with accelerator.main_process_first():
+    with accelerator.local_main_process_first():
         if not (tensors_path.is_file() and texts_path.is_file()):
-            if not accelerator.is_main_process:  # pragma: no cover - main_process_first wrote it
-                raise RuntimeError("the cache was not written by the main process")
+            if not accelerator.is_local_main_process:  # pragma: no cover - local_main_process_first wrote it
+                raise RuntimeError("the cache was not written by this machine's main process")
             tensors, texts = build_cache(dataset, parts, with_embeddings, config.train_batch_size * 4,
                                          accelerator.device, accelerator.autocast)
             with atomic_file(texts_path) as tmp:
@@ -419,11 +423,12 @@ def _check_batch_fits(size: int, config: UNetTrainConfig, world: int) -> None:
 def train_unet(config: UNetTrainConfig) -> Path:
     """Run the training; returns the final pipeline folder (`{output_dir}/pipeline`)."""
     # 1. Components and data, checked before any training starts.
+    state = process_state()  # first: this rank joins the launch's process group (latentgen.distributed)
     resume = resolve_resume(config.output_dir, config.resume_from)
     torch.manual_seed(config.seed)  # the initial weights
     parts = load_components(config)
     dataset = build_dataset(config.data)
-    _check_batch_fits(len(dataset), config, PartialState().num_processes)
+    _check_batch_fits(len(dataset), config, state.num_processes)
     accelerator = make_accelerator(config, "train_unet")
     save_run_config(accelerator, config)
     device = accelerator.device

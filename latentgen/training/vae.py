@@ -23,6 +23,7 @@ from torch import nn
 from ..config import to_yaml
 from ..data.sources import build_dataset, check_resolution
 from ..device import set_attention
+from ..distributed import process_state
 from ..errors import UserError
 from ..io import atomic_dir, save_image
 from .checkpoint import load_checkpoint, resolve_resume
@@ -184,6 +185,7 @@ def validation_grid(vae, images: torch.Tensor):
 def train_vae(config: VAETrainConfig) -> Path:
     """Run the training; returns the folder of the final VAE (`{output_dir}/vae`)."""
     # 1. Model and data, checked before any training starts.
+    process_state()  # first: this rank joins the launch's process group (latentgen.distributed)
     resume = resolve_resume(config.output_dir, config.resume_from)
     torch.manual_seed(config.seed)  # the initial weights
     vae = load_vae(config)

@@ -1,0 +1,120 @@
+"""Processes: the one accelerate state of a run, created first and in one place, and CPU data parallelism
+under `accelerate launch --cpu --num_processes N` made real.
+
+accelerate decides at the first `PartialState` of a process whether it is one rank of a group. Created without
+`cpu=True` on a machine with no GPU, that state is a lone process even under torchrun, and every later
+`Accelerator(cpu=True)` inherits it. So the scripts create the state through `process_state()` before anything
+else asks for it, with the CPU flag decided here.
+
+A second trap is in accelerate's launcher itself: with `--cpu` (or a MULTI_CPU config) and no MPI host file it
+runs the script once, whatever `--num_processes` says, setting only MASTER_ADDR/MASTER_PORT. `relaunch_cpu_ranks`
+recognises that situation, reads the launch command from the parent process with accelerate's own parser, and
+starts the asked-for ranks with torch's elastic launcher (torchrun), which the GPU launcher uses too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+_WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def use_cpu() -> bool:
+    """True when the run is on the CPU: no CUDA here, or `accelerate launch --cpu` asked for it."""
+    return not torch.cuda.is_available() or _flag("ACCELERATE_USE_CPU")
+
+
+def process_state():
+    """accelerate's PartialState for this process, created with the right device flag (see the module doc)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=use_cpu())
+
+
+def describe(state) -> str:
+    """'process 1 of 2 (MULTI_CPU, gloo)': what each rank prints at the start of a run."""
+    kind = str(state.distributed_type).split(".")[-1]
+    backend = f", {state.backend}" if state.backend else ""
+    return f"process {state.process_index} of {state.num_processes} ({kind}{backend})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# accelerate launch --cpu --num_processes N
+
+
+def _launched_alone_by_accelerate() -> bool:
+    """accelerate's simple launcher sets MASTER_ADDR only when more than one process or machine was asked for;
+    a launcher that really starts ranks also sets one of the world-size variables."""
+    return (_flag("ACCELERATE_USE_CPU") and "MASTER_ADDR" in os.environ
+            and not any(v in os.environ for v in _WORLD_SIZE_VARS))
+
+
+def _parent_launch_args() -> list[str] | None:
+    """The arguments of the `accelerate launch` command that started this process (Linux: /proc), or None."""
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return None
+    argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    for i, arg in enumerate(argv):
+        if arg == "accelerate.commands.launch" or (arg == "launch" and i > 0 and "accelerate" in argv[i - 1]):
+            return argv[i + 1:]
+    return None
+
+
+def _requested_topology(launch_args: list[str]) -> tuple[int, int, int, str, int]:
+    """(processes, machines, machine rank, main address, port) from launch flags, then the accelerate config."""
+    from accelerate.commands.launch import launch_command_parser
+
+    args, _ = launch_command_parser().parse_known_args(launch_args)
+    defaults = None
+    if args.config_file is not None:
+        from accelerate.commands.config.config_args import load_config_from_file
+
+        defaults = load_config_from_file(args.config_file)
+
+    def pick(name: str, fallback):
+        value = getattr(args, name, None)
+        if value is None and defaults is not None:
+            value = getattr(defaults, name, None)
+        return fallback if value is None else value
+
+    return (int(pick("num_processes", 1)), int(pick("num_machines", 1)), int(pick("machine_rank", 0)),
+            str(pick("main_process_ip", os.environ["MASTER_ADDR"])),
+            int(pick("main_process_port", os.environ.get("MASTER_PORT", 29500))))
+
+
+def relaunch_cpu_ranks(argv: list[str] | None = None) -> None:
+    """Under `accelerate launch --cpu --num_processes N` (N > 1), replace this lone process by N ranks.
+
+    The current process becomes torch's elastic launcher (exec keeps its pid, so accelerate's launcher waits on
+    it and gets its exit code); each rank then runs the same script with RANK/WORLD_SIZE set and forms one gloo
+    group through `process_state()`. Does nothing in every other situation.
+    """
+    if not _launched_alone_by_accelerate():
+        return
+    launch_args = _parent_launch_args()
+    if launch_args is None:
+        return
+    processes, machines, machine_rank, address, port = _requested_topology(launch_args)
+    if processes <= 1 and machines <= 1:
+        return
+    if processes % machines:
+        raise UserError(f"--num_processes {processes} is not a multiple of --num_machines {machines}")
+    script = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={machines}",
+               f"--node_rank={machine_rank}", f"--nproc_per_node={processes // machines}",
+               f"--master_addr={address}", f"--master_port={port}", *script]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)
