@@ -132,10 +132,11 @@ def run_jobs(pipe, model, jobs, paths, options, args, show=True) -> list:
     import tqdm
 
     from latentgen import __version__
-    from latentgen.generate import batches, file_sha256, png_metadata
-    from latentgen.io import save_image, weights_hash
+    from latentgen.generate import batches, file_sha256, image_metadata
+    from latentgen.io import model_hash as hash_of
+    from latentgen.io import save_image
 
-    model_hash = weights_hash(model)
+    model_hash = hash_of(model)
     inputs = {k: {"path": str(getattr(args, k)), "sha256": file_sha256(getattr(args, k))}
               for k in ("image", "mask") if getattr(args, k)}
     # disable=None: a progress bar on a terminal only, never mixed into redirected output
@@ -149,7 +150,7 @@ def run_jobs(pipe, model, jobs, paths, options, args, show=True) -> list:
             meta = {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed,
                     "model": str(model.resolve()), "model_hash": model_hash, "version": __version__,
                     "device": str(pipe.unet.device.type), **out.info, **inputs}
-            path = save_image(image, paths[job.index], pnginfo=png_metadata(meta))
+            path = save_image(image, paths[job.index], **image_metadata(meta, paths[job.index].suffix))
             tqdm.tqdm.write(str(path))
             written.append(path)
     bar.close()
@@ -171,21 +172,28 @@ def write_grid(jobs, paths, out: str):
 
 
 def replay(args):
-    """Regenerate an image from its metadata with the same model, seed and settings; compare pixels."""
+    """Regenerate an image from its metadata with the same model, seed and settings; compare pixels.
+
+    Images infer.py wrote as PNG carry everything (our JSON chunk) and must come back bit for bit. Images that
+    carry only AUTOMATIC1111's `parameters` (made by A1111 itself, or JPEG/WebP from infer.py) are regenerated
+    from those settings with --model (default: the shipped model) and written, not compared."""
     from pathlib import Path
 
     import numpy as np
 
     from latentgen.generate import load_image, read_metadata
-    from latentgen.io import weights_hash
+    from latentgen.io import model_hash, same_hash
 
-    meta = read_metadata(args.replay)
+    found = read_metadata(args.replay)
+    if "parameters" in found:
+        return replay_a1111(args, found["parameters"])
+    meta = found["latentgen"]
     model = Path(args.model or meta["model"])
     if not model.exists():
         raise UserError(f"the model folder {model} recorded in {args.replay} does not exist; pass --model FOLDER")
-    if weights_hash(model) != meta["model_hash"]:
+    if not same_hash(model_hash(model), meta["model_hash"]):
         print(f"warning: {model} holds other weights than the ones that made the image "
-              f"({weights_hash(model)} vs {meta['model_hash']})", file=sys.stderr)
+              f"({model_hash(model)} vs {meta['model_hash']})", file=sys.stderr)
     args.model = str(model)
     if args.dtype == "auto":
         args.dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[meta["dtype"]]
@@ -213,6 +221,42 @@ def replay(args):
         else f"size {new.shape[1]}×{new.shape[0]} vs {old.shape[1]}×{old.shape[0]}"
     print(f"replay of {args.replay}: differs ({detail})")
     sys.exit(1)
+
+
+def replay_a1111(args, parameters: str):
+    """Generate again from an A1111 `parameters` text: its prompt, seed, steps, CFG scale, size, sampler and clip
+    skip; fields latentgen does not use are listed, not fatal."""
+    from pathlib import Path
+
+    from latentgen.generate import a1111_request, output_paths, plan_jobs
+    from latentgen.io import model_hash, same_hash
+
+    settings, fields, unused = a1111_request(parameters)
+    if not settings["prompt"].strip():
+        raise UserError(f"{args.replay}: its AUTOMATIC1111 parameters hold no prompt")
+    if unused:
+        print(f"warning: {args.replay}: ignored AUTOMATIC1111 fields: {', '.join(unused)}", file=sys.stderr)
+    pipe, model = load_pipeline(args)
+    recorded = fields.get("Model hash")
+    if recorded and not same_hash(model_hash(model), recorded):
+        print(f"warning: the image was made with model hash {recorded} ({fields.get('Model', '?')}); "
+              f"{model} has {model_hash(model)}", file=sys.stderr)
+    clip_skip = settings.pop("clip_skip", None)
+    if clip_skip != pipe.config.clip_skip:
+        from latentgen.text_encoders import text_encoder_for
+
+        text_encoder_for(pipe.tokenizer, pipe.text_encoder, clip_skip=clip_skip)  # a one-line error if not CLIP
+        pipe.register_to_config(clip_skip=clip_skip)
+    jobs = plan_jobs([settings["prompt"]], [settings["negative_prompt"]], 1, settings.get("seed"))
+    args.steps = settings.get("steps", args.steps)
+    options = dict(num_inference_steps=args.steps, guidance_scale=settings.get("guidance", args.guidance),
+                   height=settings.get("height"), width=settings.get("width"), scheduler=settings.get("scheduler"),
+                   guidance_rescale=settings.get("guidance_rescale", 0.0))
+    pipe.check_request(jobs[0].prompt, seed=0, **options)
+    args.image = args.mask = None
+    out = args.out if args.out != "outputs" else str(Path("outputs"))
+    run_jobs(pipe, model, jobs, output_paths(out, jobs), options, args)
+    print(f"replayed the AUTOMATIC1111 parameters of {args.replay} (not compared: another program made it)")
 
 
 if __name__ == "__main__":

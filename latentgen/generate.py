@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -116,6 +117,17 @@ A1111_SAMPLERS = {"ddpm": "DDPM", "ddim": "DDIM", "dpm++": "DPM++ 2M", "dpm++-ka
                   "euler": "Euler", "euler-a": "Euler a", "heun": "Heun", "unipc": "UniPC", "pndm": "PLMS",
                   "lms": "LMS"}
 METADATA_KEY = "latentgen"
+EXIF_USER_COMMENT = 0x9286  # in the Exif sub-IFD (0x8769), where A1111 puts `parameters` of JPEG/WebP images
+EXIF_IFD = 0x8769
+
+
+def quote(value) -> str:
+    """A value as A1111 writes it into `parameters` (`infotext_utils.quote`): JSON-quoted when it holds a comma,
+    a colon or a newline, so that the 'Key: value, ...' line still splits right."""
+    text = str(value)
+    if "," not in text and ":" not in text and "\n" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
 
 
 def a1111_parameters(meta: dict) -> str:
@@ -123,6 +135,8 @@ def a1111_parameters(meta: dict) -> str:
     fields = {"Steps": meta["steps"], "Sampler": A1111_SAMPLERS.get(meta["scheduler"], meta["scheduler"]),
               "CFG scale": meta["guidance"], "Seed": meta["seed"], "Size": f"{meta['width']}x{meta['height']}",
               "Model hash": meta["model_hash"], "Model": Path(meta["model"]).name}
+    if meta.get("clip_skip"):
+        fields["Clip skip"] = meta["clip_skip"] + 1  # A1111 counts the last layer as 1; diffusers as 0
     if "strength" in meta:
         fields["Denoising strength"] = meta["strength"]
     if meta.get("guidance_rescale"):
@@ -131,37 +145,135 @@ def a1111_parameters(meta: dict) -> str:
     lines = [meta["prompt"]]
     if meta.get("negative_prompt"):
         lines.append(f"Negative prompt: {meta['negative_prompt']}")
-    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
+    lines.append(", ".join(f"{k}: {quote(v)}" for k, v in fields.items()))
     return "\n".join(lines)
 
 
-def png_metadata(meta: dict):
+def image_metadata(meta: dict, suffix: str) -> dict:
+    """Keyword arguments for PIL's `save` that carry the metadata in the file's format: PNG text chunks
+    (A1111's `parameters` and our JSON), or for JPEG/WebP the `parameters` text in EXIF UserComment as A1111
+    writes it (piexif's UserComment.dump, 'unicode': an 8-byte charset code, then UTF-16 big-endian)."""
+    from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    info = PngInfo()
-    info.add_text("parameters", a1111_parameters(meta))
-    info.add_text(METADATA_KEY, json.dumps(meta, ensure_ascii=False, sort_keys=True))
-    return info
+    if suffix.lower() not in (".jpg", ".jpeg", ".webp"):
+        info = PngInfo()
+        info.add_text("parameters", a1111_parameters(meta))
+        info.add_text(METADATA_KEY, json.dumps(meta, ensure_ascii=False, sort_keys=True))
+        return {"pnginfo": info}
+    exif = Image.Exif()
+    exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = b"UNICODE\0" + a1111_parameters(meta).encode("utf-16-be")
+    return {"exif": exif.tobytes()}
+
+
+def _exif_parameters(im) -> str | None:
+    comment = im.getexif().get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT)
+    if isinstance(comment, str):
+        return comment
+    if not comment:
+        return None
+    code, body = comment[:8], comment[8:]
+    if code.startswith(b"UNICODE"):
+        return body.decode("utf-16-be" if not body.startswith(b"\xff\xfe") else "utf-16", errors="replace")
+    return body.decode("utf-8", errors="replace").rstrip("\0")
 
 
 def read_metadata(path: str | Path) -> dict:
-    """The latentgen metadata of an image written by infer.py."""
+    """What an image says about how it was made: {"latentgen": our JSON} for images infer.py wrote as PNG, else
+    {"parameters": A1111's text} (PNG text chunk or EXIF UserComment, as AUTOMATIC1111 and infer.py write it)."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     try:
         with Image.open(path) as im:
-            text = im.info.get(METADATA_KEY) or getattr(im, "text", {}).get(METADATA_KEY)
+            ours = im.info.get(METADATA_KEY) or getattr(im, "text", {}).get(METADATA_KEY)
+            parameters = im.info.get("parameters") or _exif_parameters(im)
     except FileNotFoundError:
         raise UserError(f"image {path} does not exist") from None
     except (UnidentifiedImageError, OSError) as err:
         raise UserError(f"cannot read image {path}: {err}") from None
-    if not text:
-        raise UserError(f"{path} has no latentgen metadata (it was not written by infer.py)")
+    if ours:
+        try:
+            return {METADATA_KEY: json.loads(ours)}
+        except json.JSONDecodeError:
+            raise UserError(f"{path} has damaged latentgen metadata") from None
+    if parameters:
+        return {"parameters": parameters}
+    raise UserError(f"{path} has no generation parameters (neither latentgen's nor AUTOMATIC1111's)")
+
+
+# AUTOMATIC1111's infotext grammar (modules/infotext_utils.py): 'Key: value' pairs, a value JSON-quoted when it
+# holds a comma; sizes as WxH.
+_A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_a1111_parameters(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, {key: value}) of an A1111 `parameters` text, as A1111's
+    `parse_generation_parameters` splits it."""
+    *lines, last = text.strip().split("\n")
+    if len(_A1111_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    fields = {}
+    for key, value in _A1111_PARAM.findall(last):
+        if len(value) > 1 and value[0] == value[-1] == '"':
+            with contextlib.suppress(json.JSONDecodeError):
+                value = json.loads(value)
+        fields[key.strip()] = value.strip() if isinstance(value, str) else str(value)
+    return "\n".join(prompt), "\n".join(negative), fields
+
+
+# A1111's sampler names (and, since 1.9, its separate 'Schedule type') -> ours.
+_FROM_A1111 = {name: ours for ours, name in A1111_SAMPLERS.items()}
+_A1111_KARRAS = {"DPM++ 2M": "dpm++-karras"}
+# Fields that describe the image but need no setting here.
+_A1111_INFORMATIONAL = {"Model hash", "Model", "Version", "VAE", "VAE hash", "Lora hashes", "TI hashes",
+                        "Emphasis", "Token merging ratio"}
+
+
+def a1111_request(text: str) -> tuple[dict, dict[str, str], list[str]]:
+    """Generation settings from an A1111 `parameters` text: (settings under our names, the fields as read, the
+    fields latentgen does not use). Unknown samplers are a one-line error naming the ones we have."""
+    prompt, negative, fields = parse_a1111_parameters(text)
+    unused: list[str] = []
+    settings: dict = {"prompt": prompt, "negative_prompt": negative}
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        raise UserError(f"{path} has damaged latentgen metadata") from None
+        if "Steps" in fields:
+            settings["steps"] = int(fields["Steps"])
+        if "CFG scale" in fields:
+            settings["guidance"] = float(fields["CFG scale"])
+        if "Seed" in fields:
+            settings["seed"] = int(fields["Seed"])
+        if "Size" in fields:
+            width, height = fields["Size"].lower().split("x")
+            settings["width"], settings["height"] = int(width), int(height)
+        if "CFG Rescale phi" in fields:
+            settings["guidance_rescale"] = float(fields["CFG Rescale phi"])
+        if "Clip skip" in fields:
+            settings["clip_skip"] = int(fields["Clip skip"]) - 1 or None
+    except ValueError as err:
+        raise UserError(f"the AUTOMATIC1111 parameters hold a value latentgen cannot read: {err}") from None
+    if "Sampler" in fields:
+        sampler, schedule = fields["Sampler"], fields.get("Schedule type", "")
+        name = (_A1111_KARRAS.get(sampler) if schedule == "Karras" else None) or _FROM_A1111.get(sampler)
+        if name is None:
+            known = sorted(set(_FROM_A1111) | {f"{s} (Schedule type: Karras)" for s in _A1111_KARRAS})
+            raise UserError(f"the AUTOMATIC1111 sampler {sampler!r}"
+                            f"{f' with schedule {schedule!r}' if schedule else ''} has no latentgen counterpart; "
+                            f"known: {', '.join(known)}")
+        settings["scheduler"] = name
+    used = {"Steps", "CFG scale", "Seed", "Size", "CFG Rescale phi", "Clip skip", "Sampler"}
+    if fields.get("Schedule type", "Automatic") == "Automatic" or (
+            fields["Schedule type"] == "Karras" and fields.get("Sampler") in _A1111_KARRAS):
+        used.add("Schedule type")  # else: a schedule we do not have for this sampler, listed as unused
+    unused += [k for k in fields if k not in used | _A1111_INFORMATIONAL]
+    return settings, fields, unused
 
 
 def file_sha256(path: str | Path, length: int = 16) -> str:

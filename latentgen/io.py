@@ -73,12 +73,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_image(image, path: str | os.PathLike, pnginfo=None) -> Path:
-    """Save a PIL image atomically; the format follows the suffix (PNG metadata kept when given)."""
+def save_image(image, path: str | os.PathLike, **metadata) -> Path:
+    """Save a PIL image atomically; the format follows the suffix; `metadata`: PIL's `pnginfo=` or `exif=`
+    (`latentgen.generate.image_metadata` gives the right one for the suffix)."""
     path = Path(path)
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
     with atomic_file(path) as tmp:
-        image.save(tmp, format=fmt, pnginfo=pnginfo if fmt == "PNG" else None)
+        image.save(tmp, format=fmt, **metadata)
     return path
 
 
@@ -87,6 +88,25 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_file(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path
+
+
+def model_hash(model: str | os.PathLike) -> str:
+    """A1111's and Civitai's `Model hash`: the first 10 hex digits of the sha256 of a single checkpoint file; for a
+    diffusers folder, the same length over its safetensors files (names and bytes, see `weights_hash`)."""
+    model = Path(model)
+    if model.is_file():
+        digest = hashlib.sha256()
+        with open(model, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()[:10]
+    return weights_hash(model, length=10)
+
+
+def same_hash(a: str, b: str) -> bool:
+    """Two recorded hashes of one model agree (older images carry 12 digits, newer ones A1111's 10)."""
+    n = min(len(a), len(b))
+    return n > 0 and a[:n] == b[:n]
 
 
 def weights_hash(folder: str | os.PathLike, length: int = 12) -> str:

@@ -592,6 +592,8 @@ class LatentPipeline(DiffusionPipeline):
             info["dynamic_threshold"] = req.dynamic_threshold
         if req.guidance_interval != (0.0, 1.0):
             info["guidance_interval"] = list(req.guidance_interval)
+        if self.config.clip_skip:
+            info["clip_skip"] = self.config.clip_skip
         return info
 
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,6 +146,42 @@ def test_parquet_source(folder, tmp_path):
     ds.to_parquet(str(tmp_path / "shapes.parquet"))
     loaded = build_dataset(DataConfig(source="hf", path=str(tmp_path / "shapes.parquet"), resolution=32))
     assert len(loaded) == 5 and loaded.item(0)["text"] == ds[0]["text"]
+
+
+@pytest.mark.parametrize("as_dict", [True, False], ids=["DatasetDict", "Dataset"])
+def test_save_to_disk_folder_source(folder, tmp_path, as_dict):
+    import datasets
+
+    ds = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
+    (datasets.DatasetDict({"train": ds}) if as_dict else ds).save_to_disk(str(tmp_path / "saved"))
+    loaded = build_dataset(DataConfig(source="hf", path=str(tmp_path / "saved"), resolution=32))
+    assert len(loaded) == 5 and [loaded.item(i)["text"] for i in range(5)] == ds["text"]
+    if as_dict:
+        with pytest.raises(UserError, match="has no split 'test'; its splits are: train"):
+            build_dataset(DataConfig(source="hf", path=str(tmp_path / "saved"), hf_split="test"))
+
+
+def test_webdataset_tar_shards(folder, tmp_path):
+    """A folder of webdataset shards (key.png + key.txt in each tar), the form large image-text sets ship in."""
+    import io
+    import tarfile
+
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    (tmp_path / "shards").mkdir()
+    for shard in range(2):
+        with tarfile.open(tmp_path / "shards" / f"shard-{shard:05d}.tar", "w") as tar:
+            for row in rows[shard::2]:
+                key = Path(row["file_name"]).stem
+                for name, data in ((f"{key}.png", (folder / row["file_name"]).read_bytes()),
+                                   (f"{key}.txt", row["text"].encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    ds = build_dataset(DataConfig(source="hf", path=str(tmp_path / "shards"), resolution=32, image_column="png",
+                                  caption_column="txt"))
+    assert len(ds) == 5
+    assert sorted(ds.item(i)["text"] for i in range(5)) == sorted(r["text"] for r in rows)
+    assert ds.item(0)["pixel_values"].shape == (3, 32, 32)
 
 
 def test_streaming_source(folder):

@@ -268,7 +268,7 @@ def test_img2img_cli_replay_and_grid(tiny_folder, tmp_path):
     (["--image", "MISSING"], "image file"),
     (["--prompt", "a (red circle"], "unbalanced '(' at position 2"),
     (["--mask", "SMALL"], "--mask needs --image"),
-    (["--replay", "IN"], "has no latentgen metadata"),
+    (["--replay", "IN"], "has no generation parameters (neither latentgen's nor AUTOMATIC1111's)"),
 ])
 def test_bad_input(tiny_folder, tmp_path, args, message):
     init_image().save(tmp_path / "in.png")

@@ -22,7 +22,7 @@ from .shapes import ShapesSpec, make_sample
 log = logging.getLogger(__name__)
 
 SOURCES = ("shapes", "hf")
-DATA_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json", ".csv", ".tar")  # the usual ones, for messages
 
 
 @dataclass
@@ -144,28 +144,28 @@ UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError)
 
 
 def _load_hf(config: DataConfig):
-    """The 🤗 dataset that `config.path` names, with images left undecoded (so bad files can be skipped)."""
+    """The 🤗 dataset that `config.path` names, with images left undecoded (so bad files can be skipped).
+
+    datasets chooses the reader: `load_from_disk` for a `save_to_disk` folder (a Dataset or a DatasetDict),
+    else `load_dataset` on the folder (image folders with metadata, parquet/arrow/json/csv files, webdataset
+    `.tar` shards: whatever its packaged builders recognise), on a file by its suffix, or on a hub id.
+    """
     import datasets
+    from datasets.packaged_modules import _EXTENSION_TO_MODULE
 
     path = Path(config.path).expanduser()
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        return _finish_hf(_load_saved(path, config), config)
     kwargs: dict[str, Any] = {"split": config.hf_split, "streaming": config.streaming}
     if path.is_dir():
-        builders = {DATA_SUFFIXES[f.suffix] for f in path.iterdir() if f.suffix in (".parquet", ".arrow")}
-        if builders:
-            builder = builders.pop()
-            files = sorted(str(f) for f in path.iterdir() if DATA_SUFFIXES.get(f.suffix) == builder)
-            args = (builder,)
-            kwargs["data_files"] = {config.hf_split: files}
-        else:
-            args = ("imagefolder",)
-            kwargs["data_dir"] = str(path)
+        args: tuple = (str(path),)
     elif path.is_file() or any(ch in config.path for ch in "*?"):
-        builder = DATA_SUFFIXES.get(path.suffix)
+        builder = _EXTENSION_TO_MODULE.get(path.suffix.lower())
         if builder is None:
-            raise UserError(f"data.path {config.path} is a file datasets cannot read; "
-                            f"give a folder or a {', '.join(DATA_SUFFIXES)} file")
-        args = (builder,)
-        kwargs["data_files"] = {config.hf_split: config.path}
+            raise UserError(f"data.path {config.path} is a file datasets cannot read; give a folder or a "
+                            f"{', '.join(DATA_SUFFIXES)} file")
+        args = (builder[0],)
+        kwargs |= builder[1] | {"data_files": {config.hf_split: config.path}}
     elif "/" in config.path and not config.path.startswith((".", "/", "~")) and config.path.count("/") == 1:
         args = (config.path,)  # a hub id such as "lambdalabs/naruto-blip-captions"
     else:
@@ -176,6 +176,29 @@ def _load_hf(config: DataConfig):
         raise
     except Exception as err:  # datasets raises many kinds; the first line says what went wrong
         raise UserError(f"cannot load dataset {config.path}: {first_line(err)}") from None
+    return _finish_hf(ds, config)
+
+
+def _load_saved(path: Path, config: DataConfig):
+    """A `save_to_disk` folder: the configured split of a DatasetDict, or the Dataset itself."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as err:
+        raise UserError(f"cannot load dataset {config.path}: {first_line(err)}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if config.hf_split not in ds:
+            raise UserError(f"dataset {config.path} has no split '{config.hf_split}'; "
+                            f"its splits are: {', '.join(ds)} (set data.hf_split)")
+        ds = ds[config.hf_split]
+    return ds.to_iterable_dataset() if config.streaming else ds
+
+
+def _finish_hf(ds, config: DataConfig):
+    """Check the configured columns exist; leave images undecoded."""
+    import datasets
+
     columns = list(ds.column_names or [])
     if columns:
         for what, col in (("image", config.image_column), ("caption", config.caption_column)):

@@ -5,8 +5,9 @@ optimizer, LR-schedule, EMA and scaler states (`training_state.pt`, plain tensor
 `torch.load(weights_only=True)`) and `state.json` (the step). It is built under a temporary name and renamed into
 place, so a run killed at any moment leaves only complete checkpoints under the names `latest` looks at.
 
-accelerate's save_state/load_state would do most of this, but its load unpickles registered objects and RNG
-states with weights_only=False and it does not write atomically; our RNG is derived from the step, so there is
+accelerate's save_state/load_state would do most of this. Its load reads optimizer, scheduler and RNG states
+with torch.load(weights_only=True), but objects registered with `register_for_checkpointing` (the EMA would be
+one) with weights_only=False, and it does not write atomically. Our RNG is derived from the step, so there is
 no RNG state to keep.
 """
 

@@ -408,14 +408,3 @@ def log_image(accelerator, tag: str, image, step: int) -> None:
     tracker = accelerator.get_tracker("tensorboard", unwrap=True)
     tracker.add_image(tag, np.asarray(image), step, dataformats="HWC")
 
-
-def image_grid(rows: list[list]):
-    """PIL images in a grid, rows top to bottom."""
-    from PIL import Image
-
-    w, h = rows[0][0].size
-    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
-    for y, row in enumerate(rows):
-        for x, image in enumerate(row):
-            grid.paste(image, (x * w, y * h))
-    return grid

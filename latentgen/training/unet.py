@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
 from ..config import to_yaml
@@ -42,7 +43,6 @@ from .common import (
     TrainConfig,
     TrainLoop,
     batch_iterator,
-    image_grid,
     log_image,
     make_accelerator,
     make_ema,
@@ -413,7 +413,7 @@ def validation_grid(config: UNetTrainConfig, parts: Components, unet, noise_conf
                       guidance_scale=config.validation_guidance, seed=list(range(len(config.validation_prompts))),
                       output_type="pil").images
     unet.train(was_training)
-    return image_grid([images])
+    return make_image_grid(images, rows=1, cols=len(images))
 
 
 def _check_batch_fits(size: int, config: UNetTrainConfig, world: int) -> None:

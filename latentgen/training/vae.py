@@ -31,7 +31,6 @@ from .common import (
     TrainConfig,
     TrainLoop,
     batch_iterator,
-    image_grid,
     log_image,
     make_accelerator,
     make_ema,
@@ -174,12 +173,13 @@ def _fixed_images(dataset, count: int) -> torch.Tensor:
 @torch.no_grad()
 def validation_grid(vae, images: torch.Tensor):
     """Originals above, reconstructions (posterior mean) below."""
+    from diffusers.utils import make_image_grid
     from PIL import Image
 
     rec = vae.decode(vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mode()).sample
     to_pil = lambda t: Image.fromarray(((t.float().clamp(-1, 1) + 1) * 127.5).round().byte()  # noqa: E731
                                        .permute(1, 2, 0).cpu().numpy())
-    return image_grid([[to_pil(t) for t in images], [to_pil(t) for t in rec]])
+    return make_image_grid([to_pil(t) for t in (*images, *rec)], rows=2, cols=len(images))
 
 
 def train_vae(config: VAETrainConfig) -> Path:
