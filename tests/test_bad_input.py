@@ -113,7 +113,7 @@ INFER = [  # (arguments after --prompt x --out OUT, what the error must say)
     (["--dynamic-threshold", "0.2", "--scheduler", "ddim"], "dynamic threshold is a percentile ratio"),
     (["--guidance-interval", "0.8", "0.2"], "guidance interval must satisfy"),
     (["--guidance-interval", "0.2"], "expected 2 arguments"),
-    (["--replay", "MISSING"], "does not exist"), (["--replay", "IMAGE"], "has no latentgen metadata"),
+    (["--replay", "MISSING"], "does not exist"), (["--replay", "IMAGE"], "has no generation parameters"),
     (["--replay", "NOT_IMAGE"], "cannot read image"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ]
