@@ -55,10 +55,10 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error(f"--batch-size must be ≥ 1, got {args.batch_size}")
-    if args.steps < 1:
-        raise UserError(f"--steps must be ≥ 1, got {args.steps}")
-    if args.guidance < 0:
-        raise UserError(f"--guidance must be ≥ 0, got {args.guidance}")
+    from latentgen import validate
+
+    validate.steps(args.steps, what="--steps")  # the model's own limit is checked once it is loaded
+    validate.guidance(args.guidance, what="--guidance")
     if args.strength is not None and not 0 < args.strength <= 1:
         raise UserError(f"--strength must be in (0, 1], got {args.strength}")
     if args.mask and not args.image:

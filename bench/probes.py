@@ -5,6 +5,7 @@
     python bench/probes.py bf16-drift     # how far bf16 images are from fp32 images, same seeds
     python bench/probes.py profile        # where an 8-image call of the default model spends its time
     python bench/probes.py train-step     # the U-Net training step: attention kernels, torch.compile, profile
+    python bench/probes.py memory         # the memory guard's estimate against measured peaks (default model)
 """
 
 from __future__ import annotations
@@ -168,15 +169,44 @@ def train_step(args):
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 
 
+_MEMORY_RUN = """
+import sys
+from latentgen import LatentPipeline
+from latentgen.device import peak_memory_mb
+from latentgen.memory import sampling_bytes
+size, n = int(sys.argv[1]), int(sys.argv[2])
+pipe = LatentPipeline.from_pretrained(sys.argv[3])
+pipe.set_progress_bar_config(disable=True)
+base = peak_memory_mb()
+pipe(["a red circle"] * n, num_inference_steps=2, height=size, width=size, seed=0)
+print(sampling_bytes(pipe.unet, pipe.vae, size, size, n, True) / 2**20, peak_memory_mb() - base)
+"""
+
+
+def memory(_):
+    """Each size in a fresh process (VmHWM is a high-water mark): the guard's estimate, which must not be below
+    the measured rise of the peak during the call."""
+    import subprocess
+    import sys
+
+    print("| size | images | estimate (MB) | measured peak rise (MB) | estimate / measured |")
+    print("|---|---|---|---|---|")
+    for size, n in ((64, 4), (256, 4), (512, 4), (1024, 1), (1024, 4)):
+        out = subprocess.run([sys.executable, "-c", _MEMORY_RUN, str(size), str(n), MODEL], capture_output=True,
+                             text=True, check=True).stdout.split()
+        estimate, measured = float(out[-2]), float(out[-1])
+        print(f"| {size}×{size} | {n} | {estimate:.0f} | {measured:.0f} | {estimate / measured:.2f} |")
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="probe", required=True)
-    for name in ("samplers", "dpm-variants", "bf16-drift", "profile"):
+    for name in ("samplers", "dpm-variants", "bf16-drift", "profile", "memory"):
         sub.add_parser(name)
     sub.add_parser("train-step").add_argument("--steps", type=int, default=15)
     args = p.parse_args()
     {"samplers": samplers, "dpm-variants": dpm_variants, "bf16-drift": bf16_drift, "profile": profile,
-     "train-step": train_step}[args.probe](args)
+     "train-step": train_step, "memory": memory}[args.probe](args)
 
 
 if __name__ == "__main__":

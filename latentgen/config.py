@@ -43,7 +43,7 @@ def _check_keys(cls: type, data: Any, prefix: str, where: str) -> None:
             candidates = [prefix + n for n in names]
             match = difflib.get_close_matches(prefix + str(key), valid_keys(cls, prefix) + candidates, n=1,
                                               cutoff=0.6)
-            hint = f"; did you mean '{match[0]}'?" if match else f"; valid keys here: {', '.join(candidates)}"
+            hint = f"; did you mean '{match[0]}'?" if match else "; --keys lists the valid ones"
             raise UserError(f"{where}: unknown config key '{prefix}{key}'{hint}")
         sub = hints[key]
         if dataclasses.is_dataclass(sub) and value is not None:

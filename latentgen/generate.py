@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from . import validate
 from .errors import UserError
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
@@ -67,14 +68,9 @@ def plan_jobs(prompts: Sequence[str], negative_prompts: Sequence[str] | None, nu
         raise UserError(f"--num-images must be ≥ 1, got {num_images}")
     if seed is None:
         seed = random.SystemRandom().randrange(2**31)
-    if seed < 0:
-        raise UserError(f"--seed must be ≥ 0, got {seed}")
-    jobs, k = [], 0
-    for prompt, negative in zip(prompts, negatives):
-        for _ in range(num_images):
-            jobs.append(Job(k, prompt, negative, seed + k))
-            k += 1
-    return jobs
+    seeds = iter(validate.seeds(seed, len(prompts) * num_images, what="--seed"))
+    pairs = [(prompt, negative) for prompt, negative in zip(prompts, negatives) for _ in range(num_images)]
+    return [Job(k, prompt, negative, next(seeds)) for k, (prompt, negative) in enumerate(pairs)]
 
 
 def slug(text: str, length: int = 40) -> str:
@@ -86,12 +82,14 @@ def output_paths(out: str, jobs: Sequence[Job]) -> list[Path]:
     """Where each image goes: `--out x.png` for one image (x-0.png, x-1.png, ... for several), else a folder."""
     target = Path(out)
     if target.suffix.lower() in IMAGE_SUFFIXES:
+        if target.is_dir():
+            raise UserError(f"--out {target} is a folder with an image suffix; give a file name or another folder")
         if len(jobs) == 1:
             return [target]
         return [target.with_name(f"{target.stem}-{j.index}{target.suffix}") for j in jobs]
-    if target.exists() and not target.is_dir():
-        raise UserError(f"--out {target} is an existing file without an image suffix; "
-                        f"give a folder or a file ending in {', '.join(IMAGE_SUFFIXES)}")
+    if (target.exists() and not target.is_dir()) or (target.suffix and not target.exists()):
+        raise UserError(f"--out {target} is not an image file name (a file ending in {', '.join(IMAGE_SUFFIXES)}) "
+                        "nor a folder (an existing one, or a name without a suffix)")
     return [target / f"{j.index:05d}-{j.seed}-{slug(j.prompt)}.png" for j in jobs]
 
 

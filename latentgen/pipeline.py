@@ -23,9 +23,11 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
+from . import validate
 from .errors import UserError, first_line, one_of
 from .guidance import alpha_sigma, classifier_free_guidance, clip_x0, in_interval, rescale_guidance
 from .io import atomic_dir
+from .memory import check_sampling
 from .prompts import ChunkedEncoder, has_syntax, parse
 from .schedulers import make_scheduler, scheduler_name_of, scheduler_names, step_kwargs
 from .text_encoders import TextEncoder, clip_tokenizer, openclip_to_transformers, text_encoder_for
@@ -295,10 +297,8 @@ class LatentPipeline(DiffusionPipeline):
         for text in dict.fromkeys(prompts + negatives):
             if has_syntax(text):
                 parse(text)  # weighting syntax errors before any work
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise UserError(f"steps must be an integer ≥ 1, got {num_inference_steps!r}")
-        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0 or guidance_scale != guidance_scale:
-            raise UserError(f"guidance must be a number ≥ 0, got {guidance_scale!r}")
+        validate.steps(num_inference_steps, self.scheduler.config.get("num_train_timesteps"))
+        validate.guidance(guidance_scale)
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise UserError(f"images per prompt must be an integer ≥ 1, got {num_images_per_prompt!r}")
         if scheduler is not None and scheduler not in scheduler_names():
@@ -333,6 +333,7 @@ class LatentPipeline(DiffusionPipeline):
                 mw, mh = _image_size(mask_image)
                 raise UserError(f"the mask is {mw}×{mh} but the image is {w}×{h}; they must be the same size")
         height, width = check_size(height, width, self.vae_scale_factor, self.default_size)
+        check_sampling(self, height, width, total, guided=float(guidance_scale) > 1.0)
         if image is not None:
             init = self.image_processor.preprocess(image, height=height, width=width).float()
             if init.shape[0] not in (1, total):
@@ -343,9 +344,7 @@ class LatentPipeline(DiffusionPipeline):
         if seed is not None:
             if generator is not None:
                 raise UserError("pass either seed or generator, not both")
-            seeds = [seed + k for k in range(total)] if isinstance(seed, int) else list(seed)
-            if len(seeds) != total or not all(isinstance(s, int) and s >= 0 for s in seeds):
-                raise UserError(f"seed must be an integer ≥ 0 or a list of {total} of them (one per image)")
+            seeds = validate.seeds(seed, total) if isinstance(seed, int) else validate.seed_list(seed, total)
         if isinstance(generator, list) and len(generator) != total:
             raise UserError(f"got {len(generator)} generators for {total} images")
         return Request(prompts, negatives, num_inference_steps, float(guidance_scale), height, width,
@@ -670,14 +669,22 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> None:
     if not index_path.exists():
         raise UserError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json")
     try:
-        index = json.loads(index_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{index_path} is not valid JSON ({err})") from err
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{index_path} is not valid JSON ({first_line(err)}); re-save or re-download it") from None
+    if not isinstance(index, dict):
+        raise UserError(f"{index_path} is not a diffusers model index (a JSON object of components)")
     for name in COMPONENTS:
         entry = index.get(name)
         if not entry or entry[0] is None or not (folder / name).is_dir():
             raise UserError(f"{folder} is missing the component '{name}' (a folder {name}/ listed in "
                             f"model_index.json); a pipeline needs {', '.join(COMPONENTS)}")
+        for config in sorted((folder / name).glob("*.json")):
+            try:
+                json.loads(config.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise UserError(f"{config} is not valid JSON ({first_line(err)}); re-save or re-download it") \
+                    from None
     for name in WEIGHT_COMPONENTS:
         files = [f for f in (folder / name).iterdir() if f.is_file()]
         if any(f.suffix == ".safetensors" for f in files):

@@ -66,6 +66,12 @@ def files(tmp_path_factory, tiny_folder):
     no_index = d / "no-index"
     shutil.copytree(tiny_folder, no_index)
     (no_index / "model_index.json").unlink()
+    bad_config = d / "bad-config"
+    shutil.copytree(tiny_folder, bad_config)
+    (bad_config / "unet" / "config.json").write_text("{not json")
+    bad_index = d / "bad-index"
+    shutil.copytree(tiny_folder, bad_index)
+    (bad_index / "model_index.json").write_text("[1, 2]")
     shapes = d / "wrong-shapes"
     shutil.copytree(tiny_folder, shapes)
     import json
@@ -77,20 +83,29 @@ def files(tmp_path_factory, tiny_folder):
         MODEL=tiny_folder, IMAGE=d / "image.png", SMALL_MASK=d / "small-mask.png", NOT_IMAGE=d / "not-an-image.png",
         BINARY=d / "binary.txt", FILE=d / "some-file", BAD_YAML=d / "bad.yaml", FOLDER=d / "folder",
         FULL=d / "full", CORRUPT=corrupt, PICKLED=pickled, NO_INDEX=no_index, WRONG_SHAPES=shapes,
-        MISSING=d / "missing", VAE_SMOKE=ROOT / "configs" / "vae-smoke.yaml",
+        MISSING=d / "missing", BAD_CONFIG=bad_config, BAD_INDEX=bad_index, TXT_OUT=d / "result.txt",
+        VAE_SMOKE=ROOT / "configs" / "vae-smoke.yaml",
         UNET_SMOKE=ROOT / "configs" / "smoke.yaml").items()}
 
 
 INFER = [  # (arguments after --prompt x --out OUT, what the error must say)
-    (["--steps", "abc"], "invalid int value"), (["--steps", "0"], "--steps must be ≥ 1"),
-    (["--steps", "-3"], "--steps must be ≥ 1"), (["--steps", "1.5"], "invalid int value"),
-    (["--guidance", "x"], "invalid float value"), (["--guidance", "-1"], "--guidance must be ≥ 0"),
-    (["--guidance", "nan"], "guidance must be a number ≥ 0"),
+    (["--steps", "abc"], "invalid int value"), (["--steps", "0"], "--steps must be an integer ≥ 1"),
+    (["--steps", "-3"], "--steps must be an integer ≥ 1"), (["--steps", "1.5"], "invalid int value"),
+    (["--guidance", "x"], "invalid float value"), (["--guidance", "-1"], "--guidance must be a finite number ≥ 0"),
+    (["--guidance", "nan"], "--guidance must be a finite number ≥ 0"),
+    (["--guidance", "inf"], "--guidance must be a finite number ≥ 0, got inf"),
+    (["--steps", "100000"], "steps must be an integer in [1, 1000] (the model was trained on 1000 noise levels)"),
+    (["--seed", "99999999999999999999999"], "--seed must be an integer in [0, 9223372036854775807]"),
+    (["--seed", "9223372036854775807", "--num-images", "2"], "--seed must be an integer in [0, 9223372036854775806]"),
+    (["--height", "100000", "--width", "100000"], "100000×100000 for 1 image(s) needs about"),
+    (["--out", "TXT_OUT"], "is not an image file name (a file ending in .png, .jpg, .jpeg, .webp) nor a folder"),
+    (["--model", "BAD_CONFIG"], "unet/config.json is not valid JSON"),
+    (["--model", "BAD_INDEX"], "model_index.json is not a diffusers model index"),
     (["--num-images", "0"], "--num-images must be ≥ 1"), (["--num-images", "x"], "invalid int value"),
     (["--batch-size", "0"], "--batch-size must be ≥ 1"),
     (["--height", "33"], "height must be a positive multiple of 2"), (["--width", "0"], "width must be a positive"),
     (["--height", "-8"], "height must be a positive"), (["--width", "x"], "invalid int value"),
-    (["--seed", "-1"], "--seed must be ≥ 0"), (["--seed", "x"], "invalid int value"),
+    (["--seed", "-1"], "--seed must be an integer in [0, "), (["--seed", "x"], "invalid int value"),
     (["--scheduler", "nope"], "invalid choice: 'nope'"), (["--dtype", "fp8"], "invalid choice: 'fp8'"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--model", "MISSING"], "does not exist"), (["--model", "FILE"], "is a file"),
@@ -138,7 +153,9 @@ TRAIN_COMMON = [  # (overrides, message) for both training scripts
 ]
 TRAIN_VAE = TRAIN_COMMON + [
     (["loss.kl_weight=-1"], "loss.kl_weight must be ≥ 0"), (["loss.l1_wieght=1"], "did you mean 'loss.l1_weight'"),
-    (["model.nope=1"], "unknown AutoencoderKL argument model.nope"), (["pretrained=MISSING"], "not an AutoencoderKL"),
+    (["model.nope=1"], "unknown AutoencoderKL argument model.nope"),
+    (["train_batch_size=100000", "data.num_samples=100000"], "train_batch_size=100000 needs about"),
+    (["pretrained=MISSING"], "not an AutoencoderKL"),
 ]
 TRAIN_UNET = TRAIN_COMMON + [
     (["text_encoder.kind=nope"], "unknown text_encoder.kind 'nope'"),
@@ -152,6 +169,8 @@ TRAIN_UNET = TRAIN_COMMON + [
     (["text_encoder.model.hidden_size=48"], "cross_attention_dim=32"),
     (["train_batch_size=500"], "fewer than one step needs"), (["data.hflip=0.5"], "cache=true stores one view"),
     (["pretrained_pipeline=MISSING"], "does not exist"),
+    (["foo=1"], "unknown config key 'foo'; --keys lists the valid ones"),
+    (["train_batch_size=20000", "data.num_samples=20000"], "train_batch_size=20000 needs about"),
 ]
 DATA = [
     (["export", "--count", "3"], "the following arguments are required: --out"),
@@ -162,6 +181,18 @@ DATA = [
     (["export", "--out", "OUT", "--count", "3", "--language", "fr"], "invalid choice: 'fr'"),
     (["export", "--out", "OUT", "--count", "3", "--two-shape-fraction", "2"], "two_shape_fraction must be in"),
     (["export", "--out", "FULL", "--count", "3"], "exists and is not empty"),
+    (["nope"], "invalid choice: 'nope'"),
+]
+
+
+EVAL = [
+    (["adherence", "--model", "MISSING"], "does not exist"),
+    (["adherence", "--model", "BAD_CONFIG"], "unet/config.json is not valid JSON"),
+    (["adherence", "--model", "MODEL", "--seeds", "0"], "--seeds and --steps must be ≥ 1"),
+    (["adherence", "--model", "MODEL", "--guidance", "inf"], "guidance must be a finite number ≥ 0, got inf"),
+    (["adherence", "--model", "MODEL", "--steps", "5000"], "steps must be an integer in [1, 1000]"),
+    (["steps", "--model", "MODEL", "--schedulers", "nope"], "invalid choice: 'nope'"),
+    (["adherence", "--model", "MODEL", "--out", "FILE"], "--out FILE is a file; give a folder"),
     (["nope"], "invalid choice: 'nope'"),
 ]
 
@@ -205,6 +236,14 @@ def test_train_unet(overrides, message, files, capsys, tmp_path):
 @pytest.mark.parametrize("name", ["train_vae.py", "train_unet.py"])
 def test_train_config_files(name, config, message, files, capsys, tmp_path):
     check_one_line(script(name), ["--config", config], files, capsys, tmp_path, message)
+
+
+@pytest.mark.parametrize("args, message", EVAL, ids=[" ".join(a) for a, _ in EVAL])
+def test_eval(args, message, files, capsys, tmp_path):
+    from latentgen.eval.__main__ import main as eval_main
+
+    message = message.replace("FILE", files["FILE"])
+    check_one_line(eval_main, [files.get(a, a) for a in args], files, capsys, tmp_path, message)
 
 
 @pytest.mark.parametrize("args, message", DATA, ids=[" ".join(a) for a, _ in DATA])

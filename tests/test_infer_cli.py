@@ -47,8 +47,8 @@ def test_prompts_file(tiny_folder, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--scheduler", "fancy"], "invalid choice: 'fancy'"),
     (["--height", 33], "height must be a positive multiple of 2"),
-    (["--steps", 0], "--steps must be ≥ 1"),
-    (["--guidance", -2], "--guidance must be ≥ 0"),
+    (["--steps", 0], "--steps must be an integer ≥ 1"),
+    (["--guidance", -2], "--guidance must be a finite number ≥ 0"),
     (["--negative-prompt", "a", "--negative-prompt", "b"], "got 1 prompts and 2 negative prompts"),
     (["--steps", "many"], "invalid int value: 'many'"),
     (["--dtype", "fp8"], "invalid choice: 'fp8'"),

@@ -1,6 +1,7 @@
 """LatentPipeline: parity with diffusers, save/load, seeds, guidance, bad input."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -156,14 +157,19 @@ def test_output_types(tiny_pipe):
     (dict(scheduler="fancy"), "unknown scheduler 'fancy'; choose one of: ddpm, ddim, dpm++"),
     (dict(height=33), "height must be a positive multiple of 2"),
     (dict(width=0), "width must be a positive multiple of 2"),
-    (dict(num_inference_steps=0), "steps must be an integer ≥ 1"),
-    (dict(guidance_scale=-1.0), "guidance must be a number ≥ 0"),
+    (dict(num_inference_steps=0), "steps must be an integer in [1, 1000]"),
+    (dict(num_inference_steps=1001), "steps must be an integer in [1, 1000]"),
+    (dict(guidance_scale=-1.0), "guidance must be a finite number ≥ 0"),
+    (dict(guidance_scale=float("inf")), "guidance must be a finite number ≥ 0"),
+    (dict(seed=2**63), "seed must be an integer in [0, "),
+    (dict(seed=[1, -1]), "seed must be an integer in [0, "),
+    (dict(height=65536, width=65536), "65536×65536 for 2 image(s) needs about"),
     (dict(negative_prompt=["a", "b", "c"]), "got 2 prompts and 3 negative prompts"),
     (dict(seed=[1]), "one per image"),
     (dict(output_type="jpeg"), "unknown output_type 'jpeg'"),
 ])
 def test_bad_requests(tiny_pipe, kwargs, message):
-    with pytest.raises(UserError, match=message.replace("+", r"\+")):
+    with pytest.raises(UserError, match=re.escape(message)):
         tiny_pipe(PROMPTS, **kwargs)
 
 

@@ -170,6 +170,8 @@ def main(argv=None):
     if getattr(args, "seeds", 1) < 1 or any(n < 1 for n in getattr(args, "steps", [1])):
         raise UserError("--seeds and --steps must be ≥ 1")
     out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the report")
     quiet_libraries()
     pipe = load(args.model, args.dtype)
     report = []

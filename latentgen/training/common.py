@@ -107,6 +107,13 @@ def resolve_mixed_precision(choice: str, cpu: bool) -> tuple[str, str]:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no"), source
 
 
+def compute_bytes(config: TrainConfig) -> int:
+    """Bytes per activation element under the run's mixed precision (for the memory guard, before accelerate)."""
+    from ..distributed import use_cpu
+
+    return 2 if resolve_mixed_precision(config.mixed_precision, use_cpu())[0] in ("bf16", "fp16") else 4
+
+
 def make_accelerator(config: TrainConfig, project: str):
     """The run's Accelerator, created before anything else asks accelerate about processes, so that every rank
     of `accelerate launch` (or torchrun) joins one group; each rank says which it is."""

@@ -29,6 +29,7 @@ from ..device import set_attention
 from ..distributed import process_state
 from ..errors import UserError, first_line, one_of
 from ..io import atomic_file, save_image, weights_hash
+from ..memory import check_training, unet_training_bytes
 from ..schedulers import make_scheduler, scheduler_names
 from ..text_encoders import (
     OpenCLIPTextEncoder,
@@ -43,6 +44,7 @@ from .common import (
     TrainConfig,
     TrainLoop,
     batch_iterator,
+    compute_bytes,
     log_image,
     make_accelerator,
     make_ema,
@@ -51,6 +53,7 @@ from .common import (
     save_run_config,
     step_generator,
 )
+from .vae import vae_factor
 
 log = logging.getLogger(__name__)
 
@@ -429,6 +432,10 @@ def train_unet(config: UNetTrainConfig) -> Path:
     parts = load_components(config)
     dataset = build_dataset(config.data)
     _check_batch_fits(len(dataset), config, state.num_processes)
+    kernel = set_attention(parts.unet, config.attention, state.device, training=True)
+    latent_size = config.data.resolution // vae_factor(parts.vae)
+    check_training(lambda b: unet_training_bytes(parts.unet, latent_size, b, compute_bytes(config), kernel == "math"),
+                   config.train_batch_size, state.device, f"the U-Net at {config.data.resolution} px")
     accelerator = make_accelerator(config, "train_unet")
     save_run_config(accelerator, config)
     device = accelerator.device
@@ -449,7 +456,6 @@ def train_unet(config: UNetTrainConfig) -> Path:
     # 3. The U-Net, optimizer, schedule, EMA.
     unet = parts.unet
     unet.train()
-    set_attention(unet, config.attention, device, training=True)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     params = list(unet.parameters()) + (list(parts.text_model.parameters()) if train_text else [])

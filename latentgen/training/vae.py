@@ -26,11 +26,13 @@ from ..device import set_attention
 from ..distributed import process_state
 from ..errors import UserError
 from ..io import atomic_dir, save_image
+from ..memory import check_training, vae_training_bytes
 from .checkpoint import load_checkpoint, resolve_resume
 from .common import (
     TrainConfig,
     TrainLoop,
     batch_iterator,
+    compute_bytes,
     log_image,
     make_accelerator,
     make_ema,
@@ -185,7 +187,7 @@ def validation_grid(vae, images: torch.Tensor):
 def train_vae(config: VAETrainConfig) -> Path:
     """Run the training; returns the folder of the final VAE (`{output_dir}/vae`)."""
     # 1. Model and data, checked before any training starts.
-    process_state()  # first: this rank joins the launch's process group (latentgen.distributed)
+    state = process_state()  # first: this rank joins the launch's process group (latentgen.distributed)
     resume = resolve_resume(config.output_dir, config.resume_from)
     torch.manual_seed(config.seed)  # the initial weights
     vae = load_vae(config)
@@ -193,11 +195,14 @@ def train_vae(config: VAETrainConfig) -> Path:
     dataset = build_dataset(config.data)
     disc = PatchDiscriminator() if config.loss.disc_weight > 0 else None
 
+    set_attention(vae, config.attention, state.device, training=True)
+    check_training(lambda b: vae_training_bytes(vae, config.data.resolution, b, compute_bytes(config)),
+                   config.train_batch_size, state.device, f"the VAE at {config.data.resolution} px")
+
     # 2. accelerate, optimizers, EMA.
     accelerator = make_accelerator(config, "train_vae")
     save_run_config(accelerator, config)
     device = accelerator.device
-    set_attention(vae, config.attention, device, training=True)
     if config.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     vae.train()

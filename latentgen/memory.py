@@ -1,0 +1,156 @@
+"""A memory guard: estimate the peak memory of a request from the models' configs, and refuse, with the size that
+would fit, one that cannot fit, before any work (instead of running until the kernel kills the process).
+
+The estimate counts what grows with the request, at each resolution level of the U-Net and the VAE decoder:
+feature maps (channels × pixels, the skip connections the U-Net keeps until its up path, a few working tensors
+per block) and, where the attention kernel materialises the scores (the plain "math" kernel; SDPA's flash and
+xformers kernels do not), heads × tokens² of them. Weights are already loaded when it runs, so the free memory
+it is compared with excludes them. It is an estimate, meant to tell 100,000² from 1,024², not to the megabyte;
+`python bench/probes.py memory` compares it with measured peaks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+from .errors import UserError
+
+WORKING_TENSORS = 4  # feature maps alive at once inside a block (input, two convolutions, the residual sum)
+# What the count above leaves out (the allocator's slack, fp32 post-processing of the decoded images, the
+# scheduler's copies): measured peaks were 1.5-2.6 times the count (`python bench/probes.py memory`), so the
+# guard takes 3 times it, an upper bound: better to name a smaller size than to let the kernel kill the process.
+SLACK = 3
+TRAINING_FACTOR = 6  # activations kept for the backward pass, per forward feature map, and their gradients
+
+
+def _quadratic_attention(model) -> bool:
+    """True when the model's attention materialises the (tokens × tokens) scores."""
+    processors = getattr(model, "attn_processors", {}) or {}
+    return any(type(p).__name__ == "AttnProcessor" for p in processors.values())
+
+
+def _levels(channels: list[int], height: int, width: int):
+    for i, c in enumerate(channels):
+        yield i, c, math.ceil(height / 2**i) * math.ceil(width / 2**i)
+
+
+def unet_activation_bytes(config: Any, latent_h: int, latent_w: int, rows: int, dtype_bytes: int,
+                          quadratic: bool) -> int:
+    """Peak bytes of one U-Net call on `rows` latents of latent_h × latent_w (not counting weights)."""
+    cfg = dict(config)
+    channels = list(cfg["block_out_channels"])
+    layers = int(cfg.get("layers_per_block", 2))
+    heads = cfg.get("attention_head_dim", 8)
+    heads = max(heads) if isinstance(heads, (list, tuple)) else int(heads or 8)
+    attention_levels = [i for i, kind in enumerate(cfg.get("down_block_types", [])) if "CrossAttn" in kind]
+    maps, scores = 0, 0
+    for i, c, n in _levels(channels, latent_h, latent_w):
+        maps += (layers + 1) * c * n  # skip connections, kept until the up path
+        maps += WORKING_TENSORS * c * n if i == 0 else 0  # the widest working set is at full latent resolution
+        if i in attention_levels:
+            scores = max(scores, (heads * n * n if quadratic else 3 * c * n) * 4)  # scores in fp32
+    return rows * (maps * dtype_bytes + scores)
+
+
+def vae_decode_bytes(config: Any, height: int, width: int, images: int, dtype_bytes: int, quadratic: bool) -> int:
+    """Peak bytes of decoding `images` latents into height × width pixels (not counting weights)."""
+    cfg = dict(config)
+    channels = list(cfg["block_out_channels"])
+    peak = max(WORKING_TENSORS * c * n for _, c, n in _levels(channels, height, width))
+    tokens = math.ceil(height / 2 ** (len(channels) - 1)) * math.ceil(width / 2 ** (len(channels) - 1))
+    attention = (tokens * tokens if quadratic else 3 * channels[-1] * tokens) * 4
+    return images * (peak * dtype_bytes + attention)
+
+
+def sampling_bytes(unet, vae, height: int, width: int, images: int, guided: bool) -> int:
+    """Peak bytes of generating `images` images of height × width (U-Net calls or VAE decoding, whichever is
+    larger); with guidance the U-Net sees twice the rows."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    rows = images * (2 if guided else 1)
+    unet_bytes = unet_activation_bytes(unet.config, height // factor, width // factor, rows,
+                                       _dtype_bytes(unet), _quadratic_attention(unet))
+    vae_bytes = vae_decode_bytes(vae.config, height, width, images, _dtype_bytes(vae), _quadratic_attention(vae))
+    return SLACK * max(unet_bytes, vae_bytes)
+
+
+def _dtype_bytes(model) -> int:
+    return next(model.parameters()).element_size()
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory this process can still take on `device`: CUDA's free memory plus what torch's cache holds unused;
+    on the CPU, the kernel's MemAvailable."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def gb(n: float) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+
+def largest_fitting(need: Callable[[int, int], int], height: int, width: int, multiple: int,
+                    free: int) -> tuple[int, int] | None:
+    """The largest (height, width) with the same aspect ratio, multiples of `multiple`, that `need` says fits."""
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        h, w = (max(multiple, int(v * mid) // multiple * multiple) for v in (height, width))
+        lo, hi = (mid, hi) if need(h, w) <= free else (lo, mid)
+    h, w = (max(multiple, int(v * lo) // multiple * multiple) for v in (height, width))
+    return (h, w) if need(h, w) <= free else None
+
+
+def check_sampling(pipe, height: int, width: int, images: int, guided: bool) -> None:
+    """A one-line error when generating `images` images of height × width cannot fit in free memory."""
+    device = pipe.unet.device
+    free = free_bytes(device)
+    need = sampling_bytes(pipe.unet, pipe.vae, height, width, images, guided)
+    if need <= free:
+        return
+    fits = largest_fitting(lambda h, w: sampling_bytes(pipe.unet, pipe.vae, h, w, images, guided), height, width,
+                           pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1), free)
+    hint = f"about {fits[1]}×{fits[0]} would fit" if fits else "not even the smallest size fits"
+    raise UserError(f"{width}×{height} for {images} image(s) needs about {gb(need)} of memory but "
+                    f"{gb(free)} is free on {device.type}; {hint}" + (" (or fewer images per call)"
+                                                                      if images > 1 else ""))
+
+
+def unet_training_bytes(unet, latent_size: int, batch: int, dtype_bytes: int, quadratic: bool) -> int:
+    """One U-Net training step on `batch` latents: activations kept for backward, gradients and AdamW's two
+    moments (fp32) for every parameter."""
+    state = sum(p.numel() for p in unet.parameters() if p.requires_grad) * 12
+    return SLACK * TRAINING_FACTOR * unet_activation_bytes(unet.config, latent_size, latent_size, batch, dtype_bytes,
+                                                           quadratic) + state
+
+
+def vae_training_bytes(vae, resolution: int, batch: int, dtype_bytes: int) -> int:
+    """One VAE training step on `batch` images: encoder and decoder activations kept for backward, gradients and
+    AdamW's moments."""
+    state = sum(p.numel() for p in vae.parameters() if p.requires_grad) * 12
+    return SLACK * TRAINING_FACTOR * 2 * vae_decode_bytes(vae.config, resolution, resolution, batch, dtype_bytes,
+                                                          _quadratic_attention(vae)) + state
+
+
+def check_training(model_bytes_per_sample: Callable[[int], int], batch_size: int, device: torch.device,
+                   what: str) -> None:
+    """A one-line error when one training step of `batch_size` samples cannot fit, naming the batch that fits."""
+    free = free_bytes(device)
+    need = model_bytes_per_sample(batch_size)
+    if need <= free:
+        return
+    lo, hi = 0, batch_size - 1  # the largest batch that fits, by bisection (the need grows with the batch)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if model_bytes_per_sample(mid) <= free else (lo, mid - 1)
+    fits = lo or None
+    hint = f"train_batch_size={fits} would fit (with gradient_accumulation_steps for the same effective batch)" \
+        if fits else "not even one sample fits; lower data.resolution"
+    raise UserError(f"{what} with train_batch_size={batch_size} needs about {gb(need)} of memory but {gb(free)} is "
+                    f"free on {device.type}; {hint}")

@@ -1,0 +1,45 @@
+"""The one check of each kind of generation input, shared by infer.py (before a model loads), the Python API
+(`LatentPipeline.check_request`) and the evaluation: a value that passes here cannot fail deeper down."""
+
+from __future__ import annotations
+
+import math
+
+from .errors import UserError
+
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def guidance(value, what: str = "guidance") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise UserError(f"{what} must be a finite number ≥ 0, got {value!r}")
+    return float(value)
+
+
+def steps(value, limit: int | None = None, what: str = "steps") -> int:
+    """Sampling steps: ≥ 1, and at most the model's number of training noise levels when known (a sampler cannot
+    take more distinct steps than the levels the model was trained on)."""
+    if not _is_int(value) or value < 1 or (limit is not None and value > limit):
+        bound = f"in [1, {limit}] (the model was trained on {limit} noise levels)" if limit else "≥ 1"
+        raise UserError(f"{what} must be an integer {bound}, got {value!r}")
+    return value
+
+
+def seeds(first, count: int, what: str = "seed") -> list[int]:
+    """`count` consecutive seeds from `first`, each a valid torch seed."""
+    if not _is_int(first) or first < 0 or first + count - 1 > MAX_SEED:
+        raise UserError(f"{what} must be an integer in [0, {MAX_SEED - count + 1}] for {count} image(s), "
+                        f"got {first!r}")
+    return [first + k for k in range(count)]
+
+
+def seed_list(values, count: int) -> list[int]:
+    """One seed per image, each a valid torch seed."""
+    values = list(values)
+    if len(values) != count or not all(_is_int(s) and 0 <= s <= MAX_SEED for s in values):
+        raise UserError(f"seed must be an integer in [0, {MAX_SEED}] or a list of {count} of them (one per image)")
+    return values
