@@ -59,8 +59,8 @@ def parse_args(argv):
 
     validate.steps(args.steps, what="--steps")  # the model's own limit is checked once it is loaded
     validate.guidance(args.guidance, what="--guidance")
-    if args.strength is not None and not 0 < args.strength <= 1:
-        raise UserError(f"--strength must be in (0, 1], got {args.strength}")
+    if args.strength is not None:
+        validate.in_range(args.strength, "--strength", 0.0, 1.0, low_open=True)
     if args.mask and not args.image:
         raise UserError("--mask needs --image (the image to inpaint)")
     return args

@@ -72,7 +72,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())  # as mkdir would make it, not mkdtemp's 0700
     try:
         yield tmp
+        mask = _umask()
         for f in tmp.rglob("*"):
+            # what libraries wrote inside (transformers' save writes 0600 files) gets the modes mkdir/open give
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~mask)
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())

@@ -299,26 +299,23 @@ class LatentPipeline(DiffusionPipeline):
                 parse(text)  # weighting syntax errors before any work
         validate.steps(num_inference_steps, self.scheduler.config.get("num_train_timesteps"))
         validate.guidance(guidance_scale)
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise UserError(f"images per prompt must be an integer ≥ 1, got {num_images_per_prompt!r}")
+        validate.count(num_images_per_prompt, "images per prompt")
         if scheduler is not None and scheduler not in scheduler_names():
             raise one_of("scheduler", scheduler, scheduler_names())
         if output_type not in OUTPUT_TYPES:
             raise one_of("output_type", output_type, list(OUTPUT_TYPES))
-        if not 0.0 <= guidance_rescale <= 1.0:
-            raise UserError(f"guidance rescale must be in [0, 1], got {guidance_rescale}")
+        validate.in_range(guidance_rescale, "guidance rescale", 0.0, 1.0)
+        validate.in_range(eta, "eta", 0.0, 1.0)
         start, end = guidance_interval
         if not 0.0 <= start < end <= 1.0:
             raise UserError(f"guidance interval must satisfy 0 ≤ start < end ≤ 1, got {start}, {end}")
         if dynamic_threshold is not None:
-            if not 0.5 < dynamic_threshold < 1.0:
-                raise UserError(f"dynamic threshold is a percentile ratio in (0.5, 1), got {dynamic_threshold}")
+            validate.in_range(dynamic_threshold, "dynamic threshold (a percentile ratio)", 0.5, 1.0, True, True)
         if mask_image is not None and image is None:
             raise UserError("a mask needs an image to inpaint")
         if strength is None:
             strength = 0.8 if image is not None and mask_image is None else 1.0
-        if not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
-            raise UserError(f"strength must be in (0, 1], got {strength!r}")
+        validate.in_range(strength, "strength", 0.0, 1.0, low_open=True)
         if self.inpainting_unet and mask_image is None:
             raise UserError("this is an inpainting model (9-channel U-Net): give an image and a mask")
         total = len(prompts) * num_images_per_prompt

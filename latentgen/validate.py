@@ -39,7 +39,23 @@ def seeds(first, count: int, what: str = "seed") -> list[int]:
 
 def seed_list(values, count: int) -> list[int]:
     """One seed per image, each a valid torch seed."""
-    values = list(values)
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
     if len(values) != count or not all(_is_int(s) and 0 <= s <= MAX_SEED for s in values):
         raise UserError(f"seed must be an integer in [0, {MAX_SEED}] or a list of {count} of them (one per image)")
     return values
+
+
+def in_range(value, what: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> float:
+    """A finite number in [low, high], or (low, ...) / (..., high) where open."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (value > low if low_open else value >= low) and (value < high if high_open else value <= high))
+    if not ok:
+        raise UserError(f"{what} must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}, "
+                        f"got {value!r}")
+    return float(value)
+
+
+def count(value, what: str) -> int:
+    if not _is_int(value) or value < 1:
+        raise UserError(f"{what} must be an integer ≥ 1, got {value!r}")
+    return value

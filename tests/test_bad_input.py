@@ -8,6 +8,7 @@ would cost minutes); tests/test_infer_cli.py and others check the real subproces
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import shutil
 import string
@@ -125,7 +126,8 @@ INFER = [  # (arguments after --prompt x --out OUT, what the error must say)
     (["--strength", "x"], "invalid float value"),
     (["--guidance-rescale", "2"], "guidance rescale must be in [0, 1]"),
     (["--guidance-rescale", "-1"], "guidance rescale must be in [0, 1]"),
-    (["--dynamic-threshold", "0.2", "--scheduler", "ddim"], "dynamic threshold is a percentile ratio"),
+    (["--dynamic-threshold", "0.2", "--scheduler", "ddim"],
+     "dynamic threshold (a percentile ratio) must be in (0.5, 1)"),
     (["--guidance-interval", "0.8", "0.2"], "guidance interval must satisfy"),
     (["--guidance-interval", "0.2"], "expected 2 arguments"),
     (["--replay", "MISSING"], "does not exist"), (["--replay", "IMAGE"], "has no generation parameters"),
@@ -286,5 +288,30 @@ def test_config_overrides_never_crash(pairs):
 
     try:
         load_config(UNetTrainConfig, ROOT / "configs" / "smoke.yaml", [f"{k}={v}" for k, v in pairs])
+    except UserError as err:
+        assert "\n" not in str(err)
+
+
+NUMBERS = st.one_of(st.integers(-10, 10**20), st.floats(allow_nan=True, allow_infinity=True), st.none(),
+                    st.sampled_from([0, 1, 2, 8, 32, 1000, 1001, 65536, 2**63, True, "3", [1, 2]]))
+
+
+@functools.cache
+def _fuzz_pipe():
+    import components as C
+    from latentgen import LatentPipeline
+
+    return LatentPipeline(**C.components())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.fixed_dictionaries({}, optional={
+    "num_inference_steps": NUMBERS, "guidance_scale": NUMBERS, "height": NUMBERS, "width": NUMBERS,
+    "seed": NUMBERS, "num_images_per_prompt": NUMBERS, "strength": NUMBERS, "guidance_rescale": NUMBERS,
+    "dynamic_threshold": NUMBERS, "eta": NUMBERS}))
+def test_request_fields_never_crash(fields):
+    """Any value in any request field: a checked request or one UserError line, never another exception."""
+    try:
+        _fuzz_pipe().check_request("a red circle", **fields)
     except UserError as err:
         assert "\n" not in str(err)

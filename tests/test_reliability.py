@@ -141,3 +141,84 @@ def test_infer_twice_gives_the_same_file(tiny_folder, tmp_path):
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+
+
+# ---- faults: SIGKILL at random moments, file modes ---------------------------------------------------------
+
+def _kill_repeatedly(script: str, args: list[str], done, attempts: int = 4, seed: int = 0):
+    """Run `script` (a loop of writes) and SIGKILL it at random moments once `done()` shows it is writing."""
+    import random
+    import time
+
+    rng = random.Random(seed)
+    for _ in range(attempts):
+        proc = subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT, env={**os.environ,
+                                "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 120
+        while not done() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.4))
+        proc.kill()
+        proc.wait()
+
+
+def test_sigkill_during_save_pretrained_leaves_a_complete_folder_or_none(tiny_folder, tmp_path):
+    script = ("import sys; from latentgen import LatentPipeline;"
+              "pipe = LatentPipeline.from_pretrained(sys.argv[1], torch_dtype='auto');"
+              "[pipe.save_pretrained(sys.argv[2]) for _ in range(1000)]")
+    target = tmp_path / "saved"
+    _kill_repeatedly(script, [str(tiny_folder), str(target)], lambda: target.exists())
+    assert target.is_dir()
+    LatentPipeline.from_pretrained(target)  # complete: every weight and config loads
+    hidden = [p.name for p in tmp_path.iterdir() if p.name != "saved"]
+    assert all(name.startswith(".") for name in hidden)  # temporaries and the old copy are hidden, never `saved`
+
+
+def test_sigkill_during_image_writing_leaves_only_whole_images(tmp_path):
+    script = ("import sys, numpy as np; from PIL import Image; from latentgen.io import save_image;"
+              "rng = np.random.default_rng(0);"
+              "[save_image(Image.fromarray(rng.integers(0, 255, (512, 512, 3), dtype=np.uint8)),"
+              " f'{sys.argv[1]}/{i % 3}.png') for i in range(100000)]")
+    _kill_repeatedly(script, [str(tmp_path)], lambda: any(tmp_path.glob("*.png")))
+    images = sorted(tmp_path.glob("*.png"))
+    assert images
+    for path in images:
+        with Image.open(path) as im:
+            im.load()  # a truncated PNG raises here
+            assert im.size == (512, 512)
+
+
+def test_written_files_follow_the_umask(tiny_pipe, tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_image(Image.new("RGB", (8, 8)), tmp_path / "a.png")
+        tiny_pipe.save_pretrained(tmp_path / "model")
+        from latentgen.training.checkpoint import save_checkpoint
+
+        save_checkpoint(tmp_path / "run", 1, {"unet": torch.nn.Linear(2, 2)}, {}, keep=1)
+        os.umask(0o077)
+        save_image(Image.new("RGB", (8, 8)), tmp_path / "private.png")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.png").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.png").stat().st_mode & 0o777 == 0o600
+    for path in [tmp_path / "model", tmp_path / "run" / "checkpoints", *(tmp_path / "model").rglob("*"),
+                 *(tmp_path / "run").rglob("*")]:
+        assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path
+
+
+def test_a_full_disk_during_save_pretrained_leaves_nothing(tiny_pipe, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def full(tensors, filename, *args, **kwargs):
+        if "unet" in str(filename):
+            raise OSError(28, "No space left on device", str(filename))
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError) as err:
+        tiny_pipe.save_pretrained(tmp_path / "model")
+    assert err.value.errno == 28
+    assert list(tmp_path.iterdir()) == []  # no folder, no temporary
