@@ -44,3 +44,20 @@ def smoke_model(tmp_path_factory):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return out / "pipeline"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def with_free_port(cmd: list[str]) -> list[str]:
+    """An `accelerate launch` command on a port of its own (29500 by default), so that launches from parallel
+    test workers (pytest -n) never meet."""
+    if "accelerate.commands.launch" not in cmd:
+        return cmd
+    i = cmd.index("accelerate.commands.launch") + 1
+    return [*cmd[:i], "--main_process_port", str(free_port()), *cmd[i:]]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, with_free_port
 from latentgen import LatentPipeline
 from latentgen.device import cpu_has_fast_bf16
 from latentgen.eval.analyzer import analyze
@@ -72,7 +72,7 @@ def test_prompts_file_is_split_across_two_processes(tiny_folder, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "infer.py"), "--model", str(tiny_folder),
            "--prompts-file", str(tmp_path / "p.txt"), "--steps", "2", "--seed", "0", "--out", str(tmp_path / "out")]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(with_free_port(cmd), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     files = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert files == [f"{i:05d}-{i}-prompt-number-{i}.png" for i in range(5)]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, free_port, with_free_port
 from latentgen import LatentPipeline
 from latentgen.config import load_config
 from latentgen.training.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
@@ -36,7 +36,8 @@ def fresh_accelerate():
 
 
 def run(cmd, *overrides, timeout=300):
-    r = subprocess.run([*cmd, *map(str, overrides)], capture_output=True, text=True, timeout=timeout, env=ENV)
+    r = subprocess.run([*with_free_port(cmd), *map(str, overrides)], capture_output=True, text=True,
+                       timeout=timeout, env=ENV)
     return r
 
 
@@ -110,10 +111,10 @@ def test_gradients_are_averaged_across_ranks(tmp_path):
 def test_two_machines_on_loopback(tmp_path):
     """Multi-node DDP as the README documents it, with two 'machines' (one process each) on this host that share
     no output folder: both join one group; the main machine writes the model."""
-    procs = []
+    procs, port = [], free_port()
     for machine in (0, 1):
         cmd = [*LAUNCH[:3], "--cpu", "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(machine),
-               "--main_process_ip", "127.0.0.1", "--main_process_port", str(29400 + os.getpid() % 500),
+               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
                "--mixed_precision", "no", str(ROOT / "train_unet.py"), "--config", str(SMOKE),
                f"output_dir={tmp_path / f'machine{machine}'}", "max_steps=2"]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV))
@@ -142,7 +143,7 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
 def _kill_at_random(cmd, output_dir, overrides, seed):
     """Start a run, SIGKILL it (all its processes) at a random moment after it starts training."""
     rng = random.Random(seed)
-    proc = subprocess.Popen([*cmd, f"output_dir={output_dir}", *overrides], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([*with_free_port(cmd), f"output_dir={output_dir}", *overrides], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
     deadline = time.time() + 240
     while not list_checkpoints(output_dir) and time.time() < deadline and proc.poll() is None:
