@@ -6,9 +6,9 @@ accelerate decides at the first `PartialState` of a process whether it is one ra
 `Accelerator(cpu=True)` inherits it. So the scripts create the state through `process_state()` before anything
 else asks for it, with the CPU flag decided here.
 
-A second trap is in accelerate's launcher itself: with `--cpu` (or a MULTI_CPU config) and no MPI host file it
-runs the script once, whatever `--num_processes` says, setting only MASTER_ADDR/MASTER_PORT. `relaunch_cpu_ranks`
-recognises that situation, reads the launch command from the parent process with accelerate's own parser, and
+A second trap is in accelerate's launcher itself: with `--cpu`, a MULTI_CPU config, or no `--multi_gpu`, and no
+MPI host file, it runs the script once, whatever `--num_processes` says, setting only MASTER_ADDR/MASTER_PORT.
+`relaunch_cpu_ranks` recognises that situation, reads the launch command from the parent process with accelerate's own parser, and
 starts the asked-for ranks with torch's elastic launcher (torchrun), which the GPU launcher uses too.
 """
 
@@ -54,9 +54,9 @@ def describe(state) -> str:
 
 def _launched_alone_by_accelerate() -> bool:
     """accelerate's simple launcher sets MASTER_ADDR only when more than one process or machine was asked for;
-    a launcher that really starts ranks also sets one of the world-size variables."""
-    return (_flag("ACCELERATE_USE_CPU") and "MASTER_ADDR" in os.environ
-            and not any(v in os.environ for v in _WORLD_SIZE_VARS))
+    a launcher that really starts ranks also sets one of the world-size variables. (The parent process is then
+    checked to be `accelerate launch`.)"""
+    return "MASTER_ADDR" in os.environ and not any(v in os.environ for v in _WORLD_SIZE_VARS)
 
 
 def _parent_launch_args() -> list[str] | None:
@@ -95,7 +95,8 @@ def _requested_topology(launch_args: list[str]) -> tuple[int, int, int, str, int
 
 
 def relaunch_cpu_ranks(argv: list[str] | None = None) -> None:
-    """Under `accelerate launch --cpu --num_processes N` (N > 1), replace this lone process by N ranks.
+    """Under `accelerate launch [--cpu] --num_processes N` (N > 1) started once, replace this lone process by N
+    ranks.
 
     The current process becomes torch's elastic launcher (exec keeps its pid, so accelerate's launcher waits on
     it and gets its exit code); each rank then runs the same script with RANK/WORLD_SIZE set and forms one gloo

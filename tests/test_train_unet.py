@@ -83,7 +83,8 @@ def ranks_reported(output: str) -> set[str]:
     return {line.split(": ", 1)[1] for line in output.splitlines() if line.startswith("train_unet: process ")}
 
 
-@pytest.mark.parametrize("launch", [LAUNCH, MULTI_CPU_CONFIG], ids=["flags", "config-file"])
+@pytest.mark.parametrize("launch", [LAUNCH, MULTI_CPU_CONFIG, [a for a in LAUNCH if a != "--cpu"]],
+                         ids=["flags", "config-file", "without-cpu-flag"])
 def test_two_processes_with_accelerate_launch(tmp_path, launch):
     r = run(launch, f"output_dir={tmp_path}", "max_steps=4")
     assert r.returncode == 0, r.stderr[-3000:]
