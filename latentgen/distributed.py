@@ -8,8 +8,9 @@ else asks for it, with the CPU flag decided here.
 
 A second trap is in accelerate's launcher itself: with `--cpu`, a MULTI_CPU config, or no `--multi_gpu`, and no
 MPI host file, it runs the script once, whatever `--num_processes` says, setting only MASTER_ADDR/MASTER_PORT.
-`relaunch_cpu_ranks` recognises that situation, reads the launch command from the parent process with accelerate's own parser, and
-starts the asked-for ranks with torch's elastic launcher (torchrun), which the GPU launcher uses too.
+`relaunch_cpu_ranks` recognises that situation, reads the launch command from the parent process with
+accelerate's own parser, and starts the asked-for ranks with torch's elastic launcher (torchrun), which the GPU
+launcher uses too.
 """
 
 from __future__ import annotations
