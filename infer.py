@@ -43,6 +43,12 @@ def parse_args(argv):
                    help="clip x̂0 at this percentile of |x̂0|, e.g. 0.995 (never below 3σ)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("START", "END"),
                    help="guide only in this fraction of the steps (0 = the noisiest)")
+    p.add_argument("--hires-scale", type=float, help="hires fix: generate, upscale by this factor, then "
+                                                      "image-to-image at the larger size (A1111's 'Hires upscale')")
+    p.add_argument("--hires-steps", type=int, default=0, help="second-pass steps (default 0: as --steps)")
+    p.add_argument("--hires-denoise", type=float, default=0.5, help="second-pass denoising strength, in (0, 1]")
+    p.add_argument("--hires-upscaler", default="latent", choices=["latent", "lanczos"],
+                   help="upscale the latents (default) or the decoded pixels (Lanczos)")
     p.add_argument("--model", help="a diffusers pipeline folder (default: the model shipped with latentgen)")
     p.add_argument("--out", default="outputs", help="an image file (.png/.jpg) or a folder (default: outputs)")
     p.add_argument("--grid", action="store_true", help="also write one contact sheet of all images")
@@ -63,6 +69,13 @@ def parse_args(argv):
         validate.in_range(args.strength, "--strength", 0.0, 1.0, low_open=True)
     if args.mask and not args.image:
         raise UserError("--mask needs --image (the image to inpaint)")
+    args.hires = None
+    if args.hires_scale is not None:
+        from latentgen.hires import Hires
+
+        if args.image:
+            raise UserError("--hires-scale is for text-to-image; with --image, resize the image instead")
+        args.hires = Hires(args.hires_scale, args.hires_steps, args.hires_denoise, args.hires_upscaler).check()
     return args
 
 
@@ -88,7 +101,13 @@ def main(argv=None):
                    width=args.width, scheduler=args.scheduler, image=image, mask_image=mask, strength=args.strength,
                    guidance_rescale=args.guidance_rescale, dynamic_threshold=args.dynamic_threshold,
                    guidance_interval=tuple(args.guidance_interval))
-    pipe.check_request(prompts[0], seed=0, **options)  # every setting checked before any work
+    req = pipe.check_request(prompts[0], seed=0, **options)  # every setting checked before any work
+    if args.hires:  # and the second pass's size (and its memory)
+        from latentgen.hires import size_multiple
+
+        h, w = args.hires.size(req.height, req.width, size_multiple(pipe))
+        pipe.check_request(prompts[0], seed=0, **(options | dict(height=h, width=w, strength=args.hires.denoise,
+                                                                num_inference_steps=args.hires.steps or args.steps)))
 
     mine = jobs[state.process_index::state.num_processes]
     written = run_jobs(pipe, model, mine, paths, options, args, show=state.is_local_main_process)
@@ -140,12 +159,19 @@ def run_jobs(pipe, model, jobs, paths, options, args, show=True) -> list:
     inputs = {k: {"path": str(getattr(args, k)), "sha256": file_sha256(getattr(args, k))}
               for k in ("image", "mask") if getattr(args, k)}
     # disable=None: a progress bar on a terminal only, never mixed into redirected output
-    bar = tqdm.tqdm(total=len(jobs) * args.steps, unit="step", desc="generating", file=sys.stderr,
+    steps = args.steps + ((args.hires.steps or args.steps) if args.hires else 0)
+    bar = tqdm.tqdm(total=len(jobs) * steps, unit="step", desc="generating", file=sys.stderr,
                     disable=None if show else True, leave=False)
     written = []
     for batch in batches(jobs, args.batch_size):
-        out = pipe([j.prompt for j in batch], negative_prompt=[j.negative_prompt for j in batch],
-                   seed=[j.seed for j in batch], on_step=lambda _: bar.update(len(batch)), **options)
+        call = dict(negative_prompt=[j.negative_prompt for j in batch], seed=[j.seed for j in batch],
+                    on_step=lambda _: bar.update(len(batch)), **options)
+        if args.hires:
+            from latentgen import hires
+
+            out = hires.generate(pipe, args.hires, [j.prompt for j in batch], **call)
+        else:
+            out = pipe([j.prompt for j in batch], **call)
         for job, image in zip(batch, out.images):
             meta = {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed,
                     "model": str(model.resolve()), "model_hash": model_hash, "version": __version__,
@@ -200,13 +226,20 @@ def replay(args):
     args.image = meta.get("image", {}).get("path")
     args.mask = meta.get("mask", {}).get("path")
     pipe, _ = load_pipeline(args)
-    out = pipe(meta["prompt"], negative_prompt=meta["negative_prompt"], seed=meta["seed"],
-               num_inference_steps=meta["steps"], guidance_scale=meta["guidance"], height=meta["height"],
-               width=meta["width"], scheduler=meta["scheduler"], eta=meta.get("eta", 0.0),
-               image=load_image(args.image) if args.image else None,
-               mask_image=load_image(args.mask, "mask") if args.mask else None, strength=meta.get("strength"),
-               guidance_rescale=meta.get("guidance_rescale", 0.0), dynamic_threshold=meta.get("dynamic_threshold"),
-               guidance_interval=tuple(meta.get("guidance_interval", (0.0, 1.0))))
+    call = dict(negative_prompt=meta["negative_prompt"], seed=meta["seed"], num_inference_steps=meta["steps"],
+                guidance_scale=meta["guidance"], height=meta["height"], width=meta["width"],
+                scheduler=meta["scheduler"], eta=meta.get("eta", 0.0),
+                guidance_rescale=meta.get("guidance_rescale", 0.0), dynamic_threshold=meta.get("dynamic_threshold"),
+                guidance_interval=tuple(meta.get("guidance_interval", (0.0, 1.0))))
+    if "hires_scale" in meta:
+        from latentgen import hires
+
+        settings = hires.Hires(meta["hires_scale"], meta["hires_steps"], meta["hires_denoise"], meta["hires_upscaler"])
+        out = hires.generate(pipe, settings, meta["prompt"], **call)
+    else:
+        out = pipe(meta["prompt"], image=load_image(args.image) if args.image else None,
+                   mask_image=load_image(args.mask, "mask") if args.mask else None, strength=meta.get("strength"),
+                   **call)
     new = np.asarray(out.images[0].convert("RGB"), dtype=np.int16)
     old = np.asarray(load_image(args.replay).convert("RGB"), dtype=np.int16)
     if args.out != "outputs":
@@ -242,6 +275,10 @@ def replay_a1111(args, parameters: str):
         print(f"warning: the image was made with model hash {recorded} ({fields.get('Model', '?')}); "
               f"{model} has {model_hash(model)}", file=sys.stderr)
     clip_skip = settings.pop("clip_skip", None)
+    if "hires" in settings:
+        from latentgen.hires import Hires
+
+        args.hires = Hires(**settings.pop("hires")).check()
     if clip_skip != pipe.config.clip_skip:
         from latentgen.text_encoders import text_encoder_for
 

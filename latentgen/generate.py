@@ -139,6 +139,11 @@ def a1111_parameters(meta: dict) -> str:
         fields["Denoising strength"] = meta["strength"]
     if meta.get("guidance_rescale"):
         fields["CFG Rescale phi"] = meta["guidance_rescale"]
+    if "hires_scale" in meta:
+        from .hires import UPSCALERS
+
+        fields |= {"Denoising strength": meta["hires_denoise"], "Hires upscale": f"{meta['hires_scale']:g}",
+                   "Hires steps": meta["hires_steps"], "Hires upscaler": UPSCALERS[meta["hires_upscaler"]]}
     fields["Version"] = f"latentgen {meta['version']}"
     lines = [meta["prompt"]]
     if meta.get("negative_prompt"):
@@ -266,7 +271,20 @@ def a1111_request(text: str) -> tuple[dict, dict[str, str], list[str]]:
                             f"{f' with schedule {schedule!r}' if schedule else ''} has no latentgen counterpart; "
                             f"known: {', '.join(known)}")
         settings["scheduler"] = name
-    used = {"Steps", "CFG scale", "Seed", "Size", "CFG Rescale phi", "Clip skip", "Sampler"}
+    if "Hires upscale" in fields:
+        from .hires import UPSCALERS
+
+        upscaler = {name: ours for ours, name in UPSCALERS.items()}.get(fields.get("Hires upscaler", "Latent"))
+        if upscaler is None:
+            unused.append("Hires upscaler")  # an upscaler model latentgen does not have: the latent one instead
+        try:
+            settings["hires"] = dict(scale=float(fields["Hires upscale"]), steps=int(fields.get("Hires steps", 0)),
+                                     denoise=float(fields.get("Denoising strength", 0.7)),
+                                     upscaler=upscaler or "latent")
+        except ValueError as err:
+            raise UserError(f"the AUTOMATIC1111 hires fields hold a value latentgen cannot read: {err}") from None
+    used = {"Steps", "CFG scale", "Seed", "Size", "CFG Rescale phi", "Clip skip", "Sampler", "Hires upscale",
+            "Hires steps", "Hires upscaler", "Denoising strength"}
     if fields.get("Schedule type", "Automatic") == "Automatic" or (
             fields["Schedule type"] == "Karras" and fields.get("Sampler") in _A1111_KARRAS):
         used.add("Schedule type")  # else: a schedule we do not have for this sampler, listed as unused

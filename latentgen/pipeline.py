@@ -62,6 +62,7 @@ class Request:
     output_type: str
     eta: float = 0.0
     image: torch.Tensor | None = None  # (1 or N, 3, H, W) in [-1, 1]
+    init_latents: torch.Tensor | None = None  # or already-encoded, scaled latents z0 (1 or N, C, H/f, W/f)
     mask: torch.Tensor | None = None  # (1 or N, 1, H, W) in {0, 1}; 1 = repaint
     strength: float = 1.0
     guidance_rescale: float = 0.0
@@ -276,6 +277,11 @@ class LatentPipeline(DiffusionPipeline):
     def default_size(self) -> int:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
+    def is_latents(self, image) -> bool:
+        """True for a (N, C, h, w) tensor with the VAE's latent channels: already-encoded, scaled latents."""
+        return (isinstance(image, torch.Tensor) and image.ndim == 4
+                and image.shape[1] == self.vae.config.latent_channels != 3)
+
     @property
     def inpainting_unet(self) -> bool:
         """A 9-channel U-Net (SD inpainting): noisy latents + mask + masked-image latents."""
@@ -319,7 +325,17 @@ class LatentPipeline(DiffusionPipeline):
         if self.inpainting_unet and mask_image is None:
             raise UserError("this is an inpainting model (9-channel U-Net): give an image and a mask")
         total = len(prompts) * num_images_per_prompt
-        init, mask = None, None
+        init, mask, init_latents = None, None, None
+        if self.is_latents(image):  # image-to-image from latents, as diffusers' img2img accepts them
+            if mask_image is not None:
+                raise UserError("inpainting needs the image in pixels, not latents")
+            f = self.vae_scale_factor
+            h, w = image.shape[-2] * f, image.shape[-1] * f
+            if (height or h, width or w) != (h, w):
+                raise UserError(f"the init latents make {w}×{h} images; height and width cannot differ from that")
+            height, width, init_latents, image = h, w, image.float(), None
+            if init_latents.shape[0] not in (1, total):
+                raise UserError(f"got {init_latents.shape[0]} latents for {total} outputs; give one or one per output")
         if image is not None:
             w, h = _image_size(image)
             if height is None and width is None and (w % self.vae_scale_factor or h % self.vae_scale_factor):
@@ -345,7 +361,7 @@ class LatentPipeline(DiffusionPipeline):
         if isinstance(generator, list) and len(generator) != total:
             raise UserError(f"got {len(generator)} generators for {total} images")
         return Request(prompts, negatives, num_inference_steps, float(guidance_scale), height, width,
-                       num_images_per_prompt, generator, seeds, scheduler, output_type, eta, init, mask,
+                       num_images_per_prompt, generator, seeds, scheduler, output_type, eta, init, init_latents, mask,
                        float(strength), float(guidance_rescale), dynamic_threshold, 3.0,
                        (float(start), float(end)))
 
@@ -404,7 +420,7 @@ class LatentPipeline(DiffusionPipeline):
 
     def timesteps_for(self, req: Request, scheduler) -> torch.Tensor:
         """All timesteps, or for image-to-image the last `strength` fraction of them (SDEdit)."""
-        if req.image is None or req.strength >= 1.0:
+        if (req.image is None and req.init_latents is None) or req.strength >= 1.0:
             return scheduler.timesteps
         n = req.num_inference_steps
         start = (n - min(int(n * req.strength), n)) * scheduler.order
@@ -426,9 +442,10 @@ class LatentPipeline(DiffusionPipeline):
         shape = (req.batch_size, self.vae.config.latent_channels, req.height // f, req.width // f)
         noise = randn_tensor(shape, generator=generator, device=self.unet.device, dtype=torch.float32)
         known: dict[str, torch.Tensor] = {"noise": noise}
-        if req.image is None:
+        if req.image is None and req.init_latents is None:
             return noise * scheduler.init_noise_sigma, known
-        z0 = self.encode_images(req.image).expand(req.batch_size, -1, -1, -1)
+        z0 = req.init_latents.to(noise.device) if req.init_latents is not None else self.encode_images(req.image)
+        z0 = z0.expand(req.batch_size, -1, -1, -1)
         known["z0"] = z0
         if req.mask is not None:
             mask = F.interpolate(req.mask, size=shape[-2:]).to(noise.device)  # (N or 1, 1, h, w)
@@ -580,7 +597,7 @@ class LatentPipeline(DiffusionPipeline):
         info = {"steps": req.num_inference_steps, "guidance": req.guidance_scale, "scheduler": scheduler,
                 "height": req.height, "width": req.width, "dtype": str(self.unet.dtype).removeprefix("torch."),
                 "eta": req.eta}
-        if req.image is not None:
+        if req.image is not None or req.init_latents is not None:
             info["strength"] = req.strength
         if req.guidance_rescale:
             info["guidance_rescale"] = req.guidance_rescale
