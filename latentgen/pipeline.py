@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
@@ -142,8 +143,13 @@ def _image_size(image) -> tuple[int, int]:
     return shape[1], shape[0]
 
 
-class LatentPipeline(DiffusionPipeline):
-    """Text-to-image latent diffusion: VAE + text encoder + cross-attention U-Net + scheduler."""
+class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+    """Text-to-image latent diffusion: VAE + text encoder + cross-attention U-Net + scheduler.
+
+    LoRAs load with diffusers' own loader (`load_lora_weights`, `set_adapters`, `fuse_lora`, ...: diffusers'
+    meaning, through peft), in diffusers/peft format or kohya/A1111's (converted by diffusers);
+    `latentgen.lora` wraps it with one-line errors and A1111's names.
+    """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
 
