@@ -27,7 +27,7 @@ def infer(*args):
 A1111_TEXT = ("a red circle, (sharp:1.2)\nNegative prompt: blurry, ugly\n"
               "Steps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6, Seed: 1234, Size: 32x32, "
               'Model hash: 0123456789, Model: "sd15, pruned", ADetailer model: face_yolov8n.pt, '
-              "Hires upscale: 2, Version: v1.10.1")
+              "Face restoration: CodeFormer, Version: v1.10.1")
 
 
 def test_quote_and_parse_follow_a1111():
@@ -42,7 +42,7 @@ def test_a1111_settings_map_to_ours():
     settings, fields, unused = a1111_request(A1111_TEXT)
     assert settings == {"prompt": "a red circle, (sharp:1.2)", "negative_prompt": "blurry, ugly", "steps": 3,
                         "guidance": 6.0, "seed": 1234, "width": 32, "height": 32, "scheduler": "dpm++-karras"}
-    assert unused == ["ADetailer model", "Hires upscale"]
+    assert unused == ["ADetailer model", "Face restoration"]
     old_style, _, _ = a1111_request("x\nSteps: 5, Sampler: Euler a, CFG scale: 7, Seed: 1, Clip skip: 2")
     assert old_style["scheduler"] == "euler-a" and old_style["clip_skip"] == 1
     with pytest.raises(UserError, match="sampler 'DPM2 a' has no latentgen counterpart; known: "):
@@ -86,7 +86,7 @@ def test_replay_of_an_a1111_png_makes_the_image_its_settings_describe(tiny_folde
     Image.new("RGB", (32, 32)).save(tmp_path / "a1111.png", pnginfo=info)
     r = infer("--model", tiny_folder, "--replay", tmp_path / "a1111.png", "--out", tmp_path / "replayed.png")
     assert r.returncode == 0, r.stderr
-    assert "ignored AUTOMATIC1111 fields: ADetailer model, Hires upscale" in r.stderr
+    assert "ignored AUTOMATIC1111 fields: ADetailer model, Face restoration" in r.stderr
     assert "model hash 0123456789" in r.stderr  # another model made it: said, not fatal
     r = infer("--model", tiny_folder, "--prompt", "a red circle, (sharp:1.2)", "--negative-prompt", "blurry, ugly",
               "--steps", 3, "--scheduler", "dpm++-karras", "--guidance", 6, "--seed", 1234, "--height", 32,
