@@ -85,7 +85,7 @@ def main(argv=None):
 
     if args.replay:
         return replay(args)
-    from latentgen.distributed import describe, process_state, relaunch_cpu_ranks
+    from latentgen.distributed import describe, process_state, relaunch_cpu_ranks, say
 
     relaunch_cpu_ranks(argv)  # `accelerate launch --cpu --num_processes N`: N ranks from here on
     state = process_state()  # one process, or this rank of `accelerate launch`, before anything else asks
@@ -112,7 +112,7 @@ def main(argv=None):
     mine = jobs[state.process_index::state.num_processes]
     written = run_jobs(pipe, model, mine, paths, options, args, show=state.is_local_main_process)
     if state.num_processes > 1:
-        print(f"{describe(state)}: wrote {len(written)} of {len(jobs)} images", file=sys.stderr)
+        say(f"{describe(state)}: wrote {len(written)} of {len(jobs)} images", sys.stderr)
     if args.grid:
         state.wait_for_everyone()
         if state.is_main_process:

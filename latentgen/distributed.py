@@ -49,6 +49,14 @@ def describe(state) -> str:
     return f"process {state.process_index} of {state.num_processes} ({kind}{backend})"
 
 
+def say(line: str, stream=None) -> None:
+    """One line from one rank, in one write: print() writes the text and the newline separately, so two ranks
+    sharing a pipe can interleave their lines."""
+    stream = stream or sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # accelerate launch --cpu --num_processes N
 

@@ -120,7 +120,7 @@ def make_accelerator(config: TrainConfig, project: str):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    from ..distributed import describe, process_state, use_cpu
+    from ..distributed import describe, process_state, say, use_cpu
 
     cpu = use_cpu()
     mixed_precision, source = resolve_mixed_precision(config.mixed_precision, cpu)
@@ -137,7 +137,7 @@ def make_accelerator(config: TrainConfig, project: str):
     if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         raise UserError(f"{project} runs data parallel (DDP) only, not {kind}: its checkpoints hold whole weights; "
                         "launch with --multi_gpu (or --cpu) instead")
-    print(f"{project}: {describe(state)}", flush=True)
+    say(f"{project}: {describe(state)}")
     accelerator.print(f"{project}: mixed precision {mixed_precision} ({source})")
     if accelerator.is_main_process:
         accelerator.init_trackers(project, config=flat_scalars(config))
