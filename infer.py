@@ -103,9 +103,7 @@ def main(argv=None):
                    guidance_interval=tuple(args.guidance_interval))
     req = pipe.check_request(prompts[0], seed=0, **options)  # every setting checked before any work
     if args.hires:  # and the second pass's size (and its memory)
-        from latentgen.hires import size_multiple
-
-        h, w = args.hires.size(req.height, req.width, size_multiple(pipe))
+        h, w = args.hires.size(req.height, req.width, pipe.size_multiple)
         pipe.check_request(prompts[0], seed=0, **(options | dict(height=h, width=w, strength=args.hires.denoise,
                                                                 num_inference_steps=args.hires.steps or args.steps)))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -45,26 +46,18 @@ class Hires:
                 "hires_upscaler": self.upscaler}
 
 
-def size_multiple(pipe) -> int:
-    """Pixel sizes the pipeline takes: the VAE factor times what the U-Net's levels halve."""
-    return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-
-
 def generate(pipe, hires: Hires, prompt, *, height: int | None = None, width: int | None = None,
              num_inference_steps: int = 30, on_step=None, **options):
     """The two passes for the prompts of one call; the output's info describes the first pass plus `hires`."""
-    multiple = size_multiple(pipe)
     first = pipe(prompt, height=height, width=width, num_inference_steps=num_inference_steps, on_step=on_step,
                  output_type="latent" if hires.upscaler == "latent" else "pt", **options)
-    h, w = hires.size(first.info["height"], first.info["width"], multiple)
+    h, w = hires.size(first.info["height"], first.info["width"], pipe.size_multiple)
     if hires.upscaler == "latent":
         f = pipe.vae_scale_factor
         init = F.interpolate(first.images, size=(h // f, w // f), mode="bilinear")  # (N, C, h/f, w/f)
-    else:
-        from PIL import Image
-
-        resized = [pipe.image_processor.pt_to_numpy(im[None])[0] for im in first.images.cpu()]
-        init = torch.stack([torch.from_numpy(_lanczos(Image, x, w, h)) for x in resized]).permute(0, 3, 1, 2)
+    else:  # (N, 3, H, W) in [0, 1] -> PIL, Lanczos, back to (N, 3, h, w) in [0, 1]
+        resized = [_lanczos(image, w, h) for image in pipe.image_processor.pt_to_numpy(first.images.cpu())]
+        init = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2)
     seeds = first.seeds  # the same noise seeds for the second pass: replayable from the first pass's
     options = {k: v for k, v in options.items() if k not in ("seed", "generator", "image", "mask_image", "strength")}
     second = pipe(prompt, image=init, strength=hires.denoise, num_inference_steps=hires.steps or num_inference_steps,
@@ -73,9 +66,9 @@ def generate(pipe, hires: Hires, prompt, *, height: int | None = None, width: in
     return second
 
 
-def _lanczos(Image, array, width: int, height: int):
-    """An (H, W, 3) float array in [0, 1], resized with Lanczos, back as a float32 array in [0, 1]."""
-    import numpy as np
+def _lanczos(array: np.ndarray, width: int, height: int) -> np.ndarray:
+    """An (H, W, 3) float array in [0, 1], resized with Lanczos, as a float32 array in [0, 1]."""
+    from PIL import Image
 
     image = Image.fromarray((array * 255).round().clip(0, 255).astype("uint8"))
     return np.asarray(image.resize((width, height), Image.Resampling.LANCZOS), dtype=np.float32) / 255

@@ -20,7 +20,8 @@ from .errors import UserError
 
 WORKING_TENSORS = 4  # feature maps alive at once inside a block (input, two convolutions, the residual sum)
 # What the count above leaves out (the allocator's slack, fp32 post-processing of the decoded images, the
-# scheduler's copies): measured peaks were 1.5-2.6 times the count (`python bench/probes.py memory`), so the
+# scheduler's copies): measured peaks were 1.4-2.8 times the count from 256 px up (`python bench/probes.py memory`
+# prints estimate/measured with this factor: 1.51, 1.38, 1.09, 2.08), so the
 # guard takes 3 times it, an upper bound: better to name a smaller size than to let the kernel kill the process.
 SLACK = 3
 TRAINING_FACTOR = 6  # activations kept for the backward pass, per forward feature map, and their gradients
@@ -115,7 +116,7 @@ def check_sampling(pipe, height: int, width: int, images: int, guided: bool) -> 
     if need <= free:
         return
     fits = largest_fitting(lambda h, w: sampling_bytes(pipe.unet, pipe.vae, h, w, images, guided), height, width,
-                           pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1), free)
+                           pipe.size_multiple, free)
     hint = f"about {fits[1]}×{fits[0]} would fit" if fits else "not even the smallest size fits"
     raise UserError(f"{width}×{height} for {images} image(s) needs about {gb(need)} of memory but "
                     f"{gb(free)} is free on {device.type}; {hint}" + (" (or fewer images per call)"

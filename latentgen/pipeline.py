@@ -283,6 +283,11 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def default_size(self) -> int:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
+    @property
+    def size_multiple(self) -> int:
+        """Image sides that every level of the U-Net halves evenly: the VAE factor × 2^(levels − 1)."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
     def is_latents(self, image) -> bool:
         """True for a (N, C, h, w) tensor with the VAE's latent channels: already-encoded, scaled latents."""
         return (isinstance(image, torch.Tensor) and image.ndim == 4
