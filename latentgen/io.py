@@ -115,11 +115,7 @@ def model_hash(model: str | os.PathLike) -> str:
     diffusers folder, the same length over its safetensors files (names and bytes, see `weights_hash`)."""
     model = Path(model)
     if model.is_file():
-        digest = hashlib.sha256()
-        with open(model, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()[:10]
+        return _hash_file(hashlib.sha256(), model).hexdigest()[:10]
     return weights_hash(model, length=10)
 
 
@@ -134,7 +130,13 @@ def weights_hash(folder: str | os.PathLike, length: int = 12) -> str:
     digest = hashlib.sha256()
     for f in sorted(Path(folder).rglob("*.safetensors")):
         digest.update(str(f.relative_to(folder)).encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        _hash_file(digest, f)
     return digest.hexdigest()[:length]
+
+
+def _hash_file(digest, path: Path):
+    """`digest` updated with the file's bytes, read in 1 MB blocks (checkpoints are gigabytes)."""
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest
