@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from latentgen.cli import ArgumentParser, quiet_libraries, run_cli
@@ -61,54 +62,55 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error(f"--batch-size must be ≥ 1, got {args.batch_size}")
-    from latentgen import validate
-
-    validate.steps(args.steps, what="--steps")  # the model's own limit is checked once it is loaded
-    validate.guidance(args.guidance, what="--guidance")
-    if args.strength is not None:
-        validate.in_range(args.strength, "--strength", 0.0, 1.0, low_open=True)
-    if args.mask and not args.image:
-        raise UserError("--mask needs --image (the image to inpaint)")
-    args.hires = None
-    if args.hires_scale is not None:
-        from latentgen.hires import Hires
-
-        if args.image:
-            raise UserError("--hires-scale is for text-to-image; with --image, resize the image instead")
-        args.hires = Hires(args.hires_scale, args.hires_steps, args.hires_denoise, args.hires_upscaler).check()
     return args
+
+
+# What the request's checks call each field: the flag the user typed.
+FLAG_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "seed": "--seed",
+              "strength": "--strength", "num_images_per_prompt": "--num-images", "image": "--image",
+              "mask_image": "--mask", "hires": "--hires-scale"}
+
+
+def request_of(args, prompts, image=None, mask=None):
+    """The run as one Request (checked later, once): image k of the run gets seed --seed + k."""
+    import random
+
+    from latentgen.hires import Hires
+    from latentgen.request import Request
+
+    hires = None
+    if args.hires_scale is not None:
+        hires = Hires(args.hires_scale, args.hires_steps, args.hires_denoise, args.hires_upscaler)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    return Request(prompt=prompts, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                   guidance_scale=args.guidance, height=args.height, width=args.width,
+                   num_images_per_prompt=args.num_images, seed=seed, scheduler=args.scheduler,
+                   strength=args.strength, guidance_rescale=args.guidance_rescale,
+                   dynamic_threshold=args.dynamic_threshold, guidance_interval=tuple(args.guidance_interval),
+                   hires=hires, image=image, mask_image=mask)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    from latentgen import generate as g
-
     if args.replay:
         return replay(args)
+    from latentgen import outputs
     from latentgen.distributed import describe, process_state, relaunch_cpu_ranks, say
 
     relaunch_cpu_ranks(argv)  # `accelerate launch --cpu --num_processes N`: N ranks from here on
     state = process_state()  # one process, or this rank of `accelerate launch`, before anything else asks
-    # Check everything the user typed before loading a model.
-    prompts = g.read_prompts(args.prompt, args.prompts_file)
-    jobs = g.plan_jobs(prompts, args.negative_prompt, args.num_images, args.seed)
-    g.check_prompt_syntax(prompts + list(args.negative_prompt or []))
-    paths = g.output_paths(args.out, jobs)
-    image = g.load_image(args.image) if args.image else None
-    mask = g.load_image(args.mask, "mask") if args.mask else None
+    # Check everything the user typed before loading a model, then what depends on the model, once.
+    prompts = outputs.read_prompts(args.prompt, args.prompts_file)
+    image = outputs.load_image(args.image) if args.image else None
+    mask = outputs.load_image(args.mask, "mask") if args.mask else None
+    request = request_of(args, prompts, image, mask).check(FLAG_NAMES)
+    jobs = outputs.jobs(request)
+    paths = outputs.output_paths(args.out, jobs)
     pipe, model = load_pipeline(args, state)
-    options = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
-                   width=args.width, scheduler=args.scheduler, image=image, mask_image=mask, strength=args.strength,
-                   guidance_rescale=args.guidance_rescale, dynamic_threshold=args.dynamic_threshold,
-                   guidance_interval=tuple(args.guidance_interval))
-    req = pipe.check_request(prompts[0], seed=0, **options)  # every setting checked before any work
-    if args.hires:  # and the second pass's size (and its memory)
-        h, w = args.hires.size(req.height, req.width, pipe.size_multiple)
-        pipe.check_request(prompts[0], seed=0, **(options | dict(height=h, width=w, strength=args.hires.denoise,
-                                                                num_inference_steps=args.hires.steps or args.steps)))
+    plan = request.fit(pipe, args.batch_size)
 
-    mine = jobs[state.process_index::state.num_processes]
-    written = run_jobs(pipe, model, mine, paths, options, args, show=state.is_local_main_process)
+    mine = range(state.process_index, len(jobs), state.num_processes)
+    written = write(pipe, model, plan.take(mine), [paths[i] for i in mine], args, show=state.is_local_main_process)
     if state.num_processes > 1:
         say(f"{describe(state)}: wrote {len(written)} of {len(jobs)} images", sys.stderr)
     if args.grid:
@@ -122,9 +124,10 @@ def load_pipeline(args, state=None):
     """The pipeline on its device: under a multi-process launch with --device auto, this rank's own device."""
     import time
 
-    from latentgen.device import resolve_device, resolve_dtype
-    from latentgen.generate import resolve_model
-    from latentgen.pipeline import LatentPipeline, check_pipeline_folder, check_size, folder_geometry
+    from latentgen.device import resolve_device
+    from latentgen.loading import resolve_model
+    from latentgen.pipeline import LatentPipeline
+    from latentgen.precision import resolve_dtype
 
     quiet_libraries()
     device = resolve_device(args.device)
@@ -132,9 +135,6 @@ def load_pipeline(args, state=None):
         device = state.device
     dtype = resolve_dtype(args.dtype, device)
     model = resolve_model(args.model)
-    check_pipeline_folder(model, allow_pickle=args.allow_pickle)
-    if not args.image:
-        check_size(args.height, args.width, *folder_geometry(model))
     pipe = LatentPipeline.from_pretrained(model, torch_dtype=dtype, allow_pickle=args.allow_pickle).to(device)
     pipe.set_progress_bar_config(disable=True)
     if args.compile:
@@ -145,68 +145,54 @@ def load_pipeline(args, state=None):
     return pipe, model
 
 
-def run_jobs(pipe, model, jobs, paths, options, args, show=True) -> list:
+def write(pipe, model, plan, paths, args, show=True) -> list:
+    """Generate the plan's images in batches, each written with its metadata as soon as its batch is done."""
     import tqdm
 
     from latentgen import __version__
-    from latentgen.generate import batches, file_sha256, image_metadata
-    from latentgen.io import model_hash as hash_of
-    from latentgen.io import save_image
+    from latentgen.io import model_hash
+    from latentgen.metadata import file_sha256
+    from latentgen.outputs import write_images
 
-    model_hash = hash_of(model)
-    inputs = {k: {"path": str(getattr(args, k)), "sha256": file_sha256(getattr(args, k))}
+    about = {"model": str(model.resolve()), "model_hash": model_hash(model), "version": __version__,
+             "device": str(pipe.unet.device.type)}
+    about |= {k: {"path": str(getattr(args, k)), "sha256": file_sha256(getattr(args, k))}
               for k in ("image", "mask") if getattr(args, k)}
+    req = plan.request
+    steps = req.num_inference_steps + ((req.hires.steps or req.num_inference_steps) if req.hires else 0)
     # disable=None: a progress bar on a terminal only, never mixed into redirected output
-    steps = args.steps + ((args.hires.steps or args.steps) if args.hires else 0)
-    bar = tqdm.tqdm(total=len(jobs) * steps, unit="step", desc="generating", file=sys.stderr,
+    bar = tqdm.tqdm(total=plan.batch_size * steps, unit="step", desc="generating", file=sys.stderr,
                     disable=None if show else True, leave=False)
-    written = []
-    for batch in batches(jobs, args.batch_size):
-        call = dict(negative_prompt=[j.negative_prompt for j in batch], seed=[j.seed for j in batch],
-                    on_step=lambda _: bar.update(len(batch)), **options)
-        if args.hires:
-            from latentgen import hires
-
-            out = hires.generate(pipe, args.hires, [j.prompt for j in batch], **call)
-        else:
-            out = pipe([j.prompt for j in batch], **call)
-        for job, image in zip(batch, out.images):
-            meta = {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed,
-                    "model": str(model.resolve()), "model_hash": model_hash, "version": __version__,
-                    "device": str(pipe.unet.device.type), **out.info, **inputs}
-            path = save_image(image, paths[job.index], **image_metadata(meta, paths[job.index].suffix))
-            tqdm.tqdm.write(str(path))
-            written.append(path)
+    written = write_images(pipe, plan, paths, args.batch_size, about, on_progress=bar.update,
+                           on_image=lambda path: tqdm.tqdm.write(str(path)))
     bar.close()
     return written
 
 
 def write_grid(jobs, paths, out: str):
-    from pathlib import Path
-
-    from latentgen.generate import IMAGE_SUFFIXES, contact_sheet, load_image
     from latentgen.io import save_image
+    from latentgen.outputs import contact_sheet, grid_path, load_image
 
-    target = Path(out)
-    grid_path = target.with_name(f"{target.stem}-grid.png") if target.suffix.lower() in IMAGE_SUFFIXES \
-        else target / "grid.png"
     images = [load_image(paths[j.index]) for j in jobs]
-    save_image(contact_sheet(images, [j.prompt for j in jobs]), grid_path)
-    print(grid_path)
+    target = save_image(contact_sheet(images, [j.prompt for j in jobs]), grid_path(out))
+    print(target)
 
 
 def replay(args):
     """Regenerate an image from its metadata with the same model, seed and settings; compare pixels.
 
-    Images infer.py wrote as PNG carry everything (our JSON chunk) and must come back bit for bit. Images that
-    carry only AUTOMATIC1111's `parameters` (made by A1111 itself, or JPEG/WebP from infer.py) are regenerated
-    from those settings with --model (default: the shipped model) and written, not compared."""
+    Images infer.py wrote as PNG carry everything (our JSON chunk: the image's Request fields) and must come back
+    bit for bit. Images that carry only AUTOMATIC1111's `parameters` (made by A1111 itself, or JPEG/WebP from
+    infer.py) are regenerated from those settings with --model (default: the shipped model) and written, not
+    compared."""
     from pathlib import Path
 
     import numpy as np
 
-    from latentgen.generate import load_image, read_metadata
     from latentgen.io import model_hash, same_hash
+    from latentgen.metadata import read_metadata
+    from latentgen.outputs import load_image
+    from latentgen.request import Request
 
     found = read_metadata(args.replay)
     if "parameters" in found:
@@ -220,24 +206,11 @@ def replay(args):
               f"({model_hash(model)} vs {meta['model_hash']})", file=sys.stderr)
     args.model = str(model)
     if args.dtype == "auto":
-        args.dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[meta["dtype"]]
-    args.image = meta.get("image", {}).get("path")
-    args.mask = meta.get("mask", {}).get("path")
+        args.dtype = meta["dtype"]
+    image, mask = (meta.get(k, {}).get("path") for k in ("image", "mask"))
     pipe, _ = load_pipeline(args)
-    call = dict(negative_prompt=meta["negative_prompt"], seed=meta["seed"], num_inference_steps=meta["steps"],
-                guidance_scale=meta["guidance"], height=meta["height"], width=meta["width"],
-                scheduler=meta["scheduler"], eta=meta.get("eta", 0.0),
-                guidance_rescale=meta.get("guidance_rescale", 0.0), dynamic_threshold=meta.get("dynamic_threshold"),
-                guidance_interval=tuple(meta.get("guidance_interval", (0.0, 1.0))))
-    if "hires_scale" in meta:
-        from latentgen import hires
-
-        settings = hires.Hires(meta["hires_scale"], meta["hires_steps"], meta["hires_denoise"], meta["hires_upscaler"])
-        out = hires.generate(pipe, settings, meta["prompt"], **call)
-    else:
-        out = pipe(meta["prompt"], image=load_image(args.image) if args.image else None,
-                   mask_image=load_image(args.mask, "mask") if args.mask else None, strength=meta.get("strength"),
-                   **call)
+    out = pipe.generate(Request.from_metadata(meta, image=load_image(image) if image else None,
+                                              mask_image=load_image(mask, "mask") if mask else None))
     new = np.asarray(out.images[0].convert("RGB"), dtype=np.int16)
     old = np.asarray(load_image(args.replay).convert("RGB"), dtype=np.int16)
     if args.out != "outputs":
@@ -255,42 +228,28 @@ def replay(args):
 
 
 def replay_a1111(args, parameters: str):
-    """Generate again from an A1111 `parameters` text: its prompt, seed, steps, CFG scale, size, sampler and clip
-    skip; fields latentgen does not use are listed, not fatal."""
-    from pathlib import Path
-
-    from latentgen.generate import a1111_request, output_paths, plan_jobs
+    """Generate again from an A1111 `parameters` text: its prompt, seed, steps, CFG scale, size, sampler, clip
+    skip and hires fields; fields latentgen does not use are listed, not fatal."""
+    from latentgen import outputs
     from latentgen.io import model_hash, same_hash
+    from latentgen.metadata import a1111_request
 
     settings, fields, unused = a1111_request(parameters)
     if not settings["prompt"].strip():
         raise UserError(f"{args.replay}: its AUTOMATIC1111 parameters hold no prompt")
     if unused:
         print(f"warning: {args.replay}: ignored AUTOMATIC1111 fields: {', '.join(unused)}", file=sys.stderr)
+    args.image = args.mask = None
+    settings.setdefault("clip_skip", 0)  # A1111 writes `Clip skip` only when it is not 1 (no skip)
+    request = request_of(args, [settings.pop("prompt")])
+    request = dataclasses.replace(request, **settings, num_images_per_prompt=1).check(FLAG_NAMES)
     pipe, model = load_pipeline(args)
     recorded = fields.get("Model hash")
     if recorded and not same_hash(model_hash(model), recorded):
         print(f"warning: the image was made with model hash {recorded} ({fields.get('Model', '?')}); "
               f"{model} has {model_hash(model)}", file=sys.stderr)
-    clip_skip = settings.pop("clip_skip", None)
-    if "hires" in settings:
-        from latentgen.hires import Hires
-
-        args.hires = Hires(**settings.pop("hires")).check()
-    if clip_skip != pipe.config.clip_skip:
-        from latentgen.text_encoders import text_encoder_for
-
-        text_encoder_for(pipe.tokenizer, pipe.text_encoder, clip_skip=clip_skip)  # a one-line error if not CLIP
-        pipe.register_to_config(clip_skip=clip_skip)
-    jobs = plan_jobs([settings["prompt"]], [settings["negative_prompt"]], 1, settings.get("seed"))
-    args.steps = settings.get("steps", args.steps)
-    options = dict(num_inference_steps=args.steps, guidance_scale=settings.get("guidance", args.guidance),
-                   height=settings.get("height"), width=settings.get("width"), scheduler=settings.get("scheduler"),
-                   guidance_rescale=settings.get("guidance_rescale", 0.0))
-    pipe.check_request(jobs[0].prompt, seed=0, **options)
-    args.image = args.mask = None
-    out = args.out if args.out != "outputs" else str(Path("outputs"))
-    run_jobs(pipe, model, jobs, output_paths(out, jobs), options, args)
+    jobs = outputs.jobs(request)
+    write(pipe, model, request.fit(pipe), outputs.output_paths(args.out, jobs), args)
     print(f"replayed the AUTOMATIC1111 parameters of {args.replay} (not compared: another program made it)")
 
 

@@ -60,16 +60,18 @@ def samplers(_):
 
 def dpm_variants(_):
     """Held-out single-shape adherence at guidance 7.5, 20 steps, 2 seeds, for variants of DPM-Solver++ 2M."""
+    import dataclasses
+
     from latentgen import schedulers
     from latentgen.eval.__main__ import adherence
 
     pipe = _pipe()
-    base = dict(schedulers.SCHEDULERS["dpm++"][1])
+    base = schedulers.SCHEDULERS["dpm++"]
     variants = {"uniform timesteps (dpm++)": {}, "first order (= DDIM)": {"solver_order": 1},
                 "log-SNR-uniform (use_lu_lambdas)": {"use_lu_lambdas": True},
                 "Karras sigmas (dpm++-karras)": {"use_karras_sigmas": True}}
     for label, extra in variants.items():
-        schedulers.SCHEDULERS["dpm++"] = ("DPMSolverMultistepScheduler", {**base, **extra})
+        schedulers.SCHEDULERS["dpm++"] = dataclasses.replace(base, defining={**base.defining, **extra})
         scores, _, _ = adherence(pipe, 20, "dpm++", 7.5, 2, 27, groups=("one-heldout",))
         r = scores["one-heldout"]
         print(f"{label:>34}: shape {r['shape']:.0%}  shape color {r['shape_color']:.0%}  all {r['all']:.0%}",

@@ -56,7 +56,7 @@ def _parse_overrides(overrides: Sequence[str]) -> dict:
             raise UserError(f"override {item!r} is not of the form key=value")
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as err:  # e.g. the same key given as a list, then as a mapping
+    except (OmegaConfBaseException, ValueError) as err:  # the same key given as a list, then as a mapping
         key = getattr(err, "full_key", None) or "?"
         raise UserError(f"cannot apply the overrides at key '{key}': {str(err).splitlines()[0]}") from None
 

@@ -1,25 +1,13 @@
-"""Device and precision choice: `auto` picks what runs fastest on the hardware at hand without losing quality."""
+"""Device and attention-kernel choice (`auto` picks what runs fastest on the hardware at hand); precision is in
+`latentgen.precision`."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
 
 from .errors import UserError, one_of
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@functools.cache
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU multiplies bf16 matrices natively (AMX or AVX-512-BF16), so bf16 beats fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in (" amx_bf16", " avx512_bf16"))
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -30,21 +18,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {name!r} was asked for but this machine has no CUDA GPU; use --device cpu")
     return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: fp16 on CUDA (bf16 where supported), bf16 on CPUs with native bf16 units, else fp32."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-    if name not in DTYPES:
-        raise one_of("dtype", name, ["auto", *DTYPES])
-    return DTYPES[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPES.items()}[dtype]
 
 
 ATTENTION = ("auto", "sdpa", "math", "xformers")

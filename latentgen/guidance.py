@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
+DYNAMIC_THRESHOLD_FLOOR = 3.0  # x̂0 is never clipped inside ±3σ of the unit-variance latents
+
 
 def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     """ε̃ = ε(x_t, ∅) + w·(ε(x_t, c) − ε(x_t, ∅)); the same for v-prediction."""

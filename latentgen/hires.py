@@ -8,6 +8,7 @@ Lanczos and encodes again (keeps more of the first image at low strengths).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,30 +41,29 @@ class Hires:
         """The second pass's (height, width): scale × the base, rounded to the model's size multiple."""
         return tuple(max(multiple, round(v * self.scale / multiple) * multiple) for v in (height, width))
 
-    def info(self) -> dict:
-        """The image metadata of the second pass (replayed by `Hires(**...)`)."""
-        return {"hires_scale": self.scale, "hires_steps": self.steps, "hires_denoise": self.denoise,
-                "hires_upscaler": self.upscaler}
 
-
-def generate(pipe, hires: Hires, prompt, *, height: int | None = None, width: int | None = None,
-             num_inference_steps: int = 30, on_step=None, **options):
-    """The two passes for the prompts of one call; the output's info describes the first pass plus `hires`."""
-    first = pipe(prompt, height=height, width=width, num_inference_steps=num_inference_steps, on_step=on_step,
-                 output_type="latent" if hires.upscaler == "latent" else "pt", **options)
-    h, w = hires.size(first.info["height"], first.info["width"], pipe.size_multiple)
+def generate(pipe, plan, on_step=None):
+    """The two passes of a fitted request (`request.Plan`) whose `hires` is set. The second pass uses the same
+    seeds, so it replays from the first pass's metadata; the output's metadata describes the request as asked."""
+    hires, req = plan.request.hires, plan.request
+    first = pipe.run_plan(dataclasses.replace(plan, request=dataclasses.replace(
+        req, output_type="latent" if hires.upscaler == "latent" else "pt")), on_step)
+    h, w = hires.size(plan.height, plan.width, pipe.size_multiple)
     if hires.upscaler == "latent":
         f = pipe.vae_scale_factor
         init = F.interpolate(first.images, size=(h // f, w // f), mode="bilinear")  # (N, C, h/f, w/f)
     else:  # (N, 3, H, W) in [0, 1] -> PIL, Lanczos, back to (N, 3, h, w) in [0, 1]
         resized = [_lanczos(image, w, h) for image in pipe.image_processor.pt_to_numpy(first.images.cpu())]
         init = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2)
-    seeds = first.seeds  # the same noise seeds for the second pass: replayable from the first pass's
-    options = {k: v for k, v in options.items() if k not in ("seed", "generator", "image", "mask_image", "strength")}
-    second = pipe(prompt, image=init, strength=hires.denoise, num_inference_steps=hires.steps or num_inference_steps,
-                  on_step=on_step, seed=seeds, **options)
-    second.info = first.info | hires.info() | {"hires_height": h, "hires_width": w}
-    return second
+    second = dataclasses.replace(
+        req, prompt=plan.prompts, negative_prompt=plan.negative_prompts, num_images_per_prompt=1, seed=plan.seeds,
+        generator=None, image=init, mask_image=None, height=None, width=None, strength=hires.denoise,
+        num_inference_steps=hires.steps or req.num_inference_steps, hires=None, checked=False)
+    out = pipe.run_plan(second.fit(pipe), on_step)
+    out.info = first.info | {"hires_height": h, "hires_width": w} | {
+        k: v for k, v in out.info.items() if k == "fp32_retry"}
+    out.metadata = first.metadata
+    return out
 
 
 def _lanczos(array: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -95,7 +95,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 def save_image(image, path: str | os.PathLike, **metadata) -> Path:
     """Save a PIL image atomically; the format follows the suffix; `metadata`: PIL's `pnginfo=` or `exif=`
-    (`latentgen.generate.image_metadata` gives the right one for the suffix)."""
+    (`latentgen.metadata.image_metadata` gives the right one for the suffix)."""
     path = Path(path)
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
     with atomic_file(path) as tmp:

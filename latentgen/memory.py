@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from .diffusion import vae_factor
 from .errors import UserError
 
 WORKING_TENSORS = 4  # feature maps alive at once inside a block (input, two convolutions, the residual sum)
@@ -61,7 +62,8 @@ def vae_decode_bytes(config: Any, height: int, width: int, images: int, dtype_by
     cfg = dict(config)
     channels = list(cfg["block_out_channels"])
     peak = max(WORKING_TENSORS * c * n for _, c, n in _levels(channels, height, width))
-    tokens = math.ceil(height / 2 ** (len(channels) - 1)) * math.ceil(width / 2 ** (len(channels) - 1))
+    f = vae_factor(cfg)
+    tokens = math.ceil(height / f) * math.ceil(width / f)
     attention = (tokens * tokens if quadratic else 3 * channels[-1] * tokens) * 4
     return images * (peak * dtype_bytes + attention)
 
@@ -69,7 +71,7 @@ def vae_decode_bytes(config: Any, height: int, width: int, images: int, dtype_by
 def sampling_bytes(unet, vae, height: int, width: int, images: int, guided: bool) -> int:
     """Peak bytes of generating `images` images of height × width (U-Net calls or VAE decoding, whichever is
     larger); with guidance the U-Net sees twice the rows."""
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_factor(vae)
     rows = images * (2 if guided else 1)
     unet_bytes = unet_activation_bytes(unet.config, height // factor, width // factor, rows,
                                        _dtype_bytes(unet), _quadratic_attention(unet))

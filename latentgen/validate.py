@@ -1,5 +1,5 @@
 """The one check of each kind of generation input, shared by infer.py (before a model loads), the Python API
-(`LatentPipeline.check_request`) and the evaluation: a value that passes here cannot fail deeper down."""
+(`Request.check`) and the evaluation: a value that passes here cannot fail deeper down."""
 
 from __future__ import annotations
 
@@ -57,5 +57,5 @@ def in_range(value, what: str, low: float, high: float, low_open: bool = False, 
 
 def count(value, what: str) -> int:
     if not _is_int(value) or value < 1:
-        raise UserError(f"{what} must be an integer ≥ 1, got {value!r}")
+        raise UserError(f"{what} must be ≥ 1 (a whole number), got {value!r}")
     return value

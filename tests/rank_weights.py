@@ -8,9 +8,9 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from latentgen.cli import run_cli
-from latentgen.training import common
+from latentgen.training import loop
 
-_finish = common.TrainLoop.finish
+_finish = loop.Run.finish
 
 
 def _finish_and_dump(self, samples_per_step):
@@ -19,7 +19,7 @@ def _finish_and_dump(self, samples_per_step):
     return _finish(self, samples_per_step)
 
 
-common.TrainLoop.finish = _finish_and_dump
+loop.Run.finish = _finish_and_dump
 # Imported, not run with runpy (which would set sys.argv[0] to train_unet.py): a relaunch of the ranks
 # (latentgen.distributed) must run this file again.
 spec = importlib.util.spec_from_file_location("train_unet_script",

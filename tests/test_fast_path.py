@@ -10,9 +10,9 @@ from PIL import Image
 
 from conftest import ROOT, with_free_port
 from latentgen import LatentPipeline
-from latentgen.device import cpu_has_fast_bf16
 from latentgen.eval.analyzer import analyze
-from latentgen.generate import DEFAULT_MODEL
+from latentgen.loading import DEFAULT_MODEL
+from latentgen.precision import cpu_has_fast_bf16
 
 PROMPTS = ["a red circle on a blue background", "a yellow square on a black background",
            "a green triangle on a white background", "a purple circle on a gray background"]

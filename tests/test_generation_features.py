@@ -13,7 +13,8 @@ import components as C
 from conftest import ROOT
 from latentgen import LatentPipeline
 from latentgen.errors import UserError
-from latentgen.generate import DEFAULT_MODEL, _wrap
+from latentgen.loading import DEFAULT_MODEL
+from latentgen.outputs import _wrap
 from latentgen.prompts import ChunkedEncoder, Segment, parse
 
 PROMPT = "a red circle on a blue background"

@@ -9,7 +9,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from conftest import ROOT
-from latentgen.generate import parse_a1111_parameters
+from latentgen.metadata import parse_a1111_parameters
 
 
 def infer(*args):

@@ -14,8 +14,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from conftest import ROOT
 from latentgen.errors import UserError
-from latentgen.generate import a1111_request, parse_a1111_parameters, quote
 from latentgen.io import model_hash
+from latentgen.metadata import a1111_request, parse_a1111_parameters, quote
 
 
 def infer(*args):
@@ -40,8 +40,9 @@ def test_quote_and_parse_follow_a1111():
 
 def test_a1111_settings_map_to_ours():
     settings, fields, unused = a1111_request(A1111_TEXT)
-    assert settings == {"prompt": "a red circle, (sharp:1.2)", "negative_prompt": "blurry, ugly", "steps": 3,
-                        "guidance": 6.0, "seed": 1234, "width": 32, "height": 32, "scheduler": "dpm++-karras"}
+    assert settings == {"prompt": "a red circle, (sharp:1.2)", "negative_prompt": "blurry, ugly",
+                        "num_inference_steps": 3, "guidance_scale": 6.0, "seed": 1234, "width": 32, "height": 32,
+                        "scheduler": "dpm++-karras"}
     assert unused == ["ADetailer model", "Face restoration"]
     old_style, _, _ = a1111_request("x\nSteps: 5, Sampler: Euler a, CFG scale: 7, Seed: 1, Clip skip: 2")
     assert old_style["scheduler"] == "euler-a" and old_style["clip_skip"] == 1

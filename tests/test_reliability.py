@@ -72,49 +72,55 @@ def test_a_full_disk_is_reported_in_one_line(tiny_folder, tmp_path, capsys, monk
     assert not list((tmp_path / "out").glob("*"))  # nothing half-written
 
 
-def _nan_in(module, dtype):
-    forward = module.forward
+def _nan_in(monkeypatch, module, dtype):
+    """Make `module`'s class give NaN outputs while its weights are in `dtype` (the pipeline retries on fp32
+    copies, which the patch reaches through the class)."""
+    cls = type(module)
+    forward = cls.forward
 
-    def broken(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        if next(module.parameters()).dtype == dtype:
+    def broken(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if next(self.parameters()).dtype == dtype:
             out = (out[0] * float("nan"),) if isinstance(out, tuple) else out
             if hasattr(out, "sample"):
                 out.sample = out.sample * float("nan")
         return out
 
-    module.forward = broken
+    monkeypatch.setattr(cls, "forward", broken)
 
 
-def test_nan_latents_trigger_a_fp32_retry(tiny_pipe, caplog):
+def test_nan_latents_trigger_a_fp32_retry(tiny_pipe, caplog, monkeypatch):
     reference = tiny_pipe("a red circle", num_inference_steps=3, seed=5, output_type="np").images
     tiny_pipe.to(torch.bfloat16)
-    _nan_in(tiny_pipe.unet, torch.bfloat16)
+    _nan_in(monkeypatch, tiny_pipe.unet, torch.bfloat16)
     with caplog.at_level(logging.WARNING, logger="latentgen"):
         out = tiny_pipe("a red circle", num_inference_steps=3, seed=5, output_type="np")
     assert "NaN/Inf in the latents sampled in bfloat16; sampling again in fp32" in caplog.text
     assert out.info["fp32_retry"] == "unet" and np.isfinite(out.images).all()
     np.testing.assert_allclose(out.images, reference, atol=2e-2)  # the fp32 U-Net, a bf16 VAE
-    assert tiny_pipe.unet.dtype == torch.bfloat16  # back to its precision afterwards
+    assert tiny_pipe.unet.dtype == torch.bfloat16  # the shared pipeline itself was never converted
 
 
-def test_a_nan_decode_triggers_a_fp32_vae_retry(tiny_pipe, caplog):
+def test_a_nan_decode_triggers_a_fp32_vae_retry(tiny_pipe, caplog, monkeypatch):
+    from diffusers import AutoencoderKL
+
     tiny_pipe.vae.to(torch.bfloat16)
-    decode = tiny_pipe.vae.decode
+    decode = AutoencoderKL.decode
 
-    def broken(z, *a, **k):
-        out = decode(z, *a, **k)
-        return (out[0] * float("nan"),) if tiny_pipe.vae.dtype == torch.bfloat16 else out
+    def broken(self, z, *a, **k):
+        out = decode(self, z, *a, **k)
+        return (out[0] * float("nan"),) if self.dtype == torch.bfloat16 else out
 
-    tiny_pipe.vae.decode = broken
+    monkeypatch.setattr(AutoencoderKL, "decode", broken)
     with caplog.at_level(logging.WARNING, logger="latentgen"):
         out = tiny_pipe("x", num_inference_steps=2, seed=0, output_type="np")
     assert "decoding again in fp32" in caplog.text and out.info["fp32_retry"] == "vae"
     assert np.isfinite(out.images).all()
+    assert tiny_pipe.vae.dtype == torch.bfloat16
 
 
-def test_nan_even_in_fp32_is_an_error(tiny_pipe):
-    _nan_in(tiny_pipe.unet, torch.float32)
+def test_nan_even_in_fp32_is_an_error(tiny_pipe, monkeypatch):
+    _nan_in(monkeypatch, tiny_pipe.unet, torch.float32)
     with pytest.raises(UserError, match="NaN/Inf latents even in fp32"):
         tiny_pipe("x", num_inference_steps=2, seed=0)
 
@@ -222,3 +228,18 @@ def test_a_full_disk_during_save_pretrained_leaves_nothing(tiny_pipe, tmp_path, 
         tiny_pipe.save_pretrained(tmp_path / "model")
     assert err.value.errno == 28
     assert list(tmp_path.iterdir()) == []  # no folder, no temporary
+
+
+def test_one_pipeline_serves_concurrent_callers(tiny_pipe):
+    """Threads sharing a pipeline (as a server's workers do) get exactly the images they would get alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    requests = [dict(prompt=f"a {color} circle", seed=k, num_inference_steps=3, output_type="np",
+                     guidance_scale=[1.0, 7.5][k % 2], scheduler=["ddim", "euler-a", "dpm++"][k % 3])
+                for k, color in enumerate(["red", "green", "blue", "yellow", "purple", "orange"])]
+    alone = [tiny_pipe(**r).images for r in requests]
+    tiny_pipe.clear_prompt_cache()
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda r: tiny_pipe(**r).images, requests))
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(a, b)

@@ -85,9 +85,7 @@ def test_a_mismatched_prediction_type_fails_the_check(name):
 @pytest.mark.parametrize(("name", "guidance", "warned"),
                          [("pndm", 7.5, True), ("lms", 7.5, True), ("pndm", 3.0, False), ("dpm++", 7.5, False)])
 def test_multistep_samplers_warn_under_strong_guidance(tiny_pipe, caplog, monkeypatch, name, guidance, warned):
-    import latentgen.pipeline
-
-    monkeypatch.setattr(latentgen.pipeline, "_warned", set())
+    monkeypatch.setattr(tiny_pipe, "warned", set())
     with caplog.at_level(logging.WARNING, logger="latentgen"):
         for _ in range(2):  # once per process, not once per call
             tiny_pipe("a red circle", num_inference_steps=2, guidance_scale=guidance, scheduler=name, seed=0,

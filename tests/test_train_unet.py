@@ -52,7 +52,8 @@ def test_training_lowers_the_loss_and_writes_a_loadable_pipeline(tmp_path):
 
     folder = train_unet(config)
 
-    from latentgen.training.unet import CachedData, scale_latents
+    from latentgen.data.cache import CachedData
+    from latentgen.diffusion import scale_latents
 
     cache = next((tmp_path / "cache").glob("*.safetensors"))
     data = CachedData(load_file(str(cache)), [])
@@ -252,3 +253,21 @@ def test_command_line_overrides_apply(tmp_path):
                                                   "resume_from=latest", "seed=5", "train_batch_size=4"])
     assert (config.max_steps, config.checkpoint_every, config.resume_from, config.seed,
             config.train_batch_size) == (3, 1, "latest", 5, 4)
+
+
+def test_fine_tuning_keeps_the_pretrained_pipelines_clip_skip(tmp_path):
+    """text_encoder.kind 'pipeline' trains on the pretrained pipeline's clip-skip embeddings; the saved pipeline
+    (and the validation images) must use the same clip skip, or the U-Net sees other embeddings at inference."""
+    import json
+
+    import components as C
+
+    pretrained = tmp_path / "pretrained"
+    LatentPipeline(**C.components(), clip_skip=1).save_pretrained(pretrained)
+    config = load_config(UNetTrainConfig, SMOKE, [f"output_dir={tmp_path / 'run'}", "max_steps=2",
+                                                  f"pretrained_pipeline={pretrained}", "text_encoder.kind=pipeline"])
+    parts = load_components(config)
+    assert parts.encoder.clip_skip == 1 and parts.clip_skip == 1
+    folder = train_unet(config)
+    assert json.loads((folder / "model_index.json").read_text())["clip_skip"] == 1
+    assert LatentPipeline.from_pretrained(folder).config.clip_skip == 1

@@ -275,19 +275,18 @@ def choose_caption(captions: list[str], seed: int, epoch: int, index: int) -> st
     return captions[int(np.random.default_rng([seed, epoch, index, 1]).integers(len(captions)))]
 
 
-class StreamingImageTextDataset(torch.utils.data.IterableDataset):
-    """A streamed 🤗 dataset for sets too large to index: bad images are skipped and counted on the fly."""
+class StreamingImageTextDataset:
+    """A streamed 🤗 dataset for sets too large to index: bad images are skipped and counted on the fly. The
+    trainer takes its batches from `iterate` (training.loop's `batch_iterator`)."""
 
     def __init__(self, config: DataConfig, ds=None, buffer_size: int = 1000):
         self.config = config
         self.ds = ds if ds is not None else _load_hf(config)
         self.buffer_size = buffer_size
         self.skipped = 0
-        self.epoch = 0
-        self.seed = 0
 
-    def iterate(self, epoch: int, seed: int, start: int = 0) -> Iterator[dict[str, Any]]:
-        """Items of one epoch (shuffled by (seed, epoch)), from position `start` on."""
+    def iterate(self, epoch: int, seed: int) -> Iterator[dict[str, Any]]:
+        """Items of one epoch, shuffled by (seed, epoch)."""
         stream = self.ds.shuffle(seed=seed * 1000003 + epoch, buffer_size=self.buffer_size)
         position = 0
         for row in stream:
@@ -296,15 +295,11 @@ class StreamingImageTextDataset(torch.utils.data.IterableDataset):
             except UNREADABLE:
                 self.skipped += 1
                 continue
-            if position >= start:
-                rng = np.random.default_rng([seed, epoch, position])
-                pixels = transform(image, self.config.resolution, rng, self.config.random_crop, self.config.hflip)
-                yield {"pixel_values": pixels, "index": position,
-                       "text": choose_caption(_captions(row, self.config), seed, epoch, position)}
+            rng = np.random.default_rng([seed, epoch, position])
+            pixels = transform(image, self.config.resolution, rng, self.config.random_crop, self.config.hflip)
+            yield {"pixel_values": pixels, "index": position,
+                   "text": choose_caption(_captions(row, self.config), seed, epoch, position)}
             position += 1
-
-    def __iter__(self):
-        return self.iterate(self.epoch, self.seed)
 
 
 def build_dataset(config: DataConfig):

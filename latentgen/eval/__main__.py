@@ -22,9 +22,10 @@ GROUP_ORDER = ("one-heldout", "one-seen", "two-heldout", "two-seen")
 
 
 def load(model: str | None, dtype: str, device: str = "auto"):
-    from ..device import resolve_device, resolve_dtype
-    from ..generate import resolve_model
+    from ..device import resolve_device
+    from ..loading import resolve_model
     from ..pipeline import LatentPipeline
+    from ..precision import resolve_dtype
 
     dev = resolve_device(device)
     pipe = LatentPipeline.from_pretrained(resolve_model(model), torch_dtype=resolve_dtype(dtype, dev)).to(dev)
@@ -71,8 +72,8 @@ def adherence_table(results: dict[float, dict]) -> str:
 
 
 def sample_grid(targets, images, path: Path, columns: int = 8) -> None:
-    from ..generate import contact_sheet
     from ..io import save_image
+    from ..outputs import contact_sheet
 
     save_image(contact_sheet(images, [t.prompt.replace(" background", "") for t in targets], columns), path)
 

@@ -56,7 +56,7 @@ def resolve_resume(output_dir: str | Path, resume_from: str | None) -> Path | No
 
 
 def save_checkpoint(output_dir: str | Path, step: int, models: dict[str, torch.nn.Module],
-                    states: dict[str, Any], keep: int, info: dict[str, Any] | None = None) -> Path:
+                    states: dict[str, Any], keep: int) -> Path:
     """Save models (unwrapped) and objects with state_dict(); keep the newest `keep` checkpoints."""
     target = checkpoints_dir(output_dir) / f"checkpoint-{step:07d}"
     with atomic_dir(target) as tmp:
@@ -64,7 +64,7 @@ def save_checkpoint(output_dir: str | Path, step: int, models: dict[str, torch.n
             save_model(model, str(tmp / f"{name}.safetensors"))
         torch.save({name: obj.state_dict() for name, obj in states.items() if obj is not None},
                    tmp / "training_state.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **(info or {})}, indent=2))
+        (tmp / "state.json").write_text(json.dumps({"step": step}, indent=2))
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target

@@ -23,22 +23,20 @@ from torch import nn
 from ..config import to_yaml
 from ..data.sources import build_dataset, check_resolution
 from ..device import set_attention
-from ..distributed import process_state
+from ..diffusion import vae_factor
 from ..errors import UserError
 from ..io import atomic_dir, save_image
 from ..memory import check_training, vae_training_bytes
-from .checkpoint import load_checkpoint, resolve_resume
-from .common import (
+from .loop import (
+    Run,
+    StepBatches,
     TrainConfig,
-    TrainLoop,
     batch_iterator,
     compute_bytes,
     log_image,
-    make_accelerator,
     make_ema,
     make_lr_scheduler,
     make_optimizer,
-    save_run_config,
     step_generator,
 )
 
@@ -126,10 +124,6 @@ def load_vae(config: VAETrainConfig):
     return AutoencoderKL.from_pretrained(path, use_safetensors=True)
 
 
-def vae_factor(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
 def reconstruction_terms(vae, x: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Per-image loss terms and the reconstruction; x: (B, 3, H, W) in [-1, 1]."""
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
@@ -175,33 +169,31 @@ def _fixed_images(dataset, count: int) -> torch.Tensor:
 @torch.no_grad()
 def validation_grid(vae, images: torch.Tensor):
     """Originals above, reconstructions (posterior mean) below."""
-    from diffusers.utils import make_image_grid
     from PIL import Image
+
+    from ..outputs import contact_sheet
 
     rec = vae.decode(vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mode()).sample
     to_pil = lambda t: Image.fromarray(((t.float().clamp(-1, 1) + 1) * 127.5).round().byte()  # noqa: E731
                                        .permute(1, 2, 0).cpu().numpy())
-    return make_image_grid([to_pil(t) for t in (*images, *rec)], rows=2, cols=len(images))
+    n = len(images)
+    return contact_sheet([to_pil(t) for t in (*images, *rec)], ["original"] * n + ["reconstruction"] * n, columns=n)
 
 
 def train_vae(config: VAETrainConfig) -> Path:
     """Run the training; returns the folder of the final VAE (`{output_dir}/vae`)."""
     # 1. Model and data, checked before any training starts.
-    state = process_state()  # first: this rank joins the launch's process group (latentgen.distributed)
-    resume = resolve_resume(config.output_dir, config.resume_from)
-    torch.manual_seed(config.seed)  # the initial weights
+    run = Run(config, "train_vae")
     vae = load_vae(config)
     check_resolution(config.data.resolution, vae_factor(vae), "the VAE")
     dataset = build_dataset(config.data)
     disc = PatchDiscriminator() if config.loss.disc_weight > 0 else None
-
-    set_attention(vae, config.attention, state.device, training=True)
+    set_attention(vae, config.attention, run.state.device, training=True)
     check_training(lambda b: vae_training_bytes(vae, config.data.resolution, b, compute_bytes(config)),
-                   config.train_batch_size, state.device, f"the VAE at {config.data.resolution} px")
+                   config.train_batch_size, run.state.device, f"the VAE at {config.data.resolution} px")
 
     # 2. accelerate, optimizers, EMA.
-    accelerator = make_accelerator(config, "train_vae")
-    save_run_config(accelerator, config)
+    accelerator = run.launch()
     device = accelerator.device
     if config.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
@@ -219,24 +211,17 @@ def train_vae(config: VAETrainConfig) -> Path:
     if ema is not None:
         ema.to(device)
 
-    # 3. Resume.
+    # 3. Resume, then train.
+    out = Path(config.output_dir)
     models = {"vae": raw_vae} | ({"discriminator": raw_disc} if raw_disc is not None else {})
     states = {"optimizer": optimizer.optimizer, "lr_scheduler": lr_scheduler, "ema": ema,
               "disc_optimizer": disc_opt.optimizer if disc_opt is not None else None,
               "scaler": accelerator.scaler}
-    start = 0
-    if resume is not None:
-        start = load_checkpoint(resume, models, states)["step"]
-        accelerator.print(f"resumed from {resume} at step {start}")
-
-    # 4. Train.
-    out = Path(config.output_dir)
+    fixed = _fixed_images(dataset, config.validation_images)
+    start = run.resume(models, states, lambda step: _validate(accelerator, raw_vae, ema, fixed, out, step))
     accum = config.gradient_accumulation_steps
     batches = batch_iterator(dataset, config, accelerator.num_processes, accelerator.process_index, start * accum)
-    fixed = _fixed_images(dataset, config.validation_images)
-    loop = TrainLoop(config, accelerator, "train_vae", models, states, lr_scheduler, ema, raw_vae,
-                     lambda step: _validate(accelerator, raw_vae, ema, fixed, out, step))
-    for step in loop.run(start):
+    for step in range(start, config.max_steps):
         for micro in range(accum):
             g = step_generator(config.seed, step, micro, accelerator.process_index, device)
             x = next(batches)["pixel_values"].to(device)
@@ -264,14 +249,18 @@ def train_vae(config: VAETrainConfig) -> Path:
                     if adversarial:
                         disc_opt.step()
                     disc_opt.zero_grad(set_to_none=True)
-            loop.averages.add(loss=loss.item(), l1=terms["l1"].mean().item(), kl=terms["kl"].mean().item(),
-                              ssim=terms["ssim"].mean().item(), psnr=psnr(terms["rec"], x).mean().item(),
-                              g_adv=g_adv.item() if adversarial else None,
-                              d_loss=d_loss.item() if adversarial else None)
+            run.averages.add(loss=loss.item(), l1=terms["l1"].mean().item(), kl=terms["kl"].mean().item(),
+                             ssim=terms["ssim"].mean().item(), psnr=psnr(terms["rec"], x).mean().item(),
+                             g_adv=g_adv.item() if adversarial else None,
+                             d_loss=d_loss.item() if adversarial else None)
+        lr_scheduler.step()
+        if ema is not None:
+            ema.step(raw_vae.parameters())
+        run.end_step(step + 1)
 
-    # 5. Final model: EMA weights when on, scaling factor measured on the data.
+    # 4. Final model: EMA weights when on, scaling factor measured on the data.
     target = out / "vae"
-    if loop.finish(config.train_batch_size * accum * accelerator.num_processes):
+    if run.finish(config.train_batch_size * accum * accelerator.num_processes):
         if ema is not None:
             ema.copy_to(raw_vae.parameters())
         raw_vae.eval()
@@ -283,14 +272,11 @@ def train_vae(config: VAETrainConfig) -> Path:
             raw_vae.save_pretrained(tmp, safe_serialization=True)
             (tmp / "train_config.yaml").write_text(to_yaml(config))
         accelerator.print(f"latent scaling factor {scaling:.5f}; wrote {target}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    run.close()
     return target
 
 
 def _scaling_batches(dataset, config: VAETrainConfig):
-    from .common import StepBatches
-
     sampler = StepBatches(len(dataset), config.train_batch_size, 1, 0, config.seed + 1)
     for _, batch in zip(range(config.scaling_batches), sampler):
         yield torch.stack([dataset.item(i, e, config.seed)["pixel_values"] for i, e in batch])

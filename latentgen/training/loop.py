@@ -1,5 +1,21 @@
-"""What both training scripts share: the run config, accelerate set-up, deterministic batches and randomness,
-optimizer and LR schedule, EMA, logging.
+"""What both trainers share: the run config, the `Run` around their loops (accelerate, resume, logging,
+checkpoints, validation), deterministic batches and randomness, optimizer, LR schedule and EMA.
+
+A trainer's loop reads top to bottom in the trainer itself (`training/unet.py`, `training/vae.py`):
+
+    run = Run(config, "train_unet")          # joins the process group, finds the resume point, seeds torch
+    ...                                      # models and data, checked
+    accelerator = run.launch()
+    ...                                      # optimizer, schedule, EMA, accelerator.prepare
+    start = run.resume(models, states, validate)
+    for step in range(start, config.max_steps):
+        for micro in range(accum):           # forward, backward, optimizer step, run.averages.add(loss=...)
+            ...
+        lr_scheduler.step(); ema.step(...)
+        run.end_step(step + 1)               # progress, logging, checkpoint and validation when due
+    if run.finish(samples_per_step):         # final checkpoint; True in the process that saves the model
+        ...
+    run.close()
 
 Exact resume rests on one idea: every random draw of a step (data order, augmentation, noise, timesteps,
 dropout, caption dropout) comes from a generator seeded by (seed, step, micro-batch, rank). Nothing random
@@ -10,10 +26,9 @@ scaler, and a resumed run replays exactly what an uninterrupted one would have d
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -84,34 +99,12 @@ class TrainConfig:
 # accelerate
 
 
-def resolve_mixed_precision(choice: str, cpu: bool) -> tuple[str, str]:
-    """accelerate's mixed_precision value ("no", "bf16" or "fp16") and where it came from.
-
-    The training config wins where the user set it (anything but "auto"); else what `accelerate launch` was told
-    by its flag or its config file (passed on as ACCELERATE_MIXED_PRECISION); else the fastest for the hardware.
-    """
-    from ..device import resolve_dtype
-
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if choice != "auto":
-        source = "mixed_precision in the training config"
-        if launched and launched != {"fp32": "no"}.get(choice, choice):
-            source += f"; accelerate launch asked for {launched!r}"
-    elif launched:
-        choice, source = {"no": "fp32"}.get(launched, launched), "accelerate launch"
-    else:
-        source = "auto, for this hardware"
-    if choice == "fp16" and cpu:
-        raise UserError("mixed_precision fp16 needs a CUDA GPU; on the CPU use bf16 or fp32")
-    dtype = resolve_dtype(choice, torch.device("cpu" if cpu else "cuda"))
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no"), source
-
-
 def compute_bytes(config: TrainConfig) -> int:
     """Bytes per activation element under the run's mixed precision (for the memory guard, before accelerate)."""
     from ..distributed import use_cpu
+    from ..precision import mixed_precision
 
-    return 2 if resolve_mixed_precision(config.mixed_precision, use_cpu())[0] in ("bf16", "fp16") else 4
+    return 2 if mixed_precision(config.mixed_precision, use_cpu())[0] in ("bf16", "fp16") else 4
 
 
 def make_accelerator(config: TrainConfig, project: str):
@@ -121,9 +114,10 @@ def make_accelerator(config: TrainConfig, project: str):
     from accelerate.utils import ProjectConfiguration
 
     from ..distributed import describe, process_state, say, use_cpu
+    from ..precision import mixed_precision as resolve
 
     cpu = use_cpu()
-    mixed_precision, source = resolve_mixed_precision(config.mixed_precision, cpu)
+    mixed_precision, source = resolve(config.mixed_precision, cpu)
     state = process_state()
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
@@ -151,11 +145,6 @@ def save_run_config(accelerator, config: TrainConfig) -> None:
         from ..io import write_text
 
         write_text(Path(config.output_dir) / "train_config.yaml", to_yaml(config))
-
-
-def weight_dtype(accelerator) -> torch.dtype:
-    """The dtype for frozen modules: the mixed-precision compute dtype (their outputs feed autocast anyway)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
 
 
 def flat_scalars(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -274,8 +263,8 @@ def _stream_batches(dataset: StreamingImageTextDataset, config: TrainConfig, wor
 # Optimization
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig, lr: float | None = None):
-    kwargs = dict(lr=lr or config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+def make_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig):
+    kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                   weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
     if config.use_8bit_adam:
         try:
@@ -299,47 +288,60 @@ def make_ema(model: torch.nn.Module, config: TrainConfig):
     return EMAModel(model.parameters(), decay=config.ema_decay, model_cls=type(model), model_config=model.config)
 
 
-class TrainLoop:
-    """The bookkeeping around every optimizer step, shared by both trainers: progress bar, LR schedule, EMA,
-    logging, checkpoints and validation at their intervals, then the final checkpoint and the summary line.
+class Run:
+    """One training run around the trainer's own loop: process group, resume, accelerate, and the bookkeeping
+    after each optimizer step (progress bar, logging, checkpoints and validation at their intervals)."""
 
-        loop = TrainLoop(config, accelerator, "train_unet", models, states, lr_scheduler, ema, raw_unet, validate)
-        for step in loop.run(start):
-            ...  # forward, backward, optimizer step; loop.averages.add(loss=...)
-        loop.finish(samples_per_step)
-    """
+    def __init__(self, config: TrainConfig, name: str):
+        from ..distributed import process_state
+        from .checkpoint import resolve_resume
 
-    def __init__(self, config: TrainConfig, accelerator, name: str, models: dict, states: dict, lr_scheduler,
-                 ema, ema_model: torch.nn.Module, validate):
-        self.config, self.accelerator, self.name = config, accelerator, name
-        self.models, self.states, self.lr_scheduler = models, states, lr_scheduler
-        self.ema, self.ema_model, self.validate = ema, ema_model, validate
+        self.state = process_state()  # first: this rank joins the launch's process group (latentgen.distributed)
+        self.config, self.name = config, name
         self.out = Path(config.output_dir)
+        self.resume_from = resolve_resume(config.output_dir, config.resume_from)
+        torch.manual_seed(config.seed)  # the initial weights
+        self.accelerator = None
         self.averages = Averages()
         self.timer = StepTimer()
 
-    def run(self, start: int) -> Iterator[int]:
-        """Yield the step numbers from `start`; after each step comes back, do what is due."""
+    def launch(self):
+        """The run's Accelerator (after the models and data are checked), and the run's config beside it."""
+        self.accelerator = make_accelerator(self.config, self.name)
+        save_run_config(self.accelerator, self.config)
+        return self.accelerator
+
+    def resume(self, models: dict, states: dict, validate: Callable[[int], None]) -> int:
+        """Remember what a checkpoint holds and how to validate; load the checkpoint to resume from, if any.
+        Returns the first step to run."""
         from tqdm.auto import tqdm
 
+        from .checkpoint import load_checkpoint
+
+        self.models, self.states, self.validate = models, states, validate
+        start = 0
+        if self.resume_from is not None:
+            start = load_checkpoint(self.resume_from, models, states)["step"]
+            self.accelerator.print(f"resumed from {self.resume_from} at step {start}")
+        self.bar = tqdm(total=self.config.max_steps, initial=start, desc=self.name,
+                        disable=not self.accelerator.is_local_main_process)
+        self.timer.tick()
+        return start
+
+    def end_step(self, done: int) -> None:
+        """After optimizer step number `done`: progress, then logging (the means of what the step added to
+        `averages`), checkpoint and validation when due."""
         config, accelerator = self.config, self.accelerator
-        bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc=self.name,
-                   disable=not accelerator.is_local_main_process)
-        for step in bar:
-            self.timer.tick()
-            yield step
-            self.lr_scheduler.step()
-            if self.ema is not None:
-                self.ema.step(self.ema_model.parameters())
-            done = step + 1
-            if done % config.log_every == 0 or done == config.max_steps:
-                logs = self.mean_over_ranks(self.averages.pop()) | {"lr": self.lr_scheduler.get_last_lr()[0]}
-                accelerator.log(logs, step=done)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "psnr")})
-            if done % config.checkpoint_every == 0 and done < config.max_steps:
-                self.checkpoint(done)
-            if config.validate_every and done % config.validate_every == 0 and accelerator.is_main_process:
-                self.validate(done)
+        self.timer.tick()
+        self.bar.update(1)
+        if done % config.log_every == 0 or done == config.max_steps:
+            logs = self.mean_over_ranks(self.averages.pop()) | {"lr": self.states["lr_scheduler"].get_last_lr()[0]}
+            accelerator.log(logs, step=done)
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "psnr")})
+        if done % config.checkpoint_every == 0 and done < config.max_steps:
+            self.checkpoint(done)
+        if config.validate_every and done % config.validate_every == 0 and accelerator.is_main_process:
+            self.validate(done)
 
     def mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         """Logged averages over every rank (one collective per log line, none per step)."""
@@ -359,13 +361,19 @@ class TrainLoop:
 
     def finish(self, samples_per_step: int) -> bool:
         """The summary line and the final checkpoint; True in the process that writes the final model."""
+        self.bar.close()
         self.accelerator.print(self.timer.summary(samples_per_step))
         self.checkpoint(self.config.max_steps)
         return self.accelerator.is_main_process
 
+    def close(self) -> None:
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+
 
 class StepTimer:
-    """Wall time of the training steps, for the run's summary line; the rate leaves out the first (warm-up) step."""
+    """Wall time of the training steps, for the run's summary line; the rate leaves out the first (warm-up) step.
+    Ticks: the loop's start, then the end of each step."""
 
     def __init__(self):
         import time
@@ -383,7 +391,7 @@ class StepTimer:
         if len(self.ticks) < 3:
             return f"peak memory {peak:.0f} MB"
         rate = samples_per_step * (len(self.ticks) - 2) / (self.ticks[-1] - self.ticks[1])
-        return (f"trained {len(self.ticks)} steps in {self.clock() - self.ticks[0]:.1f} s: {rate:.1f} samples/s "
+        return (f"trained {len(self.ticks) - 1} steps in {self.clock() - self.ticks[0]:.1f} s: {rate:.1f} samples/s "
                 f"(after the first step), peak memory {peak:.0f} MB")
 
 

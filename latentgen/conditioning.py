@@ -1,0 +1,110 @@
+"""What the U-Net is conditioned on, as one object, and the prompt encoder that makes it.
+
+`Conditioning` holds everything a text encoder gives the U-Net for N images: per-token hidden states, their mask,
+and, for models that take them (SDXL's second encoder), a pooled embedding and further added inputs. A second
+text encoder is then one more backend filling the same object, not a change in the sampler.
+
+`PromptEncoder` encodes each distinct prompt alone (weighting, windows of the encoder's length: `prompts.py`)
+and keeps it in a small cache shared by concurrent callers (a lock guards it), so an embedding never depends on
+which other prompts share the call.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+PROMPT_CACHE_SIZE = 512
+
+
+@dataclass
+class Conditioning:
+    hidden_states: torch.Tensor  # (N, T, D)
+    mask: torch.Tensor | None = None  # (N, T) bool, only when prompts have different lengths
+    pooled: torch.Tensor | None = None  # (N, D'), for U-Nets with added text embeddings
+    added: dict[str, torch.Tensor] = field(default_factory=dict)  # other added inputs, (N, ...) each
+
+    def __len__(self) -> int:
+        return self.hidden_states.shape[0]
+
+    def __getitem__(self, rows) -> "Conditioning":
+        return Conditioning(self.hidden_states[rows], None if self.mask is None else self.mask[rows],
+                            None if self.pooled is None else self.pooled[rows],
+                            {k: v[rows] for k, v in self.added.items()})
+
+    def repeat_interleave(self, n: int) -> "Conditioning":
+        if n == 1:
+            return self
+        rep = lambda t: None if t is None else t.repeat_interleave(n, 0)  # noqa: E731
+        return Conditioning(rep(self.hidden_states), rep(self.mask), rep(self.pooled),
+                            {k: rep(v) for k, v in self.added.items()})
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `UNet2DConditionModel.forward`."""
+        added = dict(self.added) | ({"text_embeds": self.pooled} if self.pooled is not None else {})
+        return {"encoder_hidden_states": self.hidden_states, "encoder_attention_mask": self.mask,
+                **({"added_cond_kwargs": added} if added else {})}
+
+    @classmethod
+    def concat(cls, parts: Sequence["Conditioning"]) -> "Conditioning":
+        """Rows of several conditionings, token axes padded to the longest (zeros, masked out)."""
+        longest = max(p.hidden_states.shape[1] for p in parts)
+        same = all(p.hidden_states.shape[1] == longest and p.mask is None for p in parts)
+        hidden, masks = [], []
+        for p in parts:
+            n, length = p.hidden_states.shape[:2]
+            hidden.append(F.pad(p.hidden_states, (0, 0, 0, longest - length)))
+            m = torch.ones(n, length, dtype=torch.bool, device=p.hidden_states.device) if p.mask is None else p.mask
+            masks.append(F.pad(m, (0, longest - length)))
+        pooled = [p.pooled for p in parts]
+        return cls(torch.cat(hidden), None if same else torch.cat(masks),
+                   None if any(x is None for x in pooled) else torch.cat(pooled),
+                   {k: torch.cat([p.added[k] for p in parts]) for k in parts[0].added})
+
+
+@dataclass
+class GuidedConditioning:
+    """The conditional rows, and [uncond; cond] for the guided steps (None when the request is unguided)."""
+
+    cond: Conditioning
+    both: Conditioning | None = None
+
+    def for_step(self, guided: bool) -> Conditioning:
+        return self.both if guided else self.cond
+
+
+class PromptEncoder:
+    """Prompts -> Conditioning through a text encoder backend, one cached encoding per distinct prompt."""
+
+    def __init__(self, size: int = PROMPT_CACHE_SIZE):
+        self.size = size
+        self.entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def encode(self, prompts: Sequence[str], key: Hashable, backend, device, dtype) -> Conditioning:
+        """(B,) prompts -> hidden states (B, T, D) in `dtype` on `device`, padded and masked when prompts have
+        different lengths. `key` names the encoder's state (module, clip skip, ...); `backend()` makes it."""
+        from .prompts import ChunkedEncoder
+
+        rows = []
+        with self.lock:
+            encoder = None
+            for prompt in prompts:
+                entry = (key, prompt)
+                if entry not in self.entries:
+                    encoder = encoder or ChunkedEncoder(backend())
+                    self.entries[entry] = encoder.encode(prompt).to(device=device, dtype=dtype)
+                self.entries.move_to_end(entry)
+                rows.append(self.entries[entry])
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+        return Conditioning.concat([Conditioning(r[None]) for r in rows])
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()

@@ -1,0 +1,136 @@
+"""The diffusion math in one place, as improved-diffusion's `gaussian_diffusion.py` keeps it: the latent space
+(the VAE's downsampling factor, scaling and shift), the forward process, the training objective.
+
+Latents: z = (E(x) − shift)·s, s the VAE's `scaling_factor` (Stable Diffusion's 0.18215), so that z has about unit
+variance. Forward process: z_t = sqrt(ᾱ_t)·z_0 + sqrt(1−ᾱ_t)·ε. Objective: ‖ε̂ − ε‖² (or the v target
+v = sqrt(ᾱ_t)·ε − sqrt(1−ᾱ_t)·z_0), optionally weighted by min-SNR-γ; captions are dropped with probability p so
+the same network learns the unconditional prediction that classifier-free guidance needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The latent space
+
+
+def _config(model_or_config) -> Mapping[str, Any]:
+    return getattr(model_or_config, "config", model_or_config)
+
+
+def vae_factor(vae) -> int:
+    """The VAE's downsampling factor (8 for Stable Diffusion's): one halving per encoder level after the first."""
+    return 2 ** (len(_config(vae)["block_out_channels"]) - 1)
+
+
+def size_multiple(vae, unet) -> int:
+    """Image sides that every level of the U-Net halves evenly: the VAE factor × 2^(U-Net levels − 1)."""
+    return vae_factor(vae) * 2 ** (len(_config(unet)["block_out_channels"]) - 1)
+
+
+def default_size(vae, unet) -> int:
+    """The image side the U-Net was made for: its `sample_size` latents × the VAE factor."""
+    return int(_config(unet)["sample_size"]) * vae_factor(vae)
+
+
+def scale_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """VAE latents -> the diffusion model's latents: (z − shift)·scaling_factor."""
+    cfg = _config(vae)
+    return (z - (cfg.get("shift_factor") or 0.0)) * cfg["scaling_factor"]
+
+
+def unscale_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """The diffusion model's latents -> the VAE's: z/scaling_factor + shift."""
+    cfg = _config(vae)
+    return z / cfg["scaling_factor"] + (cfg.get("shift_factor") or 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The forward process
+
+
+@dataclass
+class NoiseConfig:
+    """The forward process and the objective; None means: the pretrained pipeline's, else the default shown."""
+
+    num_train_timesteps: int | None = None  # 1000
+    beta_schedule: str | None = None  # scaled_linear
+    beta_start: float | None = None  # 0.00085
+    beta_end: float | None = None  # 0.012
+    prediction_type: str | None = None  # epsilon or v_prediction
+    zero_terminal_snr: bool | None = None  # rescale betas so ᾱ_T = 0 (Lin et al. 2023); pair with v_prediction
+    snr_gamma: float = 0.0  # min-SNR-γ loss weighting (Hang et al. 2023; 5.0 there); 0 = off
+    offset_noise: float = 0.0  # ε += offset·N(0, I) per (image, channel): lets the model change mean brightness
+
+
+# NoiseConfig's process fields -> (diffusers scheduler key, default): Stable Diffusion's forward process.
+_PROCESS = {"num_train_timesteps": ("num_train_timesteps", 1000), "beta_schedule": ("beta_schedule", "scaled_linear"),
+            "beta_start": ("beta_start", 0.00085), "beta_end": ("beta_end", 0.012),
+            "prediction_type": ("prediction_type", "epsilon"),
+            "zero_terminal_snr": ("rescale_betas_zero_snr", False)}
+
+
+def forward_process(noise: NoiseConfig, pretrained: Mapping[str, Any] | None = None):
+    """The DDPMScheduler of the forward process: each setting from `noise` where set, else from the pretrained
+    model's scheduler config, else Stable Diffusion's. Every sampler is later built from its config."""
+    from diffusers import DDPMScheduler
+
+    chosen = asdict(noise)
+    config = {}
+    for field, (key, default) in _PROCESS.items():
+        value = chosen[field]
+        if value is None:
+            value = (pretrained or {}).get(key, default)
+        config[key] = bool(value) if key == "rescale_betas_zero_snr" else value
+    return DDPMScheduler.from_config(config | dict(timestep_spacing="trailing", steps_offset=1, clip_sample=False))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The objective
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ: w_t = min(SNR_t, γ)/SNR_t for ε-prediction, min(SNR_t, γ)/(SNR_t + 1) for v-prediction."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = snr.clamp(max=gamma)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return torch.where(snr > 0, clipped / snr.clamp_min(1e-12), torch.ones_like(snr))  # SNR_T = 0: weight 1
+
+
+def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, context: torch.Tensor, generator: torch.Generator,
+                   noise_config: NoiseConfig) -> torch.Tensor:
+    """Per-example loss (B,) of the denoising objective for z_0 = `latents` (B, C, h, w)."""
+    b = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if noise_config.offset_noise:
+        noise = noise + noise_config.offset_noise * torch.randn(
+            (b, latents.shape[1], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator,
+                      device=latents.device)
+    z_t = noise_scheduler.add_noise(latents, noise, t)  # sqrt(ᾱ_t)·z_0 + sqrt(1−ᾱ_t)·ε
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, t)  # sqrt(ᾱ_t)·ε − sqrt(1−ᾱ_t)·z_0
+    else:
+        target = noise
+    pred = unet(z_t, t, encoder_hidden_states=context, return_dict=False)[0]
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if noise_config.snr_gamma:
+        loss = loss * min_snr_weights(noise_scheduler, t, noise_config.snr_gamma)
+    return loss
+
+
+def caption_dropout(count: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    """(count,) bool: which captions become the empty prompt (the unconditional branch guidance needs), each with
+    probability p."""
+    return torch.rand(count, generator=generator, device=generator.device) < p

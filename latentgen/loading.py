@@ -1,0 +1,115 @@
+"""Loading models: one home for what latentgen knows of checkpoint formats. Today: diffusers pipeline folders
+(ours and Stable Diffusion's), checked before diffusers reads them so that each mistake a user makes gets a
+one-line error; weights are safetensors unless pickles are allowed explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import UserError, first_line
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+def resolve_model(model: str | Path | None) -> Path:
+    """The model folder a user named, or the default model shipped with latentgen."""
+    if model is not None:
+        return Path(model)
+    if not (DEFAULT_MODEL / "model_index.json").exists():
+        raise UserError(f"no --model given and the default model is missing from {DEFAULT_MODEL}; "
+                        "pass --model FOLDER (a diffusers pipeline folder)")
+    return DEFAULT_MODEL
+
+
+def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> None:
+    """One-line errors for the folder mistakes users make, before diffusers reads anything."""
+    if not folder.exists():
+        raise UserError(f"model folder {folder} does not exist")
+    if not folder.is_dir():
+        raise UserError(f"model {folder} is a file; give a diffusers pipeline folder (with model_index.json)")
+    index_path = folder / "model_index.json"
+    if not index_path.exists():
+        raise UserError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json")
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{index_path} is not valid JSON ({first_line(err)}); re-save or re-download it") from None
+    if not isinstance(index, dict):
+        raise UserError(f"{index_path} is not a diffusers model index (a JSON object of components)")
+    for name in COMPONENTS:
+        entry = index.get(name)
+        if not entry or entry[0] is None or not (folder / name).is_dir():
+            raise UserError(f"{folder} is missing the component '{name}' (a folder {name}/ listed in "
+                            f"model_index.json); a pipeline needs {', '.join(COMPONENTS)}")
+        for config in sorted((folder / name).glob("*.json")):
+            try:
+                json.loads(config.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise UserError(f"{config} is not valid JSON ({first_line(err)}); re-save or re-download it") \
+                    from None
+    for name in WEIGHT_COMPONENTS:
+        files = [f for f in (folder / name).iterdir() if f.is_file()]
+        if any(f.suffix == ".safetensors" for f in files):
+            check_weights(folder, name, index[name])
+            continue
+        pickles = [f.name for f in files if f.suffix in PICKLE_SUFFIXES]
+        if not pickles:
+            raise UserError(f"{folder / name} holds no weights (expected a .safetensors file)")
+        if not allow_pickle:
+            raise UserError(f"{folder / name}/{pickles[0]} is a pickle file, which can run code when loaded; "
+                            "convert it to safetensors, or allow it explicitly with --allow-pickle "
+                            "(allow_pickle=True), which loads it with torch.load(weights_only=True)")
+
+
+def _strip(key: str) -> str:
+    return key.removeprefix("text_model.")  # transformers 4 nests CLIP's text model; 5 does not
+
+
+def check_weights(folder: Path, name: str, entry: list) -> None:
+    """Each safetensors file of a component is complete, and its tensors have the shapes its config implies.
+
+    Reads only the files' headers and builds the model on the meta device (no memory, no weights), so a
+    truncated download or weights saved for another config are named precisely instead of failing deep inside
+    diffusers or transformers.
+    """
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in sorted((folder / name).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt") as sf:
+                shapes.update({_strip(k): tuple(sf.get_slice(k).get_shape()) for k in sf.keys()})
+        except Exception as err:  # safetensors raises its own error type for every kind of damage
+            raise UserError(f"{f} is corrupt or truncated ({first_line(err)}); re-save or re-download it") \
+                from None
+    expected = _expected_shapes(folder / name, entry)
+    if expected is None:
+        return
+    for key, shape in expected.items():
+        if key in shapes and shapes[key] != shape:
+            raise UserError(f"{folder / name}: weight {key} has shape {list(shapes[key])} but {name}/config.json "
+                            f"needs {list(shape)}; the weights and the config do not belong together")
+
+
+def _expected_shapes(path: Path, entry: list) -> dict[str, tuple[int, ...]] | None:
+    """{parameter: shape} of the component's class built from its config on the meta device; None if unknown."""
+    import importlib
+
+    from accelerate import init_empty_weights
+
+    library, class_name = entry
+    try:
+        cls = getattr(importlib.import_module(library), class_name)
+        with init_empty_weights():
+            if library == "diffusers":
+                model = cls.from_config(cls.load_config(path))
+            else:
+                model = cls._from_config(cls.config_class.from_pretrained(path))
+    except Exception:  # an unusual class or config: leave the check to the loader
+        return None
+    return {_strip(k): tuple(v.shape) for k, v in model.state_dict().items()}

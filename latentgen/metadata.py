@@ -1,0 +1,197 @@
+"""Image metadata: AUTOMATIC1111's `parameters` text (read by A1111, ComfyUI, civitai, sd-parsers, ...) and our
+own JSON with everything `infer.py --replay` needs (an image's `Request` fields under the same names, plus the
+model's name and hash), written into PNG text chunks or, for JPEG/WebP, EXIF UserComment as A1111 writes it; read
+back from either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from pathlib import Path
+
+from .errors import UserError
+from .schedulers import a1111_name, a1111_names, from_a1111
+
+METADATA_KEY = "latentgen"
+EXIF_USER_COMMENT = 0x9286  # in the Exif sub-IFD (0x8769), where A1111 puts `parameters` of JPEG/WebP images
+EXIF_IFD = 0x8769
+
+
+def quote(value) -> str:
+    """A value as A1111 writes it into `parameters` (`infotext_utils.quote`): JSON-quoted when it holds a comma,
+    a colon or a newline, so that the 'Key: value, ...' line still splits right."""
+    text = str(value)
+    if "," not in text and ":" not in text and "\n" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def a1111_parameters(meta: dict) -> str:
+    """The `parameters` text A1111 writes: prompt, 'Negative prompt: …', then 'Key: value, …'; `meta` is an
+    image's metadata (its Request fields and the model's name and hash)."""
+    fields = {"Steps": meta["num_inference_steps"], "Sampler": a1111_name(meta["scheduler"]),
+              "CFG scale": meta["guidance_scale"], "Seed": meta["seed"], "Size": f"{meta['width']}x{meta['height']}",
+              "Model hash": meta["model_hash"], "Model": Path(meta["model"]).name}
+    if meta.get("clip_skip"):
+        fields["Clip skip"] = meta["clip_skip"] + 1  # A1111 counts the last layer as 1; diffusers as 0
+    if meta.get("strength") is not None:
+        fields["Denoising strength"] = meta["strength"]
+    if meta.get("guidance_rescale"):
+        fields["CFG Rescale phi"] = meta["guidance_rescale"]
+    if meta.get("hires"):
+        from .hires import UPSCALERS
+
+        h = meta["hires"]
+        fields |= {"Denoising strength": h["denoise"], "Hires upscale": f"{h['scale']:g}", "Hires steps": h["steps"],
+                   "Hires upscaler": UPSCALERS[h["upscaler"]]}
+    fields["Version"] = f"latentgen {meta['version']}"
+    lines = [meta["prompt"]]
+    if meta.get("negative_prompt"):
+        lines.append(f"Negative prompt: {meta['negative_prompt']}")
+    lines.append(", ".join(f"{k}: {quote(v)}" for k, v in fields.items()))
+    return "\n".join(lines)
+
+
+def image_metadata(meta: dict, suffix: str) -> dict:
+    """Keyword arguments for PIL's `save` that carry the metadata in the file's format: PNG text chunks
+    (A1111's `parameters` and our JSON), or for JPEG/WebP the `parameters` text in EXIF UserComment as A1111
+    writes it (piexif's UserComment.dump, 'unicode': an 8-byte charset code, then UTF-16 big-endian)."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    if suffix.lower() not in (".jpg", ".jpeg", ".webp"):
+        info = PngInfo()
+        info.add_text("parameters", a1111_parameters(meta))
+        info.add_text(METADATA_KEY, json.dumps(meta, ensure_ascii=False, sort_keys=True))
+        return {"pnginfo": info}
+    exif = Image.Exif()
+    exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = b"UNICODE\0" + a1111_parameters(meta).encode("utf-16-be")
+    return {"exif": exif.tobytes()}
+
+
+def _exif_parameters(im) -> str | None:
+    comment = im.getexif().get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT)
+    if isinstance(comment, str):
+        return comment
+    if not comment:
+        return None
+    code, body = comment[:8], comment[8:]
+    if code.startswith(b"UNICODE"):
+        return body.decode("utf-16-be" if not body.startswith(b"\xff\xfe") else "utf-16", errors="replace")
+    return body.decode("utf-8", errors="replace").rstrip("\0")
+
+
+def read_metadata(path: str | Path) -> dict:
+    """What an image says about how it was made: {"latentgen": our JSON} for images infer.py wrote as PNG, else
+    {"parameters": A1111's text} (PNG text chunk or EXIF UserComment, as AUTOMATIC1111 and infer.py write it)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            ours = im.info.get(METADATA_KEY) or getattr(im, "text", {}).get(METADATA_KEY)
+            parameters = im.info.get("parameters") or _exif_parameters(im)
+    except FileNotFoundError:
+        raise UserError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise UserError(f"cannot read image {path}: {err}") from None
+    if ours:
+        try:
+            return {METADATA_KEY: json.loads(ours)}
+        except json.JSONDecodeError:
+            raise UserError(f"{path} has damaged latentgen metadata") from None
+    if parameters:
+        return {"parameters": parameters}
+    raise UserError(f"{path} has no generation parameters (neither latentgen's nor AUTOMATIC1111's)")
+
+
+# AUTOMATIC1111's infotext grammar (modules/infotext_utils.py): 'Key: value' pairs, a value JSON-quoted when it
+# holds a comma; sizes as WxH.
+_A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_a1111_parameters(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, {key: value}) of an A1111 `parameters` text, as A1111's
+    `parse_generation_parameters` splits it."""
+    *lines, last = text.strip().split("\n")
+    if len(_A1111_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    fields = {}
+    for key, value in _A1111_PARAM.findall(last):
+        if len(value) > 1 and value[0] == value[-1] == '"':
+            with contextlib.suppress(json.JSONDecodeError):
+                value = json.loads(value)
+        fields[key.strip()] = value.strip() if isinstance(value, str) else str(value)
+    return "\n".join(prompt), "\n".join(negative), fields
+
+
+# Fields that describe the image but need no setting here.
+_A1111_INFORMATIONAL = {"Model hash", "Model", "Version", "VAE", "VAE hash", "Lora hashes", "TI hashes",
+                        "Emphasis", "Token merging ratio"}
+
+
+def a1111_request(text: str) -> tuple[dict, dict[str, str], list[str]]:
+    """Generation settings from an A1111 `parameters` text: (`Request` fields, the A1111 fields as read, the
+    fields latentgen does not use). Unknown samplers are a one-line error naming the ones we have."""
+    prompt, negative, fields = parse_a1111_parameters(text)
+    unused: list[str] = []
+    settings: dict = {"prompt": prompt, "negative_prompt": negative}
+    try:
+        if "Steps" in fields:
+            settings["num_inference_steps"] = int(fields["Steps"])
+        if "CFG scale" in fields:
+            settings["guidance_scale"] = float(fields["CFG scale"])
+        if "Seed" in fields:
+            settings["seed"] = int(fields["Seed"])
+        if "Size" in fields:
+            width, height = fields["Size"].lower().split("x")
+            settings["width"], settings["height"] = int(width), int(height)
+        if "CFG Rescale phi" in fields:
+            settings["guidance_rescale"] = float(fields["CFG Rescale phi"])
+        if "Clip skip" in fields:
+            settings["clip_skip"] = int(fields["Clip skip"]) - 1
+    except ValueError as err:
+        raise UserError(f"the AUTOMATIC1111 parameters hold a value latentgen cannot read: {err}") from None
+    schedule = fields.get("Schedule type", "")
+    if "Sampler" in fields:
+        sampler = fields["Sampler"]
+        name = from_a1111(sampler, schedule) or from_a1111(sampler)
+        if name is None:
+            raise UserError(f"the AUTOMATIC1111 sampler {sampler!r}"
+                            f"{f' with schedule {schedule!r}' if schedule else ''} has no latentgen counterpart; "
+                            f"known: {', '.join(a1111_names())}")
+        settings["scheduler"] = name
+    if "Hires upscale" in fields:
+        from .hires import UPSCALERS
+
+        upscaler = {name: ours for ours, name in UPSCALERS.items()}.get(fields.get("Hires upscaler", "Latent"))
+        if upscaler is None:
+            unused.append("Hires upscaler")  # an upscaler model latentgen does not have: the latent one instead
+        try:
+            settings["hires"] = dict(scale=float(fields["Hires upscale"]), steps=int(fields.get("Hires steps", 0)),
+                                     denoise=float(fields.get("Denoising strength", 0.7)),
+                                     upscaler=upscaler or "latent")
+        except ValueError as err:
+            raise UserError(f"the AUTOMATIC1111 hires fields hold a value latentgen cannot read: {err}") from None
+    used = {"Steps", "CFG scale", "Seed", "Size", "CFG Rescale phi", "Clip skip", "Sampler", "Hires upscale",
+            "Hires steps", "Hires upscaler", "Denoising strength"}
+    if "Sampler" not in fields or from_a1111(fields["Sampler"], schedule) is not None:
+        used.add("Schedule type")  # else: a schedule we do not have for this sampler, listed as unused
+    unused += [k for k in fields if k not in used | _A1111_INFORMATIONAL]
+    return settings, fields, unused
+
+
+def file_sha256(path: str | Path, length: int = 16) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:length]

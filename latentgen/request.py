@@ -1,0 +1,315 @@
+"""One generation request: every setting under one name, with its default, checked once.
+
+`Request` is what the Python API (`LatentPipeline.__call__`), `infer.py`, replay and the server build. Its recorded
+fields are the image metadata under the same names, so replaying an image is `Request(**metadata)`, and adding an
+option to generation is one field here (plus its use in the sampler).
+
+Checking has two halves, each run once per request:
+- `check()` needs no model: types, ranges, prompt syntax, negative prompts, seeds. `infer.py` runs it before a
+  model loads, with its flag names (`names`) in the messages.
+- `fit(pipe)` needs the loaded model: its step limit, the image size, init images and masks, the memory it takes.
+  It returns the `Plan` that the sampler runs: one prompt, negative prompt and seed per image, ready to split into
+  batches without checking again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from . import validate
+from .errors import UserError, one_of
+from .hires import Hires
+from .schedulers import scheduler_names
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+_INPUT = {"recorded": False}  # inputs that are not settings: not in the metadata (replay restores image and mask
+# from the files the metadata names)
+
+# What the messages call each field unless the caller names it otherwise (infer.py passes its flags).
+NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance", "seed": "seed", "strength": "strength",
+         "num_images_per_prompt": "images per prompt", "guidance_rescale": "guidance rescale", "eta": "eta",
+         "dynamic_threshold": "dynamic threshold (a percentile ratio)", "image": "an image",
+         "mask_image": "a mask", "hires": "the hires fix"}
+
+
+@dataclass
+class Request:
+    """A generation request with diffusers' names and meanings (`StableDiffusionPipeline.__call__`).
+
+    `seed` (one int, or one per image) makes each image reproducible on its own; `generator` keeps diffusers'
+    meaning. `image` (+ `strength`) is image-to-image; `image` + `mask_image` (white = repaint) is inpainting.
+    `guidance_rescale`, `dynamic_threshold` and `guidance_interval` are `latentgen.guidance`'s variants; `clip_skip`
+    None uses the model's own; `hires` runs AUTOMATIC1111's hires fix (`latentgen.hires`).
+    """
+
+    prompt: str | list[str] = ""
+    negative_prompt: str | list[str] | None = None
+    num_inference_steps: int = 30
+    guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    num_images_per_prompt: int = 1
+    seed: int | list[int] | None = None
+    scheduler: str | None = None  # a name of latentgen.schedulers; None: the model's own
+    eta: float = 0.0
+    strength: float | None = None  # None: 0.8 for image-to-image, 1 for inpainting
+    guidance_rescale: float = 0.0
+    dynamic_threshold: float | None = None
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    clip_skip: int | None = None
+    hires: Hires | None = None
+    image: Any = field(default=None, metadata=_INPUT)
+    mask_image: Any = field(default=None, metadata=_INPUT)
+    generator: Any = field(default=None, metadata=_INPUT)
+    output_type: str = field(default="pil", metadata=_INPUT)
+    checked: bool = field(default=False, repr=False, compare=False, metadata=_INPUT)
+
+    @classmethod
+    def recorded_fields(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.metadata.get("recorded", True)]
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any], **inputs) -> "Request":
+        """The request an image's metadata records (unknown keys, such as the model's name, are left out)."""
+        return cls(**{k: metadata[k] for k in cls.recorded_fields() if k in metadata}, **inputs)
+
+    # --------------------------------------------------------------------------------------------------------
+    # Checks that need no model
+
+    def check(self, names: Mapping[str, str] | None = None, max_steps: int | None = None) -> "Request":
+        """This request with its values checked and normalised (prompt and negative_prompt as lists of equal
+        length, seed as one per image, strength filled in, hires as `Hires`); one-line UserErrors otherwise.
+        `max_steps`: the model's number of training noise levels, where known already."""
+        if self.checked:
+            return self
+        name = NAMES | dict(names or {})
+        prompts = _as_list(self.prompt, "prompt")
+        if not prompts:
+            raise UserError("no prompt given; pass a prompt string or a non-empty list of prompts")
+        negatives = _as_list(self.negative_prompt, "negative_prompt") or [""]
+        if len(negatives) == 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise UserError(f"got {len(prompts)} prompts and {len(negatives)} negative prompts; "
+                            "give one negative prompt for all or one per prompt")
+        from .prompts import has_syntax, parse
+
+        for text in dict.fromkeys(prompts + negatives):
+            if has_syntax(text):
+                parse(text)  # weighting syntax errors before any work
+        validate.steps(self.num_inference_steps, max_steps, what=name["num_inference_steps"])
+        guidance = validate.guidance(self.guidance_scale, name["guidance_scale"])
+        per_prompt = validate.count(self.num_images_per_prompt, name["num_images_per_prompt"])
+        if self.scheduler is not None and self.scheduler not in scheduler_names():
+            raise one_of("scheduler", self.scheduler, scheduler_names())
+        if self.output_type not in OUTPUT_TYPES:
+            raise one_of("output_type", self.output_type, list(OUTPUT_TYPES))
+        rescale = validate.in_range(self.guidance_rescale, name["guidance_rescale"], 0.0, 1.0)
+        eta = validate.in_range(self.eta, name["eta"], 0.0, 1.0)
+        interval = _interval(self.guidance_interval)
+        if self.dynamic_threshold is not None:
+            validate.in_range(self.dynamic_threshold, name["dynamic_threshold"], 0.5, 1.0, True, True)
+        if self.mask_image is not None and self.image is None:
+            raise UserError(f"{name['mask_image']} needs {name['image']} (the image to inpaint)")
+        strength = self.strength
+        if strength is None:
+            strength = 0.8 if self.image is not None and self.mask_image is None else 1.0
+        strength = validate.in_range(strength, name["strength"], 0.0, 1.0, low_open=True)
+        if self.clip_skip is not None and (not isinstance(self.clip_skip, int) or self.clip_skip < 0):
+            raise UserError(f"clip skip must be an integer ≥ 0 (layers to skip from the end), got {self.clip_skip!r}")
+        total = len(prompts) * per_prompt
+        seeds = None
+        if self.seed is not None:
+            if self.generator is not None:
+                raise UserError("pass either seed or generator, not both")
+            seeds = (validate.seeds(self.seed, total, name["seed"]) if not isinstance(self.seed, (list, tuple))
+                     else validate.seed_list(self.seed, total))
+        if isinstance(self.generator, list) and len(self.generator) != total:
+            raise UserError(f"got {len(self.generator)} generators for {total} images")
+        hires = self.hires
+        if hires is not None:
+            hires = (Hires(**hires) if isinstance(hires, Mapping) else hires).check()
+            if self.image is not None:
+                raise UserError(f"{name['hires']} is for text-to-image; with {name['image']}, resize the image "
+                                "instead")
+        return dataclasses.replace(self, prompt=prompts, negative_prompt=negatives, guidance_scale=guidance,
+                                   seed=seeds, guidance_rescale=rescale, eta=eta, guidance_interval=interval,
+                                   strength=strength, hires=hires, checked=True)
+
+    @property
+    def total(self) -> int:
+        """How many images the request makes (after `check`)."""
+        return len(self.prompt) * self.num_images_per_prompt
+
+    def per_image(self) -> tuple[list[str], list[str], list[int] | None]:
+        """One prompt, negative prompt and seed per image, prompt-major (after `check`)."""
+        n = self.num_images_per_prompt
+        return ([p for p in self.prompt for _ in range(n)], [p for p in self.negative_prompt for _ in range(n)],
+                self.seed)
+
+    # --------------------------------------------------------------------------------------------------------
+    # Checks that need the model
+
+    def fit(self, pipe, batch_size: int | None = None) -> "Plan":
+        """The plan for `pipe`: the model's limits checked, sizes and init images resolved, and the memory of
+        batches of `batch_size` images (default: all at once), including a hires pass, checked."""
+        max_steps = pipe.scheduler.config.get("num_train_timesteps")
+        req = self.check(max_steps=max_steps)
+        validate.steps(req.num_inference_steps, max_steps)  # for a request checked before the model loaded
+        if pipe.inpainting_unet and req.mask_image is None:
+            raise UserError("this is an inpainting model (9-channel U-Net): give an image and a mask")
+        total, f = req.total, pipe.vae_scale_factor
+        height, width, image, mask, init_latents = req.height, req.width, req.image, req.mask_image, None
+        if pipe.is_latents(image):  # image-to-image from latents, as diffusers' img2img accepts them
+            if mask is not None:
+                raise UserError("inpainting needs the image in pixels, not latents")
+            h, w = image.shape[-2] * f, image.shape[-1] * f
+            if (height or h, width or w) != (h, w):
+                raise UserError(f"the init latents make {w}×{h} images; height and width cannot differ from that")
+            height, width, init_latents, image = h, w, image.float(), None
+            if init_latents.shape[0] not in (1, total):
+                raise UserError(f"got {init_latents.shape[0]} latents for {total} outputs; give one or one per output")
+        if image is not None:
+            w, h = _image_size(image)
+            if height is None and width is None and (w % f or h % f):
+                raise UserError(f"the image is {w}×{h}; its sides must be multiples of {f} "
+                                "(resize it, or pass height and width to resize it)")
+            height, width = height or h, width or w
+            if mask is not None and _image_size(mask) != (w, h):
+                mw, mh = _image_size(mask)
+                raise UserError(f"the mask is {mw}×{mh} but the image is {w}×{h}; they must be the same size")
+        height, width = check_size(height, width, f, pipe.default_size)
+        from .memory import check_sampling
+
+        rows = min(total, batch_size or total)
+        check_sampling(pipe, height, width, rows, guided=req.guidance_scale > 1.0)
+        if req.hires is not None:
+            check_sampling(pipe, *req.hires.size(height, width, pipe.size_multiple), rows,
+                           guided=req.guidance_scale > 1.0)
+        if image is not None:
+            image = pipe.image_processor.preprocess(image, height=height, width=width).float()
+            if image.shape[0] not in (1, total):
+                raise UserError(f"got {image.shape[0]} images for {total} outputs; give one or one per output")
+        if mask is not None:
+            mask = pipe.mask_processor.preprocess(mask, height=height, width=width).float()
+        prompts, negatives, seeds = req.per_image()
+        return Plan(req, prompts, negatives, seeds, req.generator, height, width, image, init_latents, mask,
+                    pipe.config.clip_skip if req.clip_skip is None else req.clip_skip or None)
+
+
+@dataclass
+class Plan:
+    """A request fitted to a model: what the sampler runs, one entry per image."""
+
+    request: Request  # checked
+    prompts: list[str]
+    negative_prompts: list[str]
+    seeds: list[int] | None
+    generator: torch.Generator | list[torch.Generator] | None
+    height: int
+    width: int
+    image: torch.Tensor | None = None  # (1 or N, 3, H, W) in [-1, 1]
+    init_latents: torch.Tensor | None = None  # or already-encoded, scaled latents z0 (1 or N, C, H/f, W/f)
+    mask: torch.Tensor | None = None  # (1 or N, 1, H, W) in {0, 1}; 1 = repaint
+    clip_skip: int | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def has_init(self) -> bool:
+        return self.image is not None or self.init_latents is not None
+
+    def cfg_at(self, step: int) -> bool:
+        """Whether sampling step `step` is guided (guidance > 1, inside the guidance interval)."""
+        from .guidance import in_interval
+
+        r = self.request
+        return r.guidance_scale > 1.0 and in_interval(step, r.num_inference_steps, r.guidance_interval)
+
+    def take(self, rows: Sequence[int]) -> "Plan":
+        """The plan for some of its images (rows in order), e.g. one batch, or one rank's share."""
+        rows = list(rows)
+        n = self.batch_size
+        if rows == list(range(n)):
+            return self
+        if self.generator is not None and not isinstance(self.generator, list):
+            raise UserError("a request with one shared generator cannot be split; pass seed, or one generator "
+                            "per image")
+        pick = lambda xs: None if xs is None else [xs[i] for i in rows]  # noqa: E731
+        return dataclasses.replace(self, prompts=pick(self.prompts), negative_prompts=pick(self.negative_prompts),
+                                   seeds=pick(self.seeds), generator=pick(self.generator),
+                                   image=_rows(self.image, rows, n), init_latents=_rows(self.init_latents, rows, n),
+                                   mask=_rows(self.mask, rows, n))
+
+    def split(self, size: int) -> Iterator["Plan"]:
+        """Batches of at most `size` images, in order (a single shared generator keeps one batch)."""
+        n = self.batch_size
+        if size >= n or (self.generator is not None and not isinstance(self.generator, list)):
+            yield self
+            return
+        for start in range(0, n, size):
+            yield self.take(range(start, min(start + size, n)))
+
+    def record(self, i: int, scheduler: str) -> dict[str, Any]:
+        """Image i's settings as `Request` fields, under the same names: `Request.from_metadata` replays it."""
+        r = self.request
+        out = {name: getattr(r, name) for name in Request.recorded_fields()}
+        out.update(prompt=self.prompts[i], negative_prompt=self.negative_prompts[i],
+                   seed=None if self.seeds is None else self.seeds[i], num_images_per_prompt=1, height=self.height,
+                   width=self.width, scheduler=scheduler, guidance_interval=list(r.guidance_interval),
+                   strength=r.strength if self.has_init else None, clip_skip=self.clip_skip,
+                   hires=None if r.hires is None else dataclasses.asdict(r.hires))
+        return out
+
+
+def _rows(t: torch.Tensor | None, rows: list[int], n: int) -> torch.Tensor | None:
+    """The rows of a per-image tensor; one shared by every image (a single init image) stays as it is."""
+    return t if t is None or t.shape[0] != n or n == 1 else t[rows]
+
+
+def _as_list(value: str | Sequence[str] | None, what: str) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    values = list(value)
+    if not all(isinstance(v, str) for v in values):
+        raise UserError(f"{what} must be a string or a list of strings")
+    return values
+
+
+def _interval(value) -> tuple[float, float]:
+    try:
+        start, end = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise UserError(f"guidance interval must be two numbers (start, end), got {value!r}") from None
+    if not 0.0 <= start < end <= 1.0:
+        raise UserError(f"guidance interval must satisfy 0 ≤ start < end ≤ 1, got {start}, {end}")
+    return start, end
+
+
+def _image_size(image) -> tuple[int, int]:
+    """(width, height) of a PIL image, an (H, W, C) array or a (B, C, H, W) / (C, H, W) tensor."""
+    if hasattr(image, "size") and not callable(image.size):
+        return image.size
+    shape = tuple(image.shape)
+    if isinstance(image, torch.Tensor):
+        return shape[-1], shape[-2]
+    return shape[1], shape[0]
+
+
+def check_size(height: int | None, width: int | None, factor: int, default: int) -> tuple[int, int]:
+    """Image height and width (defaults filled in), each a positive multiple of the VAE's factor."""
+    height = default if height is None else height
+    width = default if width is None else width
+    for name, v in (("height", height), ("width", width)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < factor or v % factor:
+            raise UserError(f"{name} must be a positive multiple of {factor} (the VAE's downsampling factor), "
+                            f"got {v!r}")
+    return height, width

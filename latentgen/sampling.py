@@ -1,0 +1,198 @@
+"""The sampling loop of a fitted request (`request.Plan`), as numbered stages: encode the prompts, prepare the
+sampler, prepare the latents (noise, or a noised init image for image-to-image and inpainting), denoise, decode.
+
+Nothing here changes the pipeline it runs on, so concurrent callers can share one: each call makes its own
+scheduler, and the fp32 retry after a low-precision overflow runs on fp32 copies of the modules instead of
+converting them in place.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
+
+from .conditioning import GuidedConditioning, PromptEncoder
+from .diffusion import scale_latents, unscale_latents
+from .errors import UserError
+from .guidance import DYNAMIC_THRESHOLD_FLOOR, alpha_sigma, classifier_free_guidance, clip_x0, rescale_guidance
+from .request import Plan
+from .schedulers import SCHEDULERS, UNSTABLE_ABOVE_GUIDANCE, make_scheduler, step_kwargs
+
+log = logging.getLogger("latentgen")
+
+
+def sample(pipe, plan: Plan, generator, on_step: Callable[[int], None] | None) -> torch.Tensor:
+    """Stages 1-4: the final latents z0 (N, C, h, w), fp32."""
+    cond = prepare_conditioning(pipe, plan)
+    scheduler = prepare_scheduler(pipe, plan)
+    timesteps = timesteps_for(plan, scheduler)
+    latents, known = prepare_latents(pipe, plan, scheduler, timesteps, generator)
+    return denoise(pipe, latents, cond, plan, scheduler, timesteps, known, generator, on_step)
+
+
+def prepare_conditioning(pipe, plan: Plan) -> GuidedConditioning:
+    """1. The prompts' conditioning, and [negative; prompt] when any step is guided."""
+    cond = pipe.encode_conditioning(plan.prompts, plan.clip_skip)
+    if plan.request.guidance_scale <= 1.0:
+        return GuidedConditioning(cond)
+    uncond = pipe.encode_conditioning(plan.negative_prompts, plan.clip_skip)
+    return GuidedConditioning(cond, type(cond).concat([uncond, cond]))
+
+
+def prepare_scheduler(pipe, plan: Plan):
+    """2. A fresh sampler for this call (schedulers keep per-run state), with its timesteps set."""
+    name = plan.request.scheduler
+    if name is None:
+        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    else:
+        scheduler = make_scheduler(name, pipe.scheduler.config)
+    scheduler.set_timesteps(plan.request.num_inference_steps, device=pipe.unet.device)
+    cls = type(scheduler).__name__
+    unstable = any(s.cls == cls and not s.stable_with_guidance for s in SCHEDULERS.values())
+    if unstable and plan.request.guidance_scale > UNSTABLE_ABOVE_GUIDANCE and cls not in pipe.warned:
+        pipe.warned.add(cls)  # once per pipeline, not once per batch
+        log.warning("%s is a 4th-order multistep sampler and can diverge at guidance %g; "
+                    "dpm++ or euler are stable there", cls, plan.request.guidance_scale)
+    return scheduler
+
+
+def timesteps_for(plan: Plan, scheduler) -> torch.Tensor:
+    """All timesteps, or for image-to-image the last `strength` fraction of them (SDEdit)."""
+    strength = plan.request.strength
+    if not plan.has_init or strength >= 1.0:
+        return scheduler.timesteps
+    n = plan.request.num_inference_steps
+    start = (n - min(int(n * strength), n)) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return scheduler.timesteps[start:]
+
+
+def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] -> scaled latents z0 (N, C, H/f, W/f), the posterior mean."""
+    z = pipe.vae.encode(images.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mode().float()
+    return scale_latents(pipe.vae, z)
+
+
+def prepare_latents(pipe, plan: Plan, scheduler, timesteps, generator) -> tuple[torch.Tensor, dict]:
+    """3. x_T ~ N(0, σ_max² I) (N, C, h, w), each image's noise from its own generator when seeded; or an init
+    image noised to the first timestep. Latents stay fp32 whatever the U-Net's dtype: the same seed gives
+    the same starting noise in every precision, and the sampler's arithmetic keeps full precision."""
+    f, n = pipe.vae_scale_factor, plan.batch_size
+    shape = (n, pipe.vae.config.latent_channels, plan.height // f, plan.width // f)
+    noise = randn_tensor(shape, generator=generator, device=pipe.unet.device, dtype=torch.float32)
+    known: dict[str, torch.Tensor] = {"noise": noise}
+    if not plan.has_init:
+        return noise * scheduler.init_noise_sigma, known
+    z0 = plan.init_latents.to(noise.device) if plan.init_latents is not None else encode_images(pipe, plan.image)
+    z0 = z0.expand(n, -1, -1, -1)
+    known["z0"] = z0
+    if plan.mask is not None:
+        mask = F.interpolate(plan.mask, size=shape[-2:]).to(noise.device)  # (N or 1, 1, h, w)
+        known["mask"] = mask.expand(n, -1, -1, -1)
+        if pipe.inpainting_unet:
+            masked = plan.image * (plan.mask < 0.5)
+            known["masked_z0"] = encode_images(pipe, masked).expand(n, -1, -1, -1)
+    if plan.request.strength >= 1.0:
+        return noise * scheduler.init_noise_sigma, known
+    if len(timesteps) == 0:  # strength so small that no step remains: the image itself
+        return z0.clone(), known
+    return scheduler.add_noise(z0, noise, timesteps[:1].repeat(n)), known
+
+
+def predict(pipe, x: torch.Tensor, t, cond: GuidedConditioning, plan: Plan, step: int, scheduler,
+            known: dict) -> torch.Tensor:
+    """The (guided) model prediction at x_t; one batched U-Net call on [uncond; cond] when guiding."""
+    r = plan.request
+    guided = plan.cfg_at(step)
+    c = cond.for_step(guided)
+    x_t = scheduler.scale_model_input(x, t)  # the VP form sqrt(ᾱ_t)·z0 + sqrt(1−ᾱ_t)·ε, (N, C, h, w)
+    x_in = torch.cat([x_t] * 2) if guided else x_t  # (2N or N, C, h, w)
+    if "masked_z0" in known:  # 9-channel inpainting U-Net input
+        extra = torch.cat([known["mask"], known["masked_z0"]], dim=1)
+        x_in = torch.cat([x_in, torch.cat([extra] * 2) if guided else extra], dim=1)
+    pred = run_unet(pipe, x_in.to(c.hidden_states.dtype), t, c, rows_per_image=2 if guided else 1)
+    if guided:
+        uncond, cond_pred = pred.chunk(2)
+        pred = rescale_guidance(classifier_free_guidance(uncond, cond_pred, r.guidance_scale), cond_pred,
+                                r.guidance_rescale)
+    if r.dynamic_threshold:
+        alpha, sigma = alpha_sigma(scheduler.alphas_cumprod, t)
+        pred = clip_x0(pred, x_t, alpha, sigma, scheduler.config.prediction_type, r.dynamic_threshold,
+                       DYNAMIC_THRESHOLD_FLOOR)
+    return pred
+
+
+def run_unet(pipe, x_in: torch.Tensor, t, cond, rows_per_image: int) -> torch.Tensor:
+    """One U-Net evaluation of all rows, fp32 out.
+
+    An image's result must not depend on the batch it is in. In bf16 the CPU kernels are batch-invariant
+    (tests/test_reliability.py checks it), so the rows go in one call. In fp32, oneDNN and MKL choose their
+    convolution and small-matrix algorithms by batch size, so each image's rows ([uncond_i; cond_i]) go in a
+    call of their own: the same shapes for every image, whatever the batch.
+    """
+    def call(rows):
+        return pipe.unet(x_in[rows], t, **cond[rows].unet_kwargs(), return_dict=False)[0]
+
+    n = x_in.shape[0] // rows_per_image
+    if x_in.dtype != torch.float32 or n == 1:
+        return call(slice(None)).float()
+    out = torch.empty_like(x_in[:, :pipe.unet.config.out_channels])
+    for i in range(n):
+        rows = [i + k * n for k in range(rows_per_image)]  # image i in each of the [uncond; cond] halves
+        out[rows] = call(rows)
+    return out
+
+
+def denoise(pipe, latents: torch.Tensor, cond: GuidedConditioning, plan: Plan, scheduler, timesteps, known: dict,
+            generator, on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+    """4. Run the sampler over `timesteps`; with a 4-channel U-Net and a mask, the known region is put back
+    (noised to the next timestep) after every step, so only the masked region is generated."""
+    extra = step_kwargs(scheduler, generator, plan.request.eta)
+    offset = (len(scheduler.timesteps) - len(timesteps)) // scheduler.order  # steps skipped by img2img
+    blend = "mask" in known and "masked_z0" not in known
+    for i, t in enumerate(pipe.progress_bar(timesteps)):
+        pred = predict(pipe, latents, t, cond, plan, offset + i // scheduler.order, scheduler, known)
+        latents = scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
+        if blend:
+            if i + 1 < len(timesteps):
+                keep = scheduler.add_noise(known["z0"], known["noise"], timesteps[i + 1:i + 2])
+            else:
+                keep = known["z0"]
+            latents = known["mask"] * latents + (1 - known["mask"]) * keep
+        last = i == len(timesteps) - 1
+        if on_step is not None and (last or (i + 1) % scheduler.order == 0):  # once per sampling step
+            on_step(i // scheduler.order)
+    return latents
+
+
+def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """5. z (N, C, h, w) -> image (N, 3, H, W) in [-1, 1], one image per call: the VAE's attention kernels are
+    not batch-invariant, and one decode per image costs little next to the sampling steps."""
+    z = unscale_latents(pipe.vae, latents).to(pipe.vae.dtype)
+    return torch.cat([pipe.vae.decode(z[i:i + 1], return_dict=False)[0] for i in range(z.shape[0])])
+
+
+def finite_or_fp32(pipe, run: Callable[[object, bool], torch.Tensor], names: tuple[str, ...], warning: str,
+                   fatal: str) -> tuple[torch.Tensor, bool]:
+    """`run(pipe, False)`; if its result holds NaN/Inf (a low-precision overflow), `run(twin, True)` on a copy of
+    the pipeline whose modules `names` are fp32 copies, after a warning; `pipe` itself is never changed, so
+    other callers sharing it are not disturbed. Already fp32 and still not finite: a UserError. Returns the
+    result and whether it retried."""
+    out = run(pipe, False)
+    if torch.isfinite(out).all():
+        return out, False
+    dtype = next(getattr(pipe, names[0]).parameters()).dtype
+    if dtype == torch.float32:
+        raise UserError(fatal)
+    log.warning(warning.format(dtype=str(dtype).removeprefix("torch.")))
+    twin = copy.copy(pipe)
+    for name in names:
+        twin.__dict__[name] = copy.deepcopy(getattr(pipe, name)).to(torch.float32)
+    twin.__dict__["prompt_encoder"] = PromptEncoder()  # embeddings of the fp32 encoder, not shared
+    return run(twin, True), True
