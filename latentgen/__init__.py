@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["LatentPipeline", "__version__"]
+__all__ = ["LatentPipeline", "Request", "__version__"]
 
 
 def __getattr__(name):  # keep `import latentgen` light: torch/diffusers load on first use of the pipeline
@@ -10,4 +10,8 @@ def __getattr__(name):  # keep `import latentgen` light: torch/diffusers load on
         from .pipeline import LatentPipeline
 
         return LatentPipeline
+    if name == "Request":
+        from .request import Request
+
+        return Request
     raise AttributeError(name)

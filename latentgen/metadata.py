@@ -99,9 +99,11 @@ def read_metadata(path: str | Path) -> dict:
         raise UserError(f"cannot read image {path}: {err}") from None
     if ours:
         try:
-            return {METADATA_KEY: json.loads(ours)}
+            meta = json.loads(ours)
         except json.JSONDecodeError:
             raise UserError(f"{path} has damaged latentgen metadata") from None
+        if "num_inference_steps" in meta or not parameters:  # else written before the Request names: use A1111's
+            return {METADATA_KEY: meta}
     if parameters:
         return {"parameters": parameters}
     raise UserError(f"{path} has no generation parameters (neither latentgen's nor AUTOMATIC1111's)")

@@ -97,3 +97,21 @@ def test_replay_of_an_a1111_png_makes_the_image_its_settings_describe(tiny_folde
     assert np.array_equal(a, b)
     meta = json.loads(Image.open(tmp_path / "replayed.png").info["latentgen"])
     assert meta["scheduler"] == "dpm++-karras" and meta["seed"] == 1234
+
+
+def test_an_image_with_older_latentgen_json_replays_from_its_a1111_text(tiny_folder, tmp_path):
+    """Images written before the metadata used Request's names ('steps', 'guidance') fall back to their A1111
+    parameters, which carry the same settings, and come out the same."""
+    r = infer("--model", tiny_folder, "--prompt", "a red circle", "--steps", 3, "--seed", 7, "--scheduler", "euler-a",
+              "--out", tmp_path / "new.png")
+    assert r.returncode == 0, r.stderr
+    im = Image.open(tmp_path / "new.png")
+    meta = json.loads(im.info["latentgen"])
+    meta["steps"], meta["guidance"] = meta.pop("num_inference_steps"), meta.pop("guidance_scale")
+    info = PngInfo()
+    info.add_text("parameters", im.info["parameters"])
+    info.add_text("latentgen", json.dumps(meta))
+    im.save(tmp_path / "old.png", pnginfo=info)
+    r = infer("--model", tiny_folder, "--replay", tmp_path / "old.png", "--out", tmp_path / "again.png")
+    assert r.returncode == 0 and "replayed the AUTOMATIC1111 parameters" in r.stdout, r.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(tmp_path / "new.png")))
