@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from pathlib import Path
 
 from latentgen.cli import ArgumentParser, quiet_libraries, run_cli
 from latentgen.errors import UserError
@@ -50,6 +51,10 @@ def parse_args(argv):
     p.add_argument("--hires-denoise", type=float, default=0.5, help="second-pass denoising strength, in (0, 1]")
     p.add_argument("--hires-upscaler", default="latent", choices=["latent", "lanczos"],
                    help="upscale the latents (default) or the decoded pixels (Lanczos)")
+    p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                   help="apply a LoRA (repeatable; diffusers or kohya/A1111 format); prompts may also hold "
+                        "<lora:NAME:SCALE>, NAME looked up in --loras-dir")
+    p.add_argument("--loras-dir", default="loras", help="where <lora:NAME> finds NAME.safetensors (default: loras)")
     p.add_argument("--model", help="a diffusers pipeline folder (default: the model shipped with latentgen)")
     p.add_argument("--out", default="outputs", help="an image file (.png/.jpg) or a folder (default: outputs)")
     p.add_argument("--grid", action="store_true", help="also write one contact sheet of all images")
@@ -75,6 +80,7 @@ def request_of(args, prompts, image=None, mask=None):
     """The run as one Request (checked later, once): image k of the run gets seed --seed + k."""
     import random
 
+    from latentgen import lora
     from latentgen.hires import Hires
     from latentgen.request import Request
 
@@ -87,7 +93,8 @@ def request_of(args, prompts, image=None, mask=None):
                    num_images_per_prompt=args.num_images, seed=seed, scheduler=args.scheduler,
                    strength=args.strength, guidance_rescale=args.guidance_rescale,
                    dynamic_threshold=args.dynamic_threshold, guidance_interval=tuple(args.guidance_interval),
-                   hires=hires, image=image, mask_image=mask)
+                   hires=hires, loras=[lora.parse_flag(v) for v in args.lora or []] or None, image=image,
+                   mask_image=mask)
 
 
 def main(argv=None):
@@ -137,6 +144,7 @@ def load_pipeline(args, state=None):
     model = resolve_model(args.model)
     pipe = LatentPipeline.from_pretrained(model, torch_dtype=dtype, allow_pickle=args.allow_pickle).to(device)
     pipe.set_progress_bar_config(disable=True)
+    pipe.loras_dir = Path(args.loras_dir)
     if args.compile:
         start = time.perf_counter()
         seconds = pipe.compile_unet()
@@ -158,6 +166,11 @@ def write(pipe, model, plan, paths, args, show=True) -> list:
              "device": str(pipe.unet.device.type)}
     about |= {k: {"path": str(getattr(args, k)), "sha256": file_sha256(getattr(args, k))}
               for k in ("image", "mask") if getattr(args, k)}
+    if plan.loras:
+        from latentgen import lora
+
+        about["lora_hashes"] = {path.stem: lora.short_hash(path) for path, _ in plan.loras}
+        lora.fuse(pipe, plan.loras)  # one LoRA set for the whole run: fused is faster per image
     req = plan.request
     steps = req.num_inference_steps + ((req.hires.steps or req.num_inference_steps) if req.hires else 0)
     # disable=None: a progress bar on a terminal only, never mixed into redirected output
@@ -185,7 +198,6 @@ def replay(args):
     bit for bit. Images that carry only AUTOMATIC1111's `parameters` (made by A1111 itself, or JPEG/WebP from
     infer.py) are regenerated from those settings with --model (default: the shipped model) and written, not
     compared."""
-    from pathlib import Path
 
     import numpy as np
 

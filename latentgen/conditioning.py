@@ -89,6 +89,7 @@ class PromptEncoder:
     def encode(self, prompts: Sequence[str], key: Hashable, backend, device, dtype) -> Conditioning:
         """(B,) prompts -> hidden states (B, T, D) in `dtype` on `device`, padded and masked when prompts have
         different lengths. `key` names the encoder's state (module, clip skip, ...); `backend()` makes it."""
+        from .lora import strip_tags
         from .prompts import ChunkedEncoder
 
         rows = []
@@ -98,7 +99,7 @@ class PromptEncoder:
                 entry = (key, prompt)
                 if entry not in self.entries:
                     encoder = encoder or ChunkedEncoder(backend())
-                    self.entries[entry] = encoder.encode(prompt).to(device=device, dtype=dtype)
+                    self.entries[entry] = encoder.encode(strip_tags(prompt)).to(device=device, dtype=dtype)
                 self.entries.move_to_end(entry)
                 rows.append(self.entries[entry])
             while len(self.entries) > self.size:

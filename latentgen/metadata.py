@@ -46,8 +46,12 @@ def a1111_parameters(meta: dict) -> str:
         h = meta["hires"]
         fields |= {"Denoising strength": h["denoise"], "Hires upscale": f"{h['scale']:g}", "Hires steps": h["steps"],
                    "Hires upscaler": UPSCALERS[h["upscaler"]]}
+    if meta.get("lora_hashes"):
+        fields["Lora hashes"] = ", ".join(f"{name}: {h}" for name, h in meta["lora_hashes"].items())
     fields["Version"] = f"latentgen {meta['version']}"
-    lines = [meta["prompt"]]
+    # LoRAs given apart from the prompt (--lora) become A1111's prompt tags, found by name in its loras folder
+    tags = "".join(f" <lora:{Path(path).stem}:{scale:g}>" for path, scale in meta.get("loras") or [])
+    lines = [meta["prompt"] + tags]
     if meta.get("negative_prompt"):
         lines.append(f"Negative prompt: {meta['negative_prompt']}")
     lines.append(", ".join(f"{k}: {quote(v)}" for k, v in fields.items()))

@@ -9,9 +9,11 @@ by concurrent callers: a call changes none of its modules, and the prompt cache 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -67,6 +69,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                                                 do_convert_grayscale=True)
         self.prompt_encoder = PromptEncoder()
         self.warned: set[str] = set()  # warnings given once per pipeline
+        self.loras_dir = Path("loras")  # where <lora:NAME:...> and named LoRAs are looked up
+        self.lora_lock = threading.RLock()  # requests with different LoRAs take turns on the shared U-Net
 
     # ------------------------------------------------------------------------------------------------------------
     # Loading and saving
@@ -248,12 +252,18 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     @torch.no_grad()
     def generate(self, request: Request | Plan, on_step: Callable[[int], None] | None = None) -> GenerationOutput:
         """Run a Request, or a Plan already fitted to this pipeline (then nothing is checked again)."""
-        plan = request if isinstance(request, Plan) else request.fit(self)
-        if plan.request.hires is not None:
-            from . import hires
+        from . import lora
 
-            return hires.generate(self, plan, on_step)
-        return self.run_plan(plan, on_step)
+        plan = request if isinstance(request, Plan) else request.fit(self)
+        switch = bool(plan.loras or self.__dict__.get("managed_loras"))
+        with self.lora_lock if switch else contextlib.nullcontext():
+            if switch:
+                lora.activate(self, plan.loras)
+            if plan.request.hires is not None:
+                from . import hires
+
+                return hires.generate(self, plan, on_step)
+            return self.run_plan(plan, on_step)
 
     def run_plan(self, plan: Plan, on_step: Callable[[int], None] | None = None) -> GenerationOutput:
         """Sample and decode; in fp32 again where the low precision overflowed (NaN/Inf latents would decode to a

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -43,7 +44,8 @@ class Request:
     `seed` (one int, or one per image) makes each image reproducible on its own; `generator` keeps diffusers'
     meaning. `image` (+ `strength`) is image-to-image; `image` + `mask_image` (white = repaint) is inpainting.
     `guidance_rescale`, `dynamic_threshold` and `guidance_interval` are `latentgen.guidance`'s variants; `clip_skip`
-    None uses the model's own; `hires` runs AUTOMATIC1111's hires fix (`latentgen.hires`).
+    None uses the model's own; `hires` runs AUTOMATIC1111's hires fix (`latentgen.hires`); `loras` are LoRA files (or
+    names in the pipeline's `loras_dir`) with their scales, as are A1111's `<lora:NAME:SCALE>` prompt tags.
     """
 
     prompt: str | list[str] = ""
@@ -62,6 +64,7 @@ class Request:
     guidance_interval: tuple[float, float] = (0.0, 1.0)
     clip_skip: int | None = None
     hires: Hires | None = None
+    loras: list[tuple[str, float]] | None = None  # (file or name, scale); prompts may also hold <lora:NAME:SCALE>
     image: Any = field(default=None, metadata=_INPUT)
     mask_image: Any = field(default=None, metadata=_INPUT)
     generator: Any = field(default=None, metadata=_INPUT)
@@ -96,11 +99,23 @@ class Request:
         if len(negatives) != len(prompts):
             raise UserError(f"got {len(prompts)} prompts and {len(negatives)} negative prompts; "
                             "give one negative prompt for all or one per prompt")
+        from . import lora
         from .prompts import has_syntax, parse
 
         for text in dict.fromkeys(prompts + negatives):
             if has_syntax(text):
-                parse(text)  # weighting syntax errors before any work
+                parse(lora.strip_tags(text))  # weighting syntax errors before any work
+        if len({tuple(lora.tags(p)) for p in prompts}) > 1:
+            raise UserError("the prompts of one call name different LoRAs (<lora:...> tags); give them in "
+                            "separate calls")
+        loras = None
+        if self.loras:
+            try:
+                loras = [(str(file), float(scale)) for file, scale in self.loras]
+            except (TypeError, ValueError):
+                raise UserError(f"loras must be (file or name, scale) pairs, got {self.loras!r}") from None
+            for file, scale in loras:
+                validate.in_range(scale, f"the scale of LoRA {file}", -10.0, 10.0)
         validate.steps(self.num_inference_steps, max_steps, what=name["num_inference_steps"])
         guidance = validate.guidance(self.guidance_scale, name["guidance_scale"])
         per_prompt = validate.count(self.num_images_per_prompt, name["num_images_per_prompt"])
@@ -138,7 +153,7 @@ class Request:
                                 "instead")
         return dataclasses.replace(self, prompt=prompts, negative_prompt=negatives, guidance_scale=guidance,
                                    seed=seeds, guidance_rescale=rescale, eta=eta, guidance_interval=interval,
-                                   strength=strength, hires=hires, checked=True)
+                                   strength=strength, hires=hires, loras=loras, checked=True)
 
     @property
     def total(self) -> int:
@@ -197,8 +212,12 @@ class Request:
         if mask is not None:
             mask = pipe.mask_processor.preprocess(mask, height=height, width=width).float()
         prompts, negatives, seeds = req.per_image()
+        from . import lora
+
+        folder = Path(getattr(pipe, "loras_dir", "loras"))
+        loras = [(lora.resolve(name, folder), scale) for name, scale in (req.loras or []) + lora.tags(prompts[0])]
         return Plan(req, prompts, negatives, seeds, req.generator, height, width, image, init_latents, mask,
-                    pipe.config.clip_skip if req.clip_skip is None else req.clip_skip or None)
+                    pipe.config.clip_skip if req.clip_skip is None else req.clip_skip or None, loras)
 
 
 @dataclass
@@ -216,6 +235,7 @@ class Plan:
     init_latents: torch.Tensor | None = None  # or already-encoded, scaled latents z0 (1 or N, C, H/f, W/f)
     mask: torch.Tensor | None = None  # (1 or N, 1, H, W) in {0, 1}; 1 = repaint
     clip_skip: int | None = None
+    loras: list[tuple[Path, float]] = field(default_factory=list)  # every LoRA file to apply, with its scale
 
     @property
     def batch_size(self) -> int:
@@ -264,7 +284,8 @@ class Plan:
                    seed=None if self.seeds is None else self.seeds[i], num_images_per_prompt=1, height=self.height,
                    width=self.width, scheduler=scheduler, guidance_interval=list(r.guidance_interval),
                    strength=r.strength if self.has_init else None, clip_skip=self.clip_skip,
-                   hires=None if r.hires is None else dataclasses.asdict(r.hires))
+                   hires=None if r.hires is None else dataclasses.asdict(r.hires),
+                   loras=[[str(p.resolve()), s] for p, s in self.loras[:len(r.loras or [])]] or None)
         return out
 
 

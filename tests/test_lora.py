@@ -53,3 +53,111 @@ def test_lora_images_equal_diffusers(tiny_folder, tmp_path, unet_lora, form):
     assert np.abs(with_lora - image(sd)).max() <= 1e-4
     ours.set_adapters(ours.get_active_adapters(), adapter_weights=[0.0])  # weight 0: the base model again
     assert np.abs(image(ours) - before).max() <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --lora, <lora:NAME:SCALE>, Lora hashes, replay, bad LoRAs
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+from conftest import ROOT  # noqa: E402
+from latentgen.errors import UserError  # noqa: E402
+
+
+def infer(*args):
+    return subprocess.run([sys.executable, str(ROOT / "infer.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory, unet_lora):
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    folder = tmp_path_factory.mktemp("loras")
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(unet_lora),
+                                              weight_name="circles.safetensors")
+    return folder / "circles.safetensors"
+
+
+def test_a_request_lora_equals_diffusers_with_that_scale_and_switches_off_again(tiny_folder, lora_file):
+    ours = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
+    ours.set_progress_bar_config(disable=True)
+    call = dict(num_inference_steps=3, seed=1, output_type="np")
+    before = ours("a red circle", **call).images
+    with_lora = ours("a red circle", loras=[(str(lora_file), 0.7)], **call).images
+    sd = StableDiffusionPipeline.from_pretrained(tiny_folder, local_files_only=True)
+    sd.load_lora_weights(str(lora_file), adapter_name="x")
+    sd.set_adapters(["x"], adapter_weights=[0.7])
+    sd.set_progress_bar_config(disable=True)
+    reference = sd("a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(1),
+                   output_type="np").images
+    assert np.abs(with_lora - before).max() > 0.05
+    assert np.abs(with_lora - reference).max() <= 1e-4
+    tagged = ours("a red circle <lora:circles:0.7>", **call).images if ours.__dict__.update(
+        loras_dir=lora_file.parent) is None else None
+    assert np.array_equal(tagged, with_lora)  # the prompt tag: the same LoRA, the tag itself not encoded
+    assert np.abs(ours("a red circle", **call).images - before).max() == 0  # the next request: no LoRA
+
+
+def test_lora_flag_prompt_tag_hashes_and_replay(tiny_folder, lora_file, tmp_path):
+    common = ["--model", tiny_folder, "--steps", 3, "--seed", 5, "--dtype", "fp32", "--loras-dir", lora_file.parent]
+    r = infer(*common, "--prompt", "a red circle", "--lora", f"{lora_file}:0.6", "--out", tmp_path / "flag.png")
+    assert r.returncode == 0, r.stderr
+    r = infer(*common, "--prompt", "a red circle <lora:circles:0.6>", "--out", tmp_path / "tag.png")
+    assert r.returncode == 0, r.stderr
+    r = infer(*common, "--prompt", "a red circle", "--out", tmp_path / "base.png")
+    assert np.array_equal(pixels(tmp_path / "flag.png"), pixels(tmp_path / "tag.png"))
+    assert not np.array_equal(pixels(tmp_path / "flag.png"), pixels(tmp_path / "base.png"))
+    params = Image.open(tmp_path / "tag.png").info["parameters"]
+    from latentgen.lora import short_hash
+
+    assert f"Lora hashes: \"circles: {short_hash(lora_file)}\"" in params and "<lora:circles:0.6>" in params
+    flag_params = Image.open(tmp_path / "flag.png").info["parameters"]
+    assert flag_params.splitlines()[0] == "a red circle <lora:circles:0.6>"  # --lora written as A1111's tag
+    assert json.loads(Image.open(tmp_path / "flag.png").info["latentgen"])["loras"] == [[str(lora_file), 0.6]]
+    for name in ("flag.png", "tag.png"):
+        r = infer("--replay", tmp_path / name, "--loras-dir", lora_file.parent)
+        assert r.returncode == 0 and "identical, bit for bit" in r.stdout, r.stderr
+    # A1111's own reading of the flag image: the tag found by name in --loras-dir gives the same image
+    a1111 = tmp_path / "a1111.png"
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", flag_params)
+    Image.open(tmp_path / "flag.png").save(a1111, pnginfo=info)
+    r = infer("--replay", a1111, "--model", tiny_folder, "--dtype", "fp32", "--loras-dir", lora_file.parent,
+              "--out", tmp_path / "again.png")
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "flag.png"))
+
+
+def test_bad_loras_are_one_line_errors(tiny_folder, lora_file, tmp_path):
+    from safetensors.torch import load_file
+
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(lora_file.read_bytes()[:300])
+    other = tmp_path / "other.safetensors"  # a LoRA for a wider model: the shapes do not fit
+    widen = {k: (2, 1) if ("lora_B" in k or "up" in k) else (1, 2) for k in load_file(str(lora_file))}
+    save_file({k: torch.zeros(v.shape[0] * widen[k][0], v.shape[1] * widen[k][1])
+               for k, v in load_file(str(lora_file)).items()}, str(other))
+    weights = tmp_path / "weights.safetensors"
+    save_file({"conv.weight": torch.zeros(2, 2)}, str(weights))
+    pipe = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
+    pipe.loras_dir = tmp_path
+    cases = [((str(corrupt), 1.0), "is corrupt or truncated"), ((str(other), 1.0), "does not fit this model"),
+             ((str(weights), 1.0), "holds no LoRA weights"), (("nowhere", 1.0), "is neither a file nor a name in"),
+             ((str(lora_file), float("nan")), "the scale of LoRA")]
+    for lora, message in cases:
+        with pytest.raises(UserError, match=message) as err:
+            pipe("x", num_inference_steps=2, seed=0, loras=[lora])
+        assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="different LoRAs"):
+        pipe(["a <lora:circles:1>", "b"], num_inference_steps=2, seed=[0, 1])
