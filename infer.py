@@ -55,6 +55,9 @@ def parse_args(argv):
                    help="apply a LoRA (repeatable; diffusers or kohya/A1111 format); prompts may also hold "
                         "<lora:NAME:SCALE>, NAME looked up in --loras-dir")
     p.add_argument("--loras-dir", default="loras", help="where <lora:NAME> finds NAME.safetensors (default: loras)")
+    p.add_argument("--embeddings-dir", default="embeddings",
+                   help="textual-inversion embeddings (*.safetensors) to load, each used as its file name in "
+                        "prompts (default: embeddings, when it exists)")
     p.add_argument("--model", help="a diffusers pipeline folder (default: the model shipped with latentgen)")
     p.add_argument("--out", default="outputs", help="an image file (.png/.jpg) or a folder (default: outputs)")
     p.add_argument("--grid", action="store_true", help="also write one contact sheet of all images")
@@ -145,6 +148,9 @@ def load_pipeline(args, state=None):
     pipe = LatentPipeline.from_pretrained(model, torch_dtype=dtype, allow_pickle=args.allow_pickle).to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.loras_dir = Path(args.loras_dir)
+    from latentgen import embeddings
+
+    embeddings.load_folder(pipe, args.embeddings_dir)
     if args.compile:
         start = time.perf_counter()
         seconds = pipe.compile_unet()
@@ -166,6 +172,9 @@ def write(pipe, model, plan, paths, args, show=True) -> list:
              "device": str(pipe.unet.device.type)}
     about |= {k: {"path": str(getattr(args, k)), "sha256": file_sha256(getattr(args, k))}
               for k in ("image", "mask") if getattr(args, k)}
+    from latentgen import embeddings
+
+    about["ti_hashes"] = embeddings.used(pipe, plan.prompts + plan.negative_prompts)
     if plan.loras:
         from latentgen import lora
 

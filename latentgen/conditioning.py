@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -86,9 +86,11 @@ class PromptEncoder:
         self.entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.lock = threading.Lock()
 
-    def encode(self, prompts: Sequence[str], key: Hashable, backend, device, dtype) -> Conditioning:
+    def encode(self, prompts: Sequence[str], key: Hashable, backend, device, dtype,
+               spell: Callable[[str], str] | None = None) -> Conditioning:
         """(B,) prompts -> hidden states (B, T, D) in `dtype` on `device`, padded and masked when prompts have
-        different lengths. `key` names the encoder's state (module, clip skip, ...); `backend()` makes it."""
+        different lengths. `key` names the encoder's state (module, clip skip, ...); `backend()` makes it;
+        `spell(prompt)` rewrites a prompt's words for the tokenizer (multi-vector embeddings)."""
         from .lora import strip_tags
         from .prompts import ChunkedEncoder
 
@@ -99,7 +101,8 @@ class PromptEncoder:
                 entry = (key, prompt)
                 if entry not in self.entries:
                     encoder = encoder or ChunkedEncoder(backend())
-                    self.entries[entry] = encoder.encode(strip_tags(prompt)).to(device=device, dtype=dtype)
+                    text = strip_tags(prompt) if spell is None else spell(strip_tags(prompt))
+                    self.entries[entry] = encoder.encode(text).to(device=device, dtype=dtype)
                 self.entries.move_to_end(entry)
                 rows.append(self.entries[entry])
             while len(self.entries) > self.size:

@@ -46,6 +46,8 @@ def a1111_parameters(meta: dict) -> str:
         h = meta["hires"]
         fields |= {"Denoising strength": h["denoise"], "Hires upscale": f"{h['scale']:g}", "Hires steps": h["steps"],
                    "Hires upscaler": UPSCALERS[h["upscaler"]]}
+    if meta.get("ti_hashes"):
+        fields["TI hashes"] = ", ".join(f"{name}: {h}" for name, h in meta["ti_hashes"].items())
     if meta.get("lora_hashes"):
         fields["Lora hashes"] = ", ".join(f"{name}: {h}" for name, h in meta["lora_hashes"].items())
     fields["Version"] = f"latentgen {meta['version']}"

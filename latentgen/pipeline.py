@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
 from torch import nn
 
 from . import diffusion, sampling
@@ -45,11 +45,12 @@ class GenerationOutput:
     metadata: list[dict[str, Any]] = field(default_factory=list)  # per image: its Request fields (replayable)
 
 
-class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin):
     """Text-to-image latent diffusion: VAE + text encoder + cross-attention U-Net + scheduler.
 
     LoRAs load with diffusers' own loader (`load_lora_weights`, `set_adapters`, `fuse_lora`, ...: diffusers'
-    meaning, through peft), in diffusers/peft format or kohya/A1111's (converted by diffusers).
+    meaning, through peft), in diffusers/peft format or kohya/A1111's (converted by diffusers); textual-inversion
+    embeddings with diffusers' `load_textual_inversion` (latentgen.embeddings adds A1111's folder and checks).
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -213,8 +214,11 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """(B,) prompts -> their Conditioning in the U-Net's dtype; A1111's weighting syntax and prompts longer
         than the encoder's window work (latentgen.prompts)."""
         device, dtype = self.unet.device, self.unet.dtype
-        key = (id(self.text_encoder), clip_skip, str(device), str(dtype))
-        return self.prompt_encoder.encode(prompts, key, lambda: self.text_encoder_backend(clip_skip), device, dtype)
+        # len(tokenizer): embeddings loaded later add words, and a cached prompt may have used them as text
+        key = (id(self.text_encoder), len(self.tokenizer), clip_skip, str(device), str(dtype))
+        spell = self.maybe_convert_prompt if self.__dict__.get("embedding_files") else None  # k-vector words
+        return self.prompt_encoder.encode(prompts, key, lambda: self.text_encoder_backend(clip_skip), device, dtype,
+                                          spell=None if spell is None else lambda p: spell(p, self.tokenizer))
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B,) prompts -> hidden states (B, T, D) and a (B, T) mask or None, with the model's clip skip."""
