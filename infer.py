@@ -230,8 +230,13 @@ def replay(args):
         args.dtype = meta["dtype"]
     image, mask = (meta.get(k, {}).get("path") for k in ("image", "mask"))
     pipe, _ = load_pipeline(args)
-    out = pipe.generate(Request.from_metadata(meta, image=load_image(image) if image else None,
-                                              mask_image=load_image(mask, "mask") if mask else None))
+    plan = Request.from_metadata(meta, image=load_image(image) if image else None,
+                                 mask_image=load_image(mask, "mask") if mask else None).fit(pipe)
+    if plan.loras:
+        from latentgen import lora
+
+        lora.fuse(pipe, plan.loras)  # as write() did: fused and unfused LoRAs differ in the last float bits
+    out = pipe.generate(plan)
     new = np.asarray(out.images[0].convert("RGB"), dtype=np.int16)
     old = np.asarray(load_image(args.replay).convert("RGB"), dtype=np.int16)
     if args.out != "outputs":
