@@ -58,14 +58,21 @@ def parse_args(argv):
     p.add_argument("--embeddings-dir", default="embeddings",
                    help="textual-inversion embeddings (*.safetensors) to load, each used as its file name in "
                         "prompts (default: embeddings, when it exists)")
-    p.add_argument("--model", help="a diffusers pipeline folder (default: the model shipped with latentgen)")
+    p.add_argument("--model", help="a diffusers pipeline folder, a single-file SD 1.x/2.x/SDXL checkpoint "
+                                   "(.safetensors), or the name of one in --models-dir (default: the model shipped "
+                                   "with latentgen)")
+    p.add_argument("--models-dir", default="models", help="where --model NAME is looked up (default: models)")
+    p.add_argument("--vae", help="replace the model's VAE: a diffusers VAE folder or a single VAE file")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+                   help="for single-file SD 2.x 768-v checkpoints that do not say they predict v")
     p.add_argument("--out", default="outputs", help="an image file (.png/.jpg) or a folder (default: outputs)")
     p.add_argument("--grid", action="store_true", help="also write one contact sheet of all images")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (reports the compile time)")
     p.add_argument("--allow-pickle", action="store_true",
-                   help="also load .bin weights (with torch.load(weights_only=True)); safetensors only by default")
+                   help="also load .bin/.ckpt weights (with torch.load(weights_only=True)); safetensors only by "
+                        "default")
     p.add_argument("--replay", metavar="IMAGE", help="regenerate an image from its metadata and compare")
     args = p.parse_args(argv)
     if args.batch_size < 1:
@@ -144,8 +151,20 @@ def load_pipeline(args, state=None):
     if args.device == "auto" and state is not None and state.num_processes > 1:
         device = state.device
     dtype = resolve_dtype(args.dtype, device)
-    model = resolve_model(args.model)
-    pipe = LatentPipeline.from_pretrained(model, torch_dtype=dtype, allow_pickle=args.allow_pickle).to(device)
+    model = resolve_model(args.model, args.models_dir)
+    if model.is_file():
+        pipe = LatentPipeline.from_single_file(model, torch_dtype=dtype, allow_pickle=args.allow_pickle,
+                                               prediction_type=args.prediction_type)
+    else:
+        if args.prediction_type:
+            raise UserError("--prediction-type is for single-file checkpoints; a folder's scheduler config says it")
+        pipe = LatentPipeline.from_pretrained(model, torch_dtype=dtype, allow_pickle=args.allow_pickle)
+    if args.vae:
+        from latentgen.loading import load_vae
+
+        pipe.register_modules(vae=load_vae(args.vae, pipe.vae, args.allow_pickle))
+        pipe.keep_vae_safe()
+    pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.loras_dir = Path(args.loras_dir)
     from latentgen import embeddings
@@ -172,6 +191,10 @@ def write(pipe, model, plan, paths, args, show=True) -> list:
              "device": str(pipe.unet.device.type)}
     about |= {k: {"path": str(getattr(args, k)), "sha256": file_sha256(getattr(args, k))}
               for k in ("image", "mask") if getattr(args, k)}
+    if args.vae:
+        about["vae"] = {"path": str(Path(args.vae).resolve()), "hash": model_hash(args.vae)}
+    if args.prediction_type:
+        about["prediction_type"] = args.prediction_type
     from latentgen import embeddings
 
     about["ti_hashes"] = embeddings.used(pipe, plan.prompts + plan.negative_prompts)
@@ -226,6 +249,8 @@ def replay(args):
         print(f"warning: {model} holds other weights than the ones that made the image "
               f"({model_hash(model)} vs {meta['model_hash']})", file=sys.stderr)
     args.model = str(model)
+    args.vae = args.vae or meta.get("vae", {}).get("path")
+    args.prediction_type = args.prediction_type or meta.get("prediction_type")
     if args.dtype == "auto":
         args.dtype = meta["dtype"]
     image, mask = (meta.get(k, {}).get("path") for k in ("image", "mask"))

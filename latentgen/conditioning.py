@@ -83,7 +83,7 @@ class PromptEncoder:
 
     def __init__(self, size: int = PROMPT_CACHE_SIZE):
         self.size = size
-        self.entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.entries: OrderedDict[tuple, Conditioning] = OrderedDict()
         self.lock = threading.Lock()
 
     def encode(self, prompts: Sequence[str], key: Hashable, backend, device, dtype,
@@ -102,12 +102,15 @@ class PromptEncoder:
                 if entry not in self.entries:
                     encoder = encoder or ChunkedEncoder(backend())
                     text = strip_tags(prompt) if spell is None else spell(strip_tags(prompt))
-                    self.entries[entry] = encoder.encode(text).to(device=device, dtype=dtype)
+                    hidden, pooled = encoder.encode_pooled(text)
+                    self.entries[entry] = Conditioning(
+                        hidden[None].to(device=device, dtype=dtype),
+                        pooled=None if pooled is None else pooled[None].to(device=device, dtype=dtype))
                 self.entries.move_to_end(entry)
                 rows.append(self.entries[entry])
             while len(self.entries) > self.size:
                 self.entries.popitem(last=False)
-        return Conditioning.concat([Conditioning(r[None]) for r in rows])
+        return Conditioning.concat(rows)
 
     def clear(self) -> None:
         with self.lock:

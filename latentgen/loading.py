@@ -1,6 +1,7 @@
-"""Loading models: one home for what latentgen knows of checkpoint formats. Today: diffusers pipeline folders
-(ours and Stable Diffusion's), checked before diffusers reads them so that each mistake a user makes gets a
-one-line error; weights are safetensors unless pickles are allowed explicitly.
+"""Loading models: one home for what latentgen knows of checkpoint formats: diffusers pipeline folders (ours,
+Stable Diffusion's and SDXL's), checked before diffusers reads them so that each mistake a user makes gets a
+one-line error; single-file checkpoints (`latentgen.single_file`); models found by name in a models directory;
+replacement VAEs. Weights are safetensors unless pickles are allowed explicitly.
 """
 
 from __future__ import annotations
@@ -14,16 +15,61 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+MODEL_SUFFIXES = (".safetensors", ".ckpt")
 
 
-def resolve_model(model: str | Path | None) -> Path:
-    """The model folder a user named, or the default model shipped with latentgen."""
+def resolve_model(model: str | Path | None, models_dir: str | Path | None = None) -> Path:
+    """The model a user named: a path (pipeline folder or single checkpoint file), else NAME in `models_dir`
+    (NAME/, NAME.safetensors or NAME.ckpt, as A1111's model list names them); none: the shipped default model."""
     if model is not None:
-        return Path(model)
+        path = Path(model)
+        if path.exists() or models_dir is None or path.parent != Path("."):
+            return path
+        for candidate in (Path(models_dir) / model, *(Path(models_dir) / f"{model}{s}" for s in MODEL_SUFFIXES)):
+            if candidate.exists():
+                return candidate
+        known = ", ".join(list_models(models_dir)) or "none"
+        raise UserError(f"model {model} does not exist: it is neither a path nor a model in {models_dir} "
+                        f"(there: {known})")
     if not (DEFAULT_MODEL / "model_index.json").exists():
         raise UserError(f"no --model given and the default model is missing from {DEFAULT_MODEL}; "
                         "pass --model FOLDER (a diffusers pipeline folder)")
     return DEFAULT_MODEL
+
+
+def list_models(models_dir: str | Path) -> list[str]:
+    """The models in a models directory, by name: pipeline folders and single checkpoint files."""
+    folder = Path(models_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem if p.is_file() else p.name for p in folder.iterdir()
+                  if (p.is_dir() and (p / "model_index.json").exists()) or (p.is_file() and p.suffix in MODEL_SUFFIXES))
+
+
+def load_vae(path: str | Path, like, allow_pickle: bool = False):
+    """An AutoencoderKL from a diffusers folder (vae/ or a pipeline folder) or a single VAE file (A1111's
+    `vae-ft-mse-840000.safetensors` layout, or a whole checkpoint's first_stage_model), in `like`'s dtype and
+    latent scaling: a replacement VAE decodes the same latent space."""
+    from diffusers import AutoencoderKL
+
+    from . import single_file
+
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "vae" if (path / "model_index.json").exists() else path
+        if not (folder / "config.json").exists():
+            raise UserError(f"VAE {path} is neither a diffusers VAE folder (config.json) nor a pipeline folder")
+        try:
+            vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, use_safetensors=not allow_pickle)
+        except Exception as err:
+            raise UserError(f"cannot load the VAE in {folder}: {first_line(err)}") from None
+    else:
+        vae = single_file.vae_from_file(path, allow_pickle)
+    if vae.config.latent_channels != like.config.latent_channels:
+        raise UserError(f"VAE {path} has {vae.config.latent_channels} latent channels; the model's has "
+                        f"{like.config.latent_channels}")
+    vae.register_to_config(scaling_factor=like.config.scaling_factor, shift_factor=like.config.get("shift_factor"))
+    return vae.to(like.dtype).eval()
 
 
 def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> None:
@@ -52,7 +98,12 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> None:
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
                 raise UserError(f"{config} is not valid JSON ({first_line(err)}); re-save or re-download it") \
                     from None
-    for name in WEIGHT_COMPONENTS:
+    second = index.get("text_encoder_2")
+    if second and second[0] is not None:  # SDXL
+        if not (folder / "text_encoder_2").is_dir() or not (folder / "tokenizer_2").is_dir():
+            raise UserError(f"{folder} lists text_encoder_2 (SDXL) but lacks the folders text_encoder_2/ and "
+                            "tokenizer_2/")
+    for name in weight_components(index):
         files = [f for f in (folder / name).iterdir() if f.is_file()]
         if any(f.suffix == ".safetensors" for f in files):
             check_weights(folder, name, index[name])
@@ -64,6 +115,12 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> None:
             raise UserError(f"{folder / name}/{pickles[0]} is a pickle file, which can run code when loaded; "
                             "convert it to safetensors, or allow it explicitly with --allow-pickle "
                             "(allow_pickle=True), which loads it with torch.load(weights_only=True)")
+
+
+def weight_components(index: dict) -> list[str]:
+    """The components of a model index that hold weights: unet, vae, text_encoder, and text_encoder_2 (SDXL)."""
+    second = index.get("text_encoder_2")
+    return list(WEIGHT_COMPONENTS) + (["text_encoder_2"] if second and second[0] is not None else [])
 
 
 def _strip(key: str) -> str:

@@ -28,12 +28,20 @@ def quote(value) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def model_name(model: str) -> str:
+    """A model's name as A1111 lists it: a checkpoint file without its suffix, or a folder's name."""
+    path = Path(model)
+    return path.stem if path.suffix in (".safetensors", ".ckpt") else path.name
+
+
 def a1111_parameters(meta: dict) -> str:
     """The `parameters` text A1111 writes: prompt, 'Negative prompt: …', then 'Key: value, …'; `meta` is an
     image's metadata (its Request fields and the model's name and hash)."""
     fields = {"Steps": meta["num_inference_steps"], "Sampler": a1111_name(meta["scheduler"]),
               "CFG scale": meta["guidance_scale"], "Seed": meta["seed"], "Size": f"{meta['width']}x{meta['height']}",
-              "Model hash": meta["model_hash"], "Model": Path(meta["model"]).name}
+              "Model hash": meta["model_hash"], "Model": model_name(meta["model"])}
+    if meta.get("vae"):
+        fields |= {"VAE hash": meta["vae"]["hash"], "VAE": Path(meta["vae"]["path"]).name}
     if meta.get("clip_skip"):
         fields["Clip skip"] = meta["clip_skip"] + 1  # A1111 counts the last layer as 1; diffusers as 0
     if meta.get("strength") is not None:

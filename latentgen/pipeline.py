@@ -31,7 +31,14 @@ from .io import atomic_dir
 from .loading import WEIGHT_COMPONENTS
 from .request import Plan, Request
 from .schedulers import scheduler_name_of
-from .text_encoders import TextEncoder, clip_tokenizer, is_openclip, openclip_to_transformers, text_encoder_for
+from .text_encoders import (
+    SDXLTextEncoder,
+    TextEncoder,
+    clip_tokenizer,
+    is_openclip,
+    openclip_to_transformers,
+    text_encoder_for,
+)
 
 log = logging.getLogger("latentgen")
 
@@ -53,16 +60,21 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
     embeddings with diffusers' `load_textual_inversion` (latentgen.embeddings adds A1111's folder and checks).
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components = ["text_encoder_2", "tokenizer_2"]
 
     def __init__(self, vae: AutoencoderKL, text_encoder: nn.Module, tokenizer: Any, unet: UNet2DConditionModel,
-                 scheduler: Any, clip_skip: int | None = None):
+                 scheduler: Any, text_encoder_2: nn.Module | None = None, tokenizer_2: Any = None,
+                 clip_skip: int | None = None):
         super().__init__()
         if is_openclip(text_encoder):
             # An open_clip tower becomes the equivalent CLIPTextModel (as SD 2 did), so the folder stays diffusers'.
             text_encoder = openclip_to_transformers(text_encoder)
             tokenizer = clip_tokenizer(max_length=text_encoder.config.max_position_embeddings, pad_token="!")
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        if (text_encoder_2 is None) != (tokenizer_2 is None):
+            raise UserError("an SDXL pipeline needs both text_encoder_2 and tokenizer_2")
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         self.register_to_config(clip_skip=clip_skip)
         f = self.vae_scale_factor
         self.image_processor = VaeImageProcessor(vae_scale_factor=f)
@@ -92,6 +104,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         from .precision import resolve_dtype
 
         folder = Path(folder)
+        if folder.is_file():
+            return cls.from_single_file(folder, torch_dtype=dtype or torch_dtype, allow_pickle=allow_pickle)
         check_pipeline_folder(folder, allow_pickle=allow_pickle)
         kwargs.setdefault("local_files_only", True)
         target = dtype or torch_dtype
@@ -107,6 +121,49 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         pipe.keep_vae_safe()
         pipe.choose_memory_format()
         return pipe
+
+    @classmethod
+    def from_single_file(cls, path: str | Path, torch_dtype: torch.dtype | str | None = None,
+                         allow_pickle: bool = False, prediction_type: str | None = None) -> "LatentPipeline":
+        """Load a single-file SD 1.x / 2.x / SDXL checkpoint (A1111's and ComfyUI's format), offline: the
+        architecture is read from the weights (latentgen.single_file). `.ckpt` pickles only with
+        `allow_pickle=True` (read with torch.load(weights_only=True)). `prediction_type` ("epsilon" or
+        "v_prediction") overrides what the file says, for 768-v SD 2.x files that say nothing."""
+        from . import single_file
+        from .device import resolve_device
+        from .precision import resolve_dtype
+
+        path = Path(path)
+        state, metadata = single_file.read(path, allow_pickle)
+        kind = single_file.layout(state, str(path))
+        prediction = prediction_type or single_file.prediction_type(path, state, metadata)
+        if prediction not in ("epsilon", "v_prediction"):
+            raise UserError(f"prediction type must be epsilon or v_prediction, got {prediction!r}")
+        try:
+            parts = single_file.components(state, metadata, kind, prediction)
+        except UserError:
+            raise
+        except Exception as err:  # an architecture diffusers/transformers cannot build from what the file shows
+            raise UserError(f"{path}: cannot build the {kind.upper()} model its weights describe "
+                            f"({first_line(err)})") from None
+        del state
+        target = torch_dtype if isinstance(torch_dtype, torch.dtype) else resolve_dtype(torch_dtype or "auto",
+                                                                                        resolve_device("auto"))
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            if name in parts and next(parts[name].parameters()).dtype != target:
+                parts[name].to(target)
+        pipe = cls(**parts)
+        pipe.keep_vae_safe()
+        pipe.choose_memory_format()
+        return pipe
+
+    def save_single_file(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write this pipeline as one .safetensors checkpoint in the SD 1.x / 2.x / SDXL layout that A1111 and
+        ComfyUI load, with latentgen's configs in its metadata (loading it here gives this pipeline back
+        exactly). `dtype=torch.float16` halves the file."""
+        from . import single_file
+
+        return single_file.write(self, path, dtype)
 
     def compile_unet(self, mode: str | None = None) -> float:
         """torch.compile the U-Net in place and warm it up at the default size; returns the seconds it took.
@@ -154,27 +211,35 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
             if weights_dtype is None:
                 super().save_pretrained(tmp, **kwargs)
             else:
-                original = {name: next(getattr(self, name).parameters()).dtype for name in WEIGHT_COMPONENTS}
+                names = WEIGHT_COMPONENTS + (("text_encoder_2",) if self.is_sdxl else ())
+                original = {name: next(getattr(self, name).parameters()).dtype for name in names}
                 try:
-                    for name in WEIGHT_COMPONENTS:
+                    for name in names:
                         getattr(self, name).to(weights_dtype)
                     super().save_pretrained(tmp, **kwargs)
                 finally:
                     for name, dtype in original.items():
                         getattr(self, name).to(dtype)
-                encoder_config = tmp / "text_encoder" / "config.json"
-                config = json.loads(encoder_config.read_text())
-                for key in ("dtype", "torch_dtype"):
-                    if key in config:
-                        config[key] = "float32"
-                encoder_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+                for encoder_config in (tmp / name / "config.json" for name in names if name.startswith("text")):
+                    config = json.loads(encoder_config.read_text())
+                    for key in ("dtype", "torch_dtype"):
+                        if key in config:
+                            config[key] = "float32"
+                    encoder_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             index_path = tmp / "model_index.json"
             index = json.loads(index_path.read_text())
             # Name a diffusers class so `DiffusionPipeline.from_pretrained` and other tools recognise the folder;
             # the components StableDiffusionPipeline knows but we do not have are declared absent.
-            index["_class_name"] = "StableDiffusionPipeline"
-            index.update(safety_checker=[None, None], feature_extractor=[None, None], image_encoder=[None, None],
-                         requires_safety_checker=False)
+            if self.is_sdxl:
+                index["_class_name"] = "StableDiffusionXLPipeline"
+                index.update(image_encoder=[None, None], feature_extractor=[None, None],
+                             force_zeros_for_empty_prompt=False)  # latentgen encodes "" as A1111 does
+            else:
+                index["_class_name"] = "StableDiffusionPipeline"
+                index.update(safety_checker=[None, None], feature_extractor=[None, None], image_encoder=[None, None],
+                             requires_safety_checker=False)
+                for name in self._optional_components:
+                    index.pop(name, None)
             if index.get("clip_skip") is None:
                 index.pop("clip_skip", None)
             index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -207,7 +272,15 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
     # ------------------------------------------------------------------------------------------------------------
     # Encoders
 
+    @property
+    def is_sdxl(self) -> bool:
+        """Two text encoders and a pooled embedding (SDXL)."""
+        return getattr(self, "text_encoder_2", None) is not None
+
     def text_encoder_backend(self, clip_skip: int | None = None) -> TextEncoder:
+        if self.is_sdxl:
+            return SDXLTextEncoder(self.tokenizer, self.text_encoder, self.tokenizer_2, self.text_encoder_2,
+                                   clip_skip=clip_skip)
         return text_encoder_for(self.tokenizer, self.text_encoder, clip_skip=clip_skip)
 
     def encode_conditioning(self, prompts: Sequence[str], clip_skip: int | None = None) -> Conditioning:

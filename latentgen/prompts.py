@@ -93,6 +93,11 @@ class ChunkedEncoder:
         self.window = self.max_length - len(backend.prefix) - len(backend.suffix)
 
     def encode(self, prompt: str) -> torch.Tensor:
+        return self.encode_pooled(prompt)[0]
+
+    def encode_pooled(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(k·T, D) hidden states, and for backends with a pooled output (SDXL) the first window's (D',), as
+        A1111 and ComfyUI pool long prompts."""
         b = self.backend
         segments = parse(prompt) if has_syntax(prompt) else [Segment(prompt, 1.0)]
         ids: list[int] = []
@@ -110,10 +115,15 @@ class ChunkedEncoder:
             rows.append(row + [b.pad_id] * (self.max_length - n))
             masks.append([1] * n + [0] * (self.max_length - n))
             scales.append([1.0] * len(b.prefix) + w + [1.0] * (self.max_length - len(b.prefix) - len(w)))
-        hidden = b.encode_ids(torch.tensor(rows), torch.tensor(masks))  # (k, T, D)
+        pooled = None
+        if hasattr(b, "encode_ids_pooled"):
+            hidden, pooled = b.encode_ids_pooled(torch.tensor(rows), torch.tensor(masks))  # (k, T, D), (k, D')
+            pooled = pooled[0]
+        else:
+            hidden = b.encode_ids(torch.tensor(rows), torch.tensor(masks))  # (k, T, D)
         scale = torch.tensor(scales, dtype=hidden.dtype, device=hidden.device)[..., None]
         if (scale != 1).any():
             mean = hidden.float().mean(dim=(1, 2), keepdim=True)
             hidden = hidden * scale
             hidden = hidden * (mean / hidden.float().mean(dim=(1, 2), keepdim=True)).to(hidden.dtype)
-        return hidden.reshape(-1, hidden.shape[-1])  # (k·T, D)
+        return hidden.reshape(-1, hidden.shape[-1]), pooled  # (k·T, D)

@@ -37,11 +37,22 @@ def sample(pipe, plan: Plan, generator, on_step: Callable[[int], None] | None) -
 
 def prepare_conditioning(pipe, plan: Plan) -> GuidedConditioning:
     """1. The prompts' conditioning, and [negative; prompt] when any step is guided."""
-    cond = pipe.encode_conditioning(plan.prompts, plan.clip_skip)
+    cond = micro_conditioning(pipe, plan, pipe.encode_conditioning(plan.prompts, plan.clip_skip))
     if plan.request.guidance_scale <= 1.0:
         return GuidedConditioning(cond)
-    uncond = pipe.encode_conditioning(plan.negative_prompts, plan.clip_skip)
+    uncond = micro_conditioning(pipe, plan, pipe.encode_conditioning(plan.negative_prompts, plan.clip_skip))
     return GuidedConditioning(cond, type(cond).concat([uncond, cond]))
+
+
+def micro_conditioning(pipe, plan: Plan, cond):
+    """SDXL's size conditioning (`add_time_ids`): original size, crop's top-left corner, target size, as
+    diffusers and A1111 set them by default: the image's size, no crop."""
+    if pipe.unet.config.get("addition_embed_type") != "text_time":
+        return cond
+    ids = torch.tensor([[plan.height, plan.width, 0, 0, plan.height, plan.width]], dtype=cond.hidden_states.dtype,
+                       device=cond.hidden_states.device)
+    cond.added["time_ids"] = ids.expand(len(cond), -1)
+    return cond
 
 
 def prepare_scheduler(pipe, plan: Plan):

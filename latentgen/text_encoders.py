@@ -150,6 +150,41 @@ class OpenCLIPTextEncoder:
         return EncodedPrompts(self.encode_ids(ids), mask)
 
 
+class SDXLTextEncoder:
+    """SDXL's two CLIP encoders as one backend, as diffusers' `StableDiffusionXLPipeline.encode_prompt` uses them:
+    both read the same tokens (one BPE table; only the padding token differs), each gives the states of its
+    penultimate layer (`clip_skip` more layers before it), without the final layer norm, joined along the feature
+    axis; the pooled embedding is the second encoder's projected end-of-text state."""
+
+    def __init__(self, tokenizer, model: nn.Module, tokenizer_2, model_2: nn.Module, clip_skip: int | None = None):
+        first = TransformersTextEncoder(tokenizer, model)
+        self.tokenizer, self.model, self.model_2 = tokenizer, model, model_2
+        self.max_length, self.prefix, self.suffix, self.pad_id = first.max_length, first.prefix, first.suffix, \
+            first.pad_id
+        self.pad_id_2 = tokenizer_2.pad_token_id if tokenizer_2.pad_token_id is not None else first.pad_id
+        self.layer = -((clip_skip or 0) + 2)
+        self.hidden_size = int(model.config.hidden_size + model_2.config.hidden_size)
+        self.token_ids = first.token_ids
+
+    def encode_ids_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """(B, T) token ids -> (B, T, D1 + D2) hidden states and (B, D') pooled embeddings."""
+        device, _ = _module_device_dtype(self.model)
+        ids = input_ids.to(device)
+        first = self.model(ids, output_hidden_states=True)
+        second = self.model_2(ids.masked_fill(attention_mask.to(device) == 0, self.pad_id_2),
+                              output_hidden_states=True)
+        hidden = torch.cat([first.hidden_states[self.layer], second.hidden_states[self.layer]], dim=-1)
+        return hidden, second.text_embeds
+
+    def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encode_ids_pooled(input_ids, attention_mask)[0]
+
+    def encode(self, prompts: Sequence[str]) -> EncodedPrompts:
+        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
+                                return_tensors="pt")
+        return EncodedPrompts(self.encode_ids(tokens.input_ids, tokens.attention_mask), tokens.attention_mask)
+
+
 def is_openclip(module: Any) -> bool:
     """An open_clip model (or its text tower), as opposed to a transformers encoder."""
     return all(hasattr(module, a) for a in ("transformer", "ln_final", "token_embedding", "attn_mask"))

@@ -65,3 +65,52 @@ def record_calls(module) -> list:
 
     module.forward = spy
     return sizes
+
+
+
+# Scaled-down checkpoints of Stable Diffusion's own topologies, following SD's conventions for what weights do not
+# show (32 norm groups, SD 1.x's 8 attention heads, 64-wide heads elsewhere), so that a single file written without
+# latentgen's metadata loads back with the same architecture, as a full-size SD file does.
+
+
+def sd_vae(seed: int = 0, levels: int = 4):
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(32, 32, 64, 64)[:levels], layers_per_block=1, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * levels,
+                         up_block_types=("UpDecoderBlock2D",) * levels, sample_size=64).eval()
+
+
+def clip(act: str, projection: bool = False, hidden: int = 64, seed: int = 0):
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                            num_attention_heads=max(hidden // 64, 1), vocab_size=49408, max_position_embeddings=77,
+                            hidden_act=act, bos_token_id=49406, eos_token_id=49407, projection_dim=hidden)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def sd1_components(seed: int = 0) -> dict:
+    """SD 1.x's topology with small widths: 4 levels of 2 blocks, attention on the first 3, 8 heads, CLIP."""
+    torch.manual_seed(seed)
+    unet_ = UNet2DConditionModel(
+        block_out_channels=(32, 32, 64, 64), layers_per_block=2, sample_size=8, cross_attention_dim=64,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=8).eval()
+    return dict(unet=unet_, vae=sd_vae(seed), text_encoder=clip("quick_gelu", seed=seed), tokenizer=tokenizer(),
+                scheduler=scheduler())
+
+
+def sdxl_components(seed: int = 0) -> dict:
+    """SDXL's topology with small widths: no attention on the first level, deeper transformers below, linear
+    projections, the added text/time embedding; a CLIP-L-like and an OpenCLIP-bigG-like encoder (projected)."""
+    torch.manual_seed(seed)
+    unet_ = UNet2DConditionModel(
+        block_out_channels=(32, 64, 64), layers_per_block=2, sample_size=16, cross_attention_dim=128,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(1, 1, 1),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1, 2), projection_class_embeddings_input_dim=64 + 6 * 8).eval()
+    return dict(unet=unet_, vae=sd_vae(seed, levels=3), text_encoder=clip("quick_gelu", seed=seed),
+                tokenizer=tokenizer(), text_encoder_2=clip("gelu", projection=True, seed=seed + 1),
+                tokenizer_2=clip_tokenizer(pad_token="!"), scheduler=scheduler())

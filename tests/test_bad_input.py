@@ -109,7 +109,7 @@ INFER = [  # (arguments after --prompt x --out OUT, what the error must say)
     (["--seed", "-1"], "--seed must be an integer in [0, "), (["--seed", "x"], "invalid int value"),
     (["--scheduler", "nope"], "invalid choice: 'nope'"), (["--dtype", "fp8"], "invalid choice: 'fp8'"),
     (["--device", "tpu"], "unknown device 'tpu'"),
-    (["--model", "MISSING"], "does not exist"), (["--model", "FILE"], "is a file"),
+    (["--model", "MISSING"], "does not exist"), (["--model", "FILE"], "is not a single-file checkpoint"),
     (["--model", "NO_INDEX"], "has no model_index.json"), (["--model", "FOLDER"], "has no model_index.json"),
     (["--model", "CORRUPT"], "diffusion_pytorch_model.safetensors is corrupt or truncated"),
     (["--model", "PICKLED"], "is a pickle file"), (["--model", "WRONG_SHAPES"], "but unet/config.json needs"),
