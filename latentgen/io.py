@@ -93,6 +93,18 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write a safetensors file atomically, readable as atomic_file's files are (safetensors' writer would leave
+    its temporary file's private 0600 mode)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())
+    return path
+
+
 def save_image(image, path: str | os.PathLike, **metadata) -> Path:
     """Save a PIL image atomically; the format follows the suffix; `metadata`: PIL's `pnginfo=` or `exif=`
     (`latentgen.metadata.image_metadata` gives the right one for the suffix)."""

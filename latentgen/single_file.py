@@ -520,9 +520,7 @@ def _jsonable(value):
 
 def write(pipe, path: Path, dtype: torch.dtype | None = None) -> Path:
     """Save `pipe` as one .safetensors file (atomically), optionally in `dtype` (e.g. torch.float16)."""
-    from safetensors.torch import save_file
-
-    from .io import atomic_file
+    from .io import save_safetensors
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -530,6 +528,4 @@ def write(pipe, path: Path, dtype: torch.dtype | None = None) -> Path:
     state, metadata = to_state(pipe)
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
              for k, v in state.items()}
-    with atomic_file(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
-    return path
+    return save_safetensors(state, path, metadata)

@@ -161,3 +161,63 @@ def test_bad_loras_are_one_line_errors(tiny_folder, lora_file, tmp_path):
         assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="different LoRAs"):
         pipe(["a <lora:circles:1>", "b"], num_inference_steps=2, seed=[0, 1])
+
+
+def test_a_trained_lora_file_gives_the_image_of_the_unet_it_was_trained_on(tiny_folder, tmp_path):
+    """save_lora writes kohya's format with the run's alpha: loaded by --lora/`loras=`, the image equals the one
+    of the U-Net carrying the adapter in memory (alpha 2 / rank 4: a scale of 0.5 inside the file)."""
+    from latentgen.training.unet import LoraTrainConfig, UNetTrainConfig, add_lora, save_lora
+
+    config = UNetTrainConfig(pretrained_pipeline=str(tiny_folder), lora=LoraTrainConfig(rank=4, alpha=2))
+    trained = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
+    add_lora(trained.unet, config.lora)
+    assert all(("lora_" in n) == p.requires_grad for n, p in trained.unet.named_parameters())
+    torch.manual_seed(0)
+    for name, param in trained.unet.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    save_lora(config, trained.unet, tmp_path / "mine.safetensors")
+    base = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
+    base.set_progress_bar_config(disable=True)
+    with_file = base("a red circle", num_inference_steps=3, seed=1, output_type="np",
+                     loras=[(str(tmp_path / "mine.safetensors"), 1.0)]).images
+    plain = base("a red circle", num_inference_steps=3, seed=1, output_type="np").images
+    trained.set_progress_bar_config(disable=True)
+    expected = trained("a red circle", num_inference_steps=3, seed=1, output_type="np").images
+    assert np.abs(with_file - expected).max() <= 1e-4
+    assert np.abs(plain - expected).max() > 1e-2
+
+
+def test_lora_training_run_writes_a_file_infer_applies(tiny_folder, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from latentgen.io import weights_hash
+
+    before = weights_hash(tiny_folder)
+    config = tmp_path / "lora.yaml"
+    config.write_text("max_steps: 3\ntrain_batch_size: 4\nlearning_rate: 5.0e-2\ncheckpoint_every: 100\n"
+                      "mixed_precision: fp32\ntext_encoder: {kind: pipeline}\nvalidation_prompts: [a red circle]\n"
+                      "validation_steps: 2\nlora: {rank: 4}\ndata: {source: shapes, resolution: 32, num_samples: 8}\n")
+    r = subprocess.run([sys.executable, str(ROOT / "train_unet.py"), "--config", str(config),
+                        f"output_dir={tmp_path / 'run'}", f"pretrained_pipeline={tiny_folder}"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lora = tmp_path / "run" / "lora.safetensors"
+    assert lora.exists() and not (tmp_path / "run" / "pipeline").exists()
+    assert weights_hash(tiny_folder) == before  # the base model is untouched
+    common = [sys.executable, str(ROOT / "infer.py"), "--model", str(tiny_folder), "--prompt", "a red circle",
+              "--steps", "3", "--seed", "2", "--dtype", "fp32"]
+    for name, extra in (("base", []), ("lora", ["--lora", str(lora)])):
+        r = subprocess.run([*common, *extra, "--out", str(tmp_path / f"{name}.png")], capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+    from PIL import Image
+
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "base.png")),
+                              np.asarray(Image.open(tmp_path / "lora.png")))
+    r = subprocess.run([sys.executable, str(ROOT / "train_unet.py"), "--config", str(config),
+                        f"output_dir={tmp_path / 'bad'}", "lora.rank=4", "text_encoder.kind=minilm"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "set pretrained_pipeline" in r.stderr and "Traceback" not in r.stderr

@@ -70,6 +70,13 @@ class TextEncoderConfig:
 
 
 @dataclass
+class LoraTrainConfig:
+    rank: int = 0  # 0: train the whole U-Net; > 0: train a LoRA of this rank on the frozen pretrained U-Net
+    alpha: float | None = None  # the LoRA's alpha (scale = alpha / rank); default: the rank (scale 1)
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])  # attention layers
+
+
+@dataclass
 class UNetTrainConfig(TrainConfig):
     output_dir: str = "runs/unet"
     pretrained_pipeline: str | None = None  # fine-tune the U-Net of this pipeline folder (and use its parts)
@@ -88,10 +95,17 @@ class UNetTrainConfig(TrainConfig):
         "a purple circle to the left of an orange square on a gray background"])
     validation_steps: int = 20
     validation_guidance: float = 7.5
-    save_dtype: str = "fp32"  # fp32, fp16 or bf16 weights in the final pipeline
+    save_dtype: str = "fp32"  # fp32, fp16 or bf16 weights in the final pipeline (or LoRA)
+    lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
 
     def check(self) -> None:
         super().check()
+        if self.lora.rank < 0 or (self.lora.alpha is not None and self.lora.alpha <= 0):
+            raise UserError(f"lora.rank must be ≥ 0 and lora.alpha > 0, got {self.lora.rank} and {self.lora.alpha}")
+        if self.lora.rank and not self.pretrained_pipeline:
+            raise UserError("lora.rank > 0 trains a LoRA of a pretrained model: set pretrained_pipeline")
+        if self.lora.rank and (self.ema or self.text_encoder.train):
+            raise UserError("a LoRA run trains only the U-Net's LoRA: set ema: false and text_encoder.train: false")
         if self.text_encoder.kind not in TEXT_ENCODERS:
             raise one_of("text_encoder.kind", self.text_encoder.kind, list(TEXT_ENCODERS))
         if self.text_encoder.kind == "pipeline" and not self.pretrained_pipeline:
@@ -204,12 +218,15 @@ def train_unet(config: UNetTrainConfig) -> Path:
     if config.cache and not train_text:
         data.embeddings = data.embeddings.to(device)  # row 0: the empty prompt
 
-    # 3. The U-Net, optimizer, schedule, EMA.
+    # 3. The U-Net (or its LoRA), optimizer, schedule, EMA.
     unet = parts.unet
+    if config.lora.rank:
+        add_lora(unet, config.lora)
     unet.train()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    params = list(unet.parameters()) + (list(parts.text_model.parameters()) if train_text else [])
+    params = [p for p in unet.parameters() if p.requires_grad]
+    params += list(parts.text_model.parameters()) if train_text else []
     optimizer = make_optimizer(params, config)
     lr_scheduler = make_lr_scheduler(optimizer, config)
     ema = make_ema(unet, config) if config.ema else None
@@ -250,13 +267,16 @@ def train_unet(config: UNetTrainConfig) -> Path:
             ema.step(raw_unet.parameters())
         run.end_step(step + 1)
 
-    # 5. The final pipeline, with EMA weights when on.
-    target = Path(config.output_dir) / "pipeline"
+    # 5. The final pipeline, with EMA weights when on; or the LoRA file.
+    target = Path(config.output_dir) / ("lora.safetensors" if config.lora.rank else "pipeline")
     if run.finish(config.train_batch_size * accum * accelerator.num_processes):
         if ema is not None:
             ema.copy_to(raw_unet.parameters())
         _validate(config, parts, raw_unet, None, accelerator, config.max_steps)
-        save_pipeline(config, parts, raw_unet, target)
+        if config.lora.rank:
+            save_lora(config, raw_unet, target)
+        else:
+            save_pipeline(config, parts, raw_unet, target)
         accelerator.print(f"wrote {target}")
     run.close()
     return target
@@ -330,3 +350,39 @@ def save_pipeline(config: UNetTrainConfig, parts: Components, unet, target: Path
     pipe.save_pretrained(target, weights_dtype=None if dtype == torch.float32 else dtype)
     with atomic_file(target / "train_config.yaml") as tmp:
         tmp.write_text(to_yaml(config))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def add_lora(unet, lora: LoraTrainConfig) -> None:
+    """Freeze the U-Net and give its attention layers a trainable LoRA (peft, as diffusers' LoRA scripts do)."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    try:
+        unet.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, init_lora_weights="gaussian",
+                                    target_modules=list(lora.targets)))
+    except ValueError as err:  # peft: no module matched
+        raise UserError(f"lora.targets {lora.targets}: {first_line(err)}") from None
+
+
+def save_lora(config: UNetTrainConfig, unet, target: Path) -> None:
+    """The trained LoRA as one safetensors file in kohya's format (`lora_unet_…`, with alphas), which A1111,
+    ComfyUI, diffusers and `infer.py --lora` all read."""
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+
+    from ..io import save_safetensors
+    from ..precision import DTYPES
+
+    state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()})
+    alpha = float(config.lora.alpha or config.lora.rank)
+    dtype = DTYPES[config.save_dtype]
+    state = {k: torch.tensor(alpha) if k.endswith(".alpha") else v.detach().to(dtype).contiguous().cpu()
+             for k, v in state.items()}
+    metadata = {"ss_network_dim": str(config.lora.rank), "ss_network_alpha": f"{alpha:g}",
+                "ss_network_module": "networks.lora", "ss_base_model_version": "latentgen",
+                "ss_steps": str(config.max_steps)}
+    save_safetensors(state, target, metadata)
