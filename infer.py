@@ -152,13 +152,8 @@ def load_pipeline(args, state=None):
         device = state.device
     dtype = resolve_dtype(args.dtype, device)
     model = resolve_model(args.model, args.models_dir)
-    if model.is_file():
-        pipe = LatentPipeline.from_single_file(model, torch_dtype=dtype, allow_pickle=args.allow_pickle,
-                                               prediction_type=args.prediction_type)
-    else:
-        if args.prediction_type:
-            raise UserError("--prediction-type is for single-file checkpoints; a folder's scheduler config says it")
-        pipe = LatentPipeline.from_pretrained(model, torch_dtype=dtype, allow_pickle=args.allow_pickle)
+    pipe = LatentPipeline.from_pretrained(model, torch_dtype=dtype, allow_pickle=args.allow_pickle,
+                                          prediction_type=args.prediction_type)  # a folder or a single file
     if args.vae:
         from latentgen.loading import load_vae
 

@@ -31,15 +31,13 @@ def main(argv: list[str] | None = None) -> Path:
     source, target = Path(args.source), Path(args.target)
     if not source.exists():
         raise UserError(f"{source} does not exist")
-    if target.exists() and not target.is_dir() if target.suffix != ".safetensors" else target.is_dir():
+    writes_file = target.suffix == ".safetensors"
+    if target.exists() and target.is_dir() == writes_file:
         raise UserError(f"{target} exists and is not what the conversion writes; choose another target")
-    if source.is_file():
-        pipe = LatentPipeline.from_single_file(source, torch_dtype=torch.float32, allow_pickle=args.allow_pickle,
-                                               prediction_type=args.prediction_type)
-    else:
-        pipe = LatentPipeline.from_pretrained(source, torch_dtype=torch.float32, allow_pickle=args.allow_pickle)
+    pipe = LatentPipeline.from_pretrained(source, torch_dtype=torch.float32, allow_pickle=args.allow_pickle,
+                                          prediction_type=args.prediction_type)
     dtype = torch.float16 if args.fp16 else None
-    if target.suffix == ".safetensors":
+    if writes_file:
         pipe.save_single_file(target, dtype)
     else:
         pipe.save_pretrained(target, weights_dtype=dtype)

@@ -91,7 +91,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
     @classmethod
     def from_pretrained(cls, folder: str | Path, torch_dtype: torch.dtype | str | None = None,
                         allow_pickle: bool = False, dtype: torch.dtype | str | None = None,
-                        **kwargs) -> "LatentPipeline":
+                        prediction_type: str | None = None, **kwargs) -> "LatentPipeline":
         """Load a diffusers pipeline folder (ours or Stable Diffusion's), offline.
 
         `torch_dtype` None or "auto" picks the fast precision for this machine (bf16 on CPUs with bf16 matrix
@@ -99,18 +99,18 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         Weights must be safetensors unless `allow_pickle=True`, which loads `.bin` files with
         `torch.load(weights_only=True)` (no code runs, but prefer converting them).
         """
-        from .device import resolve_device
         from .loading import check_pipeline_folder
-        from .precision import resolve_dtype
 
         folder = Path(folder)
         if folder.is_file():
-            return cls.from_single_file(folder, torch_dtype=dtype or torch_dtype, allow_pickle=allow_pickle)
+            return cls.from_single_file(folder, torch_dtype=dtype or torch_dtype, allow_pickle=allow_pickle,
+                                        prediction_type=prediction_type)
+        if prediction_type:
+            raise UserError("a prediction type is given for single-file checkpoints; a folder's scheduler config "
+                            "says it")
         check_pipeline_folder(folder, allow_pickle=allow_pickle)
         kwargs.setdefault("local_files_only", True)
-        target = dtype or torch_dtype
-        if target is None or target == "auto":
-            target = resolve_dtype("auto", resolve_device("auto"))
+        target = _target_dtype(dtype or torch_dtype)
         try:
             pipe = super().from_pretrained(folder, dtype=target, use_safetensors=None if allow_pickle else True,
                                            **kwargs)
@@ -130,8 +130,6 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         `allow_pickle=True` (read with torch.load(weights_only=True)). `prediction_type` ("epsilon" or
         "v_prediction") overrides what the file says, for 768-v SD 2.x files that say nothing."""
         from . import single_file
-        from .device import resolve_device
-        from .precision import resolve_dtype
 
         path = Path(path)
         state, metadata = single_file.read(path, allow_pickle)
@@ -147,8 +145,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
             raise UserError(f"{path}: cannot build the {kind.upper()} model its weights describe "
                             f"({first_line(err)})") from None
         del state
-        target = torch_dtype if isinstance(torch_dtype, torch.dtype) else resolve_dtype(torch_dtype or "auto",
-                                                                                        resolve_device("auto"))
+        target = _target_dtype(torch_dtype)
         for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
             if name in parts and next(parts[name].parameters()).dtype != target:
                 parts[name].to(target)
@@ -394,3 +391,11 @@ def _generator_factory(plan: Plan):
         return generator
 
     return fresh
+
+
+def _target_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """A torch dtype as given, or a precision name ("auto", None: the fast one for this machine)."""
+    from .device import resolve_device
+    from .precision import resolve_dtype
+
+    return dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype or "auto", resolve_device("auto"))

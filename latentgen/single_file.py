@@ -251,22 +251,11 @@ def _hf_state(model) -> dict[str, torch.Tensor]:
 def _load_clip(config, weights: dict[str, torch.Tensor], with_projection: bool):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    with torch.device("meta"):
-        model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
-    nested = {k for k in model.state_dict() if k.startswith("text_model.")}
-    state = {("text_model." + k if "text_model." + k in nested else k): v for k, v in weights.items()
-             if not k.endswith("position_ids")}
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not k.endswith("position_ids")]
-    if missing or unexpected:
-        raise UserError(f"the checkpoint's text encoder does not fit CLIP: missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}")
-    for name, buffer in model.named_buffers():  # position_ids: not weights, rebuilt
-        if buffer.is_meta:
-            module, _, attr = name.rpartition(".")
-            model.get_submodule(module).register_buffer(
-                attr, torch.arange(config.max_position_embeddings)[None], persistent=False)
-    return model.eval()
+    model = _meta(CLIPTextModelWithProjection if with_projection else CLIPTextModel, config)
+    nested = hasattr(model, "text_model")  # transformers 4 nests both classes' weights; 5 only the projected one's
+    state = {("text_model." + k if nested and not k.startswith("text_projection") else k): v
+             for k, v in weights.items() if not k.endswith("position_ids")}
+    return _fill(model, state, "text encoder")
 
 
 def _clip_hf(state, prefix: str) -> dict[str, torch.Tensor]:
@@ -347,14 +336,24 @@ def _clip_cfg(config):
     return CLIPTextConfig.from_dict(config) if isinstance(config, dict) else config
 
 
-def _build(cls, config: dict[str, Any], state: dict[str, torch.Tensor], what: str):
-    """A diffusers model built without initialising weights (on the meta device: SDXL's U-Net would spend
-    seconds and gigabytes on random numbers), then given the file's tensors."""
+def _meta(cls, config):
+    """A model without initialised weights (SDXL's U-Net would spend seconds and gigabytes on random numbers);
+    buffers such as CLIP's position ids are real."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():
-        model = cls.from_config(config)
+        return cls.from_config(config) if hasattr(cls, "load_config") else cls(config)
+
+
+def _build(cls, config, state: dict[str, torch.Tensor], what: str):
+    """A model of `cls` built from `config` and given the file's tensors."""
+    return _fill(_meta(cls, config), state, what)
+
+
+def _fill(model, state: dict[str, torch.Tensor], what: str):
+    """`model` (on the meta device) given the file's tensors; a misfit is a one-line error."""
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise UserError(f"the checkpoint's {what} does not fit the architecture read from it: missing "
                         f"{missing[:3]}, unexpected {unexpected[:3]}")
