@@ -139,33 +139,20 @@ def main(argv=None):
 
 def load_pipeline(args, state=None):
     """The pipeline on its device: under a multi-process launch with --device auto, this rank's own device."""
-    import time
-
     from latentgen.device import resolve_device
-    from latentgen.loading import resolve_model
-    from latentgen.pipeline import LatentPipeline
-    from latentgen.precision import resolve_dtype
+    from latentgen.loading import open_pipeline, resolve_model
 
     quiet_libraries()
-    device = resolve_device(args.device)
+    device = args.device
     if args.device == "auto" and state is not None and state.num_processes > 1:
-        device = state.device
-    dtype = resolve_dtype(args.dtype, device)
+        device = str(state.device)
     model = resolve_model(args.model, args.models_dir)
-    pipe = LatentPipeline.from_pretrained(model, torch_dtype=dtype, allow_pickle=args.allow_pickle,
-                                          prediction_type=args.prediction_type)  # a folder or a single file
-    if args.vae:
-        from latentgen.loading import load_vae
-
-        pipe.register_modules(vae=load_vae(args.vae, pipe.vae, args.allow_pickle))
-        pipe.keep_vae_safe()
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.loras_dir = Path(args.loras_dir)
-    from latentgen import embeddings
-
-    embeddings.load_folder(pipe, args.embeddings_dir)
+    pipe = open_pipeline(model, dtype=args.dtype, device=resolve_device(device), vae=args.vae,
+                         prediction_type=args.prediction_type, allow_pickle=args.allow_pickle,
+                         loras_dir=args.loras_dir, embeddings_dir=args.embeddings_dir)
     if args.compile:
+        import time
+
         start = time.perf_counter()
         seconds = pipe.compile_unet()
         print(f"compiled the U-Net in {seconds:.1f} s (total warm-up {time.perf_counter() - start:.1f} s)",
@@ -177,26 +164,13 @@ def write(pipe, model, plan, paths, args, show=True) -> list:
     """Generate the plan's images in batches, each written with its metadata as soon as its batch is done."""
     import tqdm
 
-    from latentgen import __version__
-    from latentgen.io import model_hash
-    from latentgen.metadata import file_sha256
-    from latentgen.outputs import write_images
+    from latentgen.outputs import run_about, write_images
 
-    about = {"model": str(model.resolve()), "model_hash": model_hash(model), "version": __version__,
-             "device": str(pipe.unet.device.type)}
-    about |= {k: {"path": str(getattr(args, k)), "sha256": file_sha256(getattr(args, k))}
-              for k in ("image", "mask") if getattr(args, k)}
-    if args.vae:
-        about["vae"] = {"path": str(Path(args.vae).resolve()), "hash": model_hash(args.vae)}
-    if args.prediction_type:
-        about["prediction_type"] = args.prediction_type
-    from latentgen import embeddings
-
-    about["ti_hashes"] = embeddings.used(pipe, plan.prompts + plan.negative_prompts)
+    about = run_about(pipe, model, plan, vae=args.vae, prediction_type=args.prediction_type,
+                      inputs={k: getattr(args, k) for k in ("image", "mask") if getattr(args, k)})
     if plan.loras:
         from latentgen import lora
 
-        about["lora_hashes"] = {path.stem: lora.short_hash(path) for path, _ in plan.loras}
         lora.fuse(pipe, plan.loras)  # one LoRA set for the whole run: fused is faster per image
     req = plan.request
     steps = req.num_inference_steps + ((req.hires.steps or req.num_inference_steps) if req.hires else 0)

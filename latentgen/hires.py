@@ -42,12 +42,12 @@ class Hires:
         return tuple(max(multiple, round(v * self.scale / multiple) * multiple) for v in (height, width))
 
 
-def generate(pipe, plan, on_step=None):
+def generate(pipe, plan, on_step=None, on_latents=None):
     """The two passes of a fitted request (`request.Plan`) whose `hires` is set. The second pass uses the same
     seeds, so it replays from the first pass's metadata; the output's metadata describes the request as asked."""
     hires, req = plan.request.hires, plan.request
     first = pipe.run_plan(dataclasses.replace(plan, request=dataclasses.replace(
-        req, output_type="latent" if hires.upscaler == "latent" else "pt")), on_step)
+        req, output_type="latent" if hires.upscaler == "latent" else "pt")), on_step, on_latents)
     h, w = hires.size(plan.height, plan.width, pipe.size_multiple)
     if hires.upscaler == "latent":
         f = pipe.vae_scale_factor
@@ -59,7 +59,7 @@ def generate(pipe, plan, on_step=None):
         req, prompt=plan.prompts, negative_prompt=plan.negative_prompts, num_images_per_prompt=1, seed=plan.seeds,
         generator=None, image=init, mask_image=None, height=None, width=None, strength=hires.denoise,
         num_inference_steps=hires.steps or req.num_inference_steps, hires=None, checked=False)
-    out = pipe.run_plan(second.fit(pipe), on_step)
+    out = pipe.run_plan(second.fit(pipe), on_step, on_latents)
     out.info = first.info | {"hires_height": h, "hires_width": w} | {
         k: v for k, v in out.info.items() if k == "fp32_retry"}
     out.metadata = first.metadata

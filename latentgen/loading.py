@@ -37,6 +37,32 @@ def resolve_model(model: str | Path | None, models_dir: str | Path | None = None
     return DEFAULT_MODEL
 
 
+def open_pipeline(model: str | Path, dtype: str = "auto", device="auto", vae: str | Path | None = None,
+                  prediction_type: str | None = None, allow_pickle: bool = False, loras_dir: str | Path = "loras",
+                  embeddings_dir: str | Path = "embeddings"):
+    """A model ready to generate, as infer.py and the server use it: loaded in `dtype` ("auto": the fast precision
+    for the device), its VAE replaced by `vae` if given, on `device`, progress bars off, `<lora:NAME>` looked up in
+    `loras_dir`, the embeddings in `embeddings_dir` loaded."""
+    import torch
+
+    from . import embeddings
+    from .device import resolve_device
+    from .pipeline import LatentPipeline
+    from .precision import resolve_dtype
+
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    pipe = LatentPipeline.from_pretrained(model, torch_dtype=resolve_dtype(dtype, device), allow_pickle=allow_pickle,
+                                          prediction_type=prediction_type)  # a folder or a single file
+    if vae:
+        pipe.register_modules(vae=load_vae(vae, pipe.vae, allow_pickle))
+        pipe.keep_vae_safe()
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.loras_dir = Path(loras_dir)
+    embeddings.load_folder(pipe, embeddings_dir)
+    return pipe
+
+
 def list_models(models_dir: str | Path) -> list[str]:
     """The models in a models directory, by name: pipeline folders and single checkpoint files."""
     folder = Path(models_dir)

@@ -74,6 +74,30 @@ def grid_path(out: str) -> Path:
         else target / "grid.png"
 
 
+def run_about(pipe, model: str | Path, plan, vae: str | Path | None = None, prediction_type: str | None = None,
+              inputs: dict[str, str | Path] | None = None, hash: str | None = None) -> dict:
+    """What every image of a run records besides its own settings: the model's path and hash, latentgen's version,
+    the device, init image/mask files (`inputs`: path and sha256), a replacement VAE, the prediction type given,
+    and A1111's TI and LoRA hashes. `hash`: the model's, if known already (hashing reads every weight file)."""
+    from . import __version__, embeddings
+    from .io import model_hash
+    from .metadata import file_sha256
+
+    about = {"model": str(Path(model).resolve()), "model_hash": hash or model_hash(model), "version": __version__,
+             "device": str(pipe.unet.device.type)}
+    about |= {k: {"path": str(v), "sha256": file_sha256(v)} for k, v in (inputs or {}).items()}
+    if vae:
+        about["vae"] = {"path": str(Path(vae).resolve()), "hash": model_hash(vae)}
+    if prediction_type:
+        about["prediction_type"] = prediction_type
+    about["ti_hashes"] = embeddings.used(pipe, plan.prompts + plan.negative_prompts)
+    if plan.loras:
+        from . import lora
+
+        about["lora_hashes"] = {path.stem: lora.short_hash(path) for path, _ in plan.loras}
+    return about
+
+
 def write_images(pipe, plan, paths: Sequence[Path], batch_size: int, about: dict,
                  on_progress: Callable[[int], None] | None = None, on_image: Callable[[Path], None] | None = None):
     """Run a fitted request (`request.Plan`) in batches of `batch_size` images and write each image to its path

@@ -315,16 +315,18 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         return _request(prompt, fields).fit(self)
 
     @torch.no_grad()
-    def __call__(self, prompt: str | Sequence[str] | None = None, *,
-                 on_step: Callable[[int], None] | None = None, **fields) -> GenerationOutput:
+    def __call__(self, prompt: str | Sequence[str] | None = None, *, on_step: Callable[[int], None] | None = None,
+                 on_latents: Callable[[int, torch.Tensor], None] | None = None, **fields) -> GenerationOutput:
         """Generate images: `fields` are `latentgen.request.Request`'s (diffusers' names: negative_prompt,
         num_inference_steps, guidance_scale, height, width, num_images_per_prompt, generator, output_type, image,
         mask_image, strength, ...; and seed, scheduler, guidance variants, clip_skip, hires).
-        `on_step(i)` is called after each sampling step."""
-        return self.generate(_request(prompt, fields), on_step)
+        `on_step(i)` is called after each sampling step, `on_latents(i, latents)` before it with the current
+        latents (an exception raised there stops the call)."""
+        return self.generate(_request(prompt, fields), on_step, on_latents)
 
     @torch.no_grad()
-    def generate(self, request: Request | Plan, on_step: Callable[[int], None] | None = None) -> GenerationOutput:
+    def generate(self, request: Request | Plan, on_step: Callable[[int], None] | None = None,
+                 on_latents: Callable[[int, torch.Tensor], None] | None = None) -> GenerationOutput:
         """Run a Request, or a Plan already fitted to this pipeline (then nothing is checked again)."""
         from . import lora
 
@@ -336,16 +338,18 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
             if plan.request.hires is not None:
                 from . import hires
 
-                return hires.generate(self, plan, on_step)
-            return self.run_plan(plan, on_step)
+                return hires.generate(self, plan, on_step, on_latents)
+            return self.run_plan(plan, on_step, on_latents)
 
-    def run_plan(self, plan: Plan, on_step: Callable[[int], None] | None = None) -> GenerationOutput:
+    def run_plan(self, plan: Plan, on_step: Callable[[int], None] | None = None,
+                 on_latents: Callable[[int, torch.Tensor], None] | None = None) -> GenerationOutput:
         """Sample and decode; in fp32 again where the low precision overflowed (NaN/Inf latents would decode to a
         black image), on fp32 copies of the modules."""
         generators = _generator_factory(plan)
         info: dict[str, Any] = {}
+        hooks = (on_step, on_latents)
         latents, retried = sampling.finite_or_fp32(
-            self, lambda pipe, retry: sampling.sample(pipe, plan, generators(), None if retry else on_step),
+            self, lambda pipe, retry: sampling.sample(pipe, plan, generators(), *((None, None) if retry else hooks)),
             ("unet", "text_encoder"), warning="NaN/Inf in the latents sampled in {dtype}; sampling again in fp32",
             fatal="the model produced NaN/Inf latents even in fp32; its weights may be damaged")
         if retried:

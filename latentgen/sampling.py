@@ -26,13 +26,14 @@ from .schedulers import SCHEDULERS, UNSTABLE_ABOVE_GUIDANCE, make_scheduler, ste
 log = logging.getLogger("latentgen")
 
 
-def sample(pipe, plan: Plan, generator, on_step: Callable[[int], None] | None) -> torch.Tensor:
+def sample(pipe, plan: Plan, generator, on_step: Callable[[int], None] | None,
+           on_latents: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Stages 1-4: the final latents z0 (N, C, h, w), fp32."""
     cond = prepare_conditioning(pipe, plan)
     scheduler = prepare_scheduler(pipe, plan)
     timesteps = timesteps_for(plan, scheduler)
     latents, known = prepare_latents(pipe, plan, scheduler, timesteps, generator)
-    return denoise(pipe, latents, cond, plan, scheduler, timesteps, known, generator, on_step)
+    return denoise(pipe, latents, cond, plan, scheduler, timesteps, known, generator, on_step, on_latents)
 
 
 def prepare_conditioning(pipe, plan: Plan) -> GuidedConditioning:
@@ -161,9 +162,12 @@ def run_unet(pipe, x_in: torch.Tensor, t, cond, rows_per_image: int) -> torch.Te
 
 
 def denoise(pipe, latents: torch.Tensor, cond: GuidedConditioning, plan: Plan, scheduler, timesteps, known: dict,
-            generator, on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+            generator, on_step: Callable[[int], None] | None = None,
+            on_latents: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """4. Run the sampler over `timesteps`; with a 4-channel U-Net and a mask, the known region is put back
-    (noised to the next timestep) after every step, so only the masked region is generated."""
+    (noised to the next timestep) after every step, so only the masked region is generated. After each sampling
+    step, `on_latents(i, latents)` (before `on_step(i)`) sees the current latents: for live previews, or the
+    images so far of an interrupted request."""
     extra = step_kwargs(scheduler, generator, plan.request.eta)
     offset = (len(scheduler.timesteps) - len(timesteps)) // scheduler.order  # steps skipped by img2img
     blend = "mask" in known and "masked_z0" not in known
@@ -177,8 +181,11 @@ def denoise(pipe, latents: torch.Tensor, cond: GuidedConditioning, plan: Plan, s
                 keep = known["z0"]
             latents = known["mask"] * latents + (1 - known["mask"]) * keep
         last = i == len(timesteps) - 1
-        if on_step is not None and (last or (i + 1) % scheduler.order == 0):  # once per sampling step
-            on_step(i // scheduler.order)
+        if last or (i + 1) % scheduler.order == 0:  # once per sampling step
+            if on_latents is not None:
+                on_latents(i // scheduler.order, latents)
+            if on_step is not None:
+                on_step(i // scheduler.order)
     return latents
 
 

@@ -99,9 +99,10 @@ def a1111_name(name: str) -> str:
 def from_a1111(sampler: str, schedule: str = "") -> str | None:
     """Our sampler for A1111's `Sampler` (and, since A1111 1.9, its separate `Schedule type`); None if none."""
     by_a1111 = {s.a1111: name for name, s in SCHEDULERS.items()}
-    if schedule == "Karras":
+    schedule = schedule.strip().lower()  # its API takes the name ("karras") or the label ("Karras")
+    if schedule == "karras":
         return by_a1111.get(f"{sampler} Karras")
-    if schedule in ("", "Automatic"):
+    if schedule in ("", "automatic"):
         return by_a1111.get(sampler)
     return None
 

@@ -1,0 +1,231 @@
+"""AUTOMATIC1111's web API, as its clients (`webuiapi`, bots, scripts) speak it: the JSON bodies of
+`/sdapi/v1/txt2img` and `/sdapi/v1/img2img` with A1111's field names, defaults and meanings, turned into a
+`Request`; and the answer A1111 gives: base64 PNG images carrying its `parameters` text, and `info`, a JSON string
+with the infotexts.
+
+Fields that A1111 accepts but latentgen does not implement (face restoration, tiling, variation seeds, scripts,
+...) are accepted; when one is set to something other than A1111's default, the answer's info says it was ignored.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import random
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from .. import __version__
+from ..errors import UserError
+from ..hires import Hires
+from ..metadata import a1111_parameters, image_metadata, model_name
+from ..request import Request
+from ..schedulers import a1111_name, a1111_names, from_a1111
+
+# Fields latentgen does not implement, with A1111's defaults: set to anything else, they are noted as ignored.
+IGNORED = {"styles": [], "subseed": -1, "subseed_strength": 0.0, "seed_resize_from_h": -1, "seed_resize_from_w": -1,
+           "restore_faces": None, "tiling": None, "s_min_uncond": 0.0, "s_churn": 0.0, "s_tmax": None, "s_tmin": 0.0,
+           "s_noise": 1.0, "script_name": None, "script_args": [], "alwayson_scripts": {}, "refiner_checkpoint": None,
+           "refiner_switch_at": None, "hr_checkpoint_name": None, "hr_sampler_name": None, "hr_scheduler": None,
+           "hr_prompt": "", "hr_negative_prompt": "", "firstphase_width": 0, "firstphase_height": 0,
+           "disable_extra_networks": False, "comments": None, "image_cfg_scale": None, "mask_blur": None,
+           "mask_blur_x": 4, "mask_blur_y": 4, "inpainting_fill": 0, "inpaint_full_res": True,
+           "inpaint_full_res_padding": 0, "initial_noise_multiplier": None, "latent_mask": None,
+           "resize_mode": 0, "force_task_id": None, "infotext": None}
+# Accepted and without effect on the images (where to save, what to send back): never noted.
+SILENT = {"sampler_index", "send_images", "save_images", "do_not_save_samples", "do_not_save_grid",
+          "override_settings_restore_afterwards", "include_init_images", "n_iter", "batch_size"}
+SEED_RANGE = 2**32  # A1111 draws a random seed below this
+
+
+class Txt2Img(BaseModel):
+    """`/sdapi/v1/txt2img`'s body (A1111's `StableDiffusionProcessingTxt2Img` fields that change the images)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = None
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int | None = None  # None: the model's own size (A1111: 512, which SD 1.x was trained at)
+    height: int | None = None
+    eta: float | None = None
+    denoising_strength: float | None = None
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    override_settings: dict[str, Any] | None = None
+    send_images: bool = True
+
+
+class Img2Img(Txt2Img):
+    """`/sdapi/v1/img2img`'s body: init images, and a mask for inpainting (white = repaint)."""
+
+    init_images: list[str]
+    mask: str | None = None
+    denoising_strength: float | None = 0.75
+    inpainting_mask_invert: int = 0
+
+
+def decode_image(data: str, what: str):
+    """A PIL image from base64 (with or without a `data:image/...;base64,` prefix, as A1111 takes it)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if data.startswith("data:image/"):
+        data = data.split(";", 1)[1].removeprefix("base64,")
+    try:
+        raw = base64.b64decode(data, validate=True)
+        with Image.open(io.BytesIO(raw)) as im:
+            im.load()
+            return im.copy()
+    except (binascii.Error, ValueError):
+        raise UserError(f"{what} is not base64") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise UserError(f"{what} is not an image: {err}") from None
+
+
+def encode_png(image, meta: dict | None) -> str:
+    """Base64 of a PNG carrying `meta` as A1111's `parameters` (and latentgen's own JSON, for --replay)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **(image_metadata(meta, ".png") if meta else {}))
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def sampler(name: str | None, schedule: str | None) -> str | None:
+    """Our sampler for A1111's `sampler_name` and `scheduler` (its schedule type); None: the model's own."""
+    if not name:
+        return None
+    ours = from_a1111(name, schedule or "")
+    if ours is None:
+        raise UserError(f"sampler {name!r}{f' with schedule {schedule!r}' if schedule else ''} is not available; "
+                        f"available: {', '.join(a1111_names())}")
+    return ours
+
+
+def to_request(body: Txt2Img, clip_skip_option: int | None = None) -> tuple[Request, str | None, list[str]]:
+    """(the Request, the model asked for in override_settings or None, notes on ignored fields)."""
+    notes = _ignored(body)
+    overrides = dict(body.override_settings or {})
+    model = overrides.pop("sd_model_checkpoint", None)
+    clip_skip = overrides.pop("CLIP_stop_at_last_layers", clip_skip_option)
+    notes += [f"override_settings.{key} is not supported by latentgen and was ignored" for key in overrides]
+    seed = body.seed if body.seed is not None and body.seed >= 0 else random.SystemRandom().randrange(SEED_RANGE)
+    fields: dict[str, Any] = dict(
+        prompt=body.prompt, negative_prompt=body.negative_prompt or None, num_inference_steps=body.steps,
+        guidance_scale=body.cfg_scale, height=body.height, width=body.width,
+        num_images_per_prompt=body.batch_size * body.n_iter, seed=seed,
+        scheduler=sampler(body.sampler_name or body.sampler_index, body.scheduler),
+        clip_skip=None if clip_skip is None else int(clip_skip) - 1)  # A1111 counts the last layer as 1
+    if body.eta is not None:
+        fields["eta"] = body.eta
+    if isinstance(body, Img2Img):
+        if not body.init_images:
+            raise UserError("init_images is empty; give one image (base64)")
+        images = [decode_image(data, f"init_images[{i}]") for i, data in enumerate(body.init_images)]
+        if len(images) > 1:
+            notes.append("only init_images[0] was used (latentgen takes one init image per request)")
+        fields |= dict(image=images[0].convert("RGB"), strength=body.denoising_strength)
+        if body.mask:
+            mask = decode_image(body.mask, "mask").convert("L")
+            if body.inpainting_mask_invert:
+                from PIL import ImageOps
+
+                mask = ImageOps.invert(mask)
+            fields["mask_image"] = mask
+            if fields["width"] is None and fields["height"] is None and mask.size != images[0].size:
+                raise UserError(f"the mask is {mask.size[0]}×{mask.size[1]} but the init image is "
+                                f"{images[0].size[0]}×{images[0].size[1]}")
+    elif body.enable_hr:
+        fields["hires"] = _hires(body, notes)
+    return Request(**fields), model, notes
+
+
+def _hires(body: Txt2Img, notes: list[str]) -> Hires:
+    """A1111's hires fields: scale from hr_scale, or the target size hr_resize_x/y (A1111's 'Resize width/height
+    to'); upscalers Latent (and its variants) and Lanczos."""
+    scale = body.hr_scale
+    if body.hr_resize_x or body.hr_resize_y:
+        if not (body.width and body.height):
+            raise UserError("hr_resize_x/hr_resize_y need width and height")
+        scales = [t / s for t, s in ((body.hr_resize_x, body.width), (body.hr_resize_y, body.height)) if t]
+        scale = max(scales)
+        if len(set(scales)) > 1:
+            notes.append("hr_resize_x and hr_resize_y scale the sides differently; both were scaled by "
+                         f"{scale:g} (latentgen keeps the aspect ratio)")
+    upscaler = (body.hr_upscaler or "Latent").strip()
+    ours = "lanczos" if upscaler == "Lanczos" else "latent"
+    if not upscaler.startswith("Latent") and upscaler not in ("Lanczos", "None"):
+        notes.append(f"hr_upscaler {upscaler!r} is not available; the latent upscaler was used")
+    elif upscaler not in ("Latent", "Lanczos"):
+        notes.append(f"hr_upscaler {upscaler!r} was done as {'Latent' if ours == 'latent' else 'Lanczos'}")
+    strength = 0.7 if body.denoising_strength is None else body.denoising_strength  # A1111's hires default
+    return Hires(scale=scale, steps=body.hr_second_pass_steps, denoise=strength, upscaler=ours)
+
+
+def _ignored(body: Txt2Img) -> list[str]:
+    """Notes for the fields given that latentgen does not implement: A1111's own, set to other than its default,
+    and fields A1111 does not have."""
+    notes = []
+    for key, value in (body.model_extra or {}).items():
+        if key in SILENT:
+            continue
+        if key not in IGNORED:
+            notes.append(f"{key} is not an AUTOMATIC1111 field and was ignored")
+        elif value not in (IGNORED[key], None, False, "", [], {}) and not (key == "inpaint_full_res" and value):
+            notes.append(f"{key} is not supported by latentgen and was ignored")
+    return notes
+
+
+def info(images: list[tuple[Any, dict]], request: Request, model: str, model_hash: str, notes: list[str],
+         interrupted: bool = False) -> dict:
+    """A1111's `info` (before json.dumps): the first image's settings, every image's seed and infotext."""
+    metas = [meta for _, meta in images if meta]
+    first = metas[0] if metas else {}
+    prompts = [m["prompt"] for m in metas]
+    negatives = [m.get("negative_prompt") or "" for m in metas]
+    seeds = [m["seed"] for m in metas]
+    hires = first.get("hires")
+    out = {
+        "prompt": prompts[0] if prompts else request.prompt[0], "all_prompts": prompts,
+        "negative_prompt": negatives[0] if negatives else (request.negative_prompt or [""])[0],
+        "all_negative_prompts": negatives,
+        "seed": seeds[0] if seeds else (request.seed or [-1])[0], "all_seeds": seeds,
+        "subseed": -1, "all_subseeds": [-1] * len(seeds), "subseed_strength": 0,
+        "width": first.get("width", request.width), "height": first.get("height", request.height),
+        "sampler_name": a1111_name(first["scheduler"]) if first else None, "cfg_scale": request.guidance_scale,
+        "steps": request.num_inference_steps, "batch_size": request.total, "restore_faces": False,
+        "sd_model_name": model_name(model), "sd_model_hash": model_hash,
+        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": hires["denoise"] if hires else first.get("strength"),
+        "extra_generation_params": {}, "index_of_first_image": 0,
+        "infotexts": [a1111_parameters(m) for m in metas], "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": (first.get("clip_skip") or 0) + 1,
+        "is_using_inpainting_conditioning": False, "version": f"latentgen {__version__}",
+    }
+    if interrupted:
+        notes = notes + ["interrupted: the images are as far as sampling got"]
+    if notes:
+        out["notes"] = notes
+    return out
+
+
+def answer(body: BaseModel, images: list[tuple[Any, dict]], info_json: dict) -> dict:
+    """The response body: images (base64 PNG with their parameters), the request's parameters, info as JSON text."""
+    parameters = body.model_dump()
+    parameters.pop("init_images", None)
+    parameters.pop("mask", None)
+    encoded = [encode_png(image, meta) for image, meta in images] if getattr(body, "send_images", True) else []
+    return {"images": encoded, "parameters": parameters, "info": json.dumps(info_json, ensure_ascii=False)}

@@ -1,0 +1,374 @@
+"""The server (`python -m latentgen.serve`): AUTOMATIC1111's API driven by the real `webuiapi` client, the queue
+(batching, progress, interrupts, limits), auth, and the web page in a real headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from conftest import ROOT, free_port
+from latentgen import LatentPipeline
+
+
+class Server:
+    """`python -m latentgen.serve` in this process (uvicorn in a thread), on a free port."""
+
+    def __init__(self, argv: list[str]):
+        import uvicorn
+
+        from latentgen.serve import build, parse_args
+
+        self.port = free_port()
+        self.app, self.worker = build(parse_args([*argv, "--port", str(self.port)]))
+        self.worker.start()
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def post(self, route: str, body: dict, **kwargs) -> requests.Response:
+        return requests.post(f"{self.url}{route}", json=body, timeout=120, **kwargs)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.worker.close()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_folder):
+    """A models folder with two tiny models (the second with other weights) and a LoRA folder."""
+    import components as C
+
+    root = tmp_path_factory.mktemp("served")
+    (root / "models").mkdir()
+    (root / "loras").mkdir()
+    other = C.components()
+    other["unet"] = C.unet(seed=1)
+    LatentPipeline(**other).save_pretrained(root / "models" / "other")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(models, tiny_folder):
+    s = Server(["--model", str(tiny_folder), "--models-dir", str(models / "models"), "--loras-dir",
+                str(models / "loras"), "--dtype", "fp32", "--max-side", "256", "--max-steps", "60"])
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_folder):
+    p = LatentPipeline.from_pretrained(tiny_folder, torch_dtype="fp32")
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def api(server, **kwargs):
+    import webuiapi
+
+    return webuiapi.WebUIApi(host="127.0.0.1", port=server.port, **kwargs)
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_webuiapi_txt2img_gives_the_pipelines_images_with_infotexts(server, pipe):
+    result = api(server).txt2img(prompt="a red circle", negative_prompt="blurry", seed=1234, steps=6, cfg_scale=5.0,
+                                 width=32, height=48, batch_size=2, sampler_name="DPM++ 2M", scheduler="Karras")
+    assert [im.size for im in result.images] == [(32, 48), (32, 48)]
+    info = result.info
+    assert info["all_seeds"] == [1234, 1235] and info["sampler_name"] == "DPM++ 2M Karras"
+    assert info["sd_model_name"] == "pipe" and len(info["sd_model_hash"]) == 10
+    assert info["infotexts"][1].startswith("a red circle\nNegative prompt: blurry\nSteps: 6, Sampler: DPM++ 2M Karras, "
+                                           "CFG scale: 5.0, Seed: 1235, Size: 32x48")
+    # every image carries its own infotext, as A1111 writes it, and is the pipeline's image for that seed
+    for k, image in enumerate(result.images):
+        assert image.info["parameters"] == info["infotexts"][k]
+        direct = pipe("a red circle", negative_prompt="blurry", seed=1234 + k, num_inference_steps=6,
+                      guidance_scale=5.0, width=32, height=48, scheduler="dpm++-karras").images[0]
+        np.testing.assert_array_equal(pixels(image), pixels(direct))
+    assert "notes" not in info  # webuiapi's defaults for fields latentgen lacks are A1111's defaults: nothing noted
+
+
+def test_returned_png_reads_in_sd_parsers_and_replays_with_infer(server, tmp_path):
+    from sd_parsers import ParserManager
+
+    result = api(server).txt2img(prompt="a blue square", seed=77, steps=4, width=32, height=32,
+                                 sampler_name="Euler a")
+    raw = base64.b64decode(result.json["images"][0])
+    parsed = ParserManager().parse(Image.open(io.BytesIO(raw)))
+    assert parsed is not None and parsed.full_prompt == "a blue square"
+    path = tmp_path / "served.png"
+    path.write_bytes(raw)
+    r = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--replay", str(path)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "identical, bit for bit" in r.stdout, r.stdout + r.stderr
+
+
+def test_webuiapi_img2img_and_inpainting(server, pipe):
+    rng = np.random.default_rng(0)
+    init = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    client = api(server)
+    out = client.img2img(images=[init], prompt="a green triangle", seed=5, steps=8, denoising_strength=0.5,
+                         width=32, height=32, sampler_name="DDIM", eta=0.0)
+    direct = pipe("a green triangle", image=init, strength=0.5, seed=5, num_inference_steps=8, scheduler="ddim",
+                  guidance_scale=7.0).images[0]
+    np.testing.assert_array_equal(pixels(out.image), pixels(direct))
+    assert "Denoising strength: 0.5" in out.info["infotexts"][0]
+
+    painted = client.img2img(images=[init], mask_image=mask, prompt="a green triangle", seed=5, steps=8,
+                             denoising_strength=1.0, width=32, height=32, sampler_name="DDIM", eta=0.0)
+    direct = pipe("a green triangle", image=init, mask_image=mask, strength=1.0, seed=5, num_inference_steps=8,
+                  scheduler="ddim", guidance_scale=7.0).images[0]
+    np.testing.assert_array_equal(pixels(painted.image), pixels(direct))
+    # inpainting_mask_invert repaints the other region: the image changes
+    inverted = client.img2img(images=[init], mask_image=mask, inpainting_mask_invert=1, prompt="a green triangle",
+                              seed=5, steps=8, denoising_strength=1.0, width=32, height=32, sampler_name="DDIM")
+    assert not np.array_equal(pixels(inverted.image), pixels(painted.image))
+
+
+def test_png_info_reads_a1111_parameters(server):
+    client = api(server)
+    made = client.txt2img(prompt="two shapes", negative_prompt="noise", seed=9, steps=3, width=32, height=32)
+    info = client.png_info(made.image)
+    assert info.info == made.info["infotexts"][0]
+    assert info.json["parameters"]["Prompt"] == "two shapes" and info.json["parameters"]["Seed"] == "9"
+    assert info.json["parameters"]["Negative prompt"] == "noise"
+
+
+def test_models_samplers_options_and_switching(server):
+    client = api(server)
+    names = client.util_get_model_names()
+    assert {"pipe", "other"} <= {n.split(" [")[0] for n in names}
+    assert "Euler a" in client.util_get_sampler_names() and "DPM++ 2M Karras" in client.util_get_sampler_names()
+    assert client.get_loras() == []
+    body = dict(prompt="x", seed=3, steps=3, width=32, height=32, sampler_name="Euler")
+    first = client.txt2img(**body)
+    client.set_options({"sd_model_checkpoint": "other"})
+    try:
+        assert client.get_options()["sd_model_checkpoint"].startswith("other")
+        switched = client.txt2img(**body)
+        assert switched.info["sd_model_name"] == "other"
+        assert not np.array_equal(pixels(first.image), pixels(switched.image))
+        # a request may name its model in override_settings, as A1111's do
+        back = client.txt2img(**body, override_settings={"sd_model_checkpoint": "pipe"})
+        np.testing.assert_array_equal(pixels(back.image), pixels(first.image))
+    finally:
+        client.set_options({"sd_model_checkpoint": "pipe"})
+    r = server.post("/sdapi/v1/options", {"sd_model_checkpoint": "nope"})
+    assert r.status_code == 400 and "not one of this server's: pipe" in r.json()["detail"]
+
+
+def test_bad_requests_get_a_clear_4xx(server):
+    r = server.post("/sdapi/v1/txt2img", {"prompt": "x", "steps": "many"})
+    assert r.status_code == 422 and r.json()["error"].startswith("steps: Input should be a valid integer")
+    r = requests.post(f"{server.url}/sdapi/v1/txt2img", data="{not json", timeout=30,
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "JSON" in r.json()["error"]
+    for body, message in [({"steps": 500}, "500 sampling steps asked; this server allows at most 60"),
+                          ({"width": 512}, "width 512 is over this server's limit of 256 pixels"),
+                          ({"batch_size": 10, "n_iter": 2}, "20 images asked"),
+                          ({"sampler_name": "Restart"}, "sampler 'Restart' is not available; available: DDIM"),
+                          ({"cfg_scale": -1}, "guidance must be a finite number ≥ 0"),
+                          ({"width": 33}, "width must be a positive multiple of 2")]:
+        r = server.post("/sdapi/v1/txt2img", {"prompt": "x", "steps": 3, **body})
+        assert r.status_code == 400, (body, r.text)
+        assert message in r.json()["detail"], (body, r.json())
+    r = server.post("/sdapi/v1/img2img", {"prompt": "x", "init_images": ["not an image"]})
+    assert r.status_code == 400 and r.json()["detail"] == "init_images[0] is not base64"
+    # fields A1111 accepts but latentgen lacks are accepted, and said to be ignored when set
+    r = server.post("/sdapi/v1/txt2img", {"prompt": "x", "steps": 2, "width": 32, "height": 32, "tiling": True,
+                                          "restore_faces": True, "my_field": 1})
+    notes = json.loads(r.json()["info"])["notes"]
+    assert r.status_code == 200 and notes == ["tiling is not supported by latentgen and was ignored",
+                                              "restore_faces is not supported by latentgen and was ignored",
+                                              "my_field is not an AUTOMATIC1111 field and was ignored"]
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_images(server, pipe):
+    worker = server.worker
+    hold = threading.Event()
+    release = worker.models.pipe.unet.register_forward_pre_hook(lambda *_: hold.wait(30))  # keep the worker busy
+    try:
+        before = len(worker.batches)
+        first = threading.Thread(target=server.post, args=("/sdapi/v1/txt2img", {"prompt": "warm up", "steps": 2,
+                                                                                  "width": 32, "height": 32}))
+        first.start()
+        while not worker.running:
+            time.sleep(0.01)
+        answers = [None] * 4
+
+        def ask(k):
+            answers[k] = server.post("/sdapi/v1/txt2img", {"prompt": f"shape {k}", "seed": 100 + k, "steps": 3,
+                                                           "width": 32, "height": 32, "sampler_name": "Euler"})
+
+        threads = [threading.Thread(target=ask, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        while len(worker.queue) < 4:
+            time.sleep(0.01)
+    finally:
+        hold.set()
+        release.remove()
+    for t in [first, *threads]:
+        t.join(timeout=120)
+    assert worker.batches[before:] == [1, 4]  # the four queued requests ran as one batch
+    for k, r in enumerate(answers):
+        assert r.status_code == 200
+        image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+        direct = pipe(f"shape {k}", seed=100 + k, num_inference_steps=3, width=32, height=32,
+                      scheduler="euler", guidance_scale=7.0).images[0]
+        np.testing.assert_array_equal(pixels(image), pixels(direct))
+
+
+def test_progress_preview_and_interrupt(server):
+    worker = server.worker
+    slow = worker.models.pipe.unet.register_forward_pre_hook(lambda *_: time.sleep(0.05))
+    try:
+        answer = {}
+        t = threading.Thread(target=lambda: answer.update(r=server.post(
+            "/sdapi/v1/txt2img", {"prompt": "slow", "steps": 50, "width": 32, "height": 32, "seed": 1})))
+        t.start()
+        queued = None
+        while True:
+            progress = requests.get(f"{server.url}/sdapi/v1/progress", timeout=30).json()
+            if progress["state"]["sampling_step"] >= 3 and progress["current_image"]:
+                break
+            time.sleep(0.05)
+        # a second job waits in the queue; interrupting it ends it with no images
+        queued = server.post("/latentgen/v1/jobs", {"prompt": "waiting", "steps": 3, "width": 32, "height": 32}).json()
+        assert queued["position"] == 1
+        assert server.post(f"/latentgen/v1/jobs/{queued['id']}/interrupt", {}).status_code == 200
+        preview = Image.open(io.BytesIO(base64.b64decode(progress["current_image"])))
+        assert preview.size == (32, 32) and 0 < progress["progress"] < 1 and progress["eta_relative"] > 0
+        assert server.post("/sdapi/v1/interrupt", {}).status_code == 200
+        t.join(timeout=120)
+    finally:
+        slow.remove()
+    r = answer["r"]
+    info = json.loads(r.json()["info"])
+    assert r.status_code == 200 and len(r.json()["images"]) == 1  # the image as far as it got, as in A1111
+    assert info["notes"] == ["interrupted: the images are as far as sampling got"]
+    done = requests.get(f"{server.url}/latentgen/v1/jobs/{queued['id']}", timeout=30).json()
+    assert done["state"] == "done" and done["result"]["images"] == []
+    assert requests.get(f"{server.url}/latentgen/v1/jobs/nope", timeout=30).status_code == 404
+
+
+def test_a_failing_job_fails_alone(server):
+    """A request that passes the checks without the model but not with it (here: a LoRA that does not exist)
+    gets its error; the job batched with it still gets its image."""
+    hold = threading.Event()
+    release = server.worker.models.pipe.unet.register_forward_pre_hook(lambda *_: hold.wait(30))
+    try:
+        busy = threading.Thread(target=server.post, args=("/sdapi/v1/txt2img", {"prompt": "busy", "steps": 2,
+                                                                                 "width": 32, "height": 32}))
+        busy.start()
+        while not server.worker.running:
+            time.sleep(0.01)
+        bad = server.post("/latentgen/v1/jobs", {"prompt": "x <lora:missing:1>", "steps": 2, "width": 32,
+                                                 "height": 32}).json()
+        good = server.post("/latentgen/v1/jobs", {"prompt": "y", "steps": 2, "width": 32, "height": 32}).json()
+    finally:
+        hold.set()
+        release.remove()
+    busy.join(timeout=60)
+
+    def wait(job):
+        while True:
+            status = requests.get(f"{server.url}/latentgen/v1/jobs/{job['id']}", timeout=30).json()
+            if status["state"] in ("done", "failed"):
+                return status
+            time.sleep(0.05)
+
+    assert wait(bad)["error"].startswith("LoRA 'missing' is neither a file nor a name in")
+    assert len(wait(good)["result"]["images"]) == 1
+
+
+def test_auth_rejects_missing_and_wrong_credentials(tiny_folder):
+    s = Server(["--model", str(tiny_folder), "--api-auth", "alice:s3cret,bob:hunter2", "--dtype", "fp32"])
+    try:
+        for auth in (None, ("alice", "wrong"), ("mallory", "s3cret"), ("alice", "hunter2")):
+            r = requests.get(f"{s.url}/sdapi/v1/sd-models", auth=auth, timeout=30)
+            assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Basic", auth
+        assert requests.get(f"{s.url}/", timeout=30).status_code == 401
+        assert requests.get(f"{s.url}/sdapi/v1/sd-models", auth=("bob", "hunter2"), timeout=30).status_code == 200
+        result = api(s, username="alice", password="s3cret").txt2img(prompt="x", steps=2, width=32, height=32)
+        assert result.image.size == (32, 32)
+    finally:
+        s.close()
+
+
+def test_serve_command_line_mistakes_are_one_line():
+    for argv, message in [(["--api-auth", "nopassword"], "--api-auth takes USER:PASS"),
+                          (["--port", "0"], "--port must be in [1, 65535]"),
+                          (["--model", "/nowhere/model"], "model folder /nowhere/model does not exist")]:
+        r = subprocess.run([sys.executable, "-m", "latentgen.serve", *argv], capture_output=True, text=True,
+                           timeout=120, cwd=ROOT)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
+
+
+def test_web_page_in_headless_chromium(server):
+    """Type a prompt, press Generate, see the image and its parameters; reuse them; in a real browser."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver_path, browser = shutil.which("chromedriver"), shutil.which("chromium")
+    assert driver_path and browser, "the browser test needs Debian's chromium and chromium-driver (README)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+    try:
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 120)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#sampler_name option")) > 1)
+        models = [o.text for o in driver.find_elements(By.CSS_SELECTOR, "#model option")]
+        assert "pipe" in models and "other" in models
+        driver.find_element(By.ID, "prompt").send_keys("a red circle on a blue background")
+        for field, value in (("width", "32"), ("height", "32"), ("steps", "4"), ("seed", "42")):
+            driver.find_element(By.ID, field).clear()
+            driver.find_element(By.ID, field).send_keys(value)
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .item img"))
+        image = driver.find_element(By.CSS_SELECTOR, "#gallery .item img")
+        wait.until(lambda d: d.execute_script("return arguments[0].naturalWidth", image) == 32)
+        text = driver.find_element(By.CSS_SELECTOR, "#gallery .item pre").text
+        assert text.startswith("a red circle on a blue background\nSteps: 4") and "Seed: 42" in text
+        link = driver.find_element(By.CSS_SELECTOR, "#gallery .item a")
+        assert link.get_attribute("download") == "latentgen-42.png"
+        assert link.get_attribute("href").startswith("data:image/png;base64,")
+        # Reuse puts the image's parameters back into the form
+        driver.find_element(By.ID, "prompt").clear()
+        driver.find_element(By.ID, "seed").clear()
+        driver.find_element(By.CSS_SELECTOR, "#gallery .item .reuse").click()
+        assert driver.find_element(By.ID, "prompt").get_attribute("value") == "a red circle on a blue background"
+        assert driver.find_element(By.ID, "seed").get_attribute("value") == "42"
+        # a mistake shows as one line on the page
+        driver.find_element(By.ID, "steps").clear()
+        driver.find_element(By.ID, "steps").send_keys("500")
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: "this server allows at most 60" in d.find_element(By.ID, "status").text)
+    finally:
+        driver.quit()
