@@ -143,11 +143,11 @@ def load_pipeline(args, state=None):
     from latentgen.loading import open_pipeline, resolve_model
 
     quiet_libraries()
-    device = args.device
+    device = resolve_device(args.device)
     if args.device == "auto" and state is not None and state.num_processes > 1:
-        device = str(state.device)
+        device = state.device  # e.g. cuda:1 for rank 1
     model = resolve_model(args.model, args.models_dir)
-    pipe = open_pipeline(model, dtype=args.dtype, device=resolve_device(device), vae=args.vae,
+    pipe = open_pipeline(model, dtype=args.dtype, device=device, vae=args.vae,
                          prediction_type=args.prediction_type, allow_pickle=args.allow_pickle,
                          loras_dir=args.loras_dir, embeddings_dir=args.embeddings_dir)
     if args.compile:
