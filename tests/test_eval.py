@@ -18,14 +18,48 @@ from latentgen.eval.metrics import kid
 @pytest.mark.parametrize("split", ["train", "heldout"])
 def test_analyzer_reads_the_datasets_own_images(split):
     spec = ShapesSpec(split=split, two_shape_fraction=0.4, seed=11)
-    correct = 0
+    correct = strict = 0
     n = 600
     for i in range(n):
         s = make_sample(spec, i)
         a = analyze(s.render())
-        correct += (a.background == s.background and len(a.shapes) == len(s.shapes)
-                    and all(d.color == t.color and d.kind == t.kind for d, t in zip(a.shapes, s.shapes)))
-    assert correct / n >= 0.99
+        right = a.background == s.background and len(a.shapes) == len(s.shapes)
+        correct += right and all(d.color == t.color and d.kind == t.kind for d, t in zip(a.shapes, s.shapes))
+        strict += right and all(d.color == t.color and d.strict_kind == t.kind for d, t in zip(a.shapes, s.shapes))
+    assert correct / n >= 0.99 and strict / n >= 0.99, (correct, strict)
+
+
+def _drawn(points: list[tuple[float, float]], size: int = 64, scale: int = 4) -> Image.Image:
+    """A yellow polygon on blue, drawn at `scale`× and downsampled as the dataset draws its shapes."""
+    from PIL import ImageDraw
+
+    canvas = Image.new("RGB", (size * scale, size * scale), (0, 0, 255))
+    ImageDraw.Draw(canvas).polygon([(x * scale, y * scale) for x, y in points], fill=(255, 255, 0))
+    return canvas.resize((size, size), Image.Resampling.BOX)
+
+
+def _star(corners: int, r: float, pinch: float, turn: float = 0.3) -> list[tuple[float, float]]:
+    """A regular polygon whose side midpoints are pulled towards the center by `pinch` (0: straight sides)."""
+    import math
+
+    points = []
+    for i in range(2 * corners):
+        radius = r if i % 2 == 0 else r * math.cos(math.pi / corners) * (1 - pinch)
+        angle = turn + math.pi * i / corners
+        points.append((32 + radius * math.cos(angle), 32 + radius * math.sin(angle)))
+    return points
+
+
+def test_strict_reading_flags_pinched_squares_and_concave_triangles():
+    """What the default model drew before #16: squares pinched into four-pointed blobs, triangles with concave
+    sides. The lenient reading (fill of the enclosing circle) still calls them squares and triangles; the strict
+    one does not, and it still reads straight-sided ones right."""
+    for corners, kind in ((4, "square"), (3, "triangle")):
+        straight = analyze(_drawn(_star(corners, 12, 0.0))).shapes[0]
+        pinched = analyze(_drawn(_star(corners, 12, 0.3))).shapes[0]
+        assert straight.kind == straight.strict_kind == kind
+        assert pinched.kind == kind and pinched.strict_kind == "malformed", (pinched.rect_fill, pinched.solidity)
+        assert pinched.solidity < straight.solidity - 0.05
 
 
 def test_analyzer_on_noise_and_blank_images():

@@ -60,7 +60,8 @@ def real_images(count: int, split: str = "heldout", max_shapes: int = 1, resolut
 
 
 def adherence_table(results: dict[float, dict]) -> str:
-    attrs = ["background", "shape", "shape_color", "two_shapes", "colors", "kinds", "binding", "relation", "all"]
+    attrs = ["background", "shape", "shape_color", "two_shapes", "colors", "kinds", "binding", "relation", "all",
+             "strict_shape", "strict_kinds", "strict_binding", "strict_relation", "strict_all"]
     lines = ["| guidance | prompts | n | " + " | ".join(attrs) + " |", "|" + "---|" * (len(attrs) + 3)]
     for guidance, groups in results.items():
         for group in GROUP_ORDER:

@@ -92,9 +92,18 @@ def score(target: Target, analysis: Analysis) -> dict[str, bool]:
             "relation": relation, "all": bg and relation}
 
 
+def strict_score(target: Target, analysis: Analysis) -> dict[str, bool]:
+    """`score` with the strict shape reading (rectangle fill, convexity, corners), as `strict_*` attributes."""
+    got = score(target, analysis.strict())
+    keys = ("shape", "all") if len(target.shapes) == 1 else ("kinds", "binding", "relation", "all")
+    return {f"strict_{k}": got[k] for k in keys}
+
+
 def evaluate_images(targets: list[Target], images: list) -> dict[str, dict[str, float]]:
-    """{group: {attribute: accuracy}} for images generated from `targets` (in order)."""
+    """{group: {attribute: accuracy}} for images generated from `targets` (in order): the lenient reading and the
+    strict one (`strict_*`)."""
     groups: dict[str, Scores] = {}
     for target, image in zip(targets, images):
-        groups.setdefault(target.group, Scores()).add(**score(target, analyze(image)))
+        analysis = analyze(image)
+        groups.setdefault(target.group, Scores()).add(**score(target, analysis), **strict_score(target, analysis))
     return {g: s.rates() | {"n": s.total} for g, s in sorted(groups.items())}
