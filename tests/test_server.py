@@ -131,6 +131,7 @@ def test_webuiapi_img2img_and_inpainting(server, pipe):
                   guidance_scale=7.0).images[0]
     np.testing.assert_array_equal(pixels(out.image), pixels(direct))
     assert "Denoising strength: 0.5" in out.info["infotexts"][0]
+    assert "notes" not in out.info  # webuiapi's img2img defaults (mask blur 4, ...) are A1111's
 
     painted = client.img2img(images=[init], mask_image=mask, prompt="a green triangle", seed=5, steps=8,
                              denoising_strength=1.0, width=32, height=32, sampler_name="DDIM", eta=0.0)

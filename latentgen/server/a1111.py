@@ -32,13 +32,14 @@ IGNORED = {"styles": [], "subseed": -1, "subseed_strength": 0.0, "seed_resize_fr
            "s_noise": 1.0, "script_name": None, "script_args": [], "alwayson_scripts": {}, "refiner_checkpoint": None,
            "refiner_switch_at": None, "hr_checkpoint_name": None, "hr_sampler_name": None, "hr_scheduler": None,
            "hr_prompt": "", "hr_negative_prompt": "", "firstphase_width": 0, "firstphase_height": 0,
-           "disable_extra_networks": False, "comments": None, "image_cfg_scale": None, "mask_blur": None,
+           "disable_extra_networks": False, "comments": None, "mask_blur": 4,
            "mask_blur_x": 4, "mask_blur_y": 4, "inpainting_fill": 0, "inpaint_full_res": True,
-           "inpaint_full_res_padding": 0, "initial_noise_multiplier": None, "latent_mask": None,
+           "inpaint_full_res_padding": 0, "initial_noise_multiplier": 1.0, "latent_mask": None,
            "resize_mode": 0, "force_task_id": None, "infotext": None}
 # Accepted and without effect on the images (where to save, what to send back): never noted.
 SILENT = {"sampler_index", "send_images", "save_images", "do_not_save_samples", "do_not_save_grid",
-          "override_settings_restore_afterwards", "include_init_images", "n_iter", "batch_size"}
+          "override_settings_restore_afterwards", "include_init_images", "n_iter", "batch_size",
+          "image_cfg_scale"}  # image_cfg_scale: for instruct-pix2pix models only
 SEED_RANGE = 2**32  # A1111 draws a random seed below this
 
 
