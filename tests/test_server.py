@@ -58,7 +58,26 @@ def models(tmp_path_factory, tiny_folder):
     other = C.components()
     other["unet"] = C.unet(seed=1)
     LatentPipeline(**other).save_pretrained(root / "models" / "other")
+    save_lora(tiny_folder, root / "loras" / "circles.safetensors")
     return root
+
+
+def save_lora(folder, path):
+    """A random LoRA on the tiny model's attention projections, in diffusers' format."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    unet = LatentPipeline.from_pretrained(folder, torch_dtype=torch.float32).unet
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(0)
+    for name, param in unet.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    StableDiffusionPipeline.save_lora_weights(path.parent, weight_name=path.name, unet_lora_layers=(
+        convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))))
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +177,7 @@ def test_models_samplers_options_and_switching(server):
     names = client.util_get_model_names()
     assert {"pipe", "other"} <= {n.split(" [")[0] for n in names}
     assert "Euler a" in client.util_get_sampler_names() and "DPM++ 2M Karras" in client.util_get_sampler_names()
-    assert client.get_loras() == []
+    assert [lora["name"] for lora in client.get_loras()] == ["circles"]
     body = dict(prompt="x", seed=3, steps=3, width=32, height=32, sampler_name="Euler")
     first = client.txt2img(**body)
     client.set_options({"sd_model_checkpoint": "other"})
@@ -174,6 +193,20 @@ def test_models_samplers_options_and_switching(server):
         client.set_options({"sd_model_checkpoint": "pipe"})
     r = server.post("/sdapi/v1/options", {"sd_model_checkpoint": "nope"})
     assert r.status_code == 400 and "not one of this server's: pipe" in r.json()["detail"]
+
+
+def test_lora_tags_switch_loras_per_request(server, pipe, models):
+    client = api(server)
+    body = dict(seed=4, steps=3, width=32, height=32, sampler_name="Euler")
+    plain = client.txt2img(prompt="a red circle", **body)
+    tagged = client.txt2img(prompt="a red circle <lora:circles:0.7>", **body)
+    direct = pipe("a red circle", loras=[(str(models / "loras" / "circles.safetensors"), 0.7)], seed=4,
+                  num_inference_steps=3, width=32, height=32, scheduler="euler", guidance_scale=7.0).images[0]
+    np.testing.assert_array_equal(pixels(tagged.image), pixels(direct))
+    assert not np.array_equal(pixels(tagged.image), pixels(plain.image))
+    assert "Lora hashes: \"circles: " in tagged.info["infotexts"][0]
+    again = client.txt2img(prompt="a red circle", **body)  # the next request without the tag: the base model
+    np.testing.assert_array_equal(pixels(again.image), pixels(plain.image))
 
 
 def test_bad_requests_get_a_clear_4xx(server):
