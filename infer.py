@@ -172,11 +172,9 @@ def write(pipe, model, plan, paths, args, show=True) -> list:
         from latentgen import lora
 
         lora.fuse(pipe, plan.loras)  # one LoRA set for the whole run: fused is faster per image
-    req = plan.request
-    steps = req.num_inference_steps + ((req.hires.steps or req.num_inference_steps) if req.hires else 0)
     # disable=None: a progress bar on a terminal only, never mixed into redirected output
-    bar = tqdm.tqdm(total=plan.batch_size * steps, unit="step", desc="generating", file=sys.stderr,
-                    disable=None if show else True, leave=False)
+    bar = tqdm.tqdm(total=plan.batch_size * plan.request.sampling_steps, unit="step", desc="generating",
+                    file=sys.stderr, disable=None if show else True, leave=False)
     written = write_images(pipe, plan, paths, args.batch_size, about, on_progress=bar.update,
                            on_image=lambda path: tqdm.tqdm.write(str(path)))
     bar.close()

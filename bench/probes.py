@@ -6,6 +6,8 @@
     python bench/probes.py profile        # where an 8-image call of the default model spends its time
     python bench/probes.py train-step     # the U-Net training step: attention kernels, torch.compile, profile
     python bench/probes.py memory         # the memory guard's estimate against measured peaks (default model)
+    python bench/probes.py shapes         # the strict shape measures: dataset, VAE round trip, default model
+    python bench/probes.py thread         # the default model sampling on the main thread and on another thread
 """
 
 from __future__ import annotations
@@ -200,15 +202,75 @@ def memory(_):
         print(f"| {size}×{size} | {n} | {estimate:.0f} | {measured:.0f} | {estimate / measured:.2f} |")
 
 
+def shapes(_):
+    """The strict reading's measures per kind on the dataset's own images, on the VAE's round trip of them, and on
+    the default model's images (one seed per single-shape prompt of the eval)."""
+    import collections
+
+    import numpy as np
+    import torch
+
+    from latentgen.data.shapes import ShapesSpec, make_sample
+    from latentgen.eval.adherence import prompt_set
+    from latentgen.eval.analyzer import analyze
+
+    def report(what, kinds, images):
+        found = collections.defaultdict(list)
+        for kind, image in zip(kinds, images):
+            shapes = analyze(image).shapes
+            found[kind].append(max(shapes, key=lambda d: d.area) if shapes else None)
+        for kind, shapes in sorted(found.items()):
+            seen = [d for d in shapes if d is not None]
+            rect, solid = [d.rect_fill for d in seen], [d.solidity for d in seen]
+            print(f"{what:>14} {kind:>8}: strict right {sum(d.strict_kind == kind for d in seen)}/{len(shapes)}, "
+                  f"rect fill {min(rect):.2f}-{max(rect):.2f} (median {np.median(rect):.2f}), solidity ≥ "
+                  f"{min(solid):.2f} (median {np.median(solid):.2f})")
+
+    samples = [make_sample(ShapesSpec(split="heldout", seed=5, max_shapes=1), i) for i in range(150)]
+    kinds, real = [s.shapes[0].kind for s in samples], [s.render() for s in samples]
+    report("dataset", kinds, real)
+    pipe = _pipe(torch.float32)
+    with torch.no_grad():
+        latents = pipe.encode_images(pipe.image_processor.preprocess(real).float())
+        report("VAE round trip", kinds, pipe.image_processor.postprocess(pipe.decode(latents)))
+    targets = [t for t in prompt_set(27) if t.group.startswith("one")]
+    images = _pipe()([t.prompt for t in targets], seed=list(range(1000, 1000 + len(targets))),
+                     num_inference_steps=20, guidance_scale=7.5).images
+    report("default model", [t.shapes[0][1] for t in targets], images)
+
+
+def thread(_):
+    """Seconds per image of the default model (20 steps), sampled on the main thread, then on another thread."""
+    import threading
+
+    pipe = _pipe()
+
+    def run(where, out):
+        pipe(PROMPT, num_inference_steps=20, seed=0)  # warm-up
+        start = time.perf_counter()
+        for k in range(10):
+            pipe(PROMPT, num_inference_steps=20, seed=k)
+        out[where] = (time.perf_counter() - start) / 10
+
+    out = {}
+    run("main thread", out)
+    worker = threading.Thread(target=run, args=("another thread", out))
+    worker.start()
+    worker.join()
+    for where, seconds in out.items():
+        print(f"{where}: {seconds:.3f} s per image")
+    print(f"ratio: {out['another thread'] / out['main thread']:.2f}")
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="probe", required=True)
-    for name in ("samplers", "dpm-variants", "bf16-drift", "profile", "memory"):
+    for name in ("samplers", "dpm-variants", "bf16-drift", "profile", "memory", "shapes", "thread"):
         sub.add_parser(name)
     sub.add_parser("train-step").add_argument("--steps", type=int, default=15)
     args = p.parse_args()
     {"samplers": samplers, "dpm-variants": dpm_variants, "bf16-drift": bf16_drift, "profile": profile,
-     "train-step": train_step, "memory": memory}[args.probe](args)
+     "train-step": train_step, "memory": memory, "shapes": shapes, "thread": thread}[args.probe](args)
 
 
 if __name__ == "__main__":

@@ -56,9 +56,15 @@ def resolve(name: str, folder: Path) -> Path:
     for candidate in (folder / name, *(folder / f"{name}{s}" for s in SUFFIXES)):
         if candidate.is_file():
             return candidate
-    known = sorted(p.stem for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+    known = [p.stem for p in available(folder)]
     raise UserError(f"LoRA {name!r} is neither a file nor a name in {folder}/"
                     + (f" (it has: {', '.join(known)})" if known else " (no .safetensors files there)"))
+
+
+def available(folder: Path) -> list[Path]:
+    """The LoRA files in `folder` (none if it does not exist), by name."""
+    folder = Path(folder)
+    return sorted(p for s in SUFFIXES for p in folder.glob(f"*{s}")) if folder.is_dir() else []
 
 
 def short_hash(path: Path) -> str:

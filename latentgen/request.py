@@ -160,6 +160,12 @@ class Request:
         """How many images the request makes (after `check`)."""
         return len(self.prompt) * self.num_images_per_prompt
 
+    @property
+    def sampling_steps(self) -> int:
+        """Sampling steps per image, both passes of a hires request included (after `check`)."""
+        hires = self.hires
+        return self.num_inference_steps + ((hires.steps or self.num_inference_steps) if hires else 0)
+
     def per_image(self) -> tuple[list[str], list[str], list[int] | None]:
         """One prompt, negative prompt and seed per image, prompt-major (after `check`)."""
         n = self.num_images_per_prompt

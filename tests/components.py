@@ -114,3 +114,20 @@ def sdxl_components(seed: int = 0) -> dict:
     return dict(unet=unet_, vae=sd_vae(seed, levels=3), text_encoder=clip("quick_gelu", seed=seed),
                 tokenizer=tokenizer(), text_encoder_2=clip("gelu", projection=True, seed=seed + 1),
                 tokenizer_2=clip_tokenizer(pad_token="!"), scheduler=scheduler())
+
+
+def random_unet_lora(folder) -> dict:
+    """A peft state dict of a rank-4 LoRA on a saved pipeline's U-Net attention projections, with random (non-zero)
+    up weights, so that it changes the images."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from latentgen import LatentPipeline
+
+    unet = LatentPipeline.from_pretrained(folder, torch_dtype=torch.float32).unet
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(0)
+    for name, param in unet.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    return get_peft_model_state_dict(unet)

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from latentgen import LatentPipeline
@@ -20,14 +19,9 @@ def image(pipe):
 @pytest.fixture(scope="module")
 def unet_lora(tiny_folder):
     """A U-Net LoRA on the tiny model's attention projections, with random (non-zero) up weights."""
-    unet = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32).unet
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    torch.manual_seed(0)
-    for name, param in unet.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.5)
-    return get_peft_model_state_dict(unet)
+    import components as C
+
+    return C.random_unet_lora(tiny_folder)
 
 
 @pytest.mark.parametrize("form", ["diffusers", "kohya"])

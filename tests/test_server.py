@@ -63,21 +63,14 @@ def models(tmp_path_factory, tiny_folder):
 
 
 def save_lora(folder, path):
-    """A random LoRA on the tiny model's attention projections, in diffusers' format."""
-    import torch
+    """A random LoRA of the tiny model, in diffusers' format."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, get_peft_model_state_dict
 
-    unet = LatentPipeline.from_pretrained(folder, torch_dtype=torch.float32).unet
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    torch.manual_seed(0)
-    for name, param in unet.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.5)
+    import components as C
+
     StableDiffusionPipeline.save_lora_weights(path.parent, weight_name=path.name, unet_lora_layers=(
-        convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))))
+        convert_state_dict_to_diffusers(C.random_unet_lora(folder))))
 
 
 @pytest.fixture(scope="module")

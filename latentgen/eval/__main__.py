@@ -22,15 +22,9 @@ GROUP_ORDER = ("one-heldout", "one-seen", "two-heldout", "two-seen")
 
 
 def load(model: str | None, dtype: str, device: str = "auto"):
-    from ..device import resolve_device
-    from ..loading import resolve_model
-    from ..pipeline import LatentPipeline
-    from ..precision import resolve_dtype
+    from ..loading import open_pipeline, resolve_model
 
-    dev = resolve_device(device)
-    pipe = LatentPipeline.from_pretrained(resolve_model(model), torch_dtype=resolve_dtype(dtype, dev)).to(dev)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return open_pipeline(resolve_model(model), dtype=dtype, device=device, embeddings_dir=None)
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int, scheduler: str | None, guidance: float,

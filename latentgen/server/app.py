@@ -175,8 +175,9 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
 
     @app.get("/sdapi/v1/loras")
     def loras():
-        folder = settings.loras_dir
-        files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+        from .. import lora
+
+        files = lora.available(settings.loras_dir)
         return [{"name": f.stem, "alias": f.stem, "path": str(f.resolve()), "metadata": _lora_metadata(f)}
                 for f in files]
 
@@ -240,10 +241,13 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
 
 
 def _answer(worker: Worker, body, job, result, notes) -> dict:
-    models = worker.models
-    info = a1111.info(result.images, job.request, str(models.paths[job.model]), models.hash(job.model), notes,
-                      result.interrupted)
-    return a1111.answer(body, result.images, info)
+    """The A1111 answer of a finished job, made once (the page polls a finished job until it has seen it)."""
+    if job.answer is None:
+        models = worker.models
+        info = a1111.info(result.images, job.request, str(models.paths[job.model]), models.hash(job.model), notes,
+                          result.interrupted)
+        job.answer = a1111.answer(body, result.images, info)
+    return job.answer
 
 
 def _job(worker: Worker, job_id: str):

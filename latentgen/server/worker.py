@@ -43,8 +43,7 @@ class Limits:
     max_queue: int = 64  # jobs waiting; more: 503
 
     def check(self, request: Request) -> None:
-        steps = request.num_inference_steps + ((request.hires.steps or request.num_inference_steps)
-                                               if request.hires else 0)
+        steps = request.sampling_steps
         if steps > self.max_steps:
             raise UserError(f"{steps} sampling steps asked; this server allows at most {self.max_steps}")
         if request.total > self.max_images:
@@ -83,11 +82,11 @@ class Job:
     latents_step: int = -1
     notes: list[str] = field(default_factory=list)  # what the request asked that was ignored
     body: Any = None  # the request as the client sent it (its parameters are echoed in the answer)
+    answer: dict | None = None  # the HTTP answer, once made
 
     @property
     def steps(self) -> int:
-        r = self.request
-        return r.num_inference_steps + ((r.hires.steps or r.num_inference_steps) if r.hires else 0)
+        return self.request.sampling_steps
 
     @property
     def progress(self) -> float:
@@ -191,8 +190,8 @@ class Worker:
     def start(self) -> "Worker":
         """Run the queue in a thread of its own (tests, embedding); `python -m latentgen.serve` runs it on the main
         thread instead (`run`), where torch samples faster on a small CPU: `bench/serve_load.py --clients 1` took
-        0.51 s per image with the worker in a thread and 0.40 s on the main thread (the default model, 2 cores;
-        OpenMP's team of a thread other than the main one was slower on convolutions)."""
+        0.51 s per image with the worker in a thread and 0.41 s on the main thread (the default model, 2 cores);
+        `python bench/probes.py thread` measures the same without a server."""
         self.thread = threading.Thread(target=self.run, name="latentgen-worker", daemon=True)
         self.thread.start()
         return self
