@@ -99,36 +99,61 @@ def activate(pipe, loras: Sequence[tuple[Path, float]]) -> None:
 
 
 def fuse(pipe, loras: Sequence[tuple[Path, float]]) -> None:
-    """Activate `loras` and fold them into the U-Net's weights, for a process that makes all its images with one
-    set of LoRAs (infer.py): `python bench/lora.py` measured unfused LoRAs 1.26× slower per image than fused on
-    the default model (bf16, rank 16, 20 steps). A fused pipeline refuses to switch to other LoRAs."""
+    """Activate `loras` and fold them into the U-Net's and text encoder's weights, for a process that makes all its
+    images with one set of LoRAs (infer.py): `python bench/lora.py` measured unfused LoRAs 1.26× slower per image
+    than fused on the default model (bf16, rank 16, 20 steps). A fused pipeline refuses to switch to other LoRAs."""
     activate(pipe, loras)
     if loras:
         pipe.fuse_lora()
         pipe.__dict__["fused_loras_of"] = pipe.__dict__["active_loras"]
 
 
+def text_encoder_state(pipe) -> tuple:
+    """What the text encoders' LoRA layers do now (active adapters, scales, merged ones), for the prompt cache's
+    key: an embedding made with one LoRA set is not reused with another, however the set was changed (here or
+    through diffusers' `set_adapters`, `fuse_lora`, ...)."""
+    state = []
+    for encoder in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)):
+        if encoder is None or not getattr(encoder, "peft_config", None):
+            continue
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        state += [(tuple(layer.active_adapters), tuple(sorted(layer.scaling.items())), tuple(layer.merged_adapters),
+                   layer.disable_adapters) for layer in encoder.modules() if isinstance(layer, BaseTunerLayer)]
+    return tuple(state)
+
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # what diffusers' SD/SDXL LoRA loaders load into
+
+
 def _check_shapes(pipe, path: Path) -> None:
-    """Every U-Net LoRA matrix fits the layer it names (diffusers/peft load mismatched shapes without a word)."""
+    """Every LoRA matrix fits the layer it names (diffusers/peft load mismatched shapes without a word)."""
     state, _ = pipe.lora_state_dict(str(path))  # diffusers' names, kohya's converted
-    modules = dict(pipe.unet.named_modules())
     down, up = ("lora_A.weight", "lora.down.weight", "lora_down.weight"), ("lora_B.weight", "lora.up.weight",
                                                                             "lora_up.weight")
+    modules = {}
     for key, tensor in state.items():
-        if not key.startswith("unet.") or not key.endswith(down + up):
+        component, _, rest = key.partition(".")
+        if component not in COMPONENTS or getattr(pipe, component, None) is None or not key.endswith(down + up):
             continue
-        name = re.split(r"\.lora[._]", key.removeprefix("unet."))[0]
-        layer = modules.get(name)
-        if layer is None or tensor.ndim < 2:
+        if component not in modules:
+            modules[component] = dict(getattr(pipe, component).named_modules())
+        rest = re.sub(r"\.to_(q|k|v|out)_lora\.", r".\1_proj.lora.", rest)  # kohya's text encoder names, converted
+        name = re.split(r"\.lora[._]", rest)[0]
+        layer = modules[component].get(name)
+        weight = getattr(getattr(layer, "base_layer", layer), "weight", None)
+        if weight is None or tensor.ndim < 2:
             continue  # no such layer: diffusers reports LoRAs that match nothing (checked after loading)
-        weight = getattr(layer, "base_layer", layer).weight
         axis = 1 if key.endswith(down) else 0
         if tensor.shape[axis] != weight.shape[axis]:
             raise ValueError(f"{name} is {tuple(weight.shape)} here but the LoRA has {tuple(tensor.shape)} for it")
 
 
-def _has_adapters(pipe) -> bool:
-    return bool(getattr(pipe.unet, "peft_config", None))
+def _adapters(pipe) -> set[tuple[str, str]]:
+    """(component, adapter) for every LoRA adapter loaded into the pipeline's models."""
+    if not any(getattr(getattr(pipe, c, None), "peft_config", None) for c in COMPONENTS):
+        return set()
+    return {(c, a) for c, names in pipe.get_list_adapters().items() for a in names}
 
 
 def _load(pipe, path: Path, adapter: str) -> None:
@@ -144,14 +169,13 @@ def _load(pipe, path: Path, adapter: str) -> None:
         raise UserError(f"LoRA {path} is corrupt or truncated ({first_line(err)})") from None
     if not any("lora" in k.lower() for k in keys):
         raise UserError(f"{path} holds no LoRA weights (no lora_* keys among its {len(keys)} tensors)")
-    before = set(pipe.get_list_adapters().get("unet", [])) if _has_adapters(pipe) else set()
+    before = _adapters(pipe)
     try:
         _check_shapes(pipe, path)
         pipe.load_lora_weights(str(path), adapter_name=adapter)
     except (RuntimeError, ValueError, KeyError) as err:
         raise UserError(f"LoRA {path} does not fit this model ({first_line(err)}); it was made for another "
                         "base architecture") from None
-    after = set(pipe.get_list_adapters().get("unet", [])) if _has_adapters(pipe) else set()
-    if adapter not in after - before:
-        raise UserError(f"LoRA {path} matches no layer of this model's U-Net; it was made for another base "
-                        "architecture")
+    if not any(a == adapter for _, a in _adapters(pipe) - before):
+        raise UserError(f"LoRA {path} matches no layer of this model's U-Net or text encoder; it was made for "
+                        "another base architecture")

@@ -24,7 +24,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
 from torch import nn
 
-from . import diffusion, sampling
+from . import diffusion, lora, sampling
 from .conditioning import Conditioning, PromptEncoder
 from .errors import UserError, first_line
 from .io import atomic_dir
@@ -285,7 +285,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         than the encoder's window work (latentgen.prompts)."""
         device, dtype = self.unet.device, self.unet.dtype
         # len(tokenizer): embeddings loaded later add words, and a cached prompt may have used them as text
-        key = (id(self.text_encoder), len(self.tokenizer), clip_skip, str(device), str(dtype))
+        key = (id(self.text_encoder), len(self.tokenizer), clip_skip, str(device), str(dtype),
+               lora.text_encoder_state(self))
         spell = self.maybe_convert_prompt if self.__dict__.get("embedding_files") else None  # k-vector words
         return self.prompt_encoder.encode(prompts, key, lambda: self.text_encoder_backend(clip_skip), device, dtype,
                                           spell=None if spell is None else lambda p: spell(p, self.tokenizer))
@@ -328,8 +329,6 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
     def generate(self, request: Request | Plan, on_step: Callable[[int], None] | None = None,
                  on_latents: Callable[[int, torch.Tensor], None] | None = None) -> GenerationOutput:
         """Run a Request, or a Plan already fitted to this pipeline (then nothing is checked again)."""
-        from . import lora
-
         plan = request if isinstance(request, Plan) else request.fit(self)
         switch = bool(plan.loras or self.__dict__.get("managed_loras"))
         with self.lora_lock if switch else contextlib.nullcontext():

@@ -131,3 +131,23 @@ def random_unet_lora(folder) -> dict:
         if "lora_B" in name:
             param.data.normal_(0, 0.5)
     return get_peft_model_state_dict(unet)
+
+
+def random_text_encoder_lora(folder) -> dict:
+    """A peft state dict of a rank-4 LoRA (alpha 8) on a saved pipeline's CLIP text encoder attention projections,
+    with random (non-zero) up weights. peft injects it directly: transformers' `add_adapter` wants a newer peft
+    than the one pip has for it."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    from latentgen import LatentPipeline
+
+    encoder = LatentPipeline.from_pretrained(folder, torch_dtype=torch.float32).text_encoder
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
+                        target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+    encoder = inject_adapter_in_model(config, encoder)
+    torch.manual_seed(1)
+    for name, param in encoder.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    return get_peft_model_state_dict(encoder, state_dict={k: v for k, v in encoder.state_dict().items()
+                                                          if "lora_" in k}, adapter_name="default")

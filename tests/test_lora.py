@@ -16,6 +16,16 @@ def image(pipe):
                 output_type="np").images
 
 
+def load_both(folder, path):
+    """Our pipeline, its image before loading the LoRA `path` and after, and diffusers' image with it."""
+    ours = LatentPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    before = image(ours)
+    ours.load_lora_weights(str(path))
+    sd = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    sd.load_lora_weights(str(path))
+    return ours, before, image(ours), image(sd)
+
+
 @pytest.fixture(scope="module")
 def unet_lora(tiny_folder):
     """A U-Net LoRA on the tiny model's attention projections, with random (non-zero) up weights."""
@@ -37,14 +47,58 @@ def test_lora_images_equal_diffusers(tiny_folder, tmp_path, unet_lora, form):
         assert any(k.endswith(".alpha") for k in kohya) and any(k.endswith(".lora_down.weight") for k in kohya)
         path = tmp_path / "kohya.safetensors"
         save_file({k: v.contiguous() for k, v in kohya.items()}, str(path))
-    ours = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
-    before = image(ours)
-    ours.load_lora_weights(str(path))
-    sd = StableDiffusionPipeline.from_pretrained(tiny_folder, local_files_only=True)
-    sd.load_lora_weights(str(path))
-    with_lora = image(ours)
+    ours, before, with_lora, reference = load_both(tiny_folder, path)
     assert np.abs(with_lora - before).max() > 0.05  # the LoRA does something
-    assert np.abs(with_lora - image(sd)).max() <= 1e-4
+    assert np.abs(with_lora - reference).max() <= 1e-4
+    ours.set_adapters(ours.get_active_adapters(), adapter_weights=[0.0])  # weight 0: the base model again
+    assert np.abs(image(ours) - before).max() <= 1e-5
+
+
+@pytest.mark.parametrize("form", ["diffusers", "kohya"])
+def test_text_encoder_lora_images_equal_diffusers_and_the_merged_weights(tiny_folder, tmp_path, unet_lora, form):
+    """A LoRA of the U-Net and the text encoder; kohya's file carries sd-scripts' names (`lora_te_text_model_…`, which
+    transformers 5's CLIPTextModel no longer has) and alphas. The prompt's embedding is cached before the LoRA loads:
+    the cache must not give the old one back."""
+    import components as C
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+    from peft import LoraConfig
+
+    te_lora = C.random_text_encoder_lora(tiny_folder)
+    unet_kohya = {f"lora_unet_{k}": torch.tensor(8.0) if k.endswith(".alpha") else v.contiguous()
+                  for k, v in convert_state_dict_to_kohya(unet_lora).items()}  # alpha 8 as in the peft config
+    if form == "diffusers":
+        # alphas as diffusers' training scripts record them (a file without them means alpha = rank)
+        StableDiffusionPipeline.save_lora_weights(
+            tmp_path, unet_lora_layers=convert_state_dict_to_diffusers(unet_lora), text_encoder_lora_layers=te_lora,
+            unet_lora_adapter_metadata=LoraConfig(r=4, lora_alpha=8, target_modules=[
+                "to_q", "to_k", "to_v", "to_out.0"]).to_dict(),
+            text_encoder_lora_adapter_metadata=LoraConfig(r=4, lora_alpha=8, target_modules=[
+                "q_proj", "k_proj", "v_proj", "out_proj"]).to_dict())
+        path = tmp_path / "pytorch_lora_weights.safetensors"
+    else:
+        kohya = dict(unet_kohya)
+        for key, tensor in te_lora.items():
+            module, _, kind = key.partition(".lora_")
+            name = "lora_te_text_model_" + module.replace(".", "_")
+            kohya[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = tensor
+            kohya[f"{name}.alpha"] = torch.tensor(8.0)
+        path = tmp_path / "kohya.safetensors"
+        save_file({k: v.contiguous() for k, v in kohya.items()}, str(path))
+    ours, before, with_lora, reference = load_both(tiny_folder, path)
+    assert np.abs(with_lora - reference).max() <= 1e-4
+    # the text encoder's part by hand: W + (alpha / rank)·B·A. Compared on the embeddings: a random LoRA this
+    # strong makes the tiny U-Net amplify rounding (fused and unfused images differ by 1e-2)
+    merged = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
+    layers = dict(merged.text_encoder.named_modules())
+    with torch.no_grad():
+        for key, down in te_lora.items():
+            if ".lora_A." in key:
+                layers[key.partition(".lora_A.")[0]].weight += 2.0 * te_lora[key.replace("lora_A", "lora_B")] @ down
+    prompts = ["a red circle", ""]
+    expected, got = merged.encode_prompts(prompts)[0], ours.encode_prompts(prompts)[0]
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert (got - LatentPipeline.from_pretrained(tiny_folder).encode_prompts(prompts)[0]).abs().max() > 0.1
+    assert np.abs(with_lora - before).max() > 0.05
     ours.set_adapters(ours.get_active_adapters(), adapter_weights=[0.0])  # weight 0: the base model again
     assert np.abs(image(ours) - before).max() <= 1e-5
 
@@ -81,7 +135,16 @@ def lora_file(tmp_path_factory, unet_lora):
     return folder / "circles.safetensors"
 
 
-def test_a_request_lora_equals_diffusers_with_that_scale_and_switches_off_again(tiny_folder, lora_file):
+@pytest.mark.parametrize("part", ["unet", "text_encoder"])
+def test_a_request_lora_equals_diffusers_with_that_scale_and_switches_off_again(tiny_folder, lora_file, part):
+    """Switched on by one request and off by the next; a text encoder LoRA's prompt embeddings are not taken from
+    the cache of another LoRA state."""
+    if part == "text_encoder":
+        import components as C
+
+        lora_file = lora_file.with_name("words.safetensors")
+        StableDiffusionPipeline.save_lora_weights(lora_file.parent, weight_name=lora_file.name,
+                                                  text_encoder_lora_layers=C.random_text_encoder_lora(tiny_folder))
     ours = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
     ours.set_progress_bar_config(disable=True)
     call = dict(num_inference_steps=3, seed=1, output_type="np")
@@ -95,7 +158,7 @@ def test_a_request_lora_equals_diffusers_with_that_scale_and_switches_off_again(
                    output_type="np").images
     assert np.abs(with_lora - before).max() > 0.05
     assert np.abs(with_lora - reference).max() <= 1e-4
-    tagged = ours("a red circle <lora:circles:0.7>", **call).images if ours.__dict__.update(
+    tagged = ours(f"a red circle <lora:{lora_file.stem}:0.7>", **call).images if ours.__dict__.update(
         loras_dir=lora_file.parent) is None else None
     assert np.array_equal(tagged, with_lora)  # the prompt tag: the same LoRA, the tag itself not encoded
     assert np.abs(ours("a red circle", **call).images - before).max() == 0  # the next request: no LoRA
@@ -158,11 +221,11 @@ def test_bad_loras_are_one_line_errors(tiny_folder, lora_file, tmp_path):
 
 
 def test_a_trained_lora_file_gives_the_image_of_the_unet_it_was_trained_on(tiny_folder, tmp_path):
-    """save_lora writes kohya's format with the run's alpha: loaded by --lora/`loras=`, the image equals the one
-    of the U-Net carrying the adapter in memory (alpha 2 / rank 4: a scale of 0.5 inside the file)."""
+    """save_lora writes diffusers' format and kohya's with the run's alpha: each loaded by --lora/`loras=` gives the
+    image of the U-Net carrying the adapter in memory (alpha 2 / rank 4: a scale of 0.5 inside the files)."""
     from latentgen.training.unet import LoraTrainConfig, UNetTrainConfig, add_lora, save_lora
 
-    config = UNetTrainConfig(pretrained_pipeline=str(tiny_folder), lora=LoraTrainConfig(rank=4, alpha=2))
+    config = UNetTrainConfig(pretrained_pipeline=str(tiny_folder), lora=LoraTrainConfig(rank=4, alpha=2, kohya=True))
     trained = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
     add_lora(trained.unet, config.lora)
     assert all(("lora_" in n) == p.requires_grad for n, p in trained.unet.named_parameters())
@@ -170,15 +233,16 @@ def test_a_trained_lora_file_gives_the_image_of_the_unet_it_was_trained_on(tiny_
     for name, param in trained.unet.named_parameters():
         if "lora_B" in name:
             param.data.normal_(0, 0.5)
-    save_lora(config, trained.unet, tmp_path / "mine.safetensors")
+    save_lora(config, trained.unet, None, tmp_path / "mine.safetensors")
     base = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
     base.set_progress_bar_config(disable=True)
-    with_file = base("a red circle", num_inference_steps=3, seed=1, output_type="np",
-                     loras=[(str(tmp_path / "mine.safetensors"), 1.0)]).images
-    plain = base("a red circle", num_inference_steps=3, seed=1, output_type="np").images
     trained.set_progress_bar_config(disable=True)
     expected = trained("a red circle", num_inference_steps=3, seed=1, output_type="np").images
-    assert np.abs(with_file - expected).max() <= 1e-4
+    for name in ("mine.safetensors", "lora_kohya.safetensors"):
+        with_file = base("a red circle", num_inference_steps=3, seed=1, output_type="np",
+                         loras=[(str(tmp_path / name), 1.0)]).images
+        assert np.abs(with_file - expected).max() <= 1e-4, name
+    plain = base("a red circle", num_inference_steps=3, seed=1, output_type="np").images
     assert np.abs(plain - expected).max() > 1e-2
 
 
@@ -215,3 +279,50 @@ def test_lora_training_run_writes_a_file_infer_applies(tiny_folder, tmp_path):
                         f"output_dir={tmp_path / 'bad'}", "lora.rank=4", "text_encoder.kind=minilm"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "set pretrained_pipeline" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_text_encoder_lora_training_resumes_bit_for_bit_and_writes_both_formats(tiny_folder, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from conftest import ROOT
+
+    config = tmp_path / "lora.yaml"
+    config.write_text("max_steps: 6\ntrain_batch_size: 4\nlearning_rate: 5.0e-2\ncheckpoint_every: 3\n"
+                      "keep_checkpoints: 5\nmixed_precision: fp32\ntext_encoder: {kind: pipeline}\n"
+                      "validate_every: 0\nvalidation_prompts: [a red circle]\nvalidation_steps: 2\n"
+                      "lr_scheduler: cosine\nlora: {rank: 4, alpha: 8, text_encoder: true, kohya: true}\n"
+                      "data: {source: shapes, resolution: 32, num_samples: 8}\n")
+
+    def train(out, *extra):
+        r = subprocess.run([sys.executable, str(ROOT / "train_unet.py"), "--config", str(config),
+                            f"output_dir={out}", f"pretrained_pipeline={tiny_folder}", *extra],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train(whole)
+    checkpoint = whole / "checkpoints" / "checkpoint-0000003"
+    unet_part = load_file(str(checkpoint / "unet.safetensors"))
+    assert unet_part and all("lora_" in k for k in unet_part)  # only the LoRA: the base comes from the model
+    assert all("lora_" in k for k in load_file(str(checkpoint / "text_encoder.safetensors")))
+    shutil.copytree(checkpoint, cut / "checkpoints" / checkpoint.name)
+    assert f"resumed from {cut / 'checkpoints' / checkpoint.name}" in train(cut, "resume_from=latest").stdout
+    a, b = load_file(str(whole / "lora.safetensors")), load_file(str(cut / "lora.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.startswith("text_encoder.") for k in a) and any(k.startswith("unet.") for k in a)
+    with safe_open(str(whole / "lora_kohya.safetensors"), "pt") as f:
+        assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in f.keys())  # sd-scripts' names
+        assert {f.get_tensor(k).item() for k in f.keys() if k.endswith(".alpha")} == {8.0}
+    images = {}
+    for name in ("lora.safetensors", "lora_kohya.safetensors"):
+        pipe = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
+        pipe.load_lora_weights(str(whole / name))
+        images[name] = image(pipe)
+    assert np.abs(images["lora.safetensors"] - images["lora_kohya.safetensors"]).max() <= 1e-4
+    assert np.abs(images["lora.safetensors"] - image(LatentPipeline.from_pretrained(tiny_folder))).max() > 1e-2

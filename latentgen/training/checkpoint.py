@@ -1,6 +1,7 @@
 """Training checkpoints: written atomically, loaded without unpickling anything that could run code.
 
-A checkpoint is a folder `checkpoints/checkpoint-0000100/` holding each model's weights as safetensors, the
+A checkpoint is a folder `checkpoints/checkpoint-0000100/` holding each model's weights as safetensors (only the
+trainable ones of a partly frozen model, such as a LoRA's: the rest comes from the pretrained model again), the
 optimizer, LR-schedule, EMA and scaler states (`training_state.pt`, plain tensors and numbers, read back with
 `torch.load(weights_only=True)`) and `state.json` (the step). It is built under a temporary name and renamed into
 place, so a run killed at any moment leaves only complete checkpoints under the names `latest` looks at.
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from ..errors import UserError, first_line
 from ..io import atomic_dir
@@ -61,7 +62,11 @@ def save_checkpoint(output_dir: str | Path, step: int, models: dict[str, torch.n
     target = checkpoints_dir(output_dir) / f"checkpoint-{step:07d}"
     with atomic_dir(target) as tmp:
         for name, model in models.items():
-            save_model(model, str(tmp / f"{name}.safetensors"))
+            trainable = _trainable(model)
+            if trainable is None:
+                save_model(model, str(tmp / f"{name}.safetensors"))
+            else:
+                save_file({k: v.detach().contiguous() for k, v in trainable.items()}, str(tmp / f"{name}.safetensors"))
         torch.save({name: obj.state_dict() for name, obj in states.items() if obj is not None},
                    tmp / "training_state.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step}, indent=2))
@@ -70,11 +75,28 @@ def save_checkpoint(output_dir: str | Path, step: int, models: dict[str, torch.n
     return target
 
 
+def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The trainable parameters of a partly frozen model by name; None when all of it trains."""
+    params = dict(model.named_parameters())
+    trainable = {k: p for k, p in params.items() if p.requires_grad}
+    return None if len(trainable) == len(params) else trainable
+
+
 def load_checkpoint(path: Path, models: dict[str, torch.nn.Module], states: dict[str, Any]) -> dict[str, Any]:
     """Restore what save_checkpoint wrote; returns state.json."""
     try:
         for name, model in models.items():
-            load_model(model, str(path / f"{name}.safetensors"), strict=True)
+            trainable = _trainable(model)
+            if trainable is None:
+                load_model(model, str(path / f"{name}.safetensors"), strict=True)
+                continue
+            saved = load_file(str(path / f"{name}.safetensors"))
+            if saved.keys() != trainable.keys():
+                raise ValueError(f"its {name} holds other trainable weights than this run's ({len(saved)} tensors, "
+                                 f"this run trains {len(trainable)}): was it made with another LoRA config?")
+            with torch.no_grad():
+                for key, tensor in saved.items():
+                    trainable[key].copy_(tensor)
         saved = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
         for name, obj in states.items():
             if obj is not None:

@@ -74,6 +74,9 @@ class LoraTrainConfig:
     rank: int = 0  # 0: train the whole U-Net; > 0: train a LoRA of this rank on the frozen pretrained U-Net
     alpha: float | None = None  # the LoRA's alpha (scale = alpha / rank); default: the rank (scale 1)
     targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])  # attention layers
+    text_encoder: bool = False  # also a LoRA (same rank and alpha) on the frozen text encoder
+    text_encoder_targets: list[str] | None = None  # default: its attention projections (CLIP, BERT/MiniLM, T5)
+    kohya: bool = False  # also write lora_kohya.safetensors in kohya's format (A1111, ComfyUI, sd-scripts)
 
 
 @dataclass
@@ -98,6 +101,11 @@ class UNetTrainConfig(TrainConfig):
     save_dtype: str = "fp32"  # fp32, fp16 or bf16 weights in the final pipeline (or LoRA)
     lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
 
+    @property
+    def trains_text(self) -> bool:
+        """The text encoder (or a LoRA of it) learns: prompts are encoded every step, not cached."""
+        return self.text_encoder.train or self.lora.text_encoder
+
     def check(self) -> None:
         super().check()
         if self.lora.rank < 0 or (self.lora.alpha is not None and self.lora.alpha <= 0):
@@ -105,7 +113,10 @@ class UNetTrainConfig(TrainConfig):
         if self.lora.rank and not self.pretrained_pipeline:
             raise UserError("lora.rank > 0 trains a LoRA of a pretrained model: set pretrained_pipeline")
         if self.lora.rank and (self.ema or self.text_encoder.train):
-            raise UserError("a LoRA run trains only the U-Net's LoRA: set ema: false and text_encoder.train: false")
+            raise UserError("a LoRA run trains only LoRAs: set ema: false and text_encoder.train: false "
+                            "(lora.text_encoder: true trains a LoRA of the text encoder)")
+        if self.lora.text_encoder and not self.lora.rank:
+            raise UserError("lora.text_encoder: true needs lora.rank > 0")
         if self.text_encoder.kind not in TEXT_ENCODERS:
             raise one_of("text_encoder.kind", self.text_encoder.kind, list(TEXT_ENCODERS))
         if self.text_encoder.kind == "pipeline" and not self.pretrained_pipeline:
@@ -209,11 +220,11 @@ def train_unet(config: UNetTrainConfig) -> Path:
                    config.train_batch_size, run.state.device, f"the U-Net at {config.data.resolution} px")
     accelerator = run.launch()
     device = accelerator.device
-    train_text = config.text_encoder.train
+    train_text = config.trains_text
 
     # 2. Frozen parts in eval mode on the device (autocast gives them bf16/fp16 compute); cache.
     parts.vae.requires_grad_(False).eval().to(device)
-    parts.text_model.requires_grad_(train_text).train(train_text).to(device)
+    parts.text_model.requires_grad_(config.text_encoder.train).train(config.text_encoder.train).to(device)
     data = load_or_build_cache(config, dataset, parts, not train_text, accelerator) if config.cache else dataset
     if config.cache and not train_text:
         data.embeddings = data.embeddings.to(device)  # row 0: the empty prompt
@@ -222,11 +233,13 @@ def train_unet(config: UNetTrainConfig) -> Path:
     unet = parts.unet
     if config.lora.rank:
         add_lora(unet, config.lora)
+        if config.lora.text_encoder:
+            add_text_encoder_lora(parts.text_model, config.lora)
     unet.train()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
-    params += list(parts.text_model.parameters()) if train_text else []
+    params += [p for p in parts.text_model.parameters() if p.requires_grad] if train_text else []
     optimizer = make_optimizer(params, config)
     lr_scheduler = make_lr_scheduler(optimizer, config)
     ema = make_ema(unet, config) if config.ema else None
@@ -274,7 +287,7 @@ def train_unet(config: UNetTrainConfig) -> Path:
             ema.copy_to(raw_unet.parameters())
         _validate(config, parts, raw_unet, None, accelerator, config.max_steps)
         if config.lora.rank:
-            save_lora(config, raw_unet, target)
+            save_lora(config, raw_unet, parts.text_model if config.lora.text_encoder else None, target)
         else:
             save_pipeline(config, parts, raw_unet, target)
         accelerator.print(f"wrote {target}")
@@ -298,7 +311,7 @@ def _latents_and_context(batch, data, parts: Components, config: UNetTrainConfig
         return latents, data.embeddings[torch.where(dropped, torch.zeros_like(rows), rows)]
     texts = [data.texts[r] for r in rows.tolist()] if rows is not None else list(batch["text"])
     texts = ["" if d else t for t, d in zip(texts, dropped.tolist())]
-    with torch.set_grad_enabled(config.text_encoder.train):
+    with torch.set_grad_enabled(config.trains_text):
         context = parts.encoder.encode(texts).hidden_states
     return latents, context
 
@@ -368,21 +381,81 @@ def add_lora(unet, lora: LoraTrainConfig) -> None:
         raise UserError(f"lora.targets {lora.targets}: {first_line(err)}") from None
 
 
-def save_lora(config: UNetTrainConfig, unet, target: Path) -> None:
-    """The trained LoRA as one safetensors file in kohya's format (`lora_unet_…`, with alphas), which A1111,
-    ComfyUI, diffusers and `infer.py --lora` all read."""
-    from diffusers.utils import convert_state_dict_to_kohya
+def add_text_encoder_lora(text_model, lora: LoraTrainConfig) -> None:
+    """A trainable LoRA on the frozen text encoder's attention projections. peft injects it: transformers'
+    `add_adapter` (what diffusers' scripts call) refuses the peft that pip has for this transformers."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = lora.text_encoder_targets or _attention_projections(text_model)
+    try:
+        inject_adapter_in_model(LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank,
+                                           init_lora_weights="gaussian", target_modules=list(targets)), text_model)
+    except ValueError as err:  # peft: no module matched
+        raise UserError(f"lora.text_encoder_targets {targets}: {first_line(err)}") from None
+
+
+TEXT_ATTENTION = (["q_proj", "k_proj", "v_proj", "out_proj"],  # CLIP, OpenCLIP as transformers builds it
+                  ["query", "key", "value"],  # BERT, MiniLM
+                  ["q", "k", "v", "o"])  # T5
+
+
+def _attention_projections(text_model) -> list[str]:
+    names = {name.rpartition(".")[2] for name, _ in text_model.named_modules()}
+    for targets in TEXT_ATTENTION:
+        if set(targets) <= names:
+            return targets
+    raise UserError(f"no attention projections known for {type(text_model).__name__}; set "
+                    "lora.text_encoder_targets to its layer names")
+
+
+def save_lora(config: UNetTrainConfig, unet, text_model, target: Path) -> None:
+    """The trained LoRA in diffusers' format (`target`, with each part's LoRA config, as diffusers' training
+    scripts write it) and, with `lora.kohya`, in kohya's (`lora_kohya.safetensors`: `lora_unet_…`/`lora_te_…`
+    with alphas), which A1111, ComfyUI and sd-scripts read. Both load with `infer.py --lora` and diffusers'
+    `load_lora_weights`."""
+    import os
+    import tempfile
+
     from peft.utils import get_peft_model_state_dict
 
-    from ..io import save_safetensors
+    from ..pipeline import LatentPipeline
     from ..precision import DTYPES
 
-    state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()})
-    alpha = float(config.lora.alpha or config.lora.rank)
     dtype = DTYPES[config.save_dtype]
-    state = {k: torch.tensor(alpha) if k.endswith(".alpha") else v.detach().to(dtype).contiguous().cpu()
-             for k, v in state.items()}
+    parts = {"unet": unet} | ({"text_encoder": text_model} if text_model is not None else {})
+    layers = {name: {k: v.detach().to(dtype).contiguous().cpu() for k, v in get_peft_model_state_dict(m).items()}
+              for name, m in parts.items()}
+    configs = {name: m.peft_config["default"].to_dict() for name, m in parts.items()}
+    # diffusers writes into a folder without a temporary name: write into a fresh one, then rename into place
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".lora-") as tmp:
+        LatentPipeline.save_lora_weights(
+            tmp, weight_name=target.name, unet_lora_layers=layers["unet"], unet_lora_adapter_metadata=configs["unet"],
+            text_encoder_lora_layers=layers.get("text_encoder"),
+            text_encoder_lora_adapter_metadata=configs.get("text_encoder"))
+        os.chmod(Path(tmp) / target.name, 0o644)
+        os.replace(Path(tmp) / target.name, target)
+    if config.lora.kohya:
+        save_kohya_lora(config, layers, text_model, target.with_name("lora_kohya.safetensors"))
+
+
+def save_kohya_lora(config: UNetTrainConfig, layers: dict, text_model, target: Path) -> None:
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    from ..io import save_safetensors
+
+    state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in layers["unet"].items()})
+    # The text encoder's names as sd-scripts writes them for SD 1.x (`lora_te_text_model_encoder_…`):
+    # diffusers' converter writes SDXL's `lora_te1_` and drops CLIP's `text_model`, which transformers 5 no longer
+    # has in its module names but A1111 and sd-scripts expect.
+    prefix = "lora_te_text_model_" if type(text_model).__name__ == "CLIPTextModel" else "lora_te_"
+    for key, tensor in layers.get("text_encoder", {}).items():
+        module, _, kind = key.partition(".lora_")
+        name = prefix + module.replace(".", "_")
+        state[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = tensor
+        state[f"{name}.alpha"] = torch.tensor(0.0)
+    alpha = float(config.lora.alpha or config.lora.rank)
+    state = {k: torch.tensor(alpha) if k.endswith(".alpha") else v for k, v in state.items()}
     metadata = {"ss_network_dim": str(config.lora.rank), "ss_network_alpha": f"{alpha:g}",
                 "ss_network_module": "networks.lora", "ss_base_model_version": "latentgen",
-                "ss_steps": str(config.max_steps)}
+                "ss_steps": str(config.max_steps), "ss_network_train_unet_only": str(text_model is None)}
     save_safetensors(state, target, metadata)
