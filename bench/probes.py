@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from common import ROOT
 
@@ -202,9 +203,10 @@ def memory(_):
         print(f"| {size}×{size} | {n} | {estimate:.0f} | {measured:.0f} | {estimate / measured:.2f} |")
 
 
-def shapes(_):
+def shapes(args):
     """The strict reading's measures per kind on the dataset's own images, on the VAE's round trip of them, and on
-    the default model's images (one seed per single-shape prompt of the eval)."""
+    the default model's images (one seed per single-shape prompt of the eval); `--kinds star` for the kind that
+    the showcase LoRA teaches, `--lora FILE` to apply one."""
     import collections
 
     import numpy as np
@@ -226,16 +228,22 @@ def shapes(_):
                   f"rect fill {min(rect):.2f}-{max(rect):.2f} (median {np.median(rect):.2f}), solidity ≥ "
                   f"{min(solid):.2f} (median {np.median(solid):.2f})")
 
-    samples = [make_sample(ShapesSpec(split="heldout", seed=5, max_shapes=1), i) for i in range(150)]
+    kinds = tuple(args.kinds)
+    samples = [make_sample(ShapesSpec(split="heldout", seed=5, max_shapes=1, kinds=kinds), i) for i in range(150)]
     kinds, real = [s.shapes[0].kind for s in samples], [s.render() for s in samples]
     report("dataset", kinds, real)
     pipe = _pipe(torch.float32)
     with torch.no_grad():
         latents = pipe.encode_images(pipe.image_processor.preprocess(real).float())
         report("VAE round trip", kinds, pipe.image_processor.postprocess(pipe.decode(latents)))
-    targets = [t for t in prompt_set(27) if t.group.startswith("one")]
-    images = _pipe()([t.prompt for t in targets], seed=list(range(1000, 1000 + len(targets))),
-                     num_inference_steps=20, guidance_scale=7.5).images
+    targets = [t for t in prompt_set(27, kinds=kinds) if t.group.startswith("one")]
+    pipe = _pipe()
+    if args.lora:
+        from latentgen import lora
+
+        lora.fuse(pipe, [(Path(args.lora), 1.0)])
+    images = pipe([t.prompt for t in targets], seed=list(range(1000, 1000 + len(targets))),
+                  num_inference_steps=20, guidance_scale=7.5).images
     report("default model", [t.shapes[0][1] for t in targets], images)
 
 
@@ -265,8 +273,11 @@ def thread(_):
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="probe", required=True)
-    for name in ("samplers", "dpm-variants", "bf16-drift", "profile", "memory", "shapes", "thread"):
+    for name in ("samplers", "dpm-variants", "bf16-drift", "profile", "memory", "thread"):
         sub.add_parser(name)
+    shapes_parser = sub.add_parser("shapes")
+    shapes_parser.add_argument("--kinds", nargs="+", default=["circle", "square", "triangle"])
+    shapes_parser.add_argument("--lora")
     sub.add_parser("train-step").add_argument("--steps", type=int, default=15)
     args = p.parse_args()
     {"samplers": samplers, "dpm-variants": dpm_variants, "bf16-drift": bf16_drift, "profile": profile,

@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT
 from latentgen.data import DataConfig, ShapesSpec, build_dataset, check_resolution, heldout_triples, make_sample
 from latentgen.data.__main__ import export
-from latentgen.data.shapes import COLOR_NAMES, COLORS, KINDS, ZH_COLORS, ZH_KINDS, train_triples
+from latentgen.data.shapes import ALL_KINDS, COLOR_NAMES, COLORS, KINDS, ZH_COLORS, ZH_KINDS, train_triples
 from latentgen.errors import UserError
 
 
@@ -26,9 +26,9 @@ def test_same_seed_same_samples_different_seed_different():
     assert make_sample(ShapesSpec(seed=1), 7).text == a[7].text  # sample i does not depend on the others
 
 
-@pytest.mark.parametrize("resolution", [32, 64, 96])
-def test_captions_and_pixels_agree_with_the_ground_truth(resolution):
-    spec = ShapesSpec(resolution=resolution, two_shape_fraction=0.5, language="both")
+@pytest.mark.parametrize("resolution,kinds", [(32, KINDS), (64, KINDS), (96, KINDS), (64, ALL_KINDS)])
+def test_captions_and_pixels_agree_with_the_ground_truth(resolution, kinds):
+    spec = ShapesSpec(resolution=resolution, two_shape_fraction=0.5, language="both", kinds=kinds)
     for i in range(60):
         s = make_sample(spec, i)
         img = np.asarray(s.render()).astype(int)
@@ -36,7 +36,7 @@ def test_captions_and_pixels_agree_with_the_ground_truth(resolution):
         assert all(sh.color != s.background for sh in s.shapes)
         for caption in s.captions:
             zh = caption[0] in "".join(ZH_COLORS.values())
-            colors, kinds = (ZH_COLORS, ZH_KINDS) if zh else ({c: c for c in COLORS}, {k: k for k in KINDS})
+            colors, kinds = (ZH_COLORS, ZH_KINDS) if zh else ({c: c for c in COLORS}, {k: k for k in ALL_KINDS})
             assert colors[s.background] in caption
             for sh in s.shapes:
                 assert f"{colors[sh.color]}{'' if zh else ' '}{kinds[sh.kind]}" in caption
@@ -63,6 +63,21 @@ def test_heldout_combinations_never_occur_in_train():
     for i in range(300):
         s = make_sample(ShapesSpec(split="heldout"), i)
         assert {(sh.color, sh.kind, s.background) for sh in s.shapes} & held
+
+
+def test_new_kinds_only_when_asked_and_with_a_heldout_split_of_their_own():
+    assert not any(sh.kind == "star" for i in range(300) for sh in make_sample(ShapesSpec(), i).shapes)
+    stars = [sh for i in range(300) for sh in make_sample(ShapesSpec(kinds=ALL_KINDS), i).shapes if sh.kind == "star"]
+    assert 0.15 <= len(stars) / 390 <= 0.35  # about a quarter of ~390 shapes
+    assert set(heldout_triples()) < set(heldout_triples(ALL_KINDS))  # the old split is unchanged
+    held_stars = {t for t in heldout_triples(ALL_KINDS) if t[1] == "star"}
+    assert len(held_stars) == 9
+    for i in range(500):
+        s = make_sample(ShapesSpec(split="train", kinds=ALL_KINDS), i)
+        assert not {(sh.color, sh.kind, s.background) for sh in s.shapes} & held_stars
+    with pytest.raises(UserError, match="unknown shape kind 'hexagon'.*star"):
+        ShapesSpec(kinds=("circle", "hexagon")).check()
+    assert make_sample(ShapesSpec(kinds=("star",), language="zh", max_shapes=1), 0).text.endswith("五角星")
 
 
 def test_every_part_of_a_heldout_combination_is_seen_in_training():

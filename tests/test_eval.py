@@ -9,15 +9,15 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
-from latentgen.data.shapes import ShapesSpec, make_sample
+from latentgen.data.shapes import ALL_KINDS, KINDS, ShapesSpec, make_sample
 from latentgen.eval.adherence import Target, prompt_set, score
 from latentgen.eval.analyzer import analyze
 from latentgen.eval.metrics import kid
 
 
-@pytest.mark.parametrize("split", ["train", "heldout"])
-def test_analyzer_reads_the_datasets_own_images(split):
-    spec = ShapesSpec(split=split, two_shape_fraction=0.4, seed=11)
+@pytest.mark.parametrize("split,kinds", [("train", KINDS), ("heldout", KINDS), ("train", ALL_KINDS)])
+def test_analyzer_reads_the_datasets_own_images(split, kinds):
+    spec = ShapesSpec(split=split, two_shape_fraction=0.4, seed=11, kinds=kinds)
     correct = strict = 0
     n = 600
     for i in range(n):
@@ -118,3 +118,29 @@ def test_eval_cli_end_to_end_on_the_smoke_model(smoke_model, tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "steps" / "steps.png").is_file() and "| dpm++ |" in r.stdout
+
+
+def test_eval_prompts_of_the_new_kind_with_a_lora(smoke_model, tmp_path):
+    """`--kinds star` asks for stars (held-out and seen triples of their own), `--lora` fuses a LoRA first."""
+    import components as C
+    from diffusers import StableDiffusionPipeline
+
+    from latentgen.eval.__main__ import generate, load
+
+    stars = prompt_set(27, kinds=("star",))
+    assert {t.group for t in stars} == {"one-heldout", "one-seen", "two-heldout", "two-seen"}
+    assert all(k == "star" for t in stars for _, k in t.shapes)
+    assert sum(t.group == "one-heldout" for t in stars) == 9  # the held-out rule leaves 9 star triples
+    lora = tmp_path / "lora.safetensors"
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=C.random_unet_lora(smoke_model),
+                                              weight_name=lora.name)
+    fused = load(str(smoke_model), "fp32", loras=[f"{lora}:0.5"])
+    assert fused.__dict__["fused_loras_of"]
+    with_lora = generate(fused, ["a red star on a blue background"], [1], 2, None, 7.5)
+    without = generate(load(str(smoke_model), "fp32"), ["a red star on a blue background"], [1], 2, None, 7.5)
+    assert np.abs(np.asarray(with_lora[0], float) - np.asarray(without[0], float)).max() > 2
+    r = subprocess.run([sys.executable, "-m", "latentgen.eval", "adherence", "--model", str(smoke_model), "--seeds",
+                        "1", "--steps", "2", "--kinds", "star", "--lora", str(lora), "--dtype", "fp32"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"kinds star, LoRA {lora})" in r.stdout and "| 7.5 | one-heldout | 9 |" in r.stdout

@@ -1,7 +1,7 @@
 """A procedural, captioned dataset of colored shapes: deterministic, any resolution, ground truth kept.
 
-Each sample is one or two shapes (circle, square, triangle) of a CSS named color on a plain background of
-another color, randomly placed, sized and rotated, with a caption that names every shape's color and kind, the
+Each sample is one or two shapes (circle, square, triangle; and, when asked for, the five-pointed star that the
+default model never saw, for LoRAs to learn) of a CSS named color on a plain background of another color, randomly placed, sized and rotated, with a caption that names every shape's color and kind, the
 background color and, for two shapes, which is left of which. Sample `i` of a given seed is always the same.
 
 Held-out split: the (shape color, shape kind, background color) triples for which
@@ -29,31 +29,34 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (255, 165, 0), "purple": (128, 0, 128), "white": (255, 255, 255), "black": (0, 0, 0),
     "gray": (128, 128, 128),
 }
-KINDS = ("circle", "square", "triangle")
+KINDS = ("circle", "square", "triangle")  # the default dataset's
+NEW_KINDS = ("star",)  # drawn only when a spec asks for them (`ShapesSpec.kinds`): concepts for LoRAs to teach
+ALL_KINDS = KINDS + NEW_KINDS
+STAR_INNER = 0.5  # a star's inner radius / its outer radius: fat enough to stay a star at 64 px
 COLOR_NAMES = tuple(COLORS)
 SPLITS = ("train", "heldout")
 LANGUAGES = ("en", "zh", "both")
 
 ZH_COLORS = {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "orange": "橙色", "purple": "紫色",
              "white": "白色", "black": "黑色", "gray": "灰色"}
-ZH_KINDS = {"circle": "圆形", "square": "正方形", "triangle": "三角形"}
+ZH_KINDS = {"circle": "圆形", "square": "正方形", "triangle": "三角形", "star": "五角星"}
 
 SUPERSAMPLE = 4  # draw at 4× and box-filter down: anti-aliased edges
 
 
 def is_heldout(color: str, kind: str, background: str) -> bool:
-    c, k, b = COLOR_NAMES.index(color), KINDS.index(kind), COLOR_NAMES.index(background)
+    c, k, b = COLOR_NAMES.index(color), ALL_KINDS.index(kind), COLOR_NAMES.index(background)
     return (c + 3 * k + 5 * b) % 9 == 4
 
 
-def heldout_triples() -> list[tuple[str, str, str]]:
+def heldout_triples(kinds: tuple[str, ...] = KINDS) -> list[tuple[str, str, str]]:
     """Every (color, kind, background) combination that the train split never shows."""
-    return [(c, k, b) for c in COLOR_NAMES for k in KINDS for b in COLOR_NAMES
+    return [(c, k, b) for c in COLOR_NAMES for k in kinds for b in COLOR_NAMES
             if c != b and is_heldout(c, k, b)]
 
 
-def train_triples() -> list[tuple[str, str, str]]:
-    return [(c, k, b) for c in COLOR_NAMES for k in KINDS for b in COLOR_NAMES
+def train_triples(kinds: tuple[str, ...] = KINDS) -> list[tuple[str, str, str]]:
+    return [(c, k, b) for c in COLOR_NAMES for k in kinds for b in COLOR_NAMES
             if c != b and not is_heldout(c, k, b)]
 
 
@@ -67,11 +70,12 @@ class Shape:
     box: tuple[int, int, int, int] = (0, 0, 0, 0)  # (x0, y0, x1, y1), exclusive end, in pixels
 
     def polygon(self, scale: float = 1.0) -> list[tuple[float, float]]:
-        sides = {"square": 4, "triangle": 3}[self.kind]
+        sides = {"square": 4, "triangle": 3, "star": 10}[self.kind]
         cx, cy, r = self.center[0] * scale, self.center[1] * scale, self.radius * scale
+        radii = [r, r * STAR_INNER] * 5 if self.kind == "star" else [r] * sides  # a star: points and notches
         start = math.radians(self.rotation) - math.pi / 2  # a vertex points up at rotation 0
-        return [(cx + r * math.cos(start + 2 * math.pi * i / sides), cy + r * math.sin(start + 2 * math.pi * i / sides))
-                for i in range(sides)]
+        return [(cx + radii[i] * math.cos(start + 2 * math.pi * i / sides),
+                 cy + radii[i] * math.sin(start + 2 * math.pi * i / sides)) for i in range(sides)]
 
 
 @dataclass
@@ -149,6 +153,7 @@ class ShapesSpec:
     max_shapes: int = 2
     two_shape_fraction: float = 0.3
     language: str = "en"
+    kinds: tuple[str, ...] = KINDS  # the shape kinds drawn (ALL_KINDS has the new ones)
 
     def check(self) -> "ShapesSpec":
         if self.split not in SPLITS:
@@ -161,6 +166,11 @@ class ShapesSpec:
             raise UserError(f"max_shapes must be 1 or 2, got {self.max_shapes!r}")
         if not 0.0 <= self.two_shape_fraction <= 1.0:
             raise UserError(f"two_shape_fraction must be in [0, 1], got {self.two_shape_fraction!r}")
+        for kind in self.kinds:
+            if kind not in ALL_KINDS:
+                raise one_of("shape kind", kind, list(ALL_KINDS))
+        if not self.kinds:
+            raise UserError(f"kinds is empty; give some of {', '.join(ALL_KINDS)}")
         return self
 
 
@@ -200,12 +210,12 @@ def make_sample(spec: ShapesSpec, index: int) -> ShapesSample:
     if spec.split == "train":
         # a background, then each shape's (color, kind) among the train triples with that background
         background = _pick(rng, list(COLOR_NAMES))
-        allowed = [(c, k) for c, k, b in train_triples() if b == background]
+        allowed = [(c, k) for c, k, b in train_triples(tuple(spec.kinds)) if b == background]
         parts = [_pick(rng, allowed) for _ in range(count)]
     else:
         # at least one held-out triple; a second shape may be anything on that background
-        c, k, background = _pick(rng, heldout_triples())
-        others = [(c2, k2) for c2 in COLOR_NAMES for k2 in KINDS if c2 != background]
+        c, k, background = _pick(rng, heldout_triples(tuple(spec.kinds)))
+        others = [(c2, k2) for c2 in COLOR_NAMES for k2 in spec.kinds if c2 != background]
         parts = [(c, k)] + [_pick(rng, others) for _ in range(count - 1)]
         if count == 2 and rng.random() < 0.5:
             parts.reverse()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,7 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError, first_line, one_of
-from .shapes import ShapesSpec, make_sample
+from .shapes import KINDS, ShapesSpec, make_sample
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class DataConfig:
     max_shapes: int = 2
     two_shape_fraction: float = 0.3
     language: str = "en"  # en, zh or both
+    kinds: list[str] = field(default_factory=lambda: list(KINDS))  # shape kinds; "star" is new to the default model
     # hf: a local image folder (metadata.jsonl/csv), parquet/arrow/json files, or a hub dataset id
     path: str | None = None
     hf_split: str = "train"
@@ -65,7 +66,8 @@ class DataConfig:
 
     def shapes_spec(self) -> ShapesSpec:
         return ShapesSpec(split=self.split, resolution=self.resolution, seed=self.seed, max_shapes=self.max_shapes,
-                          two_shape_fraction=self.two_shape_fraction, language=self.language).check()
+                          two_shape_fraction=self.two_shape_fraction, language=self.language,
+                          kinds=tuple(self.kinds)).check()
 
 
 def check_resolution(resolution: int, factor: int, what: str = "the VAE") -> None:

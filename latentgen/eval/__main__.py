@@ -15,16 +15,23 @@ import time
 from pathlib import Path
 
 from ..cli import ArgumentParser, quiet_libraries, run_cli
+from ..data.shapes import ALL_KINDS, KINDS
 from ..errors import UserError
 from ..schedulers import scheduler_name_of, scheduler_names
 
 GROUP_ORDER = ("one-heldout", "one-seen", "two-heldout", "two-seen")
 
 
-def load(model: str | None, dtype: str, device: str = "auto"):
+def load(model: str | None, dtype: str, device: str = "auto", loras: list[str] = ()):
+    """The pipeline, with `loras` (`PATH[:SCALE]`, as infer.py's --lora) fused; `generate` asks for them."""
+    from .. import lora
     from ..loading import open_pipeline, resolve_model
 
-    return open_pipeline(resolve_model(model), dtype=dtype, device=device, embeddings_dir=None)
+    pipe = open_pipeline(resolve_model(model), dtype=dtype, device=device, embeddings_dir=None)
+    files = [(lora.resolve(path, pipe.loras_dir), scale) for path, scale in map(lora.parse_flag, loras)]
+    lora.fuse(pipe, files)
+    pipe.__dict__["eval_loras"] = [(str(path), scale) for path, scale in files] or None
+    return pipe
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int, scheduler: str | None, guidance: float,
@@ -32,15 +39,15 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, scheduler: 
     images = []
     for i in range(0, len(prompts), batch_size):
         images += pipe(prompts[i:i + batch_size], seed=seeds[i:i + batch_size], num_inference_steps=steps,
-                       scheduler=scheduler, guidance_scale=guidance).images
+                       scheduler=scheduler, guidance_scale=guidance, loras=pipe.__dict__.get("eval_loras")).images
     return images
 
 
 def adherence(pipe, steps: int, scheduler: str | None, guidance: float, seeds: int, per_group: int,
-              groups: tuple[str, ...] = GROUP_ORDER) -> tuple[dict, list, list]:
+              groups: tuple[str, ...] = GROUP_ORDER, kinds: tuple[str, ...] = KINDS) -> tuple[dict, list, list]:
     from .adherence import evaluate_images, prompt_set
 
-    targets = [t for t in prompt_set(per_group) if t.group in groups for _ in range(seeds)]
+    targets = [t for t in prompt_set(per_group, kinds=kinds) if t.group in groups for _ in range(seeds)]
     seed_list = [1000 + i for i in range(len(targets))]
     images = generate(pipe, [t.prompt for t in targets], seed_list, steps, scheduler, guidance)
     return evaluate_images(targets, images), targets, images
@@ -151,6 +158,10 @@ def main(argv=None):
             q.add_argument("--scheduler", choices=scheduler_names(), help="default: the model's own sampler")
             q.add_argument("--guidance", type=float, nargs="+", default=[7.5])
             q.add_argument("--seeds", type=int, default=4, help="images per prompt")
+            q.add_argument("--kinds", nargs="+", default=list(KINDS), choices=ALL_KINDS,
+                           help="shape kinds of the prompts (star: what the showcase LoRA teaches)")
+        q.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                       help="apply a LoRA (fused), as infer.py --lora; repeatable")
 
     common(sub.add_parser("adherence", help="per-attribute accuracy, seen vs held-out"))
     common(sub.add_parser("reconstruction", help="VAE PSNR/SSIM on held-out shapes and photographs"), False)
@@ -169,7 +180,7 @@ def main(argv=None):
     if out is not None and out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the report")
     quiet_libraries()
-    pipe = load(args.model, args.dtype)
+    pipe = load(args.model, args.dtype, loras=args.lora)
     report = []
     made: dict[float, tuple] = {}  # guidance -> (targets, images), reused by the distance section
 
@@ -177,13 +188,16 @@ def main(argv=None):
         guidances = args.guidance if args.command == "adherence" else [7.5, 1.0]
         results = {}
         for g in guidances:
-            results[g], targets, images = adherence(pipe, args.steps[0], args.scheduler, g, args.seeds, 27)
+            results[g], targets, images = adherence(pipe, args.steps[0], args.scheduler, g, args.seeds, 27,
+                                                    kinds=tuple(args.kinds))
             made[g] = (targets, images)
             if out:
                 sample_grid(targets[::args.seeds][:48], images[::args.seeds][:48], out / f"samples-g{g}.png")
         table = adherence_table(results)
         sampler = args.scheduler or f"the model's own sampler, {scheduler_name_of(pipe.scheduler)}"
-        report += [f"## Prompt adherence ({sampler}, {args.steps[0]} steps, {args.seeds} seeds per prompt)",
+        extra = "".join([f", kinds {' '.join(args.kinds)}" if tuple(args.kinds) != KINDS else "",
+                         f", LoRA {' '.join(args.lora)}" if args.lora else ""])
+        report += [f"## Prompt adherence ({sampler}, {args.steps[0]} steps, {args.seeds} seeds per prompt{extra})",
                    table]
         if out:
             write_json(out / "adherence.json", {str(k): v for k, v in results.items()})

@@ -36,18 +36,20 @@ def pair_prompt(left: tuple[str, str], right: tuple[str, str], background: str) 
             f"on {_article(background)} {background} background")
 
 
-def prompt_set(per_group: int = 27, seed: int = 0) -> list[Target]:
-    """Single-shape prompts (every held-out triple, and as many seen ones) and two-shape prompts."""
+def prompt_set(per_group: int = 27, seed: int = 0, kinds: tuple[str, ...] = KINDS) -> list[Target]:
+    """Single-shape prompts (held-out triples, up to `per_group`, and as many seen ones) and two-shape prompts, of
+    shapes of `kinds` (the default dataset's; ("star",) asks for what a LoRA taught)."""
     rng = random.Random(seed)
-    held = heldout_triples()
-    seen = train_triples()
+    held = heldout_triples(kinds)
+    seen = train_triples(kinds)
     targets = [Target(single_prompt(c, k, b), b, ((c, k),), True) for c, k, b in held[:per_group]]
-    targets += [Target(single_prompt(c, k, b), b, ((c, k),), False) for c, k, b in rng.sample(seen, per_group)]
+    targets += [Target(single_prompt(c, k, b), b, ((c, k),), False)
+                for c, k, b in rng.sample(seen, min(per_group, len(seen)))]
     for want_heldout in (False, True):
         made = 0
         while made < per_group:
             b = rng.choice(COLOR_NAMES)
-            shapes = tuple((rng.choice([c for c in COLOR_NAMES if c != b]), rng.choice(KINDS)) for _ in range(2))
+            shapes = tuple((rng.choice([c for c in COLOR_NAMES if c != b]), rng.choice(kinds)) for _ in range(2))
             heldout = any(is_heldout(c, k, b) for c, k in shapes)
             if heldout == want_heldout:
                 targets.append(Target(pair_prompt(shapes[0], shapes[1], b), b, shapes, heldout))

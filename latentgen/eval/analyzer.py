@@ -3,7 +3,9 @@
 Deterministic and model-free: every pixel is labelled with its nearest palette color; the background is the
 most common label on the border; shapes are the connected regions of other labels. A region's kind follows from
 how much of its enclosing circle it fills (area / π·r_max², r_max the largest distance from its centroid):
-a circle fills all of it, a square 2/π ≈ 0.64, an equilateral triangle 3√3/4π ≈ 0.41. That reading is lenient:
+a circle fills all of it, a square 2/π ≈ 0.64, an equilateral triangle 3√3/4π ≈ 0.41; a star (the new kind that
+LoRAs teach) is the one with deep notches, convexity (solidity) below 0.8 and nine or more corners. That reading
+is lenient:
 a square pinched into a four-pointed blob still fills ~0.64 of its circle. The strict reading (`strict_kind`)
 asks what a person does: the fill of the minimum-area rotated rectangle, convexity (solidity) and corners,
 measured on a sub-pixel outline.
@@ -24,13 +26,17 @@ from ..errors import UserError
 PALETTE = np.array(list(COLORS.values()), dtype=np.float32)  # (9, 3)
 NAMES = list(COLORS)
 FILL_CIRCLE, FILL_SQUARE = 0.80, 0.54  # thresholds between circle / square / triangle fill ratios
+STAR_SOLIDITY, STAR_CORNERS = 0.80, 9  # below / from: a star (five notches; a square pinched into four has 8)
 # The strict reading (`Detected.strict_kind`): (rect fill range, least solidity, corner counts) per kind. On the
 # dataset's own images (tests/test_eval.py) squares fill 0.93-0.99 of their rectangle, circles 0.78-0.80 (π/4),
 # triangles 0.52-0.57 (1/2 plus rounding), all with solidity ≥ 0.95; a square pinched into a four-pointed star
 # fills less and is not convex, a rounded triangle fills more.
 # Corners allow rounding (a rounded corner can simplify to two vertices): the fill and convexity decide.
-STRICT = {"square": ((0.90, 1.01), 0.93, (4, 5, 6)), "circle": ((0.74, 0.84), 0.96, tuple(range(6, 13))),
-          "triangle": ((0.46, 0.62), 0.92, (3, 4, 5, 6))}
+# Stars (STAR_INNER 0.5) fill 0.45-0.52 of their rectangle with solidity 0.65-0.73 and 10-12 corners.
+STRICT = {"square": ((0.90, 1.01), (0.93, 1.01), (4, 5, 6)),
+          "circle": ((0.74, 0.84), (0.96, 1.01), tuple(range(6, 13))),
+          "triangle": ((0.46, 0.62), (0.92, 1.01), (3, 4, 5, 6)),
+          "star": ((0.38, 0.60), (0.58, 0.80), tuple(range(9, 14)))}
 
 
 @dataclass
@@ -48,8 +54,8 @@ class Detected:
     def strict_kind(self) -> str:
         """The kind a person would see: a square only with straight sides and four sharp corners, ...;
         'malformed' when the outline is none of them."""
-        for kind, ((low, high), solidity, corners) in STRICT.items():
-            if low <= self.rect_fill <= high and self.solidity >= solidity and self.corners in corners:
+        for kind, ((low, high), (least, most), corners) in STRICT.items():
+            if low <= self.rect_fill <= high and least <= self.solidity <= most and self.corners in corners:
                 return kind
         return "malformed"
 
@@ -74,7 +80,9 @@ def label_pixels(image: np.ndarray) -> np.ndarray:
     return d.argmin(-1)
 
 
-def _kind(fill: float) -> str:
+def _kind(fill: float, solidity: float, corners: int) -> str:
+    if solidity < STAR_SOLIDITY and corners >= STAR_CORNERS:
+        return "star"
     return "circle" if fill >= FILL_CIRCLE else "square" if fill >= FILL_SQUARE else "triangle"
 
 
@@ -129,7 +137,8 @@ def analyze(image: Image.Image | np.ndarray, max_shapes: int = 2) -> Analysis:
         votes = np.bincount(labels[core if core.any() else mask], minlength=len(NAMES))
         votes[bg] = 0
         color = NAMES[int(votes.argmax())]
-        found.append(Detected(color, _kind(fill), (float(cx), float(cy)), area, fill,
-                              *outline(arr, mask, color, NAMES[bg])))
+        rect_fill, solidity, corners = outline(arr, mask, color, NAMES[bg])
+        found.append(Detected(color, _kind(fill, solidity, corners), (float(cx), float(cy)), area, fill, rect_fill,
+                              solidity, corners))
     found = sorted(found, key=lambda s: -s.area)[:max_shapes]
     return Analysis(NAMES[bg], sorted(found, key=lambda s: s.centroid[0]))
