@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from common import ROOT
 
@@ -237,13 +236,8 @@ def shapes(args):
         latents = pipe.encode_images(pipe.image_processor.preprocess(real).float())
         report("VAE round trip", kinds, pipe.image_processor.postprocess(pipe.decode(latents)))
     targets = [t for t in prompt_set(27, kinds=kinds) if t.group.startswith("one")]
-    pipe = _pipe()
-    if args.lora:
-        from latentgen import lora
-
-        lora.fuse(pipe, [(Path(args.lora), 1.0)])
-    images = pipe([t.prompt for t in targets], seed=list(range(1000, 1000 + len(targets))),
-                  num_inference_steps=20, guidance_scale=7.5).images
+    images = _pipe()([t.prompt for t in targets], seed=list(range(1000, 1000 + len(targets))),
+                     num_inference_steps=20, guidance_scale=7.5, loras=[(args.lora, 1.0)] if args.lora else None).images
     report("default model", [t.shapes[0][1] for t in targets], images)
 
 

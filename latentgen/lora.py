@@ -108,12 +108,15 @@ def fuse(pipe, loras: Sequence[tuple[Path, float]]) -> None:
         pipe.__dict__["fused_loras_of"] = pipe.__dict__["active_loras"]
 
 
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # what diffusers' SD/SDXL LoRA loaders load into
+
+
 def text_encoder_state(pipe) -> tuple:
     """What the text encoders' LoRA layers do now (active adapters, scales, merged ones), for the prompt cache's
     key: an embedding made with one LoRA set is not reused with another, however the set was changed (here or
     through diffusers' `set_adapters`, `fuse_lora`, ...)."""
     state = []
-    for encoder in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)):
+    for encoder in (getattr(pipe, name, None) for name in COMPONENTS[1:]):
         if encoder is None or not getattr(encoder, "peft_config", None):
             continue
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -121,9 +124,6 @@ def text_encoder_state(pipe) -> tuple:
         state += [(tuple(layer.active_adapters), tuple(sorted(layer.scaling.items())), tuple(layer.merged_adapters),
                    layer.disable_adapters) for layer in encoder.modules() if isinstance(layer, BaseTunerLayer)]
     return tuple(state)
-
-
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # what diffusers' SD/SDXL LoRA loaders load into
 
 
 def _check_shapes(pipe, path: Path) -> None:

@@ -452,7 +452,7 @@ def save_kohya_lora(config: UNetTrainConfig, layers: dict, text_model, target: P
         module, _, kind = key.partition(".lora_")
         name = prefix + module.replace(".", "_")
         state[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = tensor
-        state[f"{name}.alpha"] = torch.tensor(0.0)
+        state[f"{name}.alpha"] = None  # every alpha is the run's, set below
     alpha = float(config.lora.alpha or config.lora.rank)
     state = {k: torch.tensor(alpha) if k.endswith(".alpha") else v for k, v in state.items()}
     metadata = {"ss_network_dim": str(config.lora.rank), "ss_network_alpha": f"{alpha:g}",
