@@ -37,13 +37,25 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to `sys.stderr` as it is at each message (a caller may have redirected it since)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ sets it; the property always answers sys.stderr
+        pass
+
+
 def quiet_libraries() -> None:
     """Keep diffusers/transformers/datasets from printing load progress and advice on every run; our own
     warnings (latentgen logger) print as one `warning: ...` line each."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ours = logging.getLogger("latentgen")
     if not ours.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("warning: %(message)s"))
         ours.addHandler(handler)
         ours.setLevel(logging.WARNING)

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -61,3 +62,47 @@ def with_free_port(cmd: list[str]) -> list[str]:
         return cmd
     i = cmd.index("accelerate.commands.launch") + 1
     return [*cmd[:i], "--main_process_port", str(free_port()), *cmd[i:]]
+
+
+_INFER = None
+
+
+def infer(*args, cwd=None, fresh: bool = False) -> subprocess.CompletedProcess:
+    """`python infer.py ARGS` as a finished process: exit code, stdout and stderr.
+
+    It runs in this process (`infer.main` under `run_cli`, as the script's `__main__` runs it), since a new
+    interpreter spends ~9 s importing torch, diffusers and transformers; an uncaught exception is printed as the
+    interpreter would and exits 1. `fresh=True` starts a new interpreter, for what only a new process shows (a
+    replay bit for bit in another process)."""
+    global _INFER
+    argv = [str(a) for a in args]
+    if fresh:
+        return subprocess.run([sys.executable, str(ROOT / "infer.py"), *argv], capture_output=True, text=True,
+                              cwd=cwd, timeout=300)
+    import contextlib
+    import importlib.util
+    import io
+    import traceback
+
+    from latentgen.cli import run_cli
+
+    if _INFER is None:
+        spec = importlib.util.spec_from_file_location("infer_script", ROOT / "infer.py")
+        _INFER = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_INFER)
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            os.chdir(cwd or here)
+            code = run_cli(_INFER.main, argv)
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+            if stop.code is not None and not isinstance(stop.code, int):
+                print(stop.code, file=sys.stderr)
+        except Exception:  # noqa: BLE001 - what the interpreter would print
+            traceback.print_exc()
+            code = 1
+        finally:
+            os.chdir(here)
+    return subprocess.CompletedProcess(["infer.py", *argv], code, out.getvalue(), err.getvalue())

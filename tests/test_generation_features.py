@@ -1,8 +1,6 @@
 """Image-to-image, inpainting, long and weighted prompts, guidance variants, metadata and replay, grids."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,7 +8,7 @@ import torch
 from PIL import Image
 
 import components as C
-from conftest import ROOT
+from conftest import infer
 from latentgen import LatentPipeline
 from latentgen.errors import UserError
 from latentgen.loading import DEFAULT_MODEL
@@ -219,10 +217,6 @@ def test_clip_x0_only_clips_and_round_trips():
 
 # ---- metadata, replay, grid ---------------------------------------------------------------------------------
 
-def infer(*args):
-    return subprocess.run([sys.executable, str(ROOT / "infer.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
-
 
 def test_metadata_and_replay_bit_for_bit(tiny_folder, tmp_path):
     r = infer("--model", tiny_folder, "--prompt", "a (red:1.2) circle", "--negative-prompt", "blurry", "--steps", 3,
@@ -234,7 +228,7 @@ def test_metadata_and_replay_bit_for_bit(tiny_folder, tmp_path):
     assert "Steps: 3, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 32x32, Model hash: " in params[2]
     meta = json.loads(im.info["latentgen"])
     assert meta["seed"] == 42 and meta["scheduler"] == "euler-a" and meta["guidance_rescale"] == 0.3
-    r = infer("--replay", tmp_path / "a.png")
+    r = infer("--replay", tmp_path / "a.png", fresh=True)  # in another process, as a user replays it later
     assert r.returncode == 0 and "identical, bit for bit" in r.stdout, r.stderr
     # a changed image is reported
     arr = np.asarray(im.convert("RGB")).copy()

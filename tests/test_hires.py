@@ -1,20 +1,13 @@
 """Hires fix (A1111's, with one model): generate, upscale (latents or pixels), image-to-image at the larger size."""
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from conftest import ROOT
+from conftest import infer
 from latentgen.metadata import parse_a1111_parameters
-
-
-def infer(*args):
-    return subprocess.run([sys.executable, str(ROOT / "infer.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
 
 
 def pixels(path):

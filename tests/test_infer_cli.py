@@ -1,18 +1,11 @@
 """infer.py end to end: images written and named, bad input answered in one line with exit code 2."""
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT
-
-
-def infer(*args, cwd=None):
-    return subprocess.run([sys.executable, str(ROOT / "infer.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=300)
+from conftest import infer
 
 
 def test_writes_every_image_and_prints_paths(tiny_folder, tmp_path):

@@ -4,24 +4,16 @@ replay of a PNG made by AUTOMATIC1111 itself."""
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from conftest import ROOT
+from conftest import infer
 from latentgen.errors import UserError
 from latentgen.io import model_hash
 from latentgen.metadata import a1111_request, parse_a1111_parameters, quote
-
-
-def infer(*args):
-    return subprocess.run([sys.executable, str(ROOT / "infer.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
-
 
 # A1111 1.10's own infotext for one image (its `parameters` PNG chunk), with fields latentgen has no use for.
 A1111_TEXT = ("a red circle, (sharp:1.2)\nNegative prompt: blurry, ugly\n"

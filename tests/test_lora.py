@@ -59,9 +59,10 @@ def test_text_encoder_lora_images_equal_diffusers_and_the_merged_weights(tiny_fo
     """A LoRA of the U-Net and the text encoder; kohya's file carries sd-scripts' names (`lora_te_text_model_…`, which
     transformers 5's CLIPTextModel no longer has) and alphas. The prompt's embedding is cached before the LoRA loads:
     the cache must not give the old one back."""
-    import components as C
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
     from peft import LoraConfig
+
+    import components as C
 
     te_lora = C.random_text_encoder_lora(tiny_folder)
     unet_kohya = {f"lora_unet_{k}": torch.tensor(8.0) if k.endswith(".alpha") else v.contiguous()
@@ -112,13 +113,8 @@ import sys  # noqa: E402
 
 from PIL import Image  # noqa: E402
 
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT, infer  # noqa: E402
 from latentgen.errors import UserError  # noqa: E402
-
-
-def infer(*args):
-    return subprocess.run([sys.executable, str(ROOT / "infer.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
 
 
 def pixels(path):
@@ -247,10 +243,6 @@ def test_a_trained_lora_file_gives_the_image_of_the_unet_it_was_trained_on(tiny_
 
 
 def test_lora_training_run_writes_a_file_infer_applies(tiny_folder, tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import ROOT
     from latentgen.io import weights_hash
 
     before = weights_hash(tiny_folder)
@@ -283,13 +275,9 @@ def test_lora_training_run_writes_a_file_infer_applies(tiny_folder, tmp_path):
 
 def test_text_encoder_lora_training_resumes_bit_for_bit_and_writes_both_formats(tiny_folder, tmp_path):
     import shutil
-    import subprocess
-    import sys
 
     from safetensors import safe_open
     from safetensors.torch import load_file
-
-    from conftest import ROOT
 
     config = tmp_path / "lora.yaml"
     config.write_text("max_steps: 6\ntrain_batch_size: 4\nlearning_rate: 5.0e-2\ncheckpoint_every: 3\n"
