@@ -51,6 +51,13 @@ def parse_args(argv):
     p.add_argument("--hires-denoise", type=float, default=0.5, help="second-pass denoising strength, in (0, 1]")
     p.add_argument("--hires-upscaler", default="latent", choices=["latent", "lanczos"],
                    help="upscale the latents (default) or the decoded pixels (Lanczos)")
+    p.add_argument("--upscale", type=int, help="run the model's trained upscaler after it (a cascade: e.g. 64 -> "
+                                                 "128 px with 2); the default model ships one")
+    p.add_argument("--upscale-steps", type=int, default=0, help="upscaler steps (default 0: the upscaler's own)")
+    p.add_argument("--upscale-noise", type=int, help="the noise-augmentation level of the first image, 0-999 "
+                                                     "(higher: the upscaler redraws more; default: the upscaler's)")
+    p.add_argument("--upscale-guidance", type=float, help="the upscaler's guidance scale (default: its own)")
+    p.add_argument("--upscaler", metavar="FOLDER", help="an upscaler folder (default: the model folder's upscaler/)")
     p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
                    help="apply a LoRA (repeatable; diffusers or kohya/A1111 format); prompts may also hold "
                         "<lora:NAME:SCALE>, NAME looked up in --loras-dir")
@@ -83,7 +90,7 @@ def parse_args(argv):
 # What the request's checks call each field: the flag the user typed.
 FLAG_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "seed": "--seed",
               "strength": "--strength", "num_images_per_prompt": "--num-images", "image": "--image",
-              "mask_image": "--mask", "hires": "--hires-scale"}
+              "mask_image": "--mask", "hires": "--hires-scale", "upscale": "--upscale"}
 
 
 def request_of(args, prompts, image=None, mask=None):
@@ -93,8 +100,11 @@ def request_of(args, prompts, image=None, mask=None):
     from latentgen import lora
     from latentgen.hires import Hires
     from latentgen.request import Request
+    from latentgen.upscaler import Upscale
 
-    hires = None
+    hires, upscale = None, None
+    if args.upscale is not None:
+        upscale = Upscale(args.upscale, args.upscale_steps, args.upscale_noise, args.upscale_guidance)
     if args.hires_scale is not None:
         hires = Hires(args.hires_scale, args.hires_steps, args.hires_denoise, args.hires_upscaler)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
@@ -103,8 +113,8 @@ def request_of(args, prompts, image=None, mask=None):
                    num_images_per_prompt=args.num_images, seed=seed, scheduler=args.scheduler,
                    strength=args.strength, guidance_rescale=args.guidance_rescale,
                    dynamic_threshold=args.dynamic_threshold, guidance_interval=tuple(args.guidance_interval),
-                   hires=hires, loras=[lora.parse_flag(v) for v in args.lora or []] or None, image=image,
-                   mask_image=mask)
+                   hires=hires, upscale=upscale, loras=[lora.parse_flag(v) for v in args.lora or []] or None,
+                   image=image, mask_image=mask)
 
 
 def main(argv=None):
@@ -150,6 +160,8 @@ def load_pipeline(args, state=None):
     pipe = open_pipeline(model, dtype=args.dtype, device=device, vae=args.vae,
                          prediction_type=args.prediction_type, allow_pickle=args.allow_pickle,
                          loras_dir=args.loras_dir, embeddings_dir=args.embeddings_dir)
+    if args.upscaler:
+        pipe.load_upscaler(args.upscaler)
     if args.compile:
         import time
 
@@ -218,6 +230,7 @@ def replay(args):
     args.model = str(model)
     args.vae = args.vae or meta.get("vae", {}).get("path")
     args.prediction_type = args.prediction_type or meta.get("prediction_type")
+    args.upscaler = args.upscaler or meta.get("upscaler", {}).get("path")
     if args.dtype == "auto":
         args.dtype = meta["dtype"]
     image, mask = (meta.get(k, {}).get("path") for k in ("image", "mask"))

@@ -109,8 +109,10 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
 
 
 def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, context: torch.Tensor, generator: torch.Generator,
-                   noise_config: NoiseConfig) -> torch.Tensor:
-    """Per-example loss (B,) of the denoising objective for z_0 = `latents` (B, C, h, w)."""
+                   noise_config: NoiseConfig, extra: torch.Tensor | None = None,
+                   class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-example loss (B,) of the denoising objective for z_0 = `latents` (B, C, h, w). `extra` (B, C', h, w) is
+    concatenated to the U-Net's input channels and `class_labels` (B,) passed to it (an upscaler's conditioning)."""
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     if noise_config.offset_noise:
@@ -123,7 +125,8 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, context: torch.
         target = noise_scheduler.get_velocity(latents, noise, t)  # sqrt(ᾱ_t)·ε − sqrt(1−ᾱ_t)·z_0
     else:
         target = noise
-    pred = unet(z_t, t, encoder_hidden_states=context, return_dict=False)[0]
+    x_in = z_t if extra is None else torch.cat([z_t, extra.to(z_t.dtype)], dim=1)
+    pred = unet(x_in, t, encoder_hidden_states=context, class_labels=class_labels, return_dict=False)[0]
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if noise_config.snr_gamma:
         loss = loss * min_snr_weights(noise_scheduler, t, noise_config.snr_gamma)

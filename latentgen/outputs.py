@@ -90,6 +90,9 @@ def run_about(pipe, model: str | Path, plan, vae: str | Path | None = None, pred
         about["vae"] = {"path": str(Path(vae).resolve()), "hash": model_hash(vae)}
     if prediction_type:
         about["prediction_type"] = prediction_type
+    if plan.request.upscale is not None:
+        folder = pipe.upscaler().upscaler_folder
+        about["upscaler"] = {"path": str(folder.resolve()), "hash": model_hash(folder)}
     about["ti_hashes"] = embeddings.used(pipe, plan.prompts + plan.negative_prompts)
     if plan.loras:
         from . import lora

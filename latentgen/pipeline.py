@@ -241,6 +241,28 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
                 index.pop("clip_skip", None)
             index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
+    def upscaler(self) -> "LatentPipeline":
+        """The model's trained upscaler (`latentgen.upscaler`): the one `load_upscaler` gave it, else the one in its
+        folder's `upscaler/`, loaded on first use."""
+        up = self.__dict__.get("upscaler_pipeline")
+        if up is None:
+            from . import upscaler
+
+            folder = upscaler.folder_of(self)
+            if folder is None:
+                raise UserError("this model has no upscaler (no upscaler/ folder in its model folder); pass one "
+                                "(--upscaler FOLDER, or load_upscaler), or use the hires fix")
+            up = self.load_upscaler(folder)
+        return up
+
+    def load_upscaler(self, folder: str | Path) -> "LatentPipeline":
+        """Use the upscaler in `folder` (`train_unet.py` with an `upscaler:` section writes one) for `upscale`."""
+        from . import upscaler
+
+        with self.lora_lock:
+            self.__dict__["upscaler_pipeline"] = up = upscaler.load(self, folder)
+        return up
+
     # ------------------------------------------------------------------------------------------------------------
     # What the model is
 
@@ -338,6 +360,10 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
                 from . import hires
 
                 return hires.generate(self, plan, on_step, on_latents)
+            if plan.request.upscale is not None:
+                from . import upscaler
+
+                return upscaler.generate(self, plan, on_step, on_latents)
             return self.run_plan(plan, on_step, on_latents)
 
     def run_plan(self, plan: Plan, on_step: Callable[[int], None] | None = None,

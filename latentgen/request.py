@@ -25,6 +25,7 @@ from . import validate
 from .errors import UserError, one_of
 from .hires import Hires
 from .schedulers import scheduler_names
+from .upscaler import Upscale
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 _INPUT = {"recorded": False}  # inputs that are not settings: not in the metadata (replay restores image and mask
@@ -34,7 +35,7 @@ _INPUT = {"recorded": False}  # inputs that are not settings: not in the metadat
 NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance", "seed": "seed", "strength": "strength",
          "num_images_per_prompt": "images per prompt", "guidance_rescale": "guidance rescale", "eta": "eta",
          "dynamic_threshold": "dynamic threshold (a percentile ratio)", "image": "an image",
-         "mask_image": "a mask", "hires": "the hires fix"}
+         "mask_image": "a mask", "hires": "the hires fix", "upscale": "the upscaler"}
 
 
 @dataclass
@@ -44,7 +45,8 @@ class Request:
     `seed` (one int, or one per image) makes each image reproducible on its own; `generator` keeps diffusers'
     meaning. `image` (+ `strength`) is image-to-image; `image` + `mask_image` (white = repaint) is inpainting.
     `guidance_rescale`, `dynamic_threshold` and `guidance_interval` are `latentgen.guidance`'s variants; `clip_skip`
-    None uses the model's own; `hires` runs AUTOMATIC1111's hires fix (`latentgen.hires`); `loras` are LoRA files (or
+    None uses the model's own; `hires` runs AUTOMATIC1111's hires fix (`latentgen.hires`), `upscale` the model's
+    trained upscaler after it (a cascade, `latentgen.upscaler`); `loras` are LoRA files (or
     names in the pipeline's `loras_dir`) with their scales, as are A1111's `<lora:NAME:SCALE>` prompt tags.
     """
 
@@ -64,6 +66,7 @@ class Request:
     guidance_interval: tuple[float, float] = (0.0, 1.0)
     clip_skip: int | None = None
     hires: Hires | None = None
+    upscale: Upscale | None = None
     loras: list[tuple[str, float]] | None = None  # (file or name, scale); prompts may also hold <lora:NAME:SCALE>
     image: Any = field(default=None, metadata=_INPUT)
     mask_image: Any = field(default=None, metadata=_INPUT)
@@ -151,9 +154,17 @@ class Request:
             if self.image is not None:
                 raise UserError(f"{name['hires']} is for text-to-image; with {name['image']}, resize the image "
                                 "instead")
+        upscale = self.upscale
+        if upscale is not None:
+            upscale = (Upscale(**upscale) if isinstance(upscale, Mapping) else upscale).check()
+            if self.image is not None or hires is not None:
+                raise UserError(f"{name['upscale']} is for text-to-image, without {name['hires']} (both make a "
+                                "larger image; choose one)" if hires is not None else
+                                f"{name['upscale']} is for text-to-image; with {name['image']}, resize the image "
+                                "instead")
         return dataclasses.replace(self, prompt=prompts, negative_prompt=negatives, guidance_scale=guidance,
                                    seed=seeds, guidance_rescale=rescale, eta=eta, guidance_interval=interval,
-                                   strength=strength, hires=hires, loras=loras, checked=True)
+                                   strength=strength, hires=hires, upscale=upscale, loras=loras, checked=True)
 
     @property
     def total(self) -> int:
@@ -162,9 +173,11 @@ class Request:
 
     @property
     def sampling_steps(self) -> int:
-        """Sampling steps per image, both passes of a hires request included (after `check`)."""
-        hires = self.hires
-        return self.num_inference_steps + ((hires.steps or self.num_inference_steps) if hires else 0)
+        """Sampling steps per image, both passes of a hires or upscale request included (after `check`; an upscale
+        whose steps are the upscaler's default counts as many as the first pass)."""
+        hires, upscale = self.hires, self.upscale
+        second = (hires.steps if hires else upscale.steps if upscale else 0) or self.num_inference_steps
+        return self.num_inference_steps + (second if hires or upscale else 0)
 
     def per_image(self) -> tuple[list[str], list[str], list[int] | None]:
         """One prompt, negative prompt and seed per image, prompt-major (after `check`)."""
@@ -222,8 +235,13 @@ class Request:
 
         folder = Path(getattr(pipe, "loras_dir", "loras"))
         loras = [(lora.resolve(name, folder), scale) for name, scale in (req.loras or []) + lora.tags(prompts[0])]
-        return Plan(req, prompts, negatives, seeds, req.generator, height, width, image, init_latents, mask,
+        plan = Plan(req, prompts, negatives, seeds, req.generator, height, width, image, init_latents, mask,
                     pipe.config.clip_skip if req.clip_skip is None else req.clip_skip or None, loras)
+        if req.upscale is not None:
+            from .upscaler import second_stage
+
+            second_stage(pipe, plan)  # the upscaler exists, takes this scale, and its stage fits in memory
+        return plan
 
 
 @dataclass
@@ -242,6 +260,8 @@ class Plan:
     mask: torch.Tensor | None = None  # (1 or N, 1, H, W) in {0, 1}; 1 = repaint
     clip_skip: int | None = None
     loras: list[tuple[Path, float]] = field(default_factory=list)  # every LoRA file to apply, with its scale
+    low_res: torch.Tensor | None = None  # an upscaler's conditioning input (N, C, h, w) (`latentgen.upscaler`)
+    noise_levels: torch.Tensor | None = None  # (N,) its noise-augmentation levels
 
     @property
     def batch_size(self) -> int:
@@ -271,7 +291,8 @@ class Plan:
         return dataclasses.replace(self, prompts=pick(self.prompts), negative_prompts=pick(self.negative_prompts),
                                    seeds=pick(self.seeds), generator=pick(self.generator),
                                    image=_rows(self.image, rows, n), init_latents=_rows(self.init_latents, rows, n),
-                                   mask=_rows(self.mask, rows, n))
+                                   mask=_rows(self.mask, rows, n), low_res=_rows(self.low_res, rows, n),
+                                   noise_levels=_rows(self.noise_levels, rows, n))
 
     def split(self, size: int) -> Iterator["Plan"]:
         """Batches of at most `size` images, in order (a single shared generator keeps one batch)."""
@@ -291,6 +312,7 @@ class Plan:
                    width=self.width, scheduler=scheduler, guidance_interval=list(r.guidance_interval),
                    strength=r.strength if self.has_init else None, clip_skip=self.clip_skip,
                    hires=None if r.hires is None else dataclasses.asdict(r.hires),
+                   upscale=None if r.upscale is None else dataclasses.asdict(r.upscale),
                    loras=[[str(p.resolve()), s] for p, s in self.loras[:len(r.loras or [])]] or None)
         return out
 

@@ -125,10 +125,17 @@ def predict(pipe, x: torch.Tensor, t, cond: GuidedConditioning, plan: Plan, step
     c = cond.for_step(guided)
     x_t = scheduler.scale_model_input(x, t)  # the VP form sqrt(ᾱ_t)·z0 + sqrt(1−ᾱ_t)·ε, (N, C, h, w)
     x_in = torch.cat([x_t] * 2) if guided else x_t  # (2N or N, C, h, w)
+    extra, labels = None, None
     if "masked_z0" in known:  # 9-channel inpainting U-Net input
         extra = torch.cat([known["mask"], known["masked_z0"]], dim=1)
+    if plan.low_res is not None:  # an upscaler's input: the low-resolution latents, and their noise level
+        extra, labels = plan.low_res.to(x.device), plan.noise_levels.to(x.device)
+    if extra is not None:
         x_in = torch.cat([x_in, torch.cat([extra] * 2) if guided else extra], dim=1)
-    pred = run_unet(pipe, x_in.to(c.hidden_states.dtype), t, c, rows_per_image=2 if guided else 1)
+    if labels is not None and guided:
+        labels = torch.cat([labels] * 2)
+    pred = run_unet(pipe, x_in.to(c.hidden_states.dtype), t, c, rows_per_image=2 if guided else 1,
+                    class_labels=labels)
     if guided:
         uncond, cond_pred = pred.chunk(2)
         pred = rescale_guidance(classifier_free_guidance(uncond, cond_pred, r.guidance_scale), cond_pred,
@@ -140,7 +147,8 @@ def predict(pipe, x: torch.Tensor, t, cond: GuidedConditioning, plan: Plan, step
     return pred
 
 
-def run_unet(pipe, x_in: torch.Tensor, t, cond, rows_per_image: int) -> torch.Tensor:
+def run_unet(pipe, x_in: torch.Tensor, t, cond, rows_per_image: int,
+             class_labels: torch.Tensor | None = None) -> torch.Tensor:
     """One U-Net evaluation of all rows, fp32 out.
 
     An image's result must not depend on the batch it is in. In bf16 the CPU kernels are batch-invariant
@@ -149,7 +157,8 @@ def run_unet(pipe, x_in: torch.Tensor, t, cond, rows_per_image: int) -> torch.Te
     call of their own: the same shapes for every image, whatever the batch.
     """
     def call(rows):
-        return pipe.unet(x_in[rows], t, **cond[rows].unet_kwargs(), return_dict=False)[0]
+        labels = None if class_labels is None else class_labels[rows]
+        return pipe.unet(x_in[rows], t, **cond[rows].unet_kwargs(), class_labels=labels, return_dict=False)[0]
 
     n = x_in.shape[0] // rows_per_image
     if x_in.dtype != torch.float32 or n == 1:

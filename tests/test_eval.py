@@ -122,9 +122,9 @@ def test_eval_cli_end_to_end_on_the_smoke_model(smoke_model, tmp_path):
 
 def test_eval_prompts_of_the_new_kind_with_a_lora(smoke_model, tmp_path):
     """`--kinds star` asks for stars (held-out and seen triples of their own), `--lora` fuses a LoRA first."""
-    import components as C
     from diffusers import StableDiffusionPipeline
 
+    import components as C
     from latentgen.eval.__main__ import generate, load
 
     stars = prompt_set(27, kinds=("star",))

@@ -24,6 +24,7 @@ class CachedData:
     def __init__(self, tensors: dict[str, torch.Tensor], texts: list[str]):
         self.mean, self.std = tensors["mean"], tensors["std"]  # (N, C, h, w)
         self.offsets, self.caption_rows = tensors["offsets"], tensors["caption_rows"]  # (N+1,), (M,)
+        self.low_mean, self.low_std = tensors.get("low_mean"), tensors.get("low_std")  # an upscaler's inputs
         self.embeddings = tensors.get("embeddings")  # (U, T, D) or None when the text encoder trains
         self.texts = texts  # U unique captions; row 0 is "" (the unconditional prompt)
 
@@ -33,7 +34,8 @@ class CachedData:
     def item(self, index: int, epoch: int = 0, seed: int = 0) -> dict[str, Any]:
         rows = self.caption_rows[self.offsets[index]:self.offsets[index + 1]].tolist()
         row = rows[0] if len(rows) == 1 else choose_caption(rows, seed, epoch, index)
-        return {"mean": self.mean[index], "std": self.std[index], "text_row": row, "index": index}
+        low = {} if self.low_mean is None else {"low_mean": self.low_mean[index], "low_std": self.low_std[index]}
+        return {"mean": self.mean[index], "std": self.std[index], "text_row": row, "index": index} | low
 
 
 def cache_key(config, parts, with_embeddings: bool) -> str:
@@ -45,21 +47,27 @@ def cache_key(config, parts, with_embeddings: bool) -> str:
     identity = {"data": asdict(config.data), "vae": vae_hash, "scaling": parts.vae.config.scaling_factor,
                 "text": asdict(config.text_encoder) if with_embeddings else None,
                 "pipeline": config.pretrained_pipeline, "seed": config.seed if config.vae_model else None}
+    if config.upscaler.scale:  # (only then: the keys of existing caches stay as they were)
+        identity["low_resolution"] = config.upscaler.scale
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
-def build_cache(dataset, parts, with_embeddings: bool, batch_size: int, device,
-                autocast) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Encode every image once (the un-augmented view) and every distinct caption once."""
-    means, stds = [], []
+def build_cache(dataset, parts, with_embeddings: bool, batch_size: int, device, autocast,
+                low_scale: int = 0) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Encode every image once (the un-augmented view) and every distinct caption once; with `low_scale`, also
+    the image shrunk by that factor (an upscaler's low-resolution input)."""
+    from ..upscaler import low_resolution
+
+    posteriors: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "low_mean": [], "low_std": []}
     for start in tqdm(range(0, len(dataset), batch_size), desc="caching latents", leave=False):
         x = torch.stack([dataset.item(i, 0, 0)["pixel_values"] for i in
                          range(start, min(start + batch_size, len(dataset)))]).to(device)
-        with autocast():
-            dist = parts.vae.encode(x).latent_dist
-        means.append(dist.mean.float().cpu())
-        stds.append(dist.std.float().cpu())
+        for prefix, pixels in [("", x)] + ([("low_", low_resolution(x, low_scale))] if low_scale else []):
+            with autocast():
+                dist = parts.vae.encode(pixels).latent_dist
+            posteriors[prefix + "mean"].append(dist.mean.float().cpu())
+            posteriors[prefix + "std"].append(dist.std.float().cpu())
     texts, rows_of, offsets, caption_rows = [""], {"": 0}, [0], []
     for i in range(len(dataset)):
         for caption in dataset.captions(i):
@@ -67,8 +75,8 @@ def build_cache(dataset, parts, with_embeddings: bool, batch_size: int, device,
             if caption_rows[-1] == len(texts):
                 texts.append(caption)
         offsets.append(len(caption_rows))
-    tensors = {"mean": torch.cat(means), "std": torch.cat(stds), "offsets": torch.tensor(offsets),
-               "caption_rows": torch.tensor(caption_rows)}
+    tensors = {k: torch.cat(v) for k, v in posteriors.items() if v} | {
+        "offsets": torch.tensor(offsets), "caption_rows": torch.tensor(caption_rows)}
     if with_embeddings:
         chunks = []
         for start in tqdm(range(0, len(texts), 256), desc="caching text embeddings", leave=False):
@@ -91,7 +99,7 @@ def load_or_build_cache(config, dataset, parts, with_embeddings: bool, accelerat
             if not accelerator.is_local_main_process:  # pragma: no cover - local_main_process_first wrote it
                 raise RuntimeError("the cache was not written by this machine's main process")
             tensors, texts = build_cache(dataset, parts, with_embeddings, config.train_batch_size * 4,
-                                         accelerator.device, accelerator.autocast)
+                                         accelerator.device, accelerator.autocast, config.upscaler.scale)
             with atomic_file(texts_path) as tmp:
                 tmp.write_text(json.dumps(texts, ensure_ascii=False))
             with atomic_file(tensors_path) as tmp:

@@ -1,7 +1,8 @@
 """A procedural, captioned dataset of colored shapes: deterministic, any resolution, ground truth kept.
 
 Each sample is one or two shapes (circle, square, triangle; and, when asked for, the five-pointed star that the
-default model never saw, for LoRAs to learn) of a CSS named color on a plain background of another color, randomly placed, sized and rotated, with a caption that names every shape's color and kind, the
+default model never saw, for LoRAs to learn) of a CSS named color on a plain background of another color,
+randomly placed, sized and rotated, with a caption that names every shape's color and kind, the
 background color and, for two shapes, which is left of which. Sample `i` of a given seed is always the same.
 
 Held-out split: the (shape color, shape kind, background color) triples for which

@@ -173,6 +173,12 @@ def main(argv=None):
     common(s)
     s.add_argument("--schedulers", nargs="+", default=scheduler_names(), choices=scheduler_names())
     common(sub.add_parser("all", help="adherence at 7.5 and 1.0, reconstruction, distance: all.md"))
+    u = sub.add_parser("upscale", help="the cascade: adherence and edge width of the upscaler's images against "
+                                       "the first stage's and a bicubic upscale, per noise-augmentation level")
+    common(u)
+    u.add_argument("--noise-levels", type=int, nargs="+", default=[0, 100, 250])
+    u.add_argument("--upscale-steps", type=int, help="upscaler steps (default: its own)")
+    u.add_argument("--upscaler", metavar="FOLDER", help="default: the model folder's upscaler/")
     args = p.parse_args(argv)
     if getattr(args, "seeds", 1) < 1 or any(n < 1 for n in getattr(args, "steps", [1])):
         raise UserError("--seeds and --steps must be ≥ 1")
@@ -238,6 +244,19 @@ def main(argv=None):
             report.append(f"CLIP score ({args.clip_model}): **{score:.2f}**")
         else:
             report.append("CLIP score: skipped (no local open_clip checkpoint; pass --clip-checkpoint FILE)")
+
+    if args.command == "upscale":
+        from ..upscaler import check_level
+        from .cascade import evaluate
+
+        for level in args.noise_levels:
+            check_level(level, "--noise-levels")
+        if args.upscale_steps is not None and args.upscale_steps < 1:
+            raise UserError("--upscale-steps must be ≥ 1")
+        if args.upscaler:
+            pipe.load_upscaler(args.upscaler)
+        report.append(evaluate(pipe, args.seeds, args.noise_levels, args.steps[0], args.upscale_steps,
+                               args.guidance[0], out))
 
     if args.command == "steps":
         rows = steps_sweep(pipe, args.schedulers, sorted(args.steps), args.seeds, args.guidance[0])

@@ -49,11 +49,11 @@ class Limits:
         if request.total > self.max_images:
             raise UserError(f"{request.total} images asked (batch_size × n_iter); this server allows at most "
                             f"{self.max_images} per request")
-        scale = request.hires.scale if request.hires else 1.0
+        scale = request.hires.scale if request.hires else request.upscale.scale if request.upscale else 1.0
         for name in ("width", "height"):
             side = getattr(request, name)
             if side is not None and side * scale > self.max_side:
-                raise UserError(f"{name} {side}{f' × hires {scale:g}' if scale != 1 else ''} is over this server's "
+                raise UserError(f"{name} {side}{f' × {scale:g}' if scale != 1 else ''} is over this server's "
                                 f"limit of {self.max_side} pixels")
 
 

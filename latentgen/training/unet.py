@@ -33,6 +33,7 @@ from ..io import atomic_file, save_image
 from ..memory import check_training, unet_training_bytes
 from ..schedulers import make_scheduler, scheduler_names
 from ..text_encoders import load_text_encoder
+from ..upscaler import UpscalerConfig, training_condition
 from .loop import (
     Run,
     StepBatches,
@@ -100,6 +101,7 @@ class UNetTrainConfig(TrainConfig):
     validation_guidance: float = 7.5
     save_dtype: str = "fp32"  # fp32, fp16 or bf16 weights in the final pipeline (or LoRA)
     lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
+    upscaler: UpscalerConfig = field(default_factory=UpscalerConfig)  # scale > 0: train a cascade's upscaler
 
     @property
     def trains_text(self) -> bool:
@@ -135,6 +137,10 @@ class UNetTrainConfig(TrainConfig):
             raise one_of("save_dtype", self.save_dtype, ["fp32", "fp16", "bf16"])
         if not (self.vae_path or self.vae_model or self.pretrained_pipeline):
             raise UserError("no VAE: set vae_path (a train_vae.py output) or pretrained_pipeline")
+        self.upscaler.check()
+        if self.upscaler.scale and (self.lora.rank or self.text_encoder.train or self.data.streaming):
+            raise UserError("an upscaler run trains a new U-Net on a map-style dataset: set lora.rank: 0, "
+                            "text_encoder.train: false and data.streaming: false")
         if self.cache and (self.data.random_crop or self.data.hflip):
             raise UserError("cache=true stores one view of each image; set data.random_crop=false and "
                             "data.hflip=0, or cache=false to augment every step")
@@ -176,7 +182,7 @@ def load_components(config: UNetTrainConfig) -> Components:
         vae = AutoencoderKL(**config.vae_model)
     if vae.config.scaling_factor is None:
         raise UserError("the VAE has no scaling_factor in its config")
-    if pipe is not None:
+    if pipe is not None and not config.upscaler.scale:
         unet = pipe.unet
     else:
         try:
@@ -186,7 +192,13 @@ def load_components(config: UNetTrainConfig) -> Components:
     tokenizer, text_model, encoder = load_text_encoder(config.text_encoder, pipe)
     noise_scheduler = forward_process(config.noise, pipe.scheduler.config if pipe is not None else None)
 
-    if vae.config.latent_channels != unet.config.in_channels:
+    if config.upscaler.scale:
+        from ..upscaler import check_unet
+
+        check_unet(unet, vae.config.latent_channels)
+        check_resolution(config.data.resolution // config.upscaler.scale, vae_factor(vae),
+                         f"the VAE at 1/{config.upscaler.scale} of data.resolution")
+    elif vae.config.latent_channels != unet.config.in_channels:
         raise UserError(f"the VAE makes {vae.config.latent_channels}-channel latents but the U-Net takes "
                         f"in_channels={unet.config.in_channels}; make them equal")
     if encoder.hidden_size != unet.config.cross_attention_dim:
@@ -254,7 +266,9 @@ def train_unet(config: UNetTrainConfig) -> Path:
     models = {"unet": raw_unet} | ({"text_encoder": parts.text_model} if train_text else {})
     states = {"optimizer": optimizer.optimizer, "lr_scheduler": lr_scheduler, "ema": ema,
               "scaler": accelerator.scaler}
-    start = run.resume(models, states, lambda step: _validate(config, parts, raw_unet, ema, accelerator, step))
+    examples = _upscaler_examples(dataset, config, parts, device) if config.upscaler.scale else None
+    start = run.resume(models, states,
+                       lambda step: _validate(config, parts, raw_unet, ema, accelerator, step, examples))
     accum = config.gradient_accumulation_steps
     batches = batch_iterator(data, config, accelerator.num_processes, accelerator.process_index, start * accum)
     for step in range(start, config.max_steps):
@@ -263,8 +277,12 @@ def train_unet(config: UNetTrainConfig) -> Path:
             batch = next(batches)
             with accelerator.accumulate(unet):
                 with accelerator.autocast():
-                    latents, context = _latents_and_context(batch, data, parts, config, g, device)
-                    loss = diffusion_loss(unet, parts.noise_scheduler, latents, context, g, config.noise).mean()
+                    latents, context, low = _latents_and_context(batch, data, parts, config, g, device)
+                    extra, levels = None, None
+                    if low is not None:
+                        extra, levels = training_condition(parts.noise_scheduler, low, config.upscaler, g)
+                    loss = diffusion_loss(unet, parts.noise_scheduler, latents, context, g, config.noise, extra,
+                                          levels).mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     if train_text and accelerator.num_processes > 1:
@@ -281,13 +299,16 @@ def train_unet(config: UNetTrainConfig) -> Path:
         run.end_step(step + 1)
 
     # 5. The final pipeline, with EMA weights when on; or the LoRA file.
-    target = Path(config.output_dir) / ("lora.safetensors" if config.lora.rank else "pipeline")
+    target = Path(config.output_dir) / ("lora.safetensors" if config.lora.rank else
+                                        "upscaler" if config.upscaler.scale else "pipeline")
     if run.finish(config.train_batch_size * accum * accelerator.num_processes):
         if ema is not None:
             ema.copy_to(raw_unet.parameters())
-        _validate(config, parts, raw_unet, None, accelerator, config.max_steps)
+        _validate(config, parts, raw_unet, None, accelerator, config.max_steps, examples)
         if config.lora.rank:
             save_lora(config, raw_unet, parts.text_model if config.lora.text_encoder else None, target)
+        elif config.upscaler.scale:
+            save_upscaler(config, parts, raw_unet, target)
         else:
             save_pipeline(config, parts, raw_unet, target)
         accelerator.print(f"wrote {target}")
@@ -296,24 +317,35 @@ def train_unet(config: UNetTrainConfig) -> Path:
 
 
 def _latents_and_context(batch, data, parts: Components, config: UNetTrainConfig, g, device):
-    """z_0 (B, C, h, w), scaled, and the text context (B, T, D), with caption dropout applied."""
+    """z_0 (B, C, h, w), scaled; the text context (B, T, D), with caption dropout applied; and for an upscaler
+    the low-resolution latents (B, C, h/s, w/s), scaled, else None."""
+    scale = config.upscaler.scale
     if "mean" in batch:  # cached posterior: z = μ + σ·n, as latent_dist.sample() would draw it
         mean, std = batch["mean"].to(device), batch["std"].to(device)
         z = mean + std * torch.randn(mean.shape, generator=g, device=device, dtype=mean.dtype)
+        low = None
+        if scale:
+            mean, std = batch["low_mean"].to(device), batch["low_std"].to(device)
+            low = mean + std * torch.randn(mean.shape, generator=g, device=device, dtype=mean.dtype)
     else:
+        from ..upscaler import low_resolution
+
         with torch.no_grad():
-            z = parts.vae.encode(batch["pixel_values"].to(device)).latent_dist.sample(generator=g)
+            pixels = batch["pixel_values"].to(device)
+            z = parts.vae.encode(pixels).latent_dist.sample(generator=g)
+            low = parts.vae.encode(low_resolution(pixels, scale)).latent_dist.sample(generator=g) if scale else None
     latents = scale_latents(parts.vae, z.float())
+    low = None if low is None else scale_latents(parts.vae, low.float())
     rows = batch["text_row"].to(device) if "text_row" in batch else None
     dropped = caption_dropout(len(batch["text_row"] if rows is not None else batch["text"]),
                               config.caption_dropout, g)
     if getattr(data, "embeddings", None) is not None:  # cached embeddings; row 0 is the empty prompt
-        return latents, data.embeddings[torch.where(dropped, torch.zeros_like(rows), rows)]
+        return latents, data.embeddings[torch.where(dropped, torch.zeros_like(rows), rows)], low
     texts = [data.texts[r] for r in rows.tolist()] if rows is not None else list(batch["text"])
     texts = ["" if d else t for t, d in zip(texts, dropped.tolist())]
     with torch.set_grad_enabled(config.trains_text):
         context = parts.encoder.encode(texts).hidden_states
-    return latents, context
+    return latents, context, low
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -329,25 +361,61 @@ def _pipeline(parts: Components, unet, sampler: str):
     return pipe
 
 
-def validation_grid(config: UNetTrainConfig, parts: Components, unet, autocast):
+def validation_grid(config: UNetTrainConfig, parts: Components, unet, autocast, examples=None):
+    """Samples of the validation prompts; for an upscaler, rows of (the low-resolution image, enlarged; the
+    upscaler's image; the data's image) for a few data examples."""
+    from ..outputs import contact_sheet
+
     was_training = unet.training
     unet.eval()
     pipe = _pipeline(parts, unet, config.sampler)
+    if examples is not None:
+        from ..upscaler import upscale_latents
+
+        low, captions, truth = examples
+        pipe.upscaler_config = config.upscaler
+        with autocast(), torch.no_grad():
+            images = upscale_latents(pipe, low, captions, list(range(len(captions))),
+                                     steps=config.validation_steps).images
+            small = pipe.image_processor.postprocess(pipe.decode(low), output_type="pil")
+        unet.train(was_training)
+        size = images[0].size
+        cells = [im for row in zip(small, images, truth) for im in (row[0].resize(size), row[1], row[2])]
+        labels = [t for c in captions for t in (f"input: {c}", "upscaled", "data")]
+        return contact_sheet(cells, labels, columns=3)
     with autocast():
         images = pipe(config.validation_prompts, num_inference_steps=config.validation_steps,
                       guidance_scale=config.validation_guidance, seed=list(range(len(config.validation_prompts))),
                       output_type="pil").images
     unet.train(was_training)
-    from ..outputs import contact_sheet
-
     return contact_sheet(images, config.validation_prompts, columns=len(images))
 
 
-def _validate(config, parts, unet, ema, accelerator, step: int) -> None:
+def _upscaler_examples(dataset, config: UNetTrainConfig, parts: Components, device, count: int = 4):
+    """The first `count` data examples as (low-resolution latents (n, C, h, w), captions, images)."""
+    from ..upscaler import low_resolution
+
+    items = [dataset.item(i, 0, 0) for i in range(min(count, len(dataset)))]
+    pixels = torch.stack([item["pixel_values"] for item in items]).to(device)
+    with torch.no_grad():
+        small = low_resolution(pixels, config.upscaler.scale)
+        low = scale_latents(parts.vae, parts.vae.encode(small).latent_dist.mode())
+    images = [_to_pil(p) for p in pixels]
+    return low.float(), [item["text"] for item in items], images
+
+
+def _to_pil(pixels: torch.Tensor):
+    from PIL import Image
+
+    array = ((pixels.float().cpu().permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+    return Image.fromarray(array)
+
+
+def _validate(config, parts, unet, ema, accelerator, step: int, examples=None) -> None:
     if ema is not None:
         ema.store(unet.parameters())
         ema.copy_to(unet.parameters())
-    grid = validation_grid(config, parts, unet, accelerator.autocast)
+    grid = validation_grid(config, parts, unet, accelerator.autocast, examples)
     if ema is not None:
         ema.restore(unet.parameters())
     save_image(grid, Path(config.output_dir) / "validation" / f"step-{step:07d}.png")
@@ -361,6 +429,20 @@ def save_pipeline(config: UNetTrainConfig, parts: Components, unet, target: Path
     pipe = _pipeline(parts, unet, config.sampler)
     dtype = DTYPES[config.save_dtype]
     pipe.save_pretrained(target, weights_dtype=None if dtype == torch.float32 else dtype)
+    with atomic_file(target / "train_config.yaml") as tmp:
+        tmp.write_text(to_yaml(config))
+
+
+def save_upscaler(config: UNetTrainConfig, parts: Components, unet, target: Path) -> None:
+    """The upscaler folder (`latentgen.upscaler`): its U-Net, sampler and defaults; it uses the VAE and text
+    encoder of the model it was trained with (`pretrained_pipeline`), and goes into that model's folder as
+    `upscaler/`."""
+    from .. import upscaler
+    from ..precision import DTYPES
+
+    dtype = DTYPES[config.save_dtype]
+    upscaler.save(target, unet, make_scheduler(config.sampler, parts.noise_scheduler.config), config.upscaler,
+                  None if dtype == torch.float32 else dtype)
     with atomic_file(target / "train_config.yaml") as tmp:
         tmp.write_text(to_yaml(config))
 

@@ -1,0 +1,258 @@
+"""Cascades: a second, super-resolution diffusion model that adds detail to the first model's image, as Imagen and
+the cascaded models in the seeds do, here in latent space (as Stable Diffusion's ×2 latent upscaler does).
+
+The upscaler is a U-Net whose input is the noisy high-resolution latents concatenated with the low-resolution
+latents, noised to an augmentation level a and upsampled (nearest) to the high resolution; a goes in as the U-Net's
+class label (`class_embed_type: timestep`), and the text conditions it too. Training draws a uniformly from
+[0, max_noise_level] (Imagen's noise conditioning augmentation), so at sampling time a small a tells the model to
+trust the low-resolution latents and a larger one lets it repair what the first model drew badly.
+
+An upscaler folder holds `unet/`, `scheduler/` and `upscaler.json` (its scale and sampling defaults); it borrows the
+VAE and the text encoder of the model it was trained for, and is shipped inside that model's folder as `upscaler/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import validate
+from .errors import UserError, first_line
+
+CONFIG_NAME = "upscaler.json"
+FOLDER = "upscaler"  # inside a model's folder
+
+
+@dataclass
+class UpscalerConfig:
+    """train_unet.py's `upscaler:` section (scale > 0 trains an upscaler), and what `upscaler.json` keeps."""
+
+    scale: int = 0  # 0: a text-to-image U-Net; 2 or 4: an upscaler of the latents by this factor
+    max_noise_level: int = 350  # training draws the augmentation level uniformly from [0, this]
+    noise_level: int = 100  # sampling defaults, stored with the upscaler
+    steps: int = 20
+    guidance: float = 1.0
+
+    def check(self) -> "UpscalerConfig":
+        if self.scale not in (0, 2, 4):
+            raise UserError(f"upscaler.scale must be 0 (off), 2 or 4, got {self.scale!r}")
+        check_level(self.max_noise_level, "upscaler.max_noise_level")
+        check_level(self.noise_level, "upscaler.noise_level")
+        validate.steps(self.steps, what="upscaler.steps")
+        validate.guidance(self.guidance, "upscaler.guidance")
+        return self
+
+
+@dataclass(frozen=True)
+class Upscale:
+    """A request's cascade stage: `scale` must be the upscaler's; 0 / None take the upscaler's defaults."""
+
+    scale: int = 2
+    steps: int = 0
+    noise_level: int | None = None
+    guidance: float | None = None
+
+    def check(self) -> "Upscale":
+        if self.scale not in (2, 4):
+            raise UserError(f"--upscale must be 2 or 4 (an upscaler's factor), got {self.scale!r}")
+        if self.steps:
+            validate.steps(self.steps, what="--upscale-steps")
+        if self.noise_level is not None:
+            check_level(self.noise_level, "--upscale-noise")
+        if self.guidance is not None:
+            validate.guidance(self.guidance, "--upscale-guidance")
+        return self
+
+
+def check_level(value, what: str) -> int:
+    """A noise-augmentation level: a forward-process timestep, 0 (none) to 999."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 999:
+        raise UserError(f"{what} must be a whole number in [0, 999] (a noise level), got {value!r}")
+    return value
+
+
+def is_upscaler_unet(unet, latent_channels: int) -> bool:
+    """A U-Net that takes the low-resolution latents beside the noisy ones, and the augmentation level."""
+    cfg = unet.config
+    return cfg.in_channels == 2 * latent_channels and cfg.get("class_embed_type") == "timestep"
+
+
+def check_unet(unet, latent_channels: int) -> None:
+    cfg = unet.config
+    if cfg.in_channels != 2 * latent_channels or cfg.out_channels != latent_channels:
+        raise UserError(f"an upscaler U-Net takes the noisy and the low-resolution latents: in_channels must be "
+                        f"{2 * latent_channels} and out_channels {latent_channels}, got {cfg.in_channels} and "
+                        f"{cfg.out_channels}")
+    if cfg.get("class_embed_type") != "timestep":
+        raise UserError("an upscaler U-Net takes its noise-augmentation level as a class label: set "
+                        "class_embed_type: timestep in the unet config")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The conditioning input
+
+
+def augment(noise_scheduler, low: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor, scale: int) -> torch.Tensor:
+    """Low-resolution latents (N, C, h, w), noised to `levels` (N,) by the forward process, upsampled (nearest) to
+    (N, C, h·scale, w·scale): the upscaler's conditioning input."""
+    noised = noise_scheduler.add_noise(low, noise, levels.to(low.device))
+    return F.interpolate(noised, scale_factor=scale, mode="nearest")
+
+
+def training_condition(noise_scheduler, low: torch.Tensor, config: UpscalerConfig,
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch's conditioning input and its augmentation levels (N,), each drawn from
+    [0, max_noise_level]."""
+    n = low.shape[0]
+    levels = torch.randint(0, config.max_noise_level + 1, (n,), generator=generator, device=low.device)
+    noise = torch.randn(low.shape, generator=generator, device=low.device, dtype=low.dtype)
+    return augment(noise_scheduler, low, levels, noise, config.scale), levels
+
+
+def low_resolution(pixels: torch.Tensor, scale: int) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, 3, H/scale, W/scale) by averaging (a box filter, as the shapes are anti-aliased)."""
+    return F.avg_pool2d(pixels, scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving and loading
+
+
+def save(folder: Path, unet, scheduler, config: UpscalerConfig, weights_dtype: torch.dtype | None = None) -> None:
+    """Write an upscaler folder atomically (U-Net weights in `weights_dtype`, safetensors)."""
+    from .io import atomic_dir
+
+    with atomic_dir(folder) as tmp:
+        original = next(unet.parameters()).dtype
+        try:
+            unet.to(weights_dtype or original).save_pretrained(tmp / "unet", safe_serialization=True)
+        finally:
+            unet.to(original)
+        scheduler.save_pretrained(tmp / "scheduler")
+        (tmp / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+
+
+def folder_of(pipe) -> Path | None:
+    """The upscaler shipped inside the pipeline's folder, when there is one."""
+    source = pipe.config.get("_name_or_path")
+    if not source:
+        return None
+    folder = Path(source) / FOLDER
+    return folder if (folder / CONFIG_NAME).is_file() else None
+
+
+def load(pipe, folder: str | Path):
+    """The upscaler in `folder` as a LatentPipeline that shares `pipe`'s VAE, text encoder, tokenizer and prompt
+    cache; its `upscaler_config` holds the scale and the sampling defaults."""
+    import diffusers
+    from diffusers import UNet2DConditionModel
+
+    from .pipeline import LatentPipeline
+
+    folder = Path(folder)
+    if not (folder / CONFIG_NAME).is_file():
+        raise UserError(f"{folder} is not an upscaler folder (no {CONFIG_NAME}); train one with train_unet.py "
+                        "and an upscaler: section")
+    try:
+        config = UpscalerConfig(**json.loads((folder / CONFIG_NAME).read_text())).check()
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=pipe.unet.dtype,
+                                                    use_safetensors=True, local_files_only=True)
+        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(f"cannot load the upscaler in {folder}: {first_line(err)}") from None
+    latent_channels = pipe.vae.config.latent_channels
+    check_unet(unet, latent_channels)
+    width = pipe.text_encoder_backend().hidden_size
+    if unet.config.cross_attention_dim != width:
+        raise UserError(f"the upscaler in {folder} was trained for a {unet.config.cross_attention_dim}-wide text "
+                        f"encoder; this model's is {width} wide")
+    up = LatentPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                        unet=unet.to(pipe.unet.device), scheduler=scheduler, clip_skip=pipe.config.clip_skip)
+    up.prompt_encoder = pipe.prompt_encoder  # keyed by the text encoder: sharing it is safe
+    up.set_progress_bar_config(disable=True)
+    up.upscaler_config, up.upscaler_folder = config, folder
+    return up
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def _noise_generators(plan) -> list[torch.Generator] | torch.Generator | None:
+    """The augmentation noise's generators: one per image from a seed derived from the image's seed (its own
+    seed would draw the same numbers as the upscaler's starting noise), or the request's generator."""
+    if plan.seeds is None:
+        return plan.generator
+    return [torch.Generator("cpu").manual_seed(int(torch.randint(0, 2**62, (1,), generator=torch.Generator(
+        "cpu").manual_seed(seed)))) for seed in plan.seeds]
+
+
+def condition(up, low: torch.Tensor, plan, noise_level: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The upscaler's conditioning input for the first stage's latents `low` (N, C, h, w), and the levels (N,)."""
+    from diffusers import DDPMScheduler
+    from diffusers.utils.torch_utils import randn_tensor
+
+    forward = DDPMScheduler.from_config(up.scheduler.config)
+    noise = randn_tensor(tuple(low.shape), generator=_noise_generators(plan), device=low.device,
+                         dtype=torch.float32)
+    levels = torch.full((low.shape[0],), noise_level, dtype=torch.long, device=low.device)
+    return augment(forward, low.float(), levels, noise, up.upscaler_config.scale), levels
+
+
+def second_stage(pipe, plan):
+    """The upscaler (a LatentPipeline) and the plan of the cascade's second stage, fitted and checked before the
+    first stage runs; its conditioning is added once the first stage's latents exist (`generate`)."""
+    req, want = plan.request, plan.request.upscale
+    up = pipe.upscaler()
+    cfg = up.upscaler_config
+    if want.scale != cfg.scale:
+        raise UserError(f"this model's upscaler makes {cfg.scale}× images; --upscale {want.scale} is not "
+                        f"available")
+    second = dataclasses.replace(
+        req, prompt=plan.prompts, negative_prompt=plan.negative_prompts, num_images_per_prompt=1, seed=plan.seeds,
+        height=plan.height * cfg.scale, width=plan.width * cfg.scale, num_inference_steps=want.steps or cfg.steps,
+        guidance_scale=cfg.guidance if want.guidance is None else want.guidance, scheduler=None,
+        guidance_rescale=0.0, dynamic_threshold=None, guidance_interval=(0.0, 1.0), upscale=None, loras=None,
+        checked=False)
+    return up, second.fit(up)
+
+
+def generate(pipe, plan, on_step=None, on_latents=None):
+    """The cascade for a fitted request whose `upscale` is set: the first model's latents, then the upscaler's."""
+    up, second = second_stage(pipe, plan)
+    want = plan.request.upscale
+    first = pipe.run_plan(dataclasses.replace(plan, request=dataclasses.replace(plan.request, output_type="latent")),
+                          on_step, on_latents)
+    level = up.upscaler_config.noise_level if want.noise_level is None else want.noise_level
+    low, levels = condition(up, first.images, plan, level)
+    out = up.run_plan(dataclasses.replace(second, low_res=low, noise_levels=levels), on_step, on_latents)
+    out.info = first.info | {"upscale_height": second.height, "upscale_width": second.width,
+                             "upscale_noise_level": level} | {k: v for k, v in out.info.items() if k == "fp32_retry"}
+    out.metadata = first.metadata
+    return out
+
+
+@torch.no_grad()
+def upscale_latents(up, low: torch.Tensor, prompts: list[str], seeds: list[int], steps: int | None = None,
+                    noise_level: int | None = None, guidance: float | None = None, output_type: str = "pil"):
+    """The upscaler alone on given low-resolution latents (N, C, h, w) (e.g. the data's own): validation and
+    evaluation."""
+    from .request import Request
+
+    cfg = up.upscaler_config
+    f = up.vae_scale_factor
+    request = Request(prompt=list(prompts), seed=list(seeds), num_inference_steps=steps or cfg.steps,
+                      guidance_scale=cfg.guidance if guidance is None else guidance,
+                      height=low.shape[-2] * f * cfg.scale, width=low.shape[-1] * f * cfg.scale,
+                      output_type=output_type)
+    plan = request.fit(up)
+    cond, levels = condition(up, low.to(up.unet.device), plan, cfg.noise_level if noise_level is None else noise_level)
+    return up.run_plan(dataclasses.replace(plan, low_res=cond, noise_levels=levels))

@@ -1,0 +1,178 @@
+"""The cascade's second stage (`latentgen.upscaler`): training an upscaler with train_unet.py, sampling it against a
+loop written here from diffusers' parts, infer.py --upscale, replay, and the errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from PIL import Image
+
+import components as C
+from conftest import ROOT, infer
+from latentgen import LatentPipeline
+from latentgen.errors import UserError
+from latentgen.upscaler import Upscale, UpscalerConfig, augment, save, training_condition
+
+
+def upscaler_unet(seed: int = 0):
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=8, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=8, attention_head_dim=8, class_embed_type="timestep").eval()
+
+
+def write_upscaler(folder, noise_level=60, steps=3, guidance=1.0):
+    scheduler = DPMSolverMultistepScheduler.from_config(C.scheduler().config)
+    save(folder, upscaler_unet(), scheduler, UpscalerConfig(scale=2, noise_level=noise_level, steps=steps,
+                                                            guidance=guidance))
+    return folder
+
+
+@pytest.fixture
+def cascade_folder(tiny_folder, tmp_path):
+    """The tiny pipeline with an upscaler in its folder, as the default model ships one."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, folder)
+    write_upscaler(folder / "upscaler")
+    return folder
+
+
+
+def derived_generator(seed):
+    """The augmentation noise's generator for an image seed, as the upscaler documents it."""
+    first = torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=first)))
+
+
+@torch.no_grad()
+def reference_cascade(pipe, unet, scheduler_config, prompt, seed, steps, guidance, up_steps, level, up_guidance):
+    """The cascade written out from diffusers' parts: the first stage's latents (the pipeline's own, checked
+    elsewhere), noised to `level` and upsampled, concatenated to the upscaler's input at every step of a fresh
+    DPM-Solver++ run, classifier-free guidance on [negative; prompt]."""
+    low = pipe(prompt, seed=seed, num_inference_steps=steps, guidance_scale=guidance, output_type="latent").images
+    forward = DDPMScheduler.from_config(scheduler_config)
+    noise = torch.randn(low.shape, generator=derived_generator(seed))
+    noised = forward.alphas_cumprod[level].sqrt() * low + (1 - forward.alphas_cumprod[level]).sqrt() * noise
+    cond = noised.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)  # nearest ×2
+    sampler = DPMSolverMultistepScheduler.from_config(scheduler_config)
+    sampler.set_timesteps(up_steps)
+    x = torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(seed)) * sampler.init_noise_sigma
+    ctx = torch.cat([pipe.encode_prompts([""])[0], pipe.encode_prompts([prompt])[0]])
+    for t in sampler.timesteps:
+        x_in = torch.cat([torch.cat([x, cond], dim=1)] * 2)
+        eps = unet(x_in, t, encoder_hidden_states=ctx, class_labels=torch.tensor([level, level])).sample
+        uncond, text = eps.chunk(2)
+        x = sampler.step(uncond + up_guidance * (text - uncond), t, x).prev_sample
+    return pipe.image_processor.postprocess(pipe.decode(x), output_type="np")[0]
+
+
+def test_the_cascade_equals_the_loop_written_from_diffusers_parts(cascade_folder):
+    pipe = LatentPipeline.from_pretrained(cascade_folder, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red circle", seed=3, num_inference_steps=2, guidance_scale=3.0, output_type="np",
+               upscale=Upscale(2, steps=3, noise_level=80, guidance=2.0))
+    assert out.images.shape == (1, 64, 64, 3)
+    assert out.info["upscale_height"] == 64 and out.info["upscale_noise_level"] == 80
+    unet = UNet2DConditionModel.from_pretrained(cascade_folder / "upscaler" / "unet")
+    config = json.loads((cascade_folder / "upscaler" / "scheduler" / "scheduler_config.json").read_text())
+    ref = reference_cascade(pipe, unet, config, "a red circle", 3, 2, 3.0, 3, 80, 2.0)
+    np.testing.assert_allclose(out.images[0], ref, atol=1e-4)
+    # the augmentation level is an input: another level, another image
+    other = pipe("a red circle", seed=3, num_inference_steps=2, guidance_scale=3.0, output_type="np",
+                 upscale=Upscale(2, steps=3, noise_level=300, guidance=2.0)).images[0]
+    assert np.abs(other - out.images[0]).max() > 1e-3
+
+
+def test_each_cascaded_image_is_the_one_made_alone(cascade_folder):
+    pipe = LatentPipeline.from_pretrained(cascade_folder, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    both = pipe(["a red circle", "a blue square"], seed=[4, 9], num_inference_steps=2, output_type="np",
+                upscale={"scale": 2}).images
+    alone = pipe("a blue square", seed=9, num_inference_steps=2, output_type="np", upscale={"scale": 2}).images
+    np.testing.assert_allclose(both[1], alone[0], atol=1e-5)
+
+
+def test_training_condition_draws_levels_in_range_and_level_zero_keeps_the_latents():
+    forward = DDPMScheduler.from_config(C.scheduler().config)
+    low = torch.randn(64, 4, 3, 5)
+    g = torch.Generator().manual_seed(0)
+    cond, levels = training_condition(forward, low, UpscalerConfig(scale=2, max_noise_level=40), g)
+    assert cond.shape == (64, 4, 6, 10) and 0 <= levels.min() and levels.max() <= 40 and len(levels.unique()) > 10
+    same = augment(forward, low, torch.zeros(64, dtype=torch.long), torch.zeros_like(low), 2)
+    np.testing.assert_allclose(same[:, :, ::2, ::2], low * forward.alphas_cumprod[0].sqrt(), rtol=1e-6)
+    np.testing.assert_array_equal(same[:, :, 1::2, 1::2], same[:, :, ::2, ::2])
+
+
+def test_infer_upscale_writes_twice_the_size_records_it_and_replays(cascade_folder, tmp_path):
+    r = infer("--model", cascade_folder, "--prompt", "a red circle", "--steps", 2, "--seed", 5, "--upscale", 2,
+              "--upscale-steps", 2, "--out", tmp_path / "u.png")
+    assert r.returncode == 0, r.stderr
+    image = Image.open(tmp_path / "u.png")
+    assert image.size == (64, 64)
+    meta = json.loads(image.info["latentgen"])
+    assert meta["upscale"] == {"scale": 2, "steps": 2, "noise_level": None, "guidance": None}
+    assert (meta["height"], meta["width"]) == (32, 32)  # the first stage's size, as the request asked
+    r = infer("--replay", tmp_path / "u.png")
+    assert r.returncode == 0 and "identical, bit for bit" in r.stdout, r.stderr
+
+
+def test_a_trained_upscaler_loads_and_upscales(tiny_folder, tmp_path):
+    """train_unet.py with an upscaler: section writes a folder that a pipeline loads and runs."""
+    unet = {"sample_size": 32, "in_channels": 8, "out_channels": 4, "layers_per_block": 1,
+            "block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 32,
+            "attention_head_dim": 8, "norm_num_groups": 8, "class_embed_type": "timestep"}
+    r = subprocess.run([sys.executable, str(ROOT / "train_unet.py"), "--config", str(ROOT / "configs" / "smoke.yaml"),
+                        f"output_dir={tmp_path / 'run'}", "max_steps=3", "checkpoint_every=100", "validate_every=100",
+                        f"pretrained_pipeline={tiny_folder}", "text_encoder.kind=pipeline", "vae_model={}",
+                        f"unet={json.dumps(unet)}", "upscaler.scale=2", "upscaler.steps=2", "data.resolution=64",
+                        "data.num_samples=8", "train_batch_size=4", "validation_steps=2"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    folder = tmp_path / "run" / "upscaler"
+    assert json.loads((folder / "upscaler.json").read_text())["scale"] == 2
+    assert Image.open(tmp_path / "run" / "validation" / "step-0000003.png").size[0] == 3 * 128
+    pipe = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_upscaler(folder)
+    out = pipe("a red circle", seed=1, num_inference_steps=2, upscale=Upscale(2), output_type="np")
+    assert out.images.shape == (1, 64, 64, 3) and np.isfinite(out.images).all()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--upscale", "3"], "--upscale must be 2 or 4"),
+    (["--upscale", "4"], "this model's upscaler makes 2× images; --upscale 4 is not available"),
+    (["--upscale", "2", "--upscale-noise", "1000"], "--upscale-noise must be a whole number in [0, 999]"),
+    (["--upscale", "2", "--hires-scale", "2"], "--upscale is for text-to-image, without --hires-scale"),
+])
+def test_bad_upscale_requests_are_one_line_errors(cascade_folder, tmp_path, args, message):
+    r = infer("--model", cascade_folder, "--prompt", "a red circle", "--steps", 2, *args, "--out", tmp_path / "x.png")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert message in r.stderr.strip().splitlines()[-1], r.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_model_without_an_upscaler_says_so(tiny_folder, tmp_path):
+    r = infer("--model", tiny_folder, "--prompt", "a red circle", "--steps", 2, "--upscale", "2",
+              "--out", tmp_path / "x.png")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "this model has no upscaler" in r.stderr
+
+
+def test_an_upscaler_for_another_text_encoder_or_a_plain_unet_is_refused(tiny_pipe, tmp_path):
+    save(tmp_path / "plain", C.unet(), C.scheduler(), UpscalerConfig(scale=2))
+    with pytest.raises(UserError, match="in_channels must be 8"):
+        tiny_pipe.load_upscaler(tmp_path / "plain")
+    wide = upscaler_unet()
+    wide = UNet2DConditionModel.from_config({**wide.config, "cross_attention_dim": 48})
+    save(tmp_path / "wide", wide, C.scheduler(), UpscalerConfig(scale=2))
+    with pytest.raises(UserError, match="trained for a 48-wide text encoder"):
+        tiny_pipe.load_upscaler(tmp_path / "wide")
+    with pytest.raises(UserError, match="is not an upscaler folder"):
+        tiny_pipe.load_upscaler(tmp_path)
