@@ -57,6 +57,9 @@ def parse_args(argv):
     p.add_argument("--upscale-noise", type=int, help="the noise-augmentation level of the first image, 0-999 "
                                                      "(higher: the upscaler redraws more; default: the upscaler's)")
     p.add_argument("--upscale-guidance", type=float, help="the upscaler's guidance scale (default: its own)")
+    p.add_argument("--upscale-strength", type=float,
+                   help="the part of the upscaler's schedule to run, in (0, 1], starting from the first image "
+                        "upsampled and noised (1: from pure noise; default: the upscaler's)")
     p.add_argument("--upscaler", metavar="FOLDER", help="an upscaler folder (default: the model folder's upscaler/)")
     p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
                    help="apply a LoRA (repeatable; diffusers or kohya/A1111 format); prompts may also hold "
@@ -104,7 +107,8 @@ def request_of(args, prompts, image=None, mask=None):
 
     hires, upscale = None, None
     if args.upscale is not None:
-        upscale = Upscale(args.upscale, args.upscale_steps, args.upscale_noise, args.upscale_guidance)
+        upscale = Upscale(args.upscale, args.upscale_steps, args.upscale_noise, args.upscale_guidance,
+                          args.upscale_strength)
     if args.hires_scale is not None:
         hires = Hires(args.hires_scale, args.hires_steps, args.hires_denoise, args.hires_upscaler)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)

@@ -37,6 +37,7 @@ class UpscalerConfig:
     noise_level: int = 100  # sampling defaults, stored with the upscaler
     steps: int = 20
     guidance: float = 1.0
+    strength: float = 1.0  # the part of the schedule run, from the upsampled first-stage latents noised to its start
 
     def check(self) -> "UpscalerConfig":
         if self.scale not in (0, 2, 4):
@@ -45,6 +46,7 @@ class UpscalerConfig:
         check_level(self.noise_level, "upscaler.noise_level")
         validate.steps(self.steps, what="upscaler.steps")
         validate.guidance(self.guidance, "upscaler.guidance")
+        validate.in_range(self.strength, "upscaler.strength", 0.0, 1.0, low_open=True)
         return self
 
 
@@ -56,6 +58,7 @@ class Upscale:
     steps: int = 0
     noise_level: int | None = None
     guidance: float | None = None
+    strength: float | None = None
 
     def check(self) -> "Upscale":
         if self.scale not in (2, 4):
@@ -66,6 +69,8 @@ class Upscale:
             check_level(self.noise_level, "--upscale-noise")
         if self.guidance is not None:
             validate.guidance(self.guidance, "--upscale-guidance")
+        if self.strength is not None:
+            validate.in_range(self.strength, "--upscale-strength", 0.0, 1.0, low_open=True)
         return self
 
 
@@ -195,6 +200,12 @@ def _noise_generators(plan) -> list[torch.Generator] | torch.Generator | None:
         "cpu").manual_seed(seed)))) for seed in plan.seeds]
 
 
+def initial(low: torch.Tensor, scale: int) -> torch.Tensor:
+    """Where the upscaler's sampling starts when its strength is below 1: the first stage's latents upsampled
+    (bilinear), noised by the sampler to the first timestep it runs (as image-to-image starts)."""
+    return F.interpolate(low.float(), scale_factor=scale, mode="bilinear")
+
+
 def condition(up, low: torch.Tensor, plan, noise_level: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The upscaler's conditioning input for the first stage's latents `low` (N, C, h, w), and the levels (N,)."""
     from diffusers import DDPMScheduler
@@ -220,6 +231,7 @@ def second_stage(pipe, plan):
         req, prompt=plan.prompts, negative_prompt=plan.negative_prompts, num_images_per_prompt=1, seed=plan.seeds,
         height=plan.height * cfg.scale, width=plan.width * cfg.scale, num_inference_steps=want.steps or cfg.steps,
         guidance_scale=cfg.guidance if want.guidance is None else want.guidance, scheduler=None,
+        strength=cfg.strength if want.strength is None else want.strength,
         guidance_rescale=0.0, dynamic_threshold=None, guidance_interval=(0.0, 1.0), upscale=None, loras=None,
         checked=False)
     return up, second.fit(up)
@@ -233,7 +245,9 @@ def generate(pipe, plan, on_step=None, on_latents=None):
                           on_step, on_latents)
     level = up.upscaler_config.noise_level if want.noise_level is None else want.noise_level
     low, levels = condition(up, first.images, plan, level)
-    out = up.run_plan(dataclasses.replace(second, low_res=low, noise_levels=levels), on_step, on_latents)
+    init = initial(first.images, up.upscaler_config.scale) if second.request.strength < 1 else None
+    out = up.run_plan(dataclasses.replace(second, low_res=low, noise_levels=levels, init_latents=init), on_step,
+                      on_latents)
     out.info = first.info | {"upscale_height": second.height, "upscale_width": second.width,
                              "upscale_noise_level": level} | {k: v for k, v in out.info.items() if k == "fp32_retry"}
     out.metadata = first.metadata
@@ -242,7 +256,8 @@ def generate(pipe, plan, on_step=None, on_latents=None):
 
 @torch.no_grad()
 def upscale_latents(up, low: torch.Tensor, prompts: list[str], seeds: list[int], steps: int | None = None,
-                    noise_level: int | None = None, guidance: float | None = None, output_type: str = "pil"):
+                    noise_level: int | None = None, guidance: float | None = None, strength: float | None = None,
+                    output_type: str = "pil"):
     """The upscaler alone on given low-resolution latents (N, C, h, w) (e.g. the data's own): validation and
     evaluation."""
     from .request import Request
@@ -252,7 +267,9 @@ def upscale_latents(up, low: torch.Tensor, prompts: list[str], seeds: list[int],
     request = Request(prompt=list(prompts), seed=list(seeds), num_inference_steps=steps or cfg.steps,
                       guidance_scale=cfg.guidance if guidance is None else guidance,
                       height=low.shape[-2] * f * cfg.scale, width=low.shape[-1] * f * cfg.scale,
-                      output_type=output_type)
+                      strength=cfg.strength if strength is None else strength, output_type=output_type)
     plan = request.fit(up)
-    cond, levels = condition(up, low.to(up.unet.device), plan, cfg.noise_level if noise_level is None else noise_level)
-    return up.run_plan(dataclasses.replace(plan, low_res=cond, noise_levels=levels))
+    low = low.to(up.unet.device)
+    cond, levels = condition(up, low, plan, cfg.noise_level if noise_level is None else noise_level)
+    init = initial(low, cfg.scale) if plan.request.strength < 1 else None
+    return up.run_plan(dataclasses.replace(plan, low_res=cond, noise_levels=levels, init_latents=init))

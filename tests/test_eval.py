@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import ROOT
 from latentgen.data.shapes import ALL_KINDS, KINDS, ShapesSpec, make_sample
 from latentgen.eval.adherence import Target, prompt_set, score
-from latentgen.eval.analyzer import analyze
+from latentgen.eval.analyzer import analyze, edge_width
 from latentgen.eval.metrics import kid
 
 
@@ -60,6 +60,23 @@ def test_strict_reading_flags_pinched_squares_and_concave_triangles():
         assert straight.kind == straight.strict_kind == kind
         assert pinched.kind == kind and pinched.strict_kind == "malformed", (pinched.rect_fill, pinched.solidity)
         assert pinched.solidity < straight.solidity - 0.05
+
+
+def test_edge_width_is_under_a_pixel_for_the_data_and_wider_when_blurred():
+    from PIL import ImageFilter
+
+    sharp, bicubic, blurred = [], [], []
+    for i in range(20):
+        big = make_sample(ShapesSpec(split="heldout", resolution=128), i).render()
+        small = make_sample(ShapesSpec(split="heldout", resolution=64), i).render()
+        sharp.append(edge_width(big, 2)[0])
+        bicubic.append(edge_width(small.resize((128, 128), Image.Resampling.BICUBIC), 2)[0])
+        blurred.append(edge_width(big.filter(ImageFilter.GaussianBlur(2)), 2)[0])
+    assert 0.5 < np.mean(sharp) < 0.9 and np.mean(bicubic) > 1.8 and np.mean(blurred) > 2.5, (sharp, bicubic)
+    assert all(b > s for s, b in zip(sharp, bicubic))
+    width, length = edge_width(make_sample(ShapesSpec(resolution=128, max_shapes=1), 0).render())
+    assert length > 50  # a shape 0.14-0.26 of the image in radius: an outline of 100+ pixels
+    assert edge_width(Image.new("RGB", (64, 64), (0, 0, 255))) == (0.0, 0.0)
 
 
 def test_analyzer_on_noise_and_blank_images():

@@ -51,10 +51,12 @@ def derived_generator(seed):
 
 
 @torch.no_grad()
-def reference_cascade(pipe, unet, scheduler_config, prompt, seed, steps, guidance, up_steps, level, up_guidance):
+def reference_cascade(pipe, unet, scheduler_config, prompt, seed, steps, guidance, up_steps, level, up_guidance,
+                      strength):
     """The cascade written out from diffusers' parts: the first stage's latents (the pipeline's own, checked
     elsewhere), noised to `level` and upsampled, concatenated to the upscaler's input at every step of a fresh
-    DPM-Solver++ run, classifier-free guidance on [negative; prompt]."""
+    DPM-Solver++ run, classifier-free guidance on [negative; prompt]; below strength 1 the run starts at its
+    step (1 − strength)·steps from the first stage's latents upsampled (bilinear) and noised to that step."""
     low = pipe(prompt, seed=seed, num_inference_steps=steps, guidance_scale=guidance, output_type="latent").images
     forward = DDPMScheduler.from_config(scheduler_config)
     noise = torch.randn(low.shape, generator=derived_generator(seed))
@@ -62,9 +64,17 @@ def reference_cascade(pipe, unet, scheduler_config, prompt, seed, steps, guidanc
     cond = noised.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)  # nearest ×2
     sampler = DPMSolverMultistepScheduler.from_config(scheduler_config)
     sampler.set_timesteps(up_steps)
-    x = torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(seed)) * sampler.init_noise_sigma
+    x = torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(seed))
+    timesteps = sampler.timesteps
+    if strength < 1:
+        skip = up_steps - int(up_steps * strength)
+        timesteps = timesteps[skip:]
+        sampler.set_begin_index(skip)
+        x = sampler.add_noise(torch.nn.functional.interpolate(low, scale_factor=2, mode="bilinear"), x, timesteps[:1])
+    else:
+        x = x * sampler.init_noise_sigma
     ctx = torch.cat([pipe.encode_prompts([""])[0], pipe.encode_prompts([prompt])[0]])
-    for t in sampler.timesteps:
+    for t in timesteps:
         x_in = torch.cat([torch.cat([x, cond], dim=1)] * 2)
         eps = unet(x_in, t, encoder_hidden_states=ctx, class_labels=torch.tensor([level, level])).sample
         uncond, text = eps.chunk(2)
@@ -72,20 +82,21 @@ def reference_cascade(pipe, unet, scheduler_config, prompt, seed, steps, guidanc
     return pipe.image_processor.postprocess(pipe.decode(x), output_type="np")[0]
 
 
-def test_the_cascade_equals_the_loop_written_from_diffusers_parts(cascade_folder):
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_the_cascade_equals_the_loop_written_from_diffusers_parts(cascade_folder, strength):
     pipe = LatentPipeline.from_pretrained(cascade_folder, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     out = pipe("a red circle", seed=3, num_inference_steps=2, guidance_scale=3.0, output_type="np",
-               upscale=Upscale(2, steps=3, noise_level=80, guidance=2.0))
+               upscale=Upscale(2, steps=4, noise_level=80, guidance=2.0, strength=strength))
     assert out.images.shape == (1, 64, 64, 3)
     assert out.info["upscale_height"] == 64 and out.info["upscale_noise_level"] == 80
     unet = UNet2DConditionModel.from_pretrained(cascade_folder / "upscaler" / "unet")
     config = json.loads((cascade_folder / "upscaler" / "scheduler" / "scheduler_config.json").read_text())
-    ref = reference_cascade(pipe, unet, config, "a red circle", 3, 2, 3.0, 3, 80, 2.0)
+    ref = reference_cascade(pipe, unet, config, "a red circle", 3, 2, 3.0, 4, 80, 2.0, strength)
     np.testing.assert_allclose(out.images[0], ref, atol=1e-4)
     # the augmentation level is an input: another level, another image
     other = pipe("a red circle", seed=3, num_inference_steps=2, guidance_scale=3.0, output_type="np",
-                 upscale=Upscale(2, steps=3, noise_level=300, guidance=2.0)).images[0]
+                 upscale=Upscale(2, steps=4, noise_level=300, guidance=2.0, strength=strength)).images[0]
     assert np.abs(other - out.images[0]).max() > 1e-3
 
 
@@ -116,7 +127,7 @@ def test_infer_upscale_writes_twice_the_size_records_it_and_replays(cascade_fold
     image = Image.open(tmp_path / "u.png")
     assert image.size == (64, 64)
     meta = json.loads(image.info["latentgen"])
-    assert meta["upscale"] == {"scale": 2, "steps": 2, "noise_level": None, "guidance": None}
+    assert meta["upscale"] == {"scale": 2, "steps": 2, "noise_level": None, "guidance": None, "strength": None}
     assert (meta["height"], meta["width"]) == (32, 32)  # the first stage's size, as the request asked
     r = infer("--replay", tmp_path / "u.png")
     assert r.returncode == 0 and "identical, bit for bit" in r.stdout, r.stderr
@@ -176,3 +187,17 @@ def test_an_upscaler_for_another_text_encoder_or_a_plain_unet_is_refused(tiny_pi
         tiny_pipe.load_upscaler(tmp_path / "wide")
     with pytest.raises(UserError, match="is not an upscaler folder"):
         tiny_pipe.load_upscaler(tmp_path)
+
+
+def test_the_cascade_eval_reports_every_variant_and_draws_the_comparison(cascade_folder, tmp_path):
+    from latentgen.eval.cascade import evaluate
+
+    pipe = LatentPipeline.from_pretrained(cascade_folder, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    text = evaluate(pipe, seeds=1, levels=[0, 300], steps=2, up_steps=2, guidance=1.0, out=tmp_path, per_group=2)
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    names = [line.split(" | ")[0][2:] for line in rows[1:]]
+    assert names == ["first stage, 32 px", "bicubic ×2", "upscaler, noise level 0", "upscaler, noise level 300",
+                     "the data at 64 px (reference)"]
+    assert "(8 images, 1 seeds per prompt" in text
+    assert Image.open(tmp_path / "side-by-side.png").size[0] == 6 * 64

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from .. import validate
 from ..cli import ArgumentParser, quiet_libraries, run_cli
 from ..data.shapes import ALL_KINDS, KINDS
 from ..errors import UserError
@@ -178,6 +179,7 @@ def main(argv=None):
     common(u)
     u.add_argument("--noise-levels", type=int, nargs="+", default=[0, 100, 250])
     u.add_argument("--upscale-steps", type=int, help="upscaler steps (default: its own)")
+    u.add_argument("--upscale-strength", type=float, help="the part of its schedule it runs (default: its own)")
     u.add_argument("--upscaler", metavar="FOLDER", help="default: the model folder's upscaler/")
     args = p.parse_args(argv)
     if getattr(args, "seeds", 1) < 1 or any(n < 1 for n in getattr(args, "steps", [1])):
@@ -255,8 +257,10 @@ def main(argv=None):
             raise UserError("--upscale-steps must be ≥ 1")
         if args.upscaler:
             pipe.load_upscaler(args.upscaler)
+        if args.upscale_strength is not None:
+            validate.in_range(args.upscale_strength, "--upscale-strength", 0.0, 1.0, low_open=True)
         report.append(evaluate(pipe, args.seeds, args.noise_levels, args.steps[0], args.upscale_steps,
-                               args.guidance[0], out))
+                               args.guidance[0], out, strength=args.upscale_strength))
 
     if args.command == "steps":
         rows = steps_sweep(pipe, args.schedulers, sorted(args.steps), args.seeds, args.guidance[0])

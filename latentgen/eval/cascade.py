@@ -38,13 +38,14 @@ def first_stage(pipe, targets: list[Target], seeds: list[int], steps: int, guida
 
 
 def upscaled(up, latents, targets: list[Target], seeds: list[int], level: int, steps: int | None,
-             batch_size: int = 32) -> list:
+             strength: float | None, batch_size: int = 32) -> list:
     from ..upscaler import upscale_latents
 
     images = []
     for i in range(0, len(targets), batch_size):
         images += upscale_latents(up, latents[i:i + batch_size], [t.prompt for t in targets[i:i + batch_size]],
-                                  seeds[i:i + batch_size], steps=steps, noise_level=level).images
+                                  seeds[i:i + batch_size], steps=steps, noise_level=level,
+                                  strength=strength).images
     return images
 
 
@@ -60,14 +61,15 @@ def row(name: str, results: dict, width: float) -> str:
 
 
 def evaluate(pipe, seeds: int, levels: list[int], steps: int, up_steps: int | None, guidance: float,
-             out: Path | None = None) -> str:
-    """The report: adherence and edge width of the first stage, bicubic ×s and the upscaler at each level."""
+             out: Path | None = None, per_group: int = 27, strength: float | None = None) -> str:
+    """The report: adherence and edge width of the first stage, bicubic ×s and the upscaler at each level, over
+    `per_group` prompts of each group × `seeds`."""
     from ..data.shapes import ShapesSpec, make_sample
     from ..outputs import contact_sheet
 
     up = pipe.upscaler()
     scale = up.upscaler_config.scale
-    targets = [t for t in prompt_set(27) for _ in range(seeds)]
+    targets = [t for t in prompt_set(per_group) for _ in range(seeds)]
     seed_list = [1000 + i for i in range(len(targets))]
     latents, small = first_stage(pipe, targets, seed_list, steps, guidance)
     size = small[0].size[0] * scale
@@ -82,7 +84,7 @@ def evaluate(pipe, seeds: int, levels: list[int], steps: int, up_steps: int | No
              row(f"bicubic ×{scale}", evaluate_images(targets, bicubic), mean_edge_width(bicubic, targets))]
     sheets = {}
     for level in levels:
-        images = upscaled(up, latents, targets, seed_list, level, up_steps)
+        images = upscaled(up, latents, targets, seed_list, level, up_steps, strength)
         sheets[level] = images
         lines.append(row(f"upscaler, noise level {level}", evaluate_images(targets, images),
                          mean_edge_width(images, targets)))
@@ -90,7 +92,8 @@ def evaluate(pipe, seeds: int, levels: list[int], steps: int, up_steps: int | No
     sampler = type(up.scheduler).__name__
     text = (f"## Cascade: {small[0].size[0]} -> {size} px ({len(targets)} images, {seeds} seeds per prompt; first "
             f"stage {steps} steps at guidance {guidance:g}; upscaler {up_steps or up.upscaler_config.steps} steps, "
-            f"{sampler}, guidance {up.upscaler_config.guidance:g})\n\n" + "\n".join(lines))
+            f"{sampler}, guidance {up.upscaler_config.guidance:g}, strength "
+            f"{up.upscaler_config.strength if strength is None else strength:g})\n\n" + "\n".join(lines))
     if out is not None:
         singles = [i for i, t in enumerate(targets) if len(t.shapes) == 1 and t.heldout][::seeds][:6]
         doubles = [i for i, t in enumerate(targets) if len(t.shapes) == 2 and t.heldout][::seeds][:2]
