@@ -8,6 +8,7 @@
     python bench/probes.py memory         # the memory guard's estimate against measured peaks (default model)
     python bench/probes.py shapes         # the strict shape measures: dataset, VAE round trip, default model
     python bench/probes.py thread         # the default model sampling on the main thread and on another thread
+    python bench/probes.py cascade        # seconds per image: the default model alone, with its upscaler, bicubic
 """
 
 from __future__ import annotations
@@ -264,10 +265,30 @@ def thread(_):
     print(f"ratio: {out['another thread'] / out['main thread']:.2f}")
 
 
+def cascade(_):
+    """Seconds per image (20 steps, guidance 7.5, batches of 8) of the default model at 64 px, and of the cascade to
+    128 px (its upscaler with its defaults), measured round by round in one run."""
+    from latentgen.upscaler import Upscale
+
+    pipe = _pipe()
+    prompts = [PROMPT] * 8
+    times = {"64 px": [], "cascade to 128 px": []}
+    for variant, upscale in (("64 px", None), ("cascade to 128 px", Upscale(2))):
+        pipe(prompts, num_inference_steps=20, seed=list(range(8)), upscale=upscale)  # warm-up
+    for round_ in range(3):
+        for variant, upscale in (("64 px", None), ("cascade to 128 px", Upscale(2))):
+            start = time.perf_counter()
+            pipe(prompts, num_inference_steps=20, seed=[8 * round_ + k for k in range(8)], upscale=upscale)
+            times[variant].append((time.perf_counter() - start) / 8)
+    for variant, seconds in times.items():
+        print(f"{variant}: {min(seconds):.3f} s per image (best of 3 rounds of 8)")
+    print(f"ratio: {min(times['cascade to 128 px']) / min(times['64 px']):.2f}")
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="probe", required=True)
-    for name in ("samplers", "dpm-variants", "bf16-drift", "profile", "memory", "thread"):
+    for name in ("samplers", "dpm-variants", "bf16-drift", "profile", "memory", "thread", "cascade"):
         sub.add_parser(name)
     shapes_parser = sub.add_parser("shapes")
     shapes_parser.add_argument("--kinds", nargs="+", default=["circle", "square", "triangle"])
@@ -275,7 +296,8 @@ def main():
     sub.add_parser("train-step").add_argument("--steps", type=int, default=15)
     args = p.parse_args()
     {"samplers": samplers, "dpm-variants": dpm_variants, "bf16-drift": bf16_drift, "profile": profile,
-     "train-step": train_step, "memory": memory, "shapes": shapes, "thread": thread}[args.probe](args)
+     "train-step": train_step, "memory": memory, "shapes": shapes, "thread": thread,
+     "cascade": cascade}[args.probe](args)
 
 
 if __name__ == "__main__":

@@ -240,6 +240,8 @@ def test_list_ignores_incomplete_folders(tmp_path):
     (["sampler=dpm2"], "unknown sampler 'dpm2'"),
     (["data.hflip=0.5"], "cache=true stores one view of each image"),
     (["resume_from=/nonexistent"], "resume_from /nonexistent is not a checkpoint folder"),
+    (["upscaler.scale=3"], "upscaler.scale must be 0 (off), 2 or 4, got 3"),
+    (["upscaler.scale=2"], "an upscaler U-Net takes the noisy and the low-resolution latents: in_channels must be 8"),
 ])
 def test_bad_configs_fail_before_training(tmp_path, overrides, message):
     r = run(TRAIN, f"output_dir={tmp_path / 'run'}", *overrides)

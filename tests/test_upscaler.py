@@ -120,6 +120,24 @@ def test_training_condition_draws_levels_in_range_and_level_zero_keeps_the_laten
     np.testing.assert_array_equal(same[:, :, 1::2, 1::2], same[:, :, ::2, ::2])
 
 
+def test_the_cache_keeps_each_images_latents_and_those_of_its_box_filtered_half():
+    import contextlib
+    from types import SimpleNamespace
+
+    from latentgen.data.cache import build_cache
+    from latentgen.data.sources import DataConfig, build_dataset
+
+    data = build_dataset(DataConfig(resolution=32, num_samples=3))
+    vae = C.vae()
+    tensors, texts = build_cache(data, SimpleNamespace(vae=vae), False, 2, "cpu", contextlib.nullcontext, low_scale=2)
+    x = torch.stack([data.item(i)["pixel_values"] for i in range(3)])
+    with torch.no_grad():
+        full, half = vae.encode(x).latent_dist, vae.encode(torch.nn.functional.avg_pool2d(x, 2)).latent_dist
+    assert tensors["mean"].shape == (3, 4, 16, 16) and tensors["low_mean"].shape == (3, 4, 8, 8)
+    for key, want in [("mean", full.mean), ("std", full.std), ("low_mean", half.mean), ("low_std", half.std)]:
+        np.testing.assert_allclose(tensors[key], want, atol=1e-5, err_msg=key)
+
+
 def test_infer_upscale_writes_twice_the_size_records_it_and_replays(cascade_folder, tmp_path):
     r = infer("--model", cascade_folder, "--prompt", "a red circle", "--steps", 2, "--seed", 5, "--upscale", 2,
               "--upscale-steps", 2, "--out", tmp_path / "u.png")

@@ -101,7 +101,7 @@ def evaluate(pipe, seeds: int, levels: list[int], steps: int, up_steps: int | No
         cells, captions = [], []
         for i in singles + doubles:
             cells += [small[i].resize((size, size), Image.Resampling.NEAREST), bicubic[i], sheets[level][i]]
-            captions += [f"{small[0].size[0]} px: {targets[i].prompt}", f"bicubic ×{scale}",
+            captions += [f"{small[0].size[0]} px: {targets[i].prompt}", f"bicubic x{scale}",
                          f"upscaler (level {level})"]
         from ..io import save_image
 
