@@ -400,15 +400,10 @@ def _upscaler_examples(dataset, config: UNetTrainConfig, parts: Components, devi
     with torch.no_grad():
         small = low_resolution(pixels, config.upscaler.scale)
         low = scale_latents(parts.vae, parts.vae.encode(small).latent_dist.mode())
-    images = [_to_pil(p) for p in pixels]
+    from diffusers.image_processor import VaeImageProcessor
+
+    images = VaeImageProcessor().postprocess(pixels.float().cpu(), output_type="pil")
     return low.float(), [item["text"] for item in items], images
-
-
-def _to_pil(pixels: torch.Tensor):
-    from PIL import Image
-
-    array = ((pixels.float().cpu().permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-    return Image.fromarray(array)
 
 
 def _validate(config, parts, unet, ema, accelerator, step: int, examples=None) -> None:
