@@ -110,9 +110,14 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
 
 def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, context: torch.Tensor, generator: torch.Generator,
                    noise_config: NoiseConfig, extra: torch.Tensor | None = None,
-                   class_labels: torch.Tensor | None = None) -> torch.Tensor:
+                   class_labels: torch.Tensor | None = None, base=None,
+                   base_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Per-example loss (B,) of the denoising objective for z_0 = `latents` (B, C, h, w). `extra` (B, C', h, w) is
-    concatenated to the U-Net's input channels and `class_labels` (B,) passed to it (an upscaler's conditioning)."""
+    concatenated to the U-Net's input channels and `class_labels` (B,) passed to it (an upscaler's conditioning).
+
+    `base` (a U-Net called like `unet`, no gradients) and `base_weight` (B,) in [0, 1]: example i's target becomes
+    (1 − w_i)·target + w_i·base's prediction, so that where w = 1 the trained model learns to predict what the
+    base model predicts (a LoRA keeping what its base already draws)."""
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     if noise_config.offset_noise:
@@ -127,6 +132,14 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, context: torch.
         target = noise
     x_in = z_t if extra is None else torch.cat([z_t, extra.to(z_t.dtype)], dim=1)
     pred = unet(x_in, t, encoder_hidden_states=context, class_labels=class_labels, return_dict=False)[0]
+    if base is not None and base_weight is not None and bool(base_weight.any()):
+        keep = base_weight > 0
+        with torch.no_grad():
+            taught = base(x_in[keep], t[keep], encoder_hidden_states=context[keep],
+                          class_labels=None if class_labels is None else class_labels[keep], return_dict=False)[0]
+        w = base_weight[keep].view(-1, 1, 1, 1).to(target.dtype)
+        target = target.clone()
+        target[keep] = (1 - w) * target[keep] + w * taught.to(target.dtype)
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if noise_config.snr_gamma:
         loss = loss * min_snr_weights(noise_scheduler, t, noise_config.snr_gamma)

@@ -21,7 +21,11 @@ from typing import Any, Callable, Sequence
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers.loaders import (
+    StableDiffusionLoraLoaderMixin,
+    StableDiffusionXLLoraLoaderMixin,
+    TextualInversionLoaderMixin,
+)
 from torch import nn
 
 from . import diffusion, lora, sampling
@@ -84,6 +88,27 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         self.warned: set[str] = set()  # warnings given once per pipeline
         self.loras_dir = Path("loras")  # where <lora:NAME:...> and named LoRAs are looked up
         self.lora_lock = threading.RLock()  # requests with different LoRAs take turns on the shared U-Net
+
+    # ------------------------------------------------------------------------------------------------------------
+    # LoRAs: diffusers' SD loader, and for an SDXL pipeline its SDXL loader, which also loads the second text
+    # encoder's part (kohya's `lora_te2_…`, diffusers' `text_encoder_2.…`)
+
+    _lora_loadable_modules = ["unet", "text_encoder", "text_encoder_2"]
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, hotswap=False, **kwargs):
+        loader = StableDiffusionXLLoraLoaderMixin if self.is_sdxl else StableDiffusionLoraLoaderMixin
+        return loader.load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=adapter_name,
+                                        hotswap=hotswap, **kwargs)
+
+    def fuse_lora(self, components=None, **kwargs):
+        """diffusers' fuse_lora; by default into every LoRA-loadable model the pipeline has."""
+        return super().fuse_lora(components=components or self._lora_models(), **kwargs)
+
+    def unfuse_lora(self, components=None, **kwargs):
+        return super().unfuse_lora(components=components or self._lora_models(), **kwargs)
+
+    def _lora_models(self) -> list[str]:
+        return [name for name in self._lora_loadable_modules if getattr(self, name, None) is not None]
 
     # ------------------------------------------------------------------------------------------------------------
     # Loading and saving

@@ -249,7 +249,8 @@ def test_lora_training_run_writes_a_file_infer_applies(tiny_folder, tmp_path):
     config = tmp_path / "lora.yaml"
     config.write_text("max_steps: 3\ntrain_batch_size: 4\nlearning_rate: 5.0e-2\ncheckpoint_every: 100\n"
                       "mixed_precision: fp32\ntext_encoder: {kind: pipeline}\nvalidation_prompts: [a red circle]\n"
-                      "validation_steps: 2\nlora: {rank: 4}\ndata: {source: shapes, resolution: 32, num_samples: 8}\n")
+                      "validation_steps: 2\nlora: {rank: 4, teaches: [star], preserve: 0.5}\n"
+                      "data: {source: shapes, resolution: 32, num_samples: 8}\n")
     r = subprocess.run([sys.executable, str(ROOT / "train_unet.py"), "--config", str(config),
                         f"output_dir={tmp_path / 'run'}", f"pretrained_pipeline={tiny_folder}"],
                        capture_output=True, text=True, timeout=600)
@@ -314,3 +315,126 @@ def test_text_encoder_lora_training_resumes_bit_for_bit_and_writes_both_formats(
         images[name] = image(pipe)
     assert np.abs(images["lora.safetensors"] - images["lora_kohya.safetensors"]).max() <= 1e-4
     assert np.abs(images["lora.safetensors"] - image(LatentPipeline.from_pretrained(tiny_folder))).max() > 1e-2
+
+
+def test_preserved_examples_learn_what_the_base_model_predicts(tiny_folder):
+    """lora.preserve: an example whose caption names none of lora.teaches gets the base U-Net's prediction (the same
+    U-Net, adapters off) as its target; the others keep the true target, and the adapters are on again after."""
+    from latentgen.diffusion import NoiseConfig, diffusion_loss
+    from latentgen.training.unet import LoraTrainConfig, _base_unet, _base_weights, add_lora
+
+    lora = LoraTrainConfig(rank=4, teaches=["star", "星"], preserve=1.0)
+    weights = _base_weights({"text": ["a red star on blue", "a start", "红色的星", "a red circle"]}, None, lora, "cpu")
+    assert weights.tolist() == [0.0, 1.0, 0.0, 1.0]
+    assert _base_weights({"text": ["a red circle"]}, None, LoraTrainConfig(rank=4), "cpu") is None
+
+    pipe = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
+    unet = pipe.unet
+    add_lora(unet, lora)
+    latents = torch.randn(2, unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    tokens = pipe.tokenizer(["a red circle", "a red star"], padding="max_length", return_tensors="pt").input_ids
+    context = pipe.text_encoder(tokens)[0]
+    noise, base = NoiseConfig(), _base_unet(unet)
+
+    def loss(**kwargs):
+        return diffusion_loss(unet, pipe.scheduler, latents, context, torch.Generator().manual_seed(3), noise,
+                              **kwargs)
+
+    with torch.no_grad():
+        kept = torch.tensor([1.0, 0.0])
+        assert loss(base=base, base_weight=kept)[0].item() < 1e-10  # B starts at 0: it predicts as the base
+        torch.manual_seed(0)
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.5)
+        plain, preserved = loss(), loss(base=base, base_weight=kept)
+        half = loss(base=base, base_weight=torch.tensor([0.5, 0.0]))
+    assert preserved[1] == plain[1] == half[1] and 0 < preserved[0] != plain[0]
+    assert half[0] not in (preserved[0], plain[0])
+    assert all(not layer.disable_adapters for layer in unet.modules() if hasattr(layer, "lora_A"))
+
+
+@pytest.mark.parametrize("lora, message", [
+    (["lora.preserve=0.5"], "lora.preserve needs lora.rank > 0 and lora.teaches"),
+    (["lora.teaches=[star]", "lora.preserve=2"], "lora.preserve must be in [0, 1], got 2"),
+    (["lora.teaches=[star]", "lora.preserve=1", "lora.text_encoder=true"], "set lora.text_encoder: false"),
+])
+def test_bad_preserve_settings_are_one_line_errors(tiny_folder, tmp_path, lora, message):
+    r = subprocess.run([sys.executable, str(ROOT / "train_unet.py"), "--config", str(ROOT / "configs" / "smoke.yaml"),
+                        f"output_dir={tmp_path / 'run'}", f"pretrained_pipeline={tiny_folder}",
+                        "text_encoder.kind=pipeline", "ema=false", "lora.rank=4", *lora],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def _random_lora(model, targets, seed):
+    """A peft state dict of a rank-4 LoRA (alpha 4) injected into `model`, with random (non-zero) up weights."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                               target_modules=targets), model)
+    torch.manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    return get_peft_model_state_dict(model, state_dict={k: v for k, v in model.state_dict().items() if "lora_" in k},
+                                     adapter_name="default")
+
+
+@pytest.mark.parametrize("form", ["diffusers", "kohya"])
+def test_sdxl_loras_reach_both_text_encoders_as_in_diffusers(tmp_path, form):
+    """An SDXL LoRA of the U-Net and both text encoders (kohya's `lora_te1_`/`lora_te2_`, diffusers'
+    `text_encoder_2.`): the image equals diffusers' StableDiffusionXLPipeline with the same file, and the second
+    encoder's part is not dropped; fused, the same image again."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+    from safetensors.torch import load_file
+
+    import components as C
+    from latentgen import lora as L
+
+    LatentPipeline(**C.sdxl_components()).save_pretrained(tmp_path / "xl")
+    fresh = lambda: LatentPipeline.from_pretrained(tmp_path / "xl", torch_dtype=torch.float32)  # noqa: E731
+    parts = fresh()
+    attention = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    layers = {"unet": _random_lora(parts.unet, ["to_q", "to_k", "to_v"], 0),
+              "text_encoder": _random_lora(parts.text_encoder, attention, 1),
+              "text_encoder_2": _random_lora(parts.text_encoder_2, attention, 2)}
+    if form == "diffusers":
+        StableDiffusionXLPipeline.save_lora_weights(tmp_path, unet_lora_layers=convert_state_dict_to_diffusers(
+                                                        layers["unet"]),
+                                                    text_encoder_lora_layers=layers["text_encoder"],
+                                                    text_encoder_2_lora_layers=layers["text_encoder_2"])
+        path = tmp_path / "pytorch_lora_weights.safetensors"
+    else:
+        kohya = {f"lora_unet_{k}": v for k, v in convert_state_dict_to_kohya(layers["unet"]).items()}
+        for prefix, part in (("lora_te1_text_model_", "text_encoder"), ("lora_te2_text_model_", "text_encoder_2")):
+            for key, tensor in layers[part].items():
+                module, _, kind = key.partition(".lora_")
+                name = prefix + module.removeprefix("text_model.").replace(".", "_")
+                kohya[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = tensor
+                kohya[f"{name}.alpha"] = torch.tensor(4.0)
+        path = tmp_path / "kohya.safetensors"
+        save_file({k: v.contiguous() for k, v in kohya.items()}, str(path))
+
+    def xl_image(pipe, **kwargs):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe("a red circle", negative_prompt="blurry", guidance_scale=6.0, num_inference_steps=3, height=32,
+                    width=48, output_type="np", generator=torch.Generator().manual_seed(7), **kwargs).images
+
+    reference = StableDiffusionXLPipeline.from_pretrained(tmp_path / "xl", local_files_only=True)
+    reference.load_lora_weights(str(path))
+    expected = xl_image(reference)
+    ours = fresh()
+    assert np.abs(xl_image(ours, loras=[(path, 1.0)]) - expected).max() <= 1e-4
+    assert any("lora_" in n for n, _ in ours.text_encoder_2.named_parameters())
+    without_te2 = StableDiffusionXLPipeline.from_pretrained(tmp_path / "xl", local_files_only=True)
+    without_te2.load_lora_weights({k: v for k, v in load_file(str(path)).items()
+                                   if "te2" not in k and not k.startswith("text_encoder_2.")})
+    assert np.abs(xl_image(without_te2) - expected).max() > 1e-3  # the second encoder's part matters
+    # fused: as diffusers' SDXL pipeline fuses it (a random LoRA this strong makes the tiny U-Net amplify the
+    # rounding of fusing: fused and unfused images differ by up to 0.1 in both)
+    fused = fresh()
+    L.fuse(fused, [(path, 1.0)])
+    reference.fuse_lora()
+    assert np.abs(xl_image(fused, loras=[(path, 1.0)]) - xl_image(reference)).max() <= 1e-4

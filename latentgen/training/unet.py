@@ -8,6 +8,7 @@ its components, and the loop itself, which reads top to bottom in `train_unet`.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,12 @@ class LoraTrainConfig:
     text_encoder: bool = False  # also a LoRA (same rank and alpha) on the frozen text encoder
     text_encoder_targets: list[str] | None = None  # default: its attention projections (CLIP, BERT/MiniLM, T5)
     kohya: bool = False  # also write lora_kohya.safetensors in kohya's format (A1111, ComfyUI, sd-scripts)
+    # Keeping what the base model draws: an example whose caption has none of the words in `teaches` (the new
+    # concept's) learns `preserve` × the frozen base model's prediction + (1 − preserve) × the true target. The base
+    # model is the same U-Net with the adapters off, so this costs one more forward pass (no gradients) of those
+    # examples. DreamBooth's prior preservation does the same with images sampled from the base beforehand.
+    teaches: list[str] = field(default_factory=list)
+    preserve: float = 0.0
 
 
 @dataclass
@@ -119,6 +126,14 @@ class UNetTrainConfig(TrainConfig):
                             "(lora.text_encoder: true trains a LoRA of the text encoder)")
         if self.lora.text_encoder and not self.lora.rank:
             raise UserError("lora.text_encoder: true needs lora.rank > 0")
+        if not 0 <= self.lora.preserve <= 1:
+            raise UserError(f"lora.preserve must be in [0, 1], got {self.lora.preserve}")
+        if self.lora.preserve and not (self.lora.rank and self.lora.teaches):
+            raise UserError("lora.preserve needs lora.rank > 0 and lora.teaches (the new concept's words; captions "
+                            "without them keep the base model's predictions)")
+        if self.lora.preserve and self.lora.text_encoder:
+            raise UserError("lora.preserve keeps the base U-Net's predictions for a frozen text encoder: "
+                            "set lora.text_encoder: false")
         if self.text_encoder.kind not in TEXT_ENCODERS:
             raise one_of("text_encoder.kind", self.text_encoder.kind, list(TEXT_ENCODERS))
         if self.text_encoder.kind == "pipeline" and not self.pretrained_pipeline:
@@ -262,6 +277,8 @@ def train_unet(config: UNetTrainConfig) -> Path:
     if ema is not None:
         ema.to(device)
 
+    base = _base_unet(raw_unet) if config.lora.preserve else None
+
     # 4. Resume, then train.
     models = {"unet": raw_unet} | ({"text_encoder": parts.text_model} if train_text else {})
     states = {"optimizer": optimizer.optimizer, "lr_scheduler": lr_scheduler, "ema": ema,
@@ -282,7 +299,7 @@ def train_unet(config: UNetTrainConfig) -> Path:
                     if low is not None:
                         extra, levels = training_condition(parts.noise_scheduler, low, config.upscaler, g)
                     loss = diffusion_loss(unet, parts.noise_scheduler, latents, context, g, config.noise, extra,
-                                          levels).mean()
+                                          levels, base, _base_weights(batch, data, config.lora, device)).mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     if train_text and accelerator.num_processes > 1:
@@ -314,6 +331,31 @@ def train_unet(config: UNetTrainConfig) -> Path:
         accelerator.print(f"wrote {target}")
     run.close()
     return target
+
+
+def _base_unet(unet):
+    """`unet` with its adapters off: the frozen base model a LoRA is trained on."""
+
+    def base(*args, **kwargs):
+        unet.disable_adapters()
+        try:
+            return unet(*args, **kwargs)
+        finally:
+            unet.enable_adapters()
+
+    return base
+
+
+def _base_weights(batch, data, lora: LoraTrainConfig, device) -> torch.Tensor | None:
+    """(B,): lora.preserve for the examples whose caption (before caption dropout: it describes the image) names
+    none of lora.teaches, else 0; None when nothing is preserved."""
+    if not lora.preserve:
+        return None
+    texts = [data.texts[r] for r in batch["text_row"].tolist()] if "text_row" in batch else list(batch["text"])
+    # whole words in Latin scripts ("star" is not in "start"), substrings in scripts without spaces (中文)
+    names = re.compile("|".join(f"(?<![a-z0-9]){re.escape(w.lower())}(?![a-z0-9])" for w in lora.teaches))
+    old = [names.search(text.lower()) is None for text in texts]
+    return torch.tensor(old, device=device, dtype=torch.float32) * lora.preserve
 
 
 def _latents_and_context(batch, data, parts: Components, config: UNetTrainConfig, g, device):
