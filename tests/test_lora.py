@@ -324,9 +324,12 @@ def test_preserved_examples_learn_what_the_base_model_predicts(tiny_folder):
     from latentgen.training.unet import LoraTrainConfig, _base_unet, _base_weights, add_lora
 
     lora = LoraTrainConfig(rank=4, teaches=["star", "星"], preserve=1.0)
-    weights = _base_weights({"text": ["a red star on blue", "a start", "红色的星", "a red circle"]}, None, lora, "cpu")
-    assert weights.tolist() == [0.0, 1.0, 0.0, 1.0]
-    assert _base_weights({"text": ["a red circle"]}, None, LoraTrainConfig(rank=4), "cpu") is None
+    texts = ["a red star on blue", "a start", "红色的星", "a red circle", "a blue star"]
+    dropped = torch.tensor([False, False, False, False, True])
+    assert _base_weights({"text": texts}, None, dropped, lora).tolist() == [0.0, 1.0, 0.0, 1.0, 0.0]
+    lora.preserve_unconditional = True  # the dropped caption's unconditional prediction is kept too
+    assert _base_weights({"text": texts}, None, dropped, lora).tolist() == [0.0, 1.0, 0.0, 1.0, 1.0]
+    assert _base_weights({"text": texts}, None, dropped, LoraTrainConfig(rank=4)) is None
 
     pipe = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
     unet = pipe.unet
