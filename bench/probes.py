@@ -9,6 +9,7 @@
     python bench/probes.py shapes         # the strict shape measures: dataset, VAE round trip, default model
     python bench/probes.py thread         # the default model sampling on the main thread and on another thread
     python bench/probes.py cascade        # seconds per image: the default model alone, with its upscaler, bicubic
+    python bench/probes.py denoise        # where shapes are lost: latent noise through the decoder; img2img strengths
 """
 
 from __future__ import annotations
@@ -285,6 +286,51 @@ def cascade(_):
     print(f"ratio: {min(times['cascade to 128 px']) / min(times['64 px']):.2f}")
 
 
+def denoise(args):
+    """Where the strict reading's shapes are lost, on 60 held-out single-shape dataset images: (1) Gaussian noise
+    added to their scaled latents before decoding (how precise the latents must be for the decoder), (2) the
+    pipeline's image-to-image at several strengths, 20 steps, guidance 7.5 (strength s keeps the image and redraws
+    its last s of the noise levels: a low strength tests the U-Net's denoising at low noise only), (3) from noise."""
+    import collections
+
+    import torch
+
+    from latentgen import LatentPipeline
+    from latentgen.data.shapes import ShapesSpec, make_sample
+    from latentgen.eval.analyzer import analyze
+
+    samples = [make_sample(ShapesSpec(split="heldout", seed=5, max_shapes=1), i) for i in range(60)]
+    kinds, real, texts = [s.shapes[0].kind for s in samples], [s.render() for s in samples], [s.text for s in samples]
+    pipe = LatentPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
+    if args.vae:  # another VAE, as train_vae.py writes it (e.g. a decoder fine-tuned with decoder_only)
+        from diffusers import AutoencoderKL
+
+        pipe.vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+
+    def report(what, images):
+        right, count = collections.Counter(), collections.Counter()
+        for kind, image in zip(kinds, images):
+            shapes = analyze(image).shapes
+            count[kind] += 1
+            right[kind] += bool(shapes) and max(shapes, key=lambda d: d.area).strict_kind == kind
+        print(f"{what:>26}: strict right {sum(right.values())}/{len(images)} ("
+              + ", ".join(f"{k} {right[k]}/{count[k]}" for k in sorted(count)) + ")", flush=True)
+
+    pixels = pipe.image_processor.preprocess(real).float()
+    with torch.no_grad():
+        latents = pipe.encode_images(pixels)
+        g = torch.Generator().manual_seed(0)
+        for std in (0.0, 0.1, 0.2, 0.3):
+            noisy = latents + std * torch.randn(latents.shape, generator=g)
+            report(f"latent noise {std}", pipe.image_processor.postprocess(pipe.decode(noisy)))
+    seeds = list(range(len(texts)))
+    for strength in (0.1, 0.3, 0.6):
+        report(f"image-to-image {strength}", pipe(texts, image=pixels, strength=strength, seed=seeds,
+                                                  num_inference_steps=20, guidance_scale=7.5).images)
+    report("from noise", pipe(texts, seed=seeds, num_inference_steps=20, guidance_scale=7.5).images)
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="probe", required=True)
@@ -294,10 +340,13 @@ def main():
     shapes_parser.add_argument("--kinds", nargs="+", default=["circle", "square", "triangle"])
     shapes_parser.add_argument("--lora")
     sub.add_parser("train-step").add_argument("--steps", type=int, default=15)
+    denoise_parser = sub.add_parser("denoise")
+    denoise_parser.add_argument("--model", default=MODEL)
+    denoise_parser.add_argument("--vae", help="an AutoencoderKL folder to use instead of the model's")
     args = p.parse_args()
     {"samplers": samplers, "dpm-variants": dpm_variants, "bf16-drift": bf16_drift, "profile": profile,
      "train-step": train_step, "memory": memory, "shapes": shapes, "thread": thread,
-     "cascade": cascade}[args.probe](args)
+     "cascade": cascade, "denoise": denoise}[args.probe](args)
 
 
 if __name__ == "__main__":

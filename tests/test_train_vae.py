@@ -90,6 +90,8 @@ def test_resume_continues_from_the_saved_step(tmp_path):
     (["data.source=hf", "data.path=/nonexistent/folder"], "dataset folder /nonexistent/folder does not exist"),
     (["model.block_out_channel=[8]"], "unknown AutoencoderKL argument model.block_out_channel"),
     (["mixed_precision=fp8"], "unknown mixed_precision 'fp8'"),
+    (["decoder_only=true"], "decoder_only needs a pretrained VAE"),
+    (["latent_noise=-1"], "latent_noise must be ≥ 0, got -1"),
 ])
 def test_bad_configs_fail_before_training(tmp_path, overrides, message):
     r = subprocess.run([sys.executable, str(ROOT / "train_vae.py"), "--config", str(SMOKE),
@@ -102,3 +104,37 @@ def test_bad_configs_fail_before_training(tmp_path, overrides, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_config(VAETrainConfig, tmp_path / "none.yaml")
+
+
+def test_decoder_only_fine_tuning_keeps_the_encoder_and_its_scaling_factor(tmp_path):
+    """decoder_only: the encoder (and quant_conv) and the scaling factor are the pretrained VAE's, bit for bit, so
+    latents cached for a U-Net stay valid; the decoder learns, here under latent noise."""
+    base = train_vae(smoke(tmp_path / "base", "max_steps=2"))
+    AcceleratorState = __import__("accelerate.state", fromlist=["AcceleratorState"]).AcceleratorState
+    AcceleratorState._reset_state(True)
+    tuned = train_vae(smoke(tmp_path / "tuned", f"pretrained={base}", "decoder_only=true", "latent_noise=0.3",
+                            "max_steps=3", "learning_rate=1e-2", "ema=true"))
+    a, b = AutoencoderKL.from_pretrained(base), AutoencoderKL.from_pretrained(tuned)
+    assert b.config.scaling_factor == a.config.scaling_factor
+    changed = {name.split(".")[0] for (name, x), y in zip(a.state_dict().items(), b.state_dict().values())
+               if not torch.equal(x, y)}
+    assert changed == {"decoder", "post_quant_conv"}
+
+
+def test_latent_noise_perturbs_the_decoded_latents_by_the_drawn_amount():
+    """reconstruction_terms with latent_noise: the same generator gives the same noisy reconstruction, and the
+    decoder's input differs from the posterior sample by std ≤ latent_noise in scaled-latent units."""
+    from latentgen.training.vae import DEFAULT_VAE
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**DEFAULT_VAE, scaling_factor=0.5).eval()
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    seen = []
+    vae.decode = lambda z: seen.append(z) or type("D", (), {"sample": torch.zeros_like(x)})()
+    with torch.no_grad():
+        for noise in (0.0, 0.3, 0.3):
+            reconstruction_terms(vae, x, torch.Generator().manual_seed(1), noise)
+    clean, noisy, again = seen
+    assert torch.equal(noisy, again) and not torch.equal(clean, noisy)
+    stds = ((noisy - clean) * 0.5).std(dim=(1, 2, 3))
+    assert (stds <= 0.3 * 1.2).all() and stds.max() > 0.03

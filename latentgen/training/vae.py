@@ -67,12 +67,22 @@ class VAETrainConfig(TrainConfig):
     loss: VAELoss = field(default_factory=VAELoss)
     validation_images: int = 8
     scaling_batches: int = 16  # batches used to measure the latent scaling factor
+    # Decoder-only fine-tuning (as Stability's ft-MSE VAE was made): the encoder stays frozen, so its latents, the
+    # scaling factor and every U-Net trained on them stay valid. Needs `pretrained`.
+    decoder_only: bool = False
+    # Gaussian noise added to the latents before decoding, its std drawn per image from U[0, latent_noise] in units
+    # of the scaled (unit-variance) latents: teaches the decoder to draw clean images from a U-Net's imperfect ones.
+    latent_noise: float = 0.0
 
     def check(self) -> None:
         super().check()
         for name in ("l1_weight", "l2_weight", "kl_weight", "ssim_weight", "disc_weight"):
             if getattr(self.loss, name) < 0:
                 raise UserError(f"loss.{name} must be ≥ 0, got {getattr(self.loss, name)}")
+        if self.latent_noise < 0:
+            raise UserError(f"latent_noise must be ≥ 0, got {self.latent_noise}")
+        if self.decoder_only and self.pretrained is None:
+            raise UserError("decoder_only needs a pretrained VAE to keep the encoder of (set pretrained: FOLDER)")
         if self.pretrained is None:
             bad = set(self.model) - set(_vae_arguments())
             if bad:
@@ -124,12 +134,18 @@ def load_vae(config: VAETrainConfig):
     return AutoencoderKL.from_pretrained(path, use_safetensors=True)
 
 
-def reconstruction_terms(vae, x: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Per-image loss terms and the reconstruction; x: (B, 3, H, W) in [-1, 1]."""
+def reconstruction_terms(vae, x: torch.Tensor, generator: torch.Generator,
+                         latent_noise: float = 0.0) -> dict[str, torch.Tensor]:
+    """Per-image loss terms and the reconstruction; x: (B, 3, H, W) in [-1, 1]. `latent_noise`: see
+    VAETrainConfig (the noise is drawn from `generator` after the posterior sample)."""
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
     posterior = vae.encode(x).latent_dist
     z = posterior.sample(generator=generator)  # (B, C, H/f, W/f)
+    if latent_noise:
+        std = latent_noise * torch.rand(len(z), 1, 1, 1, generator=generator, device=z.device, dtype=z.dtype)
+        noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        z = z + std * noise / vae.config.scaling_factor
     rec = vae.decode(z).sample
     diff = (rec.float() - x.float())
     return {
@@ -198,7 +214,11 @@ def train_vae(config: VAETrainConfig) -> Path:
     if config.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     vae.train()
-    optimizer = make_optimizer(vae.parameters(), config)
+    if config.decoder_only:
+        for module in (vae.encoder, vae.quant_conv):
+            if module is not None:
+                module.requires_grad_(False).eval()
+    optimizer = make_optimizer([p for p in vae.parameters() if p.requires_grad], config)
     lr_scheduler = make_lr_scheduler(optimizer, config)
     ema = make_ema(vae, config) if config.ema else None
     disc_opt = make_optimizer(disc.parameters(), config) if disc is not None else None
@@ -227,7 +247,7 @@ def train_vae(config: VAETrainConfig) -> Path:
             x = next(batches)["pixel_values"].to(device)
             with accelerator.accumulate(*[m for m in (vae, disc) if m is not None]):
                 with accelerator.autocast():
-                    terms = reconstruction_terms(vae, x, g)
+                    terms = reconstruction_terms(vae, x, g, config.latent_noise)
                     loss = (config.loss.l1_weight * terms["l1"] + config.loss.l2_weight * terms["l2"]
                             + config.loss.kl_weight * terms["kl"]
                             + config.loss.ssim_weight * (1 - terms["ssim"])).mean()
@@ -258,15 +278,16 @@ def train_vae(config: VAETrainConfig) -> Path:
             ema.step(raw_vae.parameters())
         run.end_step(step + 1)
 
-    # 4. Final model: EMA weights when on, scaling factor measured on the data.
+    # 4. Final model: EMA weights when on, scaling factor measured on the data (kept when only the decoder
+    # trained: the latents are the pretrained encoder's).
     target = out / "vae"
     if run.finish(config.train_batch_size * accum * accelerator.num_processes):
         if ema is not None:
             ema.copy_to(raw_vae.parameters())
         raw_vae.eval()
         _validate(accelerator, raw_vae, None, fixed, out, config.max_steps)
-        scaling = measure_scaling_factor(raw_vae, _scaling_batches(dataset, config),
-                                         torch.Generator(device).manual_seed(config.seed))
+        scaling = raw_vae.config.scaling_factor if config.decoder_only else measure_scaling_factor(
+            raw_vae, _scaling_batches(dataset, config), torch.Generator(device).manual_seed(config.seed))
         raw_vae.register_to_config(scaling_factor=scaling)
         with atomic_dir(target) as tmp:
             raw_vae.save_pretrained(tmp, safe_serialization=True)
