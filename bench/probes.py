@@ -31,6 +31,23 @@ def _pipe(dtype=None):
     return pipe
 
 
+def _heldout_singles(count, kinds=None):
+    """The first `count` held-out single-shape dataset samples the probes read: kinds, images, captions."""
+    from latentgen.data.shapes import KINDS, ShapesSpec, make_sample
+
+    spec = ShapesSpec(split="heldout", seed=5, max_shapes=1, kinds=tuple(kinds or KINDS))
+    samples = [make_sample(spec, i) for i in range(count)]
+    return [s.shapes[0].kind for s in samples], [s.render() for s in samples], [s.text for s in samples]
+
+
+def _largest(image):
+    """The largest shape the analyzer finds in the image, or None."""
+    from latentgen.eval.analyzer import analyze
+
+    shapes = analyze(image).shapes
+    return max(shapes, key=lambda d: d.area) if shapes else None
+
+
 def _pixels(image):
     import numpy as np
 
@@ -213,15 +230,12 @@ def shapes(args):
     import numpy as np
     import torch
 
-    from latentgen.data.shapes import ShapesSpec, make_sample
     from latentgen.eval.adherence import prompt_set
-    from latentgen.eval.analyzer import analyze
 
     def report(what, kinds, images):
         found = collections.defaultdict(list)
         for kind, image in zip(kinds, images):
-            shapes = analyze(image).shapes
-            found[kind].append(max(shapes, key=lambda d: d.area) if shapes else None)
+            found[kind].append(_largest(image))
         for kind, shapes in sorted(found.items()):
             seen = [d for d in shapes if d is not None]
             rect, solid = [d.rect_fill for d in seen], [d.solidity for d in seen]
@@ -230,13 +244,12 @@ def shapes(args):
                   f"{min(solid):.2f} (median {np.median(solid):.2f})")
 
     kinds = tuple(args.kinds)
-    samples = [make_sample(ShapesSpec(split="heldout", seed=5, max_shapes=1, kinds=kinds), i) for i in range(150)]
-    kinds, real = [s.shapes[0].kind for s in samples], [s.render() for s in samples]
-    report("dataset", kinds, real)
+    real_kinds, real, _ = _heldout_singles(150, kinds)
+    report("dataset", real_kinds, real)
     pipe = _pipe(torch.float32)
     with torch.no_grad():
         latents = pipe.encode_images(pipe.image_processor.preprocess(real).float())
-        report("VAE round trip", kinds, pipe.image_processor.postprocess(pipe.decode(latents)))
+        report("VAE round trip", real_kinds, pipe.image_processor.postprocess(pipe.decode(latents)))
     targets = [t for t in prompt_set(27, kinds=kinds) if t.group.startswith("one")]
     images = _pipe()([t.prompt for t in targets], seed=list(range(1000, 1000 + len(targets))),
                      num_inference_steps=20, guidance_scale=7.5, loras=[(args.lora, 1.0)] if args.lora else None).images
@@ -296,11 +309,8 @@ def denoise(args):
     import torch
 
     from latentgen import LatentPipeline
-    from latentgen.data.shapes import ShapesSpec, make_sample
-    from latentgen.eval.analyzer import analyze
 
-    samples = [make_sample(ShapesSpec(split="heldout", seed=5, max_shapes=1), i) for i in range(60)]
-    kinds, real, texts = [s.shapes[0].kind for s in samples], [s.render() for s in samples], [s.text for s in samples]
+    kinds, real, texts = _heldout_singles(60)
     pipe = LatentPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
     if args.vae:  # another VAE, as train_vae.py writes it (e.g. a decoder fine-tuned with decoder_only)
         from diffusers import AutoencoderKL
@@ -311,9 +321,9 @@ def denoise(args):
     def report(what, images):
         right, count = collections.Counter(), collections.Counter()
         for kind, image in zip(kinds, images):
-            shapes = analyze(image).shapes
+            largest = _largest(image)
             count[kind] += 1
-            right[kind] += bool(shapes) and max(shapes, key=lambda d: d.area).strict_kind == kind
+            right[kind] += largest is not None and largest.strict_kind == kind
         print(f"{what:>26}: strict right {sum(right.values())}/{len(images)} ("
               + ", ".join(f"{k} {right[k]}/{count[k]}" for k in sorted(count)) + ")", flush=True)
 
@@ -325,6 +335,13 @@ def denoise(args):
             noisy = latents + std * torch.randn(latents.shape, generator=g)
             report(f"latent noise {std}", pipe.image_processor.postprocess(pipe.decode(noisy)))
     seeds = list(range(len(texts)))
+    # where each strength starts on the model's 20-step schedule (as image-to-image cuts it)
+    sampler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    sampler.set_timesteps(20)
+    for strength in (0.1, 0.3, 0.6):
+        t = int(sampler.timesteps[20 - int(20 * strength)])
+        alpha = float(sampler.alphas_cumprod[t])
+        print(f"strength {strength} starts at timestep {t}, SNR {alpha / (1 - alpha):.3g}")
     for strength in (0.1, 0.3, 0.6):
         report(f"image-to-image {strength}", pipe(texts, image=pixels, strength=strength, seed=seeds,
                                                   num_inference_steps=20, guidance_scale=7.5).images)

@@ -133,21 +133,26 @@ def random_unet_lora(folder) -> dict:
     return get_peft_model_state_dict(unet)
 
 
+def random_lora(model, targets, seed: int, alpha: float = 8) -> dict:
+    """A peft state dict of a rank-4 LoRA injected into `model` with peft directly, with random (non-zero) up
+    weights drawn after torch.manual_seed(seed)."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=alpha, init_lora_weights="gaussian",
+                                               target_modules=list(targets)), model)
+    torch.manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    return get_peft_model_state_dict(model, state_dict={k: v for k, v in model.state_dict().items() if "lora_" in k},
+                                     adapter_name="default")
+
+
 def random_text_encoder_lora(folder) -> dict:
     """A peft state dict of a rank-4 LoRA (alpha 8) on a saved pipeline's CLIP text encoder attention projections,
     with random (non-zero) up weights. peft injects it directly: transformers' `add_adapter` wants a newer peft
     than the one pip has for it."""
-    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-
     from latentgen import LatentPipeline
 
     encoder = LatentPipeline.from_pretrained(folder, torch_dtype=torch.float32).text_encoder
-    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
-                        target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
-    encoder = inject_adapter_in_model(config, encoder)
-    torch.manual_seed(1)
-    for name, param in encoder.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.5)
-    return get_peft_model_state_dict(encoder, state_dict={k: v for k, v in encoder.state_dict().items()
-                                                          if "lora_" in k}, adapter_name="default")
+    return random_lora(encoder, ["q_proj", "k_proj", "v_proj", "out_proj"], seed=1)

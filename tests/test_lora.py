@@ -320,16 +320,20 @@ def test_text_encoder_lora_training_resumes_bit_for_bit_and_writes_both_formats(
 def test_preserved_examples_learn_what_the_base_model_predicts(tiny_folder):
     """lora.preserve: an example whose caption names none of lora.teaches gets the base U-Net's prediction (the same
     U-Net, adapters off) as its target; the others keep the true target, and the adapters are on again after."""
+    from types import SimpleNamespace
+
     from latentgen.diffusion import NoiseConfig, diffusion_loss
     from latentgen.training.unet import LoraTrainConfig, _base_unet, _base_weights, add_lora
 
     lora = LoraTrainConfig(rank=4, teaches=["star", "星"], preserve=1.0)
     texts = ["a red star on blue", "a start", "红色的星", "a red circle", "a blue star"]
     dropped = torch.tensor([False, False, False, False, True])
-    assert _base_weights({"text": texts}, None, dropped, lora).tolist() == [0.0, 1.0, 0.0, 1.0, 0.0]
+    assert _base_weights(None, lora)({"text": texts}, dropped).tolist() == [0.0, 1.0, 0.0, 1.0, 0.0]
+    cached = SimpleNamespace(texts=["", *texts])  # a cache's text rows (row 0: the empty prompt)
+    assert _base_weights(cached, lora)({"text_row": torch.arange(1, 6)}, dropped).tolist() == [0, 1, 0, 1, 0]
     lora.preserve_unconditional = True  # the dropped caption's unconditional prediction is kept too
-    assert _base_weights({"text": texts}, None, dropped, lora).tolist() == [0.0, 1.0, 0.0, 1.0, 1.0]
-    assert _base_weights({"text": texts}, None, dropped, LoraTrainConfig(rank=4)) is None
+    assert _base_weights(None, lora)({"text": texts}, dropped).tolist() == [0.0, 1.0, 0.0, 1.0, 1.0]
+    assert _base_weights(None, LoraTrainConfig(rank=4))({"text": texts}, dropped) is None
 
     pipe = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
     unet = pipe.unet
@@ -370,20 +374,6 @@ def test_bad_preserve_settings_are_one_line_errors(tiny_folder, tmp_path, lora, 
     assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
-def _random_lora(model, targets, seed):
-    """A peft state dict of a rank-4 LoRA (alpha 4) injected into `model`, with random (non-zero) up weights."""
-    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-
-    model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                               target_modules=targets), model)
-    torch.manual_seed(seed)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.5)
-    return get_peft_model_state_dict(model, state_dict={k: v for k, v in model.state_dict().items() if "lora_" in k},
-                                     adapter_name="default")
-
-
 @pytest.mark.parametrize("form", ["diffusers", "kohya"])
 def test_sdxl_loras_reach_both_text_encoders_as_in_diffusers(tmp_path, form):
     """An SDXL LoRA of the U-Net and both text encoders (kohya's `lora_te1_`/`lora_te2_`, diffusers'
@@ -400,9 +390,9 @@ def test_sdxl_loras_reach_both_text_encoders_as_in_diffusers(tmp_path, form):
     fresh = lambda: LatentPipeline.from_pretrained(tmp_path / "xl", torch_dtype=torch.float32)  # noqa: E731
     parts = fresh()
     attention = ["q_proj", "k_proj", "v_proj", "out_proj"]
-    layers = {"unet": _random_lora(parts.unet, ["to_q", "to_k", "to_v"], 0),
-              "text_encoder": _random_lora(parts.text_encoder, attention, 1),
-              "text_encoder_2": _random_lora(parts.text_encoder_2, attention, 2)}
+    layers = {"unet": C.random_lora(parts.unet, ["to_q", "to_k", "to_v"], 0, alpha=4),
+              "text_encoder": C.random_lora(parts.text_encoder, attention, 1, alpha=4),
+              "text_encoder_2": C.random_lora(parts.text_encoder_2, attention, 2, alpha=4)}
     if form == "diffusers":
         StableDiffusionXLPipeline.save_lora_weights(tmp_path, unet_lora_layers=convert_state_dict_to_diffusers(
                                                         layers["unet"]),

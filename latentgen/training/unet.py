@@ -281,6 +281,7 @@ def train_unet(config: UNetTrainConfig) -> Path:
         ema.to(device)
 
     base = _base_unet(raw_unet) if config.lora.preserve else None
+    base_weights = _base_weights(data, config.lora)
 
     # 4. Resume, then train.
     models = {"unet": raw_unet} | ({"text_encoder": parts.text_model} if train_text else {})
@@ -302,7 +303,7 @@ def train_unet(config: UNetTrainConfig) -> Path:
                     if low is not None:
                         extra, levels = training_condition(parts.noise_scheduler, low, config.upscaler, g)
                     loss = diffusion_loss(unet, parts.noise_scheduler, latents, context, g, config.noise, extra,
-                                          levels, base, _base_weights(batch, data, dropped, config.lora)).mean()
+                                          levels, base, base_weights(batch, dropped)).mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     if train_text and accelerator.num_processes > 1:
@@ -349,17 +350,24 @@ def _base_unet(unet):
     return base
 
 
-def _base_weights(batch, data, dropped: torch.Tensor, lora: LoraTrainConfig) -> torch.Tensor | None:
-    """(B,): lora.preserve for the examples whose caption (before dropout: it describes the image) names none of
-    lora.teaches, and with lora.preserve_unconditional for those whose caption was dropped, else 0; None when
-    nothing is preserved. `dropped` (B,) bool: caption dropout's draw."""
+def _base_weights(data, lora: LoraTrainConfig):
+    """A function (batch, dropped) -> (B,) weights: lora.preserve for the examples whose caption (before dropout:
+    it describes the image) names none of lora.teaches, and with lora.preserve_unconditional for those whose caption
+    was dropped (`dropped`, (B,) bool: caption dropout's draw), else 0; None when nothing is preserved. Captions are
+    read once per cached text row, not once per step."""
     if not lora.preserve:
-        return None
-    texts = [data.texts[r] for r in batch["text_row"].tolist()] if "text_row" in batch else list(batch["text"])
+        return lambda batch, dropped: None
     # whole words in Latin scripts ("star" is not in "start"), substrings in scripts without spaces (中文)
     names = re.compile("|".join(f"(?<![a-z0-9]){re.escape(w.lower())}(?![a-z0-9])" for w in lora.teaches))
-    old = torch.tensor([names.search(text.lower()) is None for text in texts], device=dropped.device)
-    return (old | dropped if lora.preserve_unconditional else old).float() * lora.preserve
+    is_old = lambda texts: torch.tensor([names.search(t.lower()) is None for t in texts])  # noqa: E731
+    rows_old = is_old(data.texts) if hasattr(data, "texts") else None  # a cache: one caption per text row
+
+    def weights(batch, dropped: torch.Tensor) -> torch.Tensor:
+        old = rows_old[batch["text_row"]] if "text_row" in batch else is_old(batch["text"])
+        old = old.to(dropped.device)
+        return (old | dropped if lora.preserve_unconditional else old).float() * lora.preserve
+
+    return weights
 
 
 def _latents_and_context(batch, data, parts: Components, config: UNetTrainConfig, g, device):
