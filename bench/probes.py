@@ -302,8 +302,10 @@ def cascade(_):
 def denoise(args):
     """Where the strict reading's shapes are lost, on 60 held-out single-shape dataset images: (1) Gaussian noise
     added to their scaled latents before decoding (how precise the latents must be for the decoder), (2) the
-    pipeline's image-to-image at several strengths, 20 steps, guidance 7.5 (strength s keeps the image and redraws
-    its last s of the noise levels: a low strength tests the U-Net's denoising at low noise only), (3) from noise."""
+    pipeline's image-to-image at several strengths, 20 steps (strength s keeps the image and redraws
+    its last s of the noise levels: a low strength tests the U-Net's denoising at low noise only), (3) from noise;
+    and (4) the x0 that one U-Net call estimates from the latents noised to timestep t. (2)-(4) at each
+    `--guidance` (default 7.5)."""
     import collections
 
     import torch
@@ -342,10 +344,32 @@ def denoise(args):
         t = int(sampler.timesteps[20 - int(20 * strength)])
         alpha = float(sampler.alphas_cumprod[t])
         print(f"strength {strength} starts at timestep {t}, SNR {alpha / (1 - alpha):.3g}")
-    for strength in (0.1, 0.3, 0.6):
-        report(f"image-to-image {strength}", pipe(texts, image=pixels, strength=strength, seed=seeds,
-                                                  num_inference_steps=20, guidance_scale=7.5).images)
-    report("from noise", pipe(texts, seed=seeds, num_inference_steps=20, guidance_scale=7.5).images)
+    # one U-Net call: the dataset latents noised to timestep t, the model's x0 estimate decoded (no sampler)
+    cond, mask = pipe.encode_prompts(texts)
+    uncond, uncond_mask = pipe.encode_prompts([""] * len(texts))
+    scheduler = pipe.scheduler
+    with torch.no_grad():
+        for t in (2, 20, 69, 200, 561):
+            alpha = float(scheduler.alphas_cumprod[t])
+            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(t))
+            noisy = alpha ** 0.5 * latents + (1 - alpha) ** 0.5 * noise
+            step = torch.full((len(texts),), t)
+            eps_c = pipe.unet(noisy, step, encoder_hidden_states=cond, encoder_attention_mask=mask).sample
+            eps_u = pipe.unet(noisy, step, encoder_hidden_states=uncond, encoder_attention_mask=uncond_mask).sample
+            for guidance in args.guidance:
+                pred = eps_u + guidance * (eps_c - eps_u)
+                if scheduler.config.prediction_type == "v_prediction":
+                    x0 = alpha ** 0.5 * noisy - (1 - alpha) ** 0.5 * pred
+                else:
+                    x0 = (noisy - (1 - alpha) ** 0.5 * pred) / alpha ** 0.5
+                report(f"x0 at t={t}, guidance {guidance:g}", pipe.image_processor.postprocess(pipe.decode(x0)))
+    for guidance in args.guidance:
+        for strength in (0.1, 0.3, 0.6):
+            report(f"image-to-image {strength}, g {guidance:g}",
+                   pipe(texts, image=pixels, strength=strength, seed=seeds, num_inference_steps=20,
+                        guidance_scale=guidance).images)
+        report(f"from noise, g {guidance:g}", pipe(texts, seed=seeds, num_inference_steps=20,
+                                                   guidance_scale=guidance).images)
 
 
 def main():
@@ -360,6 +384,7 @@ def main():
     denoise_parser = sub.add_parser("denoise")
     denoise_parser.add_argument("--model", default=MODEL)
     denoise_parser.add_argument("--vae", help="an AutoencoderKL folder to use instead of the model's")
+    denoise_parser.add_argument("--guidance", type=float, nargs="+", default=[7.5])
     args = p.parse_args()
     {"samplers": samplers, "dpm-variants": dpm_variants, "bf16-drift": bf16_drift, "profile": profile,
      "train-step": train_step, "memory": memory, "shapes": shapes, "thread": thread,

@@ -137,6 +137,19 @@ def test_eval_cli_end_to_end_on_the_smoke_model(smoke_model, tmp_path):
     assert (tmp_path / "steps" / "steps.png").is_file() and "| dpm++ |" in r.stdout
 
 
+def test_eval_guidance_interval_reaches_the_pipeline(smoke_model):
+    """`--guidance-interval` (eval's `interval`) gives the pipeline's image for that interval; None: the model's."""
+    from latentgen.eval.__main__ import generate, load
+
+    pipe = load(str(smoke_model), "fp32")
+    prompt = ["a red square on a blue background"]
+    half = generate(pipe, prompt, [1], 2, None, 7.5, interval=(0.0, 0.5))
+    full = generate(pipe, prompt, [1], 2, None, 7.5)
+    direct = pipe(prompt, seed=[1], num_inference_steps=2, guidance_scale=7.5, guidance_interval=(0.0, 0.5)).images
+    assert np.array_equal(np.asarray(half[0]), np.asarray(direct[0]))
+    assert np.abs(np.asarray(half[0], float) - np.asarray(full[0], float)).max() >= 2  # the last step unguided
+
+
 def test_eval_prompts_of_the_new_kind_with_a_lora(smoke_model, tmp_path):
     """`--kinds star` asks for stars (held-out and seen triples of their own), `--lora` fuses a LoRA first."""
     from diffusers import StableDiffusionPipeline
@@ -157,7 +170,9 @@ def test_eval_prompts_of_the_new_kind_with_a_lora(smoke_model, tmp_path):
     without = generate(load(str(smoke_model), "fp32"), ["a red star on a blue background"], [1], 2, None, 7.5)
     assert np.abs(np.asarray(with_lora[0], float) - np.asarray(without[0], float)).max() > 2
     r = subprocess.run([sys.executable, "-m", "latentgen.eval", "adherence", "--model", str(smoke_model), "--seeds",
-                        "1", "--steps", "2", "--kinds", "star", "--lora", str(lora), "--dtype", "fp32"],
+                        "1", "--steps", "2", "--kinds", "star", "--lora", str(lora), "--dtype", "fp32",
+                        "--guidance-interval", "0", "0.5"],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"kinds star, LoRA {lora})" in r.stdout and "| 7.5 | one-heldout | 9 |" in r.stdout
+    assert f"kinds star, LoRA {lora} guided over 0-0.5 of the steps)" in r.stdout
+    assert "| 7.5 | one-heldout | 9 |" in r.stdout

@@ -36,21 +36,25 @@ def load(model: str | None, dtype: str, device: str = "auto", loras: list[str] =
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int, scheduler: str | None, guidance: float,
-             batch_size: int = 32) -> list:
+             batch_size: int = 32, interval: tuple[float, float] | None = None) -> list:
+    """Images for `prompts`; `interval`: the guidance interval, None for the model's own."""
     images = []
     for i in range(0, len(prompts), batch_size):
         images += pipe(prompts[i:i + batch_size], seed=seeds[i:i + batch_size], num_inference_steps=steps,
-                       scheduler=scheduler, guidance_scale=guidance, loras=pipe.__dict__.get("eval_loras")).images
+                       scheduler=scheduler, guidance_scale=guidance, loras=pipe.__dict__.get("eval_loras"),
+                       **({} if interval is None else {"guidance_interval": interval})).images
     return images
 
 
 def adherence(pipe, steps: int, scheduler: str | None, guidance: float, seeds: int, per_group: int,
-              groups: tuple[str, ...] = GROUP_ORDER, kinds: tuple[str, ...] = KINDS) -> tuple[dict, list, list]:
+              groups: tuple[str, ...] = GROUP_ORDER, kinds: tuple[str, ...] = KINDS,
+              interval: tuple[float, float] | None = None) -> tuple[dict, list, list]:
     from .adherence import evaluate_images, prompt_set
 
     targets = [t for t in prompt_set(per_group, kinds=kinds) if t.group in groups for _ in range(seeds)]
     seed_list = [1000 + i for i in range(len(targets))]
-    images = generate(pipe, [t.prompt for t in targets], seed_list, steps, scheduler, guidance)
+    images = generate(pipe, [t.prompt for t in targets], seed_list, steps, scheduler, guidance,
+                      interval=interval)
     return evaluate_images(targets, images), targets, images
 
 
@@ -158,6 +162,8 @@ def main(argv=None):
             q.add_argument("--steps", type=int, nargs="+", default=[20])
             q.add_argument("--scheduler", choices=scheduler_names(), help="default: the model's own sampler")
             q.add_argument("--guidance", type=float, nargs="+", default=[7.5])
+            q.add_argument("--guidance-interval", type=float, nargs=2, metavar=("START", "END"),
+                           help="guide only the steps in this fraction of the trajectory (default: the model's)")
             q.add_argument("--seeds", type=int, default=4, help="images per prompt")
             q.add_argument("--kinds", nargs="+", default=list(KINDS), choices=ALL_KINDS,
                            help="shape kinds of the prompts (star: what the showcase LoRA teaches)")
@@ -197,14 +203,16 @@ def main(argv=None):
         results = {}
         for g in guidances:
             results[g], targets, images = adherence(pipe, args.steps[0], args.scheduler, g, args.seeds, 27,
-                                                    kinds=tuple(args.kinds))
+                                                    kinds=tuple(args.kinds), interval=args.guidance_interval)
             made[g] = (targets, images)
             if out:
                 sample_grid(targets[::args.seeds][:48], images[::args.seeds][:48], out / f"samples-g{g}.png")
         table = adherence_table(results)
         sampler = args.scheduler or f"the model's own sampler, {scheduler_name_of(pipe.scheduler)}"
         extra = "".join([f", kinds {' '.join(args.kinds)}" if tuple(args.kinds) != KINDS else "",
-                         f", LoRA {' '.join(args.lora)}" if args.lora else ""])
+                         f", LoRA {' '.join(args.lora)}" if args.lora else "",
+                         " guided over {:g}-{:g} of the steps".format(*args.guidance_interval)
+                         if args.guidance_interval else ""])
         report += [f"## Prompt adherence ({sampler}, {args.steps[0]} steps, {args.seeds} seeds per prompt{extra})",
                    table]
         if out:
