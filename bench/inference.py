@@ -106,7 +106,8 @@ def main():
     for path in ("diffusers", "latentgen"):
         r = run_child("inference", "--path", path, "--model", args.model, "--steps", str(args.steps), "--adherence")
         for group, scores in r["adherence"].items():
-            print(f"  {path:>9} {group}: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in scores.items() if k != "n"))
+            rates = {k: v for k, v in scores.items() if k not in ("n", "by_kind")}
+            print(f"  {path:>9} {group}: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in rates.items()))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import ROOT
 from latentgen.data.shapes import ALL_KINDS, KINDS, ShapesSpec, make_sample
-from latentgen.eval.adherence import Target, prompt_set, score
+from latentgen.eval.adherence import Target, evaluate_images, prompt_set, score
 from latentgen.eval.analyzer import analyze, edge_width
 from latentgen.eval.metrics import kid
 
@@ -104,6 +104,19 @@ def test_scoring_single_and_pairs():
     assert r["binding"] is True and (r["relation"] is False or t.shapes[0] == t.shapes[1])
 
 
+def test_strict_shape_per_kind():
+    """One-shape groups report the strict reading per kind; a dataset image asked for as another kind counts as
+    wrong for the kind asked."""
+    samples = [make_sample(ShapesSpec(max_shapes=1, kinds=(kind,)), i) for kind in KINDS for i in range(3)]
+    as_drawn = [Target("", s.background, ((s.shapes[0].color, s.shapes[0].kind),), False) for s in samples]
+    circles = [Target("", s.background, ((s.shapes[0].color, "circle"),), True) for s in samples]
+    result = evaluate_images(as_drawn + circles, [s.render() for s in samples] * 2)
+    assert result["one-seen"]["by_kind"] == {k: {"strict_shape": 1.0, "n": 3} for k in KINDS}
+    assert result["one-heldout"]["by_kind"] == {"circle": {"strict_shape": 1 / 3, "n": 9}}
+    assert "by_kind" not in evaluate_images([Target("", "red", (("blue", "circle"),) * 2, False)],
+                                            [samples[0].render()])["two-seen"]
+
+
 def test_prompt_set_groups():
     targets = prompt_set(per_group=27)
     groups = {t.group for t in targets}
@@ -130,6 +143,7 @@ def test_eval_cli_end_to_end_on_the_smoke_model(smoke_model, tmp_path):
     for name in ("all.md", "adherence.json", "reconstruction.json", "samples-g7.5.png"):
         assert (tmp_path / "eval" / name).is_file(), name
     assert "| 7.5 | one-heldout | 27 |" in r.stdout and "KID×1000" in r.stdout and "PSNR" in r.stdout
+    assert "| guidance | prompts | circle (strict) | square (strict) | triangle (strict) |" in r.stdout
     r = subprocess.run([sys.executable, "-m", "latentgen.eval", "steps", "--model", str(smoke_model), "--seeds", "1",
                         "--steps", "1", "2", "--schedulers", "ddim", "dpm++", "--out", str(tmp_path / "steps")],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)

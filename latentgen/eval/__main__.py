@@ -78,6 +78,21 @@ def adherence_table(results: dict[float, dict]) -> str:
     return "\n".join(lines)
 
 
+def kind_table(results: dict[float, dict]) -> str:
+    """Strict shape right per kind, one-shape prompts: which kinds the model fails."""
+    kinds = sorted({k for groups in results.values() for r in groups.values() for k in r.get("by_kind", {})})
+    lines = ["| guidance | prompts | " + " | ".join(f"{k} (strict)" for k in kinds) + " |",
+             "|" + "---|" * (len(kinds) + 2)]
+    for guidance, groups in results.items():
+        for group in GROUP_ORDER:
+            by_kind = groups.get(group, {}).get("by_kind")
+            if by_kind:
+                cells = [f"{100 * by_kind[k]['strict_shape']:.0f}% of {by_kind[k]['n']}" if k in by_kind else ""
+                         for k in kinds]
+                lines.append(f"| {guidance} | {group} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def sample_grid(targets, images, path: Path, columns: int = 8) -> None:
     from ..io import save_image
     from ..outputs import contact_sheet
@@ -214,7 +229,7 @@ def main(argv=None):
                          " guided over {:g}-{:g} of the steps".format(*args.guidance_interval)
                          if args.guidance_interval else ""])
         report += [f"## Prompt adherence ({sampler}, {args.steps[0]} steps, {args.seeds} seeds per prompt{extra})",
-                   table]
+                   table, kind_table(results)]
         if out:
             write_json(out / "adherence.json", {str(k): v for k, v in results.items()})
 

@@ -101,11 +101,20 @@ def strict_score(target: Target, analysis: Analysis) -> dict[str, bool]:
     return {f"strict_{k}": got[k] for k in keys}
 
 
-def evaluate_images(targets: list[Target], images: list) -> dict[str, dict[str, float]]:
-    """{group: {attribute: accuracy}} for images generated from `targets` (in order): the lenient reading and the
-    strict one (`strict_*`)."""
+def evaluate_images(targets: list[Target], images: list) -> dict[str, dict]:
+    """{group: {attribute: accuracy, "n": images}} for images generated from `targets` (in order): the lenient
+    reading and the strict one (`strict_*`). One-shape groups also give "by_kind": {kind: {"strict_shape": accuracy,
+    "n": images}}, which kinds the strict reading fails."""
     groups: dict[str, Scores] = {}
+    kinds: dict[str, dict[str, Scores]] = {}
     for target, image in zip(targets, images):
         analysis = analyze(image)
-        groups.setdefault(target.group, Scores()).add(**score(target, analysis), **strict_score(target, analysis))
-    return {g: s.rates() | {"n": s.total} for g, s in sorted(groups.items())}
+        strict = strict_score(target, analysis)
+        groups.setdefault(target.group, Scores()).add(**score(target, analysis), **strict)
+        if len(target.shapes) == 1:
+            kind = target.shapes[0][1]
+            kinds.setdefault(target.group, {}).setdefault(kind, Scores()).add(strict_shape=strict["strict_shape"])
+    out = {g: s.rates() | {"n": s.total} for g, s in sorted(groups.items())}
+    for g, per_kind in kinds.items():
+        out[g]["by_kind"] = {k: s.rates() | {"n": s.total} for k, s in sorted(per_kind.items())}
+    return out
