@@ -311,6 +311,7 @@ def denoise(args):
     import torch
 
     from latentgen import LatentPipeline
+    from latentgen.guidance import alpha_sigma, classifier_free_guidance, x0_from_prediction
 
     kinds, real, texts = _heldout_singles(60)
     pipe = LatentPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
@@ -350,18 +351,17 @@ def denoise(args):
     scheduler = pipe.scheduler
     with torch.no_grad():
         for t in (2, 20, 69, 200, 561):
-            alpha = float(scheduler.alphas_cumprod[t])
-            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(t))
-            noisy = alpha ** 0.5 * latents + (1 - alpha) ** 0.5 * noise
             step = torch.full((len(texts),), t)
-            eps_c = pipe.unet(noisy, step, encoder_hidden_states=cond, encoder_attention_mask=mask).sample
-            eps_u = pipe.unet(noisy, step, encoder_hidden_states=uncond, encoder_attention_mask=uncond_mask).sample
+            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(t))
+            alpha, sigma = alpha_sigma(scheduler.alphas_cumprod, t)
+            noisy = alpha * latents + sigma * noise  # the forward process at t (the sampler's add_noise wants its
+            # own timesteps set)
+            cond_pred = pipe.unet(noisy, step, encoder_hidden_states=cond, encoder_attention_mask=mask).sample
+            uncond_pred = pipe.unet(noisy, step, encoder_hidden_states=uncond,
+                                    encoder_attention_mask=uncond_mask).sample
             for guidance in args.guidance:
-                pred = eps_u + guidance * (eps_c - eps_u)
-                if scheduler.config.prediction_type == "v_prediction":
-                    x0 = alpha ** 0.5 * noisy - (1 - alpha) ** 0.5 * pred
-                else:
-                    x0 = (noisy - (1 - alpha) ** 0.5 * pred) / alpha ** 0.5
+                pred = classifier_free_guidance(uncond_pred, cond_pred, guidance)
+                x0 = x0_from_prediction(pred, noisy, alpha, sigma, scheduler.config.prediction_type)
                 report(f"x0 at t={t}, guidance {guidance:g}", pipe.image_processor.postprocess(pipe.decode(x0)))
     for guidance in args.guidance:
         for strength in (0.1, 0.3, 0.6):

@@ -49,6 +49,16 @@ def alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor | float) -> tuple[
     return abar**0.5, (1 - abar) ** 0.5
 
 
+def x0_from_prediction(pred: torch.Tensor, x_t: torch.Tensor, alpha: float, sigma: float,
+                       prediction_type: str) -> torch.Tensor:
+    """The x̂0 a prediction at x_t = α·x0 + σ·ε implies: ε: (x_t − σ·ε)/α; v: α·x_t − σ·v; "sample": itself."""
+    if prediction_type == "epsilon":
+        return (x_t - sigma * pred) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * x_t - sigma * pred
+    return pred
+
+
 def clip_x0(pred: torch.Tensor, x_t: torch.Tensor, alpha: float, sigma: float, prediction_type: str,
             ratio: float, floor: float) -> torch.Tensor:
     """The latent-valid half of dynamic thresholding, applied to a model prediction at x_t (VP form).
@@ -56,12 +66,7 @@ def clip_x0(pred: torch.Tensor, x_t: torch.Tensor, alpha: float, sigma: float, p
     x̂0 from the prediction (ε: (x_t − σ·ε)/α; v: α·x_t − σ·v), clipped per image to ±max(percentile, floor),
     then back to the prediction's parametrization.
     """
-    if prediction_type == "epsilon":
-        x0 = (x_t - sigma * pred) / alpha
-    elif prediction_type == "v_prediction":
-        x0 = alpha * x_t - sigma * pred
-    else:  # "sample": the model predicts x0
-        x0 = pred
+    x0 = x0_from_prediction(pred, x_t, alpha, sigma, prediction_type)
     s = torch.quantile(x0.abs().flatten(1).float(), ratio, dim=1).clamp_min(floor).view(-1, 1, 1, 1)
     x0 = torch.maximum(torch.minimum(x0, s), -s)
     if prediction_type == "epsilon":
