@@ -273,3 +273,26 @@ def test_fine_tuning_keeps_the_pretrained_pipelines_clip_skip(tmp_path):
     folder = train_unet(config)
     assert json.loads((folder / "model_index.json").read_text())["clip_skip"] == 1
     assert LatentPipeline.from_pretrained(folder).config.clip_skip == 1
+
+
+def test_a_fine_tuning_run_records_the_architecture_it_trained(tmp_path):
+    """With pretrained_pipeline the U-Net is the pipeline's: the run's train_config.yaml must give its
+    architecture (enough to build it again), not the `unet:` defaults it never used."""
+    from diffusers import UNet2DConditionModel
+
+    import components as C
+
+    pretrained = tmp_path / "pretrained"
+    LatentPipeline(**C.components()).save_pretrained(pretrained)
+    trained = LatentPipeline.from_pretrained(pretrained).unet.config
+    config = load_config(UNetTrainConfig, SMOKE, [f"output_dir={tmp_path / 'run'}", "max_steps=1",
+                                                  f"pretrained_pipeline={pretrained}", "text_encoder.kind=pipeline",
+                                                  "unet.layers_per_block=3"])  # a U-Net the run does not train
+    folder = train_unet(config)
+    for recorded in (tmp_path / "run" / "train_config.yaml", folder / "train_config.yaml"):
+        unet = load_config(UNetTrainConfig, recorded).unet
+        assert unet["block_out_channels"] == list(trained.block_out_channels) and trained.layers_per_block == 1
+        assert unet.get("layers_per_block", 2) == 1  # (2 is diffusers' default, left out when it is the value)
+        rebuilt = UNet2DConditionModel(**unet).config
+        assert {k: v for k, v in rebuilt.items() if not k.startswith("_")} == \
+            {k: v for k, v in trained.items() if not k.startswith("_")}

@@ -7,6 +7,7 @@ its components, and the loop itself, which reads top to bottom in `train_unet`.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from dataclasses import dataclass, field
@@ -180,7 +181,9 @@ class Components:
 
 
 def load_components(config: UNetTrainConfig) -> Components:
-    """VAE, U-Net, text encoder and forward process; mismatches are one-line errors before training."""
+    """VAE, U-Net, text encoder and forward process; mismatches are one-line errors before training. When the
+    U-Net is the pretrained pipeline's, `config.unet` becomes its architecture, so the run's recorded config says
+    what was trained."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     pipe = None
@@ -202,6 +205,7 @@ def load_components(config: UNetTrainConfig) -> Components:
         raise UserError("the VAE has no scaling_factor in its config")
     if pipe is not None and not config.upscaler.scale:
         unet = pipe.unet
+        config.unet = architecture(unet)  # what the run trains, recorded in train_config.yaml; not the defaults
     else:
         try:
             unet = UNet2DConditionModel(**config.unet)
@@ -231,6 +235,20 @@ def load_components(config: UNetTrainConfig) -> Components:
                         f"{multiple}")
     clip_skip = getattr(encoder, "clip_skip", None) or (1 if getattr(encoder, "layer", "") == "penultimate" else None)
     return Components(vae, unet, tokenizer, text_model, encoder, noise_scheduler, clip_skip)
+
+
+def architecture(model) -> dict:
+    """The constructor arguments of a diffusers model that differ from its class's defaults (enough to build it
+    again: `type(model)(**architecture(model))`)."""
+    defaults = {name: p.default for name, p in inspect.signature(type(model).__init__).parameters.items()}
+
+    def same(value, default):
+        if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):
+            return list(value) == list(default)
+        return value == default
+
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in model.config.items()
+            if not key.startswith("_") and not (key in defaults and same(value, defaults[key]))}
 
 
 # ----------------------------------------------------------------------------------------------------------------
