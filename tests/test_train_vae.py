@@ -138,3 +138,22 @@ def test_latent_noise_perturbs_the_decoded_latents_by_the_drawn_amount():
     assert torch.equal(noisy, again) and not torch.equal(clean, noisy)
     stds = ((noisy - clean) * 0.5).std(dim=(1, 2, 3))
     assert (stds <= 0.3 * 1.2).all() and stds.max() > 0.03
+
+
+def test_validation_leaves_a_frozen_encoder_in_eval_mode(tmp_path):
+    """Validation switches the VAE to eval mode and back; a decoder_only run's frozen encoder must come back in
+    eval mode (vae.train() would put it in training mode too), the decoder in training mode."""
+    from types import SimpleNamespace
+
+    from latentgen.training.vae import _validate
+
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4).train()
+    vae.encoder.eval()
+    seen = []
+    decode = vae.decode
+    vae.decode = lambda z: seen.append([m.training for m in vae.modules()]) or decode(z)
+    _validate(SimpleNamespace(is_main_process=False), vae, None, torch.zeros(2, 3, 8, 8), tmp_path, 1)
+    assert seen and not any(seen[0])  # all in eval mode while it validates
+    assert not any(m.training for m in vae.encoder.modules())
+    assert all(m.training for m in vae.decoder.modules()) and vae.training
+    assert (tmp_path / "validation" / "step-0000001.png").is_file()

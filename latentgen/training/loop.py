@@ -26,6 +26,7 @@ scaler, and a resumed run replays exactly what an uninterrupted one would have d
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -414,6 +415,19 @@ class Averages:
         self.sums.clear()
         self.counts.clear()
         return out
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`model` in eval mode inside the block; after it, every submodule's own mode comes back (a frozen part that
+    was in eval mode stays there: `model.train()` would switch it too)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, mode in modes:
+            module.training = mode
 
 
 def log_image(accelerator, tag: str, image, step: int) -> None:

@@ -42,6 +42,7 @@ from .loop import (
     TrainConfig,
     batch_iterator,
     compute_bytes,
+    evaluating,
     log_image,
     make_ema,
     make_lr_scheduler,
@@ -438,28 +439,24 @@ def validation_grid(config: UNetTrainConfig, parts: Components, unet, autocast, 
     upscaler's image; the data's image) for a few data examples."""
     from ..outputs import contact_sheet
 
-    was_training = unet.training
-    unet.eval()
     pipe = _pipeline(parts, unet, config.sampler)
     if examples is not None:
         from ..upscaler import upscale_latents
 
         low, captions, truth = examples
         pipe.upscaler_config = config.upscaler
-        with autocast(), torch.no_grad():
+        with evaluating(unet), autocast(), torch.no_grad():
             images = upscale_latents(pipe, low, captions, list(range(len(captions))),
                                      steps=config.validation_steps).images
             small = pipe.image_processor.postprocess(pipe.decode(low), output_type="pil")
-        unet.train(was_training)
         size = images[0].size
         cells = [im for row in zip(small, images, truth) for im in (row[0].resize(size), row[1], row[2])]
         labels = [t for c in captions for t in (f"input: {c}", "upscaled", "data")]
         return contact_sheet(cells, labels, columns=3)
-    with autocast():
+    with evaluating(unet), autocast():
         images = pipe(config.validation_prompts, num_inference_steps=config.validation_steps,
                       guidance_scale=config.validation_guidance, seed=list(range(len(config.validation_prompts))),
                       output_type="pil").images
-    unet.train(was_training)
     return contact_sheet(images, config.validation_prompts, columns=len(images))
 
 

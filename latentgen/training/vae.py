@@ -33,6 +33,7 @@ from .loop import (
     TrainConfig,
     batch_iterator,
     compute_bytes,
+    evaluating,
     log_image,
     make_ema,
     make_lr_scheduler,
@@ -307,10 +308,8 @@ def _validate(accelerator, vae, ema, fixed: torch.Tensor, out: Path, step: int) 
     if ema is not None:
         ema.store(vae.parameters())
         ema.copy_to(vae.parameters())
-    was_training = vae.training
-    vae.eval()
-    grid = validation_grid(vae, fixed)
-    vae.train(was_training)
+    with evaluating(vae):
+        grid = validation_grid(vae, fixed)
     if ema is not None:
         ema.restore(vae.parameters())
     save_image(grid, out / "validation" / f"step-{step:07d}.png")
