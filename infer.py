@@ -79,7 +79,8 @@ def parse_args(argv):
     p.add_argument("--grid", action="store_true", help="also write one contact sheet of all images")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (reports the compile time)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the U-Net (on the CPU: once per model and shape, then cached; reports the time)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load .bin/.ckpt weights (with torch.load(weights_only=True)); safetensors only by "
                         "default")
@@ -167,12 +168,7 @@ def load_pipeline(args, state=None):
     if args.upscaler:
         pipe.load_upscaler(args.upscaler)
     if args.compile:
-        import time
-
-        start = time.perf_counter()
-        seconds = pipe.compile_unet()
-        print(f"compiled the U-Net in {seconds:.1f} s (total warm-up {time.perf_counter() - start:.1f} s)",
-              file=sys.stderr)
+        pipe.compile_unet(report=lambda message: print(message, file=sys.stderr))
     return pipe, model
 
 

@@ -1,11 +1,12 @@
-"""The U-Net's achieved FLOP/s during sampling against this machine's bf16 matrix-product peak, measured in the
-same run.
+"""The U-Net's achieved FLOP/s during sampling against this machine's matrix-product peak in the U-Net's
+precision, measured in the same run.
 
 FLOPs of one U-Net call are counted with torch.utils.flop_counter (matmuls, convolutions, attention); the call
 is timed as LatentPipeline makes it (its default precision and kernels), at 8 images per call with guidance,
-i.e. a batch of 16. The peak is the best of large bf16 matrix products.
+i.e. a batch of 16; with --compile also as the compiled U-Net (`LatentPipeline.compile_unet`) runs it. The
+peak is the best of large matrix products (bf16 and fp32; bf16 only where the CPU has bf16 units).
 
-    python bench/flops.py [--model latentgen/default_model] [--images 8] [--sd]
+    python bench/flops.py [--model latentgen/default_model] [--images 8] [--sd] [--compile]
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def conv_rate(dtype) -> float:
     return 2 * 8 * 320 * 320 * 9 * 32 * 32 / seconds
 
 
-def unet_rate(model: str, images: int, profile: bool = False) -> dict:
+def unet_rate(model: str, images: int, profile: bool = False, compile: bool = False) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -62,7 +63,10 @@ def unet_rate(model: str, images: int, profile: bool = False) -> dict:
         call()
     flops = counter.get_total_flops()
     seconds = best_time(call, repeat=5, warmup=2)
-    out = {"flops": flops, "seconds": seconds, "rate": flops / seconds, "dtype": str(unet.dtype)}
+    out = {"flops": flops, "seconds": seconds, "rate": flops / seconds, "dtype": unet.dtype}
+    if compile:
+        pipe.compile_unet()
+        out["compiled_seconds"] = best_time(call, repeat=5, warmup=2)  # the first call compiles or loads
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
@@ -81,22 +85,30 @@ def main():
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--sd", action="store_true", help="also the Stable-Diffusion-shaped U-Net")
     p.add_argument("--profile", action="store_true", help="print where the time goes")
+    p.add_argument("--compile", action="store_true", help="also time the compiled U-Net")
     args = p.parse_args()
-    peak = matmul_peak(torch.bfloat16)
-    peak32 = matmul_peak(torch.float32)
-    print(f"bf16 matrix-product peak: {peak / 1e9:.0f} GFLOP/s (fp32: {peak32 / 1e9:.0f} GFLOP/s)")
-    conv16, conv32 = conv_rate(torch.bfloat16), conv_rate(torch.float32)
-    print(f"3×3 convolution, 320 channels: bf16 {conv16 / 1e9:.0f} GFLOP/s, fp32 {conv32 / 1e9:.0f} GFLOP/s "
-          f"({conv16 / conv32:.1f}×)")
+    from latentgen.precision import cpu_has_fast_bf16
+
+    peaks = {torch.float32: matmul_peak(torch.float32)}
+    if cpu_has_fast_bf16():
+        peaks[torch.bfloat16] = matmul_peak(torch.bfloat16)
+        conv16, conv32 = conv_rate(torch.bfloat16), conv_rate(torch.float32)
+        print(f"3×3 convolution, 320 channels: bf16 {conv16 / 1e9:.0f} GFLOP/s, fp32 {conv32 / 1e9:.0f} GFLOP/s "
+              f"({conv16 / conv32:.1f}×)")
+    print("matrix-product peak: " + ", ".join(f"{str(d).removeprefix('torch.')} {v / 1e9:.0f} GFLOP/s"
+                                              for d, v in peaks.items()))
     models = [("default model", args.model)]
     if args.sd:
         models.append(("SD-shaped U-Net 256×256", str(sd_shaped_folder(Path(tempfile.gettempdir())
                                                                           / "latentgen-bench-sd-shaped"))))
     for label, model in models:
-        r = unet_rate(model, args.images, args.profile)
-        print(f"{label}: {r['flops'] / 1e9:.1f} GFLOP per U-Net call ({2 * args.images} rows, {r['dtype']}), "
-              f"{r['seconds'] * 1000:.1f} ms -> {r['rate'] / 1e9:.0f} GFLOP/s = {100 * r['rate'] / peak:.0f}% "
-              f"of the bf16 peak")
+        r = unet_rate(model, args.images, args.profile, args.compile)
+        peak, dtype = peaks.get(r["dtype"]), str(r["dtype"]).removeprefix("torch.")
+        timings = [("", r["seconds"])] + ([("compiled: ", r["compiled_seconds"])] if args.compile else [])
+        for how, seconds in timings:
+            share = f" = {100 * r['flops'] / seconds / peak:.0f}% of the {dtype} peak" if peak else ""
+            print(f"{label}: {r['flops'] / 1e9:.1f} GFLOP per U-Net call ({2 * args.images} rows, {dtype}), "
+                  f"{how}{seconds * 1000:.1f} ms -> {r['flops'] / seconds / 1e9:.0f} GFLOP/s{share}")
         if args.profile:
             print(r["profile"])
 

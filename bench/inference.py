@@ -1,9 +1,11 @@
-"""Seconds per image: LatentPipeline (its defaults) against diffusers' StableDiffusionPipeline (its defaults).
+"""Seconds per image: LatentPipeline (its defaults, then with its compiled U-Net) against diffusers'
+StableDiffusionPipeline (its defaults, and in bf16 where this CPU has native bf16: what an expert would pick).
 
-Both load the same folder and run the same prompt, sampler (DPM-Solver++ 2M), steps and guidance, at 1 and 8
+All load the same folder and run the same prompt, sampler (DPM-Solver++ 2M), steps and guidance, at 1 and 8
 images per call, each in its own process (so peak memory is its own). For the shipped default model and for a
-larger Stable-Diffusion-shaped U-Net built from a config. Then the prompt adherence of the default model's images
-under both paths, so speed is never bought with quality.
+larger Stable-Diffusion-shaped U-Net built from a config. The compiled path starts from an empty compile cache:
+its first round reports the compile time, the later rounds the time to load the compiled U-Net from the cache.
+Then the prompt adherence of the default model's images under each path, so speed is never bought with quality.
 
     python bench/inference.py                 # everything (about 12 minutes on 2 cores)
     python bench/inference.py --quick         # default model only, batch 1 and 8
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
+import time
 from pathlib import Path
 
 from common import ROOT, best_time, peak_rss_mb, print_table, run_child, sd_shaped_folder
@@ -27,10 +31,12 @@ def child(args) -> dict:
     from latentgen.schedulers import make_scheduler
 
     torch.manual_seed(0)
+    messages = []  # the compiled U-Net's reports
     if args.path == "diffusers":
         from diffusers import StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(args.model, local_files_only=True)
+        dtype = {"torch_dtype": torch.bfloat16} if args.dtype == "bf16" else {}  # else diffusers' default, fp32
+        pipe = StableDiffusionPipeline.from_pretrained(args.model, local_files_only=True, **dtype)
         pipe.scheduler = make_scheduler("dpm++", pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
 
@@ -42,6 +48,8 @@ def child(args) -> dict:
 
         pipe = LatentPipeline.from_pretrained(args.model)
         pipe.set_progress_bar_config(disable=True)
+        if args.compile:
+            pipe.compile_unet(report=messages.append)
 
         def run(prompts, seeds):
             return pipe(prompts, num_inference_steps=args.steps, guidance_scale=7.5, scheduler="dpm++",
@@ -55,9 +63,13 @@ def child(args) -> dict:
         for i in range(0, len(targets), 8):
             images += run([t.prompt for t in targets[i:i + 8]], list(range(i, min(i + 8, len(targets)))))
         return {"adherence": evaluate_images(targets, images), "rss_mb": peak_rss_mb()}
-    seconds = best_time(lambda: run([PROMPT] * args.batch, list(range(args.batch))), repeat=args.repeat)
-    return {"s_per_image": seconds / args.batch, "rss_mb": peak_rss_mb(),
-            "dtype": str(getattr(pipe, "unet").dtype).removeprefix("torch.")}
+    start = time.perf_counter()
+    run([PROMPT] * args.batch, list(range(args.batch)))  # the warm-up call; compiles or loads a compiled U-Net
+    first = time.perf_counter() - start
+    seconds = best_time(lambda: run([PROMPT] * args.batch, list(range(args.batch))), repeat=args.repeat, warmup=0)
+    return {"s_per_image": seconds / args.batch, "rss_mb": peak_rss_mb(), "first_call_s": first,
+            "dtype": str(getattr(pipe, "unet").dtype).removeprefix("torch."),
+            "compile": [m for m in messages if m.startswith(("compiled", "loaded"))]}
 
 
 def main():
@@ -69,6 +81,8 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--adherence", action="store_true")
+    p.add_argument("--dtype", default="auto", help="diffusers' dtype: auto (its default, fp32) or bf16")
+    p.add_argument("--compile", action="store_true", help="latentgen with its compiled U-Net")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rounds", type=int, default=2, help="alternate the two paths this many times; best of each")
     p.add_argument("--sd-steps", type=int, default=10)
@@ -81,33 +95,52 @@ def main():
     if not args.quick:
         folder = sd_shaped_folder(Path(tempfile.gettempdir()) / "latentgen-bench-sd-shaped")
         models.append(("SD-shaped U-Net, 256×256", str(folder), args.sd_steps))
+    paths = {"diffusers": ["--path", "diffusers"], "latentgen": ["--path", "latentgen"],
+             "latentgen compiled": ["--path", "latentgen", "--compile"]}
+    if fast_bf16():
+        paths["diffusers bf16"] = ["--path", "diffusers", "--dtype", "bf16"]
+    else:
+        print("this CPU has no native bf16 (AMX or AVX-512-BF16), where bf16 runs slower than fp32: diffusers' "
+              "fp32 default is also what an expert would pick here")
+    os.environ["LATENTGEN_CACHE"] = tempfile.mkdtemp(prefix="latentgen-bench-cache-")  # compile times from zero
     rows = []
     for label, model, steps in models:
         for batch in (1, 8):
             repeat = "1" if "SD" in label else str(args.repeat)
-            runs: dict[str, list[dict]] = {"diffusers": [], "latentgen": []}
+            runs: dict[str, list[dict]] = {path: [] for path in paths}
             for _ in range(args.rounds):  # alternated, best of each: the machine's speed drifts over minutes
-                for path in runs:
-                    runs[path].append(run_child("inference", "--path", path, "--model", model, "--batch",
-                                                str(batch), "--steps", str(steps), "--repeat", repeat))
-            ref, ours = (min(runs[path], key=lambda r: r["s_per_image"]) for path in ("diffusers", "latentgen"))
-            rows.append({"model": label, "images/call": batch, "steps": steps,
-                         "diffusers s/img": f"{ref['s_per_image']:.3f}",
-                         "latentgen s/img": f"{ours['s_per_image']:.3f}",
-                         "speed-up": f"{ref['s_per_image'] / ours['s_per_image']:.2f}×",
-                         "diffusers RSS MB": f"{ref['rss_mb']:.0f}", "latentgen RSS MB": f"{ours['rss_mb']:.0f}",
-                         "latentgen dtype": ours["dtype"]})
+                for path, flags in paths.items():
+                    runs[path].append(run_child("inference", *flags, "--model", model, "--batch", str(batch),
+                                                "--steps", str(steps), "--repeat", repeat))
+            best = {path: min(r, key=lambda x: x["s_per_image"]) for path, r in runs.items()}
+            ref = best["diffusers"]["s_per_image"]
+            row = {"model": label, "images/call": batch, "steps": steps, "diffusers s/img": f"{ref:.3f}"}
+            for path in paths:
+                if path != "diffusers":
+                    row[f"{path} s/img"] = f"{best[path]['s_per_image']:.3f} " \
+                                           f"({ref / best[path]['s_per_image']:.2f}×)"
+            row["compile / load s"] = " / ".join(m.rsplit(" in ", 1)[1] for r in runs["latentgen compiled"]
+                                                 for m in r["compile"]) or "-"
+            row.update({f"{path} RSS MB": f"{best[path]['rss_mb']:.0f}" for path in paths})
+            row["latentgen dtype"] = best["latentgen"]["dtype"]
+            rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
     print()
     print_table(rows, list(rows[0]))
 
     print("\nPrompt adherence of the default model, held-out and seen single-shape prompts (54 images each), "
           f"{args.steps} DPM-Solver++ steps, guidance 7.5:")
-    for path in ("diffusers", "latentgen"):
-        r = run_child("inference", "--path", path, "--model", args.model, "--steps", str(args.steps), "--adherence")
+    for path, flags in paths.items():
+        r = run_child("inference", *flags, "--model", args.model, "--steps", str(args.steps), "--adherence")
         for group, scores in r["adherence"].items():
             rates = {k: v for k, v in scores.items() if k not in ("n", "by_kind")}
-            print(f"  {path:>9} {group}: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in rates.items()))
+            print(f"  {path:>18} {group}: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in rates.items()))
+
+
+def fast_bf16() -> bool:
+    from latentgen.precision import cpu_has_fast_bf16
+
+    return cpu_has_fast_bf16()
 
 
 if __name__ == "__main__":

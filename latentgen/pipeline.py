@@ -187,21 +187,16 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
 
         return single_file.write(self, path, dtype)
 
-    def compile_unet(self, mode: str | None = None) -> float:
-        """torch.compile the U-Net in place and warm it up at the default size; returns the seconds it took.
+    def compile_unet(self, mode: str | None = None, report: Callable[[str], None] | None = None) -> None:
+        """Compile the U-Net for inference. On the CPU: ahead of time with AOTInductor, once per input shape at
+        its first call, cached on disk so later processes load it in milliseconds (`latentgen.compiled`;
+        `report(message)` hears each compile and load). On CUDA: `torch.compile(mode=mode)` in place."""
+        if self.unet.device.type == "cpu":
+            from . import compiled
 
-        Later calls with other batch sizes or image sizes may compile again (once per shape).
-        """
-        import time
-
-        self.unet.compile(mode=mode)
-        size = self.default_size // self.vae_scale_factor
-        x = torch.zeros(2, self.unet.config.in_channels, size, size, device=self.unet.device, dtype=self.unet.dtype)
-        cond = self.encode_conditioning(["", ""])
-        start = time.perf_counter()
-        with torch.no_grad():
-            self.unet(x, torch.tensor([1, 1], device=x.device), **cond.unet_kwargs())
-        return time.perf_counter() - start
+            compiled.install(self.unet, report)
+        else:
+            self.unet.compile(mode=mode)
 
     def choose_memory_format(self) -> None:
         """channels_last in reduced precision for U-Nets that work on 32×32 latents or more (Stable Diffusion's

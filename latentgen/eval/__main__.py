@@ -23,14 +23,17 @@ from ..schedulers import scheduler_name_of, scheduler_names
 GROUP_ORDER = ("one-heldout", "one-seen", "two-heldout", "two-seen")
 
 
-def load(model: str | None, dtype: str, device: str = "auto", loras: list[str] = ()):
-    """The pipeline, with `loras` (`PATH[:SCALE]`, as infer.py's --lora) fused; `generate` asks for them."""
+def load(model: str | None, dtype: str, device: str = "auto", loras: list[str] = (), compile: bool = False):
+    """The pipeline, with `loras` (`PATH[:SCALE]`, as infer.py's --lora) fused; `generate` asks for them.
+    `compile`: the U-Net compiled (`LatentPipeline.compile_unet`), which an evaluation's hundreds of images repay."""
     from .. import lora
     from ..loading import open_pipeline, resolve_model
 
     pipe = open_pipeline(resolve_model(model), dtype=dtype, device=device, embeddings_dir=None)
     files = [(lora.resolve(path, pipe.loras_dir), scale) for path, scale in map(lora.parse_flag, loras)]
     lora.fuse(pipe, files)
+    if compile:
+        pipe.compile_unet(report=lambda message: print(message, file=sys.stderr))
     pipe.__dict__["eval_loras"] = [(str(path), scale) for path, scale in files] or None
     return pipe
 
@@ -182,6 +185,7 @@ def main(argv=None):
             q.add_argument("--seeds", type=int, default=4, help="images per prompt")
             q.add_argument("--kinds", nargs="+", default=list(KINDS), choices=ALL_KINDS,
                            help="shape kinds of the prompts (star: what the showcase LoRA teaches)")
+            q.add_argument("--compile", action="store_true", help="compile the U-Net, as infer.py --compile")
         q.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                        help="apply a LoRA (fused), as infer.py --lora; repeatable")
 
@@ -209,7 +213,7 @@ def main(argv=None):
     if out is not None and out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the report")
     quiet_libraries()
-    pipe = load(args.model, args.dtype, loras=args.lora)
+    pipe = load(args.model, args.dtype, loras=args.lora, compile=getattr(args, "compile", False))
     report = []
     made: dict[float, tuple] = {}  # guidance -> (targets, images), reused by the distance section
 

@@ -1,0 +1,103 @@
+"""The CPU's ahead-of-time compiled U-Net (latentgen.compiled): same predictions as the U-Net, compiled once and
+then loaded from the cache, never serving weights the U-Net no longer has."""
+
+import logging
+
+import numpy as np
+import torch
+from PIL import Image
+
+from conftest import infer
+from latentgen import LatentPipeline
+from latentgen.compiled import CompiledForward
+
+PROMPT = "a red circle on a blue background"
+
+
+def unet_inputs(pipe, rows: int = 2):
+    torch.manual_seed(0)
+    x = torch.randn(rows, 4, 16, 16)
+    hidden, _ = pipe.encode_prompts([PROMPT] * rows)
+    return x, torch.tensor(500), hidden
+
+
+def test_compiled_unet_predicts_as_the_unet_and_is_compiled_once(tiny_folder, tmp_path, monkeypatch):
+    """Compiled in this process, then loaded from the cache by `infer.py --compile`, whose image is the uncompiled
+    one's; the compiled prediction matches the U-Net's to float rounding."""
+    monkeypatch.setenv("LATENTGEN_CACHE", str(tmp_path / "cache"))
+    pipe = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    x, t, hidden = unet_inputs(pipe)
+    with torch.no_grad():
+        eager = pipe.unet(x, t, encoder_hidden_states=hidden).sample
+        messages = []
+        pipe.compile_unet(report=messages.append)
+        assert isinstance(pipe.unet.forward, CompiledForward)
+        compiled = pipe.unet(x, t, encoder_hidden_states=hidden).sample
+        assert pipe.unet(x, t, encoder_hidden_states=hidden, return_dict=False)[0].shape == compiled.shape
+    assert torch.allclose(compiled, eager, atol=1e-4), (compiled - eager).abs().max()
+    assert not torch.equal(compiled, torch.zeros_like(compiled))
+    assert len(messages) == 2 and messages[1].startswith("compiled the U-Net for 2×4×16×16 latents in ")
+    assert [p.suffix for p in (tmp_path / "cache" / "compiled").iterdir()] == [".pt2"]
+
+    r = infer("--model", tiny_folder, "--prompt", PROMPT, "--steps", "3", "--seed", "5", "--dtype", "fp32",
+              "--compile", "--out", tmp_path / "compiled.png")
+    assert r.returncode == 0, r.stderr
+    assert "loaded the compiled U-Net from the cache for 2×4×16×16 latents in" in r.stderr
+    assert "compiling" not in r.stderr
+    assert len(list((tmp_path / "cache" / "compiled").iterdir())) == 1
+    r = infer("--model", tiny_folder, "--prompt", PROMPT, "--steps", "3", "--seed", "5", "--dtype", "fp32",
+              "--out", tmp_path / "eager.png")
+    assert r.returncode == 0, r.stderr
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=int) for n in ("compiled", "eager"))
+    assert np.abs(a - b).max() <= 1
+
+
+def test_compiled_unet_follows_changed_weights(tiny_pipe, tmp_path, monkeypatch, caplog):
+    """A package is never used for weights it was not compiled with: weights changed in place get a package of
+    their own (here the compiler is a stand-in whose packages answer 7), a failed compile runs the U-Net itself with
+    a warning, LoRA layers that are not fused (their scales are read at run time) and gradients run it as well;
+    fused LoRA layers are compiled with the weights they changed."""
+    from peft import LoraConfig
+
+    monkeypatch.setenv("LATENTGEN_CACHE", str(tmp_path / "cache"))
+    compiled_paths = []
+
+    def fake_compile(self, inputs, path):
+        compiled_paths.append(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+
+    monkeypatch.setattr(CompiledForward, "_compile", fake_compile)
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path: lambda x, t, h: torch.full_like(x, 7.0))
+    unet = tiny_pipe.unet
+    x, t, hidden = unet_inputs(tiny_pipe)
+    tiny_pipe.compile_unet()
+    forward = unet.forward
+    with torch.no_grad():
+        assert (unet(x, t, encoder_hidden_states=hidden).sample == 7).all()
+        assert (unet(x, t, encoder_hidden_states=hidden).sample == 7).all()
+        assert len(compiled_paths) == 1
+        assert (unet(x[:1], t, encoder_hidden_states=hidden[:1]).sample == 7).all()  # a shape of its own
+        assert len(compiled_paths) == 2
+
+        unet.conv_out.bias.add_(1.0)
+        assert (unet(x, t, encoder_hidden_states=hidden).sample == 7).all()
+        assert len(compiled_paths) == 3 and compiled_paths[2] not in compiled_paths[:2]
+
+        unet.conv_out.bias.add_(1.0)
+        monkeypatch.setattr(CompiledForward, "_compile", lambda *a: (_ for _ in ()).throw(RuntimeError("no cc")))
+        expected = forward.eager(x, t, encoder_hidden_states=hidden).sample
+        with caplog.at_level(logging.WARNING, logger="latentgen"):
+            assert torch.equal(unet(x, t, encoder_hidden_states=hidden).sample, expected)
+        assert "could not compile the U-Net (RuntimeError: no cc); it runs uncompiled" in caplog.text
+
+        monkeypatch.setattr(CompiledForward, "_compile", fake_compile)
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False))
+        expected = forward.eager(x, t, encoder_hidden_states=hidden).sample
+        assert torch.equal(unet(x, t, encoder_hidden_states=hidden).sample, expected)
+        assert not forward.servable
+        unet.fuse_lora()  # merged into the base weights: compiled again
+        assert (unet(x, t, encoder_hidden_states=hidden).sample == 7).all()
+        assert len(compiled_paths) == 4
+    assert unet(x, t, encoder_hidden_states=hidden).sample.requires_grad  # training calls: the U-Net itself
