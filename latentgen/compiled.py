@@ -130,6 +130,8 @@ class CompiledForward:
             return self.packages[shapes]
 
     def _load_or_compile(self, inputs, shapes):
+        import torch._inductor
+
         key = {"torch": torch.__version__, "isa": torch.backends.cpu.get_cpu_capability(),
                "config": dict(self.unet.config), "weights": self.digest, "inputs": shapes}
         name = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -154,8 +156,6 @@ class CompiledForward:
         return package
 
     def _compile(self, inputs, path: Path) -> None:
-        import torch._inductor
-
         with torch.no_grad():
             program = torch.export.export(_Plain(self.unet, self.eager), inputs)
         with atomic_file(path) as tmp:
