@@ -63,7 +63,7 @@ def unet_rate(model: str, images: int, profile: bool = False, compile: bool = Fa
         call()
     flops = counter.get_total_flops()
     seconds = best_time(call, repeat=5, warmup=2)
-    out = {"flops": flops, "seconds": seconds, "rate": flops / seconds, "dtype": unet.dtype}
+    out = {"flops": flops, "seconds": seconds, "dtype": unet.dtype}
     if compile:
         pipe.compile_unet()
         out["compiled_seconds"] = best_time(call, repeat=5, warmup=2)  # the first call compiles or loads

@@ -7,7 +7,7 @@ larger Stable-Diffusion-shaped U-Net built from a config. The compiled path star
 its first round reports the compile time, the later rounds the time to load the compiled U-Net from the cache.
 Then the prompt adherence of the default model's images under each path, so speed is never bought with quality.
 
-    python bench/inference.py                 # everything (about 12 minutes on 2 cores)
+    python bench/inference.py                 # everything (over 45 minutes on a 2-core AVX2 CPU)
     python bench/inference.py --quick         # default model only, batch 1 and 8
 """
 
@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 from common import ROOT, best_time, peak_rss_mb, print_table, run_child, sd_shaped_folder
@@ -63,11 +62,9 @@ def child(args) -> dict:
         for i in range(0, len(targets), 8):
             images += run([t.prompt for t in targets[i:i + 8]], list(range(i, min(i + 8, len(targets)))))
         return {"adherence": evaluate_images(targets, images), "rss_mb": peak_rss_mb()}
-    start = time.perf_counter()
-    run([PROMPT] * args.batch, list(range(args.batch)))  # the warm-up call; compiles or loads a compiled U-Net
-    first = time.perf_counter() - start
-    seconds = best_time(lambda: run([PROMPT] * args.batch, list(range(args.batch))), repeat=args.repeat, warmup=0)
-    return {"s_per_image": seconds / args.batch, "rss_mb": peak_rss_mb(), "first_call_s": first,
+    # the warm-up call compiles the U-Net or loads it compiled; `messages` say how long that took
+    seconds = best_time(lambda: run([PROMPT] * args.batch, list(range(args.batch))), repeat=args.repeat)
+    return {"s_per_image": seconds / args.batch, "rss_mb": peak_rss_mb(),
             "dtype": str(getattr(pipe, "unet").dtype).removeprefix("torch."),
             "compile": [m for m in messages if m.startswith(("compiled", "loaded"))]}
 
@@ -84,7 +81,7 @@ def main():
     p.add_argument("--dtype", default="auto", help="diffusers' dtype: auto (its default, fp32) or bf16")
     p.add_argument("--compile", action="store_true", help="latentgen with its compiled U-Net")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--rounds", type=int, default=2, help="alternate the two paths this many times; best of each")
+    p.add_argument("--rounds", type=int, default=2, help="alternate the paths this many times; best of each")
     p.add_argument("--sd-steps", type=int, default=10)
     args = p.parse_args()
     if args.child:
@@ -97,7 +94,9 @@ def main():
         models.append(("SD-shaped U-Net, 256×256", str(folder), args.sd_steps))
     paths = {"diffusers": ["--path", "diffusers"], "latentgen": ["--path", "latentgen"],
              "latentgen compiled": ["--path", "latentgen", "--compile"]}
-    if fast_bf16():
+    from latentgen.precision import cpu_has_fast_bf16
+
+    if cpu_has_fast_bf16():
         paths["diffusers bf16"] = ["--path", "diffusers", "--dtype", "bf16"]
     else:
         print("this CPU has no native bf16 (AMX or AVX-512-BF16), where bf16 runs slower than fp32: diffusers' "
@@ -135,12 +134,6 @@ def main():
         for group, scores in r["adherence"].items():
             rates = {k: v for k, v in scores.items() if k not in ("n", "by_kind")}
             print(f"  {path:>18} {group}: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in rates.items()))
-
-
-def fast_bf16() -> bool:
-    from latentgen.precision import cpu_has_fast_bf16
-
-    return cpu_has_fast_bf16()
 
 
 if __name__ == "__main__":

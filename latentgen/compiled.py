@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from .errors import first_line
 from .io import atomic_file
+from .loading import public_config
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +113,7 @@ class CompiledForward:
             return self.eager(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
         out = package(*inputs)
         out = out[0] if isinstance(out, (list, tuple)) else out
-        if not return_dict:
-            return (out,)
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-        return UNet2DConditionOutput(sample=out)
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
     def package(self, inputs: tuple[torch.Tensor, ...]):
         """The loaded package for these inputs' shapes and dtypes: from memory, the disk cache, or compiled now;
@@ -133,7 +131,7 @@ class CompiledForward:
         import torch._inductor
 
         key = {"torch": torch.__version__, "isa": torch.backends.cpu.get_cpu_capability(),
-               "config": dict(self.unet.config), "weights": self.digest, "inputs": shapes}
+               "config": public_config(self.unet), "weights": self.digest, "inputs": shapes}
         name = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
         path = cache_dir() / "compiled" / f"unet-{name}.pt2"
         start = time.perf_counter()

@@ -18,6 +18,13 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
 
 
+def public_config(model) -> dict:
+    """A diffusers model's config without its private keys (`_name_or_path`, `_diffusers_version`, and
+    `_use_default_values`, a set turned list whose order varies with the hash seed): what names its
+    architecture the same way in every process, wherever it was loaded from."""
+    return {k: v for k, v in model.config.items() if not k.startswith("_")}
+
+
 def resolve_model(model: str | Path | None, models_dir: str | Path | None = None) -> Path:
     """The model a user named: a path (pipeline folder or single checkpoint file), else NAME in `models_dir`
     (NAME/, NAME.safetensors or NAME.ckpt, as A1111's model list names them); none: the shipped default model."""

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..io import atomic_file, weights_hash
+from ..loading import public_config
 from .sources import choose_caption
 
 
@@ -39,11 +40,9 @@ class CachedData:
 
 
 def cache_key(config, parts, with_embeddings: bool) -> str:
-    # diffusers' private config keys ('_use_default_values' is a set turned list) vary with the hash seed, so
-    # they would give each process of a launch its own key.
-    vae_config = {k: v for k, v in parts.vae.config.items() if not k.startswith("_")}
-    vae_hash = weights_hash(config.vae_path) if config.vae_path else json.dumps(vae_config, sort_keys=True,
-                                                                                  default=str)
+    # public_config: the private keys would give each process of a launch its own key
+    vae_hash = weights_hash(config.vae_path) if config.vae_path else json.dumps(public_config(parts.vae),
+                                                                                  sort_keys=True, default=str)
     identity = {"data": asdict(config.data), "vae": vae_hash, "scaling": parts.vae.config.scaling_factor,
                 "text": asdict(config.text_encoder) if with_embeddings else None,
                 "pipeline": config.pretrained_pipeline, "seed": config.seed if config.vae_model else None}
