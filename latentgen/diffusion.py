@@ -69,6 +69,11 @@ class NoiseConfig:
     zero_terminal_snr: bool | None = None  # rescale betas so ᾱ_T = 0 (Lin et al. 2023); pair with v_prediction
     snr_gamma: float = 0.0  # min-SNR-γ loss weighting (Hang et al. 2023; 5.0 there); 0 = off
     offset_noise: float = 0.0  # ε += offset·N(0, I) per (image, channel): lets the model change mean brightness
+    # which noise levels training draws: "uniform" over the timesteps (DDPM's), or "logit_normal" (SD3, Esser et
+    # al. 2024): t/T = sigmoid(N(logit_mean, logit_std)), more of the middle noise levels, fewer of the ends
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
 
 
 # NoiseConfig's process fields -> (diffusers scheduler key, default): Stable Diffusion's forward process.
@@ -108,6 +113,21 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
     return torch.where(snr > 0, clipped / snr.clamp_min(1e-12), torch.ones_like(snr))  # SNR_T = 0: weight 1
 
 
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+
+
+def sample_timesteps(noise_config: NoiseConfig, num_train_timesteps: int, count: int, generator: torch.Generator,
+                     device) -> torch.Tensor:
+    """(count,) training timesteps in [0, T), drawn as `noise_config.timestep_sampling` says."""
+    if noise_config.timestep_sampling == "uniform":
+        return torch.randint(0, num_train_timesteps, (count,), generator=generator, device=device)
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    u = compute_density_for_timestep_sampling(noise_config.timestep_sampling, count, noise_config.logit_mean,
+                                              noise_config.logit_std, device=device, generator=generator)
+    return (u * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
+
+
 def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, context: torch.Tensor, generator: torch.Generator,
                    noise_config: NoiseConfig, extra: torch.Tensor | None = None,
                    class_labels: torch.Tensor | None = None, base=None,
@@ -123,8 +143,7 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, context: torch.
     if noise_config.offset_noise:
         noise = noise + noise_config.offset_noise * torch.randn(
             (b, latents.shape[1], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator,
-                      device=latents.device)
+    t = sample_timesteps(noise_config, noise_scheduler.config.num_train_timesteps, b, generator, latents.device)
     z_t = noise_scheduler.add_noise(latents, noise, t)  # sqrt(ᾱ_t)·z_0 + sqrt(1−ᾱ_t)·ε
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, t)  # sqrt(ᾱ_t)·ε − sqrt(1−ᾱ_t)·z_0

@@ -167,6 +167,8 @@ TRAIN_UNET = TRAIN_COMMON + [
     (["vae_path=MISSING"], "is not an AutoencoderKL folder"), (["sampler=nope"], "unknown sampler 'nope'"),
     (["save_dtype=fp8"], "unknown save_dtype 'fp8'"), (["caption_dropout=2"], "caption_dropout is a probability"),
     (["noise.prediction_type=x0"], "unknown noise.prediction_type 'x0'"), (["noise.snr_gamma=-1"], "must be ≥ 0"),
+    (["noise.timestep_sampling=cosine"], "unknown noise.timestep_sampling 'cosine'"),
+    (["noise.timestep_sampling=logit_normal", "noise.logit_std=0"], "noise.logit_std must be > 0, got 0"),
     (["unet.nope=1"], "bad unet config"), (["vae_model.latent_channels=8"], "8-channel latents"),
     (["text_encoder.model.hidden_size=48"], "cross_attention_dim=32"),
     (["train_batch_size=500"], "fewer than one step needs"), (["data.hflip=0.5"], "cache=true stores one view"),
@@ -195,6 +197,8 @@ EVAL = [
     (["adherence", "--model", "MODEL", "--steps", "5000"], "steps must be an integer in [1, 1000]"),
     (["steps", "--model", "MODEL", "--schedulers", "nope"], "invalid choice: 'nope'"),
     (["adherence", "--model", "MODEL", "--out", "FILE"], "--out FILE is a file; give a folder"),
+    (["adherence", "--model", "MODEL", "--guidance-rescale", "2"], "--guidance-rescale must be in [0, 1], got 2.0"),
+    (["adherence", "--model", "MODEL", "--dynamic-threshold", "1"], "--dynamic-threshold must be in (0.5, 1), got 1.0"),
     (["nope"], "invalid choice: 'nope'"),
 ]
 

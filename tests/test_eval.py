@@ -151,17 +151,22 @@ def test_eval_cli_end_to_end_on_the_smoke_model(smoke_model, tmp_path):
     assert (tmp_path / "steps" / "steps.png").is_file() and "| dpm++ |" in r.stdout
 
 
-def test_eval_guidance_interval_reaches_the_pipeline(smoke_model):
-    """`--guidance-interval` (eval's `interval`) gives the pipeline's image for that interval; None: the model's."""
+def test_eval_guidance_options_reach_the_pipeline(smoke_model):
+    """`--guidance-interval` and `--guidance-rescale` (eval's `options`) give the pipeline's image for them;
+    none: the model's."""
     from latentgen.eval.__main__ import generate, load
 
     pipe = load(str(smoke_model), "fp32")
     prompt = ["a red square on a blue background"]
-    half = generate(pipe, prompt, [1], 2, None, 7.5, interval=(0.0, 0.5))
+    half = generate(pipe, prompt, [1], 2, None, 7.5, options={"guidance_interval": (0.0, 0.5)})
     full = generate(pipe, prompt, [1], 2, None, 7.5)
     direct = pipe(prompt, seed=[1], num_inference_steps=2, guidance_scale=7.5, guidance_interval=(0.0, 0.5)).images
     assert np.array_equal(np.asarray(half[0]), np.asarray(direct[0]))
     assert np.abs(np.asarray(half[0], float) - np.asarray(full[0], float)).max() >= 2  # the last step unguided
+    rescaled = generate(pipe, prompt, [1], 2, None, 7.5, options={"guidance_rescale": 0.7})
+    direct = pipe(prompt, seed=[1], num_inference_steps=2, guidance_scale=7.5, guidance_rescale=0.7).images
+    assert np.array_equal(np.asarray(rescaled[0]), np.asarray(direct[0]))
+    assert np.abs(np.asarray(rescaled[0], float) - np.asarray(full[0], float)).max() >= 2
 
 
 def test_eval_prompts_of_the_new_kind_with_a_lora(smoke_model, tmp_path):

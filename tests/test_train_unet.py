@@ -296,3 +296,21 @@ def test_a_fine_tuning_run_records_the_architecture_it_trained(tmp_path):
         rebuilt = UNet2DConditionModel(**unet).config
         assert {k: v for k, v in rebuilt.items() if not k.startswith("_")} == \
             {k: v for k, v in trained.items() if not k.startswith("_")}
+
+
+def test_logit_normal_timesteps_favour_the_middle_noise_levels():
+    from latentgen.diffusion import NoiseConfig, sample_timesteps
+
+    def draw(config, seed=0):
+        return sample_timesteps(config, 1000, 20000, torch.Generator().manual_seed(seed), "cpu")
+
+    uniform = draw(NoiseConfig())
+    assert torch.equal(uniform, torch.randint(0, 1000, (20000,), generator=torch.Generator().manual_seed(0)))
+    middle = draw(NoiseConfig(timestep_sampling="logit_normal"))
+    assert middle.dtype == torch.int64 and int(middle.min()) >= 0 and int(middle.max()) <= 999
+    assert torch.equal(middle, draw(NoiseConfig(timestep_sampling="logit_normal")))
+    # t/T = sigmoid(z), z ~ N(0, 1): P(250 ≤ t < 750) = P(|z| < logit(0.75) = 1.0986) = 0.728; uniform: 0.5
+    inner = ((middle >= 250) & (middle < 750)).float().mean().item()
+    assert abs(inner - 0.728) < 0.015 and abs(((uniform >= 250) & (uniform < 750)).float().mean().item() - 0.5) < 0.015
+    shifted = draw(NoiseConfig(timestep_sampling="logit_normal", logit_mean=-0.5, logit_std=0.5))
+    assert abs(shifted.float().median().item() - 1000 * torch.sigmoid(torch.tensor(-0.5)).item()) < 5

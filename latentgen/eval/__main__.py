@@ -39,25 +39,26 @@ def load(model: str | None, dtype: str, device: str = "auto", loras: list[str] =
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int, scheduler: str | None, guidance: float,
-             batch_size: int = 32, interval: tuple[float, float] | None = None) -> list:
-    """Images for `prompts`; `interval`: the guidance interval, None for the model's own."""
+             batch_size: int = 32, options: dict | None = None) -> list:
+    """Images for `prompts`; `options`: more of the pipeline's request settings (`guidance_interval`,
+    `guidance_rescale`, `dynamic_threshold`), the model's own where absent."""
     images = []
     for i in range(0, len(prompts), batch_size):
         images += pipe(prompts[i:i + batch_size], seed=seeds[i:i + batch_size], num_inference_steps=steps,
                        scheduler=scheduler, guidance_scale=guidance, loras=pipe.__dict__.get("eval_loras"),
-                       **({} if interval is None else {"guidance_interval": interval})).images
+                       **(options or {})).images
     return images
 
 
 def adherence(pipe, steps: int, scheduler: str | None, guidance: float, seeds: int, per_group: int,
               groups: tuple[str, ...] = GROUP_ORDER, kinds: tuple[str, ...] = KINDS,
-              interval: tuple[float, float] | None = None) -> tuple[dict, list, list]:
+              options: dict | None = None) -> tuple[dict, list, list]:
     from .adherence import evaluate_images, prompt_set
 
     targets = [t for t in prompt_set(per_group, kinds=kinds) if t.group in groups for _ in range(seeds)]
     seed_list = [1000 + i for i in range(len(targets))]
     images = generate(pipe, [t.prompt for t in targets], seed_list, steps, scheduler, guidance,
-                      interval=interval)
+                      options=options)
     return evaluate_images(targets, images), targets, images
 
 
@@ -168,6 +169,20 @@ def write_json(path: Path, data) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def guidance_options(args) -> dict:
+    """The request settings that `--guidance-interval`, `--guidance-rescale` and `--dynamic-threshold` set,
+    checked before the model loads."""
+    options = {}
+    if getattr(args, "guidance_interval", None):
+        options["guidance_interval"] = tuple(args.guidance_interval)
+    if getattr(args, "guidance_rescale", None) is not None:
+        options["guidance_rescale"] = validate.in_range(args.guidance_rescale, "--guidance-rescale", 0.0, 1.0)
+    if getattr(args, "dynamic_threshold", None) is not None:
+        options["dynamic_threshold"] = validate.in_range(args.dynamic_threshold, "--dynamic-threshold", 0.5, 1.0,
+                                                         True, True)
+    return options
+
+
 def main(argv=None):
     p = ArgumentParser(prog="python -m latentgen.eval", description="Evaluate a model trained on the shapes data.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -182,6 +197,10 @@ def main(argv=None):
             q.add_argument("--guidance", type=float, nargs="+", default=[7.5])
             q.add_argument("--guidance-interval", type=float, nargs=2, metavar=("START", "END"),
                            help="guide only the steps in this fraction of the trajectory (default: the model's)")
+            q.add_argument("--guidance-rescale", type=float, metavar="PHI",
+                           help="rescale the guided prediction's std towards the conditional one's (Lin et al.)")
+            q.add_argument("--dynamic-threshold", type=float, metavar="PERCENTILE",
+                           help="clip each x0 prediction at this percentile of its magnitudes (Imagen)")
             q.add_argument("--seeds", type=int, default=4, help="images per prompt")
             q.add_argument("--kinds", nargs="+", default=list(KINDS), choices=ALL_KINDS,
                            help="shape kinds of the prompts (star: what the showcase LoRA teaches)")
@@ -212,6 +231,7 @@ def main(argv=None):
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the report")
+    options = guidance_options(args)
     quiet_libraries()
     pipe = load(args.model, args.dtype, loras=args.lora, compile=getattr(args, "compile", False))
     report = []
@@ -222,7 +242,7 @@ def main(argv=None):
         results = {}
         for g in guidances:
             results[g], targets, images = adherence(pipe, args.steps[0], args.scheduler, g, args.seeds, 27,
-                                                    kinds=tuple(args.kinds), interval=args.guidance_interval)
+                                                    kinds=tuple(args.kinds), options=options)
             made[g] = (targets, images)
             if out:
                 sample_grid(targets[::args.seeds][:48], images[::args.seeds][:48], out / f"samples-g{g}.png")
@@ -231,7 +251,9 @@ def main(argv=None):
         extra = "".join([f", kinds {' '.join(args.kinds)}" if tuple(args.kinds) != KINDS else "",
                          f", LoRA {' '.join(args.lora)}" if args.lora else "",
                          " guided over {:g}-{:g} of the steps".format(*args.guidance_interval)
-                         if args.guidance_interval else ""])
+                         if args.guidance_interval else "",
+                         f", guidance rescale {args.guidance_rescale:g}" if "guidance_rescale" in options else "",
+                         f", dynamic threshold {args.dynamic_threshold:g}" if "dynamic_threshold" in options else ""])
         report += [f"## Prompt adherence ({sampler}, {args.steps[0]} steps, {args.seeds} seeds per prompt{extra})",
                    table, kind_table(results)]
         if out:
@@ -258,7 +280,7 @@ def main(argv=None):
             targets, images = [targets[i] for i in keep], [images[i] for i in keep]
         else:
             _, targets, images = adherence(pipe, args.steps[0], args.scheduler, args.guidance[0], args.seeds, 27,
-                                           groups=("one-heldout",))
+                                           groups=("one-heldout",), options=options)
         real = real_images(len(images) * 2)
         k, k_std = kid(real, images)
         reference, _ = kid(real[: len(real) // 2], real[len(real) // 2:])

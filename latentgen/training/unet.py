@@ -22,6 +22,7 @@ from ..data.sources import build_dataset, check_resolution
 from ..device import set_attention
 from ..diffusion import (
     PREDICTION_TYPES,
+    TIMESTEP_SAMPLING,
     NoiseConfig,
     caption_dropout,
     diffusion_loss,
@@ -151,6 +152,10 @@ class UNetTrainConfig(TrainConfig):
             raise UserError(f"caption_dropout is a probability in [0, 1], got {self.caption_dropout}")
         if self.noise.snr_gamma < 0 or self.noise.offset_noise < 0:
             raise UserError("noise.snr_gamma and noise.offset_noise must be ≥ 0")
+        if self.noise.timestep_sampling not in TIMESTEP_SAMPLING:
+            raise one_of("noise.timestep_sampling", self.noise.timestep_sampling, list(TIMESTEP_SAMPLING))
+        if not self.noise.logit_std > 0:
+            raise UserError(f"noise.logit_std must be > 0, got {self.noise.logit_std}")
         if self.sampler not in scheduler_names():
             raise one_of("sampler", self.sampler, scheduler_names())
         if self.save_dtype not in ("fp32", "fp16", "bf16"):
