@@ -79,6 +79,7 @@ class CompiledForward:
         self.fingerprint: tuple = ()
         self.digest = ""
         self.servable = False
+        self.invariant: dict[tuple, bool] = {}  # (input shapes and dtypes, rows per image) -> batch_invariant's answer
 
     def _fingerprint(self) -> tuple:
         """The compiled weights' identity, checked per call in ~0.1 ms: the tensors (storage, in-place-change
@@ -95,24 +96,56 @@ class CompiledForward:
         self.tensors = list(self.unet.state_dict(keep_vars=True).values())
         self.lora_layers = [m for m in self.unet.modules() if hasattr(m, "merged_adapters") and hasattr(m, "lora_A")]
         self.fingerprint, self.digest, self.packages = self._fingerprint(), _weights_digest(self.unet), {}
+        self.invariant = {}
         # LoRA layers read their scales and active adapters in forward, which a package would freeze; merged
         # (fused) ones run only the base layer, whose weights are compiled in
         self.servable = all(m.merged for m in self.lora_layers)
 
-    def __call__(self, sample, timestep, encoder_hidden_states=None, *args, return_dict: bool = True, **kwargs):
-        plain = (not args and all(v is None for v in kwargs.values()) and torch.is_tensor(encoder_hidden_states)
+    @staticmethod
+    def _inputs(sample, timestep, encoder_hidden_states, args=(), kwargs=None) -> tuple | None:
+        """The package's three inputs for a call of the U-Net, or None where a package cannot serve it."""
+        plain = (not args and all(v is None for v in (kwargs or {}).values()) and torch.is_tensor(encoder_hidden_states)
                  and sample.device.type == "cpu" and not torch.is_grad_enabled())
-        package = None
-        if plain:
-            # diffusers embeds timesteps in float32 whatever their dtype: one (B,) float32 input serves every
-            # sampler's timesteps
-            t = torch.as_tensor(timestep, device=sample.device).float().reshape(-1).expand(sample.shape[0])
-            inputs = (sample.contiguous(), t.contiguous(), encoder_hidden_states.contiguous())
-            package = self.package(inputs)
+        if not plain:
+            return None
+        # diffusers embeds timesteps in float32 whatever their dtype: one (B,) float32 input serves every
+        # sampler's timesteps
+        t = torch.as_tensor(timestep, device=sample.device).float().reshape(-1).expand(sample.shape[0])
+        return sample.contiguous(), t.contiguous(), encoder_hidden_states.contiguous()
+
+    def batch_invariant(self, sample, timestep, rows_per_image: int, encoder_hidden_states=None, **kwargs) -> bool:
+        """Whether this call's rows can go in one package call and give each image, bit for bit, what its own
+        rows alone give (image i's rows are i, i + n, ... of the n images). fp32 CPU kernels may choose their
+        algorithms by batch size, so the answer is measured, once per shape and weights: random inputs through
+        the package of this shape and through the one-image package, row by row. Calls a package cannot serve:
+        False."""
+        inputs = self._inputs(sample, timestep, encoder_hidden_states, kwargs=kwargs)
+        if inputs is None:
+            return False
+        n = sample.shape[0] // rows_per_image
+        key = (tuple((tuple(x.shape), str(x.dtype)) for x in inputs), rows_per_image)
+        with self.lock:
+            self._refresh()  # changed weights: measured again
+        if key not in self.invariant:
+            generator = torch.Generator().manual_seed(0)
+            probe = [torch.randn(x.shape, generator=generator, dtype=x.dtype) for x in inputs]
+            probe[1] = torch.rand(probe[1].shape, generator=generator) * 1000
+            batched, alone = self.package(tuple(probe)), self.package(tuple(x[:rows_per_image] for x in probe))
+            same = batched is not None and alone is not None
+            if same:
+                out = _first(batched(*probe))
+                for i in range(n):
+                    rows = [i + k * n for k in range(rows_per_image)]
+                    same = same and torch.equal(out[rows], _first(alone(*(x[rows] for x in probe))))
+            self.invariant[key] = same
+        return self.invariant[key]
+
+    def __call__(self, sample, timestep, encoder_hidden_states=None, *args, return_dict: bool = True, **kwargs):
+        inputs = self._inputs(sample, timestep, encoder_hidden_states, args, kwargs)
+        package = None if inputs is None else self.package(inputs)
         if package is None:
             return self.eager(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
-        out = package(*inputs)
-        out = out[0] if isinstance(out, (list, tuple)) else out
+        out = _first(package(*inputs))
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
     def package(self, inputs: tuple[torch.Tensor, ...]):
@@ -165,6 +198,16 @@ class CompiledForward:
                 package.replace(tmp)
             finally:
                 package.unlink(missing_ok=True)
+
+
+def _first(out):
+    return out[0] if isinstance(out, (list, tuple)) else out
+
+
+def batch_invariant(unet, sample, timestep, rows_per_image: int, **kwargs) -> bool:
+    """`CompiledForward.batch_invariant` where `unet` runs compiled, else False."""
+    forward = unet.__dict__.get("forward")
+    return isinstance(forward, CompiledForward) and forward.batch_invariant(sample, timestep, rows_per_image, **kwargs)
 
 
 def install(unet, report: Callable[[str], None] | None = None) -> CompiledForward:

@@ -154,14 +154,19 @@ def run_unet(pipe, x_in: torch.Tensor, t, cond, rows_per_image: int,
     An image's result must not depend on the batch it is in. In bf16 the CPU kernels are batch-invariant
     (tests/test_reliability.py checks it), so the rows go in one call. In fp32, oneDNN and MKL choose their
     convolution and small-matrix algorithms by batch size, so each image's rows ([uncond_i; cond_i]) go in a
-    call of their own: the same shapes for every image, whatever the batch.
+    call of their own: the same shapes for every image, whatever the batch. A compiled U-Net whose package for
+    the whole batch gives each image bit for bit what the one-image package gives (measured once per shape:
+    `compiled.batch_invariant`) takes the rows in one call.
     """
+    from .compiled import batch_invariant
+
     def call(rows):
         labels = None if class_labels is None else class_labels[rows]
         return pipe.unet(x_in[rows], t, **cond[rows].unet_kwargs(), class_labels=labels, return_dict=False)[0]
 
     n = x_in.shape[0] // rows_per_image
-    if x_in.dtype != torch.float32 or n == 1:
+    if (x_in.dtype != torch.float32 or n == 1
+            or (class_labels is None and batch_invariant(pipe.unet, x_in, t, rows_per_image, **cond.unet_kwargs()))):
         return call(slice(None)).float()
     out = torch.empty_like(x_in[:, :pipe.unet.config.out_channels])
     for i in range(n):

@@ -101,3 +101,54 @@ def test_compiled_unet_follows_changed_weights(tiny_pipe, tmp_path, monkeypatch,
         assert (unet(x, t, encoder_hidden_states=hidden).sample == 7).all()
         assert len(compiled_paths) == 4
     assert unet(x, t, encoder_hidden_states=hidden).sample.requires_grad  # training calls: the U-Net itself
+
+
+def _stand_in_compiler(monkeypatch, package):
+    """Compiling writes an empty file, loading gives `package`."""
+    def fake_compile(self, inputs, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+
+    monkeypatch.setattr(CompiledForward, "_compile", fake_compile)
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path: package)
+
+
+def test_compiled_fp32_batches_rows_only_where_they_are_measured_batch_invariant(tiny_folder, tmp_path,
+                                                                                 monkeypatch):
+    """In fp32 a compiled U-Net takes a batch's rows in one call where its package for them gives each image bit
+    for bit what the one-image package gives (measured once per shape), and one image at a time where not; the
+    images are the same either way as the images made alone."""
+    monkeypatch.setenv("LATENTGEN_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def row_wise(x, t, h):  # each row from its own inputs only
+        calls.append(x.shape[0])
+        return 0.1 * x + 1e-4 * t.view(-1, 1, 1, 1) + 0.1 * h.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+    def batch_dependent(x, t, h):  # rows change with the batch's size
+        return row_wise(x, t, h) * (1 + 1e-6 * x.shape[0])
+
+    prompts, kwargs = ["a red circle", "a blue square", "a green triangle"], dict(num_inference_steps=3,
+                                                                                  output_type="np")
+    for package, batched in [(row_wise, True), (batch_dependent, False)]:
+        _stand_in_compiler(monkeypatch, package)
+        pipe = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.compile_unet()
+        calls.clear()
+        batch = pipe(prompts, seed=[7, 8, 9], **kwargs).images
+        # the measurement (6 random rows at once, then images' 2 rows alone, up to the first difference), then
+        # 3 steps of one call or of one call per image
+        steps = [6] * 3 if batched else [2] * 9
+        measured = calls[:len(calls) - len(steps)]
+        assert calls[len(measured):] == steps and measured[0] == 6 and set(measured[1:]) == {2}, (batched, calls)
+        assert len(measured) == (4 if batched else 2)
+        calls.clear()
+        alone = pipe(prompts[1], seed=8, **kwargs).images
+        assert calls == [2] * 3
+        np.testing.assert_array_equal(batch[1], alone[0])
+        with torch.no_grad():  # an unguided batch: rows of one per image, measured for their own shape
+            x, t, hidden = unet_inputs(pipe, rows=3)
+            assert pipe.unet.forward.batch_invariant(x, t, 1, encoder_hidden_states=hidden) is batched
+            assert not pipe.unet.forward.batch_invariant(x, t, 1, encoder_hidden_states=hidden,
+                                                         encoder_attention_mask=torch.ones(3, 77))
