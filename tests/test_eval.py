@@ -195,3 +195,20 @@ def test_eval_prompts_of_the_new_kind_with_a_lora(smoke_model, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"kinds star, LoRA {lora} guided over 0-0.5 of the steps)" in r.stdout
     assert "| 7.5 | one-heldout | 9 |" in r.stdout
+
+
+def test_eval_steps_sweep_passes_the_guidance_options(monkeypatch):
+    """`python -m latentgen.eval steps --guidance-rescale ...`: every cell's images are made with the options."""
+    import latentgen.eval.__main__ as m
+
+    seen = []
+
+    def fake_adherence(pipe, steps, scheduler, guidance, seeds, per_group, groups, options=None):
+        seen.append((scheduler, steps, options))
+        return {"one-heldout": {"all": 1.0, "n": 4}}, [], m.real_images(4, seed=steps)
+
+    monkeypatch.setattr(m, "adherence", fake_adherence)
+    rows = m.steps_sweep(None, ["ddim", "euler"], [2, 3], 1, 7.5, real_count=8,
+                         options={"guidance_rescale": 0.7})
+    assert [(r["scheduler"], r["steps"]) for r in rows] == [("ddim", 2), ("ddim", 3), ("euler", 2), ("euler", 3)]
+    assert seen == [(s, n, {"guidance_rescale": 0.7}) for s in ("ddim", "euler") for n in (2, 3)]

@@ -105,8 +105,9 @@ def sample_grid(targets, images, path: Path, columns: int = 8) -> None:
 
 
 def steps_sweep(pipe, schedulers: list[str], steps_list: list[int], seeds: int, guidance: float,
-                real_count: int = 200) -> list[dict]:
-    """Adherence (held-out single shapes) and KID against real held-out images, per sampler and step count."""
+                real_count: int = 200, options: dict | None = None) -> list[dict]:
+    """Adherence (held-out single shapes) and KID against real held-out images, per sampler and step count;
+    `options` as `generate`'s."""
     from .metrics import kid
 
     real = real_images(real_count)
@@ -114,7 +115,8 @@ def steps_sweep(pipe, schedulers: list[str], steps_list: list[int], seeds: int, 
     for name in schedulers:
         for steps in steps_list:
             start = time.perf_counter()
-            scores, _, images = adherence(pipe, steps, name, guidance, seeds, 27, groups=("one-heldout",))
+            scores, _, images = adherence(pipe, steps, name, guidance, seeds, 27, groups=("one-heldout",),
+                                          options=options)
             k, k_std = kid(real, images)
             rows.append({"scheduler": name, "steps": steps, "all": scores["one-heldout"]["all"],
                          "kid": k, "kid_std": k_std, "seconds": time.perf_counter() - start,
@@ -312,7 +314,8 @@ def main(argv=None):
                                args.guidance[0], out, strength=args.upscale_strength))
 
     if args.command == "steps":
-        rows = steps_sweep(pipe, args.schedulers, sorted(args.steps), args.seeds, args.guidance[0])
+        rows = steps_sweep(pipe, args.schedulers, sorted(args.steps), args.seeds, args.guidance[0],
+                           options=options)
         report += ["## Quality against sampling steps", steps_table(rows)]
         if out:
             write_json(out / "steps.json", rows)
