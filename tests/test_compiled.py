@@ -62,14 +62,7 @@ def test_compiled_unet_follows_changed_weights(tiny_pipe, tmp_path, monkeypatch,
 
     monkeypatch.setenv("LATENTGEN_CACHE", str(tmp_path / "cache"))
     compiled_paths = []
-
-    def fake_compile(self, inputs, path):
-        compiled_paths.append(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"")
-
-    monkeypatch.setattr(CompiledForward, "_compile", fake_compile)
-    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path: lambda x, t, h: torch.full_like(x, 7.0))
+    fake_compile = _stand_in_compiler(monkeypatch, lambda x, t, h: torch.full_like(x, 7.0), compiled_paths)
     unet = tiny_pipe.unet
     x, t, hidden = unet_inputs(tiny_pipe)
     tiny_pipe.compile_unet()
@@ -103,14 +96,18 @@ def test_compiled_unet_follows_changed_weights(tiny_pipe, tmp_path, monkeypatch,
     assert unet(x, t, encoder_hidden_states=hidden).sample.requires_grad  # training calls: the U-Net itself
 
 
-def _stand_in_compiler(monkeypatch, package):
-    """Compiling writes an empty file, loading gives `package`."""
+def _stand_in_compiler(monkeypatch, package, compiled_paths: list | None = None):
+    """Compiling writes an empty file (its path appended to `compiled_paths`), loading gives `package`; returns
+    the stand-in compile."""
     def fake_compile(self, inputs, path):
+        if compiled_paths is not None:
+            compiled_paths.append(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"")
 
     monkeypatch.setattr(CompiledForward, "_compile", fake_compile)
     monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path: package)
+    return fake_compile
 
 
 def test_compiled_fp32_batches_rows_only_where_they_are_measured_batch_invariant(tiny_folder, tmp_path,

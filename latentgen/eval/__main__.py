@@ -252,10 +252,11 @@ def main(argv=None):
         sampler = args.scheduler or f"the model's own sampler, {scheduler_name_of(pipe.scheduler)}"
         extra = "".join([f", kinds {' '.join(args.kinds)}" if tuple(args.kinds) != KINDS else "",
                          f", LoRA {' '.join(args.lora)}" if args.lora else "",
-                         " guided over {:g}-{:g} of the steps".format(*args.guidance_interval)
-                         if args.guidance_interval else "",
-                         f", guidance rescale {args.guidance_rescale:g}" if "guidance_rescale" in options else "",
-                         f", dynamic threshold {args.dynamic_threshold:g}" if "dynamic_threshold" in options else ""])
+                         " guided over {:g}-{:g} of the steps".format(*options["guidance_interval"])
+                         if "guidance_interval" in options else "",
+                         f", guidance rescale {options['guidance_rescale']:g}" if "guidance_rescale" in options else "",
+                         f", dynamic threshold {options['dynamic_threshold']:g}" if "dynamic_threshold" in options
+                         else ""])
         report += [f"## Prompt adherence ({sampler}, {args.steps[0]} steps, {args.seeds} seeds per prompt{extra})",
                    table, kind_table(results)]
         if out:
