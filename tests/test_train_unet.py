@@ -314,3 +314,37 @@ def test_logit_normal_timesteps_favour_the_middle_noise_levels():
     assert abs(inner - 0.728) < 0.015 and abs(((uniform >= 250) & (uniform < 750)).float().mean().item() - 0.5) < 0.015
     shifted = draw(NoiseConfig(timestep_sampling="logit_normal", logit_mean=-0.5, logit_std=0.5))
     assert abs(shifted.float().median().item() - 1000 * torch.sigmoid(torch.tensor(-0.5)).item()) < 5
+
+
+def test_the_optimizer_and_ema_take_the_textbook_steps_in_one_multi_tensor_update():
+    """make_optimizer's fused AdamW (weight decay, betas and eps from the config) moves the weights as torch's
+    per-tensor AdamW does, and make_ema's foreach update is the textbook one: ema = d·ema + (1 − d)·w."""
+    import components as C
+    from latentgen.training.loop import make_ema, make_optimizer
+
+    config = load_config(UNetTrainConfig, None, ["vae_path=unused", "learning_rate=1e-2", "adam_weight_decay=0.1",
+                                                 "adam_beta1=0.8", "ema_decay=0.9"])
+    unet = C.unet()
+    torch.manual_seed(0)
+    reference = [p.detach().clone().requires_grad_() for p in unet.parameters()]
+    ours, textbook = make_optimizer(unet.parameters(), config), torch.optim.AdamW(
+        reference, lr=1e-2, weight_decay=0.1, betas=(0.8, config.adam_beta2), eps=config.adam_epsilon, foreach=False)
+    assert ours.defaults["fused"]
+    ema = make_ema(unet, config)
+    before = [p.detach().clone() for p in unet.parameters()]
+    for _ in range(3):
+        for p, q in zip(unet.parameters(), reference):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        ours.step()
+        textbook.step()
+        weights, shadow = [p.detach().clone() for p in unet.parameters()], [s.clone() for s in ema.shadow_params]
+        ema.step(unet.parameters())
+    for p, q, b in zip(unet.parameters(), reference, before):
+        assert not torch.equal(p, b)
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    decay = ema.get_decay(ema.optimization_step)  # diffusers' warm-up: (1 + 2) / (10 + 2) at the third update
+    assert decay == 0.25
+    for new, old, w in zip(ema.shadow_params, shadow, weights):
+        assert not torch.equal(new, w)
+        torch.testing.assert_close(new, decay * old + (1 - decay) * w, rtol=1e-5, atol=1e-6)
