@@ -10,6 +10,7 @@
     python bench/probes.py thread         # the default model sampling on the main thread and on another thread
     python bench/probes.py cascade        # seconds per image: the default model alone, with its upscaler, bicubic
     python bench/probes.py denoise        # where shapes are lost: latent noise through the decoder; img2img strengths
+    python bench/probes.py wordllama      # a static multilingual token table (pip install --no-deps wordllama)
 """
 
 from __future__ import annotations
@@ -372,10 +373,52 @@ def denoise(args):
                                                    guidance_scale=guidance).images)
 
 
+def wordllama(_):
+    """Whether wordllama (the one multilingual embedding table found on PyPI, #16) could condition a bilingual
+    default model: how Llama 2's tokenizer splits the dataset's Chinese words, how near each Chinese word's vector
+    is to its English one (cosine of the mean token vectors), and whether two captions that swap the shape's and
+    the background's colors differ as sets of token vectors (static vectors carry no order)."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+
+    spec = importlib.util.find_spec("wordllama")  # its files only: its __init__ imports what it serves with
+    if spec is None:
+        raise SystemExit("wordllama is not installed: pip install --no-deps wordllama")
+    root = Path(spec.submodule_search_locations[0])
+    table = next(iter(load_file(root / "weights" / "l2_supercat_256.safetensors").values())).float()
+    tokenizer = Tokenizer.from_str((root / "tokenizers" / "l2_supercat_tokenizer_config.json").read_text())
+    print(f"token table {tuple(table.shape)}")
+    table = torch.nn.functional.normalize(table, dim=1)
+
+    def tokens(text):
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    def vector(text):
+        return torch.nn.functional.normalize(table[tokens(text).ids].mean(0), dim=0)
+
+    from latentgen.data.shapes import ZH_COLORS, ZH_KINDS, ZH_ONE
+
+    words = {ZH_COLORS[c]: c for c in ("red", "blue", "green", "yellow")}
+    words |= {ZH_KINDS[k]: k for k in ("circle", "square", "triangle")} | {"左边": "left", "右边": "right"}
+    for zh, en in words.items():
+        print(f"{zh} -> {tokens(zh).tokens}: cosine with '{en}' {float(vector(zh) @ vector(en)):.2f}")
+    zh = lambda color, background: ZH_ONE[0].format(b=ZH_COLORS[background], c=ZH_COLORS[color],  # noqa: E731
+                                                    k=ZH_KINDS["circle"])
+    swapped = [("a red circle on a blue background", "a blue circle on a red background"),
+               (zh("red", "blue"), zh("blue", "red"))]
+    for a, b in swapped:
+        same = sorted(tokens(a).ids) == sorted(tokens(b).ids)
+        print(f"'{a}' / '{b}': {'the same' if same else 'different'} sets of token vectors")
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="probe", required=True)
-    for name in ("samplers", "dpm-variants", "bf16-drift", "profile", "memory", "thread", "cascade"):
+    for name in ("samplers", "dpm-variants", "bf16-drift", "profile", "memory", "thread", "cascade", "wordllama"):
         sub.add_parser(name)
     shapes_parser = sub.add_parser("shapes")
     shapes_parser.add_argument("--kinds", nargs="+", default=["circle", "square", "triangle"])
@@ -388,7 +431,7 @@ def main():
     args = p.parse_args()
     {"samplers": samplers, "dpm-variants": dpm_variants, "bf16-drift": bf16_drift, "profile": profile,
      "train-step": train_step, "memory": memory, "shapes": shapes, "thread": thread,
-     "cascade": cascade, "denoise": denoise}[args.probe](args)
+     "cascade": cascade, "denoise": denoise, "wordllama": wordllama}[args.probe](args)
 
 
 if __name__ == "__main__":
