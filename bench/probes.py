@@ -4,7 +4,7 @@
     python bench/probes.py dpm-variants   # DPM-Solver++ 2M: first order, log-SNR-uniform steps, Karras sigmas
     python bench/probes.py bf16-drift     # how far bf16 images are from fp32 images, same seeds
     python bench/probes.py profile        # where an 8-image call of the default model spends its time
-    python bench/probes.py train-step     # the U-Net training step: attention kernels, torch.compile, profile
+    python bench/probes.py train-step     # the U-Net training step: attention, channels-last, [--compile], profile
     python bench/probes.py memory         # the memory guard's estimate against measured peaks (default model)
     python bench/probes.py shapes         # the strict shape measures: dataset, VAE round trip, default model
     python bench/probes.py thread         # the default model sampling on the main thread and on another thread
@@ -147,8 +147,9 @@ def profile(_):
 
 
 def train_step(args):
-    """Samples/s of the default model's U-Net training step (batch 64, bf16 autocast, AdamW): SDPA against plain
-    matmul-softmax attention, eager against torch.compile; and the operators of the step train_unet.py runs."""
+    """Samples/s of the default model's U-Net training step (batch 64, bf16 autocast, train_unet.py's AdamW): SDPA
+    against plain matmul-softmax attention, channels-last against contiguous, eager against torch.compile; and the
+    operators of the step train_unet.py runs."""
     import torch
     import torch.nn.functional as F
     from diffusers import UNet2DConditionModel
@@ -157,18 +158,22 @@ def train_step(args):
 
     from latentgen.config import load_config
     from latentgen.device import set_attention
+    from latentgen.training.loop import make_optimizer
     from latentgen.training.unet import UNetTrainConfig
 
     config = load_config(UNetTrainConfig, ROOT / "configs" / "unet-shapes.yaml")
     x, hidden, t = torch.randn(64, 4, 16, 16), torch.randn(64, 32, 384), torch.randint(0, 1000, (64,))
-    for label, compiled, attention in (("eager, SDPA attention", False, "sdpa"),
-                                       ("eager, math attention", False, "math"),
-                                       ("torch.compile, math attention", True, "math")):
+    variants = [("eager, SDPA attention", False, "sdpa", False), ("eager, math attention", False, "math", False),
+                ("eager, math attention, channels-last", False, "math", True)]
+    variants += [("torch.compile, math attention", True, "math", False)] if args.compile else []
+    for label, compiled, attention, channels_last in variants:
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**config.unet).train()
         set_attention(unet, attention, torch.device("cpu"), training=True)
+        if channels_last:
+            unet.to(memory_format=torch.channels_last)
         model = torch.compile(unet) if compiled else unet
-        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+        optimizer = make_optimizer(unet.parameters(), config)
 
         def step():
             with torch.autocast("cpu", torch.bfloat16):
@@ -187,7 +192,7 @@ def train_step(args):
             step()
         rate = args.steps * 64 / (time.perf_counter() - start)
         print(f"{label:>30}: first step {first:.1f} s, {rate:.1f} samples/s", flush=True)
-        if attention == "math" and not compiled:
+        if label == "eager, math attention":
             with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
                 step()
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
@@ -423,7 +428,9 @@ def main():
     shapes_parser = sub.add_parser("shapes")
     shapes_parser.add_argument("--kinds", nargs="+", default=["circle", "square", "triangle"])
     shapes_parser.add_argument("--lora")
-    sub.add_parser("train-step").add_argument("--steps", type=int, default=15)
+    train_step_parser = sub.add_parser("train-step")
+    train_step_parser.add_argument("--steps", type=int, default=15)
+    train_step_parser.add_argument("--compile", action="store_true", help="also torch.compile (compiles for 80 s)")
     denoise_parser = sub.add_parser("denoise")
     denoise_parser.add_argument("--model", default=MODEL)
     denoise_parser.add_argument("--vae", help="an AutoencoderKL folder to use instead of the model's")
