@@ -148,8 +148,8 @@ def profile(_):
 
 def train_step(args):
     """Samples/s of the default model's U-Net training step (batch 64, bf16 autocast, train_unet.py's AdamW): SDPA
-    against plain matmul-softmax attention, channels-last against contiguous, eager against torch.compile; and the
-    operators of the step train_unet.py runs."""
+    against plain matmul-softmax attention, channels-last against contiguous, eager against torch.compile; the
+    operators of the step train_unet.py runs; the optimizer's and EMA's update alone."""
     import torch
     import torch.nn.functional as F
     from diffusers import UNet2DConditionModel
@@ -196,6 +196,35 @@ def train_step(args):
             with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
                 step()
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+    _update_costs(UNet2DConditionModel(**config.unet), config)
+
+
+def _update_costs(unet, config):
+    """Milliseconds per update of the optimizer and EMA over the U-Net's tensors: torch's per-tensor AdamW loop
+    against train_unet.py's fused AdamW, and diffusers' EMA update in a loop against its foreach one."""
+    import torch
+    from diffusers.training_utils import EMAModel
+
+    from latentgen.training.loop import make_ema, make_optimizer
+
+    params = list(unet.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+
+    def ms(update):
+        for _ in range(3):
+            update()
+        start = time.perf_counter()
+        for _ in range(20):
+            update()
+        return (time.perf_counter() - start) / 20 * 1000
+
+    loop = torch.optim.AdamW(params, lr=config.learning_rate, foreach=False)
+    ema_loop = EMAModel(params, decay=config.ema_decay, foreach=False)
+    ema = make_ema(unet, config)
+    print(f"AdamW over {len(params)} tensors: per-tensor loop {ms(loop.step):.1f} ms, train_unet.py's "
+          f"{ms(make_optimizer(params, config).step):.1f} ms; EMA update: loop "
+          f"{ms(lambda: ema_loop.step(params)):.1f} ms, train_unet.py's {ms(lambda: ema.step(params)):.1f} ms")
 
 
 _MEMORY_RUN = """
