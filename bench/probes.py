@@ -7,6 +7,7 @@
     python bench/probes.py train-step     # the U-Net training step: attention, channels-last, [--compile], profile
     python bench/probes.py memory         # the memory guard's estimate against measured peaks (default model)
     python bench/probes.py shapes         # the strict shape measures: dataset, VAE round trip, default model
+    python bench/probes.py pairs          # two-shape scores of the dataset's images and of their VAE round trip
     python bench/probes.py thread         # the default model sampling on the main thread and on another thread
     python bench/probes.py cascade        # seconds per image: the default model alone, with its upscaler, bicubic
     python bench/probes.py denoise        # where shapes are lost: latent noise through the decoder; img2img strengths
@@ -24,10 +25,15 @@ MODEL = str(ROOT / "latentgen" / "default_model")
 PROMPT = "a red circle on a blue background"
 
 
-def _pipe(dtype=None):
+def _pipe(dtype=None, model=MODEL, vae=None):
+    """The default model (or `model`), with the VAE of folder `vae` (as train_vae.py writes it) if given."""
     from latentgen import LatentPipeline
 
-    pipe = LatentPipeline.from_pretrained(MODEL, torch_dtype=dtype)
+    pipe = LatentPipeline.from_pretrained(model, torch_dtype=dtype)
+    if vae:  # e.g. a decoder fine-tuned with decoder_only
+        from diffusers import AutoencoderKL
+
+        pipe.vae = AutoencoderKL.from_pretrained(vae, torch_dtype=pipe.unet.dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -291,6 +297,30 @@ def shapes(args):
     report("default model", [t.shapes[0][1] for t in targets], images)
 
 
+def pairs(args):
+    """The ceiling of the two-shape scores: held-out two-shape dataset images, scored as the eval scores generated
+    ones (their caption's shapes left to right), as drawn and through the default model's VAE (encode, decode)."""
+    import torch
+
+    from latentgen.data.shapes import ShapesSpec, make_sample
+    from latentgen.eval.adherence import Target, evaluate_images
+
+    spec = ShapesSpec(split="heldout", seed=5, max_shapes=2, two_shape_fraction=1.0)
+    samples = [make_sample(spec, i) for i in range(args.count)]
+    left_to_right = [sorted(s.shapes, key=lambda d: d.center[0]) for s in samples]
+    targets = [Target(s.text, s.background, tuple((d.color, d.kind) for d in shapes), True)
+               for s, shapes in zip(samples, left_to_right)]
+    images = [s.render() for s in samples]
+    pipe = _pipe(torch.float32, vae=args.vae)
+    with torch.no_grad():
+        latents = pipe.encode_images(pipe.image_processor.preprocess(images).float())
+        round_trip = pipe.image_processor.postprocess(pipe.decode(latents))
+    for what, drawn in (("dataset", images), ("VAE round trip", round_trip)):
+        r = evaluate_images(targets, drawn)["two-heldout"]
+        print(f"{what:>14} ({r['n']} images): " + ", ".join(
+            f"{k} {r[k]:.0%} (strict {r['strict_' + k]:.0%})" for k in ("kinds", "binding", "relation")))
+
+
 def thread(_):
     """Seconds per image of the default model (20 steps), sampled on the main thread, then on another thread."""
     import threading
@@ -345,16 +375,10 @@ def denoise(args):
 
     import torch
 
-    from latentgen import LatentPipeline
     from latentgen.guidance import alpha_sigma, classifier_free_guidance, x0_from_prediction
 
     kinds, real, texts = _heldout_singles(60)
-    pipe = LatentPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
-    if args.vae:  # another VAE, as train_vae.py writes it (e.g. a decoder fine-tuned with decoder_only)
-        from diffusers import AutoencoderKL
-
-        pipe.vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _pipe(torch.float32, args.model, args.vae)
 
     def report(what, images):
         right, count = collections.Counter(), collections.Counter()
@@ -457,6 +481,9 @@ def main():
     shapes_parser = sub.add_parser("shapes")
     shapes_parser.add_argument("--kinds", nargs="+", default=["circle", "square", "triangle"])
     shapes_parser.add_argument("--lora")
+    pairs_parser = sub.add_parser("pairs")
+    pairs_parser.add_argument("--count", type=int, default=300)
+    pairs_parser.add_argument("--vae", help="an AutoencoderKL folder to use instead of the model's")
     train_step_parser = sub.add_parser("train-step")
     train_step_parser.add_argument("--steps", type=int, default=15)
     train_step_parser.add_argument("--compile", action="store_true", help="also torch.compile (compiles for 80 s)")
@@ -466,7 +493,7 @@ def main():
     denoise_parser.add_argument("--guidance", type=float, nargs="+", default=[7.5])
     args = p.parse_args()
     {"samplers": samplers, "dpm-variants": dpm_variants, "bf16-drift": bf16_drift, "profile": profile,
-     "train-step": train_step, "memory": memory, "shapes": shapes, "thread": thread,
+     "train-step": train_step, "memory": memory, "shapes": shapes, "pairs": pairs, "thread": thread,
      "cascade": cascade, "denoise": denoise, "wordllama": wordllama}[args.probe](args)
 
 
