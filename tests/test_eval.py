@@ -190,11 +190,29 @@ def test_eval_prompts_of_the_new_kind_with_a_lora(smoke_model, tmp_path):
     assert np.abs(np.asarray(with_lora[0], float) - np.asarray(without[0], float)).max() > 2
     r = subprocess.run([sys.executable, "-m", "latentgen.eval", "adherence", "--model", str(smoke_model), "--seeds",
                         "1", "--steps", "2", "--kinds", "star", "--lora", str(lora), "--dtype", "fp32",
-                        "--guidance-interval", "0", "0.5"],
+                        "--guidance-interval", "0", "0.5", "--vae", str(smoke_model / "vae")],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"kinds star, LoRA {lora} guided over 0-0.5 of the steps)" in r.stdout
+    assert f"kinds star, LoRA {lora}, VAE {smoke_model / 'vae'} guided over 0-0.5 of the steps)" in r.stdout
     assert "| 7.5 | one-heldout | 9 |" in r.stdout
+
+
+def test_eval_decodes_with_the_vae_it_is_given(smoke_model, tmp_path):
+    """`--vae FOLDER` (a fine-tuned decoder, say) replaces the model's VAE for the whole evaluation."""
+    from diffusers import AutoencoderKL
+
+    from latentgen.eval.__main__ import generate, load
+
+    vae = AutoencoderKL.from_pretrained(smoke_model / "vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias += 0.5  # every image brighter
+    vae.save_pretrained(tmp_path / "vae")
+    swapped = load(str(smoke_model), "fp32", vae=str(tmp_path / "vae"))
+    assert torch.equal(swapped.vae.decoder.conv_out.bias, vae.decoder.conv_out.bias)
+    prompt = ["a red square on a blue background"]
+    brighter = np.asarray(generate(swapped, prompt, [1], 2, None, 7.5)[0], float)
+    plain = np.asarray(generate(load(str(smoke_model), "fp32"), prompt, [1], 2, None, 7.5)[0], float)
+    assert (brighter - plain).mean() > 20
 
 
 def test_eval_steps_sweep_passes_the_guidance_options(monkeypatch):

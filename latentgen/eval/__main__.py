@@ -23,13 +23,15 @@ from ..schedulers import scheduler_name_of, scheduler_names
 GROUP_ORDER = ("one-heldout", "one-seen", "two-heldout", "two-seen")
 
 
-def load(model: str | None, dtype: str, device: str = "auto", loras: list[str] = (), compile: bool = False):
+def load(model: str | None, dtype: str, device: str = "auto", loras: list[str] = (), compile: bool = False,
+         vae: str | None = None):
     """The pipeline, with `loras` (`PATH[:SCALE]`, as infer.py's --lora) fused; `generate` asks for them.
-    `compile`: the U-Net compiled (`LatentPipeline.compile_unet`), which an evaluation's hundreds of images repay."""
+    `compile`: the U-Net compiled (`LatentPipeline.compile_unet`), which an evaluation's hundreds of images repay.
+    `vae`: a VAE folder or file in place of the model's, as infer.py's --vae."""
     from .. import lora
     from ..loading import open_pipeline, resolve_model
 
-    pipe = open_pipeline(resolve_model(model), dtype=dtype, device=device, embeddings_dir=None)
+    pipe = open_pipeline(resolve_model(model), dtype=dtype, device=device, vae=vae, embeddings_dir=None)
     files = [(lora.resolve(path, pipe.loras_dir), scale) for path, scale in map(lora.parse_flag, loras)]
     lora.fuse(pipe, files)
     if compile:
@@ -209,6 +211,7 @@ def main(argv=None):
             q.add_argument("--compile", action="store_true", help="compile the U-Net, as infer.py --compile")
         q.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                        help="apply a LoRA (fused), as infer.py --lora; repeatable")
+        q.add_argument("--vae", help="replace the model's VAE, as infer.py --vae (a VAE folder or file)")
 
     common(sub.add_parser("adherence", help="per-attribute accuracy, seen vs held-out"))
     common(sub.add_parser("reconstruction", help="VAE PSNR/SSIM on held-out shapes and photographs"), False)
@@ -235,7 +238,7 @@ def main(argv=None):
         raise UserError(f"--out {out} is a file; give a folder for the report")
     options = guidance_options(args)
     quiet_libraries()
-    pipe = load(args.model, args.dtype, loras=args.lora, compile=getattr(args, "compile", False))
+    pipe = load(args.model, args.dtype, loras=args.lora, compile=getattr(args, "compile", False), vae=args.vae)
     report = []
     made: dict[float, tuple] = {}  # guidance -> (targets, images), reused by the distance section
 
@@ -252,6 +255,7 @@ def main(argv=None):
         sampler = args.scheduler or f"the model's own sampler, {scheduler_name_of(pipe.scheduler)}"
         extra = "".join([f", kinds {' '.join(args.kinds)}" if tuple(args.kinds) != KINDS else "",
                          f", LoRA {' '.join(args.lora)}" if args.lora else "",
+                         f", VAE {args.vae}" if args.vae else "",
                          " guided over {:g}-{:g} of the steps".format(*options["guidance_interval"])
                          if "guidance_interval" in options else "",
                          f", guidance rescale {options['guidance_rescale']:g}" if "guidance_rescale" in options else "",
