@@ -287,12 +287,12 @@ def shapes(args):
     kinds = tuple(args.kinds)
     real_kinds, real, _ = _heldout_singles(150, kinds)
     report("dataset", real_kinds, real)
-    pipe = _pipe(torch.float32)
+    pipe = _pipe(torch.float32, vae=args.vae)
     with torch.no_grad():
         latents = pipe.encode_images(pipe.image_processor.preprocess(real).float())
         report("VAE round trip", real_kinds, pipe.image_processor.postprocess(pipe.decode(latents)))
     targets = [t for t in prompt_set(27, kinds=kinds) if t.group.startswith("one")]
-    images = _pipe()([t.prompt for t in targets], seed=list(range(1000, 1000 + len(targets))),
+    images = _pipe(vae=args.vae)([t.prompt for t in targets], seed=list(range(1000, 1000 + len(targets))),
                      num_inference_steps=20, guidance_scale=7.5, loras=[(args.lora, 1.0)] if args.lora else None).images
     report("default model", [t.shapes[0][1] for t in targets], images)
 
@@ -481,6 +481,7 @@ def main():
     shapes_parser = sub.add_parser("shapes")
     shapes_parser.add_argument("--kinds", nargs="+", default=["circle", "square", "triangle"])
     shapes_parser.add_argument("--lora")
+    shapes_parser.add_argument("--vae", help="an AutoencoderKL folder to use instead of the model's")
     pairs_parser = sub.add_parser("pairs")
     pairs_parser.add_argument("--count", type=int, default=300)
     pairs_parser.add_argument("--vae", help="an AutoencoderKL folder to use instead of the model's")
