@@ -33,7 +33,7 @@ def _pipe(dtype=None, model=MODEL, vae=None):
     if vae:  # e.g. a decoder fine-tuned with decoder_only
         from diffusers import AutoencoderKL
 
-        pipe.vae = AutoencoderKL.from_pretrained(vae, torch_dtype=pipe.unet.dtype)
+        pipe.vae = AutoencoderKL.from_pretrained(vae, torch_dtype=pipe.vae.dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
