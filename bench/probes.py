@@ -30,12 +30,22 @@ def _pipe(dtype=None, model=MODEL, vae=None):
     from latentgen import LatentPipeline
 
     pipe = LatentPipeline.from_pretrained(model, torch_dtype=dtype)
-    if vae:  # e.g. a decoder fine-tuned with decoder_only
-        from diffusers import AutoencoderKL
+    if vae:  # e.g. a decoder fine-tuned with decoder_only; swapped as infer.py --vae swaps it
+        from latentgen.loading import load_vae
 
-        pipe.vae = AutoencoderKL.from_pretrained(vae, torch_dtype=pipe.vae.dtype)
+        pipe.register_modules(vae=load_vae(vae, pipe.vae))
+        pipe.keep_vae_safe()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _round_trip(pipe, images):
+    """The images encoded and decoded by the pipeline's VAE."""
+    import torch
+
+    with torch.no_grad():
+        latents = pipe.encode_images(pipe.image_processor.preprocess(images).float())
+        return pipe.image_processor.postprocess(pipe.decode(latents))
 
 
 def _heldout_singles(count, kinds=None):
@@ -287,10 +297,7 @@ def shapes(args):
     kinds = tuple(args.kinds)
     real_kinds, real, _ = _heldout_singles(150, kinds)
     report("dataset", real_kinds, real)
-    pipe = _pipe(torch.float32, vae=args.vae)
-    with torch.no_grad():
-        latents = pipe.encode_images(pipe.image_processor.preprocess(real).float())
-        report("VAE round trip", real_kinds, pipe.image_processor.postprocess(pipe.decode(latents)))
+    report("VAE round trip", real_kinds, _round_trip(_pipe(torch.float32, vae=args.vae), real))
     targets = [t for t in prompt_set(27, kinds=kinds) if t.group.startswith("one")]
     images = _pipe(vae=args.vae)([t.prompt for t in targets], seed=list(range(1000, 1000 + len(targets))),
                      num_inference_steps=20, guidance_scale=7.5, loras=[(args.lora, 1.0)] if args.lora else None).images
@@ -311,10 +318,7 @@ def pairs(args):
     targets = [Target(s.text, s.background, tuple((d.color, d.kind) for d in shapes), True)
                for s, shapes in zip(samples, left_to_right)]
     images = [s.render() for s in samples]
-    pipe = _pipe(torch.float32, vae=args.vae)
-    with torch.no_grad():
-        latents = pipe.encode_images(pipe.image_processor.preprocess(images).float())
-        round_trip = pipe.image_processor.postprocess(pipe.decode(latents))
+    round_trip = _round_trip(_pipe(torch.float32, vae=args.vae), images)
     for what, drawn in (("dataset", images), ("VAE round trip", round_trip)):
         r = evaluate_images(targets, drawn)["two-heldout"]
         print(f"{what:>14} ({r['n']} images): " + ", ".join(
