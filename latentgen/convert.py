@@ -29,20 +29,33 @@ def main(argv: list[str] | None = None) -> Path:
 
     quiet_libraries()
     source, target = Path(args.source), Path(args.target)
-    if not source.exists():
-        raise UserError(f"{source} does not exist")
-    writes_file = target.suffix == ".safetensors"
-    if target.exists() and target.is_dir() == writes_file:
-        raise UserError(f"{target} exists and is not what the conversion writes; choose another target")
+    check_source(source)
+    check_target(target)
     pipe = LatentPipeline.from_pretrained(source, torch_dtype=torch.float32, allow_pickle=args.allow_pickle,
                                           prediction_type=args.prediction_type)
-    dtype = torch.float16 if args.fp16 else None
-    if writes_file:
+    write(pipe, target, torch.float16 if args.fp16 else None)
+    print(target)
+    return target
+
+
+def check_source(source: Path) -> None:
+    if not source.exists():
+        raise UserError(f"{source} does not exist")
+
+
+def check_target(target: Path) -> None:
+    """A .safetensors target is a single file, anything else a folder; an existing one of the other kind stays."""
+    if target.exists() and target.is_dir() == (target.suffix == ".safetensors"):
+        raise UserError(f"{target} exists and is not what would be written there (a .safetensors file or a "
+                        "folder); choose another target")
+
+
+def write(pipe, target: Path, dtype=None) -> None:
+    """`target` as a single-file checkpoint (.safetensors) or a diffusers folder, weights in `dtype` if given."""
+    if target.suffix == ".safetensors":
         pipe.save_single_file(target, dtype)
     else:
         pipe.save_pretrained(target, weights_dtype=dtype)
-    print(target)
-    return target
 
 
 if __name__ == "__main__":
