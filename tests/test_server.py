@@ -20,6 +20,20 @@ from conftest import ROOT, free_port
 from latentgen import LatentPipeline
 
 
+def hold_until(event: threading.Event):
+    """A forward pre-hook that blocks until `event` is set; its `reached` is set once a call has begun waiting.
+    It must return None: whatever else a pre-hook returns replaces the module's arguments (`Event.wait`'s True
+    would become the U-Net's only argument)."""
+    reached = threading.Event()
+
+    def hook(*_):
+        reached.set()
+        event.wait(30)
+
+    hook.reached = reached
+    return hook
+
+
 class Server:
     """`python -m latentgen.serve` in this process (uvicorn in a thread), on a free port."""
 
@@ -231,14 +245,15 @@ def test_bad_requests_get_a_clear_4xx(server):
 def test_concurrent_requests_are_batched_and_each_gets_its_own_images(server, pipe):
     worker = server.worker
     hold = threading.Event()
-    release = worker.models.pipe.unet.register_forward_pre_hook(lambda *_: hold.wait(30))  # keep the worker busy
+    hook = hold_until(hold)
+    release = worker.models.pipe.unet.register_forward_pre_hook(hook)  # keep the worker busy
     try:
         before = len(worker.batches)
-        first = threading.Thread(target=server.post, args=("/sdapi/v1/txt2img", {"prompt": "warm up", "steps": 2,
-                                                                                  "width": 32, "height": 32}))
+        held = []
+        first = threading.Thread(target=lambda: held.append(server.post("/sdapi/v1/txt2img", {
+            "prompt": "warm up", "steps": 2, "width": 32, "height": 32})))
         first.start()
-        while not worker.running:
-            time.sleep(0.01)
+        assert hook.reached.wait(60)
         answers = [None] * 4
 
         def ask(k):
@@ -256,6 +271,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_images(server, pi
     for t in [first, *threads]:
         t.join(timeout=120)
     assert worker.batches[before:] == [1, 4]  # the four queued requests ran as one batch
+    assert held[0].status_code == 200  # the hold only delayed the first
     for k, r in enumerate(answers):
         assert r.status_code == 200
         image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
@@ -301,13 +317,14 @@ def test_a_failing_job_fails_alone(server):
     """A request that passes the checks without the model but not with it (here: a LoRA that does not exist)
     gets its error; the job batched with it still gets its image."""
     hold = threading.Event()
-    release = server.worker.models.pipe.unet.register_forward_pre_hook(lambda *_: hold.wait(30))
+    hook = hold_until(hold)
+    release = server.worker.models.pipe.unet.register_forward_pre_hook(hook)
     try:
-        busy = threading.Thread(target=server.post, args=("/sdapi/v1/txt2img", {"prompt": "busy", "steps": 2,
-                                                                                 "width": 32, "height": 32}))
+        held = []
+        busy = threading.Thread(target=lambda: held.append(server.post("/sdapi/v1/txt2img", {
+            "prompt": "busy", "steps": 2, "width": 32, "height": 32})))
         busy.start()
-        while not server.worker.running:
-            time.sleep(0.01)
+        assert hook.reached.wait(60)
         bad = server.post("/latentgen/v1/jobs", {"prompt": "x <lora:missing:1>", "steps": 2, "width": 32,
                                                  "height": 32}).json()
         good = server.post("/latentgen/v1/jobs", {"prompt": "y", "steps": 2, "width": 32, "height": 32}).json()
@@ -325,6 +342,7 @@ def test_a_failing_job_fails_alone(server):
 
     assert wait(bad)["error"].startswith("LoRA 'missing' is neither a file nor a name in")
     assert len(wait(good)["result"]["images"]) == 1
+    assert held[0].status_code == 200 and len(held[0].json()["images"]) == 1  # the hold only delayed it
 
 
 def test_auth_rejects_missing_and_wrong_credentials(tiny_folder):
