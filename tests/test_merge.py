@@ -1,5 +1,5 @@
-"""`latentgen.merge`: the weighted sum of two checkpoints (A1111's checkpoint merger), in Python and on the
-command line, to folders and single files."""
+"""`latentgen.merge`: the weighted sum of two checkpoints and the added difference of three (A1111's checkpoint
+merger), in Python and on the command line, to folders and single files."""
 
 import pytest
 import torch
@@ -46,9 +46,53 @@ def test_merge_refuses_two_architectures():
         merge_weights(a, _pipe(1), 1.5)
     for pipe, value in ((a, 0), (b := _pipe(1), 1)):  # a counter, as BatchNorm keeps: to agree, not to average
         pipe.unet.register_buffer("steps_seen", torch.tensor(value))
-    with pytest.raises(UserError, match="cannot merge: unet steps_seen differs and is not a weight"):
+    with pytest.raises(UserError, match="cannot merge: unet steps_seen differs between the first model and the "
+                                        "second and is not a weight"):
         merge_weights(a, b, 0.5)
     assert all(torch.equal(_weights(a)[k], v) for k, v in before.items())  # untouched by a refused merge
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_add_difference_adds_what_b_changed_from_c_to_a(alpha):
+    a, b, c = _pipe(0), _pipe(1), _pipe(2)
+    wa, wb, wc = _weights(a), _weights(b), _weights(c)
+    merged = _weights(merge_weights(a, b, alpha, c))
+    for k, v in wa.items():
+        expected = v + alpha * (wb[k] - wc[k]) if v.is_floating_point() else v
+        assert torch.equal(merged[k], expected), k
+    assert torch.equal(_weights(merge_weights(_pipe(0), _pipe(1), 1.0, _pipe(1)))[k], wa[k])  # B = C: A itself
+
+
+def _inpainting(seed: int) -> LatentPipeline:
+    from diffusers import UNet2DConditionModel
+
+    pipe = _pipe(seed)
+    torch.manual_seed(seed)
+    config = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}  # "_use_default_values" would
+    pipe.unet = UNet2DConditionModel(**{**config, "in_channels": 9}).eval()        # reset in_channels to 4
+    assert pipe.inpainting_unet
+    return pipe
+
+
+def test_add_difference_makes_an_inpainting_model_of_a_fine_tune():
+    """A1111's recipe: A the base's inpainting model (9 input channels), B a fine-tune, C the base (4): the
+    difference lands in A's first 4 input channels; the masked image's and the mask's 5 stay A's."""
+    a, b, c = _inpainting(0), _pipe(1), _pipe(2)
+    wa, wb, wc = _weights(a), _weights(b), _weights(c)
+    merged = merge_weights(a, b, 1.0, c)
+    assert merged.inpainting_unet
+    w = _weights(merged)
+    key = "unet.conv_in.weight"
+    assert torch.equal(w[key][:, :4], wa[key][:, :4] + (wb[key] - wc[key]))
+    assert torch.equal(w[key][:, 4:], wa[key][:, 4:])
+    assert all(torch.equal(w[k], wa[k] + (wb[k] - wc[k])) for k in wa if k != key and wa[k].is_floating_point())
+    before = _weights(b)
+    with pytest.raises(UserError, match=r"conv_in.weight is \(32, 4, 3, 3\) in the first model and \(32, 9, 3, 3\) in "
+                                        "the second; an inpainting model goes first, as A"):
+        merge_weights(b, _inpainting(0), 0.5)
+    with pytest.raises(UserError, match=r"\(32, 4, 3, 3\) in the second model and \(32, 9, 3, 3\) in the third"):
+        merge_weights(_inpainting(0), b, 1.0, _inpainting(2))
+    assert all(torch.equal(_weights(b)[k], v) for k, v in before.items())
 
 
 def test_merge_command_writes_folders_and_single_files(tmp_path, capsys):
@@ -65,6 +109,18 @@ def test_merge_command_writes_folders_and_single_files(tmp_path, capsys):
     for k, v in expected.items():
         assert torch.equal(folder[k], v), k
         assert torch.equal(single[k], v.half().to(v.dtype) if v.is_floating_point() else v), k
+
+
+def test_merge_command_adds_a_difference(tmp_path):
+    for seed in (0, 1, 2):
+        _pipe(seed).save_pretrained(tmp_path / f"m{seed}")
+    expected = _weights(merge_weights(_pipe(0), _pipe(1), 0.7, _pipe(2)))
+    assert run_cli(main, [str(tmp_path / "m0"), str(tmp_path / "m1"), str(tmp_path / "out"), "--alpha", "0.7",
+                          "--subtract", str(tmp_path / "m2")]) == 0
+    written = _weights(LatentPipeline.from_pretrained(tmp_path / "out", torch_dtype=torch.float32))
+    assert all(torch.equal(written[k], v) for k, v in expected.items())
+    assert run_cli(main, [str(tmp_path / "m0"), str(tmp_path / "m1"), str(tmp_path / "out2"), "--subtract",
+                          str(tmp_path / "none")]) == 2 and not (tmp_path / "out2").exists()
 
 
 def test_merge_command_mistakes_are_one_line_and_write_nothing(tmp_path, capsys):
