@@ -223,10 +223,11 @@ def test_eval_steps_sweep_passes_the_guidance_options(monkeypatch):
 
     def fake_adherence(pipe, steps, scheduler, guidance, seeds, per_group, groups, options=None):
         seen.append((scheduler, steps, options))
-        return {"one-heldout": {"all": 1.0, "n": 4}}, [], m.real_images(4, seed=steps)
+        return {"one-heldout": {"all": 1.0, "strict_all": 0.5, "n": 4}}, [], m.real_images(4, seed=steps)
 
     monkeypatch.setattr(m, "adherence", fake_adherence)
     rows = m.steps_sweep(None, ["ddim", "euler"], [2, 3], 1, 7.5, real_count=8,
                          options={"guidance_rescale": 0.7})
     assert [(r["scheduler"], r["steps"]) for r in rows] == [("ddim", 2), ("ddim", 3), ("euler", 2), ("euler", 3)]
     assert seen == [(s, n, {"guidance_rescale": 0.7}) for s in ("ddim", "euler") for n in (2, 3)]
+    assert m.steps_table(rows).splitlines()[2].startswith("| ddim | 100% / 50% / ")  # lenient / strict / KID
