@@ -32,6 +32,10 @@ def parse_args(argv):
     p.add_argument("--scheduler", choices=scheduler_names(), metavar="NAME",
                    help=f"sampler: {', '.join(scheduler_names())} (default: the model's own)")
     p.add_argument("--seed", type=int, help="seed of the first image; image k gets seed+k (default: random)")
+    p.add_argument("--variation-seed", type=int,
+                   help="A1111's variation seed: image k's noise is turned towards seed S+k's (default: random)")
+    p.add_argument("--variation-strength", type=float, default=0.0,
+                   help="how far, in [0, 1] (default 0: no variation; 1: the variation seed's own image)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
     p.add_argument("--height", type=int)
@@ -94,7 +98,8 @@ def parse_args(argv):
 # What the request's checks call each field: the flag the user typed.
 FLAG_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "seed": "--seed",
               "strength": "--strength", "num_images_per_prompt": "--num-images", "image": "--image",
-              "mask_image": "--mask", "hires": "--hires-scale", "upscale": "--upscale"}
+              "mask_image": "--mask", "hires": "--hires-scale", "upscale": "--upscale",
+              "variation_seed": "--variation-seed", "variation_strength": "--variation-strength"}
 
 
 def request_of(args, prompts, image=None, mask=None):
@@ -115,7 +120,8 @@ def request_of(args, prompts, image=None, mask=None):
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     return Request(prompt=prompts, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                    guidance_scale=args.guidance, height=args.height, width=args.width,
-                   num_images_per_prompt=args.num_images, seed=seed, scheduler=args.scheduler,
+                   num_images_per_prompt=args.num_images, seed=seed, variation_seed=args.variation_seed,
+                   variation_strength=args.variation_strength, scheduler=args.scheduler,
                    strength=args.strength, guidance_rescale=args.guidance_rescale,
                    dynamic_threshold=args.dynamic_threshold, guidance_interval=tuple(args.guidance_interval),
                    hires=hires, upscale=upscale, loras=[lora.parse_flag(v) for v in args.lora or []] or None,

@@ -57,8 +57,8 @@ def generate(pipe, plan, on_step=None, on_latents=None):
         init = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2)
     second = dataclasses.replace(
         req, prompt=plan.prompts, negative_prompt=plan.negative_prompts, num_images_per_prompt=1, seed=plan.seeds,
-        generator=None, image=init, mask_image=None, height=None, width=None, strength=hires.denoise,
-        num_inference_steps=hires.steps or req.num_inference_steps, hires=None, checked=False)
+        variation_seed=plan.variation_seeds, generator=None, image=init, mask_image=None, height=None, width=None,
+        strength=hires.denoise, num_inference_steps=hires.steps or req.num_inference_steps, hires=None, checked=False)
     out = pipe.run_plan(second.fit(pipe), on_step, on_latents)
     out.info = first.info | {"hires_height": h, "hires_width": w} | {
         k: v for k, v in out.info.items() if k == "fp32_retry"}

@@ -40,6 +40,8 @@ def a1111_parameters(meta: dict) -> str:
     fields = {"Steps": meta["num_inference_steps"], "Sampler": a1111_name(meta["scheduler"]),
               "CFG scale": meta["guidance_scale"], "Seed": meta["seed"], "Size": f"{meta['width']}x{meta['height']}",
               "Model hash": meta["model_hash"], "Model": model_name(meta["model"])}
+    if meta.get("variation_strength"):
+        fields |= {"Variation seed": meta["variation_seed"], "Variation seed strength": meta["variation_strength"]}
     if meta.get("vae"):
         fields |= {"VAE hash": meta["vae"]["hash"], "VAE": Path(meta["vae"]["path"]).name}
     if meta.get("clip_skip"):
@@ -175,6 +177,9 @@ def a1111_request(text: str) -> tuple[dict, dict[str, str], list[str]]:
             settings["guidance_rescale"] = float(fields["CFG Rescale phi"])
         if "Clip skip" in fields:
             settings["clip_skip"] = int(fields["Clip skip"]) - 1
+        if "Variation seed" in fields:
+            settings["variation_seed"] = int(fields["Variation seed"])
+            settings["variation_strength"] = float(fields.get("Variation seed strength", 0))
     except ValueError as err:
         raise UserError(f"the AUTOMATIC1111 parameters hold a value latentgen cannot read: {err}") from None
     schedule = fields.get("Schedule type", "")
@@ -199,7 +204,7 @@ def a1111_request(text: str) -> tuple[dict, dict[str, str], list[str]]:
         except ValueError as err:
             raise UserError(f"the AUTOMATIC1111 hires fields hold a value latentgen cannot read: {err}") from None
     used = {"Steps", "CFG scale", "Seed", "Size", "CFG Rescale phi", "Clip skip", "Sampler", "Hires upscale",
-            "Hires steps", "Hires upscaler", "Denoising strength"}
+            "Hires steps", "Hires upscaler", "Denoising strength", "Variation seed", "Variation seed strength"}
     if "Sampler" not in fields or from_a1111(fields["Sampler"], schedule) is not None:
         used.add("Schedule type")  # else: a schedule we do not have for this sampler, listed as unused
     unused += [k for k in fields if k not in used | _A1111_INFORMATIONAL]

@@ -15,6 +15,7 @@ Checking has two halves, each run once per request:
 from __future__ import annotations
 
 import dataclasses
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -35,7 +36,8 @@ _INPUT = {"recorded": False}  # inputs that are not settings: not in the metadat
 NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance", "seed": "seed", "strength": "strength",
          "num_images_per_prompt": "images per prompt", "guidance_rescale": "guidance rescale", "eta": "eta",
          "dynamic_threshold": "dynamic threshold (a percentile ratio)", "image": "an image",
-         "mask_image": "a mask", "hires": "the hires fix", "upscale": "the upscaler"}
+         "mask_image": "a mask", "hires": "the hires fix", "upscale": "the upscaler",
+         "variation_seed": "variation seed", "variation_strength": "variation strength"}
 
 
 @dataclass
@@ -43,7 +45,9 @@ class Request:
     """A generation request with diffusers' names and meanings (`StableDiffusionPipeline.__call__`).
 
     `seed` (one int, or one per image) makes each image reproducible on its own; `generator` keeps diffusers'
-    meaning. `image` (+ `strength`) is image-to-image; `image` + `mask_image` (white = repaint) is inpainting.
+    meaning. `variation_seed` and `variation_strength` are AUTOMATIC1111's variation seed: the starting noise turned
+    that far (0-1, spherically) towards the variation seed's (a random one when None). `image` (+ `strength`) is
+    image-to-image; `image` + `mask_image` (white = repaint) is inpainting.
     `guidance_rescale`, `dynamic_threshold` and `guidance_interval` are `latentgen.guidance`'s variants; `clip_skip`
     None uses the model's own; `hires` runs AUTOMATIC1111's hires fix (`latentgen.hires`), `upscale` the model's
     trained upscaler after it (a cascade, `latentgen.upscaler`); `loras` are LoRA files (or
@@ -58,6 +62,8 @@ class Request:
     width: int | None = None
     num_images_per_prompt: int = 1
     seed: int | list[int] | None = None
+    variation_seed: int | list[int] | None = None  # one int (image k gets it + k), or one per image
+    variation_strength: float = 0.0
     scheduler: str | None = None  # a name of latentgen.schedulers; None: the model's own
     eta: float = 0.0
     strength: float | None = None  # None: 0.8 for image-to-image, 1 for inpainting
@@ -148,6 +154,15 @@ class Request:
                      else validate.seed_list(self.seed, total))
         if isinstance(self.generator, list) and len(self.generator) != total:
             raise UserError(f"got {len(self.generator)} generators for {total} images")
+        variation = validate.in_range(self.variation_strength, name["variation_strength"], 0.0, 1.0)
+        variation_seeds = None
+        if variation > 0:  # A1111's: a random variation seed unless one is given, each image's the next
+            first = self.variation_seed
+            if first is None:
+                first = random.SystemRandom().randrange(2**31)
+            variation_seeds = (validate.seeds(first, total, name["variation_seed"])
+                               if not isinstance(first, (list, tuple))
+                               else validate.seed_list(first, total, name["variation_seed"]))
         hires = self.hires
         if hires is not None:
             hires = (Hires(**hires) if isinstance(hires, Mapping) else hires).check()
@@ -163,7 +178,8 @@ class Request:
                                 f"{name['upscale']} is for text-to-image; with {name['image']}, resize the image "
                                 "instead")
         return dataclasses.replace(self, prompt=prompts, negative_prompt=negatives, guidance_scale=guidance,
-                                   seed=seeds, guidance_rescale=rescale, eta=eta, guidance_interval=interval,
+                                   seed=seeds, variation_seed=variation_seeds, variation_strength=variation,
+                                   guidance_rescale=rescale, eta=eta, guidance_interval=interval,
                                    strength=strength, hires=hires, upscale=upscale, loras=loras, checked=True)
 
     @property
@@ -180,7 +196,8 @@ class Request:
         return self.num_inference_steps + (second if hires or upscale else 0)
 
     def per_image(self) -> tuple[list[str], list[str], list[int] | None]:
-        """One prompt, negative prompt and seed per image, prompt-major (after `check`)."""
+        """One prompt, negative prompt and seed per image, prompt-major (after `check`; the variation seeds, one
+        per image in the same order, are `variation_seed`)."""
         n = self.num_images_per_prompt
         return ([p for p in self.prompt for _ in range(n)], [p for p in self.negative_prompt for _ in range(n)],
                 self.seed)
@@ -236,7 +253,8 @@ class Request:
         folder = Path(getattr(pipe, "loras_dir", "loras"))
         loras = [(lora.resolve(name, folder), scale) for name, scale in (req.loras or []) + lora.tags(prompts[0])]
         plan = Plan(req, prompts, negatives, seeds, req.generator, height, width, image, init_latents, mask,
-                    pipe.config.clip_skip if req.clip_skip is None else req.clip_skip or None, loras)
+                    pipe.config.clip_skip if req.clip_skip is None else req.clip_skip or None, loras,
+                    variation_seeds=req.variation_seed)
         if req.upscale is not None:
             from .upscaler import second_stage
 
@@ -262,6 +280,7 @@ class Plan:
     loras: list[tuple[Path, float]] = field(default_factory=list)  # every LoRA file to apply, with its scale
     low_res: torch.Tensor | None = None  # an upscaler's conditioning input (N, C, h, w) (`latentgen.upscaler`)
     noise_levels: torch.Tensor | None = None  # (N,) its noise-augmentation levels
+    variation_seeds: list[int] | None = None  # one per image where the request's variation strength is > 0
 
     @property
     def batch_size(self) -> int:
@@ -289,7 +308,8 @@ class Plan:
                             "per image")
         pick = lambda xs: None if xs is None else [xs[i] for i in rows]  # noqa: E731
         return dataclasses.replace(self, prompts=pick(self.prompts), negative_prompts=pick(self.negative_prompts),
-                                   seeds=pick(self.seeds), generator=pick(self.generator),
+                                   seeds=pick(self.seeds), variation_seeds=pick(self.variation_seeds),
+                                   generator=pick(self.generator),
                                    image=_rows(self.image, rows, n), init_latents=_rows(self.init_latents, rows, n),
                                    mask=_rows(self.mask, rows, n), low_res=_rows(self.low_res, rows, n),
                                    noise_levels=_rows(self.noise_levels, rows, n))
@@ -309,6 +329,7 @@ class Plan:
         out = {name: getattr(r, name) for name in Request.recorded_fields()}
         out.update(prompt=self.prompts[i], negative_prompt=self.negative_prompts[i],
                    seed=None if self.seeds is None else self.seeds[i], num_images_per_prompt=1, height=self.height,
+                   variation_seed=None if self.variation_seeds is None else self.variation_seeds[i],
                    width=self.width, scheduler=scheduler, guidance_interval=list(r.guidance_interval),
                    strength=r.strength if self.has_init else None, clip_skip=self.clip_skip,
                    hires=None if r.hires is None else dataclasses.asdict(r.hires),

@@ -98,6 +98,10 @@ def prepare_latents(pipe, plan: Plan, scheduler, timesteps, generator) -> tuple[
     f, n = pipe.vae_scale_factor, plan.batch_size
     shape = (n, pipe.vae.config.latent_channels, plan.height // f, plan.width // f)
     noise = randn_tensor(shape, generator=generator, device=pipe.unet.device, dtype=torch.float32)
+    if plan.variation_seeds is not None:
+        other = randn_tensor(shape, generator=[torch.Generator("cpu").manual_seed(s) for s in plan.variation_seeds],
+                             device=noise.device, dtype=torch.float32)
+        noise = slerp(plan.request.variation_strength, noise, other)
     known: dict[str, torch.Tensor] = {"noise": noise}
     if not plan.has_init:
         return noise * scheduler.init_noise_sigma, known
@@ -115,6 +119,24 @@ def prepare_latents(pipe, plan: Plan, scheduler, timesteps, generator) -> tuple[
     if len(timesteps) == 0:  # strength so small that no step remains: the image itself
         return z0.clone(), known
     return scheduler.add_noise(z0, noise, timesteps[:1].repeat(n)), known
+
+
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor, dim: int = 2) -> torch.Tensor:
+    """Spherical interpolation from a (t = 0) to b (t = 1) of the vectors along `dim`: the arc between two Gaussian
+    draws, whose points keep a draw's norm where a straight line would shrink it (Shoemake 1985; torch has none).
+    The default, the height axis of (N, C, H, W) noise, is where AUTOMATIC1111's variation seeds take their
+    vectors (it normalizes its (C, H, W) noise along dim 1), so with A1111's CPU random numbers, which are
+    `torch.manual_seed` + `torch.randn` as ours are, the starting noise is A1111's. The ends are a and b exactly;
+    nearly parallel vectors take the straight line."""
+    if t in (0.0, 1.0):
+        return (a if t == 0.0 else b).clone()
+    cos = (a * b).sum(dim, keepdim=True) / (a.norm(dim=dim, keepdim=True) * b.norm(dim=dim, keepdim=True))
+    omega = torch.acos(cos.clamp(-1.0, 1.0))
+    sin = torch.sin(omega)
+    straight = sin < 1e-6
+    wa = torch.where(straight, 1.0 - t, torch.sin((1.0 - t) * omega) / sin.clamp_min(1e-6))
+    wb = torch.where(straight, t, torch.sin(t * omega) / sin.clamp_min(1e-6))
+    return wa * a + wb * b
 
 
 def predict(pipe, x: torch.Tensor, t, cond: GuidedConditioning, plan: Plan, step: int, scheduler,

@@ -229,7 +229,8 @@ def second_stage(pipe, plan):
                         f"available")
     second = dataclasses.replace(
         req, prompt=plan.prompts, negative_prompt=plan.negative_prompts, num_images_per_prompt=1, seed=plan.seeds,
-        height=plan.height * cfg.scale, width=plan.width * cfg.scale, num_inference_steps=want.steps or cfg.steps,
+        variation_seed=plan.variation_seeds, height=plan.height * cfg.scale, width=plan.width * cfg.scale,
+        num_inference_steps=want.steps or cfg.steps,
         guidance_scale=cfg.guidance if want.guidance is None else want.guidance, scheduler=None,
         strength=cfg.strength if want.strength is None else want.strength,
         guidance_rescale=0.0, dynamic_threshold=None, guidance_interval=(0.0, 1.0), upscale=None, loras=None,

@@ -37,11 +37,11 @@ def seeds(first, count: int, what: str = "seed") -> list[int]:
     return [first + k for k in range(count)]
 
 
-def seed_list(values, count: int) -> list[int]:
+def seed_list(values, count: int, what: str = "seed") -> list[int]:
     """One seed per image, each a valid torch seed."""
     values = list(values) if isinstance(values, (list, tuple)) else [values]
     if len(values) != count or not all(_is_int(s) and 0 <= s <= MAX_SEED for s in values):
-        raise UserError(f"seed must be an integer in [0, {MAX_SEED}] or a list of {count} of them (one per image)")
+        raise UserError(f"{what} must be an integer in [0, {MAX_SEED}] or a list of {count} of them (one per image)")
     return values
 
 

@@ -130,6 +130,23 @@ def test_webuiapi_txt2img_gives_the_pipelines_images_with_infotexts(server, pipe
     assert "notes" not in info  # webuiapi's defaults for fields latentgen lacks are A1111's defaults: nothing noted
 
 
+def test_webuiapi_variation_seeds_give_the_pipelines_variations(server, pipe):
+    result = api(server).txt2img(prompt="a red circle", seed=5, subseed=9, subseed_strength=0.4, steps=3, width=32,
+                                 height=32, batch_size=2, sampler_name="Euler")
+    info = result.info
+    assert info["all_subseeds"] == [9, 10] and info["subseed_strength"] == 0.4 and "notes" not in info
+    assert "Seed: 6, Size: 32x32, " in info["infotexts"][1]
+    assert ", Variation seed: 10, Variation seed strength: 0.4, " in info["infotexts"][1]
+    for k, image in enumerate(result.images):
+        direct = pipe("a red circle", seed=5 + k, variation_seed=9 + k, variation_strength=0.4, num_inference_steps=3,
+                      guidance_scale=7.0, width=32, height=32, scheduler="euler").images[0]
+        np.testing.assert_array_equal(pixels(image), pixels(direct))
+    plain = api(server).txt2img(prompt="a red circle", seed=5, subseed=9, steps=3, width=32, height=32,
+                                sampler_name="Euler")  # strength 0: the subseed is unused, as in A1111
+    assert plain.info["subseed"] == -1 and "Variation" not in plain.info["infotexts"][0]
+    assert not np.array_equal(pixels(plain.image), pixels(result.images[0]))
+
+
 def test_returned_png_reads_in_sd_parsers_and_replays_with_infer(server, tmp_path):
     from sd_parsers import ParserManager
 
@@ -227,7 +244,8 @@ def test_bad_requests_get_a_clear_4xx(server):
                           ({"batch_size": 10, "n_iter": 2}, "20 images asked"),
                           ({"sampler_name": "Restart"}, "sampler 'Restart' is not available; available: DDIM"),
                           ({"cfg_scale": -1}, "guidance must be a finite number ≥ 0"),
-                          ({"width": 33}, "width must be a positive multiple of 2")]:
+                          ({"width": 33}, "width must be a positive multiple of 2"),
+                          ({"subseed_strength": 2}, "subseed_strength must be in [0, 1], got 2")]:
         r = server.post("/sdapi/v1/txt2img", {"prompt": "x", "steps": 3, **body})
         assert r.status_code == 400, (body, r.text)
         assert message in r.json()["detail"], (body, r.json())

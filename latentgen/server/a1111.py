@@ -3,7 +3,7 @@
 `Request`; and the answer A1111 gives: base64 PNG images carrying its `parameters` text, and `info`, a JSON string
 with the infotexts.
 
-Fields that A1111 accepts but latentgen does not implement (face restoration, tiling, variation seeds, scripts,
+Fields that A1111 accepts but latentgen does not implement (face restoration, tiling, seed resizing, scripts,
 ...) are accepted; when one is set to something other than A1111's default, the answer's info says it was ignored.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from .. import __version__
+from .. import __version__, validate
 from ..errors import UserError
 from ..hires import Hires
 from ..metadata import a1111_parameters, image_metadata, model_name
@@ -27,7 +27,7 @@ from ..request import Request
 from ..schedulers import a1111_name, a1111_names, from_a1111
 
 # Fields latentgen does not implement, with A1111's defaults: set to anything else, they are noted as ignored.
-IGNORED = {"styles": [], "subseed": -1, "subseed_strength": 0.0, "seed_resize_from_h": -1, "seed_resize_from_w": -1,
+IGNORED = {"styles": [], "seed_resize_from_h": -1, "seed_resize_from_w": -1,
            "restore_faces": None, "tiling": None, "s_min_uncond": 0.0, "s_churn": 0.0, "s_tmax": None, "s_tmin": 0.0,
            "s_noise": 1.0, "script_name": None, "script_args": [], "alwayson_scripts": {}, "refiner_checkpoint": None,
            "refiner_switch_at": None, "hr_checkpoint_name": None, "hr_sampler_name": None, "hr_scheduler": None,
@@ -51,6 +51,8 @@ class Txt2Img(BaseModel):
     prompt: str = ""
     negative_prompt: str = ""
     seed: int = -1
+    subseed: int = -1  # the variation seed (-1: random), used where subseed_strength > 0
+    subseed_strength: float = 0.0
     sampler_name: str | None = None
     sampler_index: str | None = None
     scheduler: str | None = None
@@ -132,6 +134,9 @@ def to_request(body: Txt2Img, clip_skip_option: int | None = None) -> tuple[Requ
         clip_skip=None if clip_skip is None else int(clip_skip) - 1)  # A1111 counts the last layer as 1
     if body.eta is not None:
         fields["eta"] = body.eta
+    if body.subseed_strength:
+        fields["variation_strength"] = validate.in_range(body.subseed_strength, "subseed_strength", 0.0, 1.0)
+        fields["variation_seed"] = body.subseed if body.subseed >= 0 else random.SystemRandom().randrange(SEED_RANGE)
     if isinstance(body, Img2Img):
         if not body.init_images:
             raise UserError("init_images is empty; give one image (base64)")
@@ -204,7 +209,8 @@ def info(images: list[tuple[Any, dict]], request: Request, model: str, model_has
         "negative_prompt": negatives[0] if negatives else (request.negative_prompt or [""])[0],
         "all_negative_prompts": negatives,
         "seed": seeds[0] if seeds else (request.seed or [-1])[0], "all_seeds": seeds,
-        "subseed": -1, "all_subseeds": [-1] * len(seeds), "subseed_strength": 0,
+        "subseed": _subseed(first), "all_subseeds": [_subseed(m) for m in metas],
+        "subseed_strength": first.get("variation_strength", 0),
         "width": first.get("width", request.width), "height": first.get("height", request.height),
         "sampler_name": a1111_name(first["scheduler"]) if first else None, "cfg_scale": request.guidance_scale,
         "steps": request.num_inference_steps, "batch_size": request.total, "restore_faces": False,
@@ -221,6 +227,12 @@ def info(images: list[tuple[Any, dict]], request: Request, model: str, model_has
     if notes:
         out["notes"] = notes
     return out
+
+
+def _subseed(meta: dict) -> int:
+    """An image's variation seed as A1111 reports it: -1 for none."""
+    seed = meta.get("variation_seed")
+    return -1 if seed is None else seed
 
 
 def answer(body: BaseModel, images: list[tuple[Any, dict]], info_json: dict) -> dict:

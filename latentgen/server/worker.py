@@ -106,8 +106,8 @@ class Job:
             return None
         from .. import lora
 
-        skip = {"prompt", "negative_prompt", "seed", "num_images_per_prompt", "checked", "image", "mask_image",
-                "generator"}
+        skip = {"prompt", "negative_prompt", "seed", "variation_seed", "num_images_per_prompt", "checked", "image",
+                "mask_image", "generator"}
         values = tuple((f.name, _hashable(getattr(r, f.name))) for f in dataclasses.fields(r) if f.name not in skip)
         return (self.model, tuple(lora.tags(r.prompt[0])), values)
 
@@ -368,12 +368,14 @@ class QueueFull(UserError):
 
 
 def _merge(requests: list[Request]) -> Request:
-    """One request for the images of several checked requests that differ only in prompts and seeds."""
-    prompts, negatives, seeds = [], [], []
+    """One request for the images of several checked requests that differ only in prompts and seeds (their
+    variation seeds, where they have them, included)."""
+    prompts, negatives, seeds, variation_seeds = [], [], [], []
     for r in requests:
         p, n, s = r.per_image()
         prompts += p
         negatives += n
         seeds += s
+        variation_seeds += r.variation_seed or []
     return dataclasses.replace(requests[0], prompt=prompts, negative_prompt=negatives, seed=seeds,
-                               num_images_per_prompt=1, checked=False)
+                               variation_seed=variation_seeds or None, num_images_per_prompt=1, checked=False)
