@@ -410,7 +410,8 @@ def test_web_page_in_headless_chromium(server):
         models = [o.text for o in driver.find_elements(By.CSS_SELECTOR, "#model option")]
         assert "pipe" in models and "other" in models
         driver.find_element(By.ID, "prompt").send_keys("a red circle on a blue background")
-        for field, value in (("width", "32"), ("height", "32"), ("steps", "4"), ("seed", "42")):
+        for field, value in (("width", "32"), ("height", "32"), ("steps", "4"), ("seed", "42"), ("subseed", "7"),
+                             ("subseed_strength", "0.25")):
             driver.find_element(By.ID, field).clear()
             driver.find_element(By.ID, field).send_keys(value)
         driver.find_element(By.ID, "generate").click()
@@ -419,15 +420,18 @@ def test_web_page_in_headless_chromium(server):
         wait.until(lambda d: d.execute_script("return arguments[0].naturalWidth", image) == 32)
         text = driver.find_element(By.CSS_SELECTOR, "#gallery .item pre").text
         assert text.startswith("a red circle on a blue background\nSteps: 4") and "Seed: 42" in text
+        assert "Variation seed: 7, Variation seed strength: 0.25" in text
         link = driver.find_element(By.CSS_SELECTOR, "#gallery .item a")
         assert link.get_attribute("download") == "latentgen-42.png"
         assert link.get_attribute("href").startswith("data:image/png;base64,")
         # Reuse puts the image's parameters back into the form
         driver.find_element(By.ID, "prompt").clear()
-        driver.find_element(By.ID, "seed").clear()
+        for field in ("seed", "subseed", "subseed_strength"):
+            driver.find_element(By.ID, field).clear()
         driver.find_element(By.CSS_SELECTOR, "#gallery .item .reuse").click()
         assert driver.find_element(By.ID, "prompt").get_attribute("value") == "a red circle on a blue background"
-        assert driver.find_element(By.ID, "seed").get_attribute("value") == "42"
+        assert [driver.find_element(By.ID, f).get_attribute("value") for f in ("seed", "subseed", "subseed_strength")] \
+            == ["42", "7", "0.25"]
         # a mistake shows as one line on the page
         driver.find_element(By.ID, "steps").clear()
         driver.find_element(By.ID, "steps").send_keys("500")
