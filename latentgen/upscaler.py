@@ -251,7 +251,10 @@ def generate(pipe, plan, on_step=None, on_latents=None):
                       on_latents)
     out.info = first.info | {"upscale_height": second.height, "upscale_width": second.width,
                              "upscale_noise_level": level} | {k: v for k, v in out.info.items() if k == "fp32_retry"}
-    out.metadata = first.metadata
+    # the settings the upscaler ran with, its defaults filled in: a replay stays the same image when they change
+    ran = dataclasses.replace(want, steps=second.request.num_inference_steps, noise_level=level,
+                              guidance=second.request.guidance_scale, strength=second.request.strength)
+    out.metadata = [meta | {"upscale": dataclasses.asdict(ran)} for meta in first.metadata]
     return out
 
 

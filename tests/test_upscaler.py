@@ -145,8 +145,13 @@ def test_infer_upscale_writes_twice_the_size_records_it_and_replays(cascade_fold
     image = Image.open(tmp_path / "u.png")
     assert image.size == (64, 64)
     meta = json.loads(image.info["latentgen"])
-    assert meta["upscale"] == {"scale": 2, "steps": 2, "noise_level": None, "guidance": None, "strength": None}
+    # what the upscaler ran with, its defaults (upscaler.json: level 60, guidance 1, strength 1) filled in
+    assert meta["upscale"] == {"scale": 2, "steps": 2, "noise_level": 60, "guidance": 1.0, "strength": 1.0}
     assert (meta["height"], meta["width"]) == (32, 32)  # the first stage's size, as the request asked
+    r = infer("--replay", tmp_path / "u.png")
+    assert r.returncode == 0 and "identical, bit for bit" in r.stdout, r.stderr
+    config = cascade_folder / "upscaler" / "upscaler.json"  # the upscaler's defaults change later: the image stays
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"noise_level": 200, "strength": 0.5}))
     r = infer("--replay", tmp_path / "u.png")
     assert r.returncode == 0 and "identical, bit for bit" in r.stdout, r.stderr
 
