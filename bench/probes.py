@@ -112,8 +112,8 @@ def dpm_variants(_):
         schedulers.SCHEDULERS["dpm++"] = dataclasses.replace(base, defining={**base.defining, **extra})
         scores, _, _ = adherence(pipe, 20, "dpm++", 7.5, 2, 27, groups=("one-heldout",))
         r = scores["one-heldout"]
-        print(f"{label:>34}: shape {r['shape']:.0%}  shape color {r['shape_color']:.0%}  all {r['all']:.0%}",
-              flush=True)
+        print(f"{label:>34}: shape {r['shape']:.0%}  shape color {r['shape_color']:.0%}  all {r['all']:.0%}  "
+              f"all strict {r['strict_all']:.0%}", flush=True)
 
 
 def bf16_drift(_):
