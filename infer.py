@@ -36,6 +36,7 @@ def parse_args(argv):
                    help="A1111's variation seed: image k's noise is turned towards seed S+k's (default: random)")
     p.add_argument("--variation-strength", type=float, default=0.0,
                    help="how far, in [0, 1] (default 0: no variation; 1: the variation seed's own image)")
+    p.add_argument("--tiling", action="store_true", help="make the image tile seamlessly (A1111's Tiling)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
     p.add_argument("--height", type=int)
@@ -121,7 +122,7 @@ def request_of(args, prompts, image=None, mask=None):
     return Request(prompt=prompts, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                    guidance_scale=args.guidance, height=args.height, width=args.width,
                    num_images_per_prompt=args.num_images, seed=seed, variation_seed=args.variation_seed,
-                   variation_strength=args.variation_strength, scheduler=args.scheduler,
+                   variation_strength=args.variation_strength, tiling=args.tiling, scheduler=args.scheduler,
                    strength=args.strength, guidance_rescale=args.guidance_rescale,
                    dynamic_threshold=args.dynamic_threshold, guidance_interval=tuple(args.guidance_interval),
                    hires=hires, upscale=upscale, loras=[lora.parse_flag(v) for v in args.lora or []] or None,

@@ -101,11 +101,12 @@ class CompiledForward:
         # (fused) ones run only the base layer, whose weights are compiled in
         self.servable = all(m.merged for m in self.lora_layers)
 
-    @staticmethod
-    def _inputs(sample, timestep, encoder_hidden_states, args=(), kwargs=None) -> tuple | None:
-        """The package's three inputs for a call of the U-Net, or None where a package cannot serve it."""
+    def _inputs(self, sample, timestep, encoder_hidden_states, args=(), kwargs=None) -> tuple | None:
+        """The package's three inputs for a call of the U-Net, or None where a package cannot serve it (a tiled
+        call's circular padding, `latentgen.tiling`, is not compiled in)."""
         plain = (not args and all(v is None for v in (kwargs or {}).values()) and torch.is_tensor(encoder_hidden_states)
-                 and sample.device.type == "cpu" and not torch.is_grad_enabled())
+                 and sample.device.type == "cpu" and not torch.is_grad_enabled()
+                 and self.unet.conv_in.padding_mode == "zeros")
         if not plain:
             return None
         # diffusers embeds timesteps in float32 whatever their dtype: one (B,) float32 input serves every

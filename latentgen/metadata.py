@@ -50,6 +50,8 @@ def a1111_parameters(meta: dict) -> str:
         fields["Denoising strength"] = meta["strength"]
     if meta.get("guidance_rescale"):
         fields["CFG Rescale phi"] = meta["guidance_rescale"]
+    if meta.get("tiling"):
+        fields["Tiling"] = True
     if meta.get("hires"):
         from .hires import UPSCALERS
 
@@ -177,6 +179,8 @@ def a1111_request(text: str) -> tuple[dict, dict[str, str], list[str]]:
             settings["guidance_rescale"] = float(fields["CFG Rescale phi"])
         if "Clip skip" in fields:
             settings["clip_skip"] = int(fields["Clip skip"]) - 1
+        if "Tiling" in fields:
+            settings["tiling"] = fields["Tiling"].lower() == "true"
         if "Variation seed" in fields:
             settings["variation_seed"] = int(fields["Variation seed"])
             settings["variation_strength"] = float(fields.get("Variation seed strength", 0))
@@ -204,7 +208,8 @@ def a1111_request(text: str) -> tuple[dict, dict[str, str], list[str]]:
         except ValueError as err:
             raise UserError(f"the AUTOMATIC1111 hires fields hold a value latentgen cannot read: {err}") from None
     used = {"Steps", "CFG scale", "Seed", "Size", "CFG Rescale phi", "Clip skip", "Sampler", "Hires upscale",
-            "Hires steps", "Hires upscaler", "Denoising strength", "Variation seed", "Variation seed strength"}
+            "Hires steps", "Hires upscaler", "Denoising strength", "Variation seed", "Variation seed strength",
+            "Tiling"}
     if "Sampler" not in fields or from_a1111(fields["Sampler"], schedule) is not None:
         used.add("Schedule type")  # else: a schedule we do not have for this sampler, listed as unused
     unused += [k for k in fields if k not in used | _A1111_INFORMATIONAL]

@@ -28,7 +28,7 @@ from diffusers.loaders import (
 )
 from torch import nn
 
-from . import diffusion, lora, sampling
+from . import diffusion, lora, sampling, tiling
 from .conditioning import Conditioning, PromptEncoder
 from .errors import UserError, first_line
 from .io import atomic_dir
@@ -87,7 +87,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         self.prompt_encoder = PromptEncoder()
         self.warned: set[str] = set()  # warnings given once per pipeline
         self.loras_dir = Path("loras")  # where <lora:NAME:...> and named LoRAs are looked up
-        self.lora_lock = threading.RLock()  # requests with different LoRAs take turns on the shared U-Net
+        self.lora_lock = threading.RLock()  # requests with different LoRAs, or tiled ones, take turns on the U-Net
 
     # ------------------------------------------------------------------------------------------------------------
     # LoRAs: diffusers' SD loader, and for an SDXL pipeline its SDXL loader, which also loads the second text
@@ -372,19 +372,23 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
                  on_latents: Callable[[int, torch.Tensor], None] | None = None) -> GenerationOutput:
         """Run a Request, or a Plan already fitted to this pipeline (then nothing is checked again)."""
         plan = request if isinstance(request, Plan) else request.fit(self)
+        tiled = plan.request.tiling
+        if tiled:  # from now on every call takes the lock: none may run while the convolutions are circular
+            self.__dict__["tiling_used"] = True
         switch = bool(plan.loras or self.__dict__.get("managed_loras"))
-        with self.lora_lock if switch else contextlib.nullcontext():
+        with self.lora_lock if switch or self.__dict__.get("tiling_used") else contextlib.nullcontext():
             if switch:
                 lora.activate(self, plan.loras)
-            if plan.request.hires is not None:
-                from . import hires
+            with tiling.circular(self.unet, self.vae, enabled=tiled):
+                if plan.request.hires is not None:
+                    from . import hires
 
-                return hires.generate(self, plan, on_step, on_latents)
-            if plan.request.upscale is not None:
-                from . import upscaler
+                    return hires.generate(self, plan, on_step, on_latents)
+                if plan.request.upscale is not None:
+                    from . import upscaler
 
-                return upscaler.generate(self, plan, on_step, on_latents)
-            return self.run_plan(plan, on_step, on_latents)
+                    return upscaler.generate(self, plan, on_step, on_latents)
+                return self.run_plan(plan, on_step, on_latents)
 
     def run_plan(self, plan: Plan, on_step: Callable[[int], None] | None = None,
                  on_latents: Callable[[int, torch.Tensor], None] | None = None) -> GenerationOutput:

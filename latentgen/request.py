@@ -49,9 +49,10 @@ class Request:
     that far (0-1, spherically) towards the variation seed's (a random one when None). `image` (+ `strength`) is
     image-to-image; `image` + `mask_image` (white = repaint) is inpainting.
     `guidance_rescale`, `dynamic_threshold` and `guidance_interval` are `latentgen.guidance`'s variants; `clip_skip`
-    None uses the model's own; `hires` runs AUTOMATIC1111's hires fix (`latentgen.hires`), `upscale` the model's
-    trained upscaler after it (a cascade, `latentgen.upscaler`); `loras` are LoRA files (or
-    names in the pipeline's `loras_dir`) with their scales, as are A1111's `<lora:NAME:SCALE>` prompt tags.
+    None uses the model's own; `tiling` makes the image tile seamlessly (`latentgen.tiling`); `hires` runs
+    AUTOMATIC1111's hires fix (`latentgen.hires`), `upscale` the model's trained upscaler after it (a cascade,
+    `latentgen.upscaler`); `loras` are LoRA files (or names in the pipeline's `loras_dir`) with their scales, as
+    are A1111's `<lora:NAME:SCALE>` prompt tags.
     """
 
     prompt: str | list[str] = ""
@@ -71,6 +72,7 @@ class Request:
     dynamic_threshold: float | None = None
     guidance_interval: tuple[float, float] = (0.0, 1.0)
     clip_skip: int | None = None
+    tiling: bool = False  # AUTOMATIC1111's seamless tiling (`latentgen.tiling`)
     hires: Hires | None = None
     upscale: Upscale | None = None
     loras: list[tuple[str, float]] | None = None  # (file or name, scale); prompts may also hold <lora:NAME:SCALE>
@@ -143,6 +145,8 @@ class Request:
         if strength is None:
             strength = 0.8 if self.image is not None and self.mask_image is None else 1.0
         strength = validate.in_range(strength, name["strength"], 0.0, 1.0, low_open=True)
+        if not isinstance(self.tiling, bool):
+            raise UserError(f"tiling must be true or false, got {self.tiling!r}")
         if self.clip_skip is not None and (not isinstance(self.clip_skip, int) or self.clip_skip < 0):
             raise UserError(f"clip skip must be an integer ≥ 0 (layers to skip from the end), got {self.clip_skip!r}")
         total = len(prompts) * per_prompt

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import validate
+from . import tiling, validate
 from .errors import UserError, first_line
 
 CONFIG_NAME = "upscaler.json"
@@ -247,8 +247,9 @@ def generate(pipe, plan, on_step=None, on_latents=None):
     level = up.upscaler_config.noise_level if want.noise_level is None else want.noise_level
     low, levels = condition(up, first.images, plan, level)
     init = initial(first.images, up.upscaler_config.scale) if second.request.strength < 1 else None
-    out = up.run_plan(dataclasses.replace(second, low_res=low, noise_levels=levels, init_latents=init), on_step,
-                      on_latents)
+    with tiling.circular(up.unet, up.vae, enabled=second.request.tiling):
+        out = up.run_plan(dataclasses.replace(second, low_res=low, noise_levels=levels, init_latents=init), on_step,
+                          on_latents)
     out.info = first.info | {"upscale_height": second.height, "upscale_width": second.width,
                              "upscale_noise_level": level} | {k: v for k, v in out.info.items() if k == "fp32_retry"}
     # the settings the upscaler ran with, its defaults filled in: a replay stays the same image when they change

@@ -34,6 +34,18 @@ def hold_until(event: threading.Event):
     return hook
 
 
+def poll(fetch, done, what: str, timeout: float = 120.0):
+    """fetch() until done(its value) holds, which it returns; after `timeout` seconds an assertion naming `what`
+    and the last value (a job that failed must fail the test, not hang the suite)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fetch()
+        if done(value):
+            return value
+        assert time.monotonic() < deadline, f"{what} not seen within {timeout:g} s; last: {value}"
+        time.sleep(0.05)
+
+
 class Server:
     """`python -m latentgen.serve` in this process (uvicorn in a thread), on a free port."""
 
@@ -147,6 +159,15 @@ def test_webuiapi_variation_seeds_give_the_pipelines_variations(server, pipe):
     assert not np.array_equal(pixels(plain.image), pixels(result.images[0]))
 
 
+def test_webuiapi_tiling_gives_the_pipelines_tiled_image(server, pipe):
+    result = api(server).txt2img(prompt="a red circle", seed=3, steps=3, width=32, height=32, sampler_name="Euler",
+                                 tiling=True)
+    assert ", Tiling: True, " in result.info["infotexts"][0] and "notes" not in result.info
+    direct = pipe("a red circle", seed=3, num_inference_steps=3, guidance_scale=7.0, width=32, height=32,
+                  scheduler="euler", tiling=True).images[0]
+    np.testing.assert_array_equal(pixels(result.image), pixels(direct))
+
+
 def test_returned_png_reads_in_sd_parsers_and_replays_with_infer(server, tmp_path):
     from sd_parsers import ParserManager
 
@@ -252,10 +273,10 @@ def test_bad_requests_get_a_clear_4xx(server):
     r = server.post("/sdapi/v1/img2img", {"prompt": "x", "init_images": ["not an image"]})
     assert r.status_code == 400 and r.json()["detail"] == "init_images[0] is not base64"
     # fields A1111 accepts but latentgen lacks are accepted, and said to be ignored when set
-    r = server.post("/sdapi/v1/txt2img", {"prompt": "x", "steps": 2, "width": 32, "height": 32, "tiling": True,
+    r = server.post("/sdapi/v1/txt2img", {"prompt": "x", "steps": 2, "width": 32, "height": 32, "s_churn": 0.5,
                                           "restore_faces": True, "my_field": 1})
     notes = json.loads(r.json()["info"])["notes"]
-    assert r.status_code == 200 and notes == ["tiling is not supported by latentgen and was ignored",
+    assert r.status_code == 200 and notes == ["s_churn is not supported by latentgen and was ignored",
                                               "restore_faces is not supported by latentgen and was ignored",
                                               "my_field is not an AUTOMATIC1111 field and was ignored"]
 
@@ -281,8 +302,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_images(server, pi
         threads = [threading.Thread(target=ask, args=(k,)) for k in range(4)]
         for t in threads:
             t.start()
-        while len(worker.queue) < 4:
-            time.sleep(0.01)
+        poll(lambda: len(worker.queue), lambda n: n >= 4, "4 queued requests", timeout=60)
     finally:
         hold.set()
         release.remove()
@@ -307,11 +327,8 @@ def test_progress_preview_and_interrupt(server):
             "/sdapi/v1/txt2img", {"prompt": "slow", "steps": 50, "width": 32, "height": 32, "seed": 1})))
         t.start()
         queued = None
-        while True:
-            progress = requests.get(f"{server.url}/sdapi/v1/progress", timeout=30).json()
-            if progress["state"]["sampling_step"] >= 3 and progress["current_image"]:
-                break
-            time.sleep(0.05)
+        progress = poll(lambda: requests.get(f"{server.url}/sdapi/v1/progress", timeout=30).json(),
+                        lambda p: p["state"]["sampling_step"] >= 3 and p["current_image"], "step 3 with a preview")
         # a second job waits in the queue; interrupting it ends it with no images
         queued = server.post("/latentgen/v1/jobs", {"prompt": "waiting", "steps": 3, "width": 32, "height": 32}).json()
         assert queued["position"] == 1
@@ -352,11 +369,8 @@ def test_a_failing_job_fails_alone(server):
     busy.join(timeout=60)
 
     def wait(job):
-        while True:
-            status = requests.get(f"{server.url}/latentgen/v1/jobs/{job['id']}", timeout=30).json()
-            if status["state"] in ("done", "failed"):
-                return status
-            time.sleep(0.05)
+        return poll(lambda: requests.get(f"{server.url}/latentgen/v1/jobs/{job['id']}", timeout=30).json(),
+                    lambda status: status["state"] in ("done", "failed"), f"job {job['id']} finished")
 
     assert wait(bad)["error"].startswith("LoRA 'missing' is neither a file nor a name in")
     assert len(wait(good)["result"]["images"]) == 1

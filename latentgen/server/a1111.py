@@ -3,8 +3,8 @@
 `Request`; and the answer A1111 gives: base64 PNG images carrying its `parameters` text, and `info`, a JSON string
 with the infotexts.
 
-Fields that A1111 accepts but latentgen does not implement (face restoration, tiling, seed resizing, scripts,
-...) are accepted; when one is set to something other than A1111's default, the answer's info says it was ignored.
+Fields that A1111 accepts but latentgen does not implement (face restoration, seed resizing, scripts, ...) are
+accepted; when one is set to something other than A1111's default, the answer's info says it was ignored.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ..schedulers import a1111_name, a1111_names, from_a1111
 
 # Fields latentgen does not implement, with A1111's defaults: set to anything else, they are noted as ignored.
 IGNORED = {"styles": [], "seed_resize_from_h": -1, "seed_resize_from_w": -1,
-           "restore_faces": None, "tiling": None, "s_min_uncond": 0.0, "s_churn": 0.0, "s_tmax": None, "s_tmin": 0.0,
+           "restore_faces": None, "s_min_uncond": 0.0, "s_churn": 0.0, "s_tmax": None, "s_tmin": 0.0,
            "s_noise": 1.0, "script_name": None, "script_args": [], "alwayson_scripts": {}, "refiner_checkpoint": None,
            "refiner_switch_at": None, "hr_checkpoint_name": None, "hr_sampler_name": None, "hr_scheduler": None,
            "hr_prompt": "", "hr_negative_prompt": "", "firstphase_width": 0, "firstphase_height": 0,
@@ -53,6 +53,7 @@ class Txt2Img(BaseModel):
     seed: int = -1
     subseed: int = -1  # the variation seed (-1: random), used where subseed_strength > 0
     subseed_strength: float = 0.0
+    tiling: bool | None = None
     sampler_name: str | None = None
     sampler_index: str | None = None
     scheduler: str | None = None
@@ -130,7 +131,7 @@ def to_request(body: Txt2Img, clip_skip_option: int | None = None) -> tuple[Requ
         prompt=body.prompt, negative_prompt=body.negative_prompt or None, num_inference_steps=body.steps,
         guidance_scale=body.cfg_scale, height=body.height, width=body.width,
         num_images_per_prompt=body.batch_size * body.n_iter, seed=seed,
-        scheduler=sampler(body.sampler_name or body.sampler_index, body.scheduler),
+        scheduler=sampler(body.sampler_name or body.sampler_index, body.scheduler), tiling=bool(body.tiling),
         clip_skip=None if clip_skip is None else int(clip_skip) - 1)  # A1111 counts the last layer as 1
     if body.eta is not None:
         fields["eta"] = body.eta
