@@ -1,9 +1,6 @@
 """Textual inversion: A1111's and diffusers' embedding files give the image diffusers gives, by file name in a prompt
 through infer.py's embeddings folder, with A1111's TI hashes; bad files are one-line errors."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -11,7 +8,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import ROOT
+from conftest import infer
 from latentgen import LatentPipeline
 from latentgen.embeddings import load
 from latentgen.errors import UserError
@@ -48,16 +45,14 @@ def test_infer_loads_the_folder_and_writes_ti_hashes(tiny_folder, tmp_path, vect
     folder = tmp_path / "embeddings"
     folder.mkdir()
     save_file({"emb_params": vectors}, str(folder / "shiny.safetensors"))
-    r = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--model", str(tiny_folder), "--prompt",
-                        "a shiny circle", "--steps", "3", "--seed", "1", "--embeddings-dir", str(folder), "--out",
-                        str(tmp_path / "a.png")], capture_output=True, text=True, timeout=300)
+    r = infer("--model", tiny_folder, "--prompt", "a shiny circle", "--steps", 3, "--seed", 1, "--embeddings-dir",
+              folder, "--out", tmp_path / "a.png")  # in this process, as the other infer tests
     assert r.returncode == 0, r.stderr
     from latentgen.lora import short_hash
 
     assert f"TI hashes: \"shiny: {short_hash(folder / 'shiny.safetensors')}\"" in \
         Image.open(tmp_path / "a.png").info["parameters"]
-    r = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--replay", str(tmp_path / "a.png"),
-                        "--embeddings-dir", str(folder)], capture_output=True, text=True, timeout=300)
+    r = infer("--replay", tmp_path / "a.png", "--embeddings-dir", folder)
     assert r.returncode == 0 and "identical, bit for bit" in r.stdout, r.stderr
 
 

@@ -4,8 +4,6 @@ folder -> file -> folder, SDXL pipelines against diffusers, --vae, --model NAME 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import components as C
-from conftest import ROOT
+from conftest import infer
 from latentgen import LatentPipeline
 from latentgen import single_file as sf
 from latentgen.errors import UserError
@@ -86,8 +84,7 @@ def test_sd1_file_without_metadata_gives_the_folders_image(sd1, tmp_path):
               "--height", "64", "--scheduler", "ddim"]
     images = {}
     for name, model in (("folder", sd1), ("file", bare)):
-        r = subprocess.run([sys.executable, str(ROOT / "infer.py"), *common, "--model", str(model),
-                            "--out", str(tmp_path / f"{name}.png")], capture_output=True, text=True, timeout=300)
+        r = infer(*common, "--model", model, "--out", tmp_path / f"{name}.png")
         assert r.returncode == 0, r.stderr
         images[name] = np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=np.int16)
     assert np.abs(images["folder"] - images["file"]).max() <= 1
@@ -123,16 +120,18 @@ def test_fp16_export_halves_the_file_and_loads(sd1, tmp_path):
     assert torch.equal(loaded.unet.state_dict()["conv_in.weight"], ref.half().float())
 
 
-def test_convert_command_both_ways(sd1, tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "latentgen.convert", *map(str, a)],  # noqa: E731
-                                    capture_output=True, text=True, timeout=300, cwd=ROOT)
-    r = run(sd1, tmp_path / "m.safetensors", "--fp16")
-    assert r.returncode == 0, r.stderr
-    r = run(tmp_path / "m.safetensors", tmp_path / "folder")
-    assert r.returncode == 0, r.stderr
+def test_convert_command_both_ways(sd1, tmp_path, capsys):
+    from latentgen.cli import run_cli  # the command's main under its exit-code wrapper, in this process
+    from latentgen.convert import main
+
+    run = lambda *a: run_cli(main, [str(x) for x in a])  # noqa: E731
+    assert run(sd1, tmp_path / "m.safetensors", "--fp16") == 0
+    assert run(tmp_path / "m.safetensors", tmp_path / "folder") == 0
     assert (tmp_path / "folder" / "model_index.json").exists()
-    r = run(tmp_path / "nothing.safetensors", tmp_path / "x")
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "does not exist" in r.stderr
+    capsys.readouterr()
+    assert run(tmp_path / "nothing.safetensors", tmp_path / "x") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err and not (tmp_path / "x").exists()
 
 
 def _sd2_components():
@@ -261,20 +260,18 @@ def test_vae_swap_and_models_dir(sd1, tmp_path):
     other = C.sd_vae(seed=3)
     vae_file = tmp_path / "other-vae.safetensors"
     save_file({k.removeprefix("first_stage_model."): v for k, v in sf.vae_to_ldm(other).items()}, str(vae_file))
-    common = [sys.executable, str(ROOT / "infer.py"), "--prompt", PROMPTS[0], "--steps", "2", "--seed", "1",
-              "--dtype", "fp32", "--width", "64", "--height", "64", "--models-dir", str(models), "--model", "mine"]
-    r = subprocess.run([*common, "--out", str(tmp_path / "base.png")], capture_output=True, text=True, timeout=300)
+    common = ["--prompt", PROMPTS[0], "--steps", "2", "--seed", "1", "--dtype", "fp32", "--width", "64", "--height",
+              "64", "--models-dir", str(models), "--model", "mine"]
+    r = infer(*common, "--out", tmp_path / "base.png")  # in this process: four interpreter starts saved
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([*common, "--vae", str(vae_file), "--out", str(tmp_path / "vae.png")], capture_output=True,
-                       text=True, timeout=300)
+    r = infer(*common, "--vae", vae_file, "--out", tmp_path / "vae.png")
     assert r.returncode == 0, r.stderr
     base, swapped = (np.asarray(Image.open(tmp_path / n), dtype=np.int16) for n in ("base.png", "vae.png"))
     assert np.abs(base - swapped).max() > 10
     params = Image.open(tmp_path / "vae.png").info["parameters"]
     assert "VAE: other-vae.safetensors" in params and "Model: mine" in params
-    r = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--replay", str(tmp_path / "vae.png")],
-                       capture_output=True, text=True, timeout=300)
+    r = infer("--replay", tmp_path / "vae.png")
     assert r.returncode == 0 and "identical, bit for bit" in r.stdout, r.stdout + r.stderr
-    r = subprocess.run([*common[:-1], "nope"], capture_output=True, text=True, timeout=300)
+    r = infer(*common[:-1], "nope")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert f"model nope does not exist: it is neither a path nor a model in {models} (there: mine)" in r.stderr
