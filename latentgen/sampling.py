@@ -92,8 +92,9 @@ def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
 
 
 def prepare_latents(pipe, plan: Plan, scheduler, timesteps, generator) -> tuple[torch.Tensor, dict]:
-    """3. x_T ~ N(0, σ_max² I) (N, C, h, w), each image's noise from its own generator when seeded; or an init
-    image noised to the first timestep. Latents stay fp32 whatever the U-Net's dtype: the same seed gives
+    """3. x_T ~ N(0, σ_max² I) (N, C, h, w), each image's noise from its own generator when seeded, turned towards
+    its variation seed's noise where the request has a variation strength; or an init image noised to the first
+    timestep. Latents stay fp32 whatever the U-Net's dtype: the same seed gives
     the same starting noise in every precision, and the sampler's arithmetic keeps full precision."""
     f, n = pipe.vae_scale_factor, plan.batch_size
     shape = (n, pipe.vae.config.latent_channels, plan.height // f, plan.width // f)
@@ -101,7 +102,7 @@ def prepare_latents(pipe, plan: Plan, scheduler, timesteps, generator) -> tuple[
     if plan.variation_seeds is not None:
         other = randn_tensor(shape, generator=[torch.Generator("cpu").manual_seed(s) for s in plan.variation_seeds],
                              device=noise.device, dtype=torch.float32)
-        noise = slerp(plan.request.variation_strength, noise, other)
+        noise = slerp(plan.request.variation_strength, noise, other)  # along h, as A1111: (N, C, h, w)
     known: dict[str, torch.Tensor] = {"noise": noise}
     if not plan.has_init:
         return noise * scheduler.init_noise_sigma, known
