@@ -55,10 +55,9 @@ def generate(pipe, plan, on_step=None, on_latents=None):
     else:  # (N, 3, H, W) in [0, 1] -> PIL, Lanczos, back to (N, 3, h, w) in [0, 1]
         resized = [_lanczos(image, w, h) for image in pipe.image_processor.pt_to_numpy(first.images.cpu())]
         init = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2)
-    second = dataclasses.replace(
-        req, prompt=plan.prompts, negative_prompt=plan.negative_prompts, num_images_per_prompt=1, seed=plan.seeds,
-        variation_seed=plan.variation_seeds, generator=None, image=init, mask_image=None, height=None, width=None,
-        strength=hires.denoise, num_inference_steps=hires.steps or req.num_inference_steps, hires=None, checked=False)
+    second = plan.per_image_request(generator=None, image=init, mask_image=None, height=None, width=None,
+                                    strength=hires.denoise, hires=None,
+                                    num_inference_steps=hires.steps or req.num_inference_steps)
     out = pipe.run_plan(second.fit(pipe), on_step, on_latents)
     out.info = first.info | {"hires_height": h, "hires_width": w} | {
         k: v for k, v in out.info.items() if k == "fp32_retry"}

@@ -154,19 +154,14 @@ class Request:
         if self.seed is not None:
             if self.generator is not None:
                 raise UserError("pass either seed or generator, not both")
-            seeds = (validate.seeds(self.seed, total, name["seed"]) if not isinstance(self.seed, (list, tuple))
-                     else validate.seed_list(self.seed, total))
+            seeds = validate.seeds(self.seed, total, name["seed"])
         if isinstance(self.generator, list) and len(self.generator) != total:
             raise UserError(f"got {len(self.generator)} generators for {total} images")
         variation = validate.in_range(self.variation_strength, name["variation_strength"], 0.0, 1.0)
         variation_seeds = None
         if variation > 0:  # A1111's: a random variation seed unless one is given, each image's the next
-            first = self.variation_seed
-            if first is None:
-                first = random.SystemRandom().randrange(2**31)
-            variation_seeds = (validate.seeds(first, total, name["variation_seed"])
-                               if not isinstance(first, (list, tuple))
-                               else validate.seed_list(first, total, name["variation_seed"]))
+            first = random.SystemRandom().randrange(2**31) if self.variation_seed is None else self.variation_seed
+            variation_seeds = validate.seeds(first, total, name["variation_seed"])
         hires = self.hires
         if hires is not None:
             hires = (Hires(**hires) if isinstance(hires, Mapping) else hires).check()
@@ -317,6 +312,13 @@ class Plan:
                                    image=_rows(self.image, rows, n), init_latents=_rows(self.init_latents, rows, n),
                                    mask=_rows(self.mask, rows, n), low_res=_rows(self.low_res, rows, n),
                                    noise_levels=_rows(self.noise_levels, rows, n))
+
+    def per_image_request(self, **changes) -> Request:
+        """This plan's request with one prompt, negative prompt, seed and variation seed per image, unchecked, with
+        `changes`: what a second pass over the same images (hires fix, cascade) starts from."""
+        return dataclasses.replace(self.request, prompt=self.prompts, negative_prompt=self.negative_prompts,
+                                   num_images_per_prompt=1, seed=self.seeds, variation_seed=self.variation_seeds,
+                                   checked=False, **changes)
 
     def split(self, size: int) -> Iterator["Plan"]:
         """Batches of at most `size` images, in order (a single shared generator keeps one batch)."""

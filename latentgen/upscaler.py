@@ -221,20 +221,17 @@ def condition(up, low: torch.Tensor, plan, noise_level: int) -> tuple[torch.Tens
 def second_stage(pipe, plan):
     """The upscaler (a LatentPipeline) and the plan of the cascade's second stage, fitted and checked before the
     first stage runs; its conditioning is added once the first stage's latents exist (`generate`)."""
-    req, want = plan.request, plan.request.upscale
+    want = plan.request.upscale
     up = pipe.upscaler()
     cfg = up.upscaler_config
     if want.scale != cfg.scale:
         raise UserError(f"this model's upscaler makes {cfg.scale}× images; --upscale {want.scale} is not "
                         f"available")
-    second = dataclasses.replace(
-        req, prompt=plan.prompts, negative_prompt=plan.negative_prompts, num_images_per_prompt=1, seed=plan.seeds,
-        variation_seed=plan.variation_seeds, height=plan.height * cfg.scale, width=plan.width * cfg.scale,
-        num_inference_steps=want.steps or cfg.steps,
+    second = plan.per_image_request(
+        height=plan.height * cfg.scale, width=plan.width * cfg.scale, num_inference_steps=want.steps or cfg.steps,
         guidance_scale=cfg.guidance if want.guidance is None else want.guidance, scheduler=None,
         strength=cfg.strength if want.strength is None else want.strength,
-        guidance_rescale=0.0, dynamic_threshold=None, guidance_interval=(0.0, 1.0), upscale=None, loras=None,
-        checked=False)
+        guidance_rescale=0.0, dynamic_threshold=None, guidance_interval=(0.0, 1.0), upscale=None, loras=None)
     return up, second.fit(up)
 
 

@@ -29,20 +29,18 @@ def steps(value, limit: int | None = None, what: str = "steps") -> int:
     return value
 
 
-def seeds(first, count: int, what: str = "seed") -> list[int]:
-    """`count` consecutive seeds from `first`, each a valid torch seed."""
-    if not _is_int(first) or first < 0 or first + count - 1 > MAX_SEED:
+def seeds(value, count: int, what: str = "seed") -> list[int]:
+    """One valid torch seed for each of `count` images: `value` is the first (image k gets value + k) or a list
+    of one per image."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != count or not all(_is_int(s) and 0 <= s <= MAX_SEED for s in value):
+            raise UserError(f"{what} must be an integer in [0, {MAX_SEED}] or a list of {count} of them (one per "
+                            "image)")
+        return list(value)
+    if not _is_int(value) or value < 0 or value + count - 1 > MAX_SEED:
         raise UserError(f"{what} must be an integer in [0, {MAX_SEED - count + 1}] for {count} image(s), "
-                        f"got {first!r}")
-    return [first + k for k in range(count)]
-
-
-def seed_list(values, count: int, what: str = "seed") -> list[int]:
-    """One seed per image, each a valid torch seed."""
-    values = list(values) if isinstance(values, (list, tuple)) else [values]
-    if len(values) != count or not all(_is_int(s) and 0 <= s <= MAX_SEED for s in values):
-        raise UserError(f"{what} must be an integer in [0, {MAX_SEED}] or a list of {count} of them (one per image)")
-    return values
+                        f"got {value!r}")
+    return [value + k for k in range(count)]
 
 
 def in_range(value, what: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> float:

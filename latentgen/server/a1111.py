@@ -137,7 +137,7 @@ def to_request(body: Txt2Img, clip_skip_option: int | None = None) -> tuple[Requ
         fields["eta"] = body.eta
     if body.subseed_strength:
         fields["variation_strength"] = validate.in_range(body.subseed_strength, "subseed_strength", 0.0, 1.0)
-        fields["variation_seed"] = body.subseed if body.subseed >= 0 else random.SystemRandom().randrange(SEED_RANGE)
+        fields["variation_seed"] = body.subseed if body.subseed >= 0 else None  # None: the request draws one
     if isinstance(body, Img2Img):
         if not body.init_images:
             raise UserError("init_images is empty; give one image (base64)")
