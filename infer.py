@@ -195,9 +195,19 @@ def write(pipe, model, plan, paths, args, show=True) -> list:
     bar = tqdm.tqdm(total=plan.batch_size * plan.request.sampling_steps, unit="step", desc="generating",
                     file=sys.stderr, disable=None if show else True, leave=False)
     written = write_images(pipe, plan, paths, args.batch_size, about, on_progress=bar.update,
-                           on_image=lambda path: tqdm.tqdm.write(str(path)))
+                           on_image=lambda path: print_path(path, tqdm.tqdm))
     bar.close()
     return written
+
+
+def print_path(path, bars) -> None:
+    """One written image's path on stdout, clear of the progress bar. One write per line (`say`): tqdm.write and
+    print write the newline separately, and ranks of `accelerate launch` under PYTHONUNBUFFERED (as in many
+    containers) then interleave their lines in a shared pipe."""
+    from latentgen.distributed import say
+
+    with bars.external_write_mode():
+        say(str(path))
 
 
 def write_grid(jobs, paths, out: str):

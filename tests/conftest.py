@@ -67,6 +67,18 @@ def with_free_port(cmd: list[str]) -> list[str]:
 _INFER = None
 
 
+def infer_script():
+    """infer.py as a module, loaded once (it is a script, not part of the package)."""
+    global _INFER
+    if _INFER is None:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("infer_script", ROOT / "infer.py")
+        _INFER = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_INFER)
+    return _INFER
+
+
 def infer(*args, cwd=None, fresh: bool = False) -> subprocess.CompletedProcess:
     """`python infer.py ARGS` as a finished process: exit code, stdout and stderr.
 
@@ -74,28 +86,22 @@ def infer(*args, cwd=None, fresh: bool = False) -> subprocess.CompletedProcess:
     interpreter spends ~9 s importing torch, diffusers and transformers; an uncaught exception is printed as the
     interpreter would and exits 1. `fresh=True` starts a new interpreter, for what only a new process shows (a
     replay bit for bit in another process)."""
-    global _INFER
     argv = [str(a) for a in args]
     if fresh:
         return subprocess.run([sys.executable, str(ROOT / "infer.py"), *argv], capture_output=True, text=True,
                               cwd=cwd, timeout=300)
     import contextlib
-    import importlib.util
     import io
     import traceback
 
     from latentgen.cli import run_cli
 
-    if _INFER is None:
-        spec = importlib.util.spec_from_file_location("infer_script", ROOT / "infer.py")
-        _INFER = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(_INFER)
     out, err = io.StringIO(), io.StringIO()
     here = os.getcwd()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             os.chdir(cwd or here)
-            code = run_cli(_INFER.main, argv)
+            code = run_cli(infer_script().main, argv)
         except SystemExit as stop:
             code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
             if stop.code is not None and not isinstance(stop.code, int):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, with_free_port
+from conftest import ROOT, infer_script, with_free_port
 from latentgen import LatentPipeline
 from latentgen.eval.analyzer import analyze
 from latentgen.loading import DEFAULT_MODEL
@@ -81,3 +81,23 @@ def test_prompts_file_is_split_across_two_processes(tiny_folder, tmp_path):
     shares = sorted(line for line in r.stderr.splitlines() if line.startswith("process "))
     assert shares == ["process 0 of 2 (MULTI_CPU, gloo): wrote 3 of 5 images",
                       "process 1 of 2 (MULTI_CPU, gloo): wrote 2 of 5 images"], r.stderr[-2000:]
+
+
+def test_each_written_path_reaches_stdout_in_one_write(tiny_folder, tmp_path, monkeypatch):
+    """Ranks share stdout; under PYTHONUNBUFFERED every write is its own system call, so a path and its newline
+    written separately (tqdm.write, print) let another rank's path land between them (CI saw 'a.pngb.png')."""
+    class Writes:
+        def __init__(self):
+            self.calls = []
+
+        def write(self, text):
+            self.calls.append(text)
+
+        def flush(self):
+            pass
+
+    out = Writes()
+    monkeypatch.setattr(sys, "stdout", out)
+    written = infer_script().main(["--model", str(tiny_folder), "--prompt", "a", "--prompt", "b", "--steps", "1",
+                          "--out", str(tmp_path / "out")])
+    assert out.calls == [f"{path}\n" for path in written]
