@@ -36,6 +36,9 @@ def parse_args(argv):
                    help="A1111's variation seed: image k's noise is turned towards seed S+k's (default: random)")
     p.add_argument("--variation-strength", type=float, default=0.0,
                    help="how far, in [0, 1] (default 0: no variation; 1: the variation seed's own image)")
+    p.add_argument("--seed-resize-from", metavar="WxH",
+                   help="A1111's 'resize seed from': draw each seed's noise at this size, centered in the image's, "
+                        "so an image made at WxH keeps much of its composition at another size")
     p.add_argument("--tiling", action="store_true", help="make the image tile seamlessly (A1111's Tiling)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
@@ -100,14 +103,15 @@ def parse_args(argv):
 FLAG_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "seed": "--seed",
               "strength": "--strength", "num_images_per_prompt": "--num-images", "image": "--image",
               "mask_image": "--mask", "hires": "--hires-scale", "upscale": "--upscale",
-              "variation_seed": "--variation-seed", "variation_strength": "--variation-strength"}
+              "variation_seed": "--variation-seed", "variation_strength": "--variation-strength",
+              "seed_resize_from": "--seed-resize-from"}
 
 
 def request_of(args, prompts, image=None, mask=None):
     """The run as one Request (checked later, once): image k of the run gets seed --seed + k."""
     import random
 
-    from latentgen import lora
+    from latentgen import lora, validate
     from latentgen.hires import Hires
     from latentgen.request import Request
     from latentgen.upscaler import Upscale
@@ -119,11 +123,12 @@ def request_of(args, prompts, image=None, mask=None):
     if args.hires_scale is not None:
         hires = Hires(args.hires_scale, args.hires_steps, args.hires_denoise, args.hires_upscaler)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    seed_resize = args.seed_resize_from and validate.size_text(args.seed_resize_from, FLAG_NAMES["seed_resize_from"])
     return Request(prompt=prompts, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                    guidance_scale=args.guidance, height=args.height, width=args.width,
                    num_images_per_prompt=args.num_images, seed=seed, variation_seed=args.variation_seed,
-                   variation_strength=args.variation_strength, tiling=args.tiling, scheduler=args.scheduler,
-                   strength=args.strength, guidance_rescale=args.guidance_rescale,
+                   variation_strength=args.variation_strength, seed_resize_from=seed_resize, tiling=args.tiling,
+                   scheduler=args.scheduler, strength=args.strength, guidance_rescale=args.guidance_rescale,
                    dynamic_threshold=args.dynamic_threshold, guidance_interval=tuple(args.guidance_interval),
                    hires=hires, upscale=upscale, loras=[lora.parse_flag(v) for v in args.lora or []] or None,
                    image=image, mask_image=mask)

@@ -11,6 +11,7 @@ import json
 import re
 from pathlib import Path
 
+from . import validate
 from .errors import UserError
 from .schedulers import a1111_name, a1111_names, from_a1111
 
@@ -42,6 +43,8 @@ def a1111_parameters(meta: dict) -> str:
               "Model hash": meta["model_hash"], "Model": model_name(meta["model"])}
     if meta.get("variation_strength"):
         fields |= {"Variation seed": meta["variation_seed"], "Variation seed strength": meta["variation_strength"]}
+    if meta.get("seed_resize_from"):
+        fields["Seed resize from"] = "{}x{}".format(*meta["seed_resize_from"])
     if meta.get("vae"):
         fields |= {"VAE hash": meta["vae"]["hash"], "VAE": Path(meta["vae"]["path"]).name}
     if meta.get("clip_skip"):
@@ -184,6 +187,8 @@ def a1111_request(text: str) -> tuple[dict, dict[str, str], list[str]]:
         if "Variation seed" in fields:
             settings["variation_seed"] = int(fields["Variation seed"])
             settings["variation_strength"] = float(fields.get("Variation seed strength", 0))
+        if "Seed resize from" in fields:
+            settings["seed_resize_from"] = validate.size_text(fields["Seed resize from"], "Seed resize from")
     except ValueError as err:
         raise UserError(f"the AUTOMATIC1111 parameters hold a value latentgen cannot read: {err}") from None
     schedule = fields.get("Schedule type", "")
@@ -209,7 +214,7 @@ def a1111_request(text: str) -> tuple[dict, dict[str, str], list[str]]:
             raise UserError(f"the AUTOMATIC1111 hires fields hold a value latentgen cannot read: {err}") from None
     used = {"Steps", "CFG scale", "Seed", "Size", "CFG Rescale phi", "Clip skip", "Sampler", "Hires upscale",
             "Hires steps", "Hires upscaler", "Denoising strength", "Variation seed", "Variation seed strength",
-            "Tiling"}
+            "Seed resize from", "Tiling"}
     if "Sampler" not in fields or from_a1111(fields["Sampler"], schedule) is not None:
         used.add("Schedule type")  # else: a schedule we do not have for this sampler, listed as unused
     unused += [k for k in fields if k not in used | _A1111_INFORMATIONAL]

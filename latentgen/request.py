@@ -37,7 +37,8 @@ NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance", "seed": "
          "num_images_per_prompt": "images per prompt", "guidance_rescale": "guidance rescale", "eta": "eta",
          "dynamic_threshold": "dynamic threshold (a percentile ratio)", "image": "an image",
          "mask_image": "a mask", "hires": "the hires fix", "upscale": "the upscaler",
-         "variation_seed": "variation seed", "variation_strength": "variation strength"}
+         "variation_seed": "variation seed", "variation_strength": "variation strength",
+         "seed_resize_from": "seed resize from"}
 
 
 @dataclass
@@ -46,7 +47,10 @@ class Request:
 
     `seed` (one int, or one per image) makes each image reproducible on its own; `generator` keeps diffusers'
     meaning. `variation_seed` and `variation_strength` are AUTOMATIC1111's variation seed: the starting noise turned
-    that far (0-1, spherically) towards the variation seed's (a random one when None). `image` (+ `strength`) is
+    that far (0-1, spherically) towards the variation seed's (a random one when None); `seed_resize_from`, a
+    (width, height), is its "resize seed from": each image's noise is drawn at that size and pasted into the middle
+    of its noise at the image's size (`sampling.prepare_latents`), so an image keeps much of its composition at
+    another size. `image` (+ `strength`) is
     image-to-image; `image` + `mask_image` (white = repaint) is inpainting.
     `guidance_rescale`, `dynamic_threshold` and `guidance_interval` are `latentgen.guidance`'s variants; `clip_skip`
     None uses the model's own; `tiling` makes the image tile seamlessly (`latentgen.tiling`); `hires` runs
@@ -65,6 +69,7 @@ class Request:
     seed: int | list[int] | None = None
     variation_seed: int | list[int] | None = None  # one int (image k gets it + k), or one per image
     variation_strength: float = 0.0
+    seed_resize_from: tuple[int, int] | None = None  # (width, height) in pixels
     scheduler: str | None = None  # a name of latentgen.schedulers; None: the model's own
     eta: float = 0.0
     strength: float | None = None  # None: 0.8 for image-to-image, 1 for inpainting
@@ -162,6 +167,11 @@ class Request:
         if variation > 0:  # A1111's: a random variation seed unless one is given, each image's the next
             first = random.SystemRandom().randrange(2**31) if self.variation_seed is None else self.variation_seed
             variation_seeds = validate.seeds(first, total, name["variation_seed"])
+        seed_resize = self.seed_resize_from
+        if seed_resize is not None:
+            seed_resize = validate.size(seed_resize, name["seed_resize_from"])
+            if seeds is None:  # the noise is drawn from each image's seed twice, at two sizes
+                raise UserError(f"{name['seed_resize_from']} needs {name['seed']} (a generator cannot be restarted)")
         hires = self.hires
         if hires is not None:
             hires = (Hires(**hires) if isinstance(hires, Mapping) else hires).check()
@@ -178,6 +188,7 @@ class Request:
                                 "instead")
         return dataclasses.replace(self, prompt=prompts, negative_prompt=negatives, guidance_scale=guidance,
                                    seed=seeds, variation_seed=variation_seeds, variation_strength=variation,
+                                   seed_resize_from=seed_resize,
                                    guidance_rescale=rescale, eta=eta, guidance_interval=interval,
                                    strength=strength, hires=hires, upscale=upscale, loras=loras, checked=True)
 

@@ -93,16 +93,24 @@ def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
 
 def prepare_latents(pipe, plan: Plan, scheduler, timesteps, generator) -> tuple[torch.Tensor, dict]:
     """3. x_T ~ N(0, σ_max² I) (N, C, h, w), each image's noise from its own generator when seeded, turned towards
-    its variation seed's noise where the request has a variation strength; or an init image noised to the first
-    timestep. Latents stay fp32 whatever the U-Net's dtype: the same seed gives
-    the same starting noise in every precision, and the sampler's arithmetic keeps full precision."""
+    its variation seed's noise where the request has a variation strength, drawn at the seed-resize size and
+    pasted into the middle where it has one; or an init image noised to the first timestep. Latents stay fp32
+    whatever the U-Net's dtype: the same seed gives the same starting noise in every precision, and the sampler's
+    arithmetic keeps full precision."""
     f, n = pipe.vae_scale_factor, plan.batch_size
     shape = (n, pipe.vae.config.latent_channels, plan.height // f, plan.width // f)
     noise = randn_tensor(shape, generator=generator, device=pipe.unet.device, dtype=torch.float32)
+    resize = plan.request.seed_resize_from
+    seeded = shape if resize is None else (*shape[:2], resize[1] // f, resize[0] // f)
+    own = noise
+    if seeded != shape:  # the same seeds' noise at the other size, pasted into the middle below (A1111's order)
+        own = randn_tensor(seeded, generator=[torch.Generator("cpu").manual_seed(s) for s in plan.seeds],
+                           device=noise.device, dtype=torch.float32)
     if plan.variation_seeds is not None:
-        other = randn_tensor(shape, generator=[torch.Generator("cpu").manual_seed(s) for s in plan.variation_seeds],
+        other = randn_tensor(seeded, generator=[torch.Generator("cpu").manual_seed(s) for s in plan.variation_seeds],
                              device=noise.device, dtype=torch.float32)
-        noise = slerp(plan.request.variation_strength, noise, other)  # along h, as A1111: (N, C, h, w)
+        own = slerp(plan.request.variation_strength, own, other)  # along h, as A1111: (N, C, h, w)
+    noise = paste_centered(own, noise) if seeded != shape else own
     known: dict[str, torch.Tensor] = {"noise": noise}
     if not plan.has_init:
         return noise * scheduler.init_noise_sigma, known
@@ -120,6 +128,22 @@ def prepare_latents(pipe, plan: Plan, scheduler, timesteps, generator) -> tuple[
     if len(timesteps) == 0:  # strength so small that no step remains: the image itself
         return z0.clone(), known
     return scheduler.add_noise(z0, noise, timesteps[:1].repeat(n)), known
+
+
+def paste_centered(small: torch.Tensor, big: torch.Tensor) -> torch.Tensor:
+    """`big` with the middle of (N, C, h, w) `small` pasted into its middle: AUTOMATIC1111's "resize seed from"
+    (modules/rng.py), whose offsets round down alike, so a seed's noise lands where A1111 puts it. A side shorter
+    than big's is centered in it; a longer one gives its middle, one short where the difference is odd (A1111's
+    rounding, kept: that row or column stays big's)."""
+    out = big.clone()
+    spans = []
+    for have, want in zip(small.shape[-2:], big.shape[-2:]):
+        offset = (want - have) // 2
+        length = have if offset >= 0 else have + 2 * offset
+        spans.append((max(offset, 0), max(-offset, 0), length))  # (where in big, where in small, how long)
+    (ty, sy, h), (tx, sx, w) = spans
+    out[..., ty:ty + h, tx:tx + w] = small[..., sy:sy + h, sx:sx + w]
+    return out
 
 
 def slerp(t: float, a: torch.Tensor, b: torch.Tensor, dim: int = 2) -> torch.Tensor:

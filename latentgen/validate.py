@@ -43,6 +43,25 @@ def seeds(value, count: int, what: str = "seed") -> list[int]:
     return [value + k for k in range(count)]
 
 
+MAX_SIDE = 16384  # pixels: a seed-resize size beyond any model's (its noise is drawn at that size)
+
+
+def size(value, what: str) -> tuple[int, int]:
+    """A (width, height) in pixels, each a whole number in [1, MAX_SIDE]."""
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) and 1 <= v <= MAX_SIDE
+                                                                          for v in value)):
+        raise UserError(f"{what} must be a width and a height in pixels, each in [1, {MAX_SIDE}], got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def size_text(text: str, what: str) -> tuple[int, int]:
+    """'WIDTHxHEIGHT' (as A1111's infotext writes a size, e.g. '512x768') as a checked (width, height)."""
+    parts = str(text).lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise UserError(f"{what} must be WIDTHxHEIGHT in pixels (e.g. 512x768), got {text!r}")
+    return size((int(parts[0]), int(parts[1])), what)
+
+
 def in_range(value, what: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> float:
     """A finite number in [low, high], or (low, ...) / (..., high) where open."""
     ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)

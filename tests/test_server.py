@@ -157,6 +157,18 @@ def test_webuiapi_variation_seeds_give_the_pipelines_variations(server, pipe):
                                 sampler_name="Euler")  # strength 0: the subseed is unused, as in A1111
     assert plain.info["subseed"] == -1 and "Variation" not in plain.info["infotexts"][0]
     assert not np.array_equal(pixels(plain.image), pixels(result.images[0]))
+    assert plain.info["seed_resize_from_w"] == plain.info["seed_resize_from_h"] == -1  # webuiapi sends 0: off
+
+
+def test_webuiapi_seed_resize_gives_the_pipelines_image(server, pipe):
+    result = api(server).txt2img(prompt="a red circle", seed=5, seed_resize_from_w=16, seed_resize_from_h=48, steps=3,
+                                 width=32, height=32, sampler_name="Euler")
+    info = result.info
+    assert (info["seed_resize_from_w"], info["seed_resize_from_h"]) == (16, 48) and "notes" not in info
+    assert ", Seed resize from: 16x48, " in info["infotexts"][0]
+    direct = pipe("a red circle", seed=5, seed_resize_from=(16, 48), num_inference_steps=3, guidance_scale=7.0,
+                  width=32, height=32, scheduler="euler").images[0]
+    np.testing.assert_array_equal(pixels(result.image), pixels(direct))
 
 
 def test_webuiapi_tiling_gives_the_pipelines_tiled_image(server, pipe):
@@ -425,7 +437,7 @@ def test_web_page_in_headless_chromium(server):
         assert "pipe" in models and "other" in models
         driver.find_element(By.ID, "prompt").send_keys("a red circle on a blue background")
         for field, value in (("width", "32"), ("height", "32"), ("steps", "4"), ("seed", "42"), ("subseed", "7"),
-                             ("subseed_strength", "0.25")):
+                             ("subseed_strength", "0.25"), ("seed_resize_from_w", "16"), ("seed_resize_from_h", "24")):
             driver.find_element(By.ID, field).clear()
             driver.find_element(By.ID, field).send_keys(value)
         driver.find_element(By.ID, "generate").click()
@@ -434,18 +446,18 @@ def test_web_page_in_headless_chromium(server):
         wait.until(lambda d: d.execute_script("return arguments[0].naturalWidth", image) == 32)
         text = driver.find_element(By.CSS_SELECTOR, "#gallery .item pre").text
         assert text.startswith("a red circle on a blue background\nSteps: 4") and "Seed: 42" in text
-        assert "Variation seed: 7, Variation seed strength: 0.25" in text
+        assert "Variation seed: 7, Variation seed strength: 0.25, Seed resize from: 16x24" in text
         link = driver.find_element(By.CSS_SELECTOR, "#gallery .item a")
         assert link.get_attribute("download") == "latentgen-42.png"
         assert link.get_attribute("href").startswith("data:image/png;base64,")
         # Reuse puts the image's parameters back into the form
         driver.find_element(By.ID, "prompt").clear()
-        for field in ("seed", "subseed", "subseed_strength"):
+        extras = ("seed", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h")
+        for field in extras:
             driver.find_element(By.ID, field).clear()
         driver.find_element(By.CSS_SELECTOR, "#gallery .item .reuse").click()
         assert driver.find_element(By.ID, "prompt").get_attribute("value") == "a red circle on a blue background"
-        assert [driver.find_element(By.ID, f).get_attribute("value") for f in ("seed", "subseed", "subseed_strength")] \
-            == ["42", "7", "0.25"]
+        assert [driver.find_element(By.ID, f).get_attribute("value") for f in extras] == ["42", "7", "0.25", "16", "24"]
         # a mistake shows as one line on the page
         driver.find_element(By.ID, "steps").clear()
         driver.find_element(By.ID, "steps").send_keys("500")

@@ -1,5 +1,6 @@
-"""AUTOMATIC1111's variation seeds: the starting noise turned, along the sphere, towards another seed's, in the
-Python API, `infer.py` (metadata, replay, the A1111 infotext) and the sampler."""
+"""AUTOMATIC1111's seed extras: variation seeds (the starting noise turned, along the sphere, towards another
+seed's) and "resize seed from" (the seed's noise drawn at another size and pasted into the middle), in the Python
+API, `infer.py` (metadata, replay, the A1111 infotext) and the sampler."""
 
 import json
 import math
@@ -12,7 +13,7 @@ from PIL import Image
 from conftest import infer
 from latentgen.errors import UserError
 from latentgen.metadata import a1111_request
-from latentgen.sampling import slerp
+from latentgen.sampling import paste_centered, slerp
 
 PROMPT = "a red circle on a blue background"
 
@@ -47,22 +48,74 @@ def a1111_variation_noise(seed: int, subseed: int, strength: float, shape) -> to
         (torch.sin(strength * omega) / so).unsqueeze(1) * high
 
 
-def test_the_starting_noise_is_a1111s_with_its_cpu_random_numbers(tiny_pipe):
+def a1111_resized_noise(seed: int, shape, resized) -> torch.Tensor:
+    """AUTOMATIC1111's "resize seed from" for one image (modules/rng.py, `ImageRNG.first`), written out: the seed's
+    noise drawn at the (C, h, w) `resized` shape, pasted into the middle of its noise at `shape`."""
+    torch.manual_seed(seed)
+    noise = torch.randn(resized)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    dx, dy = (shape[2] - resized[2]) // 2, (shape[1] - resized[1]) // 2
+    w = resized[2] if dx >= 0 else resized[2] + 2 * dx
+    h = resized[1] if dy >= 0 else resized[1] + 2 * dy
+    tx, ty, dx, dy = max(dx, 0), max(dy, 0), max(-dx, 0), max(-dy, 0)
+    x[:, ty:ty + h, tx:tx + w] = noise[:, dy:dy + h, dx:dx + w]
+    return x
+
+
+def starting_noise(pipe, **kwargs) -> torch.Tensor:
+    """The starting noise of each image of an unguided DDIM call: the U-Net's first input."""
     seen = []
 
     def first_input(module, args):  # returns None: a pre-hook's other answers replace the arguments
         seen.append(args[0].clone())
 
-    hook = tiny_pipe.unet.register_forward_pre_hook(first_input)
+    hook = pipe.unet.register_forward_pre_hook(first_input)
     try:
-        tiny_pipe(PROMPT, num_inference_steps=2, scheduler="ddim", seed=[10, 11], variation_seed=[20, 21],
-                  variation_strength=0.3, num_images_per_prompt=2, guidance_scale=1.0, output_type="latent")
+        pipe(PROMPT, num_inference_steps=2, scheduler="ddim", guidance_scale=1.0, output_type="latent", **kwargs)
     finally:
         hook.remove()
-    first = torch.cat(seen[:len(seen) // 2])  # the first step's calls (one per image where the CPU path splits)
-    assert first.shape[:2] == (2, 4)  # unguided, DDIM: the U-Net's first input is the starting noise itself
+    return torch.cat(seen[:len(seen) // 2])  # the first step's calls (one per image where the CPU path splits)
+
+
+def test_the_starting_noise_is_a1111s_with_its_cpu_random_numbers(tiny_pipe):
+    first = starting_noise(tiny_pipe, seed=[10, 11], variation_seed=[20, 21], variation_strength=0.3,
+                           num_images_per_prompt=2)
+    assert first.shape[:2] == (2, 4)
     for k in range(2):
         torch.testing.assert_close(first[k], a1111_variation_noise(10 + k, 20 + k, 0.3, first.shape[1:]))
+
+
+@pytest.mark.parametrize("size", [(16, 16), (34, 30), (40, 48), (8, 56)])  # (width, height) against 32×32
+def test_seed_resize_pastes_the_seeds_noise_where_a1111_does(tiny_pipe, size):
+    f = tiny_pipe.vae_scale_factor
+    first = starting_noise(tiny_pipe, seed=[10, 11], num_images_per_prompt=2, seed_resize_from=size)
+    plain = starting_noise(tiny_pipe, seed=[10, 11], num_images_per_prompt=2)
+    shape = tuple(first.shape[1:])
+    assert shape == (4, 32 // f, 32 // f)
+    for k in range(2):
+        torch.testing.assert_close(first[k], a1111_resized_noise(10 + k, shape, (4, size[1] // f, size[0] // f)),
+                                   rtol=0, atol=0)
+    assert not torch.equal(first, plain)  # every size here moves some noise
+    same = starting_noise(tiny_pipe, seed=[10, 11], num_images_per_prompt=2, seed_resize_from=(32, 32))
+    assert torch.equal(same, plain)  # the image's own size: its own noise
+
+
+def test_paste_centered_keeps_the_middle():
+    big, small = torch.zeros(1, 1, 4, 6), torch.arange(1.0, 10.0).reshape(1, 1, 3, 3)
+    out = paste_centered(small, big)
+    assert out[0, 0].tolist() == [[0, 1, 2, 3, 0, 0], [0, 4, 5, 6, 0, 0], [0, 7, 8, 9, 0, 0], [0, 0, 0, 0, 0, 0]]
+    # larger by an odd number: A1111's rounding pastes a side one short, leaving the target's last row / column
+    assert paste_centered(big + 1, small)[0, 0].tolist() == [[1, 1, 3], [1, 1, 6], [7, 8, 9]]
+    assert paste_centered(torch.ones(1, 1, 5, 5), small)[0, 0].tolist() == [[1, 1, 1]] * 3  # even: all of it
+    assert torch.equal(big, torch.zeros(1, 1, 4, 6))  # the target is not written in place
+
+
+def test_seed_resize_with_a_variation_seed_varies_the_resized_noise(tiny_pipe):
+    f = tiny_pipe.vae_scale_factor
+    first = starting_noise(tiny_pipe, seed=10, variation_seed=20, variation_strength=0.4, seed_resize_from=(16, 24))
+    small = a1111_variation_noise(10, 20, 0.4, (4, 24 // f, 16 // f))  # A1111 slerps at the resized shape
+    expected = paste_centered(small[None], torch.randn(first.shape, generator=torch.Generator().manual_seed(10)))
+    torch.testing.assert_close(first, expected)
 
 
 def image(pipe, **kwargs) -> np.ndarray:
@@ -100,11 +153,15 @@ def test_variation_without_a_seed_draws_one_and_records_it(tiny_pipe):
     ({"variation_strength": 1.5}, "variation strength must be in [0, 1], got 1.5"),
     ({"variation_strength": 0.5, "variation_seed": -1}, "variation seed must be an integer in [0, "),
     ({"variation_strength": 0.5, "variation_seed": [1, 2]}, "variation seed must be an integer in [0, "),
+    ({"seed_resize_from": (0, 32)}, "seed resize from must be a width and a height in pixels, each in [1, 16384]"),
+    ({"seed_resize_from": 32}, "seed resize from must be a width and a height in pixels"),
 ])
 def test_variation_mistakes(tiny_pipe, fields, message):
     with pytest.raises(UserError) as err:
         tiny_pipe(PROMPT, num_inference_steps=2, seed=0, **fields)
     assert message in str(err.value)
+    with pytest.raises(UserError, match="^seed resize from needs seed "):
+        tiny_pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), seed_resize_from=(16, 16))
 
 
 def test_infer_writes_the_variation_to_the_infotext_and_replays_it(tiny_folder, tmp_path):
@@ -122,4 +179,21 @@ def test_infer_writes_the_variation_to_the_infotext_and_replays_it(tiny_folder, 
     assert settings["variation_seed"] == 7 and math.isclose(settings["variation_strength"], 0.3) and not unused
     r = infer("--model", tiny_folder, "--prompt", PROMPT, "--variation-strength", 1.5, "--out", tmp_path / "b")
     assert r.returncode == 2 and r.stderr == "error: --variation-strength must be in [0, 1], got 1.5\n"
+    assert not (tmp_path / "b").exists()
+
+
+def test_infer_writes_the_seed_resize_to_the_infotext_and_replays_it(tiny_folder, tmp_path):
+    r = infer("--model", tiny_folder, "--prompt", PROMPT, "--steps", 3, "--seed", 42, "--width", 48,
+              "--seed-resize-from", "32x16", "--out", tmp_path / "a.png")
+    assert r.returncode == 0, r.stderr
+    im = Image.open(tmp_path / "a.png")
+    assert "Seed: 42, Size: 48x32, " in im.info["parameters"] and ", Seed resize from: 32x16, " in im.info["parameters"]
+    assert json.loads(im.info["latentgen"])["seed_resize_from"] == [32, 16]
+    r = infer("--replay", tmp_path / "a.png")
+    assert r.returncode == 0 and "identical, bit for bit" in r.stdout, r.stderr
+    settings, _, unused = a1111_request(im.info["parameters"])
+    assert settings["seed_resize_from"] == (32, 16) and not unused
+    r = infer("--model", tiny_folder, "--prompt", PROMPT, "--seed-resize-from", "32", "--out", tmp_path / "b")
+    assert r.returncode == 2 and r.stderr == ("error: --seed-resize-from must be WIDTHxHEIGHT in pixels (e.g. "
+                                              "512x768), got '32'\n")
     assert not (tmp_path / "b").exists()

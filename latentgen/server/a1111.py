@@ -27,7 +27,7 @@ from ..request import Request
 from ..schedulers import a1111_name, a1111_names, from_a1111
 
 # Fields latentgen does not implement, with A1111's defaults: set to anything else, they are noted as ignored.
-IGNORED = {"styles": [], "seed_resize_from_h": -1, "seed_resize_from_w": -1,
+IGNORED = {"styles": [],
            "restore_faces": None, "s_min_uncond": 0.0, "s_churn": 0.0, "s_tmax": None, "s_tmin": 0.0,
            "s_noise": 1.0, "script_name": None, "script_args": [], "alwayson_scripts": {}, "refiner_checkpoint": None,
            "refiner_switch_at": None, "hr_checkpoint_name": None, "hr_sampler_name": None, "hr_scheduler": None,
@@ -53,6 +53,8 @@ class Txt2Img(BaseModel):
     seed: int = -1
     subseed: int = -1  # the variation seed (-1: random), used where subseed_strength > 0
     subseed_strength: float = 0.0
+    seed_resize_from_w: int = -1  # A1111's "resize seed from" (≤ 0: off)
+    seed_resize_from_h: int = -1
     tiling: bool | None = None
     sampler_name: str | None = None
     sampler_index: str | None = None
@@ -138,6 +140,8 @@ def to_request(body: Txt2Img, clip_skip_option: int | None = None) -> tuple[Requ
     if body.subseed_strength:
         fields["variation_strength"] = validate.in_range(body.subseed_strength, "subseed_strength", 0.0, 1.0)
         fields["variation_seed"] = body.subseed if body.subseed >= 0 else None  # None: the request draws one
+    if body.seed_resize_from_w > 0 and body.seed_resize_from_h > 0:  # A1111 resizes only where both are set
+        fields["seed_resize_from"] = (body.seed_resize_from_w, body.seed_resize_from_h)
     if isinstance(body, Img2Img):
         if not body.init_images:
             raise UserError("init_images is empty; give one image (base64)")
@@ -205,6 +209,7 @@ def info(images: list[tuple[Any, dict]], request: Request, model: str, model_has
     negatives = [m.get("negative_prompt") or "" for m in metas]
     seeds = [m["seed"] for m in metas]
     hires = first.get("hires")
+    resize_w, resize_h = first.get("seed_resize_from") or (-1, -1)  # A1111's -1: off
     out = {
         "prompt": prompts[0] if prompts else request.prompt[0], "all_prompts": prompts,
         "negative_prompt": negatives[0] if negatives else (request.negative_prompt or [""])[0],
@@ -216,7 +221,7 @@ def info(images: list[tuple[Any, dict]], request: Request, model: str, model_has
         "sampler_name": a1111_name(first["scheduler"]) if first else None, "cfg_scale": request.guidance_scale,
         "steps": request.num_inference_steps, "batch_size": request.total, "restore_faces": False,
         "sd_model_name": model_name(model), "sd_model_hash": model_hash,
-        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": resize_w, "seed_resize_from_h": resize_h,
         "denoising_strength": hires["denoise"] if hires else first.get("strength"),
         "extra_generation_params": {}, "index_of_first_image": 0,
         "infotexts": [a1111_parameters(m) for m in metas], "styles": [],
