@@ -20,6 +20,7 @@ from latentgen.errors import UserError
 
 
 def parse_args(argv):
+    from latentgen.guidance import add_apg_flags
     from latentgen.schedulers import scheduler_names
 
     p = ArgumentParser(prog="infer.py", description=__doc__.splitlines()[1])
@@ -49,6 +50,7 @@ def parse_args(argv):
     p.add_argument("--strength", type=float, help="how much of the init image to redo, in (0, 1] "
                                                   "(default 0.8 for image-to-image, 1 for inpainting)")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="φ in [0, 1] (for zero-terminal-SNR models)")
+    add_apg_flags(p)
     p.add_argument("--dynamic-threshold", type=float,
                    help="clip x̂0 at this percentile of |x̂0|, e.g. 0.995 (never below 3σ)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("START", "END"),
@@ -112,6 +114,7 @@ def request_of(args, prompts, image=None, mask=None):
     import random
 
     from latentgen import lora, validate
+    from latentgen.guidance import apg_of
     from latentgen.hires import Hires
     from latentgen.request import Request
     from latentgen.upscaler import Upscale
@@ -129,7 +132,8 @@ def request_of(args, prompts, image=None, mask=None):
                    num_images_per_prompt=args.num_images, seed=seed, variation_seed=args.variation_seed,
                    variation_strength=args.variation_strength, seed_resize_from=seed_resize, tiling=args.tiling,
                    scheduler=args.scheduler, strength=args.strength, guidance_rescale=args.guidance_rescale,
-                   dynamic_threshold=args.dynamic_threshold, guidance_interval=tuple(args.guidance_interval),
+                   apg=apg_of(args), dynamic_threshold=args.dynamic_threshold,
+                   guidance_interval=tuple(args.guidance_interval),
                    hires=hires, upscale=upscale, loras=[lora.parse_flag(v) for v in args.lora or []] or None,
                    image=image, mask_image=mask)
 

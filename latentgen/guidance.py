@@ -1,6 +1,10 @@
 """Classifier-free guidance and its variants, each a small function over the model's predictions.
 
 - `classifier_free_guidance`: ε̃ = ε∅ + w·(εc − ε∅) (Ho & Salimans 2022).
+- adaptive projected guidance (APG, Sadat et al. 2024): the update w·(εc − ε∅) split into its parts parallel and
+  orthogonal to εc, the parallel part (which over-saturates) weighted by η, the update's norm capped, optionally
+  averaged over the steps with a (negative) momentum. diffusers' `normalized_guidance`, its
+  `AdaptiveProjectedGuidance` guider's arithmetic.
 - guidance rescale (Lin et al. 2023, §3.4): pull the guided prediction's std back toward the conditional one's;
   it fixes the over-exposure that guidance causes with zero-terminal-SNR models. diffusers' `rescale_noise_cfg`.
 - a guidance interval: guidance only for the steps in a fraction [start, end) of the trajectory
@@ -16,6 +20,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
@@ -25,6 +31,59 @@ DYNAMIC_THRESHOLD_FLOOR = 3.0  # x̂0 is never clipped inside ±3σ of the unit-
 def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     """ε̃ = ε(x_t, ∅) + w·(ε(x_t, c) − ε(x_t, ∅)); the same for v-prediction."""
     return uncond + scale * (cond - uncond)
+
+
+@dataclass(frozen=True)
+class Apg:
+    """Adaptive projected guidance's settings (diffusers' `AdaptiveProjectedGuidance`: `eta`,
+    `adaptive_projected_guidance_rescale`, `adaptive_projected_guidance_momentum`)."""
+
+    norm_threshold: float = 0.0  # cap on each image's update norm (L2 over C, H, W) before w; 0: none
+    eta: float = 0.0  # weight of the update's part parallel to εc: 0 drops it (the paper's choice), 1 keeps it
+    momentum: float = 0.0  # β of the running update Δ_t + β·Δ_{t−1} over the steps (the paper: −0.5); 0: none
+
+    def check(self) -> "Apg":
+        from . import validate
+
+        validate.in_range(self.norm_threshold, "--apg-threshold", 0.0, 1e6)
+        validate.in_range(self.eta, "--apg-eta", 0.0, 1.0)
+        validate.in_range(self.momentum, "--apg-momentum", -1.0, 1.0, low_open=True, high_open=True)
+        return self
+
+
+def add_apg_flags(parser) -> None:
+    """infer.py's and the evaluation's APG flags: any of them turns APG on."""
+    parser.add_argument("--apg-threshold", type=float, metavar="R",
+                        help="adaptive projected guidance: cap each image's guidance update at L2 norm R (over the "
+                             "latent's C×H×W; 0: no cap); the default model keeps its squares square at 7.5 with 1")
+    parser.add_argument("--apg-eta", type=float, metavar="ETA",
+                        help="APG: weight of the update's part parallel to the conditional prediction (default 0)")
+    parser.add_argument("--apg-momentum", type=float, metavar="BETA",
+                        help="APG: running update over the steps, Δ + β·previous (default 0: none; the paper: -0.5)")
+
+
+def apg_of(args) -> Apg | None:
+    """The APG settings the flags of `add_apg_flags` give, checked; None where none was given."""
+    given = {name: getattr(args, f"apg_{flag}") for name, flag in
+             (("norm_threshold", "threshold"), ("eta", "eta"), ("momentum", "momentum"))
+             if getattr(args, f"apg_{flag}", None) is not None}
+    return Apg(**given).check() if given else None
+
+
+def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float, apg: Apg | None, state: dict) -> torch.Tensor:
+    """The guided prediction: classifier-free guidance, or APG where `apg` is set. `state` is the call's own dict
+    (APG's momentum lives there from step to step)."""
+    if apg is None:
+        return classifier_free_guidance(uncond, cond, scale)
+    from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
+
+    momentum = None
+    if apg.momentum:
+        momentum = state.setdefault("apg_momentum", MomentumBuffer(apg.momentum))
+    # The original formulation, εc + (w − 1)·update, is the paper's: with η = 1, no cap and no momentum it is
+    # classifier-free guidance (diffusers' other one, ε∅ + w·update, drops the parallel part of εc − ε∅ itself).
+    return normalized_guidance(cond, uncond, scale - 1.0, momentum, apg.eta, apg.norm_threshold,
+                               use_original_formulation=True)
 
 
 def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:

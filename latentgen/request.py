@@ -24,6 +24,7 @@ import torch
 
 from . import validate
 from .errors import UserError, one_of
+from .guidance import Apg
 from .hires import Hires
 from .schedulers import scheduler_names
 from .upscaler import Upscale
@@ -50,13 +51,13 @@ class Request:
     that far (0-1, spherically) towards the variation seed's (a random one when None); `seed_resize_from`, a
     (width, height), is its "resize seed from": each image's noise is drawn at that size and pasted into the middle
     of its noise at the image's size (`sampling.prepare_latents`), so an image keeps much of its composition at
-    another size. `image` (+ `strength`) is
-    image-to-image; `image` + `mask_image` (white = repaint) is inpainting.
-    `guidance_rescale`, `dynamic_threshold` and `guidance_interval` are `latentgen.guidance`'s variants; `clip_skip`
-    None uses the model's own; `tiling` makes the image tile seamlessly (`latentgen.tiling`); `hires` runs
-    AUTOMATIC1111's hires fix (`latentgen.hires`), `upscale` the model's trained upscaler after it (a cascade,
-    `latentgen.upscaler`); `loras` are LoRA files (or names in the pipeline's `loras_dir`) with their scales, as
-    are A1111's `<lora:NAME:SCALE>` prompt tags.
+    another size. `image` (+ `strength`) is image-to-image; `image` + `mask_image` (white = repaint) is
+    inpainting. `guidance_rescale`, `apg` (adaptive projected guidance), `dynamic_threshold` and
+    `guidance_interval` are `latentgen.guidance`'s variants; `clip_skip` None uses the model's own; `tiling`
+    makes the image tile seamlessly (`latentgen.tiling`); `hires` runs AUTOMATIC1111's hires fix
+    (`latentgen.hires`), `upscale` the model's trained upscaler after it (a cascade, `latentgen.upscaler`); `loras`
+    are LoRA files (or names in the pipeline's `loras_dir`) with their scales, as are A1111's `<lora:NAME:SCALE>`
+    prompt tags.
     """
 
     prompt: str | list[str] = ""
@@ -74,6 +75,7 @@ class Request:
     eta: float = 0.0
     strength: float | None = None  # None: 0.8 for image-to-image, 1 for inpainting
     guidance_rescale: float = 0.0
+    apg: Apg | None = None  # adaptive projected guidance instead of plain classifier-free guidance
     dynamic_threshold: float | None = None
     guidance_interval: tuple[float, float] = (0.0, 1.0)
     clip_skip: int | None = None
@@ -172,6 +174,9 @@ class Request:
             seed_resize = validate.size(seed_resize, name["seed_resize_from"])
             if seeds is None:  # the noise is drawn from each image's seed twice, at two sizes
                 raise UserError(f"{name['seed_resize_from']} needs {name['seed']} (a generator cannot be restarted)")
+        apg = self.apg
+        if apg is not None:
+            apg = (Apg(**apg) if isinstance(apg, Mapping) else apg).check()
         hires = self.hires
         if hires is not None:
             hires = (Hires(**hires) if isinstance(hires, Mapping) else hires).check()
@@ -190,7 +195,8 @@ class Request:
                                    seed=seeds, variation_seed=variation_seeds, variation_strength=variation,
                                    seed_resize_from=seed_resize,
                                    guidance_rescale=rescale, eta=eta, guidance_interval=interval,
-                                   strength=strength, hires=hires, upscale=upscale, loras=loras, checked=True)
+                                   strength=strength, apg=apg, hires=hires, upscale=upscale, loras=loras,
+                                   checked=True)
 
     @property
     def total(self) -> int:
@@ -350,6 +356,7 @@ class Plan:
                    width=self.width, scheduler=scheduler, guidance_interval=list(r.guidance_interval),
                    strength=r.strength if self.has_init else None, clip_skip=self.clip_skip,
                    hires=None if r.hires is None else dataclasses.asdict(r.hires),
+                   apg=None if r.apg is None else dataclasses.asdict(r.apg),
                    upscale=None if r.upscale is None else dataclasses.asdict(r.upscale),
                    loras=[[str(p.resolve()), s] for p, s in self.loras[:len(r.loras or [])]] or None)
         return out

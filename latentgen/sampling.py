@@ -19,7 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .conditioning import GuidedConditioning, PromptEncoder
 from .diffusion import scale_latents, unscale_latents
 from .errors import UserError
-from .guidance import DYNAMIC_THRESHOLD_FLOOR, alpha_sigma, classifier_free_guidance, clip_x0, rescale_guidance
+from .guidance import DYNAMIC_THRESHOLD_FLOOR, alpha_sigma, clip_x0, guide, rescale_guidance
 from .request import Plan
 from .schedulers import SCHEDULERS, UNSTABLE_ABOVE_GUIDANCE, make_scheduler, step_kwargs
 
@@ -185,7 +185,7 @@ def predict(pipe, x: torch.Tensor, t, cond: GuidedConditioning, plan: Plan, step
                     class_labels=labels)
     if guided:
         uncond, cond_pred = pred.chunk(2)
-        pred = rescale_guidance(classifier_free_guidance(uncond, cond_pred, r.guidance_scale), cond_pred,
+        pred = rescale_guidance(guide(uncond, cond_pred, r.guidance_scale, r.apg, known), cond_pred,
                                 r.guidance_rescale)
     if r.dynamic_threshold:
         alpha, sigma = alpha_sigma(scheduler.alphas_cumprod, t)

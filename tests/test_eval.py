@@ -153,8 +153,8 @@ def test_eval_cli_end_to_end_on_the_smoke_model(smoke_model, tmp_path, capsys):
 
 
 def test_eval_guidance_options_reach_the_pipeline(smoke_model):
-    """`--guidance-interval` and `--guidance-rescale` (eval's `options`) give the pipeline's image for them;
-    none: the model's."""
+    """`--guidance-interval`, `--guidance-rescale` and the APG flags (eval's `options`) give the pipeline's image
+    for them; none: the model's."""
     from latentgen.eval.__main__ import generate, load
 
     pipe = load(str(smoke_model), "fp32")
@@ -168,6 +168,17 @@ def test_eval_guidance_options_reach_the_pipeline(smoke_model):
     direct = pipe(prompt, seed=[1], num_inference_steps=2, guidance_scale=7.5, guidance_rescale=0.7).images
     assert np.array_equal(np.asarray(rescaled[0]), np.asarray(direct[0]))
     assert np.abs(np.asarray(rescaled[0], float) - np.asarray(full[0], float)).max() >= 2
+    from argparse import Namespace
+
+    from latentgen.eval.__main__ import guidance_options
+    from latentgen.guidance import Apg
+
+    options = guidance_options(Namespace(apg_threshold=0.5, apg_eta=None, apg_momentum=None))
+    assert options == {"apg": Apg(norm_threshold=0.5)}  # --apg-threshold 0.5, the other two at their defaults
+    projected = generate(pipe, prompt, [1], 2, None, 7.5, options=options)
+    direct = pipe(prompt, seed=[1], num_inference_steps=2, guidance_scale=7.5, apg=Apg(norm_threshold=0.5)).images
+    assert np.array_equal(np.asarray(projected[0]), np.asarray(direct[0]))
+    assert np.abs(np.asarray(projected[0], float) - np.asarray(full[0], float)).max() >= 2
 
 
 def test_eval_prompts_of_the_new_kind_with_a_lora(smoke_model, tmp_path):

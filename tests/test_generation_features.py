@@ -215,6 +215,46 @@ def test_clip_x0_only_clips_and_round_trips():
     assert (x0.abs().flatten(1).max(dim=1).values <= limit + 1e-5).all()  # clipped, not rescaled
 
 
+def test_apg_splits_caps_and_carries_the_update():
+    """APG's update (Sadat et al. 2024), as diffusers computes it: with η = 0 what is added to εc is orthogonal to
+    εc, the cap bounds its norm before w − 1 scales it, and momentum adds β times the previous update."""
+    from latentgen.guidance import Apg, classifier_free_guidance, guide
+
+    torch.manual_seed(0)
+    uncond, cond = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    plain = classifier_free_guidance(uncond, cond, 7.5)
+    torch.testing.assert_close(guide(uncond, cond, 7.5, Apg(eta=1.0), {}), plain)  # η = 1, no cap: CFG itself
+    torch.testing.assert_close(guide(uncond, cond, 7.5, None, {}), plain)
+    update = (guide(uncond, cond, 7.5, Apg(), {}) - cond) / 6.5
+    assert ((update * cond).flatten(1).sum(1).abs() < 1e-4).all()  # no part along εc
+    assert ((update - (cond - uncond)).flatten(1).norm(dim=1) > 1).all()  # yet not the plain update either
+    capped = (guide(uncond, cond, 7.5, Apg(norm_threshold=0.5, eta=1.0), {}) - cond) / 6.5
+    torch.testing.assert_close(capped.flatten(1).norm(dim=1), torch.full((2,), 0.5))  # ‖εc − ε∅‖ ≈ 11 > 0.5
+    state, second = {}, torch.randn(2, 4, 8, 8)
+    guide(uncond, cond, 7.5, Apg(eta=1.0, momentum=-0.5), state)
+    carried = guide(uncond, second, 7.5, Apg(eta=1.0, momentum=-0.5), state)
+    torch.testing.assert_close(carried, second + 6.5 * ((second - uncond) - 0.5 * (cond - uncond)))
+
+
+def test_apg_in_the_pipeline_replays_and_checks(tiny_folder, tmp_path):
+    pipe = LatentPipeline.from_pretrained(tiny_folder)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=3, seed=0, output_type="np")
+    plain = pipe(PROMPT, **kw).images
+    apg = pipe(PROMPT, apg={"norm_threshold": 0.5}, **kw)
+    assert np.abs(apg.images - plain).max() > 1e-3
+    assert apg.metadata[0]["apg"] == {"norm_threshold": 0.5, "eta": 0.0, "momentum": 0.0}
+    with pytest.raises(UserError, match=r"^--apg-momentum must be in \(-1, 1\), got 1"):
+        pipe(PROMPT, apg={"momentum": 1}, **kw)
+    r = infer("--model", tiny_folder, "--prompt", PROMPT, "--steps", 3, "--seed", 0, "--apg-threshold", 0.5,
+              "--out", tmp_path / "a.png")
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")),
+                                  np.round(apg.images[0] * 255).astype(np.uint8))  # the flag is the field
+    r = infer("--replay", tmp_path / "a.png")
+    assert r.returncode == 0 and "identical, bit for bit" in r.stdout, r.stderr
+
+
 # ---- metadata, replay, grid ---------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -18,6 +19,7 @@ from .. import validate
 from ..cli import ArgumentParser, quiet_libraries, run_cli
 from ..data.shapes import ALL_KINDS, KINDS
 from ..errors import UserError
+from ..guidance import add_apg_flags
 from ..schedulers import scheduler_name_of, scheduler_names
 
 GROUP_ORDER = ("one-heldout", "one-seen", "two-heldout", "two-seen")
@@ -179,9 +181,14 @@ def write_json(path: Path, data) -> None:
 
 
 def guidance_options(args) -> dict:
-    """The request settings that `--guidance-interval`, `--guidance-rescale` and `--dynamic-threshold` set,
-    checked before the model loads."""
+    """The request settings that `--guidance-interval`, `--guidance-rescale`, `--dynamic-threshold` and the APG
+    flags set, checked before the model loads."""
+    from ..guidance import apg_of
+
     options = {}
+    apg = apg_of(args)
+    if apg is not None:
+        options["apg"] = apg
     if getattr(args, "guidance_interval", None):
         options["guidance_interval"] = tuple(args.guidance_interval)
     if getattr(args, "guidance_rescale", None) is not None:
@@ -210,6 +217,7 @@ def main(argv=None):
                            help="rescale the guided prediction's std towards the conditional one's (Lin et al.)")
             q.add_argument("--dynamic-threshold", type=float, metavar="PERCENTILE",
                            help="clip each x0 prediction at this percentile of its magnitudes (Imagen)")
+            add_apg_flags(q)
             q.add_argument("--seeds", type=int, default=4, help="images per prompt")
             q.add_argument("--kinds", nargs="+", default=list(KINDS), choices=ALL_KINDS,
                            help="shape kinds of the prompts (star: what the showcase LoRA teaches)")
@@ -265,7 +273,9 @@ def main(argv=None):
                          if "guidance_interval" in options else "",
                          f", guidance rescale {options['guidance_rescale']:g}" if "guidance_rescale" in options else "",
                          f", dynamic threshold {options['dynamic_threshold']:g}" if "dynamic_threshold" in options
-                         else ""])
+                         else "",
+                         ", APG (threshold {norm_threshold:g}, eta {eta:g}, momentum {momentum:g})".format(
+                             **dataclasses.asdict(options["apg"])) if "apg" in options else ""])
         report += [f"## Prompt adherence ({sampler}, {args.steps[0]} steps, {args.seeds} seeds per prompt{extra})",
                    table, kind_table(results)]
         if out:
