@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
+from .errors import UserError
+
 DYNAMIC_THRESHOLD_FLOOR = 3.0  # x̂0 is never clipped inside ±3σ of the unit-variance latents
 
 
@@ -51,8 +53,16 @@ class Apg:
         return self
 
 
+def model_apg(pipe) -> Apg | bool:
+    """A model's own guidance: the APG settings its folder's `model_index.json` holds (key `apg`), else False
+    (plain classifier-free guidance)."""
+    own = pipe.config.get("apg")
+    return Apg(**own).check() if own else False
+
+
 def add_apg_flags(parser) -> None:
-    """infer.py's and the evaluation's APG flags: any of them turns APG on."""
+    """infer.py's and the evaluation's APG flags: any of them turns APG on, --no-apg turns it off; none: the
+    model's own."""
     parser.add_argument("--apg-threshold", type=float, metavar="R",
                         help="adaptive projected guidance: cap each image's guidance update at L2 norm R (over the "
                              "latent's C×H×W; 0: no cap); the default model keeps its squares square at 7.5 with 1")
@@ -60,13 +70,20 @@ def add_apg_flags(parser) -> None:
                         help="APG: weight of the update's part parallel to the conditional prediction (default 0)")
     parser.add_argument("--apg-momentum", type=float, metavar="BETA",
                         help="APG: running update over the steps, Δ + β·previous (default 0: none; the paper: -0.5)")
+    parser.add_argument("--no-apg", action="store_true",
+                        help="plain classifier-free guidance, for a model whose own default is APG")
 
 
-def apg_of(args) -> Apg | None:
-    """The APG settings the flags of `add_apg_flags` give, checked; None where none was given."""
+def apg_of(args) -> Apg | bool | None:
+    """What the flags of `add_apg_flags` ask for: APG settings (checked), False (--no-apg: plain guidance) or None
+    (none given: the model's own)."""
     given = {name: getattr(args, f"apg_{flag}") for name, flag in
              (("norm_threshold", "threshold"), ("eta", "eta"), ("momentum", "momentum"))
              if getattr(args, f"apg_{flag}", None) is not None}
+    if getattr(args, "no_apg", False):
+        if given:
+            raise UserError("--no-apg turns APG off; give it without --apg-threshold, --apg-eta and --apg-momentum")
+        return False
     return Apg(**given).check() if given else None
 
 

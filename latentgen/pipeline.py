@@ -69,7 +69,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
 
     def __init__(self, vae: AutoencoderKL, text_encoder: nn.Module, tokenizer: Any, unet: UNet2DConditionModel,
                  scheduler: Any, text_encoder_2: nn.Module | None = None, tokenizer_2: Any = None,
-                 clip_skip: int | None = None):
+                 clip_skip: int | None = None, apg: dict | None = None):
         super().__init__()
         if is_openclip(text_encoder):
             # An open_clip tower becomes the equivalent CLIPTextModel (as SD 2 did), so the folder stays diffusers'.
@@ -79,7 +79,9 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
             raise UserError("an SDXL pipeline needs both text_encoder_2 and tokenizer_2")
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                               text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
-        self.register_to_config(clip_skip=clip_skip)
+        # The model's own sampling defaults beyond its scheduler: clip skip, and adaptive projected guidance's
+        # settings (`latentgen.guidance.Apg`) where the model samples better with it than with plain guidance.
+        self.register_to_config(clip_skip=clip_skip, apg=apg)
         f = self.vae_scale_factor
         self.image_processor = VaeImageProcessor(vae_scale_factor=f)
         self.mask_processor = VaeImageProcessor(vae_scale_factor=f, do_normalize=False, do_binarize=True,
@@ -257,8 +259,9 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
                              requires_safety_checker=False)
                 for name in self._optional_components:
                     index.pop(name, None)
-            if index.get("clip_skip") is None:
-                index.pop("clip_skip", None)
+            for key in ("clip_skip", "apg"):
+                if index.get(key) is None:
+                    index.pop(key, None)
             index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     def upscaler(self) -> "LatentPipeline":

@@ -24,7 +24,7 @@ import torch
 
 from . import validate
 from .errors import UserError, one_of
-from .guidance import Apg
+from .guidance import Apg, model_apg
 from .hires import Hires
 from .schedulers import scheduler_names
 from .upscaler import Upscale
@@ -52,7 +52,8 @@ class Request:
     (width, height), is its "resize seed from": each image's noise is drawn at that size and pasted into the middle
     of its noise at the image's size (`sampling.prepare_latents`), so an image keeps much of its composition at
     another size. `image` (+ `strength`) is image-to-image; `image` + `mask_image` (white = repaint) is
-    inpainting. `guidance_rescale`, `apg` (adaptive projected guidance), `dynamic_threshold` and
+    inpainting. `guidance_rescale`, `apg` (adaptive projected guidance: None is the model's own, False plain
+    classifier-free guidance), `dynamic_threshold` and
     `guidance_interval` are `latentgen.guidance`'s variants; `clip_skip` None uses the model's own; `tiling`
     makes the image tile seamlessly (`latentgen.tiling`); `hires` runs AUTOMATIC1111's hires fix
     (`latentgen.hires`), `upscale` the model's trained upscaler after it (a cascade, `latentgen.upscaler`); `loras`
@@ -75,7 +76,7 @@ class Request:
     eta: float = 0.0
     strength: float | None = None  # None: 0.8 for image-to-image, 1 for inpainting
     guidance_rescale: float = 0.0
-    apg: Apg | None = None  # adaptive projected guidance instead of plain classifier-free guidance
+    apg: Apg | Mapping | bool | None = None  # adaptive projected guidance; False: plain; None: the model's own
     dynamic_threshold: float | None = None
     guidance_interval: tuple[float, float] = (0.0, 1.0)
     clip_skip: int | None = None
@@ -95,8 +96,11 @@ class Request:
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any], **inputs) -> "Request":
-        """The request an image's metadata records (unknown keys, such as the model's name, are left out)."""
-        return cls(**{k: metadata[k] for k in cls.recorded_fields() if k in metadata}, **inputs)
+        """The request an image's metadata records (unknown keys, such as the model's name, are left out). Images
+        recorded before APG existed were made with plain guidance, whatever their model's default is now."""
+        fields = {k: metadata[k] for k in cls.recorded_fields() if k in metadata}
+        fields.setdefault("apg", False)
+        return cls(**fields, **inputs)
 
     # --------------------------------------------------------------------------------------------------------
     # Checks that need no model
@@ -174,9 +178,11 @@ class Request:
             seed_resize = validate.size(seed_resize, name["seed_resize_from"])
             if seeds is None:  # the noise is drawn from each image's seed twice, at two sizes
                 raise UserError(f"{name['seed_resize_from']} needs {name['seed']} (a generator cannot be restarted)")
-        apg = self.apg
-        if apg is not None:
-            apg = (Apg(**apg) if isinstance(apg, Mapping) else apg).check()
+        apg = Apg(**self.apg) if isinstance(self.apg, Mapping) else self.apg
+        if isinstance(apg, Apg):
+            apg = apg.check()
+        elif apg is not None and apg is not False:
+            raise UserError(f"apg must be APG settings, False (plain guidance) or None (the model's own), got {apg!r}")
         hires = self.hires
         if hires is not None:
             hires = (Hires(**hires) if isinstance(hires, Mapping) else hires).check()
@@ -227,6 +233,8 @@ class Request:
         max_steps = pipe.scheduler.config.get("num_train_timesteps")
         req = self.check(max_steps=max_steps)
         validate.steps(req.num_inference_steps, max_steps)  # for a request checked before the model loaded
+        if req.apg is None:
+            req = dataclasses.replace(req, apg=model_apg(pipe))
         if pipe.inpainting_unet and req.mask_image is None:
             raise UserError("this is an inpainting model (9-channel U-Net): give an image and a mask")
         total, f = req.total, pipe.vae_scale_factor
@@ -356,7 +364,7 @@ class Plan:
                    width=self.width, scheduler=scheduler, guidance_interval=list(r.guidance_interval),
                    strength=r.strength if self.has_init else None, clip_skip=self.clip_skip,
                    hires=None if r.hires is None else dataclasses.asdict(r.hires),
-                   apg=None if r.apg is None else dataclasses.asdict(r.apg),
+                   apg=dataclasses.asdict(r.apg) if r.apg else False,
                    upscale=None if r.upscale is None else dataclasses.asdict(r.upscale),
                    loras=[[str(p.resolve()), s] for p, s in self.loras[:len(r.loras or [])]] or None)
         return out

@@ -185,7 +185,7 @@ def predict(pipe, x: torch.Tensor, t, cond: GuidedConditioning, plan: Plan, step
                     class_labels=labels)
     if guided:
         uncond, cond_pred = pred.chunk(2)
-        pred = rescale_guidance(guide(uncond, cond_pred, r.guidance_scale, r.apg, known), cond_pred,
+        pred = rescale_guidance(guide(uncond, cond_pred, r.guidance_scale, r.apg or None, known), cond_pred,
                                 r.guidance_rescale)
     if r.dynamic_threshold:
         alpha, sigma = alpha_sigma(scheduler.alphas_cumprod, t)

@@ -231,7 +231,7 @@ def second_stage(pipe, plan):
         height=plan.height * cfg.scale, width=plan.width * cfg.scale, num_inference_steps=want.steps or cfg.steps,
         guidance_scale=cfg.guidance if want.guidance is None else want.guidance, scheduler=None,
         strength=cfg.strength if want.strength is None else want.strength,
-        guidance_rescale=0.0, apg=None, dynamic_threshold=None, guidance_interval=(0.0, 1.0), upscale=None,
+        guidance_rescale=0.0, apg=False, dynamic_threshold=None, guidance_interval=(0.0, 1.0), upscale=None,
         loras=None)
     return up, second.fit(up)
 

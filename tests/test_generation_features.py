@@ -253,6 +253,31 @@ def test_apg_in_the_pipeline_replays_and_checks(tiny_folder, tmp_path):
                                   np.round(apg.images[0] * 255).astype(np.uint8))  # the flag is the field
     r = infer("--replay", tmp_path / "a.png")
     assert r.returncode == 0 and "identical, bit for bit" in r.stdout, r.stderr
+    with pytest.raises(UserError, match=r"^apg must be APG settings, False \(plain guidance\) or None"):
+        pipe(PROMPT, apg=True, **kw)
+    r = infer("--model", tiny_folder, "--prompt", PROMPT, "--no-apg", "--apg-eta", 0.5, "--out", tmp_path / "b")
+    assert r.returncode == 2 and r.stderr.startswith("error: --no-apg turns APG off; give it without")
+
+
+def test_a_models_own_apg_is_its_default_and_old_images_replay_plain(tiny_pipe, tmp_path):
+    from latentgen.request import Request
+
+    tiny_pipe.save_pretrained(tmp_path / "plain")
+    tiny_pipe.register_to_config(apg={"norm_threshold": 0.5, "eta": 0.0, "momentum": 0.0})
+    tiny_pipe.save_pretrained(tmp_path / "own")
+    assert json.loads((tmp_path / "own" / "model_index.json").read_text())["apg"]["norm_threshold"] == 0.5
+    assert "apg" not in json.loads((tmp_path / "plain" / "model_index.json").read_text())
+    own = LatentPipeline.from_pretrained(tmp_path / "own", torch_dtype=torch.float32)
+    own.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=3, seed=0, output_type="np")
+    default = own(PROMPT, **kw)
+    np.testing.assert_array_equal(default.images, own(PROMPT, apg={"norm_threshold": 0.5}, **kw).images)
+    assert default.metadata[0]["apg"] == {"norm_threshold": 0.5, "eta": 0.0, "momentum": 0.0}
+    plain = own(PROMPT, apg=False, **kw)
+    assert plain.metadata[0]["apg"] is False and np.abs(plain.images - default.images).max() > 1e-3
+    before = {k: v for k, v in plain.metadata[0].items() if k != "apg"}  # an image recorded before APG existed
+    assert Request.from_metadata(before).apg is False
+    np.testing.assert_array_equal(own.generate(Request.from_metadata(before, output_type="np")).images, plain.images)
 
 
 # ---- metadata, replay, grid ---------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from .. import validate
 from ..cli import ArgumentParser, quiet_libraries, run_cli
 from ..data.shapes import ALL_KINDS, KINDS
 from ..errors import UserError
-from ..guidance import add_apg_flags
+from ..guidance import add_apg_flags, model_apg
 from ..schedulers import scheduler_name_of, scheduler_names
 
 GROUP_ORDER = ("one-heldout", "one-seen", "two-heldout", "two-seen")
@@ -266,6 +266,7 @@ def main(argv=None):
                 sample_grid(targets[::args.seeds][:48], images[::args.seeds][:48], out / f"samples-g{g}.png")
         table = adherence_table(results)
         sampler = args.scheduler or f"the model's own sampler, {scheduler_name_of(pipe.scheduler)}"
+        apg = options.get("apg", model_apg(pipe))
         extra = "".join([f", kinds {' '.join(args.kinds)}" if tuple(args.kinds) != KINDS else "",
                          f", LoRA {' '.join(args.lora)}" if args.lora else "",
                          f", VAE {args.vae}" if args.vae else "",
@@ -275,7 +276,7 @@ def main(argv=None):
                          f", dynamic threshold {options['dynamic_threshold']:g}" if "dynamic_threshold" in options
                          else "",
                          ", APG (threshold {norm_threshold:g}, eta {eta:g}, momentum {momentum:g})".format(
-                             **dataclasses.asdict(options["apg"])) if "apg" in options else ""])
+                             **dataclasses.asdict(apg)) if apg else ""])
         report += [f"## Prompt adherence ({sampler}, {args.steps[0]} steps, {args.seeds} seeds per prompt{extra})",
                    table, kind_table(results)]
         if out:
