@@ -20,7 +20,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
@@ -44,6 +45,17 @@ class Apg:
     eta: float = 0.0  # weight of the update's part parallel to εc: 0 drops it (the paper's choice), 1 keeps it
     momentum: float = 0.0  # β of the running update Δ_t + β·Δ_{t−1} over the steps (the paper: −0.5); 0: none
 
+    @classmethod
+    def of(cls, settings) -> "Apg":
+        """Settings given as an Apg or a mapping of its fields (a request's JSON, a model's `model_index.json`),
+        checked."""
+        if isinstance(settings, cls):
+            return settings.check()
+        names = [f.name for f in fields(cls)]
+        if not isinstance(settings, Mapping) or set(settings) - set(names):
+            raise UserError(f"APG settings are {', '.join(names)}; got {settings!r}")
+        return cls(**settings).check()
+
     def check(self) -> "Apg":
         from . import validate
 
@@ -57,7 +69,7 @@ def model_apg(pipe) -> Apg | bool:
     """A model's own guidance: the APG settings its folder's `model_index.json` holds (key `apg`), else False
     (plain classifier-free guidance)."""
     own = pipe.config.get("apg")
-    return Apg(**own).check() if own else False
+    return Apg.of(own) if own else False
 
 
 def add_apg_flags(parser) -> None:

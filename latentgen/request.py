@@ -53,12 +53,11 @@ class Request:
     of its noise at the image's size (`sampling.prepare_latents`), so an image keeps much of its composition at
     another size. `image` (+ `strength`) is image-to-image; `image` + `mask_image` (white = repaint) is
     inpainting. `guidance_rescale`, `apg` (adaptive projected guidance: None is the model's own, False plain
-    classifier-free guidance), `dynamic_threshold` and
-    `guidance_interval` are `latentgen.guidance`'s variants; `clip_skip` None uses the model's own; `tiling`
-    makes the image tile seamlessly (`latentgen.tiling`); `hires` runs AUTOMATIC1111's hires fix
-    (`latentgen.hires`), `upscale` the model's trained upscaler after it (a cascade, `latentgen.upscaler`); `loras`
-    are LoRA files (or names in the pipeline's `loras_dir`) with their scales, as are A1111's `<lora:NAME:SCALE>`
-    prompt tags.
+    classifier-free guidance), `dynamic_threshold` and `guidance_interval` are `latentgen.guidance`'s variants;
+    `clip_skip` None uses the model's own; `tiling` makes the image tile seamlessly (`latentgen.tiling`); `hires`
+    runs AUTOMATIC1111's hires fix (`latentgen.hires`), `upscale` the model's trained upscaler after it (a
+    cascade, `latentgen.upscaler`); `loras` are LoRA files (or names in the pipeline's `loras_dir`) with their
+    scales, as are A1111's `<lora:NAME:SCALE>` prompt tags.
     """
 
     prompt: str | list[str] = ""
@@ -178,9 +177,9 @@ class Request:
             seed_resize = validate.size(seed_resize, name["seed_resize_from"])
             if seeds is None:  # the noise is drawn from each image's seed twice, at two sizes
                 raise UserError(f"{name['seed_resize_from']} needs {name['seed']} (a generator cannot be restarted)")
-        apg = Apg(**self.apg) if isinstance(self.apg, Mapping) else self.apg
-        if isinstance(apg, Apg):
-            apg = apg.check()
+        apg = self.apg
+        if isinstance(apg, (Apg, Mapping)):
+            apg = Apg.of(apg)
         elif apg is not None and apg is not False:
             raise UserError(f"apg must be APG settings, False (plain guidance) or None (the model's own), got {apg!r}")
         hires = self.hires

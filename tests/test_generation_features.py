@@ -255,6 +255,8 @@ def test_apg_in_the_pipeline_replays_and_checks(tiny_folder, tmp_path):
     assert r.returncode == 0 and "identical, bit for bit" in r.stdout, r.stderr
     with pytest.raises(UserError, match=r"^apg must be APG settings, False \(plain guidance\) or None"):
         pipe(PROMPT, apg=True, **kw)
+    with pytest.raises(UserError, match=r"^APG settings are norm_threshold, eta, momentum; got \{'threshold': 1\}"):
+        pipe(PROMPT, apg={"threshold": 1}, **kw)
     r = infer("--model", tiny_folder, "--prompt", PROMPT, "--no-apg", "--apg-eta", 0.5, "--out", tmp_path / "b")
     assert r.returncode == 2 and r.stderr.startswith("error: --no-apg turns APG off; give it without")
 
