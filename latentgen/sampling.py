@@ -111,7 +111,7 @@ def prepare_latents(pipe, plan: Plan, scheduler, timesteps, generator) -> tuple[
                              device=noise.device, dtype=torch.float32)
         own = slerp(plan.request.variation_strength, own, other)  # along h, as A1111: (N, C, h, w)
     noise = paste_centered(own, noise) if seeded != shape else own
-    known: dict[str, torch.Tensor] = {"noise": noise}
+    known: dict = {"noise": noise}  # what the call knows (noise, z0, mask, ...), and its guidance's state (APG)
     if not plan.has_init:
         return noise * scheduler.init_noise_sigma, known
     z0 = plan.init_latents.to(noise.device) if plan.init_latents is not None else encode_images(pipe, plan.image)
