@@ -115,13 +115,16 @@ def test_merge_command_writes_folders_and_single_files(tmp_path, capsys):
 
 
 def test_merge_command_adds_a_difference(tmp_path):
+    own = {"clip_skip": 1, "apg": {"norm_threshold": 2.0, "eta": 0.0, "momentum": 0.0}}  # A's sampling defaults
     for seed in (0, 1, 2):
-        _pipe(seed).save_pretrained(tmp_path / f"m{seed}")
+        _pipe(seed, **(own if seed == 0 else {})).save_pretrained(tmp_path / f"m{seed}")
     expected = _weights(merge_weights(_pipe(0), _pipe(1), 0.7, _pipe(2)))
     assert run_cli(main, [str(tmp_path / "m0"), str(tmp_path / "m1"), str(tmp_path / "out"), "--alpha", "0.7",
                           "--subtract", str(tmp_path / "m2")]) == 0
-    written = _weights(LatentPipeline.from_pretrained(tmp_path / "out", torch_dtype=torch.float32))
+    merged = LatentPipeline.from_pretrained(tmp_path / "out", torch_dtype=torch.float32)
+    written = _weights(merged)
     assert all(torch.equal(written[k], v) for k, v in expected.items())
+    assert {key: merged.config[key] for key in own} == own  # the merge keeps A's
     assert run_cli(main, [str(tmp_path / "m0"), str(tmp_path / "m1"), str(tmp_path / "out2"), "--subtract",
                           str(tmp_path / "none")]) == 2 and not (tmp_path / "out2").exists()
 
