@@ -348,6 +348,33 @@ def thread(_):
     print(f"ratio: {out['another thread'] / out['main thread']:.2f}")
 
 
+def guidance_norms(_):
+    """The RMS of the guidance update εc − ε∅ at each of the default model's 20 steps (guidance 7.5), over two
+    prompts, against the cap APG puts on it (a norm of 1 over the 16×16×4 latent: RMS 1/32)."""
+    import latentgen.sampling as sampling
+
+    pipe = _pipe()
+    seen = []
+    run_unet = sampling.run_unet
+
+    def spy(pipe, x_in, t, cond, rows_per_image, class_labels=None):
+        out = run_unet(pipe, x_in, t, cond, rows_per_image, class_labels)
+        if rows_per_image == 2:  # a guided call: [uncond; cond]
+            uncond, conditional = out.chunk(2)
+            seen.append((int(t), (conditional - uncond).flatten(1).pow(2).mean(1).sqrt().mean().item()))
+        return out
+
+    sampling.run_unet = spy
+    try:
+        pipe(["a red square on a green background", "a blue triangle left of a yellow circle on a black background"],
+             num_inference_steps=20, seed=0, apg=False)
+    finally:
+        sampling.run_unet = run_unet
+    cap = 1.0 / (4 * 16 * 16) ** 0.5
+    for t, rms in seen:
+        print(f"timestep {t:4d}: update RMS {rms:.3f}" + (f" (capped to {cap / rms:.0%})" if rms > cap else ""))
+
+
 def apg_cost(_):
     """Milliseconds per image (8 per call, 20 steps, guidance 7.5) of the default model with plain guidance and with
     its own APG, alternated three times, the best of each kept: what the projection and the cap cost."""
@@ -498,7 +525,7 @@ def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="probe", required=True)
     for name in ("samplers", "dpm-variants", "bf16-drift", "profile", "memory", "thread", "cascade", "wordllama",
-                 "apg-cost"):
+                 "apg-cost", "guidance-norms"):
         sub.add_parser(name)
     shapes_parser = sub.add_parser("shapes")
     shapes_parser.add_argument("--kinds", nargs="+", default=["circle", "square", "triangle"])
@@ -517,7 +544,8 @@ def main():
     args = p.parse_args()
     {"samplers": samplers, "dpm-variants": dpm_variants, "bf16-drift": bf16_drift, "profile": profile,
      "train-step": train_step, "memory": memory, "shapes": shapes, "pairs": pairs, "thread": thread,
-     "cascade": cascade, "denoise": denoise, "wordllama": wordllama, "apg-cost": apg_cost}[args.probe](args)
+     "cascade": cascade, "denoise": denoise, "wordllama": wordllama, "apg-cost": apg_cost,
+     "guidance-norms": guidance_norms}[args.probe](args)
 
 
 if __name__ == "__main__":
