@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 import torch
+from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 from .errors import UserError
@@ -96,7 +97,7 @@ def apg_of(args) -> Apg | bool | None:
         if given:
             raise UserError("--no-apg turns APG off; give it without --apg-threshold, --apg-eta and --apg-momentum")
         return False
-    return Apg(**given).check() if given else None
+    return Apg.of(given) if given else None
 
 
 def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float, apg: Apg | None, state: dict) -> torch.Tensor:
@@ -104,8 +105,6 @@ def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float, apg: Apg | Non
     (APG's momentum lives there from step to step)."""
     if apg is None:
         return classifier_free_guidance(uncond, cond, scale)
-    from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
-
     momentum = None
     if apg.momentum:
         momentum = state.setdefault("apg_momentum", MomentumBuffer(apg.momentum))

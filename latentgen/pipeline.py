@@ -436,7 +436,7 @@ def _request(prompt, fields: dict) -> Request:
 def _generator_factory(plan: Plan):
     """A function giving the call's generators in their initial state, each time it is called (for a retry)."""
     if plan.seeds is not None:
-        return lambda: [torch.Generator("cpu").manual_seed(s) for s in plan.seeds]
+        return lambda: sampling.cpu_generators(plan.seeds)
     generator = plan.generator
     gens = generator if isinstance(generator, list) else [generator] if generator is not None else []
     states = [g.get_state() for g in gens]

@@ -91,6 +91,12 @@ def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
     return scale_latents(pipe.vae, z)
 
 
+def cpu_generators(seeds) -> list[torch.Generator]:
+    """One CPU generator per seed, in its initial state: each image's numbers depend on its seed alone, on any
+    device (A1111's "RNG source: CPU")."""
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
 def prepare_latents(pipe, plan: Plan, scheduler, timesteps, generator) -> tuple[torch.Tensor, dict]:
     """3. x_T ~ N(0, σ_max² I) (N, C, h, w), each image's noise from its own generator when seeded, turned towards
     its variation seed's noise where the request has a variation strength, drawn at the seed-resize size and
@@ -104,11 +110,10 @@ def prepare_latents(pipe, plan: Plan, scheduler, timesteps, generator) -> tuple[
     seeded = shape if resize is None else (*shape[:2], resize[1] // f, resize[0] // f)
     own = noise
     if seeded != shape:  # the same seeds' noise at the other size, pasted into the middle below (A1111's order)
-        own = randn_tensor(seeded, generator=[torch.Generator("cpu").manual_seed(s) for s in plan.seeds],
-                           device=noise.device, dtype=torch.float32)
+        own = randn_tensor(seeded, generator=cpu_generators(plan.seeds), device=noise.device, dtype=torch.float32)
     if plan.variation_seeds is not None:
-        other = randn_tensor(seeded, generator=[torch.Generator("cpu").manual_seed(s) for s in plan.variation_seeds],
-                             device=noise.device, dtype=torch.float32)
+        other = randn_tensor(seeded, generator=cpu_generators(plan.variation_seeds), device=noise.device,
+                             dtype=torch.float32)
         own = slerp(plan.request.variation_strength, own, other)  # along h, as A1111: (N, C, h, w)
     noise = paste_centered(own, noise) if seeded != shape else own
     known: dict = {"noise": noise}  # what the call knows (noise, z0, mask, ...), and its guidance's state (APG)

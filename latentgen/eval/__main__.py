@@ -19,7 +19,7 @@ from .. import validate
 from ..cli import ArgumentParser, quiet_libraries, run_cli
 from ..data.shapes import ALL_KINDS, KINDS
 from ..errors import UserError
-from ..guidance import add_apg_flags, model_apg
+from ..guidance import add_apg_flags, apg_of, model_apg
 from ..schedulers import scheduler_name_of, scheduler_names
 
 GROUP_ORDER = ("one-heldout", "one-seen", "two-heldout", "two-seen")
@@ -183,8 +183,6 @@ def write_json(path: Path, data) -> None:
 def guidance_options(args) -> dict:
     """The request settings that `--guidance-interval`, `--guidance-rescale`, `--dynamic-threshold` and the APG
     flags set, checked before the model loads."""
-    from ..guidance import apg_of
-
     options = {}
     apg = apg_of(args)
     if apg is not None:
