@@ -20,13 +20,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
+from . import validate
 from .errors import UserError
 
 DYNAMIC_THRESHOLD_FLOOR = 3.0  # x̂0 is never clipped inside ±3σ of the unit-variance latents
@@ -50,16 +50,9 @@ class Apg:
     def of(cls, settings) -> "Apg":
         """Settings given as an Apg or a mapping of its fields (a request's JSON, a model's `model_index.json`),
         checked."""
-        if isinstance(settings, cls):
-            return settings.check()
-        names = [f.name for f in fields(cls)]
-        if not isinstance(settings, Mapping) or set(settings) - set(names):
-            raise UserError(f"APG settings are {', '.join(names)}; got {settings!r}")
-        return cls(**settings).check()
+        return validate.settings(cls, settings, "APG")
 
     def check(self) -> "Apg":
-        from . import validate
-
         validate.in_range(self.norm_threshold, "--apg-threshold", 0.0, 1e6)
         validate.in_range(self.eta, "--apg-eta", 0.0, 1.0)
         validate.in_range(self.momentum, "--apg-momentum", -1.0, 1.0, low_open=True, high_open=True)

@@ -184,13 +184,13 @@ class Request:
             raise UserError(f"apg must be APG settings, False (plain guidance) or None (the model's own), got {apg!r}")
         hires = self.hires
         if hires is not None:
-            hires = (Hires(**hires) if isinstance(hires, Mapping) else hires).check()
+            hires = validate.settings(Hires, hires, name["hires"])
             if self.image is not None:
                 raise UserError(f"{name['hires']} is for text-to-image; with {name['image']}, resize the image "
                                 "instead")
         upscale = self.upscale
         if upscale is not None:
-            upscale = (Upscale(**upscale) if isinstance(upscale, Mapping) else upscale).check()
+            upscale = validate.settings(Upscale, upscale, name["upscale"])
             if self.image is not None or hires is not None:
                 raise UserError(f"{name['upscale']} is for text-to-image, without {name['hires']} (both make a "
                                 "larger image; choose one)" if hires is not None else

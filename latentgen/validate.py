@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 
 from .errors import UserError
 
@@ -76,3 +78,17 @@ def count(value, what: str) -> int:
     if not _is_int(value) or value < 1:
         raise UserError(f"{what} must be ≥ 1 (a whole number), got {value!r}")
     return value
+
+
+def settings(cls, value, what: str):
+    """A settings dataclass (`Apg`, `Hires`, `Upscale`) given as itself or as a mapping of its fields (a request's
+    JSON, a model's `model_index.json`), checked by its own `check()`."""
+    if isinstance(value, cls):
+        return value.check()
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields]
+    required = {f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    if not isinstance(value, Mapping) or set(value) - set(names) or required - set(value):
+        need = f" ({', '.join(sorted(required))} required)" if required else ""
+        raise UserError(f"{what} settings are {', '.join(names)}{need}; got {value!r}")
+    return cls(**value).check()

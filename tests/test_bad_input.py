@@ -298,6 +298,9 @@ def test_config_overrides_never_crash(pairs):
 
 NUMBERS = st.one_of(st.integers(-10, 10**20), st.floats(allow_nan=True, allow_infinity=True), st.none(),
                     st.sampled_from([0, 1, 2, 8, 32, 1000, 1001, 65536, 2**63, True, "3", [1, 2]]))
+SETTING_KEYS = ["scale", "steps", "denoise", "upscaler", "noise_level", "guidance", "strength", "norm_threshold",
+                "eta", "momentum", "threshold"]  # the hires fix's, the upscaler's and APG's fields, and a stranger
+SETTINGS = st.one_of(NUMBERS, st.dictionaries(st.sampled_from(SETTING_KEYS), NUMBERS, max_size=3))
 
 
 @functools.cache
@@ -312,10 +315,29 @@ def _fuzz_pipe():
 @given(st.fixed_dictionaries({}, optional={
     "num_inference_steps": NUMBERS, "guidance_scale": NUMBERS, "height": NUMBERS, "width": NUMBERS,
     "seed": NUMBERS, "num_images_per_prompt": NUMBERS, "strength": NUMBERS, "guidance_rescale": NUMBERS,
-    "dynamic_threshold": NUMBERS, "eta": NUMBERS}))
+    "dynamic_threshold": NUMBERS, "eta": NUMBERS, "hires": SETTINGS, "upscale": SETTINGS, "apg": SETTINGS}))
 def test_request_fields_never_crash(fields):
     """Any value in any request field: a checked request or one UserError line, never another exception."""
     try:
         _fuzz_pipe().check_request("a red circle", **fields)
     except UserError as err:
         assert "\n" not in str(err)
+
+
+HIRES = "the hires fix settings are scale, steps, denoise, upscaler (scale required); got "
+UPSCALE = "the upscaler settings are scale, steps, noise_level, guidance, strength; got "
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("hires", {"scale": 2, "denoise_strength": 0.5}, HIRES + "{'scale': 2, 'denoise_strength': 0.5}"),
+    ("hires", {"steps": 4}, HIRES + "{'steps': 4}"),
+    ("upscale", {"noise": 100}, UPSCALE + "{'noise': 100}"),
+    ("upscale", 2, UPSCALE + "2"),
+    ("apg", {"threshold": 1}, "APG settings are norm_threshold, eta, momentum; got {'threshold': 1}"),
+])
+def test_settings_given_as_a_mapping_name_their_fields(field, value, message):
+    """The hires fix, the upscaler and APG given as JSON-like mappings (the Python API, the server, a model's
+    model_index.json): a wrong or missing key is one line naming the fields, not a TypeError."""
+    with pytest.raises(UserError) as err:
+        _fuzz_pipe().check_request("a red circle", **{field: value})
+    assert str(err.value) == message
