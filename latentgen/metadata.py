@@ -176,8 +176,7 @@ def a1111_request(text: str) -> tuple[dict, dict[str, str], list[str]]:
         if "Seed" in fields:
             settings["seed"] = int(fields["Seed"])
         if "Size" in fields:
-            width, height = fields["Size"].lower().split("x")
-            settings["width"], settings["height"] = int(width), int(height)
+            settings["width"], settings["height"] = validate.size_text(fields["Size"], "Size")
         if "CFG Rescale phi" in fields:
             settings["guidance_rescale"] = float(fields["CFG Rescale phi"])
         if "Clip skip" in fields:

@@ -40,6 +40,14 @@ def test_a1111_settings_map_to_ours():
     assert old_style["scheduler"] == "euler-a" and old_style["clip_skip"] == 1
     with pytest.raises(UserError, match="sampler 'DPM2 a' has no latentgen counterpart; known: "):
         a1111_request("x\nSteps: 5, Sampler: DPM2 a, CFG scale: 7, Seed: 1")
+    portrait, _, _ = a1111_request("x\nSteps: 5, Seed: 1, Size: 512x768")
+    assert (portrait["width"], portrait["height"]) == (512, 768)
+    unreadable = r"^the AUTOMATIC1111 parameters hold a value latentgen cannot read: "
+    size = r"Size must be WIDTHxHEIGHT in pixels \(e.g. 512x768\), got '512'$"
+    with pytest.raises(UserError, match=unreadable + size):
+        a1111_request("x\nSteps: 5, Seed: 1, Size: 512")
+    with pytest.raises(UserError, match=unreadable + "invalid literal for int"):
+        a1111_request("x\nSteps: five, Seed: 1, Size: 64x64")
 
 
 def test_model_hash_is_a1111s_for_files_and_ten_digits_for_folders(tiny_folder, tmp_path):
