@@ -17,7 +17,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 from common import ROOT
 
@@ -26,14 +28,23 @@ PROMPT = "a red circle on a blue background"
 
 
 def _pipe(dtype=None, model=MODEL, vae=None):
-    """The default model (or `model`), with the VAE of folder `vae` (as train_vae.py writes it) if given."""
+    """The default model (or `model`), with the VAE of folder `vae` (as train_vae.py writes it) if given. A VAE
+    with other latent channels than the model's (a new latent space) is put in as it is: for round trips only."""
     from latentgen import LatentPipeline
 
     pipe = LatentPipeline.from_pretrained(model, torch_dtype=dtype)
     if vae:  # e.g. a decoder fine-tuned with decoder_only; swapped as infer.py --vae swaps it
+        from diffusers import AutoencoderKL
+
         from latentgen.loading import load_vae
 
-        pipe.register_modules(vae=load_vae(vae, pipe.vae))
+        config = Path(vae) / "config.json"
+        channels = json.loads(config.read_text())["latent_channels"] if config.is_file() else None
+        if channels not in (None, pipe.vae.config.latent_channels):
+            own = AutoencoderKL.from_pretrained(vae, use_safetensors=True)
+            pipe.register_modules(vae=own.to(pipe.vae.dtype).eval())
+        else:
+            pipe.register_modules(vae=load_vae(vae, pipe.vae))
         pipe.keep_vae_safe()
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -298,8 +309,12 @@ def shapes(args):
     real_kinds, real, _ = _heldout_singles(150, kinds)
     report("dataset", real_kinds, real)
     report("VAE round trip", real_kinds, _round_trip(_pipe(torch.float32, vae=args.vae), real))
+    pipe = _pipe(vae=args.vae)
+    if pipe.vae.config.latent_channels != pipe.unet.config.in_channels:
+        print("(the VAE's latent space is not the default model's U-Net's: no generated images)")
+        return
     targets = [t for t in prompt_set(27, kinds=kinds) if t.group.startswith("one")]
-    images = _pipe(vae=args.vae)([t.prompt for t in targets], seed=list(range(1000, 1000 + len(targets))),
+    images = pipe([t.prompt for t in targets], seed=list(range(1000, 1000 + len(targets))),
                      num_inference_steps=20, guidance_scale=7.5, loras=[(args.lora, 1.0)] if args.lora else None).images
     report("default model", [t.shapes[0][1] for t in targets], images)
 
