@@ -143,10 +143,14 @@ def main(argv=None):
     if args.replay:
         return replay(args)
     from latentgen import outputs
-    from latentgen.distributed import describe, process_state, relaunch_cpu_ranks, say
+    from latentgen.distributed import describe, process_state, relaunch_cpu_ranks, say, shared_random_seed
 
     relaunch_cpu_ranks(argv)  # `accelerate launch --cpu --num_processes N`: N ranks from here on
     state = process_state()  # one process, or this rank of `accelerate launch`, before anything else asks
+    if args.seed is None:  # drawn once for the whole run, not once per rank
+        args.seed = shared_random_seed(state)
+    if args.variation_strength and args.variation_seed is None:
+        args.variation_seed = shared_random_seed(state)
     # Check everything the user typed before loading a model, then what depends on the model, once.
     prompts = outputs.read_prompts(args.prompt, args.prompts_file)
     image = outputs.load_image(args.image) if args.image else None

@@ -49,6 +49,19 @@ def describe(state) -> str:
     return f"process {state.process_index} of {state.num_processes} ({kind}{backend})"
 
 
+def shared_random_seed(state) -> int:
+    """A random seed, the same on every rank (rank 0's): a run's image k gets seed + k whichever rank draws it,
+    and its file names agree across the ranks (the grid reads them all)."""
+    import random
+
+    seed = [random.SystemRandom().randrange(2**31)]
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(seed, from_process=0)
+    return seed[0]
+
+
 def say(line: str, stream=None) -> None:
     """One line from one rank, in one write: print() writes the text and the newline separately, so two ranks
     sharing a pipe can interleave their lines."""

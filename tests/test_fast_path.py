@@ -67,16 +67,25 @@ def test_prompt_cache_reuses_embeddings(tiny_pipe):
 
 
 def test_prompts_file_is_split_across_two_processes(tiny_folder, tmp_path):
+    """Two ranks share the run: each image written once, and without --seed one random seed (and variation seed)
+    for the whole run, so image k gets seed + k on either rank and the grid finds every file."""
+    from latentgen.metadata import read_metadata
+
     prompts = [f"prompt number {i}" for i in range(5)]
     (tmp_path / "p.txt").write_text("\n".join(prompts))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "infer.py"), "--model", str(tiny_folder),
-           "--prompts-file", str(tmp_path / "p.txt"), "--steps", "2", "--seed", "0", "--out", str(tmp_path / "out")]
+           "--prompts-file", str(tmp_path / "p.txt"), "--steps", "2", "--variation-strength", "0.5", "--grid",
+           "--out", str(tmp_path / "out")]
     r = subprocess.run(with_free_port(cmd), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    files = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
-    assert files == [f"{i:05d}-{i}-prompt-number-{i}.png" for i in range(5)]
-    written = [line for line in r.stdout.splitlines() if line.endswith(".png")]
+    files = sorted(p.name for p in (tmp_path / "out").glob("0*.png"))
+    seed = int(files[0].split("-")[1])
+    assert files == [f"{i:05d}-{seed + i}-prompt-number-{i}.png" for i in range(5)]
+    variation = [read_metadata(tmp_path / "out" / name)["latentgen"]["variation_seed"] for name in files]
+    assert variation == [variation[0] + i for i in range(5)]
+    assert (tmp_path / "out" / "grid.png").is_file()
+    written = [line for line in r.stdout.splitlines() if line.endswith(".png") and "grid" not in line]
     assert len(written) == 5 == len(set(written))  # each image written once, by one process
     shares = sorted(line for line in r.stderr.splitlines() if line.startswith("process "))
     assert shares == ["process 0 of 2 (MULTI_CPU, gloo): wrote 3 of 5 images",
