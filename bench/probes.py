@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -38,9 +37,8 @@ def _pipe(dtype=None, model=MODEL, vae=None):
 
         from latentgen.loading import load_vae
 
-        config = Path(vae) / "config.json"
-        channels = json.loads(config.read_text())["latent_channels"] if config.is_file() else None
-        if channels not in (None, pipe.vae.config.latent_channels):
+        folder = (Path(vae) / "config.json").is_file()  # else a pipeline folder or a single file: load_vae's
+        if folder and AutoencoderKL.load_config(vae)["latent_channels"] != pipe.vae.config.latent_channels:
             own = AutoencoderKL.from_pretrained(vae, use_safetensors=True)
             pipe.register_modules(vae=own.to(pipe.vae.dtype).eval())
         else:
