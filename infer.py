@@ -111,8 +111,6 @@ FLAG_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", 
 
 def request_of(args, prompts, image=None, mask=None):
     """The run as one Request (checked later, once): image k of the run gets seed --seed + k."""
-    import random
-
     from latentgen import lora, validate
     from latentgen.guidance import apg_of
     from latentgen.hires import Hires
@@ -125,7 +123,7 @@ def request_of(args, prompts, image=None, mask=None):
                           args.upscale_strength)
     if args.hires_scale is not None:
         hires = Hires(args.hires_scale, args.hires_steps, args.hires_denoise, args.hires_upscaler)
-    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    seed = args.seed if args.seed is not None else validate.random_seed()  # replay's, without a Seed field
     seed_resize = args.seed_resize_from and validate.size_text(args.seed_resize_from, FLAG_NAMES["seed_resize_from"])
     return Request(prompt=prompts, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                    guidance_scale=args.guidance, height=args.height, width=args.width,

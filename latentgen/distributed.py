@@ -52,9 +52,9 @@ def describe(state) -> str:
 def shared_random_seed(state) -> int:
     """A random seed, the same on every rank (rank 0's): a run's image k gets seed + k whichever rank draws it,
     and its file names agree across the ranks (the grid reads them all)."""
-    import random
+    from .validate import random_seed
 
-    seed = [random.SystemRandom().randrange(2**31)]
+    seed = [random_seed()]
     if state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 

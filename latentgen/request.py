@@ -15,7 +15,6 @@ Checking has two halves, each run once per request:
 from __future__ import annotations
 
 import dataclasses
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -170,7 +169,7 @@ class Request:
         variation = validate.in_range(self.variation_strength, name["variation_strength"], 0.0, 1.0)
         variation_seeds = None
         if variation > 0:  # A1111's: a random variation seed unless one is given, each image's the next
-            first = random.SystemRandom().randrange(2**31) if self.variation_seed is None else self.variation_seed
+            first = validate.random_seed() if self.variation_seed is None else self.variation_seed
             variation_seeds = validate.seeds(first, total, name["variation_seed"])
         seed_resize = self.seed_resize_from
         if seed_resize is not None:

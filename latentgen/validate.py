@@ -31,6 +31,15 @@ def steps(value, limit: int | None = None, what: str = "steps") -> int:
     return value
 
 
+def random_seed() -> int:
+    """A seed for a run given none: below 2**32, as AUTOMATIC1111 draws it, so the seeds of the run's images
+    (seed + k) stay far below MAX_SEED. From the OS's entropy, not `random`'s state, which a library may have
+    seeded."""
+    import random
+
+    return random.SystemRandom().randrange(2**32)
+
+
 def seeds(value, count: int, what: str = "seed") -> list[int]:
     """One valid torch seed for each of `count` images: `value` is the first (image k gets value + k) or a list
     of one per image."""

@@ -11,8 +11,10 @@ import torch
 from PIL import Image
 
 from conftest import infer
+from latentgen import validate
 from latentgen.errors import UserError
 from latentgen.metadata import a1111_request
+from latentgen.request import Request
 from latentgen.sampling import paste_centered, slerp
 
 PROMPT = "a red circle on a blue background"
@@ -147,6 +149,18 @@ def test_variation_without_a_seed_draws_one_and_records_it(tiny_pipe):
     np.testing.assert_array_equal(out.images[0], image(tiny_pipe, seed=3, variation_seed=first,
                                                        variation_strength=0.3)[0])
     assert tiny_pipe(PROMPT, num_inference_steps=2, seed=3, variation_seed=5).metadata[0]["variation_seed"] is None
+
+
+def test_random_seeds_span_a1111s_range():
+    """A run given no seed (infer.py, the servers) or no variation seed (any Request) draws it as A1111 does: below
+    2**32, from one function, so seed + k stays a valid seed."""
+    drawn = [validate.random_seed() for _ in range(200)]
+    assert all(0 <= s < 2**32 for s in drawn) and len(set(drawn)) > 190
+    assert any(s >= 2**31 for s in drawn)  # the whole range (infer.py drew below 2**31 before)
+    variation = [Request(prompt="a", seed=1, variation_strength=0.5, num_images_per_prompt=3).check().variation_seed
+                 for _ in range(20)]
+    assert all(0 <= v[0] < 2**32 and v == [v[0], v[0] + 1, v[0] + 2] for v in variation)
+    assert len({v[0] for v in variation}) > 15
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -13,7 +13,6 @@ import base64
 import binascii
 import io
 import json
-import random
 import time
 from typing import Any
 
@@ -40,7 +39,6 @@ IGNORED = {"styles": [],
 SILENT = {"sampler_index", "send_images", "save_images", "do_not_save_samples", "do_not_save_grid",
           "override_settings_restore_afterwards", "include_init_images", "n_iter", "batch_size",
           "image_cfg_scale"}  # image_cfg_scale: for instruct-pix2pix models only
-SEED_RANGE = 2**32  # A1111 draws a random seed below this
 
 
 class Txt2Img(BaseModel):
@@ -128,7 +126,7 @@ def to_request(body: Txt2Img, clip_skip_option: int | None = None) -> tuple[Requ
     model = overrides.pop("sd_model_checkpoint", None)
     clip_skip = overrides.pop("CLIP_stop_at_last_layers", clip_skip_option)
     notes += [f"override_settings.{key} is not supported by latentgen and was ignored" for key in overrides]
-    seed = body.seed if body.seed is not None and body.seed >= 0 else random.SystemRandom().randrange(SEED_RANGE)
+    seed = body.seed if body.seed is not None and body.seed >= 0 else validate.random_seed()
     fields: dict[str, Any] = dict(
         prompt=body.prompt, negative_prompt=body.negative_prompt or None, num_inference_steps=body.steps,
         guidance_scale=body.cfg_scale, height=body.height, width=body.width,

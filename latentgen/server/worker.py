@@ -202,9 +202,9 @@ class Worker:
     def submit(self, request: Request, model: str | None = None) -> Job:
         """Queue a request (checked here, without the model: a UserError is the client's 400)."""
         if request.seed is None and request.generator is None:
-            import random
+            from ..validate import random_seed
 
-            request = dataclasses.replace(request, seed=random.SystemRandom().randrange(2**32))
+            request = dataclasses.replace(request, seed=random_seed())
         request = request.check()
         self.limits.check(request)
         job = Job(request, self.models.find(model))
