@@ -257,21 +257,24 @@ def test_command_line_overrides_apply(tmp_path):
             config.train_batch_size) == (3, 1, "latest", 5, 4)
 
 
-def test_fine_tuning_keeps_the_pretrained_pipelines_clip_skip(tmp_path):
+def test_fine_tuning_keeps_the_pretrained_pipelines_clip_skip_and_apg(tmp_path):
     """text_encoder.kind 'pipeline' trains on the pretrained pipeline's clip-skip embeddings; the saved pipeline
-    (and the validation images) must use the same clip skip, or the U-Net sees other embeddings at inference."""
+    (and the validation images) must use the same clip skip, or the U-Net sees other embeddings at inference.
+    The model's own guidance (APG, as the default model has) stays the fine-tune's too."""
     import json
 
     import components as C
 
     pretrained = tmp_path / "pretrained"
-    LatentPipeline(**C.components(), clip_skip=1).save_pretrained(pretrained)
+    apg = {"norm_threshold": 2.0, "eta": 0.0, "momentum": 0.0}
+    LatentPipeline(**C.components(), clip_skip=1, apg=apg).save_pretrained(pretrained)
     config = load_config(UNetTrainConfig, SMOKE, [f"output_dir={tmp_path / 'run'}", "max_steps=2",
                                                   f"pretrained_pipeline={pretrained}", "text_encoder.kind=pipeline"])
     parts = load_components(config)
     assert parts.encoder.clip_skip == 1 and parts.clip_skip == 1
     folder = train_unet(config)
-    assert json.loads((folder / "model_index.json").read_text())["clip_skip"] == 1
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["clip_skip"] == 1 and index["apg"] == apg
     assert LatentPipeline.from_pretrained(folder).config.clip_skip == 1
 
 

@@ -184,6 +184,7 @@ class Components:
     encoder: Any  # the TextEncoder backend over (tokenizer, text_model)
     noise_scheduler: Any  # DDPMScheduler: the forward process
     clip_skip: int | None = None  # the encoder's: what the saved pipeline must use to give the same embeddings
+    apg: dict | None = None  # the pretrained pipeline's own guidance (model_index.json `apg`), kept by its fine-tune
 
 
 def load_components(config: UNetTrainConfig) -> Components:
@@ -240,7 +241,8 @@ def load_components(config: UNetTrainConfig) -> Components:
                         f"{len(unet.config.block_out_channels)} levels cannot halve evenly; use a multiple of "
                         f"{multiple}")
     clip_skip = getattr(encoder, "clip_skip", None) or (1 if getattr(encoder, "layer", "") == "penultimate" else None)
-    return Components(vae, unet, tokenizer, text_model, encoder, noise_scheduler, clip_skip)
+    apg = pipe.config.get("apg") if pipe is not None else None
+    return Components(vae, unet, tokenizer, text_model, encoder, noise_scheduler, clip_skip, apg)
 
 
 def architecture(model) -> dict:
@@ -434,7 +436,8 @@ def _pipeline(parts: Components, unet, sampler: str):
     from ..pipeline import LatentPipeline
 
     pipe = LatentPipeline(vae=parts.vae, text_encoder=parts.text_model, tokenizer=parts.tokenizer, unet=unet,
-                          scheduler=make_scheduler(sampler, parts.noise_scheduler.config), clip_skip=parts.clip_skip)
+                          scheduler=make_scheduler(sampler, parts.noise_scheduler.config), clip_skip=parts.clip_skip,
+                          apg=parts.apg)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
