@@ -142,6 +142,20 @@ def test_webuiapi_txt2img_gives_the_pipelines_images_with_infotexts(server, pipe
     assert "notes" not in info  # webuiapi's defaults for fields latentgen lacks are A1111's defaults: nothing noted
 
 
+def test_webuiapi_random_seed_is_drawn_once_and_reported(server, pipe):
+    """seed -1 (webuiapi's default): the server draws one seed below 2**32, reports it, and the images are the
+    pipeline's for it and the next."""
+    result = api(server).txt2img(prompt="a red circle", seed=-1, steps=2, width=32, height=32, batch_size=2,
+                                 sampler_name="Euler")
+    seed = result.info["seed"]
+    assert 0 <= seed < 2**32 and result.info["all_seeds"] == [seed, seed + 1]
+    assert f"Seed: {seed + 1}, " in result.info["infotexts"][1]
+    for k, image in enumerate(result.images):
+        direct = pipe("a red circle", seed=seed + k, num_inference_steps=2, guidance_scale=7.0, width=32, height=32,
+                      scheduler="euler").images[0]
+        np.testing.assert_array_equal(pixels(image), pixels(direct))
+
+
 def test_webuiapi_variation_seeds_give_the_pipelines_variations(server, pipe):
     result = api(server).txt2img(prompt="a red circle", seed=5, subseed=9, subseed_strength=0.4, steps=3, width=32,
                                  height=32, batch_size=2, sampler_name="Euler")

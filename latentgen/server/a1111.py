@@ -126,7 +126,7 @@ def to_request(body: Txt2Img, clip_skip_option: int | None = None) -> tuple[Requ
     model = overrides.pop("sd_model_checkpoint", None)
     clip_skip = overrides.pop("CLIP_stop_at_last_layers", clip_skip_option)
     notes += [f"override_settings.{key} is not supported by latentgen and was ignored" for key in overrides]
-    seed = body.seed if body.seed is not None and body.seed >= 0 else validate.random_seed()
+    seed = body.seed if body.seed is not None and body.seed >= 0 else None  # None: the worker draws one
     fields: dict[str, Any] = dict(
         prompt=body.prompt, negative_prompt=body.negative_prompt or None, num_inference_steps=body.steps,
         guidance_scale=body.cfg_scale, height=body.height, width=body.width,
