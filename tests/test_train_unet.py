@@ -242,6 +242,9 @@ def test_list_ignores_incomplete_folders(tmp_path):
     (["resume_from=/nonexistent"], "resume_from /nonexistent is not a checkpoint folder"),
     (["upscaler.scale=3"], "upscaler.scale must be 0 (off), 2 or 4, got 3"),
     (["upscaler.scale=2"], "an upscaler U-Net takes the noisy and the low-resolution latents: in_channels must be 8"),
+    (["pretrained_upscaler=up"], "pretrained_upscaler fine-tunes a cascade's upscaler: set upscaler.scale (2 or 4)"),
+    (["upscaler.scale=2", "pretrained_upscaler=/nonexistent"],
+     "pretrained_upscaler /nonexistent is not an upscaler folder (no upscaler.json)"),
 ])
 def test_bad_configs_fail_before_training(tmp_path, overrides, message):
     r = run(TRAIN, f"output_dir={tmp_path / 'run'}", *overrides)

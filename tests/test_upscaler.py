@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from PIL import Image
 
@@ -162,12 +163,16 @@ def test_a_trained_upscaler_loads_and_upscales(tiny_folder, tmp_path):
             "block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
             "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 32,
             "attention_head_dim": 8, "norm_num_groups": 8, "class_embed_type": "timestep"}
-    r = subprocess.run([sys.executable, str(ROOT / "train_unet.py"), "--config", str(ROOT / "configs" / "smoke.yaml"),
-                        f"output_dir={tmp_path / 'run'}", "max_steps=3", "checkpoint_every=100", "validate_every=100",
-                        f"pretrained_pipeline={tiny_folder}", "text_encoder.kind=pipeline", "vae_model={}",
-                        f"unet={json.dumps(unet)}", "upscaler.scale=2", "upscaler.steps=2", "data.resolution=64",
-                        "data.num_samples=8", "train_batch_size=4", "validation_steps=2"],
-                       capture_output=True, text=True, timeout=600)
+    def train(run, *overrides):
+        return subprocess.run(
+            [sys.executable, str(ROOT / "train_unet.py"), "--config", str(ROOT / "configs" / "smoke.yaml"),
+             f"output_dir={tmp_path / run}", "max_steps=3", "checkpoint_every=100", "validate_every=100",
+             f"pretrained_pipeline={tiny_folder}", "text_encoder.kind=pipeline", "vae_model={}",
+             f"unet={json.dumps(unet)}", "upscaler.scale=2", "upscaler.steps=2", "data.resolution=64",
+             "data.num_samples=8", "train_batch_size=4", "validation_steps=2", *overrides],
+            capture_output=True, text=True, timeout=600)
+
+    r = train("run")
     assert r.returncode == 0, r.stderr[-3000:]
     folder = tmp_path / "run" / "upscaler"
     assert json.loads((folder / "upscaler.json").read_text())["scale"] == 2
@@ -177,6 +182,19 @@ def test_a_trained_upscaler_loads_and_upscales(tiny_folder, tmp_path):
     pipe.load_upscaler(folder)
     out = pipe("a red circle", seed=1, num_inference_steps=2, upscale=Upscale(2), output_type="np")
     assert out.images.shape == (1, 64, 64, 3) and np.isfinite(out.images).all()
+
+    # pretrained_upscaler: a second run continues that U-Net (one tiny step) instead of starting a new one
+    r = train("again", "max_steps=1", "learning_rate=1e-6", "ema=false", f"pretrained_upscaler={folder}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    before = UNet2DConditionModel.from_pretrained(folder / "unet").state_dict()
+    after = UNet2DConditionModel.from_pretrained(tmp_path / "again" / "upscaler" / "unet").state_dict()
+    assert after.keys() == before.keys()
+    assert max((after[k] - before[k]).abs().max().item() for k in before) < 1e-3  # a fresh U-Net differs by ~0.1+
+    assert yaml.safe_load((tmp_path / "again" / "train_config.yaml").read_text())["unet"]["in_channels"] == 8
+    r = train("wrong", "upscaler.scale=4", f"pretrained_upscaler={folder}")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith(
+        f"pretrained_upscaler {folder} makes 2× latents but upscaler.scale is 4"), r.stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -8,6 +8,7 @@ its components, and the loop itself, which reads top to bottom in `train_unet`.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from ..io import atomic_file, save_image
 from ..memory import check_training, unet_training_bytes
 from ..schedulers import make_scheduler, scheduler_names
 from ..text_encoders import load_text_encoder
-from ..upscaler import UpscalerConfig, training_condition
+from ..upscaler import CONFIG_NAME, UpscalerConfig, training_condition
 from .loop import (
     Run,
     StepBatches,
@@ -115,6 +116,7 @@ class UNetTrainConfig(TrainConfig):
     save_dtype: str = "fp32"  # fp32, fp16 or bf16 weights in the final pipeline (or LoRA)
     lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
     upscaler: UpscalerConfig = field(default_factory=UpscalerConfig)  # scale > 0: train a cascade's upscaler
+    pretrained_upscaler: str | None = None  # an upscaler folder whose U-Net the run fine-tunes (else a new one)
 
     @property
     def trains_text(self) -> bool:
@@ -166,6 +168,8 @@ class UNetTrainConfig(TrainConfig):
         if self.upscaler.scale and (self.lora.rank or self.text_encoder.train or self.data.streaming):
             raise UserError("an upscaler run trains a new U-Net on a map-style dataset: set lora.rank: 0, "
                             "text_encoder.train: false and data.streaming: false")
+        if self.pretrained_upscaler and not self.upscaler.scale:
+            raise UserError("pretrained_upscaler fine-tunes a cascade's upscaler: set upscaler.scale (2 or 4)")
         if self.cache and (self.data.random_crop or self.data.hflip):
             raise UserError("cache=true stores one view of each image; set data.random_crop=false and "
                             "data.hflip=0, or cache=false to augment every step")
@@ -213,6 +217,9 @@ def load_components(config: UNetTrainConfig) -> Components:
     if pipe is not None and not config.upscaler.scale:
         unet = pipe.unet
         config.unet = architecture(unet)  # what the run trains, recorded in train_config.yaml; not the defaults
+    elif config.pretrained_upscaler:
+        unet = pretrained_upscaler_unet(config.pretrained_upscaler, config.upscaler.scale)
+        config.unet = architecture(unet)
     else:
         try:
             unet = UNet2DConditionModel(**config.unet)
@@ -243,6 +250,23 @@ def load_components(config: UNetTrainConfig) -> Components:
     clip_skip = getattr(encoder, "clip_skip", None) or (1 if getattr(encoder, "layer", "") == "penultimate" else None)
     apg = pipe.config.get("apg") if pipe is not None else None
     return Components(vae, unet, tokenizer, text_model, encoder, noise_scheduler, clip_skip, apg)
+
+
+def pretrained_upscaler_unet(folder: str, scale: int):
+    """The fp32 U-Net of the upscaler folder `folder` (`latentgen.upscaler.save`'s layout), made for `scale`."""
+    from diffusers import UNet2DConditionModel
+
+    path = Path(folder)
+    if not (path / CONFIG_NAME).is_file():
+        raise UserError(f"pretrained_upscaler {path} is not an upscaler folder (no {CONFIG_NAME})")
+    made_for = json.loads((path / CONFIG_NAME).read_text()).get("scale")
+    if made_for != scale:
+        raise UserError(f"pretrained_upscaler {path} makes {made_for}× latents but upscaler.scale is {scale}")
+    try:
+        return UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch.float32, use_safetensors=True,
+                                                    local_files_only=True)
+    except Exception as err:  # a damaged or partial folder: what diffusers says, in one line
+        raise UserError(f"cannot load the U-Net of pretrained_upscaler {path}: {first_line(err)}") from None
 
 
 def architecture(model) -> dict:
