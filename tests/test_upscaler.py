@@ -57,7 +57,7 @@ def reference_cascade(pipe, unet, scheduler_config, prompt, seed, steps, guidanc
     """The cascade written out from diffusers' parts: the first stage's latents (the pipeline's own, checked
     elsewhere), noised to `level` and upsampled, concatenated to the upscaler's input at every step of a fresh
     DPM-Solver++ run, classifier-free guidance on [negative; prompt]; below strength 1 the run starts at its
-    step (1 − strength)·steps from the first stage's latents upsampled (bilinear) and noised to that step."""
+    step (1 − strength)·steps from the first stage's image enlarged (bicubic), encoded and noised to that step."""
     low = pipe(prompt, seed=seed, num_inference_steps=steps, guidance_scale=guidance, output_type="latent").images
     forward = DDPMScheduler.from_config(scheduler_config)
     noise = torch.randn(low.shape, generator=derived_generator(seed))
@@ -71,7 +71,10 @@ def reference_cascade(pipe, unet, scheduler_config, prompt, seed, steps, guidanc
         skip = up_steps - int(up_steps * strength)
         timesteps = timesteps[skip:]
         sampler.set_begin_index(skip)
-        x = sampler.add_noise(torch.nn.functional.interpolate(low, scale_factor=2, mode="bilinear"), x, timesteps[:1])
+        pixels = pipe.vae.decode(low / pipe.vae.config.scaling_factor).sample  # the first image, ×2 bicubic, encoded
+        big = torch.nn.functional.interpolate(pixels, scale_factor=2, mode="bicubic").clamp(-1, 1)
+        start = pipe.vae.encode(big).latent_dist.mode() * pipe.vae.config.scaling_factor
+        x = sampler.add_noise(start, x, timesteps[:1])
     else:
         x = x * sampler.init_noise_sigma
     ctx = torch.cat([pipe.encode_prompts([""])[0], pipe.encode_prompts([prompt])[0]])
