@@ -10,6 +10,7 @@
     python bench/probes.py pairs          # two-shape scores of the dataset's images and of their VAE round trip
     python bench/probes.py thread         # the default model sampling on the main thread and on another thread
     python bench/probes.py cascade        # seconds per image: the default model alone, with its upscaler, bicubic
+    python bench/probes.py upscale-start  # the cascade's start, old (bilinear latents) and new (enlarged image)
     python bench/probes.py denoise        # where shapes are lost: latent noise through the decoder; img2img strengths
     python bench/probes.py wordllama      # a static multilingual token table (pip install --no-deps wordllama)
 """
@@ -425,6 +426,33 @@ def cascade(_):
     print(f"ratio: {min(times['cascade to 128 px']) / min(times['64 px']):.2f}")
 
 
+def upscale_start(_):
+    """Where the cascade's upscaler could start, read by the analyzer with no upscaler step: the first stage's
+    latents ×2 bilinear, decoded (the start until 5fcfaa9), against its image ×2 bicubic, encoded and decoded (the
+    start now); on the two-shape held-out prompts, 2 seeds each, as `python -m latentgen.eval upscale` draws them."""
+    import torch
+    import torch.nn.functional as F
+
+    from latentgen.eval.adherence import evaluate_images, prompt_set
+    from latentgen.eval.cascade import first_stage
+    from latentgen.upscaler import initial
+
+    pipe = _pipe()
+    targets = [t for t in prompt_set(27) for _ in range(2)]
+    keep = [i for i, t in enumerate(targets) if t.group == "two-heldout"]
+    targets = [targets[i] for i in keep]
+    latents, small = first_stage(pipe, targets, [1000 + i for i in keep], 20, 7.5)
+    with torch.no_grad():
+        starts = {"first stage, 64 px": None,
+                  "latents x2 bilinear, decoded": F.interpolate(latents.float(), scale_factor=2, mode="bilinear"),
+                  "image x2 bicubic, encoded, decoded": initial(pipe, latents, 2)}
+        for name, z in starts.items():
+            images = small if z is None else pipe.image_processor.postprocess(pipe.decode(z), output_type="pil")
+            r = evaluate_images(targets, images)["two-heldout"]
+            print(f"{name:36s} kinds {r['kinds']:.0%}  binding {r['binding']:.0%}  strict binding "
+                  f"{r['strict_binding']:.0%}  (n {r['n']})")
+
+
 def denoise(args):
     """Where the strict reading's shapes are lost, on 60 held-out single-shape dataset images: (1) Gaussian noise
     added to their scaled latents before decoding (how precise the latents must be for the decoder), (2) the
@@ -538,7 +566,7 @@ def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="probe", required=True)
     for name in ("samplers", "dpm-variants", "bf16-drift", "profile", "memory", "thread", "cascade", "wordllama",
-                 "apg-cost", "guidance-norms"):
+                 "apg-cost", "guidance-norms", "upscale-start"):
         sub.add_parser(name)
     shapes_parser = sub.add_parser("shapes")
     shapes_parser.add_argument("--kinds", nargs="+", default=["circle", "square", "triangle"])
@@ -557,8 +585,8 @@ def main():
     args = p.parse_args()
     {"samplers": samplers, "dpm-variants": dpm_variants, "bf16-drift": bf16_drift, "profile": profile,
      "train-step": train_step, "memory": memory, "shapes": shapes, "pairs": pairs, "thread": thread,
-     "cascade": cascade, "denoise": denoise, "wordllama": wordllama, "apg-cost": apg_cost,
-     "guidance-norms": guidance_norms}[args.probe](args)
+     "cascade": cascade, "upscale-start": upscale_start, "denoise": denoise, "wordllama": wordllama,
+     "apg-cost": apg_cost, "guidance-norms": guidance_norms}[args.probe](args)
 
 
 if __name__ == "__main__":

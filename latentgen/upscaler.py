@@ -205,7 +205,8 @@ def initial(up, low: torch.Tensor, scale: int) -> torch.Tensor:
     enlarged bicubically and encoded again, then noised by the sampler to the first timestep it runs (as
     image-to-image starts, and as A1111's hires fix does with a pixel upscaler). The latents themselves upsampled
     (bilinear) are not an enlarged image: decoded, the small shapes of two-shape pictures lose their kind
-    (the default model's held-out binding 80% -> 37%), and 6 of 20 steps did not repair them (README, Cascade).
+    (the default model's held-out binding 85% -> 31%, `python bench/probes.py upscale-start`), and 6 of 20 steps
+    did not repair them (README, Cascade).
     One image per VAE call, as `sampling.decode` does, so an image is the same made alone or in a batch."""
     from .sampling import decode, encode_images
 
