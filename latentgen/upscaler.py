@@ -151,26 +151,37 @@ def folder_of(pipe) -> Path | None:
     return folder if (folder / CONFIG_NAME).is_file() else None
 
 
+def read(folder: Path, dtype: torch.dtype, what: str = "") -> tuple[UpscalerConfig, torch.nn.Module]:
+    """The checked `upscaler.json` and the U-Net (in `dtype`) of an upscaler folder; `what` names the setting that
+    gave the folder, in errors."""
+    from diffusers import UNet2DConditionModel
+
+    if not (folder / CONFIG_NAME).is_file():
+        raise UserError(f"{what}{folder} is not an upscaler folder (no {CONFIG_NAME}); train one with "
+                        "train_unet.py and an upscaler: section")
+    try:
+        config = UpscalerConfig(**json.loads((folder / CONFIG_NAME).read_text())).check()
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, use_safetensors=True,
+                                                    local_files_only=True)
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(f"cannot load the upscaler in {what}{folder}: {first_line(err)}") from None
+    return config, unet
+
+
 def load(pipe, folder: str | Path):
     """The upscaler in `folder` as a LatentPipeline that shares `pipe`'s VAE, text encoder, tokenizer and prompt
     cache; its `upscaler_config` holds the scale and the sampling defaults."""
     import diffusers
-    from diffusers import UNet2DConditionModel
 
     from .pipeline import LatentPipeline
 
     folder = Path(folder)
-    if not (folder / CONFIG_NAME).is_file():
-        raise UserError(f"{folder} is not an upscaler folder (no {CONFIG_NAME}); train one with train_unet.py "
-                        "and an upscaler: section")
+    config, unet = read(folder, pipe.unet.dtype)
     try:
-        config = UpscalerConfig(**json.loads((folder / CONFIG_NAME).read_text())).check()
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=pipe.unet.dtype,
-                                                    use_safetensors=True, local_files_only=True)
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
-    except UserError:
-        raise
     except Exception as err:
         raise UserError(f"cannot load the upscaler in {folder}: {first_line(err)}") from None
     latent_channels = pipe.vae.config.latent_channels

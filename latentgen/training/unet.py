@@ -8,7 +8,6 @@ its components, and the loop itself, which reads top to bottom in `train_unet`.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from ..io import atomic_file, save_image
 from ..memory import check_training, unet_training_bytes
 from ..schedulers import make_scheduler, scheduler_names
 from ..text_encoders import load_text_encoder
-from ..upscaler import CONFIG_NAME, UpscalerConfig, training_condition
+from ..upscaler import UpscalerConfig, training_condition
 from .loop import (
     Run,
     StepBatches,
@@ -254,19 +253,12 @@ def load_components(config: UNetTrainConfig) -> Components:
 
 def pretrained_upscaler_unet(folder: str, scale: int):
     """The fp32 U-Net of the upscaler folder `folder` (`latentgen.upscaler.save`'s layout), made for `scale`."""
-    from diffusers import UNet2DConditionModel
+    from ..upscaler import read
 
-    path = Path(folder)
-    if not (path / CONFIG_NAME).is_file():
-        raise UserError(f"pretrained_upscaler {path} is not an upscaler folder (no {CONFIG_NAME})")
-    made_for = json.loads((path / CONFIG_NAME).read_text()).get("scale")
-    if made_for != scale:
-        raise UserError(f"pretrained_upscaler {path} makes {made_for}× latents but upscaler.scale is {scale}")
-    try:
-        return UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch.float32, use_safetensors=True,
-                                                    local_files_only=True)
-    except Exception as err:  # a damaged or partial folder: what diffusers says, in one line
-        raise UserError(f"cannot load the U-Net of pretrained_upscaler {path}: {first_line(err)}") from None
+    made_for, unet = read(Path(folder), torch.float32, what="pretrained_upscaler ")
+    if made_for.scale != scale:
+        raise UserError(f"pretrained_upscaler {folder} makes {made_for.scale}× latents but upscaler.scale is {scale}")
+    return unet
 
 
 def architecture(model) -> dict:
