@@ -50,6 +50,26 @@ def test_circular_convolutions_make_the_unet_and_the_decoder_shift_equivariant()
     assert padding_modes(unet) == {"zeros"}
 
 
+
+@torch.no_grad()
+def test_the_encoders_own_right_and_bottom_pad_wraps_too():
+    """diffusers' Downsample2D pads right and bottom itself before an unpadded stride-2 convolution; A1111's Tiling
+    leaves that pad zero, so an image-to-image start from a tile has a seam there. Here it wraps: the encoder
+    is shift-equivariant by whole latent pixels, and the downsamplers are as they were after."""
+    vae = C.vae()
+    downs = [m for m in vae.encoder.modules() if type(m).__name__ == "Downsample2D"]
+    assert downs and all(d.padding == 0 for d in downs)
+    image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    f = image.shape[-1] // vae.encode(image).latent_dist.mean.shape[-1]
+    plain = vae.encode(shift(image, 3 * f)).latent_dist.mean
+    with circular(vae):
+        z = vae.encode(image).latent_dist.mean
+        torch.testing.assert_close(vae.encode(shift(image, 3 * f)).latent_dist.mean, shift(z, 3), atol=1e-5,
+                                   rtol=1e-4)
+    assert (plain - shift(z, 3)).abs().max() > 1e-2  # zero padding has edges
+    assert all(d.padding == 0 and not d.conv._forward_pre_hooks for d in downs)
+    torch.testing.assert_close(vae.encode(shift(image, 3 * f)).latent_dist.mean, plain, atol=0, rtol=0)
+
 @torch.no_grad()
 def test_a_compiled_unet_runs_tiled_calls_eagerly():
     unet = C.unet()
