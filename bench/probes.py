@@ -305,7 +305,7 @@ def shapes(args):
                   f"{min(solid):.2f} (median {np.median(solid):.2f})")
 
     kinds = tuple(args.kinds)
-    real_kinds, real, _ = _heldout_singles(150, kinds)
+    real_kinds, real, _ = _heldout_singles(args.count, kinds)
     report("dataset", real_kinds, real)
     report("VAE round trip", real_kinds, _round_trip(_pipe(torch.float32, vae=args.vae), real))
     pipe = _pipe(vae=args.vae)
@@ -571,6 +571,7 @@ def main():
     shapes_parser = sub.add_parser("shapes")
     shapes_parser.add_argument("--kinds", nargs="+", default=["circle", "square", "triangle"])
     shapes_parser.add_argument("--lora")
+    shapes_parser.add_argument("--count", type=int, default=150, help="dataset images (held-out, one shape)")
     shapes_parser.add_argument("--vae", help="an AutoencoderKL folder to use instead of the model's")
     pairs_parser = sub.add_parser("pairs")
     pairs_parser.add_argument("--count", type=int, default=300)
