@@ -14,14 +14,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def best_time(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> float:
-    """Best wall time of `repeat` calls after `warmup` calls (the least disturbed measurement)."""
-    for _ in range(warmup):
+def best_time(fn: Callable[[], object], repeat: int = 3, warmup: int = 1, device=None) -> float:
+    """Best wall time of `repeat` calls after `warmup` calls (the least disturbed measurement). On a CUDA `device`
+    each call waits for the GPU's queued work before the clock is read (CUDA runs asynchronously)."""
+    def call():
         fn()
+        if device is not None and device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        call()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
-        fn()
+        call()
         times.append(time.perf_counter() - start)
     return min(times)
 

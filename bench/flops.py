@@ -18,13 +18,14 @@ from pathlib import Path
 from common import ROOT, best_time, sd_shaped_folder
 
 
-def matmul_peak(dtype) -> float:
+def matmul_peak(dtype, device=None, sizes: tuple[int, ...] = (2048, 4096)) -> float:
+    """FLOP/s: the best of n×n matrix products for n in `sizes`, on `device` (default: the CPU)."""
     import torch
 
     best = 0.0
-    for n in (2048, 4096):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        seconds = best_time(lambda: a @ b, repeat=5)
+    for n in sizes:
+        a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+        seconds = best_time(lambda: a @ b, repeat=5, device=a.device)
         best = max(best, 2 * n**3 / seconds)
     return best
 
@@ -41,18 +42,21 @@ def conv_rate(dtype) -> float:
     return 2 * 8 * 320 * 320 * 9 * 32 * 32 / seconds
 
 
-def unet_rate(model: str, images: int, profile: bool = False, compile: bool = False) -> dict:
+def unet_rate(model: str, images: int, profile: bool = False, compile: bool = False, device: str = "cpu",
+              dtype: str = "auto") -> dict:
+    """FLOPs of one U-Net call at `images` per call with guidance and its best time, as the pipeline loads the
+    model on `device` in `dtype` (and compiled: `compiled_seconds`)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from latentgen import LatentPipeline
+    from latentgen.loading import open_pipeline
 
-    pipe = LatentPipeline.from_pretrained(model)
+    pipe = open_pipeline(model, dtype, device, embeddings_dir=None)
     unet = pipe.unet
     size = pipe.default_size // pipe.vae_scale_factor
-    x = torch.randn(2 * images, unet.config.in_channels, size, size, dtype=unet.dtype)
+    x = torch.randn(2 * images, unet.config.in_channels, size, size, dtype=unet.dtype, device=unet.device)
     hidden, _ = pipe.encode_prompts(["a red circle on a blue background"] * 2 * images)
-    t = torch.full((2 * images,), 500)
+    t = torch.full((2 * images,), 500, device=unet.device)
 
     def call():
         with torch.no_grad():
@@ -62,11 +66,11 @@ def unet_rate(model: str, images: int, profile: bool = False, compile: bool = Fa
     with counter:
         call()
     flops = counter.get_total_flops()
-    seconds = best_time(call, repeat=5, warmup=2)
+    seconds = best_time(call, repeat=5, warmup=2, device=unet.device)
     out = {"flops": flops, "seconds": seconds, "dtype": unet.dtype}
     if compile:
         pipe.compile_unet()
-        out["compiled_seconds"] = best_time(call, repeat=5, warmup=2)  # the first call compiles or loads
+        out["compiled_seconds"] = best_time(call, repeat=5, warmup=2, device=unet.device)  # the first compiles
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile

@@ -13,54 +13,40 @@ Each section prints a Markdown table and goes into DIR/gpu.json:
    SDPA or xformers), in fp16, and with its U-Net compiled (`compile_unet`: `torch.compile` on CUDA; its compile
    time is reported apart). Each path warms up once, then the best of `--repeat` timed calls.
 3. **unet**: one U-Net call at 8 images per call with guidance (16 rows), FLOPs counted by
-   `torch.utils.flop_counter`, eager and compiled, as a share of the bf16 peak of section 1.
+   `torch.utils.flop_counter` (`flops.unet_rate`, which `bench/flops.py` runs on the CPU), eager and
+   compiled, as a share of the bf16 peak of section 1.
 4. **training**: samples/s of the core of diffusers' `train_text_to_image.py` (fp16 autocast with a gradient
-   scaler, the VAE and the text encoder run every step) against latentgen's step as `train_unet.py` runs it
-   (bf16 autocast, cached latents and text states, fused AdamW, min-SNR weighting, EMA), same U-Net and batch.
+   scaler, the VAE and the text encoder run every step) against `train_unet.py` itself continuing the same U-Net
+   (cached latents and text states, bf16 mixed precision where the GPU has it, fused AdamW, min-SNR, EMA).
 
 The paths run one after another in this process (a GPU's speed does not drift as a shared CPU's does); CUDA
-work is synchronised before each clock is read.
+work is synchronised before each clock is read (`common.best_time` with a device).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import best_time, print_table, sd_shaped_folder
+from flops import matmul_peak, unet_rate
+
+from common import ROOT, best_time, print_table, sd_shaped_folder
 
 PROMPT = "a red circle on a blue background"
-
-
-def synced(device):
-    """A function that waits for `device`'s queued work (CUDA runs asynchronously)."""
-    import torch
-
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-
-def timed(fn, device, repeat: int) -> float:
-    sync = synced(device)
-
-    def call():
-        fn()
-        sync()
-
-    return best_time(call, repeat=repeat)
 
 
 def peak(device, smoke: bool) -> dict:
     import torch
 
-    n = 512 if smoke else 8192
-    out = {}
-    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
-        out[name] = 2 * n**3 / timed(lambda: a @ b, device, repeat=10) / 1e12
-    return out
+    sizes = (512,) if smoke else (8192,)
+    return {name: matmul_peak(dtype, device, sizes) / 1e12
+            for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))}
 
 
 def inference(folder: Path, device, batches: list[int], steps: int, repeat: int) -> list[dict]:
@@ -73,7 +59,7 @@ def inference(folder: Path, device, batches: list[int], steps: int, repeat: int)
     rows = []
 
     def measure(name, run, batch, extra=None):
-        seconds = timed(lambda: run(batch), device, repeat)
+        seconds = best_time(lambda: run(batch), repeat=repeat, device=device)
         rows.append({"path": name, "images/call": batch, "s/img": round(seconds / batch, 4), **(extra or {})})
 
     diff = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float16, local_files_only=True,
@@ -92,7 +78,8 @@ def inference(folder: Path, device, batches: list[int], steps: int, repeat: int)
             pipe.compile_unet()
             start = time.perf_counter()
             pipe([PROMPT], num_inference_steps=steps, scheduler="dpm++", seed=[0])
-            synced(device)()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             extra["first call s (compiles)"] = round(time.perf_counter() - start, 1)
         for batch in batches:
             measure(name, lambda b: pipe([PROMPT] * b, num_inference_steps=steps, guidance_scale=7.5,
@@ -103,70 +90,55 @@ def inference(folder: Path, device, batches: list[int], steps: int, repeat: int)
     return rows
 
 
-def unet_share(folder: Path, device, images: int, bf16_peak: float, repeat: int) -> list[dict]:
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+def unet_share(folder: Path, device, images: int, bf16_peak: float) -> list[dict]:
+    """`flops.unet_rate` in bf16 on `device`, eager and compiled, as a share of the bf16 matrix peak."""
+    r = unet_rate(str(folder), images, compile=True, device=device, dtype="bf16")
+    return [{"U-Net": name, "rows": 2 * images, "GFLOP/call": round(r["flops"] / 1e9, 1),
+             "ms/call": round(seconds * 1e3, 2), "TFLOP/s": round(r["flops"] / seconds / 1e12, 1),
+             "share of bf16 peak": f"{r['flops'] / seconds / 1e12 / bf16_peak:.0%}"}
+            for name, seconds in (("eager", r["seconds"]), ("compiled", r["compiled_seconds"]))]
 
-    from latentgen.loading import open_pipeline
 
-    pipe = open_pipeline(folder, "bf16", device, embeddings_dir=None)
-    unet = pipe.unet
-    size = unet.config.sample_size
-    x = torch.randn(2 * images, unet.config.in_channels, size, size, dtype=unet.dtype, device=device)
-    hidden, _ = pipe.encode_prompts([PROMPT] * 2 * images)
-    t = torch.full((2 * images,), 500, device=device)
+def train_unet_py(folder: Path, batch: int, steps: int) -> float:
+    """Samples/s of `train_unet.py` itself continuing the folder's U-Net (its VAE and text encoder, the shapes
+    dataset at the folder's resolution, latents and text states cached first, mixed precision for the hardware),
+    as its log reports them after the first step; `bench/training.py` runs it the same way on the CPU."""
+    import yaml
 
-    def call():
-        with torch.no_grad():
-            return unet(x, t, encoder_hidden_states=hidden)
+    out = Path(tempfile.mkdtemp(prefix="bench-gpu-train-"))
+    config = {"output_dir": str(out / "run"), "pretrained_pipeline": str(folder), "text_encoder": {"kind": "pipeline"},
+              "max_steps": steps + 1, "train_batch_size": batch, "mixed_precision": "auto", "ema": True,
+              "checkpoint_every": 100000, "validate_every": 0, "validation_steps": 1,
+              "validation_prompts": [PROMPT], "cache_dir": str(out / "cache"), "noise": {"snr_gamma": 5.0},
+              "data": {"source": "shapes", "resolution": 8 * unet_size(folder), "num_samples": 4 * batch,
+                       "max_shapes": 2}}
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    r = subprocess.run([sys.executable, str(ROOT / "train_unet.py"), "--config", str(out / "config.yaml")],
+                       capture_output=True, text=True, cwd=ROOT)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-3000:])
+    return float(re.search(r"([\d.]+) samples/s \(after the first step\)", r.stdout).group(1))
 
-    with FlopCounterMode(display=False) as counter:
-        call()
-    flops = counter.get_total_flops()
-    rows = []
-    for name in ("eager", "compiled"):
-        if name == "compiled":
-            pipe.compile_unet()
-            call()
-        seconds = timed(call, device, repeat)
-        rows.append({"U-Net": name, "rows": 2 * images, "GFLOP/call": round(flops / 1e9, 1),
-                     "ms/call": round(seconds * 1e3, 2), "TFLOP/s": round(flops / seconds / 1e12, 1),
-                     "share of bf16 peak": f"{flops / seconds / 1e12 / bf16_peak:.0%}"})
-    return rows
+
+def unet_size(folder: Path) -> int:
+    return json.loads((folder / "unet" / "config.json").read_text())["sample_size"]
 
 
 def training(folder: Path, device, batch: int, steps: int) -> list[dict]:
-    """The two training steps on the same U-Net (fresh copies of the folder's) and batch."""
+    """The core of diffusers' `train_text_to_image.py` with `--mixed_precision fp16` (fp32 weights, fp16
+    autocast, a gradient scaler, the frozen VAE and text encoder in fp16 run on every step) against
+    `train_unet.py` itself, on the folder's U-Net at the same batch."""
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from diffusers.training_utils import EMAModel, compute_snr
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
-    from latentgen import LatentPipeline
-
-    sync = synced(device)
-    pipe = LatentPipeline.from_pretrained(folder, torch_dtype=torch.float32)
-    tokenizer = pipe.tokenizer
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = 8 * unet_size(folder)
     pixels = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
     ids = tokenizer([PROMPT] * batch, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids.to(device)
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    rows = []
-
-    def run(name, step):
-        step()
-        sync()
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync()
-        rows.append({"step": name, "batch": batch, "samples/s": round(steps * batch / (time.perf_counter() - start),
-                                                                       1)})
-
-    # diffusers' train_text_to_image.py with --mixed_precision fp16: fp32 weights, fp16 autocast, a gradient
-    # scaler, the frozen VAE and text encoder in fp16, run on every step
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").to(device).train()
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=torch.float16).to(device)
     text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch.float16).to(device)
@@ -187,43 +159,13 @@ def training(folder: Path, device, batch: int, steps: int) -> list[dict]:
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    run("diffusers train_text_to_image.py (fp16 autocast, VAE + text encoder every step)", plain)
-
-    # latentgen: latents and text states cached once (train_unet.py's cache), bf16 autocast, fused AdamW, min-SNR 5,
-    # EMA; the attention kernel as train_unet.py picks it
-    from latentgen.device import set_attention
-
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").to(device).train()
-    set_attention(unet, "auto", device, training=True)
-    if device.type == "cuda":
-        unet.to(memory_format=torch.channels_last)
-    with torch.no_grad():
-        pipe.to(device)
-        latents = pipe.vae.encode(pixels).latent_dist.sample() * pipe.vae.config.scaling_factor
-        hidden = pipe.text_encoder(ids)[0]
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=True)
-    ema = EMAModel(unet.parameters(), decay=0.999, foreach=True)
-    dtype = torch.bfloat16
-
-    def ours():
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device)
-        with torch.autocast(device.type, dtype=dtype):
-            pred = unet(scheduler.add_noise(latents, noise, t), t, hidden).sample
-        snr = compute_snr(scheduler, t)
-        weight = torch.clamp(snr, max=5.0) / snr
-        loss = (F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.step(unet.parameters())
-
-    run("latentgen (bf16 autocast, cached latents and text, fused AdamW, min-SNR, EMA)", ours)
-    base = rows[0]["samples/s"]
-    for r in rows:
-        r["speed-up"] = f"{r['samples/s'] / base:.2f}×"
-    return rows
+    seconds = best_time(lambda: [plain() for _ in range(steps)], repeat=1, warmup=1, device=device)
+    reference = steps * batch / seconds
+    ours = train_unet_py(folder, batch, steps)
+    return [{"step": "diffusers train_text_to_image.py (fp16 autocast, VAE + text encoder every step)",
+             "batch": batch, "samples/s": round(reference, 1), "speed-up": "1.00×"},
+            {"step": "train_unet.py (cached latents and text states, mixed precision auto, EMA)", "batch": batch,
+             "samples/s": round(ours, 1), "speed-up": f"{ours / reference:.2f}×"}]
 
 
 def main():
@@ -256,7 +198,7 @@ def main():
         print_table(report["inference"], list(report["inference"][-1]))
     if "unet" in sections:
         bf16 = report.get("peak", {}).get("bf16") or peak(device, args.smoke)["bf16"]
-        report["unet"] = unet_share(folder, device, 8, bf16, max(repeat, 1) * (1 if args.smoke else 5))
+        report["unet"] = unet_share(folder, device, 8, bf16)
         print()
         print_table(report["unet"], list(report["unet"][0]))
     if "training" in sections:
