@@ -404,6 +404,30 @@ def test_a_failing_job_fails_alone(server):
     assert held[0].status_code == 200 and len(held[0].json()["images"]) == 1  # the hold only delayed it
 
 
+def test_a_job_that_reads_done_has_its_images(server):
+    """The status route runs in another thread than the worker: while the worker is setting a job's answer (made
+    slow here) the job must not yet read "done", or a client polling then gets a finished job with no result."""
+    hold = threading.Event()
+    hook = hold_until(hold)
+    release = server.worker.models.pipe.unet.register_forward_pre_hook(hook)
+    try:
+        held = threading.Thread(target=lambda: server.post("/sdapi/v1/txt2img", {"prompt": "busy", "steps": 2,
+                                                                                  "width": 32, "height": 32}))
+        held.start()
+        assert hook.reached.wait(60)
+        job = server.post("/latentgen/v1/jobs", {"prompt": "y", "steps": 2, "width": 32, "height": 32}).json()
+        future = server.worker.jobs[job["id"]].future
+        set_result = future.set_result
+        future.set_result = lambda result: (time.sleep(1.0), set_result(result))
+    finally:
+        hold.set()
+        release.remove()
+    held.join(timeout=60)
+    status = poll(lambda: requests.get(f"{server.url}/latentgen/v1/jobs/{job['id']}", timeout=30).json(),
+                  lambda status: status["state"] in ("done", "failed"), f"job {job['id']} finished")
+    assert status["state"] == "done" and len(status["result"]["images"]) == 1, status
+
+
 def test_auth_rejects_missing_and_wrong_credentials(tiny_folder):
     s = Server(["--model", str(tiny_folder), "--api-auth", "alice:s3cret,bob:hunter2", "--dtype", "fp32"])
     try:

@@ -345,15 +345,20 @@ class Worker:
                 images = [] if job.latents is None else pipe.image_processor.postprocess(pipe.decode(job.latents))
                 self._finish(job, Result([(image, {}) for image in images], interrupted=True, model=job.model))
 
+    # The answer is set before the state turns final: the status route reads the state, then the answer, from
+    # another thread, so a job that reads "done" or "failed" has its images or its error.
+
     def _finish(self, job: Job, result: Result) -> None:
-        job.state, job.latents = DONE, None
+        job.latents = None
         if not job.future.done():
             job.future.set_result(result)
+        job.state = DONE
 
     def _fail(self, job: Job, message: str) -> None:
-        job.state, job.error, job.latents = FAILED, message, None
+        job.error, job.latents = message, None
         if not job.future.done():
             job.future.set_exception(UserError(message))
+        job.state = FAILED
 
     def _forget_old(self, keep_s: float = 600.0) -> None:
         """Finished jobs stay findable (for their progress and results) for `keep_s` seconds."""
