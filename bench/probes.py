@@ -58,12 +58,17 @@ def _round_trip(pipe, images):
         return pipe.image_processor.postprocess(pipe.decode(latents))
 
 
-def _heldout_singles(count, kinds=None):
-    """The first `count` held-out single-shape dataset samples the probes read: kinds, images, captions."""
+def _heldout_samples(count, kinds=None):
+    """The first `count` held-out single-shape dataset samples the probes read."""
     from latentgen.data.shapes import KINDS, ShapesSpec, make_sample
 
     spec = ShapesSpec(split="heldout", seed=5, max_shapes=1, kinds=tuple(kinds or KINDS))
-    samples = [make_sample(spec, i) for i in range(count)]
+    return [make_sample(spec, i) for i in range(count)]
+
+
+def _heldout_singles(count, kinds=None):
+    """Kinds, images and captions of `_heldout_samples`."""
+    samples = _heldout_samples(count, kinds)
     return [s.shapes[0].kind for s in samples], [s.render() for s in samples], [s.text for s in samples]
 
 
@@ -305,9 +310,19 @@ def shapes(args):
                   f"{min(solid):.2f} (median {np.median(solid):.2f})")
 
     kinds = tuple(args.kinds)
-    real_kinds, real, _ = _heldout_singles(args.count, kinds)
+    samples = _heldout_samples(args.count, kinds)
+    real_kinds, real = [s.shapes[0].kind for s in samples], [s.render() for s in samples]
     report("dataset", real_kinds, real)
-    report("VAE round trip", real_kinds, _round_trip(_pipe(torch.float32, vae=args.vae), real))
+    round_trip = _round_trip(_pipe(torch.float32, vae=args.vae), real)
+    report("VAE round trip", real_kinds, round_trip)
+    by_pair = collections.defaultdict(list)  # (color, kind, background): kept strictly?
+    for s, image in zip(samples, round_trip):
+        found = _largest(image)
+        by_pair[(s.shapes[0].color, s.shapes[0].kind, s.background)].append(
+            found is not None and found.strict_kind == s.shapes[0].kind)
+    worst = sorted((sum(v) / len(v), key, len(v)) for key, v in by_pair.items())[:4]
+    print("  the round trip's worst held-out triples: " + ", ".join(
+        f"{c} {k} on {b} {sum_:.0%} of {n}" for sum_, (c, k, b), n in worst))
     pipe = _pipe(vae=args.vae)
     if pipe.vae.config.latent_channels != pipe.unet.config.in_channels:
         print("(the VAE's latent space is not the default model's U-Net's: no generated images)")

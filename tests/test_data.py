@@ -1,5 +1,6 @@
 """The shapes dataset and 🤗 datasets sources."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -63,6 +64,32 @@ def test_heldout_combinations_never_occur_in_train():
     for i in range(300):
         s = make_sample(ShapesSpec(split="heldout"), i)
         assert {(sh.color, sh.kind, s.background) for sh in s.shapes} & held
+
+
+def test_kind_weights_draw_kinds_that_often_and_keep_the_heldout_split_out():
+    def share(spec, n=1500):
+        kinds = [sh.kind for i in range(n) for sh in make_sample(spec, i).shapes]
+        return {k: kinds.count(k) / len(kinds) for k in KINDS}
+
+    plain = share(ShapesSpec())
+    assert all(abs(plain[k] - 1 / 3) < 0.04 for k in KINDS), plain
+    weighted = share(ShapesSpec(kind_weights=(1, 1, 4)))
+    assert abs(weighted["triangle"] - 4 / 6) < 0.04 and abs(weighted["circle"] - 1 / 6) < 0.04, weighted
+    assert share(ShapesSpec(kind_weights=(0, 1, 0)), 200)["square"] == 1.0
+    held = set(heldout_triples())
+    for i in range(500):
+        s = make_sample(ShapesSpec(kind_weights=(1, 1, 4)), i)
+        assert not {(sh.color, sh.kind, s.background) for sh in s.shapes} & held
+    # without weights the samples are the ones they were before weights existed (configs and caches rely on it)
+    digest = hashlib.sha256()
+    for i in range(20):
+        s = make_sample(ShapesSpec(seed=3), i)
+        digest.update(s.text.encode() + np.asarray(s.render()).tobytes())
+    assert digest.hexdigest()[:16] == "7599fe6b8643afae"
+    for weights in [(1, 1), (1, -1, 1), (0, 0, 0)]:
+        with pytest.raises(UserError, match=r"kind_weights must be 3 numbers ≥ 0 \(one per kind: circle, square, "):
+            ShapesSpec(kind_weights=weights).check()
+    assert DataConfig(kind_weights=[1, 1, 4]).shapes_spec().kind_weights == (1, 1, 4)
 
 
 def test_new_kinds_only_when_asked_and_with_a_heldout_split_of_their_own():

@@ -155,6 +155,8 @@ class ShapesSpec:
     two_shape_fraction: float = 0.3
     language: str = "en"
     kinds: tuple[str, ...] = KINDS  # the shape kinds drawn (ALL_KINDS has the new ones)
+    # how often each of `kinds` is drawn, relatively, in the train split; empty: every (color, kind) alike
+    kind_weights: tuple[float, ...] = ()
 
     def check(self) -> "ShapesSpec":
         if self.split not in SPLITS:
@@ -172,6 +174,10 @@ class ShapesSpec:
                 raise one_of("shape kind", kind, list(ALL_KINDS))
         if not self.kinds:
             raise UserError(f"kinds is empty; give some of {', '.join(ALL_KINDS)}")
+        if self.kind_weights and (len(self.kind_weights) != len(self.kinds) or min(self.kind_weights) < 0
+                                  or not sum(self.kind_weights) > 0):
+            raise UserError(f"kind_weights must be {len(self.kinds)} numbers ≥ 0 (one per kind: "
+                            f"{', '.join(self.kinds)}), not all 0; got {list(self.kind_weights)}")
         return self
 
 
@@ -212,7 +218,12 @@ def make_sample(spec: ShapesSpec, index: int) -> ShapesSample:
         # a background, then each shape's (color, kind) among the train triples with that background
         background = _pick(rng, list(COLOR_NAMES))
         allowed = [(c, k) for c, k, b in train_triples(tuple(spec.kinds)) if b == background]
-        parts = [_pick(rng, allowed) for _ in range(count)]
+        if spec.kind_weights:
+            weight = dict(zip(spec.kinds, spec.kind_weights))
+            p = np.array([weight[k] for _, k in allowed])
+            parts = [allowed[i] for i in rng.choice(len(allowed), size=count, p=p / p.sum())]
+        else:
+            parts = [_pick(rng, allowed) for _ in range(count)]
     else:
         # at least one held-out triple; a second shape may be anything on that background
         c, k, background = _pick(rng, heldout_triples(tuple(spec.kinds)))

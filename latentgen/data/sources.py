@@ -39,6 +39,7 @@ class DataConfig:
     two_shape_fraction: float = 0.3
     language: str = "en"  # en, zh or both
     kinds: list[str] = field(default_factory=lambda: list(KINDS))  # shape kinds; "star" is new to the default model
+    kind_weights: list[float] = field(default_factory=list)  # relative frequency of each of `kinds` (train split)
     # hf: a local image folder (metadata.jsonl/csv), parquet/arrow/json files, or a hub dataset id
     path: str | None = None
     hf_split: str = "train"
@@ -67,7 +68,7 @@ class DataConfig:
     def shapes_spec(self) -> ShapesSpec:
         return ShapesSpec(split=self.split, resolution=self.resolution, seed=self.seed, max_shapes=self.max_shapes,
                           two_shape_fraction=self.two_shape_fraction, language=self.language,
-                          kinds=tuple(self.kinds)).check()
+                          kinds=tuple(self.kinds), kind_weights=tuple(self.kind_weights)).check()
 
 
 def check_resolution(resolution: int, factor: int, what: str = "the VAE") -> None:
