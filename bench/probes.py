@@ -289,14 +289,15 @@ def memory(_):
 
 def shapes(args):
     """The strict reading's measures per kind on the dataset's own images, on the VAE's round trip of them, and on
-    the default model's images (one seed per single-shape prompt of the eval); `--kinds star` for the kind that
-    the showcase LoRA teaches, `--lora FILE` to apply one."""
+    the default model's images (`--seeds` per single-shape prompt of the eval, its own sampler unless
+    `--scheduler`); `--kinds star` for the kind that the showcase LoRA teaches, `--lora FILE` to apply one."""
     import collections
 
     import numpy as np
     import torch
 
     from latentgen.eval.adherence import prompt_set
+    from latentgen.eval.analyzer import STRICT
 
     def report(what, kinds, images):
         found = collections.defaultdict(list)
@@ -305,9 +306,13 @@ def shapes(args):
         for kind, shapes in sorted(found.items()):
             seen = [d for d in shapes if d is not None]
             rect, solid = [d.rect_fill for d in seen], [d.solidity for d in seen]
-            print(f"{what:>14} {kind:>8}: strict right {sum(d.strict_kind == kind for d in seen)}/{len(shapes)}, "
+            (low, high), (least, _), corners = STRICT[kind]
+            wrong = [d for d in seen if d.strict_kind != kind]
+            print(f"{what:>14} {kind:>8}: strict right {len(seen) - len(wrong)}/{len(shapes)}, "
                   f"rect fill {min(rect):.2f}-{max(rect):.2f} (median {np.median(rect):.2f}), solidity ≥ "
-                  f"{min(solid):.2f} (median {np.median(solid):.2f})")
+                  f"{min(solid):.2f} (median {np.median(solid):.2f}); of the wrong, rect fill outside "
+                  f"{sum(not low <= d.rect_fill <= high for d in wrong)}, solidity below "
+                  f"{sum(d.solidity < least for d in wrong)}, corners {sum(d.corners not in corners for d in wrong)}")
 
     kinds = tuple(args.kinds)
     samples = _heldout_samples(args.count, kinds)
@@ -327,9 +332,10 @@ def shapes(args):
     if pipe.vae.config.latent_channels != pipe.unet.config.in_channels:
         print("(the VAE's latent space is not the default model's U-Net's: no generated images)")
         return
-    targets = [t for t in prompt_set(27, kinds=kinds) if t.group.startswith("one")]
+    targets = [t for t in prompt_set(27, kinds=kinds) if t.group.startswith("one")] * args.seeds
     images = pipe([t.prompt for t in targets], seed=list(range(1000, 1000 + len(targets))),
-                     num_inference_steps=20, guidance_scale=7.5, loras=[(args.lora, 1.0)] if args.lora else None).images
+                     num_inference_steps=20, guidance_scale=7.5, loras=[(args.lora, 1.0)] if args.lora else None,
+                     scheduler=args.scheduler).images
     report("default model", [t.shapes[0][1] for t in targets], images)
 
 
@@ -588,6 +594,8 @@ def main():
     shapes_parser.add_argument("--lora")
     shapes_parser.add_argument("--count", type=int, default=150, help="dataset images (held-out, one shape)")
     shapes_parser.add_argument("--vae", help="an AutoencoderKL folder to use instead of the model's")
+    shapes_parser.add_argument("--seeds", type=int, default=1, help="the model's images per prompt")
+    shapes_parser.add_argument("--scheduler", help="the sampler for the model's images (default: its own)")
     pairs_parser = sub.add_parser("pairs")
     pairs_parser.add_argument("--count", type=int, default=300)
     pairs_parser.add_argument("--vae", help="an AutoencoderKL folder to use instead of the model's")
