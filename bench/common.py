@@ -14,15 +14,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def synchronize(device=None) -> None:
+    """Wait for a CUDA `device`'s queued work (CUDA runs asynchronously); nothing on other devices."""
+    if device is not None and device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
 def best_time(fn: Callable[[], object], repeat: int = 3, warmup: int = 1, device=None) -> float:
     """Best wall time of `repeat` calls after `warmup` calls (the least disturbed measurement). On a CUDA `device`
     each call waits for the GPU's queued work before the clock is read (CUDA runs asynchronously)."""
     def call():
         fn()
-        if device is not None and device.type == "cuda":
-            import torch
-
-            torch.cuda.synchronize(device)
+        synchronize(device)
 
     for _ in range(warmup):
         call()

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from flops import matmul_peak, unet_rate
 
-from common import ROOT, best_time, print_table, sd_shaped_folder
+from common import ROOT, best_time, print_table, sd_shaped_folder, synchronize
 
 PROMPT = "a red circle on a blue background"
 
@@ -78,8 +78,7 @@ def inference(folder: Path, device, batches: list[int], steps: int, repeat: int)
             pipe.compile_unet()
             start = time.perf_counter()
             pipe([PROMPT], num_inference_steps=steps, scheduler="dpm++", seed=[0])
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             extra["first call s (compiles)"] = round(time.perf_counter() - start, 1)
         for batch in batches:
             measure(name, lambda b: pipe([PROMPT] * b, num_inference_steps=steps, guidance_scale=7.5,

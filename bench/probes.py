@@ -299,10 +299,11 @@ def shapes(args):
     from latentgen.eval.adherence import prompt_set
     from latentgen.eval.analyzer import STRICT
 
-    def report(what, kinds, images):
+    def report(what, kinds, detected):
+        """`detected`: the largest shape (or None) of each image, whose kind should be `kinds`'."""
         found = collections.defaultdict(list)
-        for kind, image in zip(kinds, images):
-            found[kind].append(_largest(image))
+        for kind, d in zip(kinds, detected):
+            found[kind].append(d)
         for kind, shapes in sorted(found.items()):
             seen = [d for d in shapes if d is not None]
             rect, solid = [d.rect_fill for d in seen], [d.solidity for d in seen]
@@ -317,12 +318,11 @@ def shapes(args):
     kinds = tuple(args.kinds)
     samples = _heldout_samples(args.count, kinds)
     real_kinds, real = [s.shapes[0].kind for s in samples], [s.render() for s in samples]
-    report("dataset", real_kinds, real)
-    round_trip = _round_trip(_pipe(torch.float32, vae=args.vae), real)
+    report("dataset", real_kinds, [_largest(image) for image in real])
+    round_trip = [_largest(image) for image in _round_trip(_pipe(torch.float32, vae=args.vae), real)]
     report("VAE round trip", real_kinds, round_trip)
     by_pair = collections.defaultdict(list)  # (color, kind, background): kept strictly?
-    for s, image in zip(samples, round_trip):
-        found = _largest(image)
+    for s, found in zip(samples, round_trip):
         by_pair[(s.shapes[0].color, s.shapes[0].kind, s.background)].append(
             found is not None and found.strict_kind == s.shapes[0].kind)
     worst = sorted((sum(v) / len(v), key, len(v)) for key, v in by_pair.items())[:4]
@@ -336,7 +336,7 @@ def shapes(args):
     images = pipe([t.prompt for t in targets], seed=list(range(1000, 1000 + len(targets))),
                      num_inference_steps=20, guidance_scale=7.5, loras=[(args.lora, 1.0)] if args.lora else None,
                      scheduler=args.scheduler).images
-    report("default model", [t.shapes[0][1] for t in targets], images)
+    report("default model", [t.shapes[0][1] for t in targets], [_largest(image) for image in images])
 
 
 def pairs(args):

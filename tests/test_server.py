@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import subprocess
@@ -44,6 +45,32 @@ def poll(fetch, done, what: str, timeout: float = 120.0):
             return value
         assert time.monotonic() < deadline, f"{what} not seen within {timeout:g} s; last: {value}"
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def worker_held(server):
+    """The worker busy with one txt2img request, held in its U-Net until the block ends (so what is submitted
+    meanwhile queues); yields the list that gets that request's response."""
+    hold = threading.Event()
+    hook = hold_until(hold)
+    release = server.worker.models.pipe.unet.register_forward_pre_hook(hook)
+    held = []
+    busy = threading.Thread(target=lambda: held.append(server.post("/sdapi/v1/txt2img", {
+        "prompt": "busy", "steps": 2, "width": 32, "height": 32})))
+    try:
+        busy.start()
+        assert hook.reached.wait(60)
+        yield held
+    finally:
+        hold.set()
+        release.remove()
+        busy.join(timeout=60)
+
+
+def finished(server, job: dict) -> dict:
+    """The status of the job `job` (as its submission answered) once it is done or failed."""
+    return poll(lambda: requests.get(f"{server.url}/latentgen/v1/jobs/{job['id']}", timeout=30).json(),
+                lambda status: status["state"] in ("done", "failed"), f"job {job['id']} finished")
 
 
 class Server:
@@ -309,16 +336,8 @@ def test_bad_requests_get_a_clear_4xx(server):
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_images(server, pipe):
     worker = server.worker
-    hold = threading.Event()
-    hook = hold_until(hold)
-    release = worker.models.pipe.unet.register_forward_pre_hook(hook)  # keep the worker busy
-    try:
-        before = len(worker.batches)
-        held = []
-        first = threading.Thread(target=lambda: held.append(server.post("/sdapi/v1/txt2img", {
-            "prompt": "warm up", "steps": 2, "width": 32, "height": 32})))
-        first.start()
-        assert hook.reached.wait(60)
+    before = len(worker.batches)
+    with worker_held(server) as held:
         answers = [None] * 4
 
         def ask(k):
@@ -329,10 +348,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_images(server, pi
         for t in threads:
             t.start()
         poll(lambda: len(worker.queue), lambda n: n >= 4, "4 queued requests", timeout=60)
-    finally:
-        hold.set()
-        release.remove()
-    for t in [first, *threads]:
+    for t in threads:
         t.join(timeout=120)
     assert worker.batches[before:] == [1, 4]  # the four queued requests ran as one batch
     assert held[0].status_code == 200  # the hold only delayed the first
@@ -377,29 +393,12 @@ def test_progress_preview_and_interrupt(server):
 def test_a_failing_job_fails_alone(server):
     """A request that passes the checks without the model but not with it (here: a LoRA that does not exist)
     gets its error; the job batched with it still gets its image."""
-    hold = threading.Event()
-    hook = hold_until(hold)
-    release = server.worker.models.pipe.unet.register_forward_pre_hook(hook)
-    try:
-        held = []
-        busy = threading.Thread(target=lambda: held.append(server.post("/sdapi/v1/txt2img", {
-            "prompt": "busy", "steps": 2, "width": 32, "height": 32})))
-        busy.start()
-        assert hook.reached.wait(60)
+    with worker_held(server) as held:
         bad = server.post("/latentgen/v1/jobs", {"prompt": "x <lora:missing:1>", "steps": 2, "width": 32,
                                                  "height": 32}).json()
         good = server.post("/latentgen/v1/jobs", {"prompt": "y", "steps": 2, "width": 32, "height": 32}).json()
-    finally:
-        hold.set()
-        release.remove()
-    busy.join(timeout=60)
-
-    def wait(job):
-        return poll(lambda: requests.get(f"{server.url}/latentgen/v1/jobs/{job['id']}", timeout=30).json(),
-                    lambda status: status["state"] in ("done", "failed"), f"job {job['id']} finished")
-
-    assert wait(bad)["error"].startswith("LoRA 'missing' is neither a file nor a name in")
-    status = wait(good)
+    assert finished(server, bad)["error"].startswith("LoRA 'missing' is neither a file nor a name in")
+    status = finished(server, good)
     assert len(status.get("result", {}).get("images", [])) == 1, status  # the status says why, if it failed
     assert held[0].status_code == 200 and len(held[0].json()["images"]) == 1  # the hold only delayed it
 
@@ -407,24 +406,12 @@ def test_a_failing_job_fails_alone(server):
 def test_a_job_that_reads_done_has_its_images(server):
     """The status route runs in another thread than the worker: while the worker is setting a job's answer (made
     slow here) the job must not yet read "done", or a client polling then gets a finished job with no result."""
-    hold = threading.Event()
-    hook = hold_until(hold)
-    release = server.worker.models.pipe.unet.register_forward_pre_hook(hook)
-    try:
-        held = threading.Thread(target=lambda: server.post("/sdapi/v1/txt2img", {"prompt": "busy", "steps": 2,
-                                                                                  "width": 32, "height": 32}))
-        held.start()
-        assert hook.reached.wait(60)
+    with worker_held(server):
         job = server.post("/latentgen/v1/jobs", {"prompt": "y", "steps": 2, "width": 32, "height": 32}).json()
         future = server.worker.jobs[job["id"]].future
         set_result = future.set_result
         future.set_result = lambda result: (time.sleep(1.0), set_result(result))
-    finally:
-        hold.set()
-        release.remove()
-    held.join(timeout=60)
-    status = poll(lambda: requests.get(f"{server.url}/latentgen/v1/jobs/{job['id']}", timeout=30).json(),
-                  lambda status: status["state"] in ("done", "failed"), f"job {job['id']} finished")
+    status = finished(server, job)
     assert status["state"] == "done" and len(status["result"]["images"]) == 1, status
 
 
