@@ -49,7 +49,15 @@ def peak(device, smoke: bool) -> dict:
             for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))}
 
 
-def inference(folder: Path, device, batches: list[int], steps: int, repeat: int) -> list[dict]:
+PATHS = [("latentgen (defaults)", "auto", False), ("latentgen fp16", "fp16", False),
+         ("latentgen compiled", "auto", None)]
+GRAPHS = [("latentgen compiled, CUDA graphs", "auto", "reduce-overhead")]
+
+
+def inference(folder: Path, device, batches: list[int], steps: int, repeat: int, paths=PATHS,
+              reference: bool = True) -> list[dict]:
+    """Seconds per image of each of `paths` (name, dtype, compile mode or False), after diffusers' fp16
+    pipeline's (`reference`)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -59,33 +67,49 @@ def inference(folder: Path, device, batches: list[int], steps: int, repeat: int)
     rows = []
 
     def measure(name, run, batch, extra=None):
-        seconds = best_time(lambda: run(batch), repeat=repeat, device=device)
+        try:
+            seconds = best_time(lambda: run(batch), repeat=repeat, device=device)
+        except Exception as e:  # one path's failure (a compile mode, say) is a finding; the others still run
+            rows.append({"path": name, "images/call": batch, "s/img": None, **(extra or {}),
+                         "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
+            return
         rows.append({"path": name, "images/call": batch, "s/img": round(seconds / batch, 4), **(extra or {})})
+        print(json.dumps(rows[-1]), flush=True)  # a run cut short by its time limit still leaves these
 
-    diff = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float16, local_files_only=True,
-                                                   safety_checker=None, requires_safety_checker=False).to(device)
-    diff.scheduler = make_scheduler("dpm++", diff.scheduler.config)
-    diff.set_progress_bar_config(disable=True)
-    for batch in batches:
-        gens = [torch.Generator(device).manual_seed(s) for s in range(batch)]
-        measure("diffusers fp16 (SDPA)", lambda b: diff([PROMPT] * b, num_inference_steps=steps,
-                                                          guidance_scale=7.5, generator=gens), batch)
-    for name, dtype, compile in (("latentgen (defaults)", "auto", False), ("latentgen fp16", "fp16", False),
-                                 ("latentgen compiled", "auto", True)):
+    if reference:
+        diff = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float16, local_files_only=True,
+                                                       safety_checker=None, requires_safety_checker=False).to(device)
+        diff.scheduler = make_scheduler("dpm++", diff.scheduler.config)
+        diff.set_progress_bar_config(disable=True)
+        for batch in batches:
+            gens = [torch.Generator(device).manual_seed(s) for s in range(batch)]
+            measure("diffusers fp16 (SDPA)", lambda b: diff([PROMPT] * b, num_inference_steps=steps,
+                                                              guidance_scale=7.5, generator=gens), batch)
+        diff = None
+    for name, dtype, mode in paths:
         pipe = open_pipeline(folder, dtype, device, embeddings_dir=None)
         extra = {"dtype": str(pipe.unet.dtype).removeprefix("torch.")}
-        if compile:
-            pipe.compile_unet()
+        if mode is not False:
+            pipe.compile_unet(mode=mode)
             start = time.perf_counter()
-            pipe([PROMPT], num_inference_steps=steps, scheduler="dpm++", seed=[0])
-            synchronize(device)
+            try:
+                pipe([PROMPT], num_inference_steps=steps, scheduler="dpm++", seed=[0])
+                synchronize(device)
+            except Exception as e:
+                rows.append({"path": name, "images/call": 1, "s/img": None, **extra,
+                             "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
+                continue
             extra["first call s (compiles)"] = round(time.perf_counter() - start, 1)
         for batch in batches:
             measure(name, lambda b: pipe([PROMPT] * b, num_inference_steps=steps, guidance_scale=7.5,
                                          scheduler="dpm++", seed=list(range(b))), batch, extra)
+        pipe = None  # frees its memory before the next path loads
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     base = {r["images/call"]: r["s/img"] for r in rows if r["path"].startswith("diffusers")}
     for r in rows:
-        r["speed-up"] = f"{base[r['images/call']] / r['s/img']:.2f}×"
+        if r["s/img"] and base.get(r["images/call"]):
+            r["speed-up"] = f"{base[r['images/call']] / r['s/img']:.2f}×"
     return rows
 
 
@@ -173,7 +197,10 @@ def main():
     p.add_argument("--device", default="cuda")
     p.add_argument("--smoke", action="store_true", help="tiny model, 2 steps: checks the script, measures nothing")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--only", nargs="+", choices=["peak", "inference", "unet", "training"])
+    p.add_argument("--only", nargs="+", choices=["peak", "inference", "unet", "training", "graphs"],
+                   help="graphs: the U-Net compiled with CUDA graphs (mode reduce-overhead), no reference")
+    p.add_argument("--folder", type=Path, help="where the SD-shaped model is built, or found built by an earlier "
+                   "run (one build serves several --only runs)")
     args = p.parse_args()
     import torch
 
@@ -181,9 +208,12 @@ def main():
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        # A static graph per input shape, not one dynamic graph after the second shape: faster kernels, and each
+        # section's process finds the shapes that an earlier one compiled in Inductor's on-disk cache.
+        torch._dynamo.config.automatic_dynamic_shapes = False
     width, resolution, steps = (32, 64, 2) if args.smoke else (320, 512, 20)
     repeat = 1 if args.smoke else args.repeat
-    folder = sd_shaped_folder(Path(tempfile.mkdtemp(prefix="bench-gpu-")) / "sd", width, resolution)
+    folder = sd_shaped_folder(args.folder or Path(tempfile.mkdtemp(prefix="bench-gpu-")) / "sd", width, resolution)
     sections = args.only or ["peak", "inference", "unet", "training"]
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "width": width, "resolution": resolution}
@@ -194,7 +224,11 @@ def main():
     if "inference" in sections:
         report["inference"] = inference(folder, device, [1, 8], steps, repeat)
         print()
-        print_table(report["inference"], list(report["inference"][-1]))
+        print_table(report["inference"], list(dict.fromkeys(k for r in report["inference"] for k in r)))
+    if "graphs" in sections:
+        report["graphs"] = inference(folder, device, [1, 8], steps, repeat, GRAPHS, reference=False)
+        print()
+        print_table(report["graphs"], list(dict.fromkeys(k for r in report["graphs"] for k in r)))
     if "unet" in sections:
         bf16 = report.get("peak", {}).get("bf16") or peak(device, args.smoke)["bf16"]
         report["unet"] = unet_share(folder, device, 8, bf16)

@@ -6,12 +6,10 @@
 #                                  # sends is capped at 64 MiB and the tree is over it; nothing on the GPU needs it
 #   bash bench/gpu_kit.sh back     # puts it back (or: git checkout -- latentgen/default_model/text_encoder)
 #
-# Then one `run` with carry [".whl"] and this command (each part's output lands under $OUT):
-#
-#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl &&
-#   export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && nvidia-smi -L &&
-#   python3 -m pytest -q -m cuda tests/test_cuda.py 2>&1 | tee $OUT/tests.txt;
-#   python3 bench/gpu.py --out $OUT 2>&1 | tee $OUT/bench.txt
+# Then one `run` with carry [".whl"] and the command `bash bench/gpu_kit.sh on-device`: on the GPU machine it
+# installs the wheels, runs the CUDA tests, then bench/gpu.py's sections, each in its own process under its own
+# time limit (a hang in one leaves the others' figures), all printed into $OUT/log.txt and each section's table
+# into $OUT/SECTION/gpu.json. The limits add up to 575 s, inside one call's 600 s and a lease's 15 minutes.
 #
 # The device's Python has torch, transformers, accelerate, peft, safetensors, torchmetrics, timm, pandas and
 # pyarrow (/work/.library/device/KINDS.md lists them); the wheels are the versions this checkout's .venv runs.
@@ -31,5 +29,19 @@ case "${1:-}" in
     du -sh .whl ;;
   aside) mv "$ENCODER" "$ASIDE" && echo "moved $ENCODER to $ASIDE" ;;
   back) mv "$ASIDE" "$ENCODER" && echo "put $ENCODER back" ;;
-  *) echo "usage: bash bench/gpu_kit.sh wheels|aside|back" >&2; exit 2 ;;
+  on-device)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TQDM_DISABLE=1
+    log=$OUT/log.txt
+    set +e -o pipefail
+    { nvidia-smi -L; nproc; python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__,
+      'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"; } 2>&1 | tee "$log"
+    section() { local limit=$1; shift; echo "== $* (limit ${limit} s)" | tee -a "$log"; local start=$SECONDS
+                timeout "$limit" "$@" 2>&1 | tr '\r' '\n' | grep -v -E 'it/s\]|s/it\]' | tee -a "$log"
+                echo "== exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$log"; }
+    section 120 python3 -m pytest -q -m cuda tests/test_cuda.py
+    for part in peak:75 inference:200 unet:60 training:60 graphs:60; do
+      section "${part#*:}" python3 bench/gpu.py --only "${part%:*}" --folder /tmp/sd --repeat 2 --out "$OUT/${part%:*}"
+    done ;;
+  *) echo "usage: bash bench/gpu_kit.sh wheels|aside|back|on-device" >&2; exit 2 ;;
 esac
