@@ -19,6 +19,10 @@ Each section prints a Markdown table and goes into DIR/gpu.json:
    scaler, the VAE and the text encoder run every step) against `train_unet.py` itself continuing the same U-Net
    (cached latents and text states, bf16 mixed precision where the GPU has it, fused AdamW, min-SNR, EMA).
 
+5. **graphs**: the inference table's latentgen row with the U-Net compiled to CUDA graphs (`reduce-overhead`).
+6. **split**: one 8-image call of diffusers' fp16 pipeline and of latentgen's defaults, timed component by
+   component (text encoder, U-Net, VAE decoder, the rest) by hooks that synchronise around each forward.
+
 The paths run one after another in this process (a GPU's speed does not drift as a shared CPU's does); CUDA
 work is synchronised before each clock is read (`common.best_time` with a device).
 """
@@ -113,6 +117,59 @@ def inference(folder: Path, device, batches: list[int], steps: int, repeat: int,
     return rows
 
 
+def split(folder: Path, device, images: int, steps: int) -> list[dict]:
+    """Where one call of `images` images goes, component by component (text encoder, U-Net, VAE decoder, the
+    rest), for diffusers' fp16 pipeline and latentgen's defaults: each component's forward is timed between two
+    device synchronisations by hooks, so the split costs the overlap of host and device it measures around."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from latentgen.loading import open_pipeline
+    from latentgen.schedulers import make_scheduler
+
+    def timed(pipe, call) -> dict:
+        spent, hooks = {}, []
+        for name in ("text_encoder", "unet", "vae.decoder"):
+            module = pipe.vae.decoder if name == "vae.decoder" else getattr(pipe, name)
+
+            def before(*_, name=name):
+                synchronize(device)
+                spent[f"{name} start"] = time.perf_counter()
+
+            def after(*_, name=name):
+                synchronize(device)
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - spent.pop(f"{name} start")
+
+            hooks += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+        call()  # warm-up
+        spent.clear()
+        synchronize(device)
+        start = time.perf_counter()
+        call()
+        synchronize(device)
+        total = time.perf_counter() - start
+        for h in hooks:
+            h.remove()
+        parts = {k: round(v / images, 4) for k, v in spent.items()}
+        return {"images/call": images, "s/img": round(total / images, 4), **parts,
+                "rest": round(total / images - sum(parts.values()), 4)}
+
+    diff = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float16, local_files_only=True,
+                                                   safety_checker=None, requires_safety_checker=False).to(device)
+    diff.scheduler = make_scheduler("dpm++", diff.scheduler.config)
+    diff.set_progress_bar_config(disable=True)
+    rows = [{"path": "diffusers fp16 (SDPA)", **timed(diff, lambda: diff(
+        [PROMPT] * images, num_inference_steps=steps, guidance_scale=7.5))}]
+    diff = None
+    pipe = open_pipeline(folder, "auto", device, embeddings_dir=None)
+    rows.append({"path": "latentgen (defaults)", **timed(pipe, lambda: pipe(
+        [PROMPT] * images, num_inference_steps=steps, guidance_scale=7.5, scheduler="dpm++",
+        seed=list(range(images))))})
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    return rows
+
+
 def unet_share(folder: Path, device, images: int, bf16_peak: float) -> list[dict]:
     """`flops.unet_rate` in bf16 on `device`, eager and compiled, as a share of the bf16 matrix peak."""
     r = unet_rate(str(folder), images, compile=True, device=device, dtype="bf16")
@@ -197,8 +254,9 @@ def main():
     p.add_argument("--device", default="cuda")
     p.add_argument("--smoke", action="store_true", help="tiny model, 2 steps: checks the script, measures nothing")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--only", nargs="+", choices=["peak", "inference", "unet", "training", "graphs"],
-                   help="graphs: the U-Net compiled with CUDA graphs (mode reduce-overhead), no reference")
+    p.add_argument("--only", nargs="+", choices=["peak", "inference", "unet", "training", "graphs", "split"],
+                   help="graphs: the U-Net compiled with CUDA graphs (mode reduce-overhead), no reference; "
+                   "split: where one 8-image call's time goes, component by component")
     p.add_argument("--folder", type=Path, help="where the SD-shaped model is built, or found built by an earlier "
                    "run (one build serves several --only runs)")
     args = p.parse_args()
@@ -229,6 +287,10 @@ def main():
         report["graphs"] = inference(folder, device, [1, 8], steps, repeat, GRAPHS, reference=False)
         print()
         print_table(report["graphs"], list(dict.fromkeys(k for r in report["graphs"] for k in r)))
+    if "split" in sections:
+        report["split"] = split(folder, device, 8, steps)
+        print()
+        print_table(report["split"], list(report["split"][0]))
     if "unet" in sections:
         bf16 = report.get("peak", {}).get("bf16") or peak(device, args.smoke)["bf16"]
         report["unet"] = unet_share(folder, device, 8, bf16)

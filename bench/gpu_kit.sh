@@ -6,10 +6,12 @@
 #                                  # sends is capped at 64 MiB and the tree is over it; nothing on the GPU needs it
 #   bash bench/gpu_kit.sh back     # puts it back (or: git checkout -- latentgen/default_model/text_encoder)
 #
-# Then one `run` with carry [".whl"] and the command `bash bench/gpu_kit.sh on-device`: on the GPU machine it
-# installs the wheels, runs the CUDA tests, then bench/gpu.py's sections, each in its own process under its own
+# Then `run`s with carry [".whl"]: `bash bench/gpu_kit.sh on-device PART...`, parts whose limits add up to under
+# 600 s, one call's most: tests peak inference (395 s), then at once on the still-warm machine training unet
+# graphs (400 s), or split first where those figures are known (on 4 Dec an H200's 15 minutes held 2.5 calls). Each part installs the
+# wheels (once per machine), then runs the CUDA tests or a bench/gpu.py section in its own process under its own
 # time limit (a hang in one leaves the others' figures), all printed into $OUT/log.txt and each section's table
-# into $OUT/SECTION/gpu.json. The limits add up to 575 s, inside one call's 600 s and a lease's 15 minutes.
+# into $OUT/SECTION/gpu.json.
 #
 # The device's Python has torch, transformers, accelerate, peft, safetensors, torchmetrics, timm, pandas and
 # pyarrow (/work/.library/device/KINDS.md lists them); the wheels are the versions this checkout's .venv runs.
@@ -30,18 +32,24 @@ case "${1:-}" in
   aside) mv "$ENCODER" "$ASIDE" && echo "moved $ENCODER to $ASIDE" ;;
   back) mv "$ASIDE" "$ENCODER" && echo "put $ENCODER back" ;;
   on-device)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+    shift
+    [ -d /tmp/site/diffusers ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TQDM_DISABLE=1
     log=$OUT/log.txt
     set +e -o pipefail
-    { nvidia-smi -L; nproc; python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__,
+    { nvidia-smi -L; python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__,
       'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"; } 2>&1 | tee "$log"
     section() { local limit=$1; shift; echo "== $* (limit ${limit} s)" | tee -a "$log"; local start=$SECONDS
                 timeout "$limit" "$@" 2>&1 | tr '\r' '\n' | grep -v -E 'it/s\]|s/it\]' | tee -a "$log"
                 echo "== exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$log"; }
-    section 120 python3 -m pytest -q -m cuda tests/test_cuda.py
-    for part in peak:75 inference:200 unet:60 training:60 graphs:60; do
-      section "${part#*:}" python3 bench/gpu.py --only "${part%:*}" --folder /tmp/sd --repeat 2 --out "$OUT/${part%:*}"
+    declare -A limit=([tests]=120 [peak]=75 [inference]=200 [training]=150 [unet]=110 [graphs]=140 [split]=120)
+    [ $# -gt 0 ] || set -- tests peak inference
+    for part in "$@"; do
+      [ -n "${limit[$part]:-}" ] || { echo "unknown part $part" | tee -a "$log"; continue; }
+      if [ "$part" = tests ]; then section "${limit[tests]}" python3 -m pytest -q -m cuda tests/test_cuda.py
+      else section "${limit[$part]}" python3 bench/gpu.py --only "$part" --folder /tmp/sd --repeat 2 --out "$OUT/$part"
+      fi
     done ;;
-  *) echo "usage: bash bench/gpu_kit.sh wheels|aside|back|on-device" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_kit.sh wheels|aside|back|on-device [tests|peak|inference|training|unet|graphs|split ...]" >&2; exit 2 ;;
 esac
