@@ -1,6 +1,7 @@
-"""Issue #18's GPU figures in one run, for the few minutes a GPU is lent (README, Performance, "On a GPU").
+"""Issue #18's GPU figures, for the few minutes a GPU is lent (README, Performance, "On a GPU").
 
-    python bench/gpu.py --out DIR              # on a CUDA machine: SD 1.x's U-Net size at 512×512
+    python bench/gpu.py --out DIR              # on a CUDA machine: SD 1.x's U-Net size at 512×512, sections 1-4
+    python bench/gpu.py --only SECTION... --folder /tmp/sd --out DIR   # some sections, one model build for all
     python bench/gpu.py --smoke --device cpu   # tiny sizes and 2 steps: checks the script itself, anywhere
 
 Each section prints a Markdown table and goes into DIR/gpu.json:
@@ -18,7 +19,6 @@ Each section prints a Markdown table and goes into DIR/gpu.json:
 4. **training**: samples/s of the core of diffusers' `train_text_to_image.py` (fp16 autocast with a gradient
    scaler, the VAE and the text encoder run every step) against `train_unet.py` itself continuing the same U-Net
    (cached latents and text states, bf16 mixed precision where the GPU has it, fused AdamW, min-SNR, EMA).
-
 5. **graphs**: the inference table's latentgen row with the U-Net compiled to CUDA graphs (`reduce-overhead`).
 6. **split**: one 8-image call of diffusers' fp16 pipeline and of latentgen's defaults, timed component by
    component (text encoder, U-Net, VAE decoder, the rest) by hooks that synchronise around each forward;
@@ -54,6 +54,20 @@ def peak(device, smoke: bool) -> dict:
             for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))}
 
 
+def diffusers_fp16(folder: Path, device):
+    """diffusers' `StableDiffusionPipeline` as a diffusers user runs it on a GPU: fp16, SDPA, DPM-Solver++ 2M."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from latentgen.schedulers import make_scheduler
+
+    diff = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float16, local_files_only=True,
+                                                   safety_checker=None, requires_safety_checker=False).to(device)
+    diff.scheduler = make_scheduler("dpm++", diff.scheduler.config)
+    diff.set_progress_bar_config(disable=True)
+    return diff
+
+
 PATHS = [("latentgen (defaults)", "auto", False), ("latentgen fp16", "fp16", False),
          ("latentgen compiled", "auto", None)]
 GRAPHS = [("latentgen compiled, CUDA graphs", "auto", "reduce-overhead")]
@@ -64,28 +78,26 @@ def inference(folder: Path, device, batches: list[int], steps: int, repeat: int,
     """Seconds per image of each of `paths` (name, dtype, compile mode or False), after diffusers' fp16
     pipeline's (`reference`)."""
     import torch
-    from diffusers import StableDiffusionPipeline
 
     from latentgen.loading import open_pipeline
-    from latentgen.schedulers import make_scheduler
 
     rows = []
+
+    def failed(name, batch, extra, e):  # one path's failure (a compile mode, say) is a finding; the others run on
+        rows.append({"path": name, "images/call": batch, "s/img": None, **(extra or {}),
+                     "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
+        print(json.dumps(rows[-1]), flush=True)
 
     def measure(name, run, batch, extra=None):
         try:
             seconds = best_time(lambda: run(batch), repeat=repeat, device=device)
-        except Exception as e:  # one path's failure (a compile mode, say) is a finding; the others still run
-            rows.append({"path": name, "images/call": batch, "s/img": None, **(extra or {}),
-                         "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
-            return
+        except Exception as e:
+            return failed(name, batch, extra, e)
         rows.append({"path": name, "images/call": batch, "s/img": round(seconds / batch, 4), **(extra or {})})
         print(json.dumps(rows[-1]), flush=True)  # a run cut short by its time limit still leaves these
 
     if reference:
-        diff = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float16, local_files_only=True,
-                                                       safety_checker=None, requires_safety_checker=False).to(device)
-        diff.scheduler = make_scheduler("dpm++", diff.scheduler.config)
-        diff.set_progress_bar_config(disable=True)
+        diff = diffusers_fp16(folder, device)
         for batch in batches:
             gens = [torch.Generator(device).manual_seed(s) for s in range(batch)]
             measure("diffusers fp16 (SDPA)", lambda b: diff([PROMPT] * b, num_inference_steps=steps,
@@ -101,8 +113,7 @@ def inference(folder: Path, device, batches: list[int], steps: int, repeat: int,
                 pipe([PROMPT], num_inference_steps=steps, scheduler="dpm++", seed=[0])
                 synchronize(device)
             except Exception as e:
-                rows.append({"path": name, "images/call": 1, "s/img": None, **extra,
-                             "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
+                failed(name, 1, extra, e)
                 continue
             extra["first call s (compiles)"] = round(time.perf_counter() - start, 1)
         for batch in batches:
@@ -123,10 +134,8 @@ def split(folder: Path, device, images: int, steps: int) -> list[dict]:
     rest), for diffusers' fp16 pipeline and latentgen's defaults: each component's forward is timed between two
     device synchronisations by hooks, so the split costs the overlap of host and device it measures around."""
     import torch
-    from diffusers import StableDiffusionPipeline
 
     from latentgen.loading import open_pipeline
-    from latentgen.schedulers import make_scheduler
 
     def timed(pipe, call) -> dict:
         spent, hooks = {}, []
@@ -155,10 +164,7 @@ def split(folder: Path, device, images: int, steps: int) -> list[dict]:
         return {"images/call": images, "s/img": round(total / images, 4), **parts,
                 "rest": round(total / images - sum(parts.values()), 4)}
 
-    diff = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float16, local_files_only=True,
-                                                   safety_checker=None, requires_safety_checker=False).to(device)
-    diff.scheduler = make_scheduler("dpm++", diff.scheduler.config)
-    diff.set_progress_bar_config(disable=True)
+    diff = diffusers_fp16(folder, device)
     rows = [{"path": "diffusers fp16 (SDPA)", **timed(diff, lambda: diff(
         [PROMPT] * images, num_inference_steps=steps, guidance_scale=7.5))}]
     diff = None
