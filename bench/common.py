@@ -87,7 +87,9 @@ def sd_shaped_folder(path: Path, width: int = 160, resolution: int = 256) -> Pat
     return path
 
 
-def print_table(rows: list[dict], columns: list[str]) -> None:
+def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
+    """`rows` as a Markdown table of `columns` (default: every key of any row, in first-seen order)."""
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for r in rows:

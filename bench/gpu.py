@@ -138,17 +138,17 @@ def split(folder: Path, device, images: int, steps: int) -> list[dict]:
     from latentgen.loading import open_pipeline
 
     def timed(pipe, call) -> dict:
-        spent, hooks = {}, []
+        spent, started, hooks = {}, {}, []
         for name in ("text_encoder", "unet", "vae.decoder"):
             module = pipe.vae.decoder if name == "vae.decoder" else getattr(pipe, name)
 
             def before(*_, name=name):
                 synchronize(device)
-                spent[f"{name} start"] = time.perf_counter()
+                started[name] = time.perf_counter()
 
             def after(*_, name=name):
                 synchronize(device)
-                spent[name] = spent.get(name, 0.0) + time.perf_counter() - spent.pop(f"{name} start")
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - started[name]
 
             hooks += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
         call()  # warm-up
@@ -293,27 +293,19 @@ def main():
     if "peak" in sections:
         report["peak"] = peak(device, args.smoke)
         print(f"\nmatrix-product peak: bf16 {report['peak']['bf16']:.0f}, fp16 {report['peak']['fp16']:.0f} TFLOP/s")
-    if "inference" in sections:
-        report["inference"] = inference(folder, device, [1, 8], steps, repeat)
-        print()
-        print_table(report["inference"], list(dict.fromkeys(k for r in report["inference"] for k in r)))
-    if "graphs" in sections:
-        report["graphs"] = inference(folder, device, [1, 8], steps, repeat, GRAPHS, reference=False)
-        print()
-        print_table(report["graphs"], list(dict.fromkeys(k for r in report["graphs"] for k in r)))
-    if "split" in sections:
-        report["split"] = split(folder, device, 8, steps)
-        print()
-        print_table(report["split"], list(report["split"][0]))
-    if "unet" in sections:
-        bf16 = report.get("peak", {}).get("bf16") or peak(device, args.smoke)["bf16"]
-        report["unet"] = unet_share(folder, device, 8, bf16)
-        print()
-        print_table(report["unet"], list(report["unet"][0]))
-    if "training" in sections:
-        report["training"] = training(folder, device, 2 if args.smoke else 16, 2 if args.smoke else 20)
-        print()
-        print_table(report["training"], list(report["training"][0]))
+    tables = {
+        "inference": lambda: inference(folder, device, [1, 8], steps, repeat),
+        "graphs": lambda: inference(folder, device, [1, 8], steps, repeat, GRAPHS, reference=False),
+        "split": lambda: split(folder, device, 8, steps),
+        "unet": lambda: unet_share(folder, device, 8,
+                                   report.get("peak", {}).get("bf16") or peak(device, args.smoke)["bf16"]),
+        "training": lambda: training(folder, device, 2 if args.smoke else 16, 2 if args.smoke else 20),
+    }
+    for name, run in tables.items():
+        if name in sections:
+            report[name] = run()
+            print()
+            print_table(report[name])
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gpu.json").write_text(json.dumps(report, indent=2))

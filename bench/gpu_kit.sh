@@ -8,10 +8,10 @@
 #
 # Then `run`s with carry [".whl"]: `bash bench/gpu_kit.sh on-device PART...`, parts whose limits add up to under
 # 600 s, one call's most: tests peak inference (395 s), then at once on the still-warm machine training unet
-# graphs (400 s), or split first where those figures are known (on 4 Dec an H200's 15 minutes held 2.5 calls). Each part installs the
-# wheels (once per machine), then runs the CUDA tests or a bench/gpu.py section in its own process under its own
-# time limit (a hang in one leaves the others' figures), all printed into $OUT/log.txt and each section's table
-# into $OUT/SECTION/gpu.json.
+# graphs (400 s), or split first where those figures are known (on 4 Dec an H200's 15 minutes held 2.5 calls).
+# A call installs the wheels (once per machine), then runs the CUDA tests or a bench/gpu.py section in its own
+# process under its own time limit (a hang in one leaves the others' figures), all printed into $OUT/log.txt and
+# each section's table into $OUT/SECTION/gpu.json.
 #
 # The device's Python has torch, transformers, accelerate, peft, safetensors, torchmetrics, timm, pandas and
 # pyarrow (/work/.library/device/KINDS.md lists them); the wheels are the versions this checkout's .venv runs.

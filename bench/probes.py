@@ -66,10 +66,14 @@ def _heldout_samples(count, kinds=None):
     return [make_sample(spec, i) for i in range(count)]
 
 
+def _singles(samples):
+    """Kinds, images and captions of single-shape `samples`."""
+    return [s.shapes[0].kind for s in samples], [s.render() for s in samples], [s.text for s in samples]
+
+
 def _heldout_singles(count, kinds=None):
     """Kinds, images and captions of `_heldout_samples`."""
-    samples = _heldout_samples(count, kinds)
-    return [s.shapes[0].kind for s in samples], [s.render() for s in samples], [s.text for s in samples]
+    return _singles(_heldout_samples(count, kinds))
 
 
 def _largest(image):
@@ -317,7 +321,7 @@ def shapes(args):
 
     kinds = tuple(args.kinds)
     samples = _heldout_samples(args.count, kinds)
-    real_kinds, real = [s.shapes[0].kind for s in samples], [s.render() for s in samples]
+    real_kinds, real, _ = _singles(samples)
     report("dataset", real_kinds, [_largest(image) for image in real])
     round_trip = [_largest(image) for image in _round_trip(_pipe(torch.float32, vae=args.vae), real)]
     report("VAE round trip", real_kinds, round_trip)
