@@ -1,4 +1,4 @@
-"""On a CUDA GPU only (skipped elsewhere; `bench/gpu.py`'s run on a lent GPU runs them first: README, "On a GPU"):
+"""On a CUDA GPU only (skipped elsewhere; `bash bench/gpu_kit.sh on-device` runs them first: README, "On a GPU"):
 the paths that only CUDA takes give what the CPU's fp32 path gives. Half-precision weights with the fp16 VAE kept
 in fp32, SDPA, `torch.compile`, and mixed-precision training through `accelerate launch`."""
 
