@@ -1,7 +1,8 @@
 """LoRAs as users name them: `--lora PATH[:SCALE]`, and AUTOMATIC1111's `<lora:NAME:SCALE>` in a prompt (NAME looked
 up in the pipeline's `loras_dir`, `loras/` by default). Loading is diffusers' (`load_lora_weights`, through peft,
 diffusers/peft and kohya/A1111 formats); what is here: the prompt tags, finding the files, one-line errors for a
-LoRA that does not fit, A1111's `Lora hashes`, and switching the active set between requests.
+LoRA that does not fit, A1111's `Lora hashes`, switching the active set between requests, and LyCORIS's LoHa and
+LoKr files (kohya's names), which diffusers' loader does not read: they go into peft's LoHa/LoKr layers here.
 
 In a shared pipeline LoRAs stay unfused: `set_adapters` switches between requests without touching the base
 weights, so the base model comes back bit for bit. A process that makes all its images with one set (infer.py)
@@ -169,13 +170,132 @@ def _load(pipe, path: Path, adapter: str) -> None:
         raise UserError(f"LoRA {path} is corrupt or truncated ({first_line(err)})") from None
     if not any("lora" in k.lower() for k in keys):
         raise UserError(f"{path} holds no LoRA weights (no lora_* keys among its {len(keys)} tensors)")
+    kind = _lycoris_kind(path, keys)
     before = _adapters(pipe)
     try:
-        _check_shapes(pipe, path)
-        pipe.load_lora_weights(str(path), adapter_name=adapter)
+        if kind is None:
+            _check_shapes(pipe, path)
+            pipe.load_lora_weights(str(path), adapter_name=adapter)
+        else:
+            _load_lycoris(pipe, path, kind, adapter)
     except (RuntimeError, ValueError, KeyError) as err:
         raise UserError(f"LoRA {path} does not fit this model ({first_line(err)}); it was made for another "
                         "base architecture") from None
     if not any(a == adapter for _, a in _adapters(pipe) - before):
         raise UserError(f"LoRA {path} matches no layer of this model's U-Net or text encoder; it was made for "
                         "another base architecture")
+
+
+# LyCORIS (KohakuBlueleaf's LyCORIS, which kohya's sd-scripts trains and A1111 applies): each layer's update is a
+# product of small factors, not LoRA's B·A. Keys are kohya's: `lora_unet_<module path with _>.<factor>`.
+LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")  # ΔW = (w1a·w1b) ⊙ (w2a·w2b)
+LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")  # ΔW = w1 ⊗ w2
+PLAIN = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
+OTHER_LYCORIS = {"diff": "full (weight difference)", "on_input": "(IA)³", "oft_blocks": "OFT", "oft_diag": "OFT",
+                 "w_norm": "norm", "a1.weight": "GLoRA", "oft_R": "BOFT"}
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                  "lora_te2_": "text_encoder_2"}
+
+
+def _lycoris_kind(path: Path, keys: Sequence[str]) -> str | None:
+    """"loha" or "lokr" for a LyCORIS file of one algorithm; None for LoRA (LoCon included); a one-line error for
+    the LyCORIS kinds not read here, and for files that mix kinds."""
+    suffixes = {key.partition(".")[2] for key in keys}
+    found = {name for name, kind in (("LoHa", LOHA), ("LoKr", LOKR), ("LoRA", PLAIN)) if suffixes & set(kind)}
+    other = sorted({label for suffix, label in OTHER_LYCORIS.items() if suffix in suffixes})
+    if other:
+        raise UserError(f"LoRA {path} holds LyCORIS {' and '.join(other)} layers, which latentgen does not load "
+                        "(it loads LoRA, LoCon, LoHa and LoKr)")
+    if len(found) > 1:
+        raise UserError(f"LoRA {path} mixes {' and '.join(sorted(found))} layers; latentgen loads one kind per file")
+    return {"LoHa": "loha", "LoKr": "lokr"}.get(next(iter(found), ""))
+
+
+def _lycoris_state(pipe, path: Path) -> dict[str, dict]:
+    """The file's factors per pipeline component, keyed by the component's module paths (peft's names)."""
+    import torch
+    from safetensors.torch import load_file
+
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    names: dict[str, dict[str, str]] = {}
+    for key, tensor in load_file(str(path)).items():
+        module, _, factor = key.partition(".")
+        prefix = next((p for p in KOHYA_PREFIXES if module.startswith(p)), None)
+        component = KOHYA_PREFIXES.get(prefix)
+        if component is None or getattr(pipe, component, None) is None:
+            raise ValueError(f"{module} is not a layer of this model's U-Net or text encoders")
+        if component not in names:
+            names[component] = _kohya_names(getattr(pipe, component), component)
+        kohya = module[len(prefix):]
+        # sd-scripts names the text encoder's layers under transformers 4's `text_model.`, which transformers 5 drops
+        name = names[component].get(kohya) or names[component].get(kohya.removeprefix("text_model_"))
+        if name is None:
+            raise ValueError(f"{module} is not a layer of this model's {component}")
+        state.setdefault(component, {})[f"{name}.{factor}"] = tensor
+    return state
+
+
+def _kohya_names(model, component: str) -> dict[str, str]:
+    """kohya's name of each linear and convolutional layer (its path with _ for .) -> the layer's path; for a U-Net
+    also its name in Stability's layout (`input_blocks_4_1_…`), which sd-scripts uses for SDXL."""
+    import torch
+
+    layers = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    names = {n.replace(".", "_"): n for n in layers}
+    if component == "unet":
+        from .single_file import unet_ldm_names
+
+        ldm = unet_ldm_names(model.config)
+        names |= {ldm(n).replace(".", "_"): n for n in layers if ldm(n) is not None}
+    return names
+
+
+def _loha_config(state: dict):
+    """peft's LoHaConfig for these factors: each module's rank, and its alpha (alpha / rank scales the update)."""
+    from collections import Counter
+
+    from peft import LoHaConfig
+
+    modules = sorted({key.rpartition(".hada_")[0] for key in state if ".hada_" in key})
+    ranks = {m: state[f"{m}.hada_w1_b"].shape[0] for m in modules}
+    alphas = {m: float(state.pop(f"{m}.alpha")) if f"{m}.alpha" in state else float(ranks[m]) for m in modules}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    anchored = {m: f"^{re.escape(m)}" for m in modules}  # a module path, not any path that ends like it
+    return LoHaConfig(r=r, alpha=r, target_modules=modules, init_weights=False,
+                      rank_pattern={anchored[m]: ranks[m] for m in modules},
+                      alpha_pattern={anchored[m]: alphas[m] for m in modules},
+                      use_effective_conv2d=any(key.endswith(".hada_t1") for key in state))
+
+
+def _lokr_config(state: dict):
+    """peft's LoKrConfig for these factors. diffusers has the two pieces (for its transformer models' LoKr files):
+    LyCORIS's alpha / rank baked into the first factor, and the config that makes peft build factors of the
+    checkpoint's shapes; they are private helpers, used here rather than written again."""
+    from diffusers.loaders.lora_conversion_utils import _bake_lokr_alpha_
+    from diffusers.utils.peft_utils import _create_lokr_config
+
+    _bake_lokr_alpha_(state)
+    return _create_lokr_config(state, None)
+
+
+def _load_lycoris(pipe, path: Path, kind: str, adapter: str) -> None:
+    """Load a LoHa or LoKr file as the adapter `adapter` of the components it names, with peft's layers, so that
+    diffusers' `set_adapters`, `fuse_lora` and `disable_lora` treat it as they treat a LoRA."""
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+    states = _lycoris_state(pipe, path)
+    try:
+        for component, state in states.items():
+            model = getattr(pipe, component)
+            config = _loha_config(state) if kind == "loha" else _lokr_config(state)
+            inject_adapter_in_model(config, model, adapter_name=adapter)
+            result = set_peft_model_state_dict(model, state, adapter_name=adapter)
+            unexpected = [key for key in result.unexpected_keys if adapter in key]
+            missing = [key for key in result.missing_keys if adapter in key]
+            if unexpected or missing:
+                raise ValueError(f"{(unexpected or missing)[0]} does not fit this model's {component}")
+    except Exception:
+        # layers injected before the failure hold random factors and are active: take them out again
+        if any(adapter in names for names in pipe.get_list_adapters().values()):
+            pipe.delete_adapters(adapter)
+        raise

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -443,17 +443,31 @@ _RESNET = [("in_layers.0.", "norm1."), ("in_layers.2.", "conv1."), ("out_layers.
            ("out_layers.3.", "conv2."), ("emb_layers.1.", "time_emb_proj."), ("skip_connection.", "conv_shortcut.")]
 
 
-def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
-    names = sorted(_unet_names(unet.config), key=lambda p: -len(p[1]))
-    out = {}
-    for key, value in unet.state_dict().items():
-        prefix = next((p for p in names if key.startswith(p[1])), None)
+def unet_ldm_names(config) -> Callable[[str], str | None]:
+    """A function from a U-Net weight's (or module's) diffusers name to its LDM name (`input_blocks.1.0.in_layers.2`
+    for `down_blocks.0.resnets.0.conv1`), for a U-Net of this config; None where the LDM layout has no place."""
+    names = sorted(_unet_names(config), key=lambda p: -len(p[1]))
+
+    def ldm(key: str) -> str | None:
+        prefix = next((p for p in names if f"{key}.".startswith(p[1])), None)
         if prefix is None:
-            raise UserError(f"U-Net weight {key} has no place in the single-file layout")
+            return None
         rest = key[len(prefix[1]):]
         if ".resnets." in prefix[1]:
-            rest = next((old + rest[len(new):] for old, new in _RESNET if rest.startswith(new)), rest)
-        out[UNET + prefix[0] + rest] = value
+            rest = next((old + rest[len(new):] for old, new in _RESNET if f"{rest}.".startswith(new)), rest)
+        return (prefix[0] + rest).rstrip(".")  # a module at a block's start: no trailing dot
+
+    return ldm
+
+
+def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
+    ldm = unet_ldm_names(unet.config)
+    out = {}
+    for key, value in unet.state_dict().items():
+        name = ldm(key)
+        if name is None:
+            raise UserError(f"U-Net weight {key} has no place in the single-file layout")
+        out[UNET + name] = value
     return out
 
 

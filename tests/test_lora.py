@@ -431,3 +431,110 @@ def test_sdxl_loras_reach_both_text_encoders_as_in_diffusers(tmp_path, form):
     L.fuse(fused, [(path, 1.0)])
     reference.fuse_lora()
     assert np.abs(xl_image(fused, loras=[(path, 1.0)]) - xl_image(reference)).max() <= 1e-4
+
+
+def lycoris_factors(kind: str, weight: torch.Tensor, generator: torch.Generator, rank: int = 2):
+    """Random LyCORIS factors for a layer's `weight`, as LyCORIS shapes them, and the update ΔW they stand for
+    (before alpha / rank): LoHa (w1a·w1b) ⊙ (w2a·w2b), each product shaped (out, in·k·k); LoKr w1 ⊗ (w2a·w2b), w1
+    the small factor of LyCORIS's factorization of the dimensions."""
+    from peft.tuners.lokr.layer import factorization
+
+    out, inner = weight.shape[0], weight[0].numel()
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    if kind == "loha":
+        f = {"hada_w1_a": rand(out, rank), "hada_w1_b": rand(rank, inner),
+             "hada_w2_a": rand(out, rank), "hada_w2_b": rand(rank, inner)}
+        delta = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])
+    else:
+        (out_l, out_k), (in_m, in_n) = factorization(out, -1), factorization(inner, -1)
+        f = {"lokr_w1": rand(out_l, in_m), "lokr_w2_a": rand(out_k, rank), "lokr_w2_b": rand(rank, in_n)}
+        delta = torch.kron(f["lokr_w1"], f["lokr_w2_a"] @ f["lokr_w2_b"])
+    return f, delta.reshape(weight.shape)
+
+
+@pytest.mark.parametrize("kind,names", [("loha", "diffusers"), ("lokr", "diffusers"), ("loha", "stability")])
+def test_lycoris_files_give_the_update_merged_by_hand(tiny_folder, tmp_path, kind, names):
+    """A LyCORIS LoHa or LoKr file in kohya's names (sd-scripts' with LyCORIS; A1111 reads them), on U-Net attention
+    projections, a U-Net convolution (LoHa) and a text-encoder projection under sd-scripts' `text_model` name: the
+    image equals the base model's with W + scale·(α/r)·ΔW written into each layer by hand, at scales 1 and 0.5;
+    fused (infer.py's way) the same; the next request without it is the base model again, bit for bit. The U-Net's
+    layers named as diffusers has them (sd-scripts for SD 1.x/2.x) or as Stability's single files do (SDXL): those
+    names are taken from the single-file export, which diffusers' own converter reads back (test_single_file.py)."""
+    from latentgen import lora, single_file
+
+    base = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
+    convolution = ["down_blocks.0.resnets.0.conv1"] if kind == "loha" else []  # LoKr's 4-d factors: not built here
+    layers = {"unet": ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+                       "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+                       "up_blocks.0.attentions.0.proj_out"] + convolution,
+              "text_encoder": ["encoder.layers.0.self_attn.q_proj"]}
+    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_text_model_"}
+    ldm = {value.data_ptr(): key.removeprefix("model.diffusion_model.").removesuffix(".weight")
+           for key, value in single_file.unet_to_ldm(base.unet).items()}
+    generator = torch.Generator().manual_seed(3)
+    tensors, deltas = {}, {}
+    for component, names in layers.items():
+        modules = dict(getattr(base, component).named_modules())
+        for name in names:
+            factors, delta = lycoris_factors(kind, modules[name].weight, generator)
+            path = ldm[modules[name].weight.data_ptr()] if component == "unet" and names == "stability" else name
+            key = prefix[component] + path.replace(".", "_")
+            tensors |= {f"{key}.{k}": v.contiguous() for k, v in factors.items()} | {f"{key}.alpha": torch.tensor(1.0)}
+            deltas[(component, name)] = delta * 1.0 / 2  # α / r
+    if names == "stability":
+        assert any("input_blocks" in key for key in tensors) and any("output_blocks" in key for key in tensors)
+    path = tmp_path / f"{kind}.safetensors"
+    save_file(tensors, str(path))
+
+    call = dict(num_inference_steps=3, seed=1, output_type="np")
+
+    def by_hand(scale):
+        pipe = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        for (component, name), delta in deltas.items():
+            dict(getattr(pipe, component).named_modules())[name].weight.data += scale * delta
+        return pipe("a red circle", **call).images
+
+    base.set_progress_bar_config(disable=True)
+    before = base("a red circle", **call).images
+    for scale in (1.0, 0.5):
+        with_file = base("a red circle", loras=[(str(path), scale)], **call).images
+        assert np.abs(with_file - before).max() > 0.05  # the update does something
+        assert np.abs(with_file - by_hand(scale)).max() <= 1e-4
+    assert np.array_equal(base("a red circle", **call).images, before)
+    fused = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
+    fused.set_progress_bar_config(disable=True)
+    lora.fuse(fused, [(path, 1.0)])
+    fused_image = fused("a red circle", loras=[(path, 1.0)], **call).images
+    assert fused.__dict__["fused_loras_of"] and np.abs(fused_image - by_hand(1.0)).max() <= 1e-4
+
+
+def test_lycoris_kinds_not_loaded_are_one_line_errors(tiny_folder, tmp_path):
+    z = torch.zeros(4, 4)
+    cases = {"ia3": ({"lora_unet_a.weight": z, "lora_unet_a.on_input": torch.tensor(1.0)}, "LyCORIS \\(IA\\)³ layers"),
+             "full": ({"lora_unet_a.diff": z}, "LyCORIS full \\(weight difference\\) layers"),
+             "mixed": ({"lora_unet_a.hada_w1_a": z, "lora_unet_b.lokr_w1": z}, "mixes LoHa and LoKr layers"),
+             "other": ({"lora_unet_no_such_layer.hada_w1_a": z, "lora_unet_no_such_layer.hada_w1_b": z,
+                        "lora_unet_no_such_layer.hada_w2_a": z, "lora_unet_no_such_layer.hada_w2_b": z},
+                       "does not fit this model .*no_such_layer")}
+    # a text-encoder part that fits, loaded first (safetensors keeps keys sorted), and a U-Net part of rank 4 on a layer
+    # of another width: the U-Net's factors do not fit, and the text encoder's layers must not stay behind
+    base = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
+    q_proj = base.text_encoder.get_submodule("encoder.layers.0.self_attn.q_proj")
+    factors, _ = lycoris_factors("loha", q_proj.weight, torch.Generator().manual_seed(0))
+    wide = {f"lora_te_text_model_encoder_layers_0_self_attn_q_proj.{k}": v for k, v in factors.items()}
+    wide |= {f"lora_unet_down_blocks_1_attentions_0_proj_in.hada_w{i}_{ab}": torch.ones(4, 4) for i in (1, 2)
+             for ab in "ab"}
+    cases["wide"] = (wide, "does not fit this model")
+    pipe = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    before = pipe("x", num_inference_steps=2, seed=0, output_type="np").images
+    for name, (tensors, message) in cases.items():
+        save_file({k: v.clone() for k, v in tensors.items()}, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(UserError, match=message) as err:
+            pipe("x", num_inference_steps=2, seed=0, loras=[(str(tmp_path / f"{name}.safetensors"), 1.0)])
+        assert "\n" not in str(err.value)
+    assert np.array_equal(pipe("x", num_inference_steps=2, seed=0, output_type="np").images, before)  # no leftovers
