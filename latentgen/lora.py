@@ -240,7 +240,10 @@ def _kohya_names(model, component: str) -> dict[str, str]:
     also its name in Stability's layout (`input_blocks_4_1_…`), which sd-scripts uses for SDXL."""
     import torch
 
-    layers = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    # a layer that holds adapters already is peft's wrapper around its `base_layer` (one per kind of adapter, nested):
+    # the outermost wrapper's path is the name
+    layers = [re.sub(r"(\.base_layer)+$", "", n) for n, m in model.named_modules()
+              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     names = {n.replace(".", "_"): n for n in layers}
     if component == "unet":
         from .single_file import unet_ldm_names
@@ -275,7 +278,8 @@ def _lokr_config(state: dict):
     from diffusers.utils.peft_utils import _create_lokr_config
 
     _bake_lokr_alpha_(state)
-    return _create_lokr_config(state, None)
+    # the helper reads a factor's shape as (out, in); a convolution's second factor in full is (out, in, k, k)
+    return _create_lokr_config({k: v[..., 0, 0] if v.ndim == 4 else v for k, v in state.items()}, None)
 
 
 def _load_lycoris(pipe, path: Path, kind: str, adapter: str) -> None:

@@ -435,8 +435,8 @@ def test_sdxl_loras_reach_both_text_encoders_as_in_diffusers(tmp_path, form):
 
 def lycoris_factors(kind: str, weight: torch.Tensor, generator: torch.Generator, rank: int = 2):
     """Random LyCORIS factors for a layer's `weight`, as LyCORIS shapes them, and the update ΔW they stand for
-    (before alpha / rank): LoHa (w1a·w1b) ⊙ (w2a·w2b), each product shaped (out, in·k·k); LoKr w1 ⊗ (w2a·w2b), w1
-    the small factor of LyCORIS's factorization of the dimensions."""
+    (before alpha / rank): LoHa (w1a·w1b) ⊙ (w2a·w2b), each product shaped (out, in·k·k); LoKr w1 ⊗ (w2a·w2b), or
+    w1 ⊗ w2 with w2 of a convolution in full, w1 the small factor of LyCORIS's factorization of the channels."""
     from peft.tuners.lokr.layer import factorization
 
     out, inner = weight.shape[0], weight[0].numel()
@@ -449,9 +449,14 @@ def lycoris_factors(kind: str, weight: torch.Tensor, generator: torch.Generator,
              "hada_w2_a": rand(out, rank), "hada_w2_b": rand(rank, inner)}
         delta = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])
     else:
-        (out_l, out_k), (in_m, in_n) = factorization(out, -1), factorization(inner, -1)
-        f = {"lokr_w1": rand(out_l, in_m), "lokr_w2_a": rand(out_k, rank), "lokr_w2_b": rand(rank, in_n)}
-        delta = torch.kron(f["lokr_w1"], f["lokr_w2_a"] @ f["lokr_w2_b"])
+        (out_l, out_k), (in_m, in_n) = factorization(out, -1), factorization(weight.shape[1], -1)
+        f = {"lokr_w1": rand(out_l, in_m)}
+        if weight.ndim == 4:  # a convolution's second factor in full, (out_k, in_n, k, k), as LyCORIS stores it
+            f["lokr_w2"] = rand(out_k, in_n, *weight.shape[2:])
+            delta = torch.kron(f["lokr_w1"][:, :, None, None], f["lokr_w2"])
+        else:
+            f |= {"lokr_w2_a": rand(out_k, rank), "lokr_w2_b": rand(rank, in_n)}
+            delta = torch.kron(f["lokr_w1"], f["lokr_w2_a"] @ f["lokr_w2_b"])
     return f, delta.reshape(weight.shape)
 
 
@@ -466,7 +471,7 @@ def test_lycoris_files_give_the_update_merged_by_hand(tiny_folder, tmp_path, kin
     from latentgen import lora, single_file
 
     base = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
-    convolution = ["down_blocks.0.resnets.0.conv1"] if kind == "loha" else []  # LoKr's 4-d factors: not built here
+    convolution = ["down_blocks.0.resnets.0.conv1"]
     layers = {"unet": ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
                        "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
                        "up_blocks.0.attentions.0.proj_out"] + convolution,
@@ -483,7 +488,8 @@ def test_lycoris_files_give_the_update_merged_by_hand(tiny_folder, tmp_path, kin
             path = ldm[modules[name].weight.data_ptr()] if component == "unet" and names == "stability" else name
             key = prefix[component] + path.replace(".", "_")
             tensors |= {f"{key}.{k}": v.contiguous() for k, v in factors.items()} | {f"{key}.alpha": torch.tensor(1.0)}
-            deltas[(component, name)] = delta * 1.0 / 2  # α / r
+            # α / r; LyCORIS does not scale a LoKr update whose factors are both stored in full
+            deltas[(component, name)] = delta * (1.0 if "lokr_w2" in factors else 1.0 / 2)
     if names == "stability":
         assert any("input_blocks" in key for key in tensors) and any("output_blocks" in key for key in tensors)
     path = tmp_path / f"{kind}.safetensors"
@@ -538,3 +544,31 @@ def test_lycoris_kinds_not_loaded_are_one_line_errors(tiny_folder, tmp_path):
             pipe("x", num_inference_steps=2, seed=0, loras=[(str(tmp_path / f"{name}.safetensors"), 1.0)])
         assert "\n" not in str(err.value)
     assert np.array_equal(pipe("x", num_inference_steps=2, seed=0, output_type="np").images, before)  # no leftovers
+
+
+def test_lycoris_files_stack_with_a_lora_and_each_other_on_the_same_layers(tiny_folder, lora_file, tmp_path):
+    """A LoRA, a LoHa and a LoKr on one attention projection (the LoRA on every projection): peft wraps the layer
+    once per kind; the image is the one of W + each update, the LoRA fused by diffusers and the others added by
+    hand, in either order."""
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    weight = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32).unet.get_submodule(name).weight
+    generator, files, deltas = torch.Generator().manual_seed(5), [], []
+    for kind in ("loha", "lokr"):
+        factors, delta = lycoris_factors(kind, weight, generator)
+        files.append(tmp_path / f"{kind}.safetensors")
+        save_file({f"lora_unet_{name.replace('.', '_')}.{k}": v.contiguous() for k, v in factors.items()},
+                  str(files[-1]))  # no alpha: alpha = rank, the update unscaled
+        deltas.append(delta)
+    sd = StableDiffusionPipeline.from_pretrained(tiny_folder, local_files_only=True)
+    sd.set_progress_bar_config(disable=True)
+    sd.load_lora_weights(str(lora_file))
+    sd.fuse_lora()
+    sd.unet.get_submodule(name).base_layer.weight.data += sum(deltas)
+    reference = sd("a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(1),
+                   output_type="np").images
+    for order in ([lora_file, *files], [files[1], lora_file, files[0]]):
+        ours = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
+        ours.set_progress_bar_config(disable=True)
+        image = ours("a red circle", loras=[(str(f), 1.0) for f in order], num_inference_steps=3, seed=1,
+                     output_type="np").images
+        assert np.abs(image - reference).max() <= 1e-4
