@@ -19,13 +19,14 @@ from typing import Sequence
 
 from .errors import UserError, first_line
 
-TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
+# A1111 reads the LyCORIS extension's <lyco:NAME:SCALE> as <lora:NAME:SCALE>
+TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^>]*))?>")
 SUFFIXES = (".safetensors",)
 _lock = threading.Lock()
 
 
 def tags(prompt: str) -> list[tuple[str, float]]:
-    """The `<lora:NAME:SCALE>` tags of a prompt (SCALE 1 when left out)."""
+    """The `<lora:NAME:SCALE>` (or `<lyco:NAME:SCALE>`) tags of a prompt (SCALE 1 when left out)."""
     found = []
     for name, scale in TAG.findall(prompt):
         try:
@@ -37,7 +38,7 @@ def tags(prompt: str) -> list[tuple[str, float]]:
 
 def strip_tags(prompt: str) -> str:
     """The prompt without its LoRA tags (what the text encoder sees, as in A1111)."""
-    return TAG.sub("", prompt) if "<lora:" in prompt else prompt
+    return TAG.sub("", prompt) if "<lora:" in prompt or "<lyco:" in prompt else prompt
 
 
 def parse_flag(value: str) -> tuple[str, float]:

@@ -157,6 +157,8 @@ def test_a_request_lora_equals_diffusers_with_that_scale_and_switches_off_again(
     tagged = ours(f"a red circle <lora:{lora_file.stem}:0.7>", **call).images if ours.__dict__.update(
         loras_dir=lora_file.parent) is None else None
     assert np.array_equal(tagged, with_lora)  # the prompt tag: the same LoRA, the tag itself not encoded
+    lyco = ours(f"a red circle <lyco:{lora_file.stem}:0.7>", **call).images  # A1111's alias of the LyCORIS extension
+    assert np.array_equal(lyco, with_lora)
     assert np.abs(ours("a red circle", **call).images - before).max() == 0  # the next request: no LoRA
 
 
