@@ -462,15 +462,40 @@ def lycoris_factors(kind: str, weight: torch.Tensor, generator: torch.Generator,
     return f, delta.reshape(weight.shape)
 
 
+def write_lycoris(pipe, kind: str, layers: dict, prefixes: dict, path, stability: bool) -> dict:
+    """Write a LyCORIS file of random factors (alpha 1) on `layers` ({component: [module path]}) in kohya's names
+    (`prefixes[component]` + the path with _ for .; U-Net paths in Stability's layout if `stability`, taken from
+    the single-file export, which diffusers' own converter reads back: test_single_file.py); return each layer's
+    update at scale 1, ΔW·α/r."""
+    from latentgen import single_file
+
+    ldm = {value.data_ptr(): key.removeprefix("model.diffusion_model.").removesuffix(".weight")
+           for key, value in single_file.unet_to_ldm(pipe.unet).items()}
+    generator = torch.Generator().manual_seed(3)
+    tensors, deltas = {}, {}
+    for component, paths in layers.items():
+        modules = dict(getattr(pipe, component).named_modules())
+        for name in paths:
+            factors, delta = lycoris_factors(kind, modules[name].weight, generator)
+            named = ldm[modules[name].weight.data_ptr()] if component == "unet" and stability else name
+            key = prefixes[component] + named.replace(".", "_")
+            tensors |= {f"{key}.{k}": v.contiguous() for k, v in factors.items()} | {f"{key}.alpha": torch.tensor(1.0)}
+            # α / r; LyCORIS does not scale a LoKr update whose factors are both stored in full
+            deltas[(component, name)] = delta * (1.0 if "lokr_w2" in factors else 1.0 / 2)
+    if stability:
+        assert any("input_blocks" in key for key in tensors) and any("output_blocks" in key for key in tensors)
+    save_file(tensors, str(path))
+    return deltas
+
+
 @pytest.mark.parametrize("kind,names", [("loha", "diffusers"), ("lokr", "diffusers"), ("loha", "stability")])
 def test_lycoris_files_give_the_update_merged_by_hand(tiny_folder, tmp_path, kind, names):
     """A LyCORIS LoHa or LoKr file in kohya's names (sd-scripts' with LyCORIS; A1111 reads them), on U-Net attention
     projections, a U-Net convolution (LoHa) and a text-encoder projection under sd-scripts' `text_model` name: the
     image equals the base model's with W + scale·(α/r)·ΔW written into each layer by hand, at scales 1 and 0.5;
     fused (infer.py's way) the same; the next request without it is the base model again, bit for bit. The U-Net's
-    layers named as diffusers has them (sd-scripts for SD 1.x/2.x) or as Stability's single files do (SDXL): those
-    names are taken from the single-file export, which diffusers' own converter reads back (test_single_file.py)."""
-    from latentgen import lora, single_file
+    layers named as diffusers has them (sd-scripts for SD 1.x/2.x) or as Stability's single files do (SDXL)."""
+    from latentgen import lora
 
     base = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
     convolution = ["down_blocks.0.resnets.0.conv1"]
@@ -478,24 +503,9 @@ def test_lycoris_files_give_the_update_merged_by_hand(tiny_folder, tmp_path, kin
                        "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
                        "up_blocks.0.attentions.0.proj_out"] + convolution,
               "text_encoder": ["encoder.layers.0.self_attn.q_proj"]}
-    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_text_model_"}
-    ldm = {value.data_ptr(): key.removeprefix("model.diffusion_model.").removesuffix(".weight")
-           for key, value in single_file.unet_to_ldm(base.unet).items()}
-    generator = torch.Generator().manual_seed(3)
-    tensors, deltas = {}, {}
-    for component, names in layers.items():
-        modules = dict(getattr(base, component).named_modules())
-        for name in names:
-            factors, delta = lycoris_factors(kind, modules[name].weight, generator)
-            path = ldm[modules[name].weight.data_ptr()] if component == "unet" and names == "stability" else name
-            key = prefix[component] + path.replace(".", "_")
-            tensors |= {f"{key}.{k}": v.contiguous() for k, v in factors.items()} | {f"{key}.alpha": torch.tensor(1.0)}
-            # α / r; LyCORIS does not scale a LoKr update whose factors are both stored in full
-            deltas[(component, name)] = delta * (1.0 if "lokr_w2" in factors else 1.0 / 2)
-    if names == "stability":
-        assert any("input_blocks" in key for key in tensors) and any("output_blocks" in key for key in tensors)
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_text_model_"}
     path = tmp_path / f"{kind}.safetensors"
-    save_file(tensors, str(path))
+    deltas = write_lycoris(base, kind, layers, prefixes, path, stability=names == "stability")
 
     call = dict(num_inference_steps=3, seed=1, output_type="np")
 
@@ -574,3 +584,32 @@ def test_lycoris_files_stack_with_a_lora_and_each_other_on_the_same_layers(tiny_
         image = ours("a red circle", loras=[(str(f), 1.0) for f in order], num_inference_steps=3, seed=1,
                      output_type="np").images
         assert np.abs(image - reference).max() <= 1e-4
+
+
+def test_an_sdxl_lycoris_file_reaches_the_unet_and_both_text_encoders(tmp_path):
+    """SDXL's LoHa as sd-scripts writes it: U-Net layers in Stability's layout, `lora_te1_` / `lora_te2_` text
+    encoders: the image equals the one of W + ΔW written into all three by hand."""
+    import components as C
+
+    LatentPipeline(**C.sdxl_components()).save_pretrained(tmp_path / "xl")
+    fresh = lambda: LatentPipeline.from_pretrained(tmp_path / "xl", torch_dtype=torch.float32)  # noqa: E731
+    unet = fresh().unet
+    attention = [n for n, _ in unet.named_modules() if n.endswith((".attn1.to_q", ".attn2.to_v"))]
+    layers = {"unet": attention, "text_encoder": ["encoder.layers.0.self_attn.q_proj"],
+              "text_encoder_2": ["text_model.encoder.layers.1.self_attn.v_proj"]}  # transformers 5 keeps its prefix
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_text_model_", "text_encoder_2": "lora_te2_"}
+    ours = fresh()
+    path = tmp_path / "loha.safetensors"
+    deltas = write_lycoris(ours, "loha", layers, prefixes, path, stability=True)
+
+    def xl_image(pipe, **kwargs):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe("a red circle", negative_prompt="blurry", guidance_scale=6.0, num_inference_steps=3, height=32,
+                    width=48, output_type="np", seed=7, **kwargs).images
+
+    by_hand = fresh()
+    for (component, name), delta in deltas.items():
+        getattr(by_hand, component).get_submodule(name).weight.data += delta
+    expected = xl_image(by_hand)
+    assert np.abs(expected - xl_image(fresh())).max() > 0.05
+    assert np.abs(xl_image(ours, loras=[(path, 1.0)]) - expected).max() <= 1e-4
