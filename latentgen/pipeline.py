@@ -210,11 +210,12 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
             self.vae.to(memory_format=torch.channels_last)
 
     def keep_vae_safe(self) -> None:
-        """An fp16 VAE overflows in its decoder (the black-image bug of SD's VAE); keep it in fp32 then.
-
-        bf16 has fp32's range, so a bf16 VAE stays bf16.
+        """An fp16 VAE overflows in its decoder (the black-image bug of SD's VAE, certain with SDXL's); keep it in
+        fp32 then, as diffusers' SDXL pipeline does, unless its config says it was made for fp16 (`force_upcast:
+        false`, as madebyollin's sdxl-vae-fp16-fix declares). A decode that overflows all the same is redone in
+        fp32 (`sampling.finite_or_fp32`). bf16 has fp32's range, so a bf16 VAE stays bf16.
         """
-        if self.vae.dtype == torch.float16:
+        if self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", True):
             self.vae.to(torch.float32)
 
     def save_pretrained(self, folder: str | Path, weights_dtype: torch.dtype | None = None, **kwargs) -> None:

@@ -119,6 +119,21 @@ def test_a_nan_decode_triggers_a_fp32_vae_retry(tiny_pipe, caplog, monkeypatch):
     assert tiny_pipe.vae.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("force_upcast", [True, False])
+def test_an_fp16_vae_runs_in_fp32_unless_its_config_says_it_was_made_for_fp16(tiny_pipe, tmp_path, force_upcast):
+    """diffusers' `force_upcast` (true by default; false in fp16-fixed VAEs): an fp16 load keeps such a VAE in fp16,
+    and its image is the fp32 VAE's within fp16 rounding."""
+    tiny_pipe.vae.register_to_config(force_upcast=force_upcast)
+    tiny_pipe.save_pretrained(tmp_path / "p")
+    half = LatentPipeline.from_pretrained(tmp_path / "p", torch_dtype=torch.float16)
+    assert half.unet.dtype == torch.float16
+    assert half.vae.dtype == (torch.float32 if force_upcast else torch.float16)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    full = LatentPipeline.from_pretrained(tmp_path / "p", torch_dtype=torch.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(half.decode(z).float().numpy(), full.decode(z).numpy(), atol=1e-2)
+
+
 def test_nan_even_in_fp32_is_an_error(tiny_pipe, monkeypatch):
     _nan_in(monkeypatch, tiny_pipe.unet, torch.float32)
     with pytest.raises(UserError, match="NaN/Inf latents even in fp32"):
