@@ -1,6 +1,8 @@
 """LoRA loading through diffusers' own loader: the same image as diffusers' StableDiffusionPipeline gives for the
 same file, in diffusers/peft format and in kohya/A1111's."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -435,10 +437,12 @@ def test_sdxl_loras_reach_both_text_encoders_as_in_diffusers(tmp_path, form):
     assert np.abs(xl_image(fused, loras=[(path, 1.0)]) - xl_image(reference)).max() <= 1e-4
 
 
-def lycoris_factors(kind: str, weight: torch.Tensor, generator: torch.Generator, rank: int = 2):
+def lycoris_factors(kind: str, weight: torch.Tensor, generator: torch.Generator, rank: int = 2, tucker=False):
     """Random LyCORIS factors for a layer's `weight`, as LyCORIS shapes them, and the update ΔW they stand for
     (before alpha / rank): LoHa (w1a·w1b) ⊙ (w2a·w2b), each product shaped (out, in·k·k); LoKr w1 ⊗ (w2a·w2b), or
-    w1 ⊗ w2 with w2 of a convolution in full, w1 the small factor of LyCORIS's factorization of the channels."""
+    w1 ⊗ w2 with w2 of a convolution in full, w1 the small factor of LyCORIS's factorization of the channels;
+    `tucker`: a LoHa convolution wider than 1×1 in LyCORIS's CP form (each product a core contracted with two
+    factors)."""
     from peft.tuners.lokr.layer import factorization
 
     out, inner = weight.shape[0], weight[0].numel()
@@ -446,7 +450,13 @@ def lycoris_factors(kind: str, weight: torch.Tensor, generator: torch.Generator,
     def rand(*shape):
         return torch.randn(*shape, generator=generator)
 
-    if kind == "loha":
+    if kind == "loha" and tucker and weight[0, 0].numel() > 1:  # CP: core t (r, r, k, k), wa (r, out), wb (r, in)
+        f = {f"hada_{p}": v for i in (1, 2) for p, v in ((f"t{i}", rand(rank, rank, *weight.shape[2:])),
+                                                           (f"w{i}_a", rand(rank, out)),
+                                                           (f"w{i}_b", rand(rank, weight.shape[1])))}
+        delta = math.prod(torch.einsum("i j k l, j r, i p -> p r k l", f[f"hada_t{i}"], f[f"hada_w{i}_b"],
+                                       f[f"hada_w{i}_a"]) for i in (1, 2))
+    elif kind == "loha":
         f = {"hada_w1_a": rand(out, rank), "hada_w1_b": rand(rank, inner),
              "hada_w2_a": rand(out, rank), "hada_w2_b": rand(rank, inner)}
         delta = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])
@@ -462,7 +472,7 @@ def lycoris_factors(kind: str, weight: torch.Tensor, generator: torch.Generator,
     return f, delta.reshape(weight.shape)
 
 
-def write_lycoris(pipe, kind: str, layers: dict, prefixes: dict, path, stability: bool) -> dict:
+def write_lycoris(pipe, kind: str, layers: dict, prefixes: dict, path, stability: bool, tucker=False) -> dict:
     """Write a LyCORIS file of random factors (alpha 1) on `layers` ({component: [module path]}) in kohya's names
     (`prefixes[component]` + the path with _ for .; U-Net paths in Stability's layout if `stability`, taken from
     the single-file export, which diffusers' own converter reads back: test_single_file.py); return each layer's
@@ -476,7 +486,7 @@ def write_lycoris(pipe, kind: str, layers: dict, prefixes: dict, path, stability
     for component, paths in layers.items():
         modules = dict(getattr(pipe, component).named_modules())
         for name in paths:
-            factors, delta = lycoris_factors(kind, modules[name].weight, generator)
+            factors, delta = lycoris_factors(kind, modules[name].weight, generator, tucker=tucker)
             named = ldm[modules[name].weight.data_ptr()] if component == "unet" and stability else name
             key = prefixes[component] + named.replace(".", "_")
             tensors |= {f"{key}.{k}": v.contiguous() for k, v in factors.items()} | {f"{key}.alpha": torch.tensor(1.0)}
@@ -488,7 +498,8 @@ def write_lycoris(pipe, kind: str, layers: dict, prefixes: dict, path, stability
     return deltas
 
 
-@pytest.mark.parametrize("kind,names", [("loha", "diffusers"), ("lokr", "diffusers"), ("loha", "stability")])
+@pytest.mark.parametrize("kind,names", [("loha", "diffusers"), ("lokr", "diffusers"), ("loha", "stability"),
+                                        ("loha-tucker", "diffusers")])
 def test_lycoris_files_give_the_update_merged_by_hand(tiny_folder, tmp_path, kind, names):
     """A LyCORIS LoHa or LoKr file in kohya's names (sd-scripts' with LyCORIS; A1111 reads them), on U-Net attention
     projections, a U-Net convolution (LoHa) and a text-encoder projection under sd-scripts' `text_model` name: the
@@ -505,7 +516,8 @@ def test_lycoris_files_give_the_update_merged_by_hand(tiny_folder, tmp_path, kin
               "text_encoder": ["encoder.layers.0.self_attn.q_proj"]}
     prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_text_model_"}
     path = tmp_path / f"{kind}.safetensors"
-    deltas = write_lycoris(base, kind, layers, prefixes, path, stability=names == "stability")
+    deltas = write_lycoris(base, kind.removesuffix("-tucker"), layers, prefixes, path, stability=names == "stability",
+                           tucker=kind.endswith("-tucker"))
 
     call = dict(num_inference_steps=3, seed=1, output_type="np")
 
