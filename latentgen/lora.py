@@ -279,8 +279,14 @@ def _lokr_config(state: dict):
     from diffusers.utils.peft_utils import _create_lokr_config
 
     _bake_lokr_alpha_(state)
-    # the helper reads a factor's shape as (out, in); a convolution's second factor in full is (out, in, k, k)
-    return _create_lokr_config({k: v[..., 0, 0] if v.ndim == 4 else v for k, v in state.items()}, None)
+    # the helper reads each factor's shape as (out, in) (w2_a as (out, rank)); a convolution's second factor in full
+    # is (out, in, k, k), and in LyCORIS's CP form (a core lokr_t2) w2_a is (rank, out)
+    tucker = {key.removesuffix(".lokr_t2") for key in state if key.endswith(".lokr_t2")}
+    shapes = {key: value.T if key.endswith(".lokr_w2_a") and key.removesuffix(".lokr_w2_a") in tucker
+              else value[..., 0, 0] if value.ndim == 4 else value for key, value in state.items()}
+    config = _create_lokr_config(shapes, None)
+    config.use_effective_conv2d = bool(tucker)
+    return config
 
 
 def _load_lycoris(pipe, path: Path, kind: str, adapter: str) -> None:

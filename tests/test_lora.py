@@ -441,8 +441,8 @@ def lycoris_factors(kind: str, weight: torch.Tensor, generator: torch.Generator,
     """Random LyCORIS factors for a layer's `weight`, as LyCORIS shapes them, and the update ΔW they stand for
     (before alpha / rank): LoHa (w1a·w1b) ⊙ (w2a·w2b), each product shaped (out, in·k·k); LoKr w1 ⊗ (w2a·w2b), or
     w1 ⊗ w2 with w2 of a convolution in full, w1 the small factor of LyCORIS's factorization of the channels;
-    `tucker`: a LoHa convolution wider than 1×1 in LyCORIS's CP form (each product a core contracted with two
-    factors)."""
+    `tucker`: convolutions wider than 1×1 in LyCORIS's CP form (LoHa's two products, LoKr's w2: a core
+    contracted with two factors)."""
     from peft.tuners.lokr.layer import factorization
 
     out, inner = weight.shape[0], weight[0].numel()
@@ -463,7 +463,12 @@ def lycoris_factors(kind: str, weight: torch.Tensor, generator: torch.Generator,
     else:
         (out_l, out_k), (in_m, in_n) = factorization(out, -1), factorization(weight.shape[1], -1)
         f = {"lokr_w1": rand(out_l, in_m)}
-        if weight.ndim == 4:  # a convolution's second factor in full, (out_k, in_n, k, k), as LyCORIS stores it
+        if tucker and weight[0, 0].numel() > 1:  # CP: w2 = core t2 (r, r, k, k) with w2_a (r, out_k), w2_b (r, in_n)
+            f |= {"lokr_t2": rand(rank, rank, *weight.shape[2:]), "lokr_w2_a": rand(rank, out_k),
+                  "lokr_w2_b": rand(rank, in_n)}
+            w2 = torch.einsum("i j k l, i p, j r -> p r k l", f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"]).contiguous()
+            delta = torch.kron(f["lokr_w1"][:, :, None, None], w2)
+        elif weight.ndim == 4:  # a convolution's second factor in full, (out_k, in_n, k, k), as LyCORIS stores it
             f["lokr_w2"] = rand(out_k, in_n, *weight.shape[2:])
             delta = torch.kron(f["lokr_w1"][:, :, None, None], f["lokr_w2"])
         else:
@@ -499,7 +504,7 @@ def write_lycoris(pipe, kind: str, layers: dict, prefixes: dict, path, stability
 
 
 @pytest.mark.parametrize("kind,names", [("loha", "diffusers"), ("lokr", "diffusers"), ("loha", "stability"),
-                                        ("loha-tucker", "diffusers")])
+                                        ("loha-tucker", "diffusers"), ("lokr-tucker", "diffusers")])
 def test_lycoris_files_give_the_update_merged_by_hand(tiny_folder, tmp_path, kind, names):
     """A LyCORIS LoHa or LoKr file in kohya's names (sd-scripts' with LyCORIS; A1111 reads them), on U-Net attention
     projections, a U-Net convolution (LoHa) and a text-encoder projection under sd-scripts' `text_model` name: the
