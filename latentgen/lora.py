@@ -209,7 +209,12 @@ def _lycoris_kind(path: Path, keys: Sequence[str]) -> str | None:
                         "(it loads LoRA, LoCon, LoHa and LoKr)")
     if len(found) > 1:
         raise UserError(f"LoRA {path} mixes {' and '.join(sorted(found))} layers; latentgen loads one kind per file")
-    return {"LoHa": "loha", "LoKr": "lokr"}.get(next(iter(found), ""))
+    kind = {"LoHa": "loha", "LoKr": "lokr"}.get(next(iter(found), ""))
+    unread = sorted(suffixes - set(LOHA) - set(LOKR) - {"alpha"}) if kind else []
+    if unread:  # e.g. DoRA's dora_scale: loading the rest would silently drop part of the update
+        raise UserError(f"LoRA {path} is a LyCORIS {next(iter(found))} file with {unread[0]} tensors, which latentgen "
+                        "does not read")
+    return kind
 
 
 def _lycoris_state(pipe, path: Path) -> dict[str, dict]:

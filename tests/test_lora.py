@@ -552,6 +552,7 @@ def test_lycoris_kinds_not_loaded_are_one_line_errors(tiny_folder, tmp_path):
     cases = {"ia3": ({"lora_unet_a.weight": z, "lora_unet_a.on_input": torch.tensor(1.0)}, "LyCORIS \\(IA\\)³ layers"),
              "full": ({"lora_unet_a.diff": z}, "LyCORIS full \\(weight difference\\) layers"),
              "mixed": ({"lora_unet_a.hada_w1_a": z, "lora_unet_b.lokr_w1": z}, "mixes LoHa and LoKr layers"),
+             "dora": ({"lora_unet_a.hada_w1_a": z, "lora_unet_a.dora_scale": z}, "LoHa file with dora_scale tensors"),
              "other": ({"lora_unet_no_such_layer.hada_w1_a": z, "lora_unet_no_such_layer.hada_w1_b": z,
                         "lora_unet_no_such_layer.hada_w2_a": z, "lora_unet_no_such_layer.hada_w2_b": z},
                        "does not fit this model .*no_such_layer")}
