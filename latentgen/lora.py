@@ -267,6 +267,7 @@ def _loha_config(state: dict):
 
     modules = sorted({key.rpartition(".hada_")[0] for key in state if ".hada_" in key})
     ranks = {m: state[f"{m}.hada_w1_b"].shape[0] for m in modules}
+    # popped: the alphas go into the config, and peft's state dict has no place for them
     alphas = {m: float(state.pop(f"{m}.alpha")) if f"{m}.alpha" in state else float(ranks[m]) for m in modules}
     r = Counter(ranks.values()).most_common(1)[0][0]
     anchored = {m: f"^{re.escape(m)}" for m in modules}  # a module path, not any path that ends like it
@@ -312,6 +313,6 @@ def _load_lycoris(pipe, path: Path, kind: str, adapter: str) -> None:
                 raise ValueError(f"{(unexpected or missing)[0]} does not fit this model's {component}")
     except Exception:
         # layers injected before the failure hold random factors and are active: take them out again
-        if any(adapter in names for names in pipe.get_list_adapters().values()):
+        if any(a == adapter for _, a in _adapters(pipe)):
             pipe.delete_adapters(adapter)
         raise
