@@ -94,7 +94,9 @@ class CompiledForward:
         if not force and self.tensors and self._fingerprint() == self.fingerprint:
             return
         self.tensors = list(self.unet.state_dict(keep_vars=True).values())
-        self.lora_layers = [m for m in self.unet.modules() if hasattr(m, "merged_adapters") and hasattr(m, "lora_A")]
+        # peft's adapter layers of every kind (LoRA, and LyCORIS's LoHa/LoKr that latentgen.lora loads)
+        self.lora_layers = [m for m in self.unet.modules()
+                            if hasattr(m, "merged_adapters") and hasattr(m, "base_layer")]
         self.fingerprint, self.digest, self.packages = self._fingerprint(), _weights_digest(self.unet), {}
         self.invariant = {}
         # LoRA layers read their scales and active adapters in forward, which a package would freeze; merged

@@ -96,6 +96,26 @@ def test_compiled_unet_follows_changed_weights(tiny_pipe, tmp_path, monkeypatch,
     assert unet(x, t, encoder_hidden_states=hidden).sample.requires_grad  # training calls: the U-Net itself
 
 
+def test_unfused_lycoris_layers_run_the_unet_itself(tiny_pipe, tmp_path, monkeypatch):
+    """A LoHa (peft's layer, as latentgen.lora loads LyCORIS files) reads its scale at run time like a LoRA: unfused,
+    the U-Net itself runs; fused, its weights are compiled."""
+    from peft import LoHaConfig
+
+    monkeypatch.setenv("LATENTGEN_CACHE", str(tmp_path / "cache"))
+    _stand_in_compiler(monkeypatch, lambda x, t, h: torch.full_like(x, 7.0))
+    unet = tiny_pipe.unet
+    x, t, hidden = unet_inputs(tiny_pipe)
+    tiny_pipe.compile_unet()
+    forward = unet.forward
+    with torch.no_grad():
+        assert (unet(x, t, encoder_hidden_states=hidden).sample == 7).all()
+        unet.add_adapter(LoHaConfig(r=2, alpha=2, target_modules=["to_q", "to_v"], init_weights=False))
+        expected = forward.eager(x, t, encoder_hidden_states=hidden).sample
+        assert torch.equal(unet(x, t, encoder_hidden_states=hidden).sample, expected) and not forward.servable
+        unet.fuse_lora()
+        assert (unet(x, t, encoder_hidden_states=hidden).sample == 7).all()
+
+
 def _stand_in_compiler(monkeypatch, package, compiled_paths: list | None = None):
     """Compiling writes an empty file (its path appended to `compiled_paths`), loading gives `package`; returns
     the stand-in compile."""
