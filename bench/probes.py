@@ -183,7 +183,7 @@ def profile(args):
         timed(name)
     best = None
     for _ in range(5):  # the best of five: this machine's speed drifts
-        spent.update(run_unet=0.0, decode=0.0)
+        spent.update(dict.fromkeys(spent, 0.0))
         start = time.perf_counter()
         call()
         total = time.perf_counter() - start

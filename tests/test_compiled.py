@@ -60,13 +60,10 @@ def test_compiled_unet_follows_changed_weights(tiny_pipe, tmp_path, monkeypatch,
     fused LoRA layers are compiled with the weights they changed."""
     from peft import LoraConfig
 
-    monkeypatch.setenv("LATENTGEN_CACHE", str(tmp_path / "cache"))
     compiled_paths = []
-    fake_compile = _stand_in_compiler(monkeypatch, lambda x, t, h: torch.full_like(x, 7.0), compiled_paths)
+    forward, (x, t, hidden) = _compiled_by_stand_in(tiny_pipe, tmp_path, monkeypatch, compiled_paths)
+    fake_compile = CompiledForward._compile
     unet = tiny_pipe.unet
-    x, t, hidden = unet_inputs(tiny_pipe)
-    tiny_pipe.compile_unet()
-    forward = unet.forward
     with torch.no_grad():
         assert (unet(x, t, encoder_hidden_states=hidden).sample == 7).all()
         assert (unet(x, t, encoder_hidden_states=hidden).sample == 7).all()
@@ -101,12 +98,8 @@ def test_unfused_lycoris_layers_run_the_unet_itself(tiny_pipe, tmp_path, monkeyp
     the U-Net itself runs; fused, its weights are compiled."""
     from peft import LoHaConfig
 
-    monkeypatch.setenv("LATENTGEN_CACHE", str(tmp_path / "cache"))
-    _stand_in_compiler(monkeypatch, lambda x, t, h: torch.full_like(x, 7.0))
+    forward, (x, t, hidden) = _compiled_by_stand_in(tiny_pipe, tmp_path, monkeypatch)
     unet = tiny_pipe.unet
-    x, t, hidden = unet_inputs(tiny_pipe)
-    tiny_pipe.compile_unet()
-    forward = unet.forward
     with torch.no_grad():
         assert (unet(x, t, encoder_hidden_states=hidden).sample == 7).all()
         unet.add_adapter(LoHaConfig(r=2, alpha=2, target_modules=["to_q", "to_v"], init_weights=False))
@@ -114,6 +107,16 @@ def test_unfused_lycoris_layers_run_the_unet_itself(tiny_pipe, tmp_path, monkeyp
         assert torch.equal(unet(x, t, encoder_hidden_states=hidden).sample, expected) and not forward.servable
         unet.fuse_lora()
         assert (unet(x, t, encoder_hidden_states=hidden).sample == 7).all()
+
+
+def _compiled_by_stand_in(pipe, tmp_path, monkeypatch, compiled_paths: list | None = None):
+    """`pipe`'s U-Net compiled by the stand-in compiler, whose packages answer 7 (cache in `tmp_path`); returns its
+    CompiledForward and inputs for the U-Net."""
+    monkeypatch.setenv("LATENTGEN_CACHE", str(tmp_path / "cache"))
+    _stand_in_compiler(monkeypatch, lambda x, t, h: torch.full_like(x, 7.0), compiled_paths)
+    inputs = unet_inputs(pipe)
+    pipe.compile_unet()
+    return pipe.unet.forward, inputs
 
 
 def _stand_in_compiler(monkeypatch, package, compiled_paths: list | None = None):
