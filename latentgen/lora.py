@@ -255,7 +255,7 @@ def _kohya_names(model, component: str) -> dict[str, str]:
         from .single_file import unet_ldm_names
 
         ldm = unet_ldm_names(model.config)
-        names |= {ldm(n).replace(".", "_"): n for n in layers if ldm(n) is not None}
+        names |= {stability.replace(".", "_"): n for n in layers if (stability := ldm(n)) is not None}
     return names
 
 
