@@ -90,7 +90,8 @@ def parse_args(argv):
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--compile", action="store_true",
-                   help="compile the U-Net (on the CPU: once per model and shape, then cached; reports the time)")
+                   help="compile the U-Net (on the CPU: once per model and shape, then cached; reports the time; "
+                   "on CUDA: with CUDA graphs, and the VAE decoder too)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load .bin/.ckpt weights (with torch.load(weights_only=True)); safetensors only by "
                         "default")

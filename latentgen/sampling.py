@@ -219,7 +219,10 @@ def run_unet(pipe, x_in: torch.Tensor, t, cond, rows_per_image: int,
     n = x_in.shape[0] // rows_per_image
     if (x_in.dtype != torch.float32 or n == 1
             or (class_labels is None and batch_invariant(pipe.unet, x_in, t, rows_per_image, **cond.unet_kwargs()))):
-        return call(slice(None)).float()
+        out = call(slice(None))
+        # never the U-Net's own output tensor: CUDA graphs (`compile_unet` on CUDA) write the next call's result
+        # into it, and PNDM keeps model outputs across steps
+        return out.float() if out.dtype != torch.float32 else out.clone()
     out = torch.empty_like(x_in[:, :pipe.unet.config.out_channels])
     for i in range(n):
         rows = [i + k * n for k in range(rows_per_image)]  # image i in each of the [uncond; cond] halves

@@ -172,3 +172,20 @@ def test_compiled_fp32_batches_rows_only_where_they_are_measured_batch_invariant
             assert pipe.unet.forward.batch_invariant(x, t, 1, encoder_hidden_states=hidden) is batched
             assert not pipe.unet.forward.batch_invariant(x, t, 1, encoder_hidden_states=hidden,
                                                          encoder_attention_mask=torch.ones(3, 77))
+
+
+def test_each_step_gets_its_own_copy_of_the_unet_output(tiny_pipe):
+    """CUDA graphs (`compile_unet` on CUDA) replay into one static output tensor, which the U-Net's next call
+    overwrites; PNDM without guidance keeps the raw outputs of earlier steps. A U-Net that reuses its output tensor
+    the same way must give the plain U-Net's images."""
+    kw = dict(num_inference_steps=6, seed=3, guidance_scale=1.0, scheduler="pndm", output_type="np")
+    plain = tiny_pipe("a red circle", **kw).images
+    forward, static = tiny_pipe.unet.forward, {}
+
+    def replayed(*args, **kwargs):
+        sample = forward(*args, **kwargs)[0]
+        out = static.setdefault(sample.shape, torch.empty_like(sample))
+        return (out.copy_(sample),)
+
+    tiny_pipe.unet.forward = replayed
+    np.testing.assert_array_equal(tiny_pipe("a red circle", **kw).images, plain)

@@ -31,6 +31,17 @@ def test_auto_precision_is_half_on_cuda_and_an_fp16_vae_stays_fp32(tiny_folder):
     assert set_attention(fp16.unet, "auto", torch.device("cuda")) in ("sdpa", "xformers")
 
 
+def test_a_pipeline_moved_to_cuda_leaves_the_cpus_channels_last_layout():
+    """On CUDA, GroupNorm runs only in the contiguous layout, so channels-last would convert around each one."""
+    import components as C
+    from latentgen import LatentPipeline
+
+    pipe = LatentPipeline(**(C.components() | {"unet": C.unet(sample_size=32)})).to(torch.bfloat16)
+    assert not pipe.unet.conv_in.weight.is_contiguous()  # channels-last on the CPU (test_fast_path)
+    pipe.to("cuda")
+    assert pipe.unet.conv_in.weight.is_contiguous() and pipe.vae.decoder.conv_in.weight.is_contiguous()
+
+
 @pytest.mark.parametrize("dtype, tolerance", [("fp32", 2e-3), ("fp16", 2e-2), ("bf16", 5e-2)])
 def test_cuda_images_match_the_cpu_fp32_ones_for_the_same_seeds(tiny_folder, dtype, tolerance):
     """The starting noise is drawn on the CPU from the seeds, so a seed gives the same image on either device."""
@@ -40,15 +51,22 @@ def test_cuda_images_match_the_cpu_fp32_ones_for_the_same_seeds(tiny_folder, dty
     assert np.abs(gpu - cpu).mean() < tolerance, np.abs(gpu - cpu).mean()
 
 
-@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+@pytest.mark.parametrize("mode", ["default", None])  # None: CUDA graphs (reduce-overhead)
 def test_compiled_unet_on_cuda_gives_the_eager_images(tiny_folder, mode):
-    """reduce-overhead replays CUDA graphs (3.4× diffusers at one image per call on an H200, README): each replay
-    overwrites the last one's output, so a pipeline that kept a U-Net output across steps would go wrong here."""
+    """CUDA graphs (reduce-overhead, the default on CUDA: 3.0× diffusers at one image per call on an H200, README):
+    each replay overwrites the last one's output, so a pipeline that kept a U-Net output across steps would go
+    wrong here; PNDM without guidance keeps the raw outputs."""
     pipe = open_pipeline(tiny_folder, "fp32", "cuda", embeddings_dir=None)
     eager = images(pipe)
     pipe.compile_unet(mode=mode)
+    assert pipe.vae.decoder._compiled_call_impl is not None  # the decoder too, in the default mode
     np.testing.assert_allclose(images(pipe), eager, atol=2e-3)
     np.testing.assert_allclose(images(pipe), eager, atol=2e-3)  # the second call replays what the first recorded
+    pipe.compile_unet(mode=mode)
+    plms = dict(guidance_scale=1.0, scheduler="pndm")
+    compiled = images(pipe, **plms)
+    np.testing.assert_allclose(compiled, images(open_pipeline(tiny_folder, "fp32", "cuda", embeddings_dir=None),
+                                                 **plms), atol=2e-3)
 
 
 def test_accelerate_launch_trains_in_mixed_precision_on_the_gpu(tmp_path):

@@ -110,3 +110,24 @@ def test_each_written_path_reaches_stdout_in_one_write(tiny_folder, tmp_path, mo
     written = infer_script().main(["--model", str(tiny_folder), "--prompt", "a", "--prompt", "b", "--steps", "1",
                           "--out", str(tmp_path / "out")])
     assert out.calls == [f"{path}\n" for path in written]
+
+
+def test_the_layout_follows_the_device_and_precision_the_pipeline_is_moved_to():
+    """channels-last where oneDNN's bf16 convolutions gain from it (the CPU, 32×32 latents or more), diffusers'
+    contiguous layout in fp32; `to` chooses again, so a pipeline moved to CUDA leaves channels-last (test_cuda)."""
+    import components as C
+
+    pipe = LatentPipeline(**(C.components() | {"unet": C.unet(sample_size=32)}))
+
+    def layouts():
+        return {"unet": pipe.unet.conv_in.weight.is_contiguous(),
+                "vae": pipe.vae.decoder.conv_in.weight.is_contiguous()}
+
+    assert layouts() == {"unet": True, "vae": True}
+    pipe.to(torch.bfloat16)
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert layouts() == {"unet": False, "vae": False}
+    pipe.to(torch.float32)
+    assert layouts() == {"unet": True, "vae": True}
+    small = LatentPipeline(**C.components()).to(torch.bfloat16)  # 16×16 latents: slower channels-last
+    assert small.unet.conv_in.weight.is_contiguous()
