@@ -11,18 +11,21 @@ Each section prints a Markdown table and goes into DIR/gpu.json:
    SD 1.x-shaped model with random weights (`common.sd_shaped_folder`: SD's U-Net topology at its full width 320,
    a CLIP-L-sized text encoder, SD's VAE): diffusers' `StableDiffusionPipeline` in fp16 with its SDPA attention
    (what a diffusers expert runs on a GPU) against `LatentPipeline` at its defaults (bf16 where the GPU has it,
-   SDPA or xformers), in fp16, and with its U-Net compiled (`compile_unet`: `torch.compile` on CUDA; its compile
-   time is reported apart). Each path warms up once, then the best of `--repeat` timed calls.
+   SDPA or xformers), in fp16, and compiled (`compile_unet`: `torch.compile` of the U-Net and the VAE decoder on
+   CUDA; its compile time is reported apart), in the default mode and with the U-Net in CUDA graphs
+   (`reduce-overhead`). Each path warms up once, then the best of `--repeat` timed calls.
 3. **unet**: one U-Net call at 8 images per call with guidance (16 rows), FLOPs counted by
-   `torch.utils.flop_counter` (`flops.unet_rate`, which `bench/flops.py` runs on the CPU), eager and
-   compiled, as a share of the bf16 peak of section 1.
+   `torch.utils.flop_counter` (`flops.unet_rate`, which `bench/flops.py` runs on the CPU), eager, compiled, and
+   compiled with the Inductor settings diffusers' GPU guide gives (`DIFFUSERS_INDUCTOR`), as a share of the
+   bf16 peak of section 1.
 4. **training**: samples/s of the core of diffusers' `train_text_to_image.py` (fp16 autocast with a gradient
    scaler, the VAE and the text encoder run every step) against `train_unet.py` itself continuing the same U-Net
    (cached latents and text states, bf16 mixed precision where the GPU has it, fused AdamW, min-SNR, EMA).
-5. **graphs**: the inference table's latentgen row with the U-Net compiled to CUDA graphs (`reduce-overhead`).
+5. **graphs**: the inference table's last row alone (the U-Net compiled to CUDA graphs), against no reference.
 6. **split**: one 8-image call of diffusers' fp16 pipeline and of latentgen's defaults, timed component by
    component (text encoder, U-Net, VAE decoder, the rest) by hooks that synchronise around each forward;
-   latentgen again with its weights in the contiguous layout instead of channels-last.
+   latentgen again with its weights channels-last (the CPU's layout), with the 8 images decoded in one VAE call
+   instead of one each, and with its VAE decoder compiled (as `compile_unet` does on CUDA).
 
 The paths run one after another in this process (a GPU's speed does not drift as a shared CPU's does); CUDA
 work is synchronised before each clock is read (`common.best_time` with a device).
@@ -68,9 +71,9 @@ def diffusers_fp16(folder: Path, device):
     return diff
 
 
-PATHS = [("latentgen (defaults)", "auto", False), ("latentgen fp16", "fp16", False),
-         ("latentgen compiled", "auto", None)]
 GRAPHS = [("latentgen compiled, CUDA graphs", "auto", "reduce-overhead")]
+PATHS = [("latentgen (defaults)", "auto", False), ("latentgen fp16", "fp16", False),
+         ("latentgen compiled", "auto", None), *GRAPHS]
 
 
 def inference(folder: Path, device, batches: list[int], steps: int, repeat: int, paths=PATHS,
@@ -131,10 +134,12 @@ def inference(folder: Path, device, batches: list[int], steps: int, repeat: int,
 
 def split(folder: Path, device, images: int, steps: int) -> list[dict]:
     """Where one call of `images` images goes, component by component (text encoder, U-Net, VAE decoder, the
-    rest), for diffusers' fp16 pipeline and latentgen's defaults: each component's forward is timed between two
+    rest), for diffusers' fp16 pipeline, latentgen's defaults and three variants of them (the channels-last layout,
+    all images decoded in one VAE call, the VAE decoder compiled): each component's forward is timed between two
     device synchronisations by hooks, so the split costs the overlap of host and device it measures around."""
     import torch
 
+    from latentgen import sampling
     from latentgen.loading import open_pipeline
 
     def timed(pipe, call) -> dict:
@@ -164,9 +169,14 @@ def split(folder: Path, device, images: int, steps: int) -> list[dict]:
         return {"images/call": images, "s/img": round(total / images, 4), **parts,
                 "rest": round(total / images - sum(parts.values()), 4)}
 
+    rows = []
+
+    def row(name, pipe, call):
+        rows.append({"path": name, **timed(pipe, call)})
+        print(json.dumps(rows[-1]), flush=True)  # a section cut short by its time limit still leaves these
+
     diff = diffusers_fp16(folder, device)
-    rows = [{"path": "diffusers fp16 (SDPA)", **timed(diff, lambda: diff(
-        [PROMPT] * images, num_inference_steps=steps, guidance_scale=7.5))}]
+    row("diffusers fp16 (SDPA)", diff, lambda: diff([PROMPT] * images, num_inference_steps=steps, guidance_scale=7.5))
     diff = None
     pipe = open_pipeline(folder, "auto", device, embeddings_dir=None)
 
@@ -174,23 +184,48 @@ def split(folder: Path, device, images: int, steps: int) -> list[dict]:
         pipe([PROMPT] * images, num_inference_steps=steps, guidance_scale=7.5, scheduler="dpm++",
              seed=list(range(images)))
 
-    rows.append({"path": "latentgen (defaults)", **timed(pipe, ours)})
-    # channels-last was chosen on the CPU (`choose_memory_format`); its CUDA cost is what this row shows
-    pipe.unet.to(memory_format=torch.contiguous_format)
-    pipe.vae.to(memory_format=torch.contiguous_format)
-    rows.append({"path": "latentgen, contiguous layout", **timed(pipe, ours)})
-    for r in rows:
-        print(json.dumps(r), flush=True)
+    row("latentgen (defaults: " + ("channels-last" if pipe.unet.conv_in.weight.stride()[1] == 1 else "contiguous")
+        + " layout)", pipe, ours)
+    # the layout the CPU is given (`choose_memory_format`), and latentgen's CUDA default before 4 Dec
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.vae.to(memory_format=torch.channels_last)
+    row("latentgen, channels-last U-Net and VAE", pipe, ours)
+    pipe.choose_memory_format()
+    one_image_each = sampling.decode
+    sampling.decode = lambda p, z: p.vae.decode(sampling.unscale_latents(p.vae, z).to(p.vae.dtype),
+                                                return_dict=False)[0]
+    try:
+        row(f"latentgen, the {images} images in one VAE call", pipe, ours)
+    finally:
+        sampling.decode = one_image_each
+    # the code `compile_unet` gives the decoder on CUDA, in a wrapper module whose hooks the timing sees outside the
+    # compiled code; the warm-up call compiles it
+    pipe.vae.decoder = torch.compile(pipe.vae.decoder)
+    row("latentgen, VAE decoder compiled (U-Net eager)", pipe, ours)
     return rows
 
 
+# What diffusers' guide to fast inference on GPUs sets for a compiled U-Net ("Accelerate inference of text-to-image
+# diffusion models"): 1×1 convolutions as matrix products, Triton's block sizes tuned by coordinate descent, no
+# epilogue fusion into the matrix products
+DIFFUSERS_INDUCTOR = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True,
+                      "coordinate_descent_check_all_directions": True, "epilogue_fusion": False}
+
+
 def unet_share(folder: Path, device, images: int, bf16_peak: float) -> list[dict]:
-    """`flops.unet_rate` in bf16 on `device`, eager and compiled, as a share of the bf16 matrix peak."""
+    """`flops.unet_rate` in bf16 on `device`, eager, compiled and compiled with `DIFFUSERS_INDUCTOR`, as a share of
+    the bf16 matrix peak."""
     r = unet_rate(str(folder), images, compile=True, device=device, dtype="bf16")
-    return [{"U-Net": name, "rows": 2 * images, "GFLOP/call": round(r["flops"] / 1e9, 1),
-             "ms/call": round(seconds * 1e3, 2), "TFLOP/s": round(r["flops"] / seconds / 1e12, 1),
-             "share of bf16 peak": f"{r['flops'] / seconds / 1e12 / bf16_peak:.0%}"}
-            for name, seconds in (("eager", r["seconds"]), ("compiled", r["compiled_seconds"]))]
+    rows = [("eager", r["seconds"]), ("compiled", r["compiled_seconds"])]
+    row = lambda name, seconds: {  # noqa: E731
+        "U-Net": name, "rows": 2 * images, "GFLOP/call": round(r["flops"] / 1e9, 1),
+        "ms/call": round(seconds * 1e3, 2), "TFLOP/s": round(r["flops"] / seconds / 1e12, 1),
+        "share of bf16 peak": f"{r['flops'] / seconds / 1e12 / bf16_peak:.0%}"}
+    for name, seconds in rows:
+        print(json.dumps(row(name, seconds)), flush=True)  # a section cut short still leaves these
+    tuned = unet_rate(str(folder), images, compile=True, device=device, dtype="bf16", inductor=DIFFUSERS_INDUCTOR)
+    rows.append(("compiled, diffusers' Inductor settings", tuned["compiled_seconds"]))
+    return [row(name, seconds) for name, seconds in rows]
 
 
 def train_unet_py(folder: Path, batch: int, steps: int) -> float:

@@ -7,8 +7,8 @@
 #   bash bench/gpu_kit.sh back     # puts it back (or: git checkout -- latentgen/default_model/text_encoder)
 #
 # Then `run`s with carry [".whl"]: `bash bench/gpu_kit.sh on-device PART...`, parts whose limits add up to under
-# 600 s, one call's most: tests peak inference (395 s), then at once on the still-warm machine training unet
-# graphs (400 s), or split first where those figures are known (on 4 Dec an H200's 15 minutes held 2.5 calls).
+# 600 s, one call's most (on 4 Dec a lease's 15 minutes held `tests split inference`, 418 s, then `unet`, 260 s,
+# each call with a machine's start of a minute or two).
 # A call installs the wheels (once per machine), then runs the CUDA tests or a bench/gpu.py section in its own
 # process under its own time limit (a hang in one leaves the others' figures), all printed into $OUT/log.txt and
 # each section's table into $OUT/SECTION/gpu.json.
@@ -43,7 +43,7 @@ case "${1:-}" in
     section() { local limit=$1; shift; echo "== $* (limit ${limit} s)" | tee -a "$log"; local start=$SECONDS
                 timeout "$limit" "$@" 2>&1 | tr '\r' '\n' | grep -v -E 'it/s\]|s/it\]' | tee -a "$log"
                 echo "== exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$log"; }
-    declare -A limit=([tests]=120 [peak]=75 [inference]=200 [training]=150 [unet]=110 [graphs]=140 [split]=120)
+    declare -A limit=([tests]=120 [peak]=75 [inference]=280 [training]=150 [unet]=240 [graphs]=140 [split]=150)
     [ $# -gt 0 ] || set -- tests peak inference
     for part in "$@"; do
       [ -n "${limit[$part]:-}" ] || { echo "unknown part $part" | tee -a "$log"; continue; }
