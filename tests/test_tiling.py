@@ -4,6 +4,7 @@ that promises: a circularly shifted input gives the circularly shifted output, s
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -49,6 +50,29 @@ def test_circular_convolutions_make_the_unet_and_the_decoder_shift_equivariant()
         pass
     assert padding_modes(unet) == {"zeros"}
 
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+@torch.no_grad()
+def test_a_lycoris_update_of_a_convolution_wraps_too(kind):
+    """peft adds a LoHa's or LoKr's convolution update with zero padding beside the base convolution; tiled, the
+    update pads circularly as well, so the U-Net stays shift-equivariant, and after the block peft's own method
+    is back."""
+    from peft import LoHaConfig, LoKrConfig, inject_adapter_in_model
+
+    unet = C.unet()
+    g = torch.Generator().manual_seed(0)
+    x, text, t = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 5, 32, generator=g), torch.tensor([500])
+    config = (LoHaConfig if kind == "loha" else LoKrConfig)(r=4, alpha=4, init_weights=False,
+                                                            target_modules=["conv1", "conv2", "conv_in"])
+    inject_adapter_in_model(config, unet)
+    layers = [m for m in unet.modules() if hasattr(m, "_get_delta_activations")]
+    assert layers and all(isinstance(m.get_base_layer(), torch.nn.Conv2d) for m in layers)
+    plain = unet(x, t, text).sample
+    with circular(unet):
+        out = unet(x, t, text).sample
+        torch.testing.assert_close(unet(shift(x, 4), t, text).sample, shift(out, 4), atol=1e-5, rtol=1e-4)
+    assert not any("_get_delta_activations" in m.__dict__ for m in layers)
+    assert torch.equal(unet(x, t, text).sample, plain)
 
 
 @torch.no_grad()
