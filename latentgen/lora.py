@@ -277,19 +277,35 @@ def _loha_config(state: dict):
                       use_effective_conv2d=any(key.endswith(".hada_t1") for key in state))
 
 
-def _lokr_config(state: dict):
-    """peft's LoKrConfig for these factors. diffusers has the two pieces (for its transformer models' LoKr files):
-    LyCORIS's alpha / rank baked into the first factor, and the config that makes peft build factors of the
-    checkpoint's shapes; they are private helpers, used here rather than written again."""
+def _lokr_config(state: dict, model):
+    """peft's LoKrConfig for these factors of `model`'s layers. diffusers has the two pieces (for its transformer
+    models' LoKr files): LyCORIS's alpha / rank baked into the first factor, and the config that makes peft build
+    factors of the checkpoint's shapes; they are private helpers, used here rather than written again."""
+    import math
+
     from diffusers.loaders.lora_conversion_utils import _bake_lokr_alpha_
     from diffusers.utils.peft_utils import _create_lokr_config
 
     _bake_lokr_alpha_(state)
     # the helper reads each factor's shape as (out, in) (w2_a as (out, rank)); a convolution's second factor in full
-    # is (out, in, k, k), and in LyCORIS's CP form (a core lokr_t2) w2_a is (rank, out)
+    # is (out, in, k, k), decomposed its w2_b is (rank, in·k·k), and in LyCORIS's CP form (a core lokr_t2) w2_a is
+    # (rank, out)
     tucker = {key.removesuffix(".lokr_t2") for key in state if key.endswith(".lokr_t2")}
-    shapes = {key: value.T if key.endswith(".lokr_w2_a") and key.removesuffix(".lokr_w2_a") in tucker
-              else value[..., 0, 0] if value.ndim == 4 else value for key, value in state.items()}
+
+    def shape(key: str, value):
+        module, _, factor = key.rpartition(".")
+        if factor == "lokr_w2_a" and module in tucker:
+            return value.T
+        if value.ndim == 4:
+            return value[..., 0, 0]
+        if factor == "lokr_w2_b" and module not in tucker:
+            layer = model.get_submodule(module)
+            layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer  # holds adapters already
+            kernel = math.prod(getattr(layer, "kernel_size", (1,)))
+            return value[:, ::kernel]
+        return value
+
+    shapes = {key: shape(key, value) for key, value in state.items()}
     config = _create_lokr_config(shapes, None)
     config.use_effective_conv2d = bool(tucker)
     return config
@@ -304,7 +320,7 @@ def _load_lycoris(pipe, path: Path, kind: str, adapter: str) -> None:
     try:
         for component, state in states.items():
             model = getattr(pipe, component)
-            config = _loha_config(state) if kind == "loha" else _lokr_config(state)
+            config = _loha_config(state) if kind == "loha" else _lokr_config(state, model)
             inject_adapter_in_model(config, model, adapter_name=adapter)
             result = set_peft_model_state_dict(model, state, adapter_name=adapter)
             unexpected = [key for key in result.unexpected_keys if adapter in key]

@@ -246,6 +246,48 @@ def test_a_trained_lora_file_gives_the_image_of_the_unet_it_was_trained_on(tiny_
     assert np.abs(plain - expected).max() > 1e-2
 
 
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_a_trained_lycoris_file_gives_the_image_of_the_models_it_was_trained_on(tiny_folder, tmp_path, algo):
+    """lora.algo loha/lokr: save_lora writes LyCORIS's format with sd-scripts' names, which `loras=` loads (the
+    attention projections and a convolution of the U-Net, the text encoder's projections; alpha 2 / rank 4), and
+    which gives the images of the models that carried the adapters in memory."""
+    from safetensors import safe_open
+
+    from latentgen.training.unet import LoraTrainConfig, UNetTrainConfig, add_lora, add_text_encoder_lora, save_lora
+
+    lora = LoraTrainConfig(rank=4, alpha=2, algo=algo, text_encoder=True,
+                           targets=["to_q", "to_k", "to_v", "to_out.0", "conv1"])
+    config = UNetTrainConfig(pretrained_pipeline=str(tiny_folder), lora=lora)
+    trained = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
+    add_lora(trained.unet, lora)
+    add_text_encoder_lora(trained.text_encoder, lora)
+    torch.manual_seed(0)
+    factors = [p for model in (trained.unet, trained.text_encoder) for name, p in model.named_parameters()
+               if ("hada_" if algo == "loha" else "lokr_") in name]
+    assert factors and all(p.requires_grad for p in factors)
+    for param in factors:  # peft starts with a zero update
+        param.data.normal_(0, 0.5)
+    save_lora(config, trained.unet, trained.text_encoder, tmp_path / "mine.safetensors")
+    with safe_open(str(tmp_path / "mine.safetensors"), "pt") as f:
+        keys, metadata = list(f.keys()), f.metadata()
+    assert metadata["ss_network_module"] == "lycoris.kohya" and algo in metadata["ss_network_args"]
+    factor = "hada_w1_a" if algo == "loha" else "lokr_w1"
+    assert any(k.startswith("lora_unet_down_blocks_") and k.endswith(factor) for k in keys)
+    assert any(k.startswith("lora_unet_") and "_resnets_0_conv1." in k for k in keys)
+    if algo == "lokr":  # a convolution's second factor decomposed (the up blocks' 96 input channels): (rank, in·k·k)
+        assert any("_conv1.lokr_w2_b" in k for k in keys)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in keys)
+    base = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
+    base.set_progress_bar_config(disable=True)
+    trained.set_progress_bar_config(disable=True)
+    expected = trained("a red circle", num_inference_steps=3, seed=1, output_type="np").images
+    with_file = base("a red circle", num_inference_steps=3, seed=1, output_type="np",
+                     loras=[(str(tmp_path / "mine.safetensors"), 1.0)]).images
+    assert np.abs(with_file - expected).max() <= 1e-4
+    plain = base("a red circle", num_inference_steps=3, seed=1, output_type="np").images
+    assert np.abs(plain - expected).max() > 1e-2
+
+
 def test_lora_training_run_writes_a_file_infer_applies(tiny_folder, tmp_path):
     from latentgen.io import weights_hash
 

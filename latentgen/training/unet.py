@@ -8,6 +8,7 @@ its components, and the loop itself, which reads top to bottom in `train_unet`.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -82,6 +83,9 @@ class LoraTrainConfig:
     text_encoder: bool = False  # also a LoRA (same rank and alpha) on the frozen text encoder
     text_encoder_targets: list[str] | None = None  # default: its attention projections (CLIP, BERT/MiniLM, T5)
     kohya: bool = False  # also write lora_kohya.safetensors in kohya's format (A1111, ComfyUI, sd-scripts)
+    # lora, or LyCORIS's loha or lokr (sd-scripts' `--network_args algo=loha`), with peft's layers; a LoHa or LoKr is
+    # written in LyCORIS's file format only (lora.safetensors), which A1111, ComfyUI and `--lora` read
+    algo: str = "lora"
     # Keeping what the base model draws: an example whose caption has none of the words in `teaches` (the new
     # concept's) learns `preserve` × the frozen base model's prediction + (1 − preserve) × the true target. The base
     # model is the same U-Net with the adapters off, so this costs one more forward pass (no gradients) of those
@@ -131,6 +135,8 @@ class UNetTrainConfig(TrainConfig):
         if self.lora.rank and (self.ema or self.text_encoder.train):
             raise UserError("a LoRA run trains only LoRAs: set ema: false and text_encoder.train: false "
                             "(lora.text_encoder: true trains a LoRA of the text encoder)")
+        if self.lora.algo not in LORA_ALGOS:
+            raise one_of("lora.algo", self.lora.algo, LORA_ALGOS)
         if self.lora.text_encoder and not self.lora.rank:
             raise UserError("lora.text_encoder: true needs lora.rank > 0")
         if not 0 <= self.lora.preserve <= 1:
@@ -539,27 +545,40 @@ def save_upscaler(config: UNetTrainConfig, parts: Components, unet, target: Path
 # LoRA
 
 
-def add_lora(unet, lora: LoraTrainConfig) -> None:
-    """Freeze the U-Net and give its attention layers a trainable LoRA (peft, as diffusers' LoRA scripts do)."""
-    from peft import LoraConfig
+LORA_ALGOS = ("lora", "loha", "lokr")
 
+
+def adapter_config(lora: LoraTrainConfig, targets: list[str]):
+    """peft's config for `lora.algo` on `targets`: a LoRA (Gaussian A, zero B, as diffusers' LoRA scripts), or a
+    LoHa or LoKr with peft's own start (the second factor zero, so training starts from the base model too)."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    alpha = lora.alpha or lora.rank
+    if lora.algo == "loha":
+        return LoHaConfig(r=lora.rank, alpha=alpha, target_modules=targets)
+    if lora.algo == "lokr":
+        return LoKrConfig(r=lora.rank, alpha=alpha, target_modules=targets)
+    return LoraConfig(r=lora.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
+
+
+def add_lora(unet, lora: LoraTrainConfig) -> None:
+    """Freeze the U-Net and give its attention layers a trainable LoRA, LoHa or LoKr (peft, as diffusers' LoRA
+    scripts do for a LoRA)."""
     unet.requires_grad_(False)
     try:
-        unet.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, init_lora_weights="gaussian",
-                                    target_modules=list(lora.targets)))
+        unet.add_adapter(adapter_config(lora, list(lora.targets)))
     except ValueError as err:  # peft: no module matched
         raise UserError(f"lora.targets {lora.targets}: {first_line(err)}") from None
 
 
 def add_text_encoder_lora(text_model, lora: LoraTrainConfig) -> None:
-    """A trainable LoRA on the frozen text encoder's attention projections. peft injects it: transformers'
-    `add_adapter` (what diffusers' scripts call) refuses the peft that pip has for this transformers."""
-    from peft import LoraConfig, inject_adapter_in_model
+    """A trainable LoRA (LoHa, LoKr) on the frozen text encoder's attention projections. peft injects it:
+    transformers' `add_adapter` (what diffusers' scripts call) refuses the peft that pip has for this transformers."""
+    from peft import inject_adapter_in_model
 
     targets = lora.text_encoder_targets or _attention_projections(text_model)
     try:
-        inject_adapter_in_model(LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank,
-                                           init_lora_weights="gaussian", target_modules=list(targets)), text_model)
+        inject_adapter_in_model(adapter_config(lora, list(targets)), text_model)
     except ValueError as err:  # peft: no module matched
         raise UserError(f"lora.text_encoder_targets {targets}: {first_line(err)}") from None
 
@@ -595,6 +614,8 @@ def save_lora(config: UNetTrainConfig, unet, text_model, target: Path) -> None:
     parts = {"unet": unet} | ({"text_encoder": text_model} if text_model is not None else {})
     layers = {name: {k: v.detach().to(dtype).contiguous().cpu() for k, v in get_peft_model_state_dict(m).items()}
               for name, m in parts.items()}
+    if config.lora.algo != "lora":
+        return save_lycoris(config, layers, text_model, target)
     configs = {name: m.peft_config["default"].to_dict() for name, m in parts.items()}
     # diffusers writes into a folder without a temporary name: write into a fresh one, then rename into place
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".lora-") as tmp:
@@ -614,10 +635,7 @@ def save_kohya_lora(config: UNetTrainConfig, layers: dict, text_model, target: P
     from ..io import save_safetensors
 
     state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in layers["unet"].items()})
-    # The text encoder's names as sd-scripts writes them for SD 1.x (`lora_te_text_model_encoder_…`):
-    # diffusers' converter writes SDXL's `lora_te1_` and drops CLIP's `text_model`, which transformers 5 no longer
-    # has in its module names but A1111 and sd-scripts expect.
-    prefix = "lora_te_text_model_" if type(text_model).__name__ == "CLIPTextModel" else "lora_te_"
+    prefix = kohya_text_prefix(text_model)
     for key, tensor in layers.get("text_encoder", {}).items():
         module, _, kind = key.partition(".lora_")
         name = prefix + module.replace(".", "_")
@@ -625,7 +643,46 @@ def save_kohya_lora(config: UNetTrainConfig, layers: dict, text_model, target: P
         state[f"{name}.alpha"] = None  # every alpha is the run's, set below
     alpha = float(config.lora.alpha or config.lora.rank)
     state = {k: torch.tensor(alpha) if k.endswith(".alpha") else v for k, v in state.items()}
-    metadata = {"ss_network_dim": str(config.lora.rank), "ss_network_alpha": f"{alpha:g}",
-                "ss_network_module": "networks.lora", "ss_base_model_version": "latentgen",
-                "ss_steps": str(config.max_steps), "ss_network_train_unet_only": str(text_model is None)}
-    save_safetensors(state, target, metadata)
+    save_safetensors(state, target, kohya_metadata(config, text_model, alpha))
+
+
+def kohya_text_prefix(text_model) -> str:
+    """The text encoder's layer names as sd-scripts writes them for SD 1.x (`lora_te_text_model_encoder_…`):
+    diffusers' converter writes SDXL's `lora_te1_` and drops CLIP's `text_model`, which transformers 5 no longer
+    has in its module names but A1111 and sd-scripts expect."""
+    return "lora_te_text_model_" if type(text_model).__name__ == "CLIPTextModel" else "lora_te_"
+
+
+def kohya_metadata(config: UNetTrainConfig, text_model, alpha: float) -> dict[str, str]:
+    """sd-scripts' training metadata, which A1111 and kohya's tools show."""
+    algo = {} if config.lora.algo == "lora" else {"ss_network_args": json.dumps({"algo": config.lora.algo})}
+    return {"ss_network_dim": str(config.lora.rank), "ss_network_alpha": f"{alpha:g}",
+            "ss_network_module": "networks.lora" if config.lora.algo == "lora" else "lycoris.kohya", **algo,
+            "ss_base_model_version": "latentgen", "ss_steps": str(config.max_steps),
+            "ss_network_train_unet_only": str(text_model is None)}
+
+
+def save_lycoris(config: UNetTrainConfig, layers: dict, text_model, target: Path) -> None:
+    """A LoHa or LoKr in LyCORIS's format, as sd-scripts writes it with `lycoris.kohya`: kohya's layer names
+    (`lora_unet_…`, `lora_te_…`), peft's factors under LyCORIS's names (the same: `hada_w1_a`, `lokr_w1`, ...) and
+    each layer's `.alpha`. LyCORIS scales a LoHa by alpha / rank as peft does; a LoKr only where a factor is
+    decomposed, where peft always does, so a LoKr's scale goes into its first factor and its alpha is the rank."""
+    from ..io import save_safetensors
+
+    alpha = float(config.lora.alpha or config.lora.rank)
+    state = {}
+    for component, prefix in (("unet", "lora_unet_"), ("text_encoder", kohya_text_prefix(text_model))):
+        factors = layers.get(component, {})
+        for module in sorted({key.rpartition(".")[0] for key in factors}):
+            name = prefix + module.replace(".", "_")
+            own = {key.rpartition(".")[2]: factors[key] for key in factors if key.rpartition(".")[0] == module}
+            if config.lora.algo == "lokr":
+                first = "lokr_w1" if "lokr_w1" in own else "lokr_w1_a"
+                own[first] = own[first] * (alpha / config.lora.rank)
+                decomposed = own.get("lokr_w2_b", own.get("lokr_w1_b"))
+                if decomposed is not None:
+                    own["alpha"] = torch.tensor(float(decomposed.shape[0]))
+            else:
+                own["alpha"] = torch.tensor(alpha)
+            state |= {f"{name}.{factor}": tensor for factor, tensor in own.items()}
+    save_safetensors(state, target, kohya_metadata(config, text_model, alpha))
