@@ -43,10 +43,10 @@ def conv_rate(dtype) -> float:
 
 
 def unet_rate(model: str, images: int, profile: bool = False, compile: bool = False, device: str = "cpu",
-              dtype: str = "auto", inductor: dict | None = None) -> dict:
+              dtype: str = "auto", compile_kwargs: dict | None = None) -> dict:
     """FLOPs of one U-Net call at `images` per call with guidance and its best time, as the pipeline loads the
-    model on `device` in `dtype` (and compiled: `compiled_seconds`; with `inductor`, `torch.compile` with those
-    Inductor options instead of `compile_unet`)."""
+    model on `device` in `dtype` (and compiled: `compiled_seconds`; with `compile_kwargs`, `torch.compile` with
+    those arguments instead of `compile_unet`)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -70,8 +70,8 @@ def unet_rate(model: str, images: int, profile: bool = False, compile: bool = Fa
     seconds = best_time(call, repeat=5, warmup=2, device=unet.device)
     out = {"flops": flops, "seconds": seconds, "dtype": unet.dtype}
     if compile:
-        if inductor:
-            unet.compile(options=inductor)
+        if compile_kwargs:
+            unet.compile(**compile_kwargs)
         else:
             pipe.compile_unet()
         out["compiled_seconds"] = best_time(call, repeat=5, warmup=2, device=unet.device)  # the first compiles

@@ -15,9 +15,10 @@ Each section prints a Markdown table and goes into DIR/gpu.json:
    CUDA; its compile time is reported apart), in the default mode and with the U-Net in CUDA graphs
    (`reduce-overhead`). Each path warms up once, then the best of `--repeat` timed calls.
 3. **unet**: one U-Net call at 8 images per call with guidance (16 rows), FLOPs counted by
-   `torch.utils.flop_counter` (`flops.unet_rate`, which `bench/flops.py` runs on the CPU), eager, compiled, and
-   compiled with the Inductor settings diffusers' GPU guide gives (`DIFFUSERS_INDUCTOR`), as a share of the
-   bf16 peak of section 1.
+   `torch.utils.flop_counter` (`flops.unet_rate`, which `bench/flops.py` runs on the CPU), eager and compiled,
+   as a share of the bf16 peak of section 1. **tuned** (not in the default sections: its compiles take minutes):
+   the same call compiled with the Inductor settings diffusers' GPU guide gives (`DIFFUSERS_INDUCTOR`) and with
+   Inductor's autotuning of matrix products and convolutions (`max-autotune-no-cudagraphs`).
 4. **training**: samples/s of the core of diffusers' `train_text_to_image.py` (fp16 autocast with a gradient
    scaler, the VAE and the text encoder run every step) against `train_unet.py` itself continuing the same U-Net
    (cached latents and text states, bf16 mixed precision where the GPU has it, fused AdamW, min-SNR, EMA).
@@ -73,7 +74,7 @@ def diffusers_fp16(folder: Path, device):
 
 GRAPHS = [("latentgen compiled, CUDA graphs", "auto", "reduce-overhead")]
 PATHS = [("latentgen (defaults)", "auto", False), ("latentgen fp16", "fp16", False),
-         ("latentgen compiled", "auto", None), *GRAPHS]
+         ("latentgen compiled, default mode", "auto", "default"), *GRAPHS]
 
 
 def inference(folder: Path, device, batches: list[int], steps: int, repeat: int, paths=PATHS,
@@ -212,20 +213,28 @@ DIFFUSERS_INDUCTOR = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True,
                       "coordinate_descent_check_all_directions": True, "epilogue_fusion": False}
 
 
-def unet_share(folder: Path, device, images: int, bf16_peak: float) -> list[dict]:
-    """`flops.unet_rate` in bf16 on `device`, eager, compiled and compiled with `DIFFUSERS_INDUCTOR`, as a share of
-    the bf16 matrix peak."""
-    r = unet_rate(str(folder), images, compile=True, device=device, dtype="bf16")
-    rows = [("eager", r["seconds"]), ("compiled", r["compiled_seconds"])]
-    row = lambda name, seconds: {  # noqa: E731
-        "U-Net": name, "rows": 2 * images, "GFLOP/call": round(r["flops"] / 1e9, 1),
-        "ms/call": round(seconds * 1e3, 2), "TFLOP/s": round(r["flops"] / seconds / 1e12, 1),
-        "share of bf16 peak": f"{r['flops'] / seconds / 1e12 / bf16_peak:.0%}"}
-    for name, seconds in rows:
-        print(json.dumps(row(name, seconds)), flush=True)  # a section cut short still leaves these
-    tuned = unet_rate(str(folder), images, compile=True, device=device, dtype="bf16", inductor=DIFFUSERS_INDUCTOR)
-    rows.append(("compiled, diffusers' Inductor settings", tuned["compiled_seconds"]))
-    return [row(name, seconds) for name, seconds in rows]
+def unet_share(folder: Path, device, images: int, bf16_peak: float, tuned: bool = False) -> list[dict]:
+    """`flops.unet_rate` in bf16 on `device`, eager and compiled (`torch.compile`'s default mode), or (`tuned`) compiled
+    with `DIFFUSERS_INDUCTOR` and with Inductor's autotuning (`max-autotune-no-cudagraphs`), as a share of the
+    bf16 matrix peak."""
+    def row(name, r, seconds):
+        out = {"U-Net": name, "rows": 2 * images, "GFLOP/call": round(r["flops"] / 1e9, 1),
+               "ms/call": round(seconds * 1e3, 2), "TFLOP/s": round(r["flops"] / seconds / 1e12, 1),
+               "share of bf16 peak": f"{r['flops'] / seconds / 1e12 / bf16_peak:.0%}"}
+        print(json.dumps(out), flush=True)  # a section cut short by its time limit still leaves these
+        return out
+
+    if not tuned:  # torch.compile's default mode, as in the README's figures (CUDA graphs change little at 16 rows)
+        r = unet_rate(str(folder), images, compile=True, device=device, dtype="bf16",
+                      compile_kwargs={"mode": "default"})
+        return [row("eager", r, r["seconds"]), row("compiled", r, r["compiled_seconds"])]
+    rows = []
+    for name, kwargs in (("compiled, diffusers' Inductor settings", {"options": DIFFUSERS_INDUCTOR}),
+                         ("compiled, max-autotune-no-cudagraphs", {"mode": "max-autotune-no-cudagraphs"})):
+        start = time.perf_counter()
+        r = unet_rate(str(folder), images, compile=True, device=device, dtype="bf16", compile_kwargs=kwargs)
+        rows.append(row(name, r, r["compiled_seconds"]) | {"section s (compiles)": round(time.perf_counter() - start)})
+    return rows
 
 
 def train_unet_py(folder: Path, batch: int, steps: int) -> float:
@@ -303,9 +312,10 @@ def main():
     p.add_argument("--device", default="cuda")
     p.add_argument("--smoke", action="store_true", help="tiny model, 2 steps: checks the script, measures nothing")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--only", nargs="+", choices=["peak", "inference", "unet", "training", "graphs", "split"],
+    p.add_argument("--only", nargs="+", choices=["peak", "inference", "unet", "training", "graphs", "split", "tuned"],
                    help="graphs: the U-Net compiled with CUDA graphs (mode reduce-overhead), no reference; "
-                   "split: where one 8-image call's time goes, component by component")
+                   "split: where one 8-image call's time goes, component by component; tuned: the U-Net "
+                   "compiled with diffusers' Inductor settings and with Inductor's autotuning")
     p.add_argument("--folder", type=Path, help="where the SD-shaped model is built, or found built by an earlier "
                    "run (one build serves several --only runs)")
     args = p.parse_args()
@@ -334,6 +344,8 @@ def main():
         "split": lambda: split(folder, device, 8, steps),
         "unet": lambda: unet_share(folder, device, 8,
                                    report.get("peak", {}).get("bf16") or peak(device, args.smoke)["bf16"]),
+        "tuned": lambda: unet_share(folder, device, 8,
+                                    report.get("peak", {}).get("bf16") or peak(device, args.smoke)["bf16"], True),
         "training": lambda: training(folder, device, 2 if args.smoke else 16, 2 if args.smoke else 20),
     }
     for name, run in tables.items():

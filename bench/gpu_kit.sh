@@ -43,7 +43,7 @@ case "${1:-}" in
     section() { local limit=$1; shift; echo "== $* (limit ${limit} s)" | tee -a "$log"; local start=$SECONDS
                 timeout "$limit" "$@" 2>&1 | tr '\r' '\n' | grep -v -E 'it/s\]|s/it\]' | tee -a "$log"
                 echo "== exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$log"; }
-    declare -A limit=([tests]=120 [peak]=75 [inference]=280 [training]=150 [unet]=240 [graphs]=140 [split]=150)
+    declare -A limit=([tests]=120 [peak]=75 [inference]=280 [training]=150 [unet]=130 [graphs]=140 [split]=150 [tuned]=560)
     [ $# -gt 0 ] || set -- tests peak inference
     for part in "$@"; do
       [ -n "${limit[$part]:-}" ] || { echo "unknown part $part" | tee -a "$log"; continue; }
@@ -51,5 +51,5 @@ case "${1:-}" in
       else section "${limit[$part]}" python3 bench/gpu.py --only "$part" --folder /tmp/sd --repeat 2 --out "$OUT/$part"
       fi
     done ;;
-  *) echo "usage: bash bench/gpu_kit.sh wheels|aside|back|on-device [tests|peak|inference|training|unet|graphs|split ...]" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_kit.sh wheels|aside|back|on-device [tests|peak|inference|training|unet|graphs|split|tuned ...]" >&2; exit 2 ;;
 esac
