@@ -672,10 +672,12 @@ def save_lycoris(config: UNetTrainConfig, layers: dict, text_model, target: Path
     alpha = float(config.lora.alpha or config.lora.rank)
     state = {}
     for component, prefix in (("unet", "lora_unet_"), ("text_encoder", kohya_text_prefix(text_model))):
-        factors = layers.get(component, {})
-        for module in sorted({key.rpartition(".")[0] for key in factors}):
+        modules: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in layers.get(component, {}).items():
+            module, _, factor = key.rpartition(".")
+            modules.setdefault(module, {})[factor] = tensor
+        for module, own in modules.items():
             name = prefix + module.replace(".", "_")
-            own = {key.rpartition(".")[2]: factors[key] for key in factors if key.rpartition(".")[0] == module}
             if config.lora.algo == "lokr":
                 first = "lokr_w1" if "lokr_w1" in own else "lokr_w1_a"
                 own[first] = own[first] * (alpha / config.lora.rank)
