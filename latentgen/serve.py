@@ -28,6 +28,9 @@ def parse_args(argv):
                    help="require HTTP basic credentials on every route (as A1111's --api-auth)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--compile", action="store_true",
+                   help="compile each model's U-Net as it loads (infer.py --compile: on the CPU once per model and "
+                   "shape, cached on disk, so a request of a new size or batch waits for its compile once)")
     p.add_argument("--max-batch", type=int, default=8, help="images of queued requests sampled together")
     p.add_argument("--max-side", type=int, default=1024, help="largest image side a request may ask for")
     p.add_argument("--max-steps", type=int, default=150, help="most sampling steps a request may ask for")
@@ -67,8 +70,11 @@ def build(args):
     model = resolve_model(args.model, args.models_dir)
 
     def load(path: Path):
-        return open_pipeline(path, dtype=args.dtype, device=device, loras_dir=args.loras_dir,
+        pipe = open_pipeline(path, dtype=args.dtype, device=device, loras_dir=args.loras_dir,
                              embeddings_dir=args.embeddings_dir)
+        if args.compile:  # the worker samples on one thread, as CUDA graphs (the default on CUDA) want
+            pipe.compile_unet(report=lambda message: print(f"latentgen: {message}", file=sys.stderr))
+        return pipe
 
     models = Models(load, model, Path(args.models_dir))
     models.get(models.default)  # load the first model before serving: its mistakes stop the server at once

@@ -491,3 +491,25 @@ def test_web_page_in_headless_chromium(server):
         wait.until(lambda d: "this server allows at most 60" in d.find_element(By.ID, "status").text)
     finally:
         driver.quit()
+
+
+def test_compile_compiles_each_model_as_it_loads(models, tiny_folder, monkeypatch, capsys):
+    """--compile: the first model and each model a request switches to get `compile_unet` (tests/test_compiled.py
+    tests the compiled U-Net itself), its reports on stderr; without the flag none does."""
+    from latentgen.serve import build, parse_args
+
+    compiled = []
+
+    def compile_unet(self, mode=None, report=None):
+        compiled.append(self)
+        report("compiled the U-Net")
+
+    monkeypatch.setattr(LatentPipeline, "compile_unet", compile_unet)
+    argv = ["--model", str(tiny_folder), "--models-dir", str(models / "models"), "--dtype", "fp32"]
+    _, worker = build(parse_args([*argv, "--compile"]))
+    assert compiled == [worker.models.pipe]
+    other = worker.models.get("other")
+    assert len(compiled) == 2 and compiled[1] is other
+    assert capsys.readouterr().err.count("latentgen: compiled the U-Net\n") == 2
+    build(parse_args(argv))
+    assert len(compiled) == 2
