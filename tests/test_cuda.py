@@ -62,11 +62,11 @@ def test_compiled_unet_on_cuda_gives_the_eager_images(tiny_folder, mode):
     assert pipe.vae.decoder._compiled_call_impl is not None  # the decoder too, in the default mode
     np.testing.assert_allclose(images(pipe), eager, atol=2e-3)
     np.testing.assert_allclose(images(pipe), eager, atol=2e-3)  # the second call replays what the first recorded
-    pipe.compile_unet(mode=mode)
-    plms = dict(guidance_scale=1.0, scheduler="pndm")
-    compiled = images(pipe, **plms)
-    np.testing.assert_allclose(compiled, images(open_pipeline(tiny_folder, "fp32", "cuda", embeddings_dir=None),
-                                                 **plms), atol=2e-3)
+    # one fp32 image without guidance: the U-Net's output reaches PNDM as it is (but for sampling's copy)
+    plms = dict(num_inference_steps=4, seed=1, guidance_scale=1.0, scheduler="pndm", output_type="np")
+    compiled = pipe(PROMPT, **plms).images
+    plain = open_pipeline(tiny_folder, "fp32", "cuda", embeddings_dir=None)(PROMPT, **plms).images
+    np.testing.assert_allclose(compiled, plain, atol=2e-3)
 
 
 def test_accelerate_launch_trains_in_mixed_precision_on_the_gpu(tmp_path):
