@@ -196,7 +196,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         in `reduce-overhead` mode (CUDA graphs: each step's kernels launched as one graph, 3× diffusers at one
         image per call on an H200, README), and the VAE decoder with `torch.compile` too (at 512 px its GroupNorms
         and SiLUs over full-resolution activations fuse), in the default mode whatever `mode` is: the pipeline
-        decodes image by image and keeps each image, which CUDA graphs' replays would overwrite."""
+        decodes image by image and keeps each image, which CUDA graphs' replays would overwrite. `report` hears
+        that the compile comes with the first call."""
         if self.unet.device.type == "cpu":
             from . import compiled
 
@@ -204,6 +205,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         else:
             self.unet.compile(mode=mode or "reduce-overhead")
             self.vae.decoder.compile()
+            if report is not None:  # torch.compile compiles lazily: say why the first image takes long
+                report("the U-Net and the VAE decoder compile on the first call (44-50 s for SD's U-Net on an H200)")
 
     def to(self, *args, **kwargs):
         """diffusers' `to`, then the memory layout for the device and precision it leaves (`choose_memory_format`)."""

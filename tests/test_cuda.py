@@ -58,8 +58,10 @@ def test_compiled_unet_on_cuda_gives_the_eager_images(tiny_folder, mode):
     wrong here; PNDM without guidance keeps the raw outputs."""
     pipe = open_pipeline(tiny_folder, "fp32", "cuda", embeddings_dir=None)
     eager = images(pipe)
-    pipe.compile_unet(mode=mode)
+    messages = []
+    pipe.compile_unet(mode=mode, report=messages.append)
     assert pipe.vae.decoder._compiled_call_impl is not None  # the decoder too, in the default mode
+    assert len(messages) == 1 and "compile on the first call" in messages[0]
     np.testing.assert_allclose(images(pipe), eager, atol=2e-3)
     np.testing.assert_allclose(images(pipe), eager, atol=2e-3)  # the second call replays what the first recorded
     # one fp32 image without guidance: the U-Net's output reaches PNDM as it is (but for sampling's copy)
