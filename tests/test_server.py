@@ -276,6 +276,13 @@ def test_models_samplers_options_and_switching(server):
     assert {"pipe", "other"} <= {n.split(" [")[0] for n in names}
     assert "Euler a" in client.util_get_sampler_names() and "DPM++ 2M Karras" in client.util_get_sampler_names()
     assert [lora["name"] for lora in client.get_loras()] == ["circles"]
+    # the hires upscalers a client offers: each one the hires fix does as itself (no note in its info)
+    hires = [u["name"] for u in client.get_upscalers()] + [m["name"] for m in client.get_latent_upscale_modes()]
+    assert hires == ["Lanczos", "Latent"]
+    for name in hires:
+        info = client.txt2img(prompt="x", seed=3, steps=2, width=32, height=32, enable_hr=True, hr_scale=1.5,
+                              hr_upscaler=name, denoising_strength=0.5).info
+        assert f"Hires upscaler: {name}" in info["infotexts"][0] and not info.get("notes"), info
     body = dict(prompt="x", seed=3, steps=3, width=32, height=32, sampler_name="Euler")
     first = client.txt2img(**body)
     client.set_options({"sd_model_checkpoint": "other"})

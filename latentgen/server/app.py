@@ -173,6 +173,15 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
                  False}, {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0,
                           "need_inner_model": False}]
 
+    @app.get("/sdapi/v1/upscalers")
+    def upscalers():
+        # the hires fix's image upscaler; A1111's clients put this list and the latent modes below in its menu
+        return [{"name": "Lanczos", "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}]
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    def latent_upscale_modes():
+        return [{"name": "Latent"}]
+
     @app.get("/sdapi/v1/loras")
     def loras():
         from .. import lora
