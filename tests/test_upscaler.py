@@ -245,3 +245,27 @@ def test_the_cascade_eval_reports_every_variant_and_draws_the_comparison(cascade
                      "the data at 64 px (reference)"]
     assert "(8 images, 1 seeds per prompt" in text
     assert Image.open(tmp_path / "side-by-side.png").size[0] == 6 * 64
+
+
+def test_the_a1111_api_offers_the_upscaler_as_a_hires_upscaler(cascade_folder, tmp_path):
+    """A model with an upscaler lists it among A1111's upscalers; `hr_upscaler: "latentgen upscaler"` gives the
+    cascade's image (the pipeline's own with `upscale`), and a scale it does not make is a 400 naming it."""
+    from test_server import Server, api, pixels
+
+    server = Server(["--model", str(cascade_folder), "--models-dir", str(tmp_path / "none"), "--dtype", "fp32"])
+    try:
+        client = api(server)
+        assert {u["name"]: u["scale"] for u in client.get_upscalers()} == {"Lanczos": 4.0, "latentgen upscaler": 2.0}
+        body = dict(prompt="a red circle", seed=3, steps=2, width=32, height=32, cfg_scale=3.0, sampler_name="Euler")
+        result = client.txt2img(**body, enable_hr=True, hr_scale=2, hr_upscaler="latentgen upscaler")
+        assert result.image.size == (64, 64) and "notes" not in result.info
+        pipe = LatentPipeline.from_pretrained(cascade_folder, torch_dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        direct = pipe("a red circle", seed=3, num_inference_steps=2, guidance_scale=3.0, width=32, height=32,
+                      scheduler="euler", upscale={"scale": 2}).images[0]
+        np.testing.assert_array_equal(pixels(result.image), pixels(direct))
+        r = server.post("/sdapi/v1/txt2img", body | {"enable_hr": True, "hr_scale": 3,
+                                                     "hr_upscaler": "latentgen upscaler"})
+        assert r.status_code == 400 and "2 or 4; hr_scale 3 is not one" in r.json()["detail"]
+    finally:
+        server.close()

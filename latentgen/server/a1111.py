@@ -24,6 +24,7 @@ from ..hires import Hires
 from ..metadata import a1111_parameters, image_metadata, model_name
 from ..request import Request
 from ..schedulers import a1111_name, a1111_names, from_a1111
+from ..upscaler import Upscale
 
 # Fields latentgen does not implement, with A1111's defaults: set to anything else, they are noted as ignored.
 IGNORED = {"styles": [],
@@ -157,9 +158,27 @@ def to_request(body: Txt2Img, clip_skip_option: int | None = None) -> tuple[Requ
             if fields["width"] is None and fields["height"] is None and mask.size != images[0].size:
                 raise UserError(f"the mask is {mask.size[0]}×{mask.size[1]} but the init image is "
                                 f"{images[0].size[0]}×{images[0].size[1]}")
+    elif body.enable_hr and (body.hr_upscaler or "").strip() == UPSCALER:
+        fields["upscale"] = _upscale(body)
     elif body.enable_hr:
         fields["hires"] = _hires(body, notes)
     return Request(**fields), model, notes
+
+
+UPSCALER = "latentgen upscaler"  # the model's trained upscaler (`latentgen.upscaler`), offered as a hires upscaler
+
+
+def _upscale(body: Txt2Img) -> Upscale:
+    """`hr_upscaler: "latentgen upscaler"`: the model's own upscaler as the second pass (a cascade, `infer.py
+    --upscale`), by its own factor, with `hr_second_pass_steps` or its own steps, and its own noise level and
+    strength (A1111's clients send a `denoising_strength` by default; the upscaler's defaults are its own)."""
+    if body.hr_resize_x or body.hr_resize_y:
+        raise UserError(f"hr_upscaler {UPSCALER!r} upscales by its own factor: give hr_scale, not "
+                        "hr_resize_x/hr_resize_y")
+    if body.hr_scale not in (2, 4):
+        raise UserError(f"hr_upscaler {UPSCALER!r} upscales by its own factor, 2 or 4; hr_scale {body.hr_scale:g} "
+                        "is not one")
+    return Upscale(scale=int(body.hr_scale), steps=body.hr_second_pass_steps)
 
 
 def _hires(body: Txt2Img, notes: list[str]) -> Hires:
