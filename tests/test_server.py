@@ -491,6 +491,18 @@ def test_web_page_in_headless_chromium(server):
         driver.find_element(By.CSS_SELECTOR, "#gallery .item .reuse").click()
         assert driver.find_element(By.ID, "prompt").get_attribute("value") == "a red circle on a blue background"
         assert [driver.find_element(By.ID, f).get_attribute("value") for f in extras] == ["42", "7", "0.25", "16", "24"]
+        # the hires fix, from the upscalers the server lists: twice the size
+        from selenium.webdriver.support.ui import Select
+
+        upscalers = Select(driver.find_element(By.ID, "hr_upscaler"))
+        assert [o.text for o in upscalers.options] == ["(none)", "Latent", "Lanczos"]
+        upscalers.select_by_visible_text("Lanczos")
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery .item")) == 2)
+        image = driver.find_element(By.CSS_SELECTOR, "#gallery .item img")  # the newest comes first
+        wait.until(lambda d: d.execute_script("return arguments[0].naturalWidth", image) == 64)
+        assert "Hires upscaler: Lanczos" in driver.find_element(By.CSS_SELECTOR, "#gallery .item pre").text
+        upscalers.select_by_visible_text("(none)")
         # a mistake shows as one line on the page
         driver.find_element(By.ID, "steps").clear()
         driver.find_element(By.ID, "steps").send_keys("500")
