@@ -61,6 +61,11 @@ def a1111_parameters(meta: dict) -> str:
         h = meta["hires"]
         fields |= {"Denoising strength": h["denoise"], "Hires upscale": f"{h['scale']:g}", "Hires steps": h["steps"],
                    "Hires upscaler": UPSCALERS[h["upscaler"]]}
+    if meta.get("upscale"):  # the cascade, as the server offers it to A1111's clients: a hires upscaler
+        from .upscaler import A1111_NAME
+
+        u = meta["upscale"]
+        fields |= {"Hires upscale": u["scale"], "Hires steps": u["steps"], "Hires upscaler": A1111_NAME}
     if meta.get("ti_hashes"):
         fields["TI hashes"] = ", ".join(f"{name}: {h}" for name, h in meta["ti_hashes"].items())
     if meta.get("lora_hashes"):
@@ -199,7 +204,14 @@ def a1111_request(text: str) -> tuple[dict, dict[str, str], list[str]]:
                             f"{f' with schedule {schedule!r}' if schedule else ''} has no latentgen counterpart; "
                             f"known: {', '.join(a1111_names())}")
         settings["scheduler"] = name
-    if "Hires upscale" in fields:
+    from .upscaler import A1111_NAME
+
+    if "Hires upscale" in fields and fields.get("Hires upscaler") == A1111_NAME:  # latentgen's cascade
+        try:
+            settings["upscale"] = dict(scale=int(fields["Hires upscale"]), steps=int(fields.get("Hires steps", 0)))
+        except ValueError as err:
+            raise UserError(f"the AUTOMATIC1111 hires fields hold a value latentgen cannot read: {err}") from None
+    elif "Hires upscale" in fields:
         from .hires import UPSCALERS
 
         upscaler = {name: ours for ours, name in UPSCALERS.items()}.get(fields.get("Hires upscaler", "Latent"))

@@ -50,6 +50,9 @@ class UpscalerConfig:
         return self
 
 
+A1111_NAME = "latentgen upscaler"  # its name among A1111's hires upscalers: in infotexts and the server's lists
+
+
 @dataclass(frozen=True)
 class Upscale:
     """A request's cascade stage: `scale` must be the upscaler's; 0 / None take the upscaler's defaults."""

@@ -17,6 +17,7 @@ import components as C
 from conftest import ROOT, infer
 from latentgen import LatentPipeline
 from latentgen.errors import UserError
+from latentgen.metadata import a1111_request
 from latentgen.upscaler import Upscale, UpscalerConfig, augment, save, training_condition
 
 
@@ -152,6 +153,11 @@ def test_infer_upscale_writes_twice_the_size_records_it_and_replays(cascade_fold
     # what the upscaler ran with, its defaults (upscaler.json: level 60, guidance 1, strength 1) filled in
     assert meta["upscale"] == {"scale": 2, "steps": 2, "noise_level": 60, "guidance": 1.0, "strength": 1.0}
     assert (meta["height"], meta["width"]) == (32, 32)  # the first stage's size, as the request asked
+    # A1111's text names the cascade as the server offers it, a hires upscaler, and reads back as the cascade
+    text = image.info["parameters"]
+    assert "Size: 32x32" in text and "Hires upscale: 2, Hires steps: 2, Hires upscaler: latentgen upscaler" in text
+    settings, _, unused = a1111_request(text)
+    assert settings["upscale"] == {"scale": 2, "steps": 2} and "hires" not in settings and not unused
     r = infer("--replay", tmp_path / "u.png")
     assert r.returncode == 0 and "identical, bit for bit" in r.stdout, r.stderr
     config = cascade_folder / "upscaler" / "upscaler.json"  # the upscaler's defaults change later: the image stays
@@ -259,6 +265,7 @@ def test_the_a1111_api_offers_the_upscaler_as_a_hires_upscaler(cascade_folder, t
         body = dict(prompt="a red circle", seed=3, steps=2, width=32, height=32, cfg_scale=3.0, sampler_name="Euler")
         result = client.txt2img(**body, enable_hr=True, hr_scale=2, hr_upscaler="latentgen upscaler")
         assert result.image.size == (64, 64) and "notes" not in result.info
+        assert "Hires upscaler: latentgen upscaler" in result.info["infotexts"][0]
         pipe = LatentPipeline.from_pretrained(cascade_folder, torch_dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
         direct = pipe("a red circle", seed=3, num_inference_steps=2, guidance_scale=3.0, width=32, height=32,

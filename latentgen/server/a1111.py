@@ -24,6 +24,7 @@ from ..hires import Hires
 from ..metadata import a1111_parameters, image_metadata, model_name
 from ..request import Request
 from ..schedulers import a1111_name, a1111_names, from_a1111
+from ..upscaler import A1111_NAME as UPSCALER
 from ..upscaler import Upscale
 
 # Fields latentgen does not implement, with A1111's defaults: set to anything else, they are noted as ignored.
@@ -163,9 +164,6 @@ def to_request(body: Txt2Img, clip_skip_option: int | None = None) -> tuple[Requ
     elif body.enable_hr:
         fields["hires"] = _hires(body, notes)
     return Request(**fields), model, notes
-
-
-UPSCALER = "latentgen upscaler"  # the model's trained upscaler (`latentgen.upscaler`), offered as a hires upscaler
 
 
 def _upscale(body: Txt2Img) -> Upscale:

@@ -179,13 +179,12 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
         # the hires fix's image upscaler, and the current model's trained upscaler where it has one; A1111's
         # clients put this list and the latent modes below in their hires menus
         from .. import upscaler
-        from .a1111 import UPSCALER
 
         listed = [{"name": "Lanczos", "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}]
         folder = upscaler.folder_of(worker.models.pipe) if worker.models.pipe is not None else None
         if folder is not None:
             scale = json.loads((folder / upscaler.CONFIG_NAME).read_text())["scale"]
-            listed.append({"name": UPSCALER, "model_name": "upscaler", "model_path": str(folder.resolve()),
+            listed.append({"name": upscaler.A1111_NAME, "model_name": "upscaler", "model_path": str(folder.resolve()),
                            "model_url": None, "scale": float(scale)})
         return listed
 
