@@ -532,3 +532,35 @@ def test_compile_compiles_each_model_as_it_loads(models, tiny_folder, monkeypatc
     assert capsys.readouterr().err.count("latentgen: compiled the U-Net\n") == 2
     build(parse_args(argv))
     assert len(compiled) == 2
+
+
+def test_extras_upscale_an_image_as_a1111s_model_free_upscalers_do(server):
+    """webuiapi's extra_single_image: Lanczos by a factor (sides rounded down to multiples of 8, as A1111's
+    upscaler does), to a size filled and centre-cropped, Nearest blended in by its visibility; an upscaler model
+    latentgen lacks, or a size over the server's limit, is a 400 naming what is allowed."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    client = api(server)
+    by = client.extra_single_image(image=image, upscaler_1="Lanczos", upscaling_resize=2.5)
+    expected = image.resize((75, 50), Image.Resampling.LANCZOS).resize((72, 48), Image.Resampling.LANCZOS)
+    np.testing.assert_array_equal(pixels(by.image), pixels(expected))
+    to = client.extra_single_image(image=image, resize_mode=1, upscaling_resize_w=64, upscaling_resize_h=32,
+                                   upscaler_1="Lanczos", upscaler_2="Nearest", extras_upscaler_2_visibility=0.5)
+    assert to.image.size == (64, 32)
+    filled = Image.blend(image.resize((64, 42), Image.Resampling.LANCZOS).resize((64, 40), Image.Resampling.LANCZOS),
+                         image.resize((64, 42), Image.Resampling.NEAREST).resize((64, 40), Image.Resampling.NEAREST),
+                         0.5)
+    np.testing.assert_array_equal(pixels(to.image), pixels(filled.crop((0, 4, 64, 36))))
+    body = {"image": base64.b64encode(image_bytes(image)).decode(), "upscaler_1": "R-ESRGAN 4x+"}
+    r = server.post("/sdapi/v1/extra-single-image", body)
+    assert r.status_code == 400 and "available: None, Lanczos, Nearest" in r.json()["detail"]
+    r = server.post("/sdapi/v1/extra-single-image", body | {"upscaler_1": "Lanczos", "upscaling_resize": 20})
+    assert r.status_code == 400 and "600×400" in r.json()["detail"] and "limit of 256" in r.json()["detail"]
+    r = server.post("/sdapi/v1/extra-single-image", body | {"upscaler_1": "Lanczos", "gfpgan_visibility": 1})
+    assert r.status_code == 200 and "gfpgan_visibility is face restoration" in r.json()["html_info"]
+
+
+def image_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

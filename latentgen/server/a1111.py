@@ -263,3 +263,66 @@ def answer(body: BaseModel, images: list[tuple[Any, dict]], info_json: dict) -> 
     parameters.pop("mask", None)
     encoded = [encode_png(image, meta) for image, meta in images] if getattr(body, "send_images", True) else []
     return {"images": encoded, "parameters": parameters, "info": json.dumps(info_json, ensure_ascii=False)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Extras: A1111's image upscaling without a model
+
+
+class ExtraSingleImage(BaseModel):
+    """`/sdapi/v1/extra-single-image`'s body: the upscaling part of A1111's Extras tab, for one image."""
+
+    model_config = ConfigDict(extra="allow")
+
+    image: str = ""
+    resize_mode: int = 0  # 0: by upscaling_resize; 1: to upscaling_resize_w × upscaling_resize_h
+    upscaling_resize: float = 2.0
+    upscaling_resize_w: int = 512
+    upscaling_resize_h: int = 512
+    upscaling_crop: bool = True
+    upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = 0.0
+    gfpgan_visibility: float = 0.0
+    codeformer_visibility: float = 0.0
+
+
+def extras_upscale(body: ExtraSingleImage, max_side: int):
+    """The image upscaled as A1111's Extras does it with its model-free upscalers ("None" and "Lanczos" resize
+    with Lanczos, "Nearest" with nearest neighbours; `modules/upscaler.py`): to the factor's size rounded down to
+    a multiple of 8, or to fill upscaling_resize_w × _h, centred and cropped to it; the second upscaler blended in
+    by its visibility. Returns the image and notes on what was not done (face restoration)."""
+    from PIL import Image
+
+    resamplers = {"None": Image.Resampling.LANCZOS, "Lanczos": Image.Resampling.LANCZOS,
+                  "Nearest": Image.Resampling.NEAREST}
+    for name in (body.upscaler_1, body.upscaler_2):
+        if name not in resamplers:
+            raise UserError(f"upscaler {name!r} is not available; available: {', '.join(resamplers)}")
+    if body.resize_mode not in (0, 1):
+        raise UserError(f"resize_mode must be 0 (by upscaling_resize) or 1 (to upscaling_resize_w/_h), got "
+                        f"{body.resize_mode}")
+    image = decode_image(body.image, "image").convert("RGB")
+    scale = body.upscaling_resize
+    if body.resize_mode == 1:
+        scale = max(body.upscaling_resize_w / image.width, body.upscaling_resize_h / image.height)
+    width, height = int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8)
+    if not 0 < scale or min(width, height) < 8 or max(width, height) > max_side:
+        raise UserError(f"the upscaled image would be {width}×{height}; each side must be from 8 to this server's "
+                        f"limit of {max_side} pixels")
+
+    def upscale(name: str):
+        out = image.resize((int(image.width * scale), int(image.height * scale)), resample=resamplers[name])
+        return out if out.size == (width, height) else out.resize((width, height), resample=resamplers[name])
+
+    out = upscale(body.upscaler_1)
+    if body.upscaler_2 != "None" and body.extras_upscaler_2_visibility > 0:
+        out = Image.blend(out, upscale(body.upscaler_2), body.extras_upscaler_2_visibility)
+    if body.resize_mode == 1 and body.upscaling_crop:
+        cropped = Image.new("RGB", (body.upscaling_resize_w, body.upscaling_resize_h))
+        cropped.paste(out, box=(body.upscaling_resize_w // 2 - out.width // 2,
+                                body.upscaling_resize_h // 2 - out.height // 2))
+        out = cropped
+    notes = [f"{name} is face restoration, which latentgen does not have; not applied"
+             for name in ("gfpgan_visibility", "codeformer_visibility") if getattr(body, name)]
+    return out, notes

@@ -91,6 +91,11 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
     async def img2img(body: a1111.Img2Img):
         return await run(body)
 
+    @app.post("/sdapi/v1/extra-single-image")
+    def extra_single_image(body: a1111.ExtraSingleImage):
+        image, notes = a1111.extras_upscale(body, worker.limits.max_side)
+        return {"html_info": "".join(f"<p>{note}</p>" for note in notes), "image": a1111.encode_png(image, None)}
+
     @app.post("/sdapi/v1/png-info")
     def png_info(body: dict[str, str]):
         from ..metadata import parse_a1111_parameters
