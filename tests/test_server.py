@@ -548,9 +548,11 @@ def test_extras_upscale_an_image_as_a1111s_model_free_upscalers_do(server):
                                    upscaler_1="Lanczos", upscaler_2="Nearest", extras_upscaler_2_visibility=0.5)
     assert to.image.size == (64, 32)
     filled = Image.blend(image.resize((64, 42), Image.Resampling.LANCZOS).resize((64, 40), Image.Resampling.LANCZOS),
-                         image.resize((64, 42), Image.Resampling.NEAREST).resize((64, 40), Image.Resampling.NEAREST),
+                         image.resize((64, 42), Image.Resampling.NEAREST).resize((64, 40), Image.Resampling.LANCZOS),
                          0.5)
     np.testing.assert_array_equal(pixels(to.image), pixels(filled.crop((0, 4, 64, 36))))
+    plain = client.extra_single_image(image=image, upscaler_1="None", upscaling_resize=2.5)  # Lanczos at once
+    np.testing.assert_array_equal(pixels(plain.image), pixels(image.resize((72, 48), Image.Resampling.LANCZOS)))
     body = {"image": base64.b64encode(image_bytes(image)).decode(), "upscaler_1": "R-ESRGAN 4x+"}
     r = server.post("/sdapi/v1/extra-single-image", body)
     assert r.status_code == 400 and "available: None, Lanczos, Nearest" in r.json()["detail"]

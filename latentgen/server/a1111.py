@@ -288,10 +288,11 @@ class ExtraSingleImage(BaseModel):
 
 
 def extras_upscale(body: ExtraSingleImage, max_side: int):
-    """The image upscaled as A1111's Extras does it with its model-free upscalers ("None" and "Lanczos" resize
-    with Lanczos, "Nearest" with nearest neighbours; `modules/upscaler.py`): to the factor's size rounded down to
-    a multiple of 8, or to fill upscaling_resize_w × _h, centred and cropped to it; the second upscaler blended in
-    by its visibility. Returns the image and notes on what was not done (face restoration)."""
+    """The image upscaled as A1111's Extras does it with its model-free upscalers (`modules/upscaler.py`): to the
+    factor's size rounded down to a multiple of 8, or to fill upscaling_resize_w × _h, centred and cropped to it;
+    "Lanczos" and "Nearest" resize by the factor with their filter, then Lanczos takes that to the rounded size
+    ("None" goes there with Lanczos at once); the second upscaler is blended in by its visibility. Returns the
+    image and notes on what was not done (face restoration)."""
     from PIL import Image
 
     resamplers = {"None": Image.Resampling.LANCZOS, "Lanczos": Image.Resampling.LANCZOS,
@@ -311,9 +312,11 @@ def extras_upscale(body: ExtraSingleImage, max_side: int):
         raise UserError(f"the upscaled image would be {width}×{height}; each side must be from 8 to this server's "
                         f"limit of {max_side} pixels")
 
-    def upscale(name: str):
-        out = image.resize((int(image.width * scale), int(image.height * scale)), resample=resamplers[name])
-        return out if out.size == (width, height) else out.resize((width, height), resample=resamplers[name])
+    def upscale(name: str):  # A1111's Upscaler.upscale: its own step unless the image covers the size, then Lanczos
+        out = image
+        if name != "None" and (image.width < width or image.height < height or scale == 1):
+            out = image.resize((int(image.width * scale), int(image.height * scale)), resample=resamplers[name])
+        return out if out.size == (width, height) else out.resize((width, height), resample=Image.Resampling.LANCZOS)
 
     out = upscale(body.upscaler_1)
     if body.upscaler_2 != "None" and body.extras_upscaler_2_visibility > 0:
