@@ -154,20 +154,27 @@ def folder_of(pipe) -> Path | None:
     return folder if (folder / CONFIG_NAME).is_file() else None
 
 
-def read(folder: Path, dtype: torch.dtype, what: str = "") -> tuple[UpscalerConfig, torch.nn.Module]:
-    """The checked `upscaler.json` and the U-Net (in `dtype`) of an upscaler folder; `what` names the setting that
-    gave the folder, in errors."""
-    from diffusers import UNet2DConditionModel
-
+def read_config(folder: Path, what: str = "") -> UpscalerConfig:
+    """The checked `upscaler.json` of an upscaler folder; `what` names the setting that gave the folder, in errors."""
     if not (folder / CONFIG_NAME).is_file():
         raise UserError(f"{what}{folder} is not an upscaler folder (no {CONFIG_NAME}); train one with "
                         "train_unet.py and an upscaler: section")
     try:
-        config = UpscalerConfig(**json.loads((folder / CONFIG_NAME).read_text())).check()
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, use_safetensors=True,
-                                                    local_files_only=True)
+        return UpscalerConfig(**json.loads((folder / CONFIG_NAME).read_text())).check()
     except UserError:
         raise
+    except Exception as err:
+        raise UserError(f"cannot load the upscaler in {what}{folder}: {first_line(err)}") from None
+
+
+def read(folder: Path, dtype: torch.dtype, what: str = "") -> tuple[UpscalerConfig, torch.nn.Module]:
+    """The checked `upscaler.json` and the U-Net (in `dtype`) of an upscaler folder (`read_config`)."""
+    from diffusers import UNet2DConditionModel
+
+    config = read_config(folder, what)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, use_safetensors=True,
+                                                    local_files_only=True)
     except Exception as err:
         raise UserError(f"cannot load the upscaler in {what}{folder}: {first_line(err)}") from None
     return config, unet

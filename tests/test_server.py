@@ -538,6 +538,8 @@ def test_extras_upscale_an_image_as_a1111s_model_free_upscalers_do(server):
     """webuiapi's extra_single_image: Lanczos by a factor (sides rounded down to multiples of 8, as A1111's
     upscaler does), to a size filled and centre-cropped, Nearest blended in by its visibility; an upscaler model
     latentgen lacks, or a size over the server's limit, is a 400 naming what is allowed."""
+    import webuiapi
+
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
     client = api(server)
@@ -553,16 +555,10 @@ def test_extras_upscale_an_image_as_a1111s_model_free_upscalers_do(server):
     np.testing.assert_array_equal(pixels(to.image), pixels(filled.crop((0, 4, 64, 36))))
     plain = client.extra_single_image(image=image, upscaler_1="None", upscaling_resize=2.5)  # Lanczos at once
     np.testing.assert_array_equal(pixels(plain.image), pixels(image.resize((72, 48), Image.Resampling.LANCZOS)))
-    body = {"image": base64.b64encode(image_bytes(image)).decode(), "upscaler_1": "R-ESRGAN 4x+"}
+    body = {"image": webuiapi.b64_img(image), "upscaler_1": "R-ESRGAN 4x+"}
     r = server.post("/sdapi/v1/extra-single-image", body)
     assert r.status_code == 400 and "available: None, Lanczos, Nearest" in r.json()["detail"]
     r = server.post("/sdapi/v1/extra-single-image", body | {"upscaler_1": "Lanczos", "upscaling_resize": 20})
     assert r.status_code == 400 and "600×400" in r.json()["detail"] and "limit of 256" in r.json()["detail"]
     r = server.post("/sdapi/v1/extra-single-image", body | {"upscaler_1": "Lanczos", "gfpgan_visibility": 1})
     assert r.status_code == 200 and "gfpgan_visibility is face restoration" in r.json()["html_info"]
-
-
-def image_bytes(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()

@@ -9,7 +9,6 @@ values), 422 for a body that does not parse (naming the field), 401 without the 
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -188,9 +187,8 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
         listed = [{"name": "Lanczos", "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}]
         folder = upscaler.folder_of(worker.models.pipe) if worker.models.pipe is not None else None
         if folder is not None:
-            scale = json.loads((folder / upscaler.CONFIG_NAME).read_text())["scale"]
             listed.append({"name": upscaler.A1111_NAME, "model_name": "upscaler", "model_path": str(folder.resolve()),
-                           "model_url": None, "scale": float(scale)})
+                           "model_url": None, "scale": float(upscaler.read_config(folder).scale)})
         return listed
 
     @app.get("/sdapi/v1/latent-upscale-modes")
