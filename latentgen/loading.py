@@ -46,10 +46,11 @@ def resolve_model(model: str | Path | None, models_dir: str | Path | None = None
 
 def open_pipeline(model: str | Path, dtype: str = "auto", device="auto", vae: str | Path | None = None,
                   prediction_type: str | None = None, allow_pickle: bool = False, loras_dir: str | Path = "loras",
-                  embeddings_dir: str | Path | None = "embeddings"):
+                  embeddings_dir: str | Path | None = "embeddings", confined: bool = False):
     """A model ready to generate, as infer.py and the server use it: loaded in `dtype` ("auto": the fast precision
     for the device), its VAE replaced by `vae` if given, on `device`, progress bars off, `<lora:NAME>` looked up in
-    `loras_dir`, the embeddings in `embeddings_dir` (None: none) loaded."""
+    `loras_dir` (`confined`, as the server has it: only there, whatever the name), the embeddings in
+    `embeddings_dir` (None: none) loaded."""
     import torch
 
     from . import embeddings
@@ -65,7 +66,7 @@ def open_pipeline(model: str | Path, dtype: str = "auto", device="auto", vae: st
         pipe.keep_vae_safe()
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    pipe.loras_dir = Path(loras_dir)
+    pipe.loras_dir, pipe.loras_confined = Path(loras_dir), confined
     if embeddings_dir is not None:
         embeddings.load_folder(pipe, embeddings_dir)
     return pipe

@@ -50,8 +50,13 @@ def parse_flag(value: str) -> tuple[str, float]:
         return value, 1.0
 
 
-def resolve(name: str, folder: Path) -> Path:
-    """A LoRA file from a path, or a name in `folder` (NAME.safetensors)."""
+def resolve(name: str, folder: Path, confined: bool = False) -> Path:
+    """A LoRA file from a path, or a name in `folder` (NAME.safetensors). `confined` (the server: names come from
+    clients): only a .safetensors file inside `folder`, however the name is spelt (no absolute paths, no `..`, no
+    symlink that leads out), and one answer for every name that is not one, so that a client learns nothing of the
+    files outside."""
+    if confined:
+        return _in_folder(name, Path(folder))
     path = Path(name)
     if path.is_file():
         return path
@@ -61,6 +66,20 @@ def resolve(name: str, folder: Path) -> Path:
     known = [p.stem for p in available(folder)]
     raise UserError(f"LoRA {name!r} is neither a file nor a name in {folder}/"
                     + (f" (it has: {', '.join(known)})" if known else " (no .safetensors files there)"))
+
+
+def _in_folder(name: str, folder: Path) -> Path:
+    root = folder.resolve()
+    for candidate in (folder / name, *(folder / f"{name}{s}" for s in SUFFIXES)):
+        try:
+            real = candidate.resolve()
+        except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte in the name
+            continue
+        if real.is_relative_to(root) and real.suffix in SUFFIXES and real.is_file():
+            return real
+    known = [p.stem for p in available(folder) if p.resolve().is_relative_to(root)]
+    raise UserError(f"LoRA {name!r} is not one of this server's LoRAs"
+                    + (f" (it has: {', '.join(known)})" if known else " (it has none)"))
 
 
 def available(folder: Path) -> list[Path]:

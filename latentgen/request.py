@@ -272,8 +272,9 @@ class Request:
         prompts, negatives, seeds = req.per_image()
         from . import lora
 
-        folder = Path(getattr(pipe, "loras_dir", "loras"))
-        loras = [(lora.resolve(name, folder), scale) for name, scale in (req.loras or []) + lora.tags(prompts[0])]
+        folder, confined = Path(getattr(pipe, "loras_dir", "loras")), getattr(pipe, "loras_confined", False)
+        loras = [(lora.resolve(name, folder, confined), scale)
+                 for name, scale in (req.loras or []) + lora.tags(prompts[0])]
         plan = Plan(req, prompts, negatives, seeds, req.generator, height, width, image, init_latents, mask,
                     pipe.config.clip_skip if req.clip_skip is None else req.clip_skip or None, loras,
                     variation_seeds=req.variation_seed)

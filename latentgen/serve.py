@@ -32,13 +32,23 @@ def parse_args(argv):
                    help="compile each model's U-Net as it loads (infer.py --compile: on the CPU once per model and "
                    "shape, cached on disk, so a request of a new size or batch waits for its compile once)")
     p.add_argument("--max-batch", type=int, default=8, help="images of queued requests sampled together")
-    p.add_argument("--max-side", type=int, default=1024, help="largest image side a request may ask for")
+    p.add_argument("--max-side", type=int, help="largest image side a request may ask for (default: 4× the model's "
+                                                "own size: 256 for the shipped 64 px model, 2048 for SD 1.x)")
     p.add_argument("--max-steps", type=int, default=150, help="most sampling steps a request may ask for")
     p.add_argument("--max-images", type=int, default=16, help="most images per request (batch_size × n_iter)")
-    p.add_argument("--max-queue", type=int, default=64, help="most requests waiting")
+    p.add_argument("--max-queue", type=int, default=64, help="most requests waiting (more: 503 with Retry-After)")
+    p.add_argument("--max-prompt-tokens", type=int, default=1000, help="longest prompt, in the model's tokens")
+    p.add_argument("--max-job-seconds", type=int, default=600, help="a running job is stopped with an error after "
+                                                                   "this long")
+    p.add_argument("--allowed-hosts", metavar="HOST[,HOST...]",
+                   help="Host header names the server answers to (default: localhost, 127.0.0.1 and [::1] when "
+                        "bound to loopback, which stops DNS rebinding; any with --listen); '*' for any")
+    p.add_argument("--cors-allow-origins", metavar="ORIGIN[,ORIGIN...]",
+                   help="web origins whose pages may call the API from a browser (default: none)")
     args = p.parse_args(argv)
-    for name in ("max_batch", "max_side", "max_steps", "max_images", "max_queue"):
-        if getattr(args, name) < 1:
+    for name in ("max_batch", "max_side", "max_steps", "max_images", "max_queue", "max_prompt_tokens",
+                 "max_job_seconds"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
     if not 0 < args.port < 65536:
         p.error(f"--port must be in [1, 65535], got {args.port}")
@@ -58,6 +68,20 @@ def parse_auth(value: str | None) -> list[tuple[str, str]]:
     return pairs
 
 
+LOOPBACK_NAMES = ["localhost", "127.0.0.1", "[::1]"]
+
+
+def allowed_hosts(args) -> list[str]:
+    """The Host names answered: those given, else a loopback server's own names, else any (`--listen`)."""
+    if args.allowed_hosts:
+        return _names(args.allowed_hosts)
+    return ["*"] if args.listen else LOOPBACK_NAMES
+
+
+def _names(value: str | None) -> list[str]:
+    return [name.strip() for name in (value or "").split(",") if name.strip()]
+
+
 def build(args):
     """The app and its worker for parsed arguments (tests build servers with this too)."""
     from .device import resolve_device
@@ -71,7 +95,7 @@ def build(args):
 
     def load(path: Path):
         pipe = open_pipeline(path, dtype=args.dtype, device=device, loras_dir=args.loras_dir,
-                             embeddings_dir=args.embeddings_dir)
+                             embeddings_dir=args.embeddings_dir, confined=True)
         if args.compile:  # the worker samples on one thread, as CUDA graphs (the default on CUDA) want
             pipe.compile_unet(report=lambda message: print(f"latentgen: {message}", file=sys.stderr))
         return pipe
@@ -83,9 +107,11 @@ def build(args):
         return run_about(pipe, models.paths[name], plan, hash=models.hash(name))
 
     limits = Limits(max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images,
-                    max_queue=args.max_queue)
+                    max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
+                    max_job_s=args.max_job_seconds)
     worker = Worker(models, limits, max_batch=args.max_batch, about=about)
-    settings = Settings(auth=parse_auth(args.api_auth), loras_dir=Path(args.loras_dir))
+    settings = Settings(auth=parse_auth(args.api_auth), loras_dir=Path(args.loras_dir),
+                        allowed_hosts=allowed_hosts(args), cors_origins=_names(args.cors_allow_origins))
     return create_app(worker, settings), worker
 
 

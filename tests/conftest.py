@@ -55,6 +55,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Server:
+    """`python -m latentgen.serve ARGV` in this process (uvicorn in a thread), on a free port."""
+
+    def __init__(self, argv: list[str]):
+        import threading
+        import time
+
+        import uvicorn
+
+        from latentgen.serve import build, parse_args
+
+        self.port = free_port()
+        self.app, self.worker = build(parse_args([*argv, "--port", str(self.port)]))
+        self.worker.start()
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def post(self, route: str, body, **kwargs):
+        import requests
+
+        return requests.post(f"{self.url}{route}", json=body, timeout=120, **kwargs)
+
+    def get(self, route: str, **kwargs):
+        import requests
+
+        return requests.get(f"{self.url}{route}", timeout=120, **kwargs)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.worker.close()
+
+
 def with_free_port(cmd: list[str]) -> list[str]:
     """An `accelerate launch` command on a port of its own (29500 by default), so that launches from parallel
     test workers (pytest -n) never meet."""

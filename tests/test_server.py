@@ -17,7 +17,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import ROOT, free_port
+from conftest import ROOT, Server
 from latentgen import LatentPipeline
 
 
@@ -71,33 +71,6 @@ def finished(server, job: dict) -> dict:
     """The status of the job `job` (as its submission answered) once it is done or failed."""
     return poll(lambda: requests.get(f"{server.url}/latentgen/v1/jobs/{job['id']}", timeout=30).json(),
                 lambda status: status["state"] in ("done", "failed"), f"job {job['id']} finished")
-
-
-class Server:
-    """`python -m latentgen.serve` in this process (uvicorn in a thread), on a free port."""
-
-    def __init__(self, argv: list[str]):
-        import uvicorn
-
-        from latentgen.serve import build, parse_args
-
-        self.port = free_port()
-        self.app, self.worker = build(parse_args([*argv, "--port", str(self.port)]))
-        self.worker.start()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def post(self, route: str, body: dict, **kwargs) -> requests.Response:
-        return requests.post(f"{self.url}{route}", json=body, timeout=120, **kwargs)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.worker.close()
 
 
 @pytest.fixture(scope="module")
@@ -404,7 +377,7 @@ def test_a_failing_job_fails_alone(server):
         bad = server.post("/latentgen/v1/jobs", {"prompt": "x <lora:missing:1>", "steps": 2, "width": 32,
                                                  "height": 32}).json()
         good = server.post("/latentgen/v1/jobs", {"prompt": "y", "steps": 2, "width": 32, "height": 32}).json()
-    assert finished(server, bad)["error"].startswith("LoRA 'missing' is neither a file nor a name in")
+    assert finished(server, bad)["error"] == "LoRA 'missing' is not one of this server's LoRAs (it has: circles)"
     status = finished(server, good)
     assert len(status.get("result", {}).get("images", [])) == 1, status  # the status says why, if it failed
     assert held[0].status_code == 200 and len(held[0].json()["images"]) == 1  # the hold only delayed it
@@ -508,6 +481,11 @@ def test_web_page_in_headless_chromium(server):
         driver.find_element(By.ID, "steps").send_keys("500")
         driver.find_element(By.ID, "generate").click()
         wait.until(lambda d: "this server allows at most 60" in d.find_element(By.ID, "status").text)
+        # opened with credentials in its URL (as http://user:pass@host/ for a server with --api-auth), the page
+        # still reaches the API: fetch refuses URLs that carry credentials, so the page calls its origin's
+        driver.get(f"http://user:pass@127.0.0.1:{server.port}/")
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#sampler_name option")) > 1)
+        assert driver.find_element(By.ID, "status").get_attribute("class") != "error"
     finally:
         driver.quit()
 

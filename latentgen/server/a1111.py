@@ -86,21 +86,33 @@ class Img2Img(Txt2Img):
     inpainting_mask_invert: int = 0
 
 
-def decode_image(data: str, what: str):
-    """A PIL image from base64 (with or without a `data:image/...;base64,` prefix, as A1111 takes it)."""
+def decode_image(data: str, what: str, max_pixels: int | None = None):
+    """A PIL image from base64 (with or without a `data:image/...;base64,` prefix, as A1111 takes it), decoded only
+    if it has at most `max_pixels` pixels (its header read first: a small file can claim 30000×30000)."""
     from PIL import Image, UnidentifiedImageError
 
+    if not isinstance(data, str):
+        raise UserError(f"{what} must be a base64 string, got {type(data).__name__}")
     if data.startswith("data:image/"):
-        data = data.split(";", 1)[1].removeprefix("base64,")
+        data = data.split(";", 1)[1].removeprefix("base64,") if ";" in data else ""
     try:
         raw = base64.b64decode(data, validate=True)
-        with Image.open(io.BytesIO(raw)) as im:
-            im.load()
-            return im.copy()
     except (binascii.Error, ValueError):
         raise UserError(f"{what} is not base64") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"{what} is not an image: {err}") from None
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            width, height = im.size
+            if max_pixels is None or width * height <= max_pixels:
+                im.load()
+                return im.copy()
+    except UnidentifiedImageError:
+        raise UserError(f"{what} is not an image in a format PIL reads (PNG, JPEG, WebP, ...)") from None
+    except Image.DecompressionBombError:  # PIL's own limit, checked as it opens the file
+        raise UserError(f"{what} is over {2 * Image.MAX_IMAGE_PIXELS} pixels; this server decodes images of at most "
+                        f"{max_pixels} pixels") from None
+    except (OSError, ValueError, SyntaxError) as err:  # truncated, damaged
+        raise UserError(f"{what} is a damaged image ({type(err).__name__})") from None
+    raise UserError(f"{what} is {width}×{height} pixels; this server decodes images of at most {max_pixels} pixels")
 
 
 def encode_png(image, meta: dict | None) -> str:
@@ -121,14 +133,19 @@ def sampler(name: str | None, schedule: str | None) -> str | None:
     return ours
 
 
-def to_request(body: Txt2Img, clip_skip_option: int | None = None) -> tuple[Request, str | None, list[str]]:
-    """(the Request, the model asked for in override_settings or None, notes on ignored fields)."""
+def to_request(body: Txt2Img, clip_skip_option: int | None = None,
+               max_pixels: int | None = None) -> tuple[Request, str | None, list[str]]:
+    """(the Request, the model asked for in override_settings or None, notes on ignored fields); images are decoded
+    only within `max_pixels`."""
     notes = _ignored(body)
     overrides = dict(body.override_settings or {})
     model = overrides.pop("sd_model_checkpoint", None)
     clip_skip = overrides.pop("CLIP_stop_at_last_layers", clip_skip_option)
     notes += [f"override_settings.{key} is not supported by latentgen and was ignored" for key in overrides]
-    seed = body.seed if body.seed is not None and body.seed >= 0 else None  # None: the worker draws one
+    for name in ("seed", "subseed"):  # A1111: -1 is a random seed; no other negative one means anything
+        if getattr(body, name) < -1:
+            raise UserError(f"{name} must be -1 (a random seed) or an integer ≥ 0, got {getattr(body, name)}")
+    seed = body.seed if body.seed >= 0 else None  # None: the worker draws one
     fields: dict[str, Any] = dict(
         prompt=body.prompt, negative_prompt=body.negative_prompt or None, num_inference_steps=body.steps,
         guidance_scale=body.cfg_scale, height=body.height, width=body.width,
@@ -145,12 +162,12 @@ def to_request(body: Txt2Img, clip_skip_option: int | None = None) -> tuple[Requ
     if isinstance(body, Img2Img):
         if not body.init_images:
             raise UserError("init_images is empty; give one image (base64)")
-        images = [decode_image(data, f"init_images[{i}]") for i, data in enumerate(body.init_images)]
+        images = [decode_image(data, f"init_images[{i}]", max_pixels) for i, data in enumerate(body.init_images)]
         if len(images) > 1:
             notes.append("only init_images[0] was used (latentgen takes one init image per request)")
         fields |= dict(image=images[0].convert("RGB"), strength=body.denoising_strength)
         if body.mask:
-            mask = decode_image(body.mask, "mask").convert("L")
+            mask = decode_image(body.mask, "mask", max_pixels).convert("L")
             if body.inpainting_mask_invert:
                 from PIL import ImageOps
 
@@ -287,7 +304,7 @@ class ExtraSingleImage(BaseModel):
     codeformer_visibility: float = 0.0
 
 
-def extras_upscale(body: ExtraSingleImage, max_side: int):
+def extras_upscale(body: ExtraSingleImage, max_side: int, max_pixels: int | None = None):
     """The image upscaled as A1111's Extras does it with its model-free upscalers (`modules/upscaler.py`): to the
     factor's size rounded down to a multiple of 8, or to fill upscaling_resize_w × _h, centred and cropped to it;
     "Lanczos" and "Nearest" resize by the factor with their filter, then Lanczos takes that to the rounded size
@@ -303,7 +320,7 @@ def extras_upscale(body: ExtraSingleImage, max_side: int):
     if body.resize_mode not in (0, 1):
         raise UserError(f"resize_mode must be 0 (by upscaling_resize) or 1 (to upscaling_resize_w/_h), got "
                         f"{body.resize_mode}")
-    image = decode_image(body.image, "image").convert("RGB")
+    image = decode_image(body.image, "image", max_pixels).convert("RGB")
     scale = body.upscaling_resize
     if body.resize_mode == 1:
         scale = max(body.upscaling_resize_w / image.width, body.upscaling_resize_h / image.height)

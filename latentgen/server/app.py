@@ -9,6 +9,9 @@ values), 422 for a body that does not parse (naming the field), 401 without the 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import json
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -16,15 +19,18 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
-from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from starlette.middleware.base import BaseHTTPMiddleware
 
 from .. import __version__
 from ..errors import UserError
 from . import a1111
 from .worker import QueueFull, Worker
+
+RETRY_AFTER_S = 5  # what a 503 for a full queue tells the client to wait
 
 
 @dataclass
@@ -32,49 +38,38 @@ class Settings:
     """What `python -m latentgen.serve` was started with."""
 
     auth: list[tuple[str, str]] = field(default_factory=list)  # (user, password) pairs; empty: no auth
+    allowed_hosts: list[str] = field(default_factory=list)  # Host header names answered; empty or "*": any
+    cors_origins: list[str] = field(default_factory=list)  # origins a browser may call from; empty: none (no CORS)
     loras_dir: Path = Path("loras")
     clip_skip: int = 1  # A1111's CLIP_stop_at_last_layers option (1: the last layer)
 
 
 def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    basic = HTTPBasic(auto_error=False)
-
-    def authorized(credentials: HTTPBasicCredentials | None = Depends(basic)) -> None:
-        if not settings.auth:
-            return
-        if credentials is not None:
-            user, password = credentials.username.encode(), credentials.password.encode()
-            ok = False
-            for u, p in settings.auth:  # every pair compared in constant time, whatever matches
-                ok |= secrets.compare_digest(user, u.encode()) & secrets.compare_digest(password, p.encode())
-            if ok:
-                return
-        raise HTTPException(401, "missing or wrong credentials (HTTP basic auth)",
-                            headers={"WWW-Authenticate": "Basic"})
-
-    app = FastAPI(title="latentgen", version=__version__, dependencies=[Depends(authorized)])
+    app = FastAPI(title="latentgen", version=__version__)
     app.state.worker = worker
     previews = _Previews()
+    _guard(app, settings)
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, err: UserError):
-        return JSONResponse({"detail": str(err), "error": type(err).__name__},
-                            status_code=503 if isinstance(err, QueueFull) else 400)
+        full = isinstance(err, QueueFull)
+        return JSONResponse({"detail": str(err), "error": type(err).__name__}, status_code=503 if full else 400,
+                            headers={"Retry-After": str(RETRY_AFTER_S)} if full else None)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, err: RequestValidationError):
-        errors = err.errors()
+        errors = _jsonable(err.errors())
         first = errors[0] if errors else {}
         where = ".".join(str(part) for part in first.get("loc", ())[1:]) or "body"
-        return JSONResponse({"detail": _jsonable(errors), "error": f"{where}: {first.get('msg', 'invalid')}"},
-                            status_code=422)
+        return JSONResponse({"detail": errors, "error": f"{where}: {first.get('msg', 'invalid')}"}, status_code=422)
 
     # ------------------------------------------------------------------------------------------------------------
     # Generation
 
     def submit(body: a1111.Txt2Img) -> tuple[Any, list[str]]:
-        request, model, notes = a1111.to_request(body, worker.options.get("CLIP_stop_at_last_layers"))
+        request, model, notes = a1111.to_request(body, worker.options.get("CLIP_stop_at_last_layers"),
+                                                 worker.max_pixels())
         return worker.submit(request, model), notes
 
     async def run(body: a1111.Txt2Img) -> dict:
@@ -92,14 +87,14 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
 
     @app.post("/sdapi/v1/extra-single-image")
     def extra_single_image(body: a1111.ExtraSingleImage):
-        image, notes = a1111.extras_upscale(body, worker.limits.max_side)
+        image, notes = a1111.extras_upscale(body, worker.max_side(), worker.max_pixels())
         return {"html_info": "".join(f"<p>{note}</p>" for note in notes), "image": a1111.encode_png(image, None)}
 
     @app.post("/sdapi/v1/png-info")
     def png_info(body: dict[str, str]):
         from ..metadata import parse_a1111_parameters
 
-        image = a1111.decode_image(body.get("image", ""), "image")
+        image = a1111.decode_image(body.get("image", ""), "image", worker.max_pixels())
         text = image.info.get("parameters")
         items = {k: v for k, v in image.info.items() if isinstance(v, str) and k != "parameters"}
         if not text:
@@ -262,6 +257,58 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def _guard(app: FastAPI, settings: Settings) -> None:
+    """What every route is behind, documentation and 404s included, from the outside in: the Host allow-list (a
+    loopback server answers only to its own names, so a web page that rebinds its DNS name to 127.0.0.1 cannot
+    reach it), CORS only for the origins given, and HTTP basic auth (as A1111's --api-auth)."""
+
+    async def authorized(request: Request, call_next):
+        if settings.auth and not _credentials_ok(request.headers.get("authorization", ""), settings.auth):
+            return JSONResponse({"detail": "missing or wrong credentials (HTTP basic auth)", "error": "Unauthorized"},
+                                status_code=401, headers={"WWW-Authenticate": "Basic"})
+        return await call_next(request)
+
+    app.add_middleware(BaseHTTPMiddleware, dispatch=authorized)  # the innermost: a CORS preflight has no credentials
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials=True)
+    if settings.allowed_hosts and "*" not in settings.allowed_hosts:
+        app.add_middleware(_HostAllowList, hosts=settings.allowed_hosts)
+
+
+def _credentials_ok(header: str, pairs: list[tuple[str, str]]) -> bool:
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        user, sep, password = base64.b64decode(encoded, validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, ValueError):
+        return False
+    match = False
+    for u, p in pairs:  # every pair compared in constant time, whatever matches
+        match |= secrets.compare_digest(user.encode(), u.encode()) & secrets.compare_digest(password.encode(),
+                                                                                           p.encode())
+    return bool(sep) and match
+
+
+class _HostAllowList:
+    """An ASGI middleware: requests whose Host header (port aside) is not in `hosts` get a one-line 400. Starlette's
+    TrustedHostMiddleware splits the port at the first colon, which cuts an IPv6 host such as `[::1]:7860`."""
+
+    def __init__(self, app, hosts: list[str]):
+        self.app, self.hosts = app, {h.lower() for h in hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+            name = host[:host.find("]") + 1] if host.startswith("[") else host.split(":", 1)[0]  # [::1]:7860
+            if name not in self.hosts:
+                response = JSONResponse({"detail": f"host {host or '(none)'!r} is not one this server answers to "
+                                                   "(--allowed-hosts)", "error": "BadHost"}, status_code=400)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def _answer(worker: Worker, body, job, result, notes) -> dict:
     """The A1111 answer of a finished job, made once (the page polls a finished job until it has seen it)."""
     if job.answer is None:
@@ -295,9 +342,11 @@ def _lora_metadata(path: Path) -> dict:
         return {}
 
 
-def _jsonable(errors: list[dict]) -> list[dict]:
-    """Pydantic's errors without the exception objects some carry in `ctx`."""
-    return [{k: (str(v) if k == "ctx" else v) for k, v in e.items() if k != "url"} for e in errors]
+def _jsonable(errors) -> list[dict]:
+    """Pydantic's errors as JSON can carry them: the exception objects some hold in `ctx` and the raw body of a
+    request that is not JSON (bytes) become text."""
+    return json.loads(json.dumps([{k: v for k, v in e.items() if k != "url"} for e in errors],
+                                 default=lambda v: v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)))
 
 
 class _Previews:

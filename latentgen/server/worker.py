@@ -33,28 +33,63 @@ class Interrupted(Exception):
     """Raised from a step callback to stop the batch being sampled."""
 
 
+class TimedOut(Exception):
+    """Raised from a step callback when the batch has run longer than `Limits.max_job_s`."""
+
+
 @dataclass
 class Limits:
     """What one request may ask for; more is a 400 with the limit in the message."""
 
-    max_side: int = 1024  # pixels, of the final image (hires included)
+    max_side: int | None = None  # pixels, of the final image (hires included); None: NATIVE_SIDES × the model's size
     max_steps: int = 150  # A1111's largest slider value
     max_images: int = 16  # batch_size × n_iter
     max_queue: int = 64  # jobs waiting; more: 503
+    max_prompt_tokens: int = 1000  # per prompt, LoRA tags aside (A1111's chunks of 75: 13)
+    max_job_s: float = 600.0  # a running job is stopped with an error after this long
 
-    def check(self, request: Request) -> None:
+    NATIVE_SIDES = 4  # a server of a 64 px model takes 256 px; of a 512 px one (SD 1.x), 2048
+
+    def side(self, native: int | None) -> int:
+        """The largest side a request may ask for of a model whose own size is `native` (None: not known yet)."""
+        if self.max_side is not None:
+            return self.max_side
+        return self.NATIVE_SIDES * native if native else 1024
+
+    def check(self, request: Request, native: int | None = None) -> None:
+        """What needs no model (and the size where the model's own size, `native`, is known)."""
         steps = request.sampling_steps
         if steps > self.max_steps:
             raise UserError(f"{steps} sampling steps asked; this server allows at most {self.max_steps}")
         if request.total > self.max_images:
             raise UserError(f"{request.total} images asked (batch_size × n_iter); this server allows at most "
                             f"{self.max_images} per request")
+        for text in dict.fromkeys(request.prompt + request.negative_prompt):  # a cheap bound before tokenizing
+            if len(text) > self.PROMPT_CHARS_PER_TOKEN * self.max_prompt_tokens:
+                raise UserError(f"a prompt of {len(text)} characters is over this server's limit of "
+                                f"{self.max_prompt_tokens} tokens")
+        limit = self.side(native)
         scale = request.hires.scale if request.hires else request.upscale.scale if request.upscale else 1.0
         for name in ("width", "height"):
             side = getattr(request, name)
-            if side is not None and side * scale > self.max_side:
+            if side is None and native is not None:
+                side = native
+            if side is not None and side * scale > limit:
                 raise UserError(f"{name} {side}{f' × {scale:g}' if scale != 1 else ''} is over this server's "
-                                f"limit of {self.max_side} pixels")
+                                f"limit of {limit} pixels")
+
+    PROMPT_CHARS_PER_TOKEN = 16
+
+    def check_model(self, request: Request, pipe) -> None:
+        """What needs the model: the image size against its own size, the prompts in its tokens."""
+        from .. import lora
+
+        self.check(request, pipe.default_size)
+        for text in dict.fromkeys(request.prompt + request.negative_prompt):
+            tokens = len(pipe.tokenizer(lora.strip_tags(text), truncation=False).input_ids) - 2  # BOS/EOS aside
+            if tokens > self.max_prompt_tokens:
+                raise UserError(f"a prompt of {tokens} tokens is over this server's limit of "
+                                f"{self.max_prompt_tokens}")
 
 
 @dataclass
@@ -137,6 +172,7 @@ class Models:
         self.pipe = None
         self.loaded: str | None = None
         self.hashes: dict[str, str] = {}
+        self.native: dict[str, int] = {}  # each model's own image size, once it has loaded
 
     def refresh(self) -> None:
         from ..loading import list_models, resolve_model
@@ -168,6 +204,7 @@ class Models:
             self.pipe = None
             pipe = self._load(self.paths[name])
             self.pipe, self.loaded = pipe, name
+            self.native[name] = pipe.default_size
         return self.pipe
 
 
@@ -206,8 +243,9 @@ class Worker:
 
             request = dataclasses.replace(request, seed=random_seed())
         request = request.check()
-        self.limits.check(request)
-        job = Job(request, self.models.find(model))
+        name = self.models.find(model)
+        self.limits.check(request, self.models.native.get(name))
+        job = Job(request, name)
         with self._cond:
             if len(self.queue) >= self.limits.max_queue:
                 raise QueueFull(f"the queue is full ({self.limits.max_queue} jobs waiting); try again later")
@@ -216,6 +254,14 @@ class Worker:
             self._forget_old()
             self._cond.notify()
         return job
+
+    def max_side(self) -> int:
+        """The largest side a request for the current model may ask for."""
+        return self.limits.side(self.models.native.get(self.models.current))
+
+    def max_pixels(self) -> int:
+        """The most pixels of an image a request may send (init images, masks, extras): decoded only within it."""
+        return (2 * self.max_side()) ** 2
 
     def interrupt(self, job_id: str | None = None) -> bool:
         """Stop a job (default: the running ones): a queued job ends with no images, a running one with the images
@@ -268,10 +314,12 @@ class Worker:
             try:
                 self._run_batch(batch)
             except BaseException as err:  # never lose a job: whatever went wrong, each gets an answer
-                log.exception("batch failed")
+                if not isinstance(err, UserError):  # a server fault: its traceback; a user's mistake: one line
+                    log.exception("batch failed")
+                message = str(err) if isinstance(err, UserError) else f"generation failed: {first_line(err)}"
                 for job in batch:
                     if not job.future.done():
-                        self._fail(job, f"generation failed: {first_line(err)}")
+                        self._fail(job, message)
             finally:
                 with self._cond:
                     self.running = []
@@ -300,6 +348,7 @@ class Worker:
         plans = []
         for job in batch:  # each job fitted alone first: one job's mistake fails that job only
             try:
+                self.limits.check_model(job.request, pipe)
                 plans.append((job, job.request.fit(pipe)))
             except UserError as err:
                 self._fail(job, str(err))
@@ -315,6 +364,8 @@ class Worker:
                 job.step += 1
             if any(job.interrupt.is_set() for job in jobs):
                 raise Interrupted
+            if time.time() - jobs[0].started > self.limits.max_job_s:  # the batch's jobs started together
+                raise TimedOut
 
         def on_latents(i, latents):
             for k, job in enumerate(jobs):
@@ -323,7 +374,12 @@ class Worker:
         try:
             out = pipe.generate(plan, on_step=on_step, on_latents=on_latents)
         except Interrupted:
-            self._interrupted(pipe, jobs)
+            self._interrupted(pipe, jobs, plan, rows, name)
+            return
+        except TimedOut:
+            for job in jobs:
+                self._fail(job, f"stopped after {time.time() - job.started:.0f} s: this server's limit is "
+                                f"{self.limits.max_job_s:g} s per job (ask for fewer steps, images or pixels)")
             return
         for k, job in enumerate(jobs):
             about = self._about(pipe, name, plan.take(range(rows[k], rows[k + 1]))) if self._about else {}
@@ -331,19 +387,25 @@ class Worker:
                       for image, meta in zip(out.images[rows[k]:rows[k + 1]], out.metadata[rows[k]:rows[k + 1]])]
             self._finish(job, Result(images, model=name))
 
-    def _interrupted(self, pipe, jobs: list[Job]) -> None:
-        """The interrupted jobs get their images as far as sampling got (as A1111 does); their batch mates go back to
-        the head of the queue and start again."""
+    def _interrupted(self, pipe, jobs: list[Job], plan, rows: list[int], name: str) -> None:
+        """The interrupted jobs get their images as far as sampling got, with their settings (as A1111 does); their
+        batch mates go back to the head of the queue and start again."""
+        from ..schedulers import scheduler_name_of
+
         with self._cond:
             for job in reversed(jobs):
                 if not job.interrupt.is_set():
                     job.state, job.step, job.latents, job.latents_step = QUEUED, 0, None, -1
                     self.queue.appendleft(job)
             self._cond.notify()
-        for job in jobs:
+        scheduler = plan.request.scheduler or scheduler_name_of(pipe.scheduler)
+        for k, job in enumerate(jobs):
             if job.interrupt.is_set():
                 images = [] if job.latents is None else pipe.image_processor.postprocess(pipe.decode(job.latents))
-                self._finish(job, Result([(image, {}) for image in images], interrupted=True, model=job.model))
+                mine = plan.take(range(rows[k], rows[k + 1]))
+                about = self._about(pipe, name, mine) if self._about else {}
+                self._finish(job, Result([(image, mine.record(i, scheduler) | about) for i, image in enumerate(images)],
+                                         interrupted=True, model=job.model))
 
     # The answer is set before the state turns final: the status route reads the state, then the answer, from
     # another thread, so a job that reads "done" or "failed" has its images or its error.
@@ -355,6 +417,7 @@ class Worker:
         job.state = DONE
 
     def _fail(self, job: Job, message: str) -> None:
+        log.warning("job %s failed: %s", job.id, message)  # one line: the client has the same
         job.error, job.latents = message, None
         if not job.future.done():
             job.future.set_exception(UserError(message))
