@@ -54,18 +54,51 @@ def slug(text: str, length: int = 40) -> str:
 
 
 def output_paths(out: str, jobs: Sequence[Job]) -> list[Path]:
-    """Where each image goes: `--out x.png` for one image (x-0.png, x-1.png, ... for several), else a folder."""
+    """Where each image goes: `--out x.png` for one image (x-0.png, x-1.png, ... for several), else a folder; a
+    place that cannot be written is an error now, before any work."""
     target = Path(out)
     if target.suffix.lower() in IMAGE_SUFFIXES:
         if target.is_dir():
             raise UserError(f"--out {target} is a folder with an image suffix; give a file name or another folder")
+        check_writable(target.parent)
         if len(jobs) == 1:
             return [target]
         return [target.with_name(f"{target.stem}-{j.index}{target.suffix}") for j in jobs]
     if (target.exists() and not target.is_dir()) or (target.suffix and not target.exists()):
         raise UserError(f"--out {target} is not an image file name (a file ending in {', '.join(IMAGE_SUFFIXES)}) "
                         "nor a folder (an existing one, or a name without a suffix)")
+    check_writable(target)
     return [target / f"{j.index:05d}-{j.seed}-{slug(j.prompt)}.png" for j in jobs]
+
+
+def check_writable(folder: Path) -> None:
+    """A one-line error unless files can be made in `folder`, or in the deepest part of it that exists (the rest is
+    made when the first image is written): tried with a file, since permissions say nothing of a read-only mount."""
+    import tempfile
+
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot write to {folder}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to {folder}: {err.strerror or err}") from None
+
+
+METADATA_WARN_BYTES = 64 * 1024  # A1111's own infotexts are a few hundred bytes; a prompt file pasted in is not
+
+
+def _warn_if_large(metadata: dict, path: Path) -> None:
+    import logging
+
+    size = sum(len(chunk[1]) for chunk in getattr(metadata.get("pnginfo"), "chunks", [])) or len(
+        metadata.get("exif", b""))
+    if size > METADATA_WARN_BYTES:
+        logging.getLogger("latentgen").warning(f"{path.name} carries {size // 1024} KB of metadata (its prompts "
+                                               "and settings, written twice: A1111's text and latentgen's JSON)")
 
 
 def grid_path(out: str) -> Path:
@@ -118,7 +151,9 @@ def write_images(pipe, plan, paths: Sequence[Path], batch_size: int, about: dict
         for image, meta in zip(out.images, out.metadata):
             path = next(rows)
             meta = meta | about | {k: v for k, v in out.info.items() if k in ("dtype", "fp32_retry")}
-            written.append(save_image(image, path, **image_metadata(meta, path.suffix)))
+            metadata = image_metadata(meta, path.suffix)
+            _warn_if_large(metadata, path)
+            written.append(save_image(image, path, **metadata))
             if on_image is not None:
                 on_image(written[-1])
     return written

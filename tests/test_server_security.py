@@ -333,3 +333,15 @@ def test_fuzzed_requests_never_get_a_server_error(case, fuzzed):
     assert response.status_code < 500 or (response.status_code == 503 and "Retry-After" in response.headers), (
         case.method, case.path, response.status_code, body[:500])
     assert "Traceback" not in body and 'File "' not in body, body[:500]
+
+
+def test_infer_warns_of_metadata_over_a_size(tiny_folder, tmp_path):
+    from conftest import infer
+
+    r = infer("--prompt", "red " * 20000, "--model", tiny_folder, "--steps", "1", "--height", "32", "--width", "32",
+              "--out", tmp_path / "long.png", "--dtype", "fp32")
+    assert r.returncode == 0, r.stderr
+    assert "warning: long.png carries 157 KB of metadata" in r.stderr
+    r = infer("--prompt", "red", "--model", tiny_folder, "--steps", "1", "--height", "32", "--width", "32",
+              "--out", tmp_path / "short.png", "--dtype", "fp32")
+    assert r.returncode == 0 and "metadata" not in r.stderr
