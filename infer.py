@@ -263,6 +263,7 @@ def replay(args):
     if args.dtype == "auto":
         args.dtype = meta["dtype"]
     image, mask = (meta.get(k, {}).get("path") for k in ("image", "mask"))
+    pin_threads(meta.get("threads"))
     pipe, _ = load_pipeline(args)
     plan = Request.from_metadata(meta, image=load_image(image) if image else None,
                                  mask_image=load_image(mask, "mask") if mask else None).fit(pipe)
@@ -285,6 +286,18 @@ def replay(args):
         else f"size {new.shape[1]}×{new.shape[0]} vs {old.shape[1]}×{old.shape[0]}"
     print(f"replay of {args.replay}: differs ({detail})")
     sys.exit(1)
+
+
+def pin_threads(recorded: list[int] | None) -> None:
+    """Replay with the CPU threads the image was made with: a reduction split over another number of threads can
+    change the last bits (`latentgen.threads`)."""
+    from latentgen import threads
+
+    if recorded and len(recorded) == 1:
+        threads.pin(recorded[0])
+    elif recorded:
+        print(f"warning: the image was made while other processes took cores (its sampling ran on {recorded} "
+              "threads in turn); the replay may differ in the last bits", file=sys.stderr)
 
 
 def replay_a1111(args, parameters: str):

@@ -1,11 +1,12 @@
 """Load test of `python -m latentgen.serve`: N concurrent clients on loopback for a bounded time, against the same
 images made one at a time by the pipeline in-process (the reference, measured first in the same run).
 
-    python bench/serve_load.py [--clients 8] [--seconds 60] [--steps 20] [--max-batch 8]
+    python bench/serve_load.py [--clients 8] [--seconds 60] [--steps 20] [--max-batch 8] [--busy 0]
 
 Each client sends A1111 txt2img requests (one image, its own prompt and seed, the default model at its default
 size) back to back until the time is up; requests still in flight then are waited for. Prints throughput, p50/p95
-latency, the batches the server formed, and whether every request got its image.
+latency, the batches the server formed, and whether every request got its image. `--busy N` runs N processes that
+spin on a core each beside the server and the reference (a laptop with a browser open).
 """
 
 from __future__ import annotations
@@ -46,9 +47,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--port", type=int, default=7870)
+    p.add_argument("--busy", type=int, default=0, help="processes spinning on a core each beside the server")
     args = p.parse_args()
     import requests
 
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        run(args, requests)
+    finally:
+        for s in spinners:
+            s.kill()
+
+
+def run(args, requests) -> None:
     direct = reference(args.steps, 12)
     server = subprocess.Popen([sys.executable, "-m", "latentgen.serve", "--port", str(args.port), "--max-batch",
                                str(args.max_batch), "--max-queue", str(4 * args.clients)], cwd=ROOT,
@@ -97,7 +108,8 @@ def main() -> None:
     answered = sum(1 for _, status, images in results if status == 200 and images == 1)
     quantile = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
     served = answered / wall
-    print(f"{args.clients} clients, {args.seconds:g} s, {args.steps} steps, default model, max batch {args.max_batch}")
+    print(f"{args.clients} clients, {args.seconds:g} s, {args.steps} steps, default model, max batch {args.max_batch}, "
+          f"{args.busy} busy processes beside")
     print(f"requests: {len(results)}, answered with their image: {answered}, lost or failed: {len(results) - answered}")
     print(f"throughput: {served:.2f} images/s served vs {direct:.2f} images/s in-process one at a time "
           f"(ratio {served / direct:.2f})")

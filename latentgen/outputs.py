@@ -150,7 +150,7 @@ def write_images(pipe, plan, paths: Sequence[Path], batch_size: int, about: dict
         out = pipe.generate(batch, on_step=step)
         for image, meta in zip(out.images, out.metadata):
             path = next(rows)
-            meta = meta | about | {k: v for k, v in out.info.items() if k in ("dtype", "fp32_retry")}
+            meta = meta | about | out.recorded_info()
             metadata = image_metadata(meta, path.suffix)
             _warn_if_large(metadata, path)
             written.append(save_image(image, path, **metadata))

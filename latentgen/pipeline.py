@@ -28,7 +28,7 @@ from diffusers.loaders import (
 )
 from torch import nn
 
-from . import diffusion, lora, sampling, tiling
+from . import diffusion, lora, sampling, threads, tiling
 from .conditioning import Conditioning, PromptEncoder
 from .errors import UserError, first_line
 from .io import atomic_dir
@@ -54,6 +54,11 @@ class GenerationOutput:
     scheduler: str = ""
     info: dict[str, Any] = field(default_factory=dict)  # what the call did: size, dtype, fp32 retries, ...
     metadata: list[dict[str, Any]] = field(default_factory=list)  # per image: its Request fields (replayable)
+
+    RECORDED_INFO = ("dtype", "fp32_retry", "threads")  # what of `info` an image's metadata keeps, for its replay
+
+    def recorded_info(self) -> dict[str, Any]:
+        return {k: v for k, v in self.info.items() if k in self.RECORDED_INFO}
 
 
 class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin):
@@ -420,10 +425,17 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         generators = _generator_factory(plan)
         info: dict[str, Any] = {}
         hooks = (on_step, on_latents)
-        latents, retried = sampling.finite_or_fp32(
-            self, lambda pipe, retry: sampling.sample(pipe, plan, generators(), *((None, None) if retry else hooks)),
-            ("unet", "text_encoder"), warning="NaN/Inf in the latents sampled in {dtype}; sampling again in fp32",
-            fatal="the model produced NaN/Inf latents even in fp32; its weights may be damaged")
+
+        def run(pipe, retry):
+            return sampling.sample(pipe, plan, generators(), *((None, None) if retry else hooks))
+
+        with threads.track() as used:
+            latents, retried = sampling.finite_or_fp32(
+                self, run,
+                ("unet", "text_encoder"), warning="NaN/Inf in the latents sampled in {dtype}; sampling again in fp32",
+                fatal="the model produced NaN/Inf latents even in fp32; its weights may be damaged")
+        if used:
+            info["threads"] = sorted(used)
         if retried:
             info["fp32_retry"] = "unet"
         if plan.request.output_type == "latent":

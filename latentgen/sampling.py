@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
+from . import threads
 from .conditioning import GuidedConditioning, PromptEncoder
 from .diffusion import scale_latents, unscale_latents
 from .errors import UserError
@@ -240,7 +241,10 @@ def denoise(pipe, latents: torch.Tensor, cond: GuidedConditioning, plan: Plan, s
     extra = step_kwargs(scheduler, generator, plan.request.eta)
     offset = (len(scheduler.timesteps) - len(timesteps)) // scheduler.order  # steps skipped by img2img
     blend = "mask" in known and "masked_z0" not in known
+    on_cpu = latents.device.type == "cpu"
     for i, t in enumerate(pipe.progress_bar(timesteps)):
+        if on_cpu:
+            threads.adapt()  # as many threads as other processes leave cores free (`latentgen.threads`)
         pred = predict(pipe, latents, t, cond, plan, offset + i // scheduler.order, scheduler, known)
         latents = scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
         if blend:

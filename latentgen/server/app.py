@@ -369,6 +369,7 @@ class _Previews:
         with self.lock:
             import torch
 
+            torch.set_num_threads(1)  # this HTTP thread's team only: the worker's sampling keeps the cores
             with torch.no_grad():
                 image = pipe.image_processor.postprocess(pipe.decode(latents[:1]))[0]
         encoded = a1111.encode_png(image, None)

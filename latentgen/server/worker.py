@@ -383,7 +383,7 @@ class Worker:
             return
         for k, job in enumerate(jobs):
             about = self._about(pipe, name, plan.take(range(rows[k], rows[k + 1]))) if self._about else {}
-            images = [(image, meta | about | {k2: v for k2, v in out.info.items() if k2 in ("dtype", "fp32_retry")})
+            images = [(image, meta | about | out.recorded_info())
                       for image, meta in zip(out.images[rows[k]:rows[k + 1]], out.metadata[rows[k]:rows[k + 1]])]
             self._finish(job, Result(images, model=name))
 
