@@ -20,8 +20,8 @@ from latentgen.errors import UserError
 
 
 def parse_args(argv):
-    from latentgen.guidance import add_apg_flags
-    from latentgen.schedulers import scheduler_names
+    from latentgen.components.schedulers import scheduler_names
+    from latentgen.generation.guidance import add_apg_flags
 
     p = ArgumentParser(prog="infer.py", description=__doc__.splitlines()[1])
     p.add_argument("--prompt", action="append", help="a prompt (repeat the flag for several); A1111 weighting "
@@ -112,11 +112,12 @@ FLAG_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", 
 
 def request_of(args, prompts, image=None, mask=None):
     """The run as one Request (checked later, once): image k of the run gets seed --seed + k."""
-    from latentgen import lora, validate
-    from latentgen.guidance import apg_of
-    from latentgen.hires import Hires
-    from latentgen.request import Request
-    from latentgen.upscaler import Upscale
+    from latentgen import validate
+    from latentgen.formats import lora
+    from latentgen.generation.cascade import Upscale
+    from latentgen.generation.guidance import apg_of
+    from latentgen.generation.hires import Hires
+    from latentgen.generation.request import Request
 
     hires, upscale = None, None
     if args.upscale is not None:
@@ -141,8 +142,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.replay:
         return replay(args)
-    from latentgen import outputs
-    from latentgen.distributed import describe, process_state, relaunch_cpu_ranks, say, shared_random_seed
+    from latentgen.generation import outputs
+    from latentgen.runtime.distributed import describe, process_state, relaunch_cpu_ranks, say, shared_random_seed
 
     relaunch_cpu_ranks(argv)  # `accelerate launch --cpu --num_processes N`: N ranks from here on
     state = process_state()  # one process, or this rank of `accelerate launch`, before anything else asks
@@ -173,8 +174,8 @@ def main(argv=None):
 
 def load_pipeline(args, state=None):
     """The pipeline on its device: under a multi-process launch with --device auto, this rank's own device."""
-    from latentgen.device import resolve_device
-    from latentgen.loading import open_pipeline, resolve_model
+    from latentgen.generation.models import open_pipeline, resolve_model
+    from latentgen.runtime.device import resolve_device
 
     quiet_libraries()
     device = resolve_device(args.device)
@@ -195,12 +196,12 @@ def write(pipe, model, plan, paths, args, show=True) -> list:
     """Generate the plan's images in batches, each written with its metadata as soon as its batch is done."""
     import tqdm
 
-    from latentgen.outputs import run_about, write_images
+    from latentgen.generation.outputs import run_about, write_images
 
     about = run_about(pipe, model, plan, vae=args.vae, prediction_type=args.prediction_type,
                       inputs={k: getattr(args, k) for k in ("image", "mask") if getattr(args, k)})
     if plan.loras:
-        from latentgen import lora
+        from latentgen.formats import lora
 
         lora.fuse(pipe, plan.loras)  # one LoRA set for the whole run: fused is faster per image
     # disable=None: a progress bar on a terminal only, never mixed into redirected output
@@ -216,15 +217,15 @@ def print_path(path, bars) -> None:
     """One written image's path on stdout, clear of the progress bar. One write per line (`say`): tqdm.write and
     print write the newline separately, and ranks of `accelerate launch` under PYTHONUNBUFFERED (as in many
     containers) then interleave their lines in a shared pipe."""
-    from latentgen.distributed import say
+    from latentgen.runtime.distributed import say
 
     with bars.external_write_mode():
         say(str(path))
 
 
 def write_grid(jobs, paths, out: str):
+    from latentgen.generation.outputs import contact_sheet, grid_path, load_image
     from latentgen.io import save_image
-    from latentgen.outputs import contact_sheet, grid_path, load_image
 
     images = [load_image(paths[j.index]) for j in jobs]
     target = save_image(contact_sheet(images, [j.prompt for j in jobs]), grid_path(out))
@@ -241,10 +242,10 @@ def replay(args):
 
     import numpy as np
 
+    from latentgen.formats.images import read_metadata
+    from latentgen.generation.outputs import load_image
+    from latentgen.generation.request import Request
     from latentgen.io import model_hash, same_hash
-    from latentgen.metadata import read_metadata
-    from latentgen.outputs import load_image
-    from latentgen.request import Request
 
     found = read_metadata(args.replay)
     if "parameters" in found:
@@ -268,7 +269,7 @@ def replay(args):
     plan = Request.from_metadata(meta, image=load_image(image) if image else None,
                                  mask_image=load_image(mask, "mask") if mask else None).fit(pipe)
     if plan.loras:
-        from latentgen import lora
+        from latentgen.formats import lora
 
         lora.fuse(pipe, plan.loras)  # as write() did: fused and unfused LoRAs differ in the last float bits
     out = pipe.generate(plan)
@@ -290,8 +291,8 @@ def replay(args):
 
 def pin_threads(recorded: list[int] | None) -> None:
     """Replay with the CPU threads the image was made with: a reduction split over another number of threads can
-    change the last bits (`latentgen.threads`)."""
-    from latentgen import threads
+    change the last bits (`latentgen.runtime.threads`)."""
+    from latentgen.runtime import threads
 
     if recorded and len(recorded) == 1:
         threads.pin(recorded[0])
@@ -303,9 +304,9 @@ def pin_threads(recorded: list[int] | None) -> None:
 def replay_a1111(args, parameters: str):
     """Generate again from an A1111 `parameters` text: its prompt, seed, steps, CFG scale, size, sampler, clip
     skip and hires fields; fields latentgen does not use are listed, not fatal."""
-    from latentgen import outputs
+    from latentgen.generation import outputs
+    from latentgen.generation.infotext import a1111_request
     from latentgen.io import model_hash, same_hash
-    from latentgen.metadata import a1111_request
 
     settings, fields, unused = a1111_request(parameters)
     if not settings["prompt"].strip():

@@ -7,7 +7,8 @@
 
 import sys
 
-from latentgen.cli import run_cli, training_main
+from latentgen.cli import run_cli
+from latentgen.training.command import training_main
 
 
 def load():

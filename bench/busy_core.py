@@ -3,9 +3,10 @@
     python bench/busy_core.py [--steps 20] [--repeat 3] [--busy 1]
 
 Each row runs in a fresh process: `adaptive` is latentgen's default (threads sized to the free cores, see
-`latentgen.threads`), `fixed` is PyTorch's default team of one thread per core, `one` a single thread, `passive` the
-fixed team with OpenMP's passive wait policy. Every row is measured idle and beside `--busy` processes that spin on
-a core each; the ratio busy/idle is what a user with a browser open sees. Target (#43): adaptive ≤ 2×.
+`latentgen.runtime.threads`), `fixed` is PyTorch's default team of one thread per core, `one` a single thread,
+`passive` the fixed team with OpenMP's passive wait policy. Every row is measured idle and beside `--busy`
+processes that spin on a core each; the ratio busy/idle is what a user with a browser open sees. Target (#43):
+adaptive ≤ 2×.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def child(steps: int, repeat: int) -> None:
     import torch
 
     from latentgen.cli import quiet_libraries
-    from latentgen.loading import DEFAULT_MODEL, open_pipeline
+    from latentgen.generation.models import DEFAULT_MODEL, open_pipeline
 
     quiet_libraries()
     pipe = open_pipeline(DEFAULT_MODEL)

@@ -41,7 +41,7 @@ def best_time(fn: Callable[[], object], repeat: int = 3, warmup: int = 1, device
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process, in MB."""
-    from latentgen.device import peak_memory_mb
+    from latentgen.runtime.device import peak_memory_mb
 
     return peak_memory_mb()
 
@@ -66,7 +66,7 @@ def sd_shaped_folder(path: Path, width: int = 160, resolution: int = 256) -> Pat
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from latentgen import LatentPipeline
-    from latentgen.text_encoders import clip_tokenizer
+    from latentgen.components.text_encoders import clip_tokenizer
 
     if (path / "model_index.json").exists():
         return path

@@ -50,7 +50,7 @@ def unet_rate(model: str, images: int, profile: bool = False, compile: bool = Fa
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from latentgen.loading import open_pipeline
+    from latentgen.generation.models import open_pipeline
 
     pipe = open_pipeline(model, dtype, device, embeddings_dir=None)
     unet = pipe.unet
@@ -95,7 +95,7 @@ def main():
     p.add_argument("--profile", action="store_true", help="print where the time goes")
     p.add_argument("--compile", action="store_true", help="also time the compiled U-Net")
     args = p.parse_args()
-    from latentgen.precision import cpu_has_fast_bf16
+    from latentgen.runtime.precision import cpu_has_fast_bf16
 
     peaks = {torch.float32: matmul_peak(torch.float32)}
     if cpu_has_fast_bf16():

@@ -63,7 +63,7 @@ def diffusers_fp16(folder: Path, device):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from latentgen.schedulers import make_scheduler
+    from latentgen.components.schedulers import make_scheduler
 
     diff = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float16, local_files_only=True,
                                                    safety_checker=None, requires_safety_checker=False).to(device)
@@ -83,7 +83,7 @@ def inference(folder: Path, device, batches: list[int], steps: int, repeat: int,
     pipeline's (`reference`)."""
     import torch
 
-    from latentgen.loading import open_pipeline
+    from latentgen.generation.models import open_pipeline
 
     rows = []
 
@@ -140,8 +140,8 @@ def split(folder: Path, device, images: int, steps: int) -> list[dict]:
     device synchronisations by hooks, so the split costs the overlap of host and device it measures around."""
     import torch
 
-    from latentgen import sampling
-    from latentgen.loading import open_pipeline
+    from latentgen.generation import sampling
+    from latentgen.generation.models import open_pipeline
 
     def timed(pipe, call) -> dict:
         spent, started, hooks = {}, {}, []

@@ -62,9 +62,9 @@ def digest(images) -> str:
 def run() -> dict[str, str]:
     import torch
 
-    from latentgen import threads
     from latentgen.cli import quiet_libraries
-    from latentgen.loading import DEFAULT_MODEL, open_pipeline
+    from latentgen.generation.models import DEFAULT_MODEL, open_pipeline
+    from latentgen.runtime import threads
 
     quiet_libraries()
     threads.pin(torch.get_num_threads())

@@ -27,7 +27,7 @@ PROMPT = "a red circle on a blue background"
 def child(args) -> dict:
     import torch
 
-    from latentgen.schedulers import make_scheduler
+    from latentgen.components.schedulers import make_scheduler
 
     torch.manual_seed(0)
     messages = []  # the compiled U-Net's reports
@@ -106,7 +106,7 @@ def main():
         models.append(("SD-shaped U-Net, 256×256", str(folder), args.sd_steps))
     paths = {"diffusers": ["--path", "diffusers"], "latentgen": ["--path", "latentgen"],
              "latentgen compiled": ["--path", "latentgen", "--compile"]}
-    from latentgen.precision import cpu_has_fast_bf16
+    from latentgen.runtime.precision import cpu_has_fast_bf16
 
     if cpu_has_fast_bf16():
         paths["diffusers bf16"] = ["--path", "diffusers", "--dtype", "bf16"]

@@ -27,7 +27,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model_state_dict
 
     from latentgen import LatentPipeline
-    from latentgen.loading import DEFAULT_MODEL
+    from latentgen.generation.models import DEFAULT_MODEL
 
     unet = LatentPipeline.from_pretrained(DEFAULT_MODEL, torch_dtype=torch.float32).unet
     unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
@@ -42,7 +42,7 @@ def main() -> None:
     call = dict(prompt="a red circle on a blue background", num_inference_steps=args.steps, seed=0)
     base = best_time(lambda: pipe(**call))
     unfused = best_time(lambda: pipe(**call, loras=lora))
-    from latentgen import lora as loras
+    from latentgen.formats import lora as loras
 
     loras.fuse(pipe, [(Path(p), s) for p, s in lora])  # what infer.py does for its run's one LoRA set
     fused = best_time(lambda: pipe(**call, loras=lora))

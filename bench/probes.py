@@ -36,7 +36,7 @@ def _pipe(dtype=None, model=MODEL, vae=None):
     if vae:  # e.g. a decoder fine-tuned with decoder_only; swapped as infer.py --vae swaps it
         from diffusers import AutoencoderKL
 
-        from latentgen.loading import load_vae
+        from latentgen.formats.folders import load_vae
 
         folder = (Path(vae) / "config.json").is_file()  # else a pipeline folder or a single file: load_vae's
         if folder and AutoencoderKL.load_config(vae)["latent_channels"] != pipe.vae.config.latent_channels:
@@ -96,7 +96,7 @@ def samplers(_):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from latentgen.schedulers import make_scheduler
+    from latentgen.components.schedulers import make_scheduler
 
     ours = _pipe(torch.float32)
     ref = StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None, requires_safety_checker=False)
@@ -119,7 +119,7 @@ def dpm_variants(_):
     """Held-out single-shape adherence at guidance 7.5, 20 steps, 2 seeds, for variants of DPM-Solver++ 2M."""
     import dataclasses
 
-    from latentgen import schedulers
+    from latentgen.components import schedulers
     from latentgen.eval.__main__ import adherence
 
     pipe = _pipe()
@@ -156,7 +156,7 @@ def profile(args):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from latentgen import sampling
+    from latentgen.generation import sampling
 
     pipe = _pipe()
     if args.compile:
@@ -213,7 +213,7 @@ def train_step(args):
     from torch.profiler import profile as torch_profile
 
     from latentgen.config import load_config
-    from latentgen.device import set_attention
+    from latentgen.runtime.device import set_attention
     from latentgen.training.loop import make_optimizer
     from latentgen.training.unet import UNetTrainConfig
 
@@ -286,8 +286,8 @@ def _update_costs(unet, config):
 _MEMORY_RUN = """
 import sys
 from latentgen import LatentPipeline
-from latentgen.device import peak_memory_mb
-from latentgen.memory import sampling_bytes
+from latentgen.runtime.device import peak_memory_mb
+from latentgen.runtime.memory import sampling_bytes
 size, n = int(sys.argv[1]), int(sys.argv[2])
 pipe = LatentPipeline.from_pretrained(sys.argv[3])
 pipe.set_progress_bar_config(disable=True)
@@ -411,7 +411,7 @@ def thread(_):
 def guidance_norms(_):
     """The RMS of the guidance update εc − ε∅ at each of the default model's 20 steps (guidance 7.5), over two
     prompts, against the cap APG puts on it (a norm of 1 over the 16×16×4 latent: RMS 1/32)."""
-    import latentgen.sampling as sampling
+    import latentgen.generation.sampling as sampling
 
     pipe = _pipe()
     seen = []
@@ -455,7 +455,7 @@ def apg_cost(_):
 def cascade(_):
     """Seconds per image (20 steps, guidance 7.5, batches of 8) of the default model at 64 px, and of the cascade to
     128 px (its upscaler with its defaults), measured round by round in one run."""
-    from latentgen.upscaler import Upscale
+    from latentgen.generation.cascade import Upscale
 
     pipe = _pipe()
     prompts = [PROMPT] * 8
@@ -481,7 +481,7 @@ def upscale_start(_):
 
     from latentgen.eval.adherence import evaluate_images, prompt_set
     from latentgen.eval.cascade import first_stage
-    from latentgen.upscaler import initial
+    from latentgen.generation.cascade import initial
 
     pipe = _pipe()
     targets = [t for t in prompt_set(27) for _ in range(2)]
@@ -510,7 +510,7 @@ def denoise(args):
 
     import torch
 
-    from latentgen.guidance import alpha_sigma, classifier_free_guidance, x0_from_prediction
+    from latentgen.generation.guidance import alpha_sigma, classifier_free_guidance, x0_from_prediction
 
     kinds, real, texts = _heldout_singles(60)
     pipe = _pipe(torch.float32, args.model, args.vae)

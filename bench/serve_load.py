@@ -29,7 +29,7 @@ PROMPTS = ["a red circle on a blue background", "a green square on a white backg
 def reference(steps: int, count: int) -> float:
     """Images per second of the pipeline itself, one image per call, as many calls as `count`."""
     from latentgen.cli import quiet_libraries
-    from latentgen.loading import DEFAULT_MODEL, open_pipeline
+    from latentgen.generation.models import DEFAULT_MODEL, open_pipeline
 
     quiet_libraries()
     pipe = open_pipeline(DEFAULT_MODEL)

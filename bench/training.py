@@ -32,9 +32,9 @@ def plain_diffusers(steps: int, batch: int) -> dict:
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+    from latentgen.components.text_encoders import load_transformers_encoder, minilm_path
     from latentgen.config import load_config
     from latentgen.data import build_dataset
-    from latentgen.text_encoders import load_transformers_encoder, minilm_path
     from latentgen.training.unet import UNetTrainConfig
 
     config = load_config(UNetTrainConfig, CONFIG, [f"train_batch_size={batch}", *OVERRIDES])

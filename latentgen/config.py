@@ -15,7 +15,7 @@ from typing import Any, Sequence, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import UserError
+from latentgen.errors import UserError
 
 T = TypeVar("T")
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .cli import ArgumentParser, quiet_libraries, run_cli
-from .errors import UserError
+from latentgen.cli import ArgumentParser, quiet_libraries, run_cli
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -25,7 +24,8 @@ def main(argv: list[str] | None = None) -> Path:
     args = p.parse_args(argv)
     import torch
 
-    from .pipeline import LatentPipeline
+    from latentgen.generation.models import check_source, check_target, write
+    from latentgen.generation.pipeline import LatentPipeline
 
     quiet_libraries()
     source, target = Path(args.source), Path(args.target)
@@ -36,26 +36,6 @@ def main(argv: list[str] | None = None) -> Path:
     write(pipe, target, torch.float16 if args.fp16 else None)
     print(target)
     return target
-
-
-def check_source(source: Path) -> None:
-    if not source.exists():
-        raise UserError(f"{source} does not exist")
-
-
-def check_target(target: Path) -> None:
-    """A .safetensors target is a single file, anything else a folder; an existing one of the other kind stays."""
-    if target.exists() and target.is_dir() == (target.suffix == ".safetensors"):
-        raise UserError(f"{target} exists and is not what would be written there (a .safetensors file or a "
-                        "folder); choose another target")
-
-
-def write(pipe, target: Path, dtype=None) -> None:
-    """`target` as a single-file checkpoint (.safetensors) or a diffusers folder, weights in `dtype` if given."""
-    if target.suffix == ".safetensors":
-        pipe.save_single_file(target, dtype)
-    else:
-        pipe.save_pretrained(target, weights_dtype=dtype)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
 
 def save_image(image, path: str | os.PathLike, **metadata) -> Path:
     """Save a PIL image atomically; the format follows the suffix; `metadata`: PIL's `pnginfo=` or `exif=`
-    (`latentgen.metadata.image_metadata` gives the right one for the suffix)."""
+    (`latentgen.formats.images.image_metadata` gives the right one for the suffix)."""
     path = Path(path)
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
     with atomic_file(path) as tmp:

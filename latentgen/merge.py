@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from .cli import ArgumentParser, quiet_libraries, run_cli
-from .convert import check_source, check_target, write
-from .errors import UserError
-from .loading import WEIGHT_COMPONENTS
+from latentgen.cli import ArgumentParser, quiet_libraries, run_cli
+from latentgen.errors import UserError
+from latentgen.formats.folders import WEIGHT_COMPONENTS
+from latentgen.generation.models import check_source, check_target, write
 
 
 def merge_weights(a, b, alpha: float, c=None):
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--subtract", metavar="C", help="add difference: A + (B − C)·alpha, C being B's base model")
     p.add_argument("--fp16", action="store_true", help="store the weights in fp16 (half the size)")
     args = p.parse_args(argv)
-    from .pipeline import LatentPipeline
+    from latentgen.generation.pipeline import LatentPipeline
 
     quiet_libraries()
     sources = [Path(s) for s in (args.a, args.b, args.subtract) if s is not None]

@@ -11,8 +11,8 @@ import threading
 import time
 from pathlib import Path
 
-from .cli import ArgumentParser, quiet_libraries, run_cli
-from .errors import UserError
+from latentgen.cli import ArgumentParser, quiet_libraries, run_cli
+from latentgen.errors import UserError
 
 
 def parse_args(argv):
@@ -84,11 +84,11 @@ def _names(value: str | None) -> list[str]:
 
 def build(args):
     """The app and its worker for parsed arguments (tests build servers with this too)."""
-    from .device import resolve_device
-    from .loading import open_pipeline, resolve_model
-    from .outputs import run_about
-    from .server.app import Settings, create_app
-    from .server.worker import Limits, Models, Worker
+    from latentgen.generation.models import open_pipeline, resolve_model
+    from latentgen.generation.outputs import run_about
+    from latentgen.runtime.device import resolve_device
+    from latentgen.server.app import Settings, create_app
+    from latentgen.server.worker import Limits, Models, Worker
 
     device = resolve_device(args.device)
     model = resolve_model(args.model, args.models_dir)

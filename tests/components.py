@@ -6,7 +6,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from latentgen.text_encoders import clip_tokenizer
+from latentgen.components.text_encoders import clip_tokenizer
 
 _TOKENIZER = None
 

@@ -13,8 +13,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Threads: under pytest-xdist each worker (one per core) runs one thread, as do the processes tests start: two
 # workers of a team of two each took 262 s for test_pipeline, test_lora and test_schedulers, one thread each 88 s.
-# A fixed team in every case: the images of the determinism tests are compared bit for bit, and `latentgen.threads`
-# would resize the team as the other worker's load comes and goes (tests/test_threads.py turns it on).
+# A fixed team in every case: the images of the determinism tests are compared bit for bit, and
+# `latentgen.runtime.threads` would resize the team as the other worker's load comes and goes (tests/test_threads.py
+# turns it on).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("LATENTGEN_FIXED_THREADS", "1")

@@ -21,7 +21,7 @@ def _finish_and_dump(self, samples_per_step):
 
 loop.Run.finish = _finish_and_dump
 # Imported, not run with runpy (which would set sys.argv[0] to train_unet.py): a relaunch of the ranks
-# (latentgen.distributed) must run this file again.
+# (latentgen.runtime.distributed) must run this file again.
 spec = importlib.util.spec_from_file_location("train_unet_script",
                                               Path(__file__).resolve().parents[1] / "train_unet.py")
 script = importlib.util.module_from_spec(spec)

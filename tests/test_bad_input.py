@@ -21,7 +21,7 @@ from conftest import ROOT
 from latentgen.cli import run_cli
 from latentgen.config import load_config
 from latentgen.errors import UserError
-from latentgen.prompts import parse
+from latentgen.generation.prompts import parse
 
 
 def script(name):

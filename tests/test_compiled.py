@@ -1,4 +1,4 @@
-"""The CPU's ahead-of-time compiled U-Net (latentgen.compiled): same predictions as the U-Net, compiled once and
+"""The CPU's ahead-of-time compiled U-Net (latentgen.runtime.compiled): same predictions as the U-Net, compiled once and
 then loaded from the cache, never serving weights the U-Net no longer has."""
 
 import logging
@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import infer
 from latentgen import LatentPipeline
-from latentgen.compiled import CompiledForward
+from latentgen.runtime.compiled import CompiledForward
 
 PROMPT = "a red circle on a blue background"
 
@@ -94,8 +94,8 @@ def test_compiled_unet_follows_changed_weights(tiny_pipe, tmp_path, monkeypatch,
 
 
 def test_unfused_lycoris_layers_run_the_unet_itself(tiny_pipe, tmp_path, monkeypatch):
-    """A LoHa (peft's layer, as latentgen.lora loads LyCORIS files) reads its scale at run time like a LoRA: unfused,
-    the U-Net itself runs; fused, its weights are compiled."""
+    """A LoHa (peft's layer, as latentgen.formats.lora loads LyCORIS files) reads its scale at run time like a LoRA:
+    unfused, the U-Net itself runs; fused, its weights are compiled."""
     from peft import LoHaConfig
 
     forward, (x, t, hidden) = _compiled_by_stand_in(tiny_pipe, tmp_path, monkeypatch)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import ROOT, with_free_port
-from latentgen.device import set_attention
-from latentgen.loading import open_pipeline
+from latentgen.generation.models import open_pipeline
+from latentgen.runtime.device import set_attention
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import ROOT
-from latentgen.distributed import _requested_topology
 from latentgen.errors import UserError
-from latentgen.precision import mixed_precision as resolve_mixed_precision
+from latentgen.runtime.distributed import _requested_topology
+from latentgen.runtime.precision import mixed_precision as resolve_mixed_precision
 
 
 @pytest.mark.parametrize("config, launched, expected", [
@@ -31,7 +31,7 @@ def test_mixed_precision_follows_the_config_then_the_launch(monkeypatch, config,
 
 
 def test_mixed_precision_auto_without_a_launch_is_the_hardware_choice(monkeypatch):
-    from latentgen.precision import cpu_has_fast_bf16
+    from latentgen.runtime.precision import cpu_has_fast_bf16
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     assert resolve_mixed_precision("auto", cpu=True) == ("bf16" if cpu_has_fast_bf16() else "no",

@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 
 from conftest import infer
 from latentgen import LatentPipeline
-from latentgen.embeddings import load
 from latentgen.errors import UserError
+from latentgen.formats.embeddings import load
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_infer_loads_the_folder_and_writes_ti_hashes(tiny_folder, tmp_path, vect
     r = infer("--model", tiny_folder, "--prompt", "a shiny circle", "--steps", 3, "--seed", 1, "--embeddings-dir",
               folder, "--out", tmp_path / "a.png")  # in this process, as the other infer tests
     assert r.returncode == 0, r.stderr
-    from latentgen.lora import short_hash
+    from latentgen.formats.lora import short_hash
 
     assert f"TI hashes: \"shiny: {short_hash(folder / 'shiny.safetensors')}\"" in \
         Image.open(tmp_path / "a.png").info["parameters"]

@@ -144,7 +144,7 @@ def test_eval_cli_end_to_end_on_the_smoke_model(smoke_model, tmp_path, capsys):
         assert (tmp_path / "eval" / name).is_file(), name
     assert "| 7.5 | one-heldout | 27 |" in r.stdout and "KID×1000" in r.stdout and "PSNR" in r.stdout
     assert "| guidance | prompts | circle (strict) | square (strict) | triangle (strict) |" in r.stdout
-    from latentgen.cli import run_cli  # the second command in this process: one interpreter start is enough
+    from latentgen.cli import run_cli
     from latentgen.eval.__main__ import main
 
     assert run_cli(main, ["steps", "--model", str(smoke_model), "--seeds", "1", "--steps", "1", "2", "--schedulers",
@@ -171,7 +171,7 @@ def test_eval_guidance_options_reach_the_pipeline(smoke_model):
     from argparse import Namespace
 
     from latentgen.eval.__main__ import guidance_options
-    from latentgen.guidance import Apg
+    from latentgen.generation.guidance import Apg
 
     options = guidance_options(Namespace(apg_threshold=0.5, apg_eta=None, apg_momentum=None))
     assert options == {"apg": Apg(norm_threshold=0.5)}  # --apg-threshold 0.5, the other two at their defaults

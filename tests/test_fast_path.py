@@ -11,8 +11,8 @@ from PIL import Image
 from conftest import ROOT, infer_script, with_free_port
 from latentgen import LatentPipeline
 from latentgen.eval.analyzer import analyze
-from latentgen.loading import DEFAULT_MODEL
-from latentgen.precision import cpu_has_fast_bf16
+from latentgen.generation.models import DEFAULT_MODEL
+from latentgen.runtime.precision import cpu_has_fast_bf16
 
 PROMPTS = ["a red circle on a blue background", "a yellow square on a black background",
            "a green triangle on a white background", "a purple circle on a gray background"]
@@ -69,7 +69,7 @@ def test_prompt_cache_reuses_embeddings(tiny_pipe):
 def test_prompts_file_is_split_across_two_processes(tiny_folder, tmp_path):
     """Two ranks share the run: each image written once, and without --seed one random seed (and variation seed)
     for the whole run, so image k gets seed + k on either rank and the grid finds every file."""
-    from latentgen.metadata import read_metadata
+    from latentgen.formats.images import read_metadata
 
     prompts = [f"prompt number {i}" for i in range(5)]
     (tmp_path / "p.txt").write_text("\n".join(prompts))

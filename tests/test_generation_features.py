@@ -11,9 +11,9 @@ import components as C
 from conftest import infer
 from latentgen import LatentPipeline
 from latentgen.errors import UserError
-from latentgen.loading import DEFAULT_MODEL
-from latentgen.outputs import _wrap
-from latentgen.prompts import ChunkedEncoder, Segment, parse
+from latentgen.generation.models import DEFAULT_MODEL
+from latentgen.generation.outputs import _wrap
+from latentgen.generation.prompts import ChunkedEncoder, Segment, parse
 
 PROMPT = "a red circle on a blue background"
 
@@ -130,7 +130,7 @@ def test_unbalanced_brackets_point_at_the_position(prompt, position, bracket):
 
 
 def encoder():
-    from latentgen.text_encoders import TransformersTextEncoder
+    from latentgen.components.text_encoders import TransformersTextEncoder
 
     return ChunkedEncoder(TransformersTextEncoder(C.tokenizer(), C.clip_text_encoder()))
 
@@ -203,7 +203,7 @@ def test_dynamic_thresholding(tiny_pipe, scheduler):
 
 
 def test_clip_x0_only_clips_and_round_trips():
-    from latentgen.guidance import clip_x0
+    from latentgen.generation.guidance import clip_x0
 
     torch.manual_seed(0)
     x_t, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
@@ -218,7 +218,7 @@ def test_clip_x0_only_clips_and_round_trips():
 def test_apg_splits_caps_and_carries_the_update():
     """APG's update (Sadat et al. 2024), as diffusers computes it: with η = 0 what is added to εc is orthogonal to
     εc, the cap bounds its norm before w − 1 scales it, and momentum adds β times the previous update."""
-    from latentgen.guidance import Apg, classifier_free_guidance, guide
+    from latentgen.generation.guidance import Apg, classifier_free_guidance, guide
 
     torch.manual_seed(0)
     uncond, cond = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
@@ -262,7 +262,7 @@ def test_apg_in_the_pipeline_replays_and_checks(tiny_folder, tmp_path):
 
 
 def test_a_models_own_apg_is_its_default_and_old_images_replay_plain(tiny_pipe, tmp_path):
-    from latentgen.request import Request
+    from latentgen.generation.request import Request
 
     tiny_pipe.save_pretrained(tmp_path / "plain")
     tiny_pipe.register_to_config(apg={"norm_threshold": 0.5, "eta": 0.0, "momentum": 0.0})

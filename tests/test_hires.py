@@ -7,7 +7,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from conftest import infer
-from latentgen.metadata import parse_a1111_parameters
+from latentgen.generation.infotext import parse_a1111_parameters
 
 
 def pixels(path):

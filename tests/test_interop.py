@@ -12,8 +12,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from conftest import infer
 from latentgen.errors import UserError
+from latentgen.generation.infotext import a1111_request, parse_a1111_parameters, quote
 from latentgen.io import model_hash
-from latentgen.metadata import a1111_request, parse_a1111_parameters, quote
 
 # A1111 1.10's own infotext for one image (its `parameters` PNG chunk), with fields latentgen has no use for.
 A1111_TEXT = ("a red circle, (sharp:1.2)\nNegative prompt: blurry, ugly\n"

@@ -174,7 +174,7 @@ def test_lora_flag_prompt_tag_hashes_and_replay(tiny_folder, lora_file, tmp_path
     assert np.array_equal(pixels(tmp_path / "flag.png"), pixels(tmp_path / "tag.png"))
     assert not np.array_equal(pixels(tmp_path / "flag.png"), pixels(tmp_path / "base.png"))
     params = Image.open(tmp_path / "tag.png").info["parameters"]
-    from latentgen.lora import short_hash
+    from latentgen.formats.lora import short_hash
 
     assert f"Lora hashes: \"circles: {short_hash(lora_file)}\"" in params and "<lora:circles:0.6>" in params
     flag_params = Image.open(tmp_path / "flag.png").info["parameters"]
@@ -368,7 +368,7 @@ def test_preserved_examples_learn_what_the_base_model_predicts(tiny_folder):
     U-Net, adapters off) as its target; the others keep the true target, and the adapters are on again after."""
     from types import SimpleNamespace
 
-    from latentgen.diffusion import NoiseConfig, diffusion_loss
+    from latentgen.components.diffusion import NoiseConfig, diffusion_loss
     from latentgen.training.unet import LoraTrainConfig, _base_unet, _base_weights, add_lora
 
     lora = LoraTrainConfig(rank=4, teaches=["star", "星"], preserve=1.0)
@@ -430,7 +430,7 @@ def test_sdxl_loras_reach_both_text_encoders_as_in_diffusers(tmp_path, form):
     from safetensors.torch import load_file
 
     import components as C
-    from latentgen import lora as L
+    from latentgen.formats import lora as L
 
     LatentPipeline(**C.sdxl_components()).save_pretrained(tmp_path / "xl")
     fresh = lambda: LatentPipeline.from_pretrained(tmp_path / "xl", torch_dtype=torch.float32)  # noqa: E731
@@ -524,7 +524,7 @@ def write_lycoris(pipe, kind: str, layers: dict, prefixes: dict, path, stability
     (`prefixes[component]` + the path with _ for .; U-Net paths in Stability's layout if `stability`, taken from
     the single-file export, which diffusers' own converter reads back: test_single_file.py); return each layer's
     update at scale 1, ΔW·α/r."""
-    from latentgen import single_file
+    from latentgen.formats import single_file
 
     ldm = {value.data_ptr(): key.removeprefix("model.diffusion_model.").removesuffix(".weight")
            for key, value in single_file.unet_to_ldm(pipe.unet).items()}
@@ -553,7 +553,7 @@ def test_lycoris_files_give_the_update_merged_by_hand(tiny_folder, tmp_path, kin
     image equals the base model's with W + scale·(α/r)·ΔW written into each layer by hand, at scales 1 and 0.5;
     fused (infer.py's way) the same; the next request without it is the base model again, bit for bit. The U-Net's
     layers named as diffusers has them (sd-scripts for SD 1.x/2.x) or as Stability's single files do (SDXL)."""
-    from latentgen import lora
+    from latentgen.formats import lora
 
     base = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
     convolution = ["down_blocks.0.resnets.0.conv1"]

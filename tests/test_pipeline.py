@@ -11,8 +11,8 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
 import components as C
 from latentgen import LatentPipeline
+from latentgen.components.schedulers import make_scheduler, scheduler_names
 from latentgen.errors import UserError
-from latentgen.schedulers import make_scheduler, scheduler_names
 
 PROMPTS = ["a red circle on a blue background", "a green square"]
 

@@ -214,7 +214,7 @@ def test_written_files_follow_the_umask(tiny_pipe, tmp_path):
     try:
         save_image(Image.new("RGB", (8, 8)), tmp_path / "a.png")
         tiny_pipe.save_pretrained(tmp_path / "model")
-        from latentgen.training.checkpoint import save_checkpoint
+        from latentgen.formats.checkpoint import save_checkpoint
 
         save_checkpoint(tmp_path / "run", 1, {"unet": torch.nn.Linear(2, 2)}, {}, keep=1)
         os.umask(0o077)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from latentgen.components.schedulers import make_scheduler, scheduler_name_of, scheduler_names, step_kwargs
 from latentgen.errors import UserError
-from latentgen.schedulers import make_scheduler, scheduler_name_of, scheduler_names, step_kwargs
 
 TRAIN = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
              timestep_spacing="trailing")  # sampling starts at t = T, where the marginal is closest to N(0, I)

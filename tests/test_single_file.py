@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 import components as C
 from conftest import infer
 from latentgen import LatentPipeline
-from latentgen import single_file as sf
 from latentgen.errors import UserError
+from latentgen.formats import single_file as sf
 
 PROMPTS = ["a red circle on a blue background", "a green square"]
 
@@ -121,7 +121,7 @@ def test_fp16_export_halves_the_file_and_loads(sd1, tmp_path):
 
 
 def test_convert_command_both_ways(sd1, tmp_path, capsys):
-    from latentgen.cli import run_cli  # the command's main under its exit-code wrapper, in this process
+    from latentgen.cli import run_cli
     from latentgen.convert import main
 
     run = lambda *a: run_cli(main, [str(x) for x in a])  # noqa: E731

@@ -10,7 +10,7 @@ from transformers import T5Config, T5EncoderModel
 
 import components as C
 from latentgen import LatentPipeline
-from latentgen.text_encoders import (
+from latentgen.components.text_encoders import (
     OpenCLIPTextEncoder,
     TransformersTextEncoder,
     clip_tokenizer,

@@ -1,4 +1,4 @@
-"""Threads that fit the cores other processes leave free (`latentgen.threads`)."""
+"""Threads that fit the cores other processes leave free (`latentgen.runtime.threads`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from latentgen import threads
+from latentgen.runtime import threads
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ from PIL import Image
 
 import components as C
 from conftest import infer
-from latentgen import compiled
-from latentgen.metadata import a1111_request
-from latentgen.tiling import circular
+from latentgen.components.tiling import circular
+from latentgen.generation.infotext import a1111_request
+from latentgen.runtime import compiled
 
 PROMPT = "a red circle on a blue background"
 

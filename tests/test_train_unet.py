@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, free_port, with_free_port
 from latentgen import LatentPipeline
 from latentgen.config import load_config
-from latentgen.training.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
+from latentgen.formats.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
 from latentgen.training.unet import UNetTrainConfig, diffusion_loss, load_components, train_unet
 
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -52,8 +52,8 @@ def test_training_lowers_the_loss_and_writes_a_loadable_pipeline(tmp_path):
 
     folder = train_unet(config)
 
-    from latentgen.data.cache import CachedData
-    from latentgen.diffusion import scale_latents
+    from latentgen.components.diffusion import scale_latents
+    from latentgen.training.cache import CachedData
 
     cache = next((tmp_path / "cache").glob("*.safetensors"))
     data = CachedData(load_file(str(cache)), [])
@@ -201,7 +201,7 @@ def test_exact_resume_with_two_processes(tmp_path):
 def test_a_killed_save_never_leaves_a_checkpoint_latest_would_pick(tmp_path):
     """SIGKILL a process while it writes a large checkpoint, at random moments: `latest` stays loadable."""
     script = (
-        "import sys, torch; from latentgen.training.checkpoint import save_checkpoint;"
+        "import sys, torch; from latentgen.formats.checkpoint import save_checkpoint;"
         "m = torch.nn.Linear(4096, 4096); opt = torch.optim.AdamW(m.parameters());"
         "[save_checkpoint(sys.argv[1], s, {'unet': m}, {'optimizer': opt}, keep=2) for s in range(1, 100)]")
     rng = random.Random(0)
@@ -216,7 +216,7 @@ def test_a_killed_save_never_leaves_a_checkpoint_latest_would_pick(tmp_path):
         assert latest is not None
         m = torch.nn.Linear(4096, 4096)
         opt = torch.optim.AdamW(m.parameters())
-        from latentgen.training.checkpoint import load_checkpoint
+        from latentgen.formats.checkpoint import load_checkpoint
 
         assert load_checkpoint(latest, {"unet": m}, {"optimizer": opt})["step"] >= 1
     leftovers = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
@@ -305,7 +305,7 @@ def test_a_fine_tuning_run_records_the_architecture_it_trained(tmp_path):
 
 
 def test_logit_normal_timesteps_favour_the_middle_noise_levels():
-    from latentgen.diffusion import NoiseConfig, sample_timesteps
+    from latentgen.components.diffusion import NoiseConfig, sample_timesteps
 
     def draw(config, seed=0):
         return sample_timesteps(config, 1000, 20000, torch.Generator().manual_seed(seed), "cpu")

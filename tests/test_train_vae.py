@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL
 from conftest import ROOT
 from latentgen.config import load_config
 from latentgen.errors import UserError
-from latentgen.training.checkpoint import list_checkpoints
+from latentgen.formats.checkpoint import list_checkpoints
 from latentgen.training.vae import VAETrainConfig, _fixed_images, reconstruction_terms, train_vae
 
 SMOKE = ROOT / "configs" / "vae-smoke.yaml"

@@ -1,5 +1,5 @@
-"""The cascade's second stage (`latentgen.upscaler`): training an upscaler with train_unet.py, sampling it against a
-loop written here from diffusers' parts, infer.py --upscale, replay, and the errors."""
+"""The cascade's second stage (`latentgen.generation.cascade`): training an upscaler with train_unet.py, sampling it
+against a loop written here from diffusers' parts, infer.py --upscale, replay, and the errors."""
 
 import json
 import shutil
@@ -17,8 +17,10 @@ import components as C
 from conftest import ROOT, infer
 from latentgen import LatentPipeline
 from latentgen.errors import UserError
-from latentgen.metadata import a1111_request
-from latentgen.upscaler import Upscale, UpscalerConfig, augment, save, training_condition
+from latentgen.formats.upscaler import UpscalerConfig, save
+from latentgen.generation.cascade import Upscale, augment
+from latentgen.generation.infotext import a1111_request
+from latentgen.training.upscaler import training_condition
 
 
 def upscaler_unet(seed: int = 0):
@@ -129,8 +131,8 @@ def test_the_cache_keeps_each_images_latents_and_those_of_its_box_filtered_half(
     import contextlib
     from types import SimpleNamespace
 
-    from latentgen.data.cache import build_cache
     from latentgen.data.sources import DataConfig, build_dataset
+    from latentgen.training.cache import build_cache
 
     data = build_dataset(DataConfig(resolution=32, num_samples=3))
     vae = C.vae()

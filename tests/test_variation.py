@@ -13,9 +13,9 @@ from PIL import Image
 from conftest import infer
 from latentgen import validate
 from latentgen.errors import UserError
-from latentgen.metadata import a1111_request
-from latentgen.request import Request
-from latentgen.sampling import paste_centered, slerp
+from latentgen.generation.infotext import a1111_request
+from latentgen.generation.request import Request
+from latentgen.generation.sampling import paste_centered, slerp
 
 PROMPT = "a red circle on a blue background"
 

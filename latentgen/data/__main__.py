@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import sys
 
-from ..cli import ArgumentParser, run_cli
-from ..errors import UserError
-from .shapes import LANGUAGES, SPLITS, ShapesSpec, heldout_triples, iter_samples
+from latentgen.cli import ArgumentParser, run_cli
+from latentgen.data.shapes import LANGUAGES, SPLITS, ShapesSpec, heldout_triples, iter_samples
+from latentgen.errors import UserError
 
 
 def export(out: str, count: int, spec: ShapesSpec, overwrite: bool = False) -> int:
@@ -18,7 +18,7 @@ def export(out: str, count: int, spec: ShapesSpec, overwrite: bool = False) -> i
     """
     from pathlib import Path
 
-    from ..io import atomic_dir
+    from latentgen.io import atomic_dir
 
     target = Path(out)
     if target.exists() and any(target.iterdir()) and not overwrite:

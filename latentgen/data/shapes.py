@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..errors import UserError, one_of
+from latentgen.errors import UserError, one_of
 
 # CSS named colors
 COLORS: dict[str, tuple[int, int, int]] = {

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import UserError, first_line, one_of
-from .shapes import KINDS, ShapesSpec, make_sample
+from latentgen.data.shapes import KINDS, ShapesSpec, make_sample
+from latentgen.errors import UserError, first_line, one_of
 
 log = logging.getLogger(__name__)
 

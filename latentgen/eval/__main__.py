@@ -15,12 +15,20 @@ import sys
 import time
 from pathlib import Path
 
-from .. import validate
-from ..cli import ArgumentParser, quiet_libraries, run_cli
-from ..data.shapes import ALL_KINDS, KINDS
-from ..errors import UserError
-from ..guidance import add_apg_flags, apg_of, model_apg
-from ..schedulers import scheduler_name_of, scheduler_names
+from latentgen import validate
+from latentgen.cli import ArgumentParser, quiet_libraries, run_cli
+from latentgen.components.schedulers import scheduler_name_of, scheduler_names
+from latentgen.data.shapes import ALL_KINDS, KINDS, ShapesSpec, make_sample
+from latentgen.errors import UserError
+from latentgen.eval.adherence import evaluate_images, prompt_set
+from latentgen.eval.cascade import evaluate
+from latentgen.eval.metrics import clip_score, kid, photographs, reconstruction
+from latentgen.formats import lora
+from latentgen.formats.upscaler import check_level
+from latentgen.generation.guidance import add_apg_flags, apg_of, model_apg
+from latentgen.generation.models import open_pipeline, resolve_model
+from latentgen.generation.outputs import contact_sheet
+from latentgen.io import atomic_file, save_image, write_text
 
 GROUP_ORDER = ("one-heldout", "one-seen", "two-heldout", "two-seen")
 
@@ -30,8 +38,6 @@ def load(model: str | None, dtype: str, device: str = "auto", loras: list[str] =
     """The pipeline, with `loras` (`PATH[:SCALE]`, as infer.py's --lora) fused; `generate` asks for them.
     `compile`: the U-Net compiled (`LatentPipeline.compile_unet`), which an evaluation's hundreds of images repay.
     `vae`: a VAE folder or file in place of the model's, as infer.py's --vae."""
-    from .. import lora
-    from ..loading import open_pipeline, resolve_model
 
     pipe = open_pipeline(resolve_model(model), dtype=dtype, device=device, vae=vae, embeddings_dir=None)
     files = [(lora.resolve(path, pipe.loras_dir), scale) for path, scale in map(lora.parse_flag, loras)]
@@ -57,7 +63,6 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, scheduler: 
 def adherence(pipe, steps: int, scheduler: str | None, guidance: float, seeds: int, per_group: int,
               groups: tuple[str, ...] = GROUP_ORDER, kinds: tuple[str, ...] = KINDS,
               options: dict | None = None) -> tuple[dict, list, list]:
-    from .adherence import evaluate_images, prompt_set
 
     targets = [t for t in prompt_set(per_group, kinds=kinds) if t.group in groups for _ in range(seeds)]
     seed_list = [1000 + i for i in range(len(targets))]
@@ -67,7 +72,6 @@ def adherence(pipe, steps: int, scheduler: str | None, guidance: float, seeds: i
 
 
 def real_images(count: int, split: str = "heldout", max_shapes: int = 1, resolution: int = 64, seed: int = 7):
-    from ..data.shapes import ShapesSpec, make_sample
 
     spec = ShapesSpec(split=split, resolution=resolution, seed=seed, max_shapes=max_shapes)
     return [make_sample(spec, i).render() for i in range(count)]
@@ -102,8 +106,6 @@ def kind_table(results: dict[float, dict]) -> str:
 
 
 def sample_grid(targets, images, path: Path, columns: int = 8) -> None:
-    from ..io import save_image
-    from ..outputs import contact_sheet
 
     save_image(contact_sheet(images, [t.prompt.replace(" background", "") for t in targets], columns), path)
 
@@ -112,7 +114,6 @@ def steps_sweep(pipe, schedulers: list[str], steps_list: list[int], seeds: int, 
                 real_count: int = 200, options: dict | None = None) -> list[dict]:
     """Adherence (held-out single shapes) and KID against real held-out images, per sampler and step count;
     `options` as `generate`'s."""
-    from .metrics import kid
 
     real = real_images(real_count)
     rows = []
@@ -152,7 +153,6 @@ def steps_plot(rows: list[dict], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("the plot needs matplotlib: pip install 'latentgen[eval]'") from None
-    from ..io import atomic_file
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for name in dict.fromkeys(r["scheduler"] for r in rows):
@@ -175,7 +175,6 @@ def steps_plot(rows: list[dict], path: Path) -> None:
 
 
 def write_json(path: Path, data) -> None:
-    from ..io import write_text
 
     write_text(path, json.dumps(data, indent=2) + "\n")
 
@@ -281,7 +280,6 @@ def main(argv=None):
             write_json(out / "adherence.json", {str(k): v for k, v in results.items()})
 
     if args.command in ("reconstruction", "all"):
-        from .metrics import photographs, reconstruction
 
         shapes = reconstruction(pipe.vae, real_images(256, max_shapes=2))
         photos = reconstruction(pipe.vae, photographs())
@@ -293,7 +291,6 @@ def main(argv=None):
             write_json(out / "reconstruction.json", {"heldout_shapes": shapes, "photographs": photos})
 
     if args.command in ("distance", "all"):
-        from .metrics import clip_score, kid
 
         if args.guidance[0] in made:
             targets, images = made[args.guidance[0]]
@@ -318,8 +315,6 @@ def main(argv=None):
             report.append("CLIP score: skipped (no local open_clip checkpoint; pass --clip-checkpoint FILE)")
 
     if args.command == "upscale":
-        from ..upscaler import check_level
-        from .cascade import evaluate
 
         for level in args.noise_levels:
             check_level(level, "--noise-levels")
@@ -343,7 +338,6 @@ def main(argv=None):
     text = "\n\n".join(report) + "\n"
     print(text)
     if out:
-        from ..io import write_text
 
         write_text(out / f"{args.command}.md", text)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from ..data.shapes import COLOR_NAMES, KINDS, heldout_triples, is_heldout, train_triples
-from .analyzer import Analysis, analyze
+from latentgen.data.shapes import COLOR_NAMES, KINDS, heldout_triples, is_heldout, train_triples
+from latentgen.eval.analyzer import Analysis, analyze
 
 
 @dataclass(frozen=True)

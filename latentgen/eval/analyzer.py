@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from ..data.shapes import COLORS
-from ..errors import UserError
+from latentgen.data.shapes import COLORS
+from latentgen.errors import UserError
 
 PALETTE = np.array(list(COLORS.values()), dtype=np.float32)  # (9, 3)
 NAMES = list(COLORS)

@@ -10,8 +10,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .adherence import Target, evaluate_images, prompt_set
-from .analyzer import edge_width
+from latentgen.data.shapes import ShapesSpec, make_sample
+from latentgen.eval.adherence import Target, evaluate_images, prompt_set
+from latentgen.eval.analyzer import edge_width
+from latentgen.generation.cascade import upscale_latents
+from latentgen.generation.outputs import contact_sheet
+from latentgen.io import save_image
 
 GROUPS = ("one-heldout", "one-seen", "two-heldout", "two-seen")
 
@@ -39,7 +43,6 @@ def first_stage(pipe, targets: list[Target], seeds: list[int], steps: int, guida
 
 def upscaled(up, latents, targets: list[Target], seeds: list[int], level: int, steps: int | None,
              strength: float | None, batch_size: int = 32) -> list:
-    from ..upscaler import upscale_latents
 
     images = []
     for i in range(0, len(targets), batch_size):
@@ -64,8 +67,6 @@ def evaluate(pipe, seeds: int, levels: list[int], steps: int, up_steps: int | No
              out: Path | None = None, per_group: int = 27, strength: float | None = None) -> str:
     """The report: adherence and edge width of the first stage, bicubic ×s and the upscaler at each level, over
     `per_group` prompts of each group × `seeds`."""
-    from ..data.shapes import ShapesSpec, make_sample
-    from ..outputs import contact_sheet
 
     up = pipe.upscaler()
     scale = up.upscaler_config.scale
@@ -103,7 +104,6 @@ def evaluate(pipe, seeds: int, levels: list[int], steps: int, up_steps: int | No
             cells += [small[i].resize((size, size), Image.Resampling.NEAREST), bicubic[i], sheets[level][i]]
             captions += [f"{small[0].size[0]} px: {targets[i].prompt}", f"bicubic x{scale}",
                          f"upscaler (level {level})"]
-        from ..io import save_image
 
         save_image(contact_sheet(cells, captions, columns=6, min_cell=size), out / "side-by-side.png")
     return text

@@ -18,14 +18,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from .. import __version__, validate
-from ..errors import UserError
-from ..hires import Hires
-from ..metadata import a1111_parameters, image_metadata, model_name
-from ..request import Request
-from ..schedulers import a1111_name, a1111_names, from_a1111
-from ..upscaler import A1111_NAME as UPSCALER
-from ..upscaler import Upscale
+from latentgen import validate
+from latentgen._version import __version__
+from latentgen.components.schedulers import a1111_name, a1111_names, from_a1111
+from latentgen.errors import UserError
+from latentgen.formats.images import image_metadata
+from latentgen.generation.cascade import A1111_NAME as UPSCALER
+from latentgen.generation.cascade import Upscale
+from latentgen.generation.hires import Hires
+from latentgen.generation.infotext import a1111_parameters, model_name
+from latentgen.generation.request import Request
 
 # Fields latentgen does not implement, with A1111's defaults: set to anything else, they are noted as ignored.
 IGNORED = {"styles": [],
@@ -118,7 +120,7 @@ def decode_image(data: str, what: str, max_pixels: int | None = None):
 def encode_png(image, meta: dict | None) -> str:
     """Base64 of a PNG carrying `meta` as A1111's `parameters` (and latentgen's own JSON, for --replay)."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", **(image_metadata(meta, ".png") if meta else {}))
+    image.save(buffer, format="PNG", **(image_metadata(meta, ".png", a1111_parameters(meta)) if meta else {}))
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

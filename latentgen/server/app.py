@@ -25,10 +25,15 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.middleware.base import BaseHTTPMiddleware
 
-from .. import __version__
-from ..errors import UserError
-from . import a1111
-from .worker import QueueFull, Worker
+from latentgen._version import __version__
+from latentgen.components.schedulers import SCHEDULERS
+from latentgen.errors import UserError
+from latentgen.formats import lora
+from latentgen.formats import upscaler as upscaler_folder
+from latentgen.generation import cascade
+from latentgen.generation.infotext import parse_a1111_parameters
+from latentgen.server import a1111
+from latentgen.server.worker import QueueFull, Worker
 
 RETRY_AFTER_S = 5  # what a 503 for a full queue tells the client to wait
 
@@ -92,7 +97,6 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
 
     @app.post("/sdapi/v1/png-info")
     def png_info(body: dict[str, str]):
-        from ..metadata import parse_a1111_parameters
 
         image = a1111.decode_image(body.get("image", ""), "image", worker.max_pixels())
         text = image.info.get("parameters")
@@ -163,7 +167,6 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
 
     @app.get("/sdapi/v1/samplers")
     def samplers():
-        from ..schedulers import SCHEDULERS
 
         return [{"name": s.a1111, "aliases": [name], "options": {}} for name, s in SCHEDULERS.items()]
 
@@ -177,13 +180,11 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
     def upscalers():
         # the hires fix's image upscaler, and the current model's trained upscaler where it has one; A1111's
         # clients put this list and the latent modes below in their hires menus
-        from .. import upscaler
-
         listed = [{"name": "Lanczos", "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}]
-        folder = upscaler.folder_of(worker.models.pipe) if worker.models.pipe is not None else None
+        folder = upscaler_folder.folder_of(worker.models.pipe) if worker.models.pipe is not None else None
         if folder is not None:
-            listed.append({"name": upscaler.A1111_NAME, "model_name": "upscaler", "model_path": str(folder.resolve()),
-                           "model_url": None, "scale": float(upscaler.read_config(folder).scale)})
+            listed.append({"name": cascade.A1111_NAME, "model_name": "upscaler", "model_path": str(folder.resolve()),
+                           "model_url": None, "scale": float(upscaler_folder.read_config(folder).scale)})
         return listed
 
     @app.get("/sdapi/v1/latent-upscale-modes")
@@ -192,7 +193,6 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
 
     @app.get("/sdapi/v1/loras")
     def loras():
-        from .. import lora
 
         files = lora.available(settings.loras_dir)
         return [{"name": f.stem, "alias": f.stem, "path": str(f.resolve()), "metadata": _lora_metadata(f)}

@@ -21,8 +21,14 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import UserError, first_line
-from ..request import Request
+from latentgen.components.schedulers import scheduler_name_of
+from latentgen.errors import UserError, first_line
+from latentgen.formats import lora
+from latentgen.generation.infotext import model_name
+from latentgen.generation.models import DEFAULT_MODEL, list_models, resolve_model
+from latentgen.generation.request import Request
+from latentgen.io import model_hash
+from latentgen.validate import random_seed
 
 log = logging.getLogger("latentgen")
 
@@ -82,7 +88,6 @@ class Limits:
 
     def check_model(self, request: Request, pipe) -> None:
         """What needs the model: the image size against its own size, the prompts in its tokens."""
-        from .. import lora
 
         self.check(request, pipe.default_size)
         for text in dict.fromkeys(request.prompt + request.negative_prompt):
@@ -139,7 +144,6 @@ class Job:
         r = self.request
         if r.image is not None or r.mask_image is not None or r.generator is not None:
             return None
-        from .. import lora
 
         skip = {"prompt", "negative_prompt", "seed", "variation_seed", "num_images_per_prompt", "checked", "image",
                 "mask_image", "generator"}
@@ -159,8 +163,6 @@ class Models:
     """The models a server offers, by name, and the one loaded (one at a time: a switch frees the last)."""
 
     def __init__(self, load: Callable[[Path], Any], default: Path, models_dir: Path | None):
-        from ..loading import DEFAULT_MODEL
-        from ..metadata import model_name
 
         self._load, self.models_dir = load, models_dir
         self.default = model_name(str(default))
@@ -175,7 +177,6 @@ class Models:
         self.native: dict[str, int] = {}  # each model's own image size, once it has loaded
 
     def refresh(self) -> None:
-        from ..loading import list_models, resolve_model
 
         if self.models_dir is not None:
             for name in list_models(self.models_dir):
@@ -192,7 +193,6 @@ class Models:
         raise UserError(f"model {name!r} is not one of this server's: {', '.join(self.paths)}")
 
     def hash(self, name: str) -> str:
-        from ..io import model_hash
 
         if name not in self.hashes:
             self.hashes[name] = model_hash(self.paths[name])
@@ -239,7 +239,6 @@ class Worker:
     def submit(self, request: Request, model: str | None = None) -> Job:
         """Queue a request (checked here, without the model: a UserError is the client's 400)."""
         if request.seed is None and request.generator is None:
-            from ..validate import random_seed
 
             request = dataclasses.replace(request, seed=random_seed())
         request = request.check()
@@ -390,7 +389,6 @@ class Worker:
     def _interrupted(self, pipe, jobs: list[Job], plan, rows: list[int], name: str) -> None:
         """The interrupted jobs get their images as far as sampling got, with their settings (as A1111 does); their
         batch mates go back to the head of the queue and start again."""
-        from ..schedulers import scheduler_name_of
 
         with self._cond:
             for job in reversed(jobs):

@@ -34,8 +34,15 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from ..data.sources import DataConfig, StreamingImageTextDataset
-from ..errors import UserError, one_of
+from latentgen.config import to_yaml
+from latentgen.data.sources import DataConfig, StreamingImageTextDataset
+from latentgen.errors import UserError, one_of
+from latentgen.formats.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from latentgen.io import write_text
+from latentgen.runtime.device import ATTENTION, peak_memory_mb
+from latentgen.runtime.distributed import describe, process_state, say, use_cpu
+from latentgen.runtime.precision import mixed_precision
+from latentgen.runtime.precision import mixed_precision as resolve
 
 MIXED_PRECISION = ("auto", "fp32", "bf16", "fp16")  # not "no": YAML reads that as false
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -61,7 +68,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "auto"  # auto: bf16 where the hardware has fast bf16, else fp32
     gradient_checkpointing: bool = False
-    attention: str = "auto"  # auto, sdpa, math or xformers (see latentgen.device.set_attention)
+    attention: str = "auto"  # auto, sdpa, math or xformers (see latentgen.runtime.device.set_attention)
     ema: bool = False
     ema_decay: float = 0.999
     checkpoint_every: int = 500
@@ -88,7 +95,6 @@ class TrainConfig:
             raise UserError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise one_of("mixed_precision", self.mixed_precision, list(MIXED_PRECISION))
-        from ..device import ATTENTION
 
         if self.attention not in ATTENTION:
             raise one_of("attention", self.attention, list(ATTENTION))
@@ -102,8 +108,6 @@ class TrainConfig:
 
 def compute_bytes(config: TrainConfig) -> int:
     """Bytes per activation element under the run's mixed precision (for the memory guard, before accelerate)."""
-    from ..distributed import use_cpu
-    from ..precision import mixed_precision
 
     return 2 if mixed_precision(config.mixed_precision, use_cpu())[0] in ("bf16", "fp16") else 4
 
@@ -113,9 +117,6 @@ def make_accelerator(config: TrainConfig, project: str):
     of `accelerate launch` (or torchrun) joins one group; each rank says which it is."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
-
-    from ..distributed import describe, process_state, say, use_cpu
-    from ..precision import mixed_precision as resolve
 
     cpu = use_cpu()
     mixed_precision, source = resolve(config.mixed_precision, cpu)
@@ -142,8 +143,6 @@ def make_accelerator(config: TrainConfig, project: str):
 def save_run_config(accelerator, config: TrainConfig) -> None:
     """The full config of the run, beside its checkpoints (enough to rebuild and rerun it)."""
     if accelerator.is_main_process:
-        from ..config import to_yaml
-        from ..io import write_text
 
         write_text(Path(config.output_dir) / "train_config.yaml", to_yaml(config))
 
@@ -301,10 +300,8 @@ class Run:
     after each optimizer step (progress bar, logging, checkpoints and validation at their intervals)."""
 
     def __init__(self, config: TrainConfig, name: str):
-        from ..distributed import process_state
-        from .checkpoint import resolve_resume
 
-        self.state = process_state()  # first: this rank joins the launch's process group (latentgen.distributed)
+        self.state = process_state()  # first: this rank joins the launch's process group (runtime.distributed)
         self.config, self.name = config, name
         self.out = Path(config.output_dir)
         self.resume_from = resolve_resume(config.output_dir, config.resume_from)
@@ -323,8 +320,6 @@ class Run:
         """Remember what a checkpoint holds and how to validate; load the checkpoint to resume from, if any.
         Returns the first step to run."""
         from tqdm.auto import tqdm
-
-        from .checkpoint import load_checkpoint
 
         self.models, self.states, self.validate = models, states, validate
         start = 0
@@ -361,7 +356,6 @@ class Run:
         return dict(zip(keys, means.tolist()))
 
     def checkpoint(self, step: int) -> None:
-        from .checkpoint import save_checkpoint
 
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
@@ -393,7 +387,6 @@ class StepTimer:
         self.ticks.append(self.clock())
 
     def summary(self, samples_per_step: int) -> str:
-        from ..device import peak_memory_mb
 
         peak = peak_memory_mb()
         if len(self.ticks) < 3:

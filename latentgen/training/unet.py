@@ -1,7 +1,7 @@
 """Train a text-conditioned U-Net on VAE latents: latent diffusion with classifier-free-guidance dropout.
 
-The objective, the forward process and caption dropout are `latentgen.diffusion`'s; the latent cache is
-`latentgen.data.cache`; the run around the loop is `training.loop.Run`. What is here: the run's config, loading
+The objective, the forward process and caption dropout are `latentgen.components.diffusion`'s; the latent cache is
+`latentgen.training.cache`; the run around the loop is `training.loop.Run`. What is here: the run's config, loading
 its components, and the loop itself, which reads top to bottom in `train_unet`.
 """
 
@@ -17,11 +17,7 @@ from typing import Any
 
 import torch
 
-from ..config import to_yaml
-from ..data.cache import load_or_build_cache
-from ..data.sources import build_dataset, check_resolution
-from ..device import set_attention
-from ..diffusion import (
+from latentgen.components.diffusion import (
     PREDICTION_TYPES,
     TIMESTEP_SAMPLING,
     NoiseConfig,
@@ -32,13 +28,22 @@ from ..diffusion import (
     size_multiple,
     vae_factor,
 )
-from ..errors import UserError, first_line, one_of
-from ..io import atomic_file, save_image
-from ..memory import check_training, unet_training_bytes
-from ..schedulers import make_scheduler, scheduler_names
-from ..text_encoders import load_text_encoder
-from ..upscaler import UpscalerConfig, training_condition
-from .loop import (
+from latentgen.components.schedulers import make_scheduler, scheduler_names
+from latentgen.components.text_encoders import load_text_encoder
+from latentgen.config import to_yaml
+from latentgen.data.sources import build_dataset, check_resolution
+from latentgen.errors import UserError, first_line, one_of
+from latentgen.formats import upscaler
+from latentgen.formats.upscaler import UpscalerConfig, check_unet, read
+from latentgen.generation.cascade import upscale_latents
+from latentgen.generation.outputs import contact_sheet
+from latentgen.generation.pipeline import LatentPipeline
+from latentgen.io import atomic_file, save_image, save_safetensors
+from latentgen.runtime.device import set_attention
+from latentgen.runtime.memory import check_training, unet_training_bytes
+from latentgen.runtime.precision import DTYPES
+from latentgen.training.cache import load_or_build_cache
+from latentgen.training.loop import (
     Run,
     StepBatches,
     TrainConfig,
@@ -51,6 +56,7 @@ from .loop import (
     make_optimizer,
     step_generator,
 )
+from latentgen.training.upscaler import low_resolution, training_condition
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +210,6 @@ def load_components(config: UNetTrainConfig) -> Components:
 
     pipe = None
     if config.pretrained_pipeline:
-        from ..pipeline import LatentPipeline
 
         # fp32 weights to train (mixed precision gives bf16/fp16 compute); "auto" would load bf16 on this CPU
         pipe = LatentPipeline.from_pretrained(config.pretrained_pipeline, torch_dtype=torch.float32)
@@ -234,7 +239,6 @@ def load_components(config: UNetTrainConfig) -> Components:
     noise_scheduler = forward_process(config.noise, pipe.scheduler.config if pipe is not None else None)
 
     if config.upscaler.scale:
-        from ..upscaler import check_unet
 
         check_unet(unet, vae.config.latent_channels)
         check_resolution(config.data.resolution // config.upscaler.scale, vae_factor(vae),
@@ -258,8 +262,7 @@ def load_components(config: UNetTrainConfig) -> Components:
 
 
 def pretrained_upscaler_unet(folder: str, scale: int):
-    """The fp32 U-Net of the upscaler folder `folder` (`latentgen.upscaler.save`'s layout), made for `scale`."""
-    from ..upscaler import read
+    """The fp32 U-Net of the upscaler folder `folder` (`latentgen.formats.upscaler.save`'s layout), made for `scale`."""
 
     made_for, unet = read(Path(folder), torch.float32, what="pretrained_upscaler ")
     if made_for.scale != scale:
@@ -430,7 +433,6 @@ def _latents_and_context(batch, data, parts: Components, config: UNetTrainConfig
             mean, std = batch["low_mean"].to(device), batch["low_std"].to(device)
             low = mean + std * torch.randn(mean.shape, generator=g, device=device, dtype=mean.dtype)
     else:
-        from ..upscaler import low_resolution
 
         with torch.no_grad():
             pixels = batch["pixel_values"].to(device)
@@ -455,7 +457,6 @@ def _latents_and_context(batch, data, parts: Components, config: UNetTrainConfig
 
 
 def _pipeline(parts: Components, unet, sampler: str):
-    from ..pipeline import LatentPipeline
 
     pipe = LatentPipeline(vae=parts.vae, text_encoder=parts.text_model, tokenizer=parts.tokenizer, unet=unet,
                           scheduler=make_scheduler(sampler, parts.noise_scheduler.config), clip_skip=parts.clip_skip,
@@ -467,11 +468,9 @@ def _pipeline(parts: Components, unet, sampler: str):
 def validation_grid(config: UNetTrainConfig, parts: Components, unet, autocast, examples=None):
     """Samples of the validation prompts; for an upscaler, rows of (the low-resolution image, enlarged; the
     upscaler's image; the data's image) for a few data examples."""
-    from ..outputs import contact_sheet
 
     pipe = _pipeline(parts, unet, config.sampler)
     if examples is not None:
-        from ..upscaler import upscale_latents
 
         low, captions, truth = examples
         pipe.upscaler_config = config.upscaler
@@ -492,7 +491,6 @@ def validation_grid(config: UNetTrainConfig, parts: Components, unet, autocast, 
 
 def _upscaler_examples(dataset, config: UNetTrainConfig, parts: Components, device, count: int = 4):
     """The first `count` data examples as (low-resolution latents (n, C, h, w), captions, images)."""
-    from ..upscaler import low_resolution
 
     items = [dataset.item(i, 0, 0) for i in range(min(count, len(dataset)))]
     pixels = torch.stack([item["pixel_values"] for item in items]).to(device)
@@ -518,7 +516,6 @@ def _validate(config, parts, unet, ema, accelerator, step: int, examples=None) -
 
 def save_pipeline(config: UNetTrainConfig, parts: Components, unet, target: Path) -> None:
     """The LatentPipeline folder `infer.py --model` loads (weights in `save_dtype`)."""
-    from ..precision import DTYPES
 
     pipe = _pipeline(parts, unet, config.sampler)
     dtype = DTYPES[config.save_dtype]
@@ -528,11 +525,9 @@ def save_pipeline(config: UNetTrainConfig, parts: Components, unet, target: Path
 
 
 def save_upscaler(config: UNetTrainConfig, parts: Components, unet, target: Path) -> None:
-    """The upscaler folder (`latentgen.upscaler`): its U-Net, sampler and defaults; it uses the VAE and text
+    """The upscaler folder (`latentgen.formats.upscaler`): its U-Net, sampler and defaults; it uses the VAE and text
     encoder of the model it was trained with (`pretrained_pipeline`), and goes into that model's folder as
     `upscaler/`."""
-    from .. import upscaler
-    from ..precision import DTYPES
 
     dtype = DTYPES[config.save_dtype]
     upscaler.save(target, unet, make_scheduler(config.sampler, parts.noise_scheduler.config), config.upscaler,
@@ -607,9 +602,6 @@ def save_lora(config: UNetTrainConfig, unet, text_model, target: Path) -> None:
 
     from peft.utils import get_peft_model_state_dict
 
-    from ..pipeline import LatentPipeline
-    from ..precision import DTYPES
-
     dtype = DTYPES[config.save_dtype]
     parts = {"unet": unet} | ({"text_encoder": text_model} if text_model is not None else {})
     layers = {name: {k: v.detach().to(dtype).contiguous().cpu() for k, v in get_peft_model_state_dict(m).items()}
@@ -631,8 +623,6 @@ def save_lora(config: UNetTrainConfig, unet, text_model, target: Path) -> None:
 
 def save_kohya_lora(config: UNetTrainConfig, layers: dict, text_model, target: Path) -> None:
     from diffusers.utils import convert_state_dict_to_kohya
-
-    from ..io import save_safetensors
 
     state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in layers["unet"].items()})
     prefix = kohya_text_prefix(text_model)
@@ -667,7 +657,6 @@ def save_lycoris(config: UNetTrainConfig, layers: dict, text_model, target: Path
     (`lora_unet_…`, `lora_te_…`), peft's factors under LyCORIS's names (the same: `hada_w1_a`, `lokr_w1`, ...) and
     each layer's `.alpha`. LyCORIS scales a LoHa by alpha / rank as peft does; a LoKr only where a factor is
     decomposed, where peft always does, so a LoKr's scale goes into its first factor and its alpha is the rank."""
-    from ..io import save_safetensors
 
     alpha = float(config.lora.alpha or config.lora.rank)
     state = {}

@@ -20,14 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import to_yaml
-from ..data.sources import build_dataset, check_resolution
-from ..device import set_attention
-from ..diffusion import vae_factor
-from ..errors import UserError
-from ..io import atomic_dir, save_image
-from ..memory import check_training, vae_training_bytes
-from .loop import (
+from latentgen.components.diffusion import vae_factor
+from latentgen.config import to_yaml
+from latentgen.data.sources import build_dataset, check_resolution
+from latentgen.errors import UserError
+from latentgen.generation.outputs import contact_sheet
+from latentgen.io import atomic_dir, save_image
+from latentgen.runtime.device import set_attention
+from latentgen.runtime.memory import check_training, vae_training_bytes
+from latentgen.training.loop import (
     Run,
     StepBatches,
     TrainConfig,
@@ -187,8 +188,6 @@ def _fixed_images(dataset, count: int) -> torch.Tensor:
 def validation_grid(vae, images: torch.Tensor):
     """Originals above, reconstructions (posterior mean) below."""
     from PIL import Image
-
-    from ..outputs import contact_sheet
 
     rec = vae.decode(vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mode()).sample
     to_pil = lambda t: Image.fromarray(((t.float().clamp(-1, 1) + 1) * 127.5).round().byte()  # noqa: E731

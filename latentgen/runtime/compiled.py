@@ -30,9 +30,9 @@ from typing import Callable
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from .errors import first_line
-from .io import atomic_file
-from .loading import public_config
+from latentgen.components.diffusion import public_config
+from latentgen.errors import first_line
+from latentgen.io import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class CompiledForward:
         if not force and self.tensors and self._fingerprint() == self.fingerprint:
             return
         self.tensors = list(self.unet.state_dict(keep_vars=True).values())
-        # peft's adapter layers of every kind (LoRA, and LyCORIS's LoHa/LoKr that latentgen.lora loads)
+        # peft's adapter layers of every kind (LoRA, and LyCORIS's LoHa/LoKr that latentgen.formats.lora loads)
         self.lora_layers = [m for m in self.unet.modules()
                             if hasattr(m, "merged_adapters") and hasattr(m, "base_layer")]
         self.fingerprint, self.digest, self.packages = self._fingerprint(), _weights_digest(self.unet), {}
@@ -105,7 +105,7 @@ class CompiledForward:
 
     def _inputs(self, sample, timestep, encoder_hidden_states, args=(), kwargs=None) -> tuple | None:
         """The package's three inputs for a call of the U-Net, or None where a package cannot serve it (a tiled
-        call's circular padding, `latentgen.tiling`, is not compiled in)."""
+        call's circular padding, `latentgen.components.tiling`, is not compiled in)."""
         plain = (not args and all(v is None for v in (kwargs or {}).values()) and torch.is_tensor(encoder_hidden_states)
                  and sample.device.type == "cpu" and not torch.is_grad_enabled()
                  and self.unet.conv_in.padding_mode == "zeros")

@@ -7,8 +7,8 @@ option. A1111 stops there, which leaves the VAE encoder's downsamplers zero-padd
 wraps too, so an image-to-image start from a tile has no seam either. Circular padding makes a fully
 convolutional network equivariant to circular shifts (attention has no positions and group norms are global;
 shifts by whole strides where it downsamples), so a shifted start gives the shifted image: `tests/test_tiling.py`
-checks exactly that. The compiled U-Net (`latentgen.compiled`) is built with zero padding; tiled calls run the
-U-Net's own forward. A LyCORIS LoHa or LoKr on a convolution (`latentgen.lora`) is a peft layer that adds its
+checks exactly that. The compiled U-Net (`latentgen.runtime.compiled`) is built with zero padding; tiled calls run the
+U-Net's own forward. A LyCORIS LoHa or LoKr on a convolution (`latentgen.formats.lora`) is a peft layer that adds its
 update with `F.conv2d` and zero padding beside the base convolution; within the block that update goes through
 the base convolution's own (circular) padding instead. A LoRA's or LoCon's convolutions are `Conv2d` modules and
 follow the rest.

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UserError
+from latentgen.errors import UserError
 
 UP, DOWN = 1.1, 1 / 1.1
 _TOKEN = re.compile(r"\\[()\[\]\\]|\(|\)|\[|\]|:\s*([+-]?\d+(?:\.\d+)?)\s*\)|[^\\()\[\]:]+|:|\\", re.S)

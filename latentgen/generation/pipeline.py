@@ -1,10 +1,11 @@
 """LatentPipeline: text -> image by latent diffusion with classifier-free guidance, in diffusers' folder layout.
 
-A call builds a `Request` (latentgen.request), fits it to the model once (`Request.fit` -> `Plan`), and runs the
-plan's stages in `latentgen.sampling`; the hires fix (`latentgen.hires`) is two such plans. Folder checks live in
-`latentgen.loading`. `from_pretrained`/`save_pretrained` come from diffusers' `DiffusionPipeline`, so Stable
-Diffusion folders load as they are and ours load in diffusers' `StableDiffusionPipeline`. A pipeline may be shared
-by concurrent callers: a call changes none of its modules, and the prompt cache is locked.
+A call builds a `Request` (`latentgen.generation.request`), fits it to the model once (`Request.fit` -> `Plan`), and
+runs the plan's stages in `latentgen.generation.sampling`; the hires fix (`generation.hires`) and the cascade
+(`generation.cascade`) are two such plans. Folder checks live in `latentgen.formats.folders`.
+`from_pretrained`/`save_pretrained` come from diffusers' `DiffusionPipeline`, so Stable Diffusion folders load as
+they are and ours load in diffusers' `StableDiffusionPipeline`. A pipeline may be shared by concurrent callers: a
+call changes none of its modules, and the prompt cache is locked.
 """
 
 from __future__ import annotations
@@ -28,14 +29,9 @@ from diffusers.loaders import (
 )
 from torch import nn
 
-from . import diffusion, lora, sampling, threads, tiling
-from .conditioning import Conditioning, PromptEncoder
-from .errors import UserError, first_line
-from .io import atomic_dir
-from .loading import WEIGHT_COMPONENTS
-from .request import Plan, Request
-from .schedulers import scheduler_name_of
-from .text_encoders import (
+from latentgen.components import diffusion, tiling
+from latentgen.components.schedulers import scheduler_name_of
+from latentgen.components.text_encoders import (
     SDXLTextEncoder,
     TextEncoder,
     clip_tokenizer,
@@ -43,6 +39,18 @@ from .text_encoders import (
     openclip_to_transformers,
     text_encoder_for,
 )
+from latentgen.errors import UserError, first_line
+from latentgen.formats import lora, single_file
+from latentgen.formats import upscaler as upscaler_folder
+from latentgen.formats.folders import WEIGHT_COMPONENTS, check_pipeline_folder
+from latentgen.generation import cascade, hires, sampling
+from latentgen.generation.conditioning import Conditioning, PromptEncoder
+from latentgen.generation.plan import Plan
+from latentgen.generation.request import Request
+from latentgen.io import atomic_dir
+from latentgen.runtime import compiled, threads
+from latentgen.runtime.device import resolve_device
+from latentgen.runtime.precision import name_of, resolve_dtype
 
 log = logging.getLogger("latentgen")
 
@@ -66,7 +74,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
 
     LoRAs load with diffusers' own loader (`load_lora_weights`, `set_adapters`, `fuse_lora`, ...: diffusers'
     meaning, through peft), in diffusers/peft format or kohya/A1111's (converted by diffusers); textual-inversion
-    embeddings with diffusers' `load_textual_inversion` (latentgen.embeddings adds A1111's folder and checks).
+    embeddings with diffusers' `load_textual_inversion` (latentgen.formats.embeddings adds A1111's folder and checks).
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
@@ -85,7 +93,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                               text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         # The model's own sampling defaults beyond its scheduler: clip skip, and adaptive projected guidance's
-        # settings (`latentgen.guidance.Apg`) where the model samples better with it than with plain guidance.
+        # settings (`generation.guidance.Apg`) where the model samples better with it than with plain guidance.
         self.register_to_config(clip_skip=clip_skip, apg=apg)
         f = self.vae_scale_factor
         self.image_processor = VaeImageProcessor(vae_scale_factor=f)
@@ -132,7 +140,6 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         Weights must be safetensors unless `allow_pickle=True`, which loads `.bin` files with
         `torch.load(weights_only=True)` (no code runs, but prefer converting them).
         """
-        from .loading import check_pipeline_folder
 
         folder = Path(folder)
         if folder.is_file():
@@ -159,10 +166,9 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
     def from_single_file(cls, path: str | Path, torch_dtype: torch.dtype | str | None = None,
                          allow_pickle: bool = False, prediction_type: str | None = None) -> "LatentPipeline":
         """Load a single-file SD 1.x / 2.x / SDXL checkpoint (A1111's and ComfyUI's format), offline: the
-        architecture is read from the weights (latentgen.single_file). `.ckpt` pickles only with
+        architecture is read from the weights (latentgen.formats.single_file). `.ckpt` pickles only with
         `allow_pickle=True` (read with torch.load(weights_only=True)). `prediction_type` ("epsilon" or
         "v_prediction") overrides what the file says, for 768-v SD 2.x files that say nothing."""
-        from . import single_file
 
         path = Path(path)
         state, metadata = single_file.read(path, allow_pickle)
@@ -191,13 +197,12 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         """Write this pipeline as one .safetensors checkpoint in the SD 1.x / 2.x / SDXL layout that A1111 and
         ComfyUI load, with latentgen's configs in its metadata (loading it here gives this pipeline back
         exactly). `dtype=torch.float16` halves the file."""
-        from . import single_file
 
         return single_file.write(self, path, dtype)
 
     def compile_unet(self, mode: str | None = None, report: Callable[[str], None] | None = None) -> None:
         """Compile the U-Net for inference. On the CPU: ahead of time with AOTInductor, once per input shape at
-        its first call, cached on disk so later processes load it in milliseconds (`latentgen.compiled`;
+        its first call, cached on disk so later processes load it in milliseconds (`latentgen.runtime.compiled`;
         `report(message)` hears each compile and load). On CUDA: `torch.compile(mode=mode)` in place, by default
         in `reduce-overhead` mode (CUDA graphs: each step's kernels launched as one graph, 3× diffusers at one
         image per call on an H200, README), and the VAE decoder with `torch.compile` too (at 512 px its GroupNorms
@@ -205,7 +210,6 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         decodes image by image and keeps each image, which CUDA graphs' replays would overwrite. `report` hears
         that the compile comes with the first call."""
         if self.unet.device.type == "cpu":
-            from . import compiled
 
             compiled.install(self.unet, report)
         else:
@@ -290,13 +294,11 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
             index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     def upscaler(self) -> "LatentPipeline":
-        """The model's trained upscaler (`latentgen.upscaler`): the one `load_upscaler` gave it, else the one in its
+        """The model's trained upscaler (`generation.cascade`): the one `load_upscaler` gave it, else the one in its
         folder's `upscaler/`, loaded on first use."""
         up = self.__dict__.get("upscaler_pipeline")
         if up is None:
-            from . import upscaler
-
-            folder = upscaler.folder_of(self)
+            folder = upscaler_folder.folder_of(self)
             if folder is None:
                 raise UserError("this model has no upscaler (no upscaler/ folder in its model folder); pass one "
                                 "(--upscaler FOLDER, or load_upscaler), or use the hires fix")
@@ -305,10 +307,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
 
     def load_upscaler(self, folder: str | Path) -> "LatentPipeline":
         """Use the upscaler in `folder` (`train_unet.py` with an `upscaler:` section writes one) for `upscale`."""
-        from . import upscaler
-
         with self.lora_lock:
-            self.__dict__["upscaler_pipeline"] = up = upscaler.load(self, folder)
+            self.__dict__["upscaler_pipeline"] = up = cascade.load(self, folder)
         return up
 
     # ------------------------------------------------------------------------------------------------------------
@@ -352,7 +352,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
 
     def encode_conditioning(self, prompts: Sequence[str], clip_skip: int | None = None) -> Conditioning:
         """(B,) prompts -> their Conditioning in the U-Net's dtype; A1111's weighting syntax and prompts longer
-        than the encoder's window work (latentgen.prompts)."""
+        than the encoder's window work (latentgen.generation.prompts)."""
         device, dtype = self.unet.device, self.unet.dtype
         # len(tokenizer): embeddings loaded later add words, and a cached prompt may have used them as text
         key = (id(self.text_encoder), len(self.tokenizer), clip_skip, str(device), str(dtype),
@@ -388,7 +388,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str] | None = None, *, on_step: Callable[[int], None] | None = None,
                  on_latents: Callable[[int, torch.Tensor], None] | None = None, **fields) -> GenerationOutput:
-        """Generate images: `fields` are `latentgen.request.Request`'s (diffusers' names: negative_prompt,
+        """Generate images: `fields` are `latentgen.generation.request.Request`'s (diffusers' names: negative_prompt,
         num_inference_steps, guidance_scale, height, width, num_images_per_prompt, generator, output_type, image,
         mask_image, strength, ...; and seed, scheduler, guidance variants, clip_skip, hires).
         `on_step(i)` is called after each sampling step, `on_latents(i, latents)` before it with the current
@@ -409,13 +409,9 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
                 lora.activate(self, plan.loras)
             with tiling.circular(self.unet, self.vae, enabled=tiled):
                 if plan.request.hires is not None:
-                    from . import hires
-
                     return hires.generate(self, plan, on_step, on_latents)
                 if plan.request.upscale is not None:
-                    from . import upscaler
-
-                    return upscaler.generate(self, plan, on_step, on_latents)
+                    return cascade.generate(self, plan, on_step, on_latents)
                 return self.run_plan(plan, on_step, on_latents)
 
     def run_plan(self, plan: Plan, on_step: Callable[[int], None] | None = None,
@@ -448,7 +444,6 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
             if retried:
                 info["fp32_retry"] = "vae"
             images = self.image_processor.postprocess(decoded, output_type=plan.request.output_type)
-        from .precision import name_of
 
         name = plan.request.scheduler or scheduler_name_of(self.scheduler)
         info |= {"scheduler": name, "height": plan.height, "width": plan.width, "dtype": name_of(self.unet.dtype)}
@@ -483,7 +478,5 @@ def _generator_factory(plan: Plan):
 
 def _target_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     """A torch dtype as given, or a precision name ("auto", None: the fast one for this machine)."""
-    from .device import resolve_device
-    from .precision import resolve_dtype
 
     return dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype or "auto", resolve_device("auto"))

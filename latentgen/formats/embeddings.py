@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from .errors import UserError, first_line
-from .lora import short_hash
+from latentgen.errors import UserError, first_line
+from latentgen.formats.lora import short_hash
 
 
 def load(pipe, path: str | Path, token: str | None = None) -> str:

@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-from .diffusion import vae_factor
-from .errors import UserError
+from latentgen.components.diffusion import vae_factor
+from latentgen.errors import UserError
 
 WORKING_TENSORS = 4  # feature maps alive at once inside a block (input, two convolutions, the residual sum)
 # What the count above leaves out (the allocator's slack, fp32 post-processing of the decoded images, the

@@ -27,7 +27,10 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import UserError, first_line
+from latentgen.components.schedulers import make_scheduler
+from latentgen.components.text_encoders import clip_tokenizer
+from latentgen.errors import UserError, first_line
+from latentgen.io import save_safetensors
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 SD1_TEXT, SD2_TEXT = "cond_stage_model.transformer.", "cond_stage_model.model."
@@ -279,9 +282,6 @@ def components(state: dict[str, torch.Tensor], metadata: dict[str, str], kind: s
         convert_ldm_unet_checkpoint,
         convert_ldm_vae_checkpoint,
     )
-
-    from .schedulers import make_scheduler
-    from .text_encoders import clip_tokenizer
 
     ours = json.loads(metadata["latentgen"]) if "latentgen" in metadata else {}
     out: dict[str, Any] = {}
@@ -535,7 +535,6 @@ def _jsonable(value):
 
 def write(pipe, path: Path, dtype: torch.dtype | None = None) -> Path:
     """Save `pipe` as one .safetensors file (atomically), optionally in `dtype` (e.g. torch.float16)."""
-    from .io import save_safetensors
 
     path = Path(path)
     if path.suffix != ".safetensors":

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from ..errors import UserError, first_line
-from ..io import atomic_dir
+from latentgen.errors import UserError, first_line
+from latentgen.io import atomic_dir
 
 NAME = re.compile(r"^checkpoint-(\d+)$")
 

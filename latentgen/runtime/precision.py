@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError, one_of
+from latentgen.errors import UserError, one_of
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -1,5 +1,5 @@
 """Device and attention-kernel choice (`auto` picks what runs fastest on the hardware at hand); precision is in
-`latentgen.precision`."""
+`latentgen.runtime.precision`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError, one_of
+from latentgen.errors import UserError, one_of
 
 
 def resolve_device(name: str = "auto") -> torch.device:

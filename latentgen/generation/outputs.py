@@ -9,7 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import UserError
+from latentgen._version import __version__
+from latentgen.errors import UserError
+from latentgen.formats import embeddings, lora
+from latentgen.formats.images import file_sha256, image_metadata
+from latentgen.generation.infotext import a1111_parameters
+from latentgen.io import model_hash, save_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -112,9 +117,6 @@ def run_about(pipe, model: str | Path, plan, vae: str | Path | None = None, pred
     """What every image of a run records besides its own settings: the model's path and hash, latentgen's version,
     the device, init image/mask files (`inputs`: path and sha256), a replacement VAE, the prediction type given,
     and A1111's TI and LoRA hashes. `hash`: the model's, if known already (hashing reads every weight file)."""
-    from . import __version__, embeddings
-    from .io import model_hash
-    from .metadata import file_sha256
 
     about = {"model": str(Path(model).resolve()), "model_hash": hash or model_hash(model), "version": __version__,
              "device": str(pipe.unet.device.type)}
@@ -128,7 +130,6 @@ def run_about(pipe, model: str | Path, plan, vae: str | Path | None = None, pred
         about["upscaler"] = {"path": str(folder.resolve()), "hash": model_hash(folder)}
     about["ti_hashes"] = embeddings.used(pipe, plan.prompts + plan.negative_prompts)
     if plan.loras:
-        from . import lora
 
         about["lora_hashes"] = {path.stem: lora.short_hash(path) for path, _ in plan.loras}
     return about
@@ -140,8 +141,6 @@ def write_images(pipe, plan, paths: Sequence[Path], batch_size: int, about: dict
     (one per plan row) as soon as its batch is done, with its metadata: its Request fields and `about` (model,
     hash, version, inputs). `on_progress(n)` after each sampling step of a batch of n images. Returns the paths
     written."""
-    from .io import save_image
-    from .metadata import image_metadata
 
     written = []
     rows = iter(paths)
@@ -151,7 +150,7 @@ def write_images(pipe, plan, paths: Sequence[Path], batch_size: int, about: dict
         for image, meta in zip(out.images, out.metadata):
             path = next(rows)
             meta = meta | about | out.recorded_info()
-            metadata = image_metadata(meta, path.suffix)
+            metadata = image_metadata(meta, path.suffix, a1111_parameters(meta))
             _warn_if_large(metadata, path)
             written.append(save_image(image, path, **metadata))
             if on_image is not None:

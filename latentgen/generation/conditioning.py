@@ -19,6 +19,9 @@ from typing import Any, Callable, Hashable, Sequence
 import torch
 import torch.nn.functional as F
 
+from latentgen.formats.lora import strip_tags
+from latentgen.generation.prompts import ChunkedEncoder
+
 PROMPT_CACHE_SIZE = 512
 
 
@@ -91,8 +94,6 @@ class PromptEncoder:
         """(B,) prompts -> hidden states (B, T, D) in `dtype` on `device`, padded and masked when prompts have
         different lengths. `key` names the encoder's state (module, clip skip, ...); `backend()` makes it;
         `spell(prompt)` rewrites a prompt's words for the tokenizer (multi-vector embeddings)."""
-        from .lora import strip_tags
-        from .prompts import ChunkedEncoder
 
         rows = []
         with self.lock:

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import validate
-from .errors import one_of
+from latentgen import validate
+from latentgen.errors import one_of
 
 UPSCALERS = {"latent": "Latent", "lanczos": "Lanczos"}  # ours -> A1111's `Hires upscaler` names
 

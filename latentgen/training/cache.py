@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..io import atomic_file, weights_hash
-from ..loading import public_config
-from .sources import choose_caption
+from latentgen.components.diffusion import public_config
+from latentgen.data.sources import choose_caption
+from latentgen.io import atomic_file, weights_hash
+from latentgen.training.upscaler import low_resolution
 
 
 class CachedData:
@@ -56,7 +57,6 @@ def build_cache(dataset, parts, with_embeddings: bool, batch_size: int, device, 
                 low_scale: int = 0) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Encode every image once (the un-augmented view) and every distinct caption once; with `low_scale`, also
     the image shrunk by that factor (an upscaler's low-resolution input)."""
-    from ..upscaler import low_resolution
 
     posteriors: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "low_mean": [], "low_std": []}
     for start in tqdm(range(0, len(dataset), batch_size), desc="caching latents", leave=False):

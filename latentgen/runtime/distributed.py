@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from latentgen.errors import UserError
+from latentgen.validate import random_seed
 
 _WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
@@ -52,7 +53,6 @@ def describe(state) -> str:
 def shared_random_seed(state) -> int:
     """A random seed, the same on every rank (rank 0's): a run's image k gets seed + k whichever rank draws it,
     and its file names agree across the ranks (the grid reads them all)."""
-    from .validate import random_seed
 
     seed = [random_seed()]
     if state.num_processes > 1:

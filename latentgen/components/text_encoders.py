@@ -20,7 +20,7 @@ from typing import Any, Protocol, Sequence
 import torch
 from torch import nn
 
-from .errors import UserError, first_line, one_of
+from latentgen.errors import UserError, first_line, one_of
 
 CLIP_MAX_LENGTH = 77
 
@@ -32,7 +32,8 @@ class EncodedPrompts:
 
 
 class TextEncoder(Protocol):
-    """What the prompt encoder (`latentgen.prompts.ChunkedEncoder`) and training need of a text encoder backend."""
+    """What the prompt encoder (`latentgen.generation.prompts.ChunkedEncoder`) and training need of a text encoder
+    backend."""
 
     tokenizer: Any
     hidden_size: int

@@ -169,3 +169,10 @@ def caption_dropout(count: int, p: float, generator: torch.Generator) -> torch.T
     """(count,) bool: which captions become the empty prompt (the unconditional branch guidance needs), each with
     probability p."""
     return torch.rand(count, generator=generator, device=generator.device) < p
+
+
+def public_config(model) -> dict:
+    """A diffusers model's config without its private keys (`_name_or_path`, `_diffusers_version`, and
+    `_use_default_values`, a set turned list whose order varies with the hash seed): what names its
+    architecture the same way in every process, wherever it was loaded from."""
+    return {k: v for k, v in model.config.items() if not k.startswith("_")}

@@ -15,7 +15,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .errors import one_of
+from latentgen.errors import one_of
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from .errors import UserError, first_line
+from latentgen.errors import UserError, first_line
+from latentgen.formats.single_file import unet_ldm_names
 
 # A1111 reads the LyCORIS extension's <lyco:NAME:SCALE> as <lora:NAME:SCALE>
 TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^>]*))?>")
@@ -271,7 +272,6 @@ def _kohya_names(model, component: str) -> dict[str, str]:
               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     names = {n.replace(".", "_"): n for n in layers}
     if component == "unet":
-        from .single_file import unet_ldm_names
 
         ldm = unet_ldm_names(model.config)
         names |= {stability.replace(".", "_"): n for n in layers if (stability := ldm(n)) is not None}

@@ -7,8 +7,8 @@ class label (`class_embed_type: timestep`), and the text conditions it too. Trai
 [0, max_noise_level] (Imagen's noise conditioning augmentation), so at sampling time a small a tells the model to
 trust the low-resolution latents and a larger one lets it repair what the first model drew badly.
 
-An upscaler folder holds `unet/`, `scheduler/` and `upscaler.json` (its scale and sampling defaults); it borrows the
-VAE and the text encoder of the model it was trained for, and is shipped inside that model's folder as `upscaler/`.
+Here: the request option (`Upscale`), the upscaler loaded beside a model, and the cascade's sampling; the folder
+format is `latentgen.formats.upscaler`, the training maths `latentgen.training.upscaler`.
 """
 
 from __future__ import annotations
@@ -21,34 +21,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import tiling, validate
-from .errors import UserError, first_line
-
-CONFIG_NAME = "upscaler.json"
-FOLDER = "upscaler"  # inside a model's folder
-
-
-@dataclass
-class UpscalerConfig:
-    """train_unet.py's `upscaler:` section (scale > 0 trains an upscaler), and what `upscaler.json` keeps."""
-
-    scale: int = 0  # 0: a text-to-image U-Net; 2 or 4: an upscaler of the latents by this factor
-    max_noise_level: int = 350  # training draws the augmentation level uniformly from [0, this]
-    noise_level: int = 100  # sampling defaults, stored with the upscaler
-    steps: int = 20
-    guidance: float = 1.0
-    strength: float = 1.0  # the part of the schedule run, from the upsampled first-stage latents noised to its start
-
-    def check(self) -> "UpscalerConfig":
-        if self.scale not in (0, 2, 4):
-            raise UserError(f"upscaler.scale must be 0 (off), 2 or 4, got {self.scale!r}")
-        check_level(self.max_noise_level, "upscaler.max_noise_level")
-        check_level(self.noise_level, "upscaler.noise_level")
-        validate.steps(self.steps, what="upscaler.steps")
-        validate.guidance(self.guidance, "upscaler.guidance")
-        validate.in_range(self.strength, "upscaler.strength", 0.0, 1.0, low_open=True)
-        return self
-
+from latentgen import validate
+from latentgen.components import tiling
+from latentgen.errors import UserError, first_line
+from latentgen.formats.upscaler import check_level, check_unet, read
+from latentgen.generation.sampling import decode, encode_images
 
 A1111_NAME = "latentgen upscaler"  # its name among A1111's hires upscalers: in infotexts and the server's lists
 
@@ -77,34 +54,6 @@ class Upscale:
         return self
 
 
-def check_level(value, what: str) -> int:
-    """A noise-augmentation level: a forward-process timestep, 0 (none) to 999."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 999:
-        raise UserError(f"{what} must be a whole number in [0, 999] (a noise level), got {value!r}")
-    return value
-
-
-def is_upscaler_unet(unet, latent_channels: int) -> bool:
-    """A U-Net that takes the low-resolution latents beside the noisy ones, and the augmentation level."""
-    cfg = unet.config
-    return cfg.in_channels == 2 * latent_channels and cfg.get("class_embed_type") == "timestep"
-
-
-def check_unet(unet, latent_channels: int) -> None:
-    cfg = unet.config
-    if cfg.in_channels != 2 * latent_channels or cfg.out_channels != latent_channels:
-        raise UserError(f"an upscaler U-Net takes the noisy and the low-resolution latents: in_channels must be "
-                        f"{2 * latent_channels} and out_channels {latent_channels}, got {cfg.in_channels} and "
-                        f"{cfg.out_channels}")
-    if cfg.get("class_embed_type") != "timestep":
-        raise UserError("an upscaler U-Net takes its noise-augmentation level as a class label: set "
-                        "class_embed_type: timestep in the unet config")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The conditioning input
-
-
 def augment(noise_scheduler, low: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor, scale: int) -> torch.Tensor:
     """Low-resolution latents (N, C, h, w), noised to `levels` (N,) by the forward process, upsampled (nearest) to
     (N, C, h·scale, w·scale): the upscaler's conditioning input."""
@@ -112,80 +61,10 @@ def augment(noise_scheduler, low: torch.Tensor, levels: torch.Tensor, noise: tor
     return F.interpolate(noised, scale_factor=scale, mode="nearest")
 
 
-def training_condition(noise_scheduler, low: torch.Tensor, config: UpscalerConfig,
-                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A training batch's conditioning input and its augmentation levels (N,), each drawn from
-    [0, max_noise_level]."""
-    n = low.shape[0]
-    levels = torch.randint(0, config.max_noise_level + 1, (n,), generator=generator, device=low.device)
-    noise = torch.randn(low.shape, generator=generator, device=low.device, dtype=low.dtype)
-    return augment(noise_scheduler, low, levels, noise, config.scale), levels
-
-
-def low_resolution(pixels: torch.Tensor, scale: int) -> torch.Tensor:
-    """(N, 3, H, W) -> (N, 3, H/scale, W/scale) by averaging (a box filter, as the shapes are anti-aliased)."""
-    return F.avg_pool2d(pixels, scale)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Saving and loading
-
-
-def save(folder: Path, unet, scheduler, config: UpscalerConfig, weights_dtype: torch.dtype | None = None) -> None:
-    """Write an upscaler folder atomically (U-Net weights in `weights_dtype`, safetensors)."""
-    from .io import atomic_dir
-
-    with atomic_dir(folder) as tmp:
-        original = next(unet.parameters()).dtype
-        try:
-            unet.to(weights_dtype or original).save_pretrained(tmp / "unet", safe_serialization=True)
-        finally:
-            unet.to(original)
-        scheduler.save_pretrained(tmp / "scheduler")
-        (tmp / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-
-
-def folder_of(pipe) -> Path | None:
-    """The upscaler shipped inside the pipeline's folder, when there is one."""
-    source = pipe.config.get("_name_or_path")
-    if not source:
-        return None
-    folder = Path(source) / FOLDER
-    return folder if (folder / CONFIG_NAME).is_file() else None
-
-
-def read_config(folder: Path, what: str = "") -> UpscalerConfig:
-    """The checked `upscaler.json` of an upscaler folder; `what` names the setting that gave the folder, in errors."""
-    if not (folder / CONFIG_NAME).is_file():
-        raise UserError(f"{what}{folder} is not an upscaler folder (no {CONFIG_NAME}); train one with "
-                        "train_unet.py and an upscaler: section")
-    try:
-        return UpscalerConfig(**json.loads((folder / CONFIG_NAME).read_text())).check()
-    except UserError:
-        raise
-    except Exception as err:
-        raise UserError(f"cannot load the upscaler in {what}{folder}: {first_line(err)}") from None
-
-
-def read(folder: Path, dtype: torch.dtype, what: str = "") -> tuple[UpscalerConfig, torch.nn.Module]:
-    """The checked `upscaler.json` and the U-Net (in `dtype`) of an upscaler folder (`read_config`)."""
-    from diffusers import UNet2DConditionModel
-
-    config = read_config(folder, what)
-    try:
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, use_safetensors=True,
-                                                    local_files_only=True)
-    except Exception as err:
-        raise UserError(f"cannot load the upscaler in {what}{folder}: {first_line(err)}") from None
-    return config, unet
-
-
 def load(pipe, folder: str | Path):
     """The upscaler in `folder` as a LatentPipeline that shares `pipe`'s VAE, text encoder, tokenizer and prompt
     cache; its `upscaler_config` holds the scale and the sampling defaults."""
     import diffusers
-
-    from .pipeline import LatentPipeline
 
     folder = Path(folder)
     config, unet = read(folder, pipe.unet.dtype)
@@ -200,7 +79,7 @@ def load(pipe, folder: str | Path):
     if unet.config.cross_attention_dim != width:
         raise UserError(f"the upscaler in {folder} was trained for a {unet.config.cross_attention_dim}-wide text "
                         f"encoder; this model's is {width} wide")
-    up = LatentPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+    up = type(pipe)(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                         unet=unet.to(pipe.unet.device), scheduler=scheduler, clip_skip=pipe.config.clip_skip)
     up.prompt_encoder = pipe.prompt_encoder  # keyed by the text encoder: sharing it is safe
     up.set_progress_bar_config(disable=True)
@@ -229,8 +108,6 @@ def initial(up, low: torch.Tensor, scale: int) -> torch.Tensor:
     (the default model's held-out binding 85% -> 31%, `python bench/probes.py upscale-start`), and 6 of 20 steps
     did not repair them (README, Cascade).
     One image per VAE call, as `sampling.decode` does, so an image is the same made alone or in a batch."""
-    from .sampling import decode, encode_images
-
     pixels = decode(up, low.to(up.vae.device)).float()
     big = F.interpolate(pixels, scale_factor=scale, mode="bicubic").clamp(-1, 1)
     return torch.cat([encode_images(up, big[i:i + 1]) for i in range(big.shape[0])])
@@ -293,15 +170,12 @@ def upscale_latents(up, low: torch.Tensor, prompts: list[str], seeds: list[int],
                     output_type: str = "pil"):
     """The upscaler alone on given low-resolution latents (N, C, h, w) (e.g. the data's own): validation and
     evaluation."""
-    from .request import Request
-
     cfg = up.upscaler_config
     f = up.vae_scale_factor
-    request = Request(prompt=list(prompts), seed=list(seeds), num_inference_steps=steps or cfg.steps,
-                      guidance_scale=cfg.guidance if guidance is None else guidance,
-                      height=low.shape[-2] * f * cfg.scale, width=low.shape[-1] * f * cfg.scale,
-                      strength=cfg.strength if strength is None else strength, output_type=output_type)
-    plan = request.fit(up)
+    plan = up.check_request(list(prompts), seed=list(seeds), num_inference_steps=steps or cfg.steps,
+                            guidance_scale=cfg.guidance if guidance is None else guidance,
+                            height=low.shape[-2] * f * cfg.scale, width=low.shape[-1] * f * cfg.scale,
+                            strength=cfg.strength if strength is None else strength, output_type=output_type)
     low = low.to(up.unet.device)
     cond, levels = condition(up, low, plan, cfg.noise_level if noise_level is None else noise_level)
     init = initial(up, low, cfg.scale) if plan.request.strength < 1 else None

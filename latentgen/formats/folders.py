@@ -1,7 +1,6 @@
-"""Loading models: one home for what latentgen knows of checkpoint formats: diffusers pipeline folders (ours,
-Stable Diffusion's and SDXL's), checked before diffusers reads them so that each mistake a user makes gets a
-one-line error; single-file checkpoints (`latentgen.single_file`); models found by name in a models directory;
-replacement VAEs. Weights are safetensors unless pickles are allowed explicitly.
+"""Diffusers pipeline folders (ours, Stable Diffusion's and SDXL's), checked before diffusers reads them so that each
+mistake a user makes gets a one-line error, and replacement VAEs. Weights are safetensors unless pickles are
+allowed explicitly. Single-file checkpoints are `latentgen.formats.single_file`.
 """
 
 from __future__ import annotations
@@ -9,76 +8,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import UserError, first_line
+from latentgen.errors import UserError, first_line
+from latentgen.formats import single_file
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
-
-
-def public_config(model) -> dict:
-    """A diffusers model's config without its private keys (`_name_or_path`, `_diffusers_version`, and
-    `_use_default_values`, a set turned list whose order varies with the hash seed): what names its
-    architecture the same way in every process, wherever it was loaded from."""
-    return {k: v for k, v in model.config.items() if not k.startswith("_")}
-
-
-def resolve_model(model: str | Path | None, models_dir: str | Path | None = None) -> Path:
-    """The model a user named: a path (pipeline folder or single checkpoint file), else NAME in `models_dir`
-    (NAME/, NAME.safetensors or NAME.ckpt, as A1111's model list names them); none: the shipped default model."""
-    if model is not None:
-        path = Path(model)
-        if path.exists() or models_dir is None or path.parent != Path("."):
-            return path
-        for candidate in (Path(models_dir) / model, *(Path(models_dir) / f"{model}{s}" for s in MODEL_SUFFIXES)):
-            if candidate.exists():
-                return candidate
-        known = ", ".join(list_models(models_dir)) or "none"
-        raise UserError(f"model {model} does not exist: it is neither a path nor a model in {models_dir} "
-                        f"(there: {known})")
-    if not (DEFAULT_MODEL / "model_index.json").exists():
-        raise UserError(f"no --model given and the default model is missing from {DEFAULT_MODEL}; "
-                        "pass --model FOLDER (a diffusers pipeline folder)")
-    return DEFAULT_MODEL
-
-
-def open_pipeline(model: str | Path, dtype: str = "auto", device="auto", vae: str | Path | None = None,
-                  prediction_type: str | None = None, allow_pickle: bool = False, loras_dir: str | Path = "loras",
-                  embeddings_dir: str | Path | None = "embeddings", confined: bool = False):
-    """A model ready to generate, as infer.py and the server use it: loaded in `dtype` ("auto": the fast precision
-    for the device), its VAE replaced by `vae` if given, on `device`, progress bars off, `<lora:NAME>` looked up in
-    `loras_dir` (`confined`, as the server has it: only there, whatever the name), the embeddings in
-    `embeddings_dir` (None: none) loaded."""
-    import torch
-
-    from . import embeddings
-    from .device import resolve_device
-    from .pipeline import LatentPipeline
-    from .precision import resolve_dtype
-
-    device = device if isinstance(device, torch.device) else resolve_device(device)
-    pipe = LatentPipeline.from_pretrained(model, torch_dtype=resolve_dtype(dtype, device), allow_pickle=allow_pickle,
-                                          prediction_type=prediction_type)  # a folder or a single file
-    if vae:
-        pipe.register_modules(vae=load_vae(vae, pipe.vae, allow_pickle))
-        pipe.keep_vae_safe()
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.loras_dir, pipe.loras_confined = Path(loras_dir), confined
-    if embeddings_dir is not None:
-        embeddings.load_folder(pipe, embeddings_dir)
-    return pipe
-
-
-def list_models(models_dir: str | Path) -> list[str]:
-    """The models in a models directory, by name: pipeline folders and single checkpoint files."""
-    folder = Path(models_dir)
-    if not folder.is_dir():
-        return []
-    return sorted(p.stem if p.is_file() else p.name for p in folder.iterdir()
-                  if (p.is_dir() and (p / "model_index.json").exists()) or (p.is_file() and p.suffix in MODEL_SUFFIXES))
 
 
 def load_vae(path: str | Path, like, allow_pickle: bool = False):
@@ -86,8 +22,6 @@ def load_vae(path: str | Path, like, allow_pickle: bool = False):
     `vae-ft-mse-840000.safetensors` layout, or a whole checkpoint's first_stage_model), in `like`'s dtype and
     latent scaling: a replacement VAE decodes the same latent space."""
     from diffusers import AutoencoderKL
-
-    from . import single_file
 
     path = Path(path)
     if path.is_dir():

@@ -26,8 +26,8 @@ import torch
 from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-from . import validate
-from .errors import UserError
+from latentgen import validate
+from latentgen.errors import UserError
 
 DYNAMIC_THRESHOLD_FLOOR = 3.0  # x̂0 is never clipped inside ±3σ of the unit-variance latents
 

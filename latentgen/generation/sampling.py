@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import threads
-from .conditioning import GuidedConditioning, PromptEncoder
-from .diffusion import scale_latents, unscale_latents
-from .errors import UserError
-from .guidance import DYNAMIC_THRESHOLD_FLOOR, alpha_sigma, clip_x0, guide, rescale_guidance
-from .request import Plan
-from .schedulers import SCHEDULERS, UNSTABLE_ABOVE_GUIDANCE, make_scheduler, step_kwargs
+from latentgen.components.diffusion import scale_latents, unscale_latents
+from latentgen.components.schedulers import SCHEDULERS, UNSTABLE_ABOVE_GUIDANCE, make_scheduler, step_kwargs
+from latentgen.errors import UserError
+from latentgen.generation.conditioning import GuidedConditioning, PromptEncoder
+from latentgen.generation.guidance import DYNAMIC_THRESHOLD_FLOOR, alpha_sigma, clip_x0, guide, rescale_guidance
+from latentgen.generation.plan import Plan
+from latentgen.runtime import threads
+from latentgen.runtime.compiled import batch_invariant
 
 log = logging.getLogger("latentgen")
 
@@ -211,7 +212,6 @@ def run_unet(pipe, x_in: torch.Tensor, t, cond, rows_per_image: int,
     the whole batch gives each image bit for bit what the one-image package gives (measured once per shape:
     `compiled.batch_invariant`) takes the rows in one call.
     """
-    from .compiled import batch_invariant
 
     def call(rows):
         labels = None if class_labels is None else class_labels[rows]
@@ -244,7 +244,7 @@ def denoise(pipe, latents: torch.Tensor, cond: GuidedConditioning, plan: Plan, s
     on_cpu = latents.device.type == "cpu"
     for i, t in enumerate(pipe.progress_bar(timesteps)):
         if on_cpu:
-            threads.adapt()  # as many threads as other processes leave cores free (`latentgen.threads`)
+            threads.adapt()  # as many threads as other processes leave cores free (`latentgen.runtime.threads`)
         pred = predict(pipe, latents, t, cond, plan, offset + i // scheduler.order, scheduler, known)
         latents = scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
         if blend:

@@ -1,7 +1,6 @@
-"""Image metadata: AUTOMATIC1111's `parameters` text (read by A1111, ComfyUI, civitai, sd-parsers, ...) and our
-own JSON with everything `infer.py --replay` needs (an image's `Request` fields under the same names, plus the
-model's name and hash), written into PNG text chunks or, for JPEG/WebP, EXIF UserComment as A1111 writes it; read
-back from either.
+"""AUTOMATIC1111's `parameters` text (read by A1111, ComfyUI, civitai, sd-parsers, ...): written from an image's
+metadata (its `Request` fields and the model's name and hash) and read back into a request, for `infer.py --replay`
+and the server's `png-info`.
 """
 
 from __future__ import annotations
@@ -11,13 +10,11 @@ import json
 import re
 from pathlib import Path
 
-from . import validate
-from .errors import UserError
-from .schedulers import a1111_name, a1111_names, from_a1111
-
-METADATA_KEY = "latentgen"
-EXIF_USER_COMMENT = 0x9286  # in the Exif sub-IFD (0x8769), where A1111 puts `parameters` of JPEG/WebP images
-EXIF_IFD = 0x8769
+from latentgen import validate
+from latentgen.components.schedulers import a1111_name, a1111_names, from_a1111
+from latentgen.errors import UserError
+from latentgen.generation.cascade import A1111_NAME
+from latentgen.generation.hires import UPSCALERS
 
 
 def quote(value) -> str:
@@ -56,13 +53,11 @@ def a1111_parameters(meta: dict) -> str:
     if meta.get("tiling"):
         fields["Tiling"] = True
     if meta.get("hires"):
-        from .hires import UPSCALERS
 
         h = meta["hires"]
         fields |= {"Denoising strength": h["denoise"], "Hires upscale": f"{h['scale']:g}", "Hires steps": h["steps"],
                    "Hires upscaler": UPSCALERS[h["upscaler"]]}
     if meta.get("upscale"):  # the cascade, as the server offers it to A1111's clients: a hires upscaler
-        from .upscaler import A1111_NAME
 
         u = meta["upscale"]
         fields |= {"Hires upscale": u["scale"], "Hires steps": u["steps"], "Hires upscaler": A1111_NAME}
@@ -78,61 +73,6 @@ def a1111_parameters(meta: dict) -> str:
         lines.append(f"Negative prompt: {meta['negative_prompt']}")
     lines.append(", ".join(f"{k}: {quote(v)}" for k, v in fields.items()))
     return "\n".join(lines)
-
-
-def image_metadata(meta: dict, suffix: str) -> dict:
-    """Keyword arguments for PIL's `save` that carry the metadata in the file's format: PNG text chunks
-    (A1111's `parameters` and our JSON), or for JPEG/WebP the `parameters` text in EXIF UserComment as A1111
-    writes it (piexif's UserComment.dump, 'unicode': an 8-byte charset code, then UTF-16 big-endian)."""
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-
-    if suffix.lower() not in (".jpg", ".jpeg", ".webp"):
-        info = PngInfo()
-        info.add_text("parameters", a1111_parameters(meta))
-        info.add_text(METADATA_KEY, json.dumps(meta, ensure_ascii=False, sort_keys=True))
-        return {"pnginfo": info}
-    exif = Image.Exif()
-    exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = b"UNICODE\0" + a1111_parameters(meta).encode("utf-16-be")
-    return {"exif": exif.tobytes()}
-
-
-def _exif_parameters(im) -> str | None:
-    comment = im.getexif().get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT)
-    if isinstance(comment, str):
-        return comment
-    if not comment:
-        return None
-    code, body = comment[:8], comment[8:]
-    if code.startswith(b"UNICODE"):
-        return body.decode("utf-16-be" if not body.startswith(b"\xff\xfe") else "utf-16", errors="replace")
-    return body.decode("utf-8", errors="replace").rstrip("\0")
-
-
-def read_metadata(path: str | Path) -> dict:
-    """What an image says about how it was made: {"latentgen": our JSON} for images infer.py wrote as PNG, else
-    {"parameters": A1111's text} (PNG text chunk or EXIF UserComment, as AUTOMATIC1111 and infer.py write it)."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            ours = im.info.get(METADATA_KEY) or getattr(im, "text", {}).get(METADATA_KEY)
-            parameters = im.info.get("parameters") or _exif_parameters(im)
-    except FileNotFoundError:
-        raise UserError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"cannot read image {path}: {err}") from None
-    if ours:
-        try:
-            meta = json.loads(ours)
-        except json.JSONDecodeError:
-            raise UserError(f"{path} has damaged latentgen metadata") from None
-        if "num_inference_steps" in meta or not parameters:  # else written before the Request names: use A1111's
-            return {METADATA_KEY: meta}
-    if parameters:
-        return {"parameters": parameters}
-    raise UserError(f"{path} has no generation parameters (neither latentgen's nor AUTOMATIC1111's)")
 
 
 # AUTOMATIC1111's infotext grammar (modules/infotext_utils.py): 'Key: value' pairs, a value JSON-quoted when it
@@ -204,7 +144,6 @@ def a1111_request(text: str) -> tuple[dict, dict[str, str], list[str]]:
                             f"{f' with schedule {schedule!r}' if schedule else ''} has no latentgen counterpart; "
                             f"known: {', '.join(a1111_names())}")
         settings["scheduler"] = name
-    from .upscaler import A1111_NAME
 
     if "Hires upscale" in fields and fields.get("Hires upscaler") == A1111_NAME:  # latentgen's cascade
         try:
@@ -212,7 +151,6 @@ def a1111_request(text: str) -> tuple[dict, dict[str, str], list[str]]:
         except ValueError as err:
             raise UserError(f"the AUTOMATIC1111 hires fields hold a value latentgen cannot read: {err}") from None
     elif "Hires upscale" in fields:
-        from .hires import UPSCALERS
 
         upscaler = {name: ours for ours, name in UPSCALERS.items()}.get(fields.get("Hires upscaler", "Latent"))
         if upscaler is None:
@@ -230,10 +168,3 @@ def a1111_request(text: str) -> tuple[dict, dict[str, str], list[str]]:
         used.add("Schedule type")  # else: a schedule we do not have for this sampler, listed as unused
     unused += [k for k in fields if k not in used | _A1111_INFORMATIONAL]
     return settings, fields, unused
-
-
-def file_sha256(path: str | Path, length: int = 16) -> str:
-    import hashlib
-
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:length]

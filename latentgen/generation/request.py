@@ -17,16 +17,20 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from . import validate
-from .errors import UserError, one_of
-from .guidance import Apg, model_apg
-from .hires import Hires
-from .schedulers import scheduler_names
-from .upscaler import Upscale
+from latentgen import validate
+from latentgen.components.schedulers import scheduler_names
+from latentgen.errors import UserError, one_of
+from latentgen.formats import lora
+from latentgen.generation.cascade import Upscale, second_stage
+from latentgen.generation.guidance import Apg, model_apg
+from latentgen.generation.hires import Hires
+from latentgen.generation.plan import Plan
+from latentgen.generation.prompts import has_syntax, parse
+from latentgen.runtime.memory import check_sampling
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 _INPUT = {"recorded": False}  # inputs that are not settings: not in the metadata (replay restores image and mask
@@ -52,10 +56,10 @@ class Request:
     of its noise at the image's size (`sampling.prepare_latents`), so an image keeps much of its composition at
     another size. `image` (+ `strength`) is image-to-image; `image` + `mask_image` (white = repaint) is
     inpainting. `guidance_rescale`, `apg` (adaptive projected guidance: None is the model's own, False plain
-    classifier-free guidance), `dynamic_threshold` and `guidance_interval` are `latentgen.guidance`'s variants;
-    `clip_skip` None uses the model's own; `tiling` makes the image tile seamlessly (`latentgen.tiling`); `hires`
-    runs AUTOMATIC1111's hires fix (`latentgen.hires`), `upscale` the model's trained upscaler after it (a
-    cascade, `latentgen.upscaler`); `loras` are LoRA files (or names in the pipeline's `loras_dir`) with their
+    classifier-free guidance), `dynamic_threshold` and `guidance_interval` are `generation.guidance`'s variants;
+    `clip_skip` None uses the model's own; `tiling` makes the image tile seamlessly (`components.tiling`); `hires`
+    runs AUTOMATIC1111's hires fix (`generation.hires`), `upscale` the model's trained upscaler after it (a
+    cascade, `generation.cascade`); `loras` are LoRA files (or names in the pipeline's `loras_dir`) with their
     scales, as are A1111's `<lora:NAME:SCALE>` prompt tags.
     """
 
@@ -70,7 +74,7 @@ class Request:
     variation_seed: int | list[int] | None = None  # one int (image k gets it + k), or one per image
     variation_strength: float = 0.0
     seed_resize_from: tuple[int, int] | None = None  # (width, height) in pixels
-    scheduler: str | None = None  # a name of latentgen.schedulers; None: the model's own
+    scheduler: str | None = None  # a name of latentgen.components.schedulers; None: the model's own
     eta: float = 0.0
     strength: float | None = None  # None: 0.8 for image-to-image, 1 for inpainting
     guidance_rescale: float = 0.0
@@ -78,7 +82,7 @@ class Request:
     dynamic_threshold: float | None = None
     guidance_interval: tuple[float, float] = (0.0, 1.0)
     clip_skip: int | None = None
-    tiling: bool = False  # AUTOMATIC1111's seamless tiling (`latentgen.tiling`)
+    tiling: bool = False  # AUTOMATIC1111's seamless tiling (`latentgen.components.tiling`)
     hires: Hires | None = None
     upscale: Upscale | None = None
     loras: list[tuple[str, float]] | None = None  # (file or name, scale); prompts may also hold <lora:NAME:SCALE>
@@ -119,8 +123,6 @@ class Request:
         if len(negatives) != len(prompts):
             raise UserError(f"got {len(prompts)} prompts and {len(negatives)} negative prompts; "
                             "give one negative prompt for all or one per prompt")
-        from . import lora
-        from .prompts import has_syntax, parse
 
         for text in dict.fromkeys(prompts + negatives):
             if has_syntax(text):
@@ -225,7 +227,7 @@ class Request:
     # --------------------------------------------------------------------------------------------------------
     # Checks that need the model
 
-    def fit(self, pipe, batch_size: int | None = None) -> "Plan":
+    def fit(self, pipe, batch_size: int | None = None) -> Plan:
         """The plan for `pipe`: the model's limits checked, sizes and init images resolved, and the memory of
         batches of `batch_size` images (default: all at once), including a hires pass, checked."""
         max_steps = pipe.scheduler.config.get("num_train_timesteps")
@@ -256,7 +258,6 @@ class Request:
                 mw, mh = _image_size(mask)
                 raise UserError(f"the mask is {mw}×{mh} but the image is {w}×{h}; they must be the same size")
         height, width = check_size(height, width, f, pipe.default_size)
-        from .memory import check_sampling
 
         rows = min(total, batch_size or total)
         check_sampling(pipe, height, width, rows, guided=req.guidance_scale > 1.0)
@@ -270,7 +271,6 @@ class Request:
         if mask is not None:
             mask = pipe.mask_processor.preprocess(mask, height=height, width=width).float()
         prompts, negatives, seeds = req.per_image()
-        from . import lora
 
         folder, confined = Path(getattr(pipe, "loras_dir", "loras")), getattr(pipe, "loras_confined", False)
         loras = [(lora.resolve(name, folder, confined), scale)
@@ -279,99 +279,9 @@ class Request:
                     pipe.config.clip_skip if req.clip_skip is None else req.clip_skip or None, loras,
                     variation_seeds=req.variation_seed)
         if req.upscale is not None:
-            from .upscaler import second_stage
 
             second_stage(pipe, plan)  # the upscaler exists, takes this scale, and its stage fits in memory
         return plan
-
-
-@dataclass
-class Plan:
-    """A request fitted to a model: what the sampler runs, one entry per image."""
-
-    request: Request  # checked
-    prompts: list[str]
-    negative_prompts: list[str]
-    seeds: list[int] | None
-    generator: torch.Generator | list[torch.Generator] | None
-    height: int
-    width: int
-    image: torch.Tensor | None = None  # (1 or N, 3, H, W) in [-1, 1]
-    init_latents: torch.Tensor | None = None  # or already-encoded, scaled latents z0 (1 or N, C, H/f, W/f)
-    mask: torch.Tensor | None = None  # (1 or N, 1, H, W) in {0, 1}; 1 = repaint
-    clip_skip: int | None = None
-    loras: list[tuple[Path, float]] = field(default_factory=list)  # every LoRA file to apply, with its scale
-    low_res: torch.Tensor | None = None  # an upscaler's conditioning input (N, C, h, w) (`latentgen.upscaler`)
-    noise_levels: torch.Tensor | None = None  # (N,) its noise-augmentation levels
-    variation_seeds: list[int] | None = None  # one per image where the request's variation strength is > 0
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.prompts)
-
-    @property
-    def has_init(self) -> bool:
-        return self.image is not None or self.init_latents is not None
-
-    def cfg_at(self, step: int) -> bool:
-        """Whether sampling step `step` is guided (guidance > 1, inside the guidance interval)."""
-        from .guidance import in_interval
-
-        r = self.request
-        return r.guidance_scale > 1.0 and in_interval(step, r.num_inference_steps, r.guidance_interval)
-
-    def take(self, rows: Sequence[int]) -> "Plan":
-        """The plan for some of its images (rows in order), e.g. one batch, or one rank's share."""
-        rows = list(rows)
-        n = self.batch_size
-        if rows == list(range(n)):
-            return self
-        if self.generator is not None and not isinstance(self.generator, list):
-            raise UserError("a request with one shared generator cannot be split; pass seed, or one generator "
-                            "per image")
-        pick = lambda xs: None if xs is None else [xs[i] for i in rows]  # noqa: E731
-        return dataclasses.replace(self, prompts=pick(self.prompts), negative_prompts=pick(self.negative_prompts),
-                                   seeds=pick(self.seeds), variation_seeds=pick(self.variation_seeds),
-                                   generator=pick(self.generator),
-                                   image=_rows(self.image, rows, n), init_latents=_rows(self.init_latents, rows, n),
-                                   mask=_rows(self.mask, rows, n), low_res=_rows(self.low_res, rows, n),
-                                   noise_levels=_rows(self.noise_levels, rows, n))
-
-    def per_image_request(self, **changes) -> Request:
-        """This plan's request with one prompt, negative prompt, seed and variation seed per image, unchecked, with
-        `changes`: what a second pass over the same images (hires fix, cascade) starts from."""
-        return dataclasses.replace(self.request, prompt=self.prompts, negative_prompt=self.negative_prompts,
-                                   num_images_per_prompt=1, seed=self.seeds, variation_seed=self.variation_seeds,
-                                   checked=False, **changes)
-
-    def split(self, size: int) -> Iterator["Plan"]:
-        """Batches of at most `size` images, in order (a single shared generator keeps one batch)."""
-        n = self.batch_size
-        if size >= n or (self.generator is not None and not isinstance(self.generator, list)):
-            yield self
-            return
-        for start in range(0, n, size):
-            yield self.take(range(start, min(start + size, n)))
-
-    def record(self, i: int, scheduler: str) -> dict[str, Any]:
-        """Image i's settings as `Request` fields, under the same names: `Request.from_metadata` replays it."""
-        r = self.request
-        out = {name: getattr(r, name) for name in Request.recorded_fields()}
-        out.update(prompt=self.prompts[i], negative_prompt=self.negative_prompts[i],
-                   seed=None if self.seeds is None else self.seeds[i], num_images_per_prompt=1, height=self.height,
-                   variation_seed=None if self.variation_seeds is None else self.variation_seeds[i],
-                   width=self.width, scheduler=scheduler, guidance_interval=list(r.guidance_interval),
-                   strength=r.strength if self.has_init else None, clip_skip=self.clip_skip,
-                   hires=None if r.hires is None else dataclasses.asdict(r.hires),
-                   apg=dataclasses.asdict(r.apg) if r.apg else False,
-                   upscale=None if r.upscale is None else dataclasses.asdict(r.upscale),
-                   loras=[[str(p.resolve()), s] for p, s in self.loras[:len(r.loras or [])]] or None)
-        return out
-
-
-def _rows(t: torch.Tensor | None, rows: list[int], n: int) -> torch.Tensor | None:
-    """The rows of a per-image tensor; one shared by every image (a single init image) stays as it is."""
-    return t if t is None or t.shape[0] != n or n == 1 else t[rows]
 
 
 def _as_list(value: str | Sequence[str] | None, what: str) -> list[str] | None:
