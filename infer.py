@@ -19,61 +19,15 @@ from latentgen.cli import ArgumentParser, quiet_libraries, run_cli
 from latentgen.errors import UserError
 
 
-def parse_args(argv):
-    from latentgen.components.schedulers import scheduler_names
-    from latentgen.generation.guidance import add_apg_flags
+def parse_args(argv, request_cls=None):
+    from latentgen.generation import options
+    from latentgen.generation.request import Request
 
     p = ArgumentParser(prog="infer.py", description=__doc__.splitlines()[1])
-    p.add_argument("--prompt", action="append", help="a prompt (repeat the flag for several); A1111 weighting "
-                                                     "syntax (word:1.3), (word), [word]")
+    options.add_flags(p, request_cls or Request)  # every generation option's flag, from the option table
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
-    p.add_argument("--negative-prompt", action="append", help="one for all prompts, or one per prompt")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (≤ 1: off)")
-    p.add_argument("--steps", type=int, default=30, help="sampling steps")
-    p.add_argument("--scheduler", choices=scheduler_names(), metavar="NAME",
-                   help=f"sampler: {', '.join(scheduler_names())} (default: the model's own)")
-    p.add_argument("--seed", type=int, help="seed of the first image; image k gets seed+k (default: random)")
-    p.add_argument("--variation-seed", type=int,
-                   help="A1111's variation seed: image k's noise is turned towards seed S+k's (default: random)")
-    p.add_argument("--variation-strength", type=float, default=0.0,
-                   help="how far, in [0, 1] (default 0: no variation; 1: the variation seed's own image)")
-    p.add_argument("--seed-resize-from", metavar="WxH",
-                   help="A1111's 'resize seed from': draw each seed's noise at this size, centered in the image's, "
-                        "so an image made at WxH keeps much of its composition at another size")
-    p.add_argument("--tiling", action="store_true", help="make the image tile seamlessly (A1111's Tiling)")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--image", help="init image: image-to-image, or inpainting with --mask")
-    p.add_argument("--mask", help="inpainting mask, same size as --image (white = repaint)")
-    p.add_argument("--strength", type=float, help="how much of the init image to redo, in (0, 1] "
-                                                  "(default 0.8 for image-to-image, 1 for inpainting)")
-    p.add_argument("--guidance-rescale", type=float, default=0.0, help="φ in [0, 1] (for zero-terminal-SNR models)")
-    add_apg_flags(p)
-    p.add_argument("--dynamic-threshold", type=float,
-                   help="clip x̂0 at this percentile of |x̂0|, e.g. 0.995 (never below 3σ)")
-    p.add_argument("--guidance-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("START", "END"),
-                   help="guide only in this fraction of the steps (0 = the noisiest)")
-    p.add_argument("--hires-scale", type=float, help="hires fix: generate, upscale by this factor, then "
-                                                      "image-to-image at the larger size (A1111's 'Hires upscale')")
-    p.add_argument("--hires-steps", type=int, default=0, help="second-pass steps (default 0: as --steps)")
-    p.add_argument("--hires-denoise", type=float, default=0.5, help="second-pass denoising strength, in (0, 1]")
-    p.add_argument("--hires-upscaler", default="latent", choices=["latent", "lanczos"],
-                   help="upscale the latents (default) or the decoded pixels (Lanczos)")
-    p.add_argument("--upscale", type=int, help="run the model's trained upscaler after it (a cascade: e.g. 64 -> "
-                                                 "128 px with 2); the default model ships one")
-    p.add_argument("--upscale-steps", type=int, default=0, help="upscaler steps (default 0: the upscaler's own)")
-    p.add_argument("--upscale-noise", type=int, help="the noise-augmentation level of the first image, 0-999 "
-                                                     "(higher: the upscaler redraws more; default: the upscaler's)")
-    p.add_argument("--upscale-guidance", type=float, help="the upscaler's guidance scale (default: its own)")
-    p.add_argument("--upscale-strength", type=float,
-                   help="the part of the upscaler's schedule to run, in (0, 1], starting from the first image "
-                        "upsampled and noised (1: from pure noise; default: the upscaler's)")
     p.add_argument("--upscaler", metavar="FOLDER", help="an upscaler folder (default: the model folder's upscaler/)")
-    p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
-                   help="apply a LoRA (repeatable; diffusers or kohya/A1111 format); prompts may also hold "
-                        "<lora:NAME:SCALE>, NAME looked up in --loras-dir")
     p.add_argument("--loras-dir", default="loras", help="where <lora:NAME> finds NAME.safetensors (default: loras)")
     p.add_argument("--embeddings-dir", default="embeddings",
                    help="textual-inversion embeddings (*.safetensors) to load, each used as its file name in "
@@ -102,40 +56,16 @@ def parse_args(argv):
     return args
 
 
-# What the request's checks call each field: the flag the user typed.
-FLAG_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "seed": "--seed",
-              "strength": "--strength", "num_images_per_prompt": "--num-images", "image": "--image",
-              "mask_image": "--mask", "hires": "--hires-scale", "upscale": "--upscale",
-              "variation_seed": "--variation-seed", "variation_strength": "--variation-strength",
-              "seed_resize_from": "--seed-resize-from"}
-
-
 def request_of(args, prompts, image=None, mask=None):
-    """The run as one Request (checked later, once): image k of the run gets seed --seed + k."""
+    """The run as one Request (checked later, once): its options from their flags (the option table), image k of
+    the run with seed --seed + k."""
     from latentgen import validate
-    from latentgen.formats import lora
-    from latentgen.generation.cascade import Upscale
-    from latentgen.generation.guidance import apg_of
-    from latentgen.generation.hires import Hires
+    from latentgen.generation import options
     from latentgen.generation.request import Request
 
-    hires, upscale = None, None
-    if args.upscale is not None:
-        upscale = Upscale(args.upscale, args.upscale_steps, args.upscale_noise, args.upscale_guidance,
-                          args.upscale_strength)
-    if args.hires_scale is not None:
-        hires = Hires(args.hires_scale, args.hires_steps, args.hires_denoise, args.hires_upscaler)
-    seed = args.seed if args.seed is not None else validate.random_seed()  # replay's, without a Seed field
-    seed_resize = args.seed_resize_from and validate.size_text(args.seed_resize_from, FLAG_NAMES["seed_resize_from"])
-    return Request(prompt=prompts, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                   guidance_scale=args.guidance, height=args.height, width=args.width,
-                   num_images_per_prompt=args.num_images, seed=seed, variation_seed=args.variation_seed,
-                   variation_strength=args.variation_strength, seed_resize_from=seed_resize, tiling=args.tiling,
-                   scheduler=args.scheduler, strength=args.strength, guidance_rescale=args.guidance_rescale,
-                   apg=apg_of(args), dynamic_threshold=args.dynamic_threshold,
-                   guidance_interval=tuple(args.guidance_interval),
-                   hires=hires, upscale=upscale, loras=[lora.parse_flag(v) for v in args.lora or []] or None,
-                   image=image, mask_image=mask)
+    fields = options.from_args(args, Request) | dict(prompt=prompts, image=image, mask_image=mask)
+    fields.setdefault("seed", validate.random_seed())  # replay's, without a Seed field
+    return Request(**fields)
 
 
 def main(argv=None):
@@ -155,7 +85,7 @@ def main(argv=None):
     prompts = outputs.read_prompts(args.prompt, args.prompts_file)
     image = outputs.load_image(args.image) if args.image else None
     mask = outputs.load_image(args.mask, "mask") if args.mask else None
-    request = request_of(args, prompts, image, mask).check(FLAG_NAMES)
+    request = request_of(args, prompts, image, mask).check("cli")
     jobs = outputs.jobs(request)
     paths = outputs.output_paths(args.out, jobs)
     pipe, model = load_pipeline(args, state)
@@ -316,7 +246,7 @@ def replay_a1111(args, parameters: str):
     args.image = args.mask = None
     settings.setdefault("clip_skip", 0)  # A1111 writes `Clip skip` only when it is not 1 (no skip)
     request = request_of(args, [settings.pop("prompt")])
-    request = dataclasses.replace(request, **settings, num_images_per_prompt=1).check(FLAG_NAMES)
+    request = dataclasses.replace(request, **settings, num_images_per_prompt=1).check("cli")
     pipe, model = load_pipeline(args)
     recorded = fields.get("Model hash")
     if recorded and not same_hash(model_hash(model), recorded):

@@ -89,15 +89,16 @@ def count(value, what: str) -> int:
     return value
 
 
-def settings(cls, value, what: str):
+def settings(cls, value, what: str, names: Mapping[str, str] | None = None):
     """A settings dataclass (`Apg`, `Hires`, `Upscale`) given as itself or as a mapping of its fields (a request's
-    JSON, a model's `model_index.json`), checked by its own `check()`."""
+    JSON, a model's `model_index.json`), checked by its own `check(names)` (`names`: what a surface calls its
+    fields)."""
     if isinstance(value, cls):
-        return value.check()
+        return value.check(names)
     fields = dataclasses.fields(cls)
-    names = [f.name for f in fields]
+    known = [f.name for f in fields]
     required = {f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-    if not isinstance(value, Mapping) or set(value) - set(names) or required - set(value):
+    if not isinstance(value, Mapping) or set(value) - set(known) or required - set(value):
         need = f" ({', '.join(sorted(required))} required)" if required else ""
-        raise UserError(f"{what} settings are {', '.join(names)}{need}; got {value!r}")
-    return cls(**value).check()
+        raise UserError(f"{what} settings are {', '.join(known)}{need}; got {value!r}")
+    return cls(**value).check(names)

@@ -244,7 +244,7 @@ def test_apg_in_the_pipeline_replays_and_checks(tiny_folder, tmp_path):
     apg = pipe(PROMPT, apg={"norm_threshold": 0.5}, **kw)
     assert np.abs(apg.images - plain).max() > 1e-3
     assert apg.metadata[0]["apg"] == {"norm_threshold": 0.5, "eta": 0.0, "momentum": 0.0}
-    with pytest.raises(UserError, match=r"^--apg-momentum must be in \(-1, 1\), got 1"):
+    with pytest.raises(UserError, match=r"^APG momentum must be in \(-1, 1\), got 1"):
         pipe(PROMPT, apg={"momentum": 1}, **kw)
     r = infer("--model", tiny_folder, "--prompt", PROMPT, "--steps", 3, "--seed", 0, "--apg-threshold", 0.5,
               "--out", tmp_path / "a.png")

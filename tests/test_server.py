@@ -297,7 +297,7 @@ def test_bad_requests_get_a_clear_4xx(server):
                           ({"width": 512}, "width 512 is over this server's limit of 256 pixels"),
                           ({"batch_size": 10, "n_iter": 2}, "20 images asked"),
                           ({"sampler_name": "Restart"}, "sampler 'Restart' is not available; available: DDIM"),
-                          ({"cfg_scale": -1}, "guidance must be a finite number ≥ 0"),
+                          ({"cfg_scale": -1}, "cfg_scale must be a finite number ≥ 0"),
                           ({"width": 33}, "width must be a positive multiple of 2"),
                           ({"subseed_strength": 2}, "subseed_strength must be in [0, 1], got 2")]:
         r = server.post("/sdapi/v1/txt2img", {"prompt": "x", "steps": 3, **body})

@@ -210,7 +210,7 @@ def test_a_trained_upscaler_loads_and_upscales(tiny_folder, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--upscale", "3"], "--upscale must be 2 or 4"),
-    (["--upscale", "4"], "this model's upscaler makes 2× images; --upscale 4 is not available"),
+    (["--upscale", "4"], "this model's upscaler makes 2× images; an upscale of 4 is not available"),
     (["--upscale", "2", "--upscale-noise", "1000"], "--upscale-noise must be a whole number in [0, 999]"),
     (["--upscale", "2", "--hires-scale", "2"], "--upscale is for text-to-image, without --hires-scale"),
 ])

@@ -25,9 +25,11 @@ from latentgen.eval.cascade import evaluate
 from latentgen.eval.metrics import clip_score, kid, photographs, reconstruction
 from latentgen.formats import lora
 from latentgen.formats.upscaler import check_level
-from latentgen.generation.guidance import add_apg_flags, apg_of, model_apg
+from latentgen.generation import options
+from latentgen.generation.guidance import model_apg
 from latentgen.generation.models import open_pipeline, resolve_model
 from latentgen.generation.outputs import contact_sheet
+from latentgen.generation.request import Request
 from latentgen.io import atomic_file, save_image, write_text
 
 GROUP_ORDER = ("one-heldout", "one-seen", "two-heldout", "two-seen")
@@ -179,21 +181,15 @@ def write_json(path: Path, data) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+GUIDANCE_OPTIONS = {"guidance_interval", "guidance_rescale", "dynamic_threshold", "apg"}  # the option table's
+
+
 def guidance_options(args) -> dict:
-    """The request settings that `--guidance-interval`, `--guidance-rescale`, `--dynamic-threshold` and the APG
-    flags set, checked before the model loads."""
-    options = {}
-    apg = apg_of(args)
-    if apg is not None:
-        options["apg"] = apg
-    if getattr(args, "guidance_interval", None):
-        options["guidance_interval"] = tuple(args.guidance_interval)
-    if getattr(args, "guidance_rescale", None) is not None:
-        options["guidance_rescale"] = validate.in_range(args.guidance_rescale, "--guidance-rescale", 0.0, 1.0)
-    if getattr(args, "dynamic_threshold", None) is not None:
-        options["dynamic_threshold"] = validate.in_range(args.dynamic_threshold, "--dynamic-threshold", 0.5, 1.0,
-                                                         True, True)
-    return options
+    """The request settings that the guidance flags (`GUIDANCE_OPTIONS`' flags) set, checked before the model
+    loads."""
+    fields = options.from_args(args, Request, only=GUIDANCE_OPTIONS)
+    Request(prompt="checked", **fields).check("cli")
+    return fields
 
 
 def main(argv=None):
@@ -208,13 +204,7 @@ def main(argv=None):
             q.add_argument("--steps", type=int, nargs="+", default=[20])
             q.add_argument("--scheduler", choices=scheduler_names(), help="default: the model's own sampler")
             q.add_argument("--guidance", type=float, nargs="+", default=[7.5])
-            q.add_argument("--guidance-interval", type=float, nargs=2, metavar=("START", "END"),
-                           help="guide only the steps in this fraction of the trajectory (default: the model's)")
-            q.add_argument("--guidance-rescale", type=float, metavar="PHI",
-                           help="rescale the guided prediction's std towards the conditional one's (Lin et al.)")
-            q.add_argument("--dynamic-threshold", type=float, metavar="PERCENTILE",
-                           help="clip each x0 prediction at this percentile of its magnitudes (Imagen)")
-            add_apg_flags(q)
+            options.add_flags(q, Request, only=GUIDANCE_OPTIONS)
             q.add_argument("--seeds", type=int, default=4, help="images per prompt")
             q.add_argument("--kinds", nargs="+", default=list(KINDS), choices=ALL_KINDS,
                            help="shape kinds of the prompts (star: what the showcase LoRA teaches)")
@@ -246,7 +236,7 @@ def main(argv=None):
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the report")
-    options = guidance_options(args)
+    chosen = guidance_options(args)
     quiet_libraries()
     pipe = load(args.model, args.dtype, loras=args.lora, compile=getattr(args, "compile", False), vae=args.vae)
     report = []
@@ -257,20 +247,20 @@ def main(argv=None):
         results = {}
         for g in guidances:
             results[g], targets, images = adherence(pipe, args.steps[0], args.scheduler, g, args.seeds, 27,
-                                                    kinds=tuple(args.kinds), options=options)
+                                                    kinds=tuple(args.kinds), options=chosen)
             made[g] = (targets, images)
             if out:
                 sample_grid(targets[::args.seeds][:48], images[::args.seeds][:48], out / f"samples-g{g}.png")
         table = adherence_table(results)
         sampler = args.scheduler or f"the model's own sampler, {scheduler_name_of(pipe.scheduler)}"
-        apg = options.get("apg", model_apg(pipe))
+        apg = chosen.get("apg", model_apg(pipe))
         extra = "".join([f", kinds {' '.join(args.kinds)}" if tuple(args.kinds) != KINDS else "",
                          f", LoRA {' '.join(args.lora)}" if args.lora else "",
                          f", VAE {args.vae}" if args.vae else "",
-                         " guided over {:g}-{:g} of the steps".format(*options["guidance_interval"])
-                         if "guidance_interval" in options else "",
-                         f", guidance rescale {options['guidance_rescale']:g}" if "guidance_rescale" in options else "",
-                         f", dynamic threshold {options['dynamic_threshold']:g}" if "dynamic_threshold" in options
+                         " guided over {:g}-{:g} of the steps".format(*chosen["guidance_interval"])
+                         if "guidance_interval" in chosen else "",
+                         f", guidance rescale {chosen['guidance_rescale']:g}" if "guidance_rescale" in chosen else "",
+                         f", dynamic threshold {chosen['dynamic_threshold']:g}" if "dynamic_threshold" in chosen
                          else "",
                          ", APG (threshold {norm_threshold:g}, eta {eta:g}, momentum {momentum:g})".format(
                              **dataclasses.asdict(apg)) if apg else ""])
@@ -298,7 +288,7 @@ def main(argv=None):
             targets, images = [targets[i] for i in keep], [images[i] for i in keep]
         else:
             _, targets, images = adherence(pipe, args.steps[0], args.scheduler, args.guidance[0], args.seeds, 27,
-                                           groups=("one-heldout",), options=options)
+                                           groups=("one-heldout",), options=chosen)
         real = real_images(len(images) * 2)
         k, k_std = kid(real, images)
         reference, _ = kid(real[: len(real) // 2], real[len(real) // 2:])
@@ -329,7 +319,7 @@ def main(argv=None):
 
     if args.command == "steps":
         rows = steps_sweep(pipe, args.schedulers, sorted(args.steps), args.seeds, args.guidance[0],
-                           options=options)
+                           options=chosen)
         report += ["## Quality against sampling steps", steps_table(rows)]
         if out:
             write_json(out / "steps.json", rows)

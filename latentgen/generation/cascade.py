@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from latentgen import validate
 from latentgen.components import tiling
 from latentgen.errors import UserError, first_line
 from latentgen.formats.upscaler import check_level, check_unet, read
+from latentgen.generation.options import option, table
 from latentgen.generation.sampling import decode, encode_images
 
 A1111_NAME = "latentgen upscaler"  # its name among A1111's hires upscalers: in infotexts and the server's lists
@@ -34,23 +36,36 @@ A1111_NAME = "latentgen upscaler"  # its name among A1111's hires upscalers: in 
 class Upscale:
     """A request's cascade stage: `scale` must be the upscaler's; 0 / None take the upscaler's defaults."""
 
-    scale: int = 2
-    steps: int = 0
-    noise_level: int | None = None
-    guidance: float | None = None
-    strength: float | None = None
+    scale: int = field(default=2, metadata=option(
+        "upscale", flag="--upscale", api="scale",
+        help="run the model's trained upscaler after it (a cascade: e.g. 64 -> 128 px with 2); the default model "
+             "ships one"))
+    steps: int = field(default=0, metadata=option(
+        "upscale steps", flag="--upscale-steps", api="steps", help="upscaler steps (0: the upscaler's own)"))
+    noise_level: int | None = field(default=None, metadata=option(
+        "upscale noise level", flag="--upscale-noise", api="noise_level", cli={"type": int},
+        help="the noise-augmentation level of the first image, 0-999 (higher: the upscaler redraws more; default: "
+             "the upscaler's)"))
+    guidance: float | None = field(default=None, metadata=option(
+        "upscale guidance", flag="--upscale-guidance", api="guidance", cli={"type": float},
+        help="the upscaler's guidance scale (default: its own)"))
+    strength: float | None = field(default=None, metadata=option(
+        "upscale strength", flag="--upscale-strength", api="strength", cli={"type": float},
+        help="the part of the upscaler's schedule to run, in (0, 1], from the first image upsampled and noised (1: "
+             "from pure noise; default: the upscaler's)"))
 
-    def check(self) -> "Upscale":
+    def check(self, names: Mapping[str, str] | None = None) -> "Upscale":
+        name = {f.name: opt.label for f, opt in table(Upscale)} | dict(names or {})
         if self.scale not in (2, 4):
-            raise UserError(f"--upscale must be 2 or 4 (an upscaler's factor), got {self.scale!r}")
+            raise UserError(f"{name['scale']} must be 2 or 4 (an upscaler's factor), got {self.scale!r}")
         if self.steps:
-            validate.steps(self.steps, what="--upscale-steps")
+            validate.steps(self.steps, what=name["steps"])
         if self.noise_level is not None:
-            check_level(self.noise_level, "--upscale-noise")
+            check_level(self.noise_level, name["noise_level"])
         if self.guidance is not None:
-            validate.guidance(self.guidance, "--upscale-guidance")
+            validate.guidance(self.guidance, name["guidance"])
         if self.strength is not None:
-            validate.in_range(self.strength, "--upscale-strength", 0.0, 1.0, low_open=True)
+            validate.in_range(self.strength, name["strength"], 0.0, 1.0, low_open=True)
         return self
 
 
@@ -132,14 +147,14 @@ def second_stage(pipe, plan):
     up = pipe.upscaler()
     cfg = up.upscaler_config
     if want.scale != cfg.scale:
-        raise UserError(f"this model's upscaler makes {cfg.scale}× images; --upscale {want.scale} is not "
+        raise UserError(f"this model's upscaler makes {cfg.scale}× images; an upscale of {want.scale} is not "
                         f"available")
+    # the upscaler is another model: the first model's sampler, guidance variants and LoRAs are not its
     second = plan.per_image_request(
         height=plan.height * cfg.scale, width=plan.width * cfg.scale, num_inference_steps=want.steps or cfg.steps,
         guidance_scale=cfg.guidance if want.guidance is None else want.guidance, scheduler=None,
         strength=cfg.strength if want.strength is None else want.strength,
-        guidance_rescale=0.0, apg=False, dynamic_threshold=None, guidance_interval=(0.0, 1.0), upscale=None,
-        loras=None)
+        guidance_rescale=0.0, apg=False, dynamic_threshold=None, guidance_interval=(0.0, 1.0), loras=None)
     return up, second.fit(up)
 
 

@@ -20,7 +20,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
@@ -28,6 +29,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 
 from latentgen import validate
 from latentgen.errors import UserError
+from latentgen.generation.options import option, table
 
 DYNAMIC_THRESHOLD_FLOOR = 3.0  # x̂0 is never clipped inside ±3σ of the unit-variance latents
 
@@ -42,21 +44,45 @@ class Apg:
     """Adaptive projected guidance's settings (diffusers' `AdaptiveProjectedGuidance`: `eta`,
     `adaptive_projected_guidance_rescale`, `adaptive_projected_guidance_momentum`)."""
 
-    norm_threshold: float = 0.0  # cap on each image's update norm (L2 over C, H, W) before w; 0: none
-    eta: float = 0.0  # weight of the update's part parallel to εc: 0 drops it (the paper's choice), 1 keeps it
-    momentum: float = 0.0  # β of the running update Δ_t + β·Δ_{t−1} over the steps (the paper: −0.5); 0: none
+    # cap on each image's update norm (L2 over C, H, W) before w; 0: none
+    norm_threshold: float = field(default=0.0, metadata=option(
+        "APG threshold", flag="--apg-threshold", cli={"metavar": "R"},
+        help="adaptive projected guidance: cap each image's guidance update at L2 norm R (over the latent's C×H×W; "
+             "0: no cap); the default model keeps its squares square at 7.5 with 1"))
+    # weight of the update's part parallel to εc: 0 drops it (the paper's choice), 1 keeps it
+    eta: float = field(default=0.0, metadata=option(
+        "APG eta", flag="--apg-eta", cli={"metavar": "ETA"},
+        help="APG: weight of the update's part parallel to the conditional prediction"))
+    # β of the running update Δ_t + β·Δ_{t−1} over the steps (the paper: −0.5); 0: none
+    momentum: float = field(default=0.0, metadata=option(
+        "APG momentum", flag="--apg-momentum", cli={"metavar": "BETA"},
+        help="APG: running update over the steps, Δ + β·previous (0: none; the paper: -0.5)"))
 
     @classmethod
-    def of(cls, settings) -> "Apg":
+    def of(cls, settings, names: Mapping[str, str] | None = None) -> "Apg":
         """Settings given as an Apg or a mapping of its fields (a request's JSON, a model's `model_index.json`),
         checked."""
-        return validate.settings(cls, settings, "APG")
+        return validate.settings(cls, settings, "APG", names)
 
-    def check(self) -> "Apg":
-        validate.in_range(self.norm_threshold, "--apg-threshold", 0.0, 1e6)
-        validate.in_range(self.eta, "--apg-eta", 0.0, 1.0)
-        validate.in_range(self.momentum, "--apg-momentum", -1.0, 1.0, low_open=True, high_open=True)
+    def check(self, names: Mapping[str, str] | None = None) -> "Apg":
+        name = {f.name: opt.label for f, opt in table(Apg)} | dict(names or {})
+        validate.in_range(self.norm_threshold, name["norm_threshold"], 0.0, 1e6)
+        validate.in_range(self.eta, name["eta"], 0.0, 1.0)
+        validate.in_range(self.momentum, name["momentum"], -1.0, 1.0, low_open=True, high_open=True)
         return self
+
+    def text(self) -> str:
+        """As an A1111 text value: 'threshold 1, eta 0, momentum 0'."""
+        return f"threshold {self.norm_threshold:g}, eta {self.eta:g}, momentum {self.momentum:g}"
+
+    @classmethod
+    def from_text(cls, text: str) -> "Apg":
+        try:
+            values = dict(part.split() for part in text.split(","))
+            return cls(norm_threshold=float(values["threshold"]), eta=float(values["eta"]),
+                       momentum=float(values["momentum"]))
+        except (KeyError, ValueError):
+            raise UserError(f"APG must read 'threshold R, eta E, momentum B', got {text!r}") from None
 
 
 def model_apg(pipe) -> Apg | bool:
@@ -64,33 +90,6 @@ def model_apg(pipe) -> Apg | bool:
     (plain classifier-free guidance)."""
     own = pipe.config.get("apg")
     return Apg.of(own) if own else False
-
-
-def add_apg_flags(parser) -> None:
-    """infer.py's and the evaluation's APG flags: any of them turns APG on, --no-apg turns it off; none: the
-    model's own."""
-    parser.add_argument("--apg-threshold", type=float, metavar="R",
-                        help="adaptive projected guidance: cap each image's guidance update at L2 norm R (over the "
-                             "latent's C×H×W; 0: no cap); the default model keeps its squares square at 7.5 with 1")
-    parser.add_argument("--apg-eta", type=float, metavar="ETA",
-                        help="APG: weight of the update's part parallel to the conditional prediction (default 0)")
-    parser.add_argument("--apg-momentum", type=float, metavar="BETA",
-                        help="APG: running update over the steps, Δ + β·previous (default 0: none; the paper: -0.5)")
-    parser.add_argument("--no-apg", action="store_true",
-                        help="plain classifier-free guidance, for a model whose own default is APG")
-
-
-def apg_of(args) -> Apg | bool | None:
-    """What the flags of `add_apg_flags` ask for: APG settings (checked), False (--no-apg: plain guidance) or None
-    (none given: the model's own)."""
-    given = {name: getattr(args, f"apg_{flag}") for name, flag in
-             (("norm_threshold", "threshold"), ("eta", "eta"), ("momentum", "momentum"))
-             if getattr(args, f"apg_{flag}", None) is not None}
-    if getattr(args, "no_apg", False):
-        if given:
-            raise UserError("--no-apg turns APG off; give it without --apg-threshold, --apg-eta and --apg-momentum")
-        return False
-    return Apg.of(given) if given else None
 
 
 def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float, apg: Apg | None, state: dict) -> torch.Tensor:

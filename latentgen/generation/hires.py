@@ -9,7 +9,8 @@ Lanczos and encodes again (keeps more of the first image at low strengths).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -17,24 +18,36 @@ import torch.nn.functional as F
 
 from latentgen import validate
 from latentgen.errors import one_of
+from latentgen.generation.options import option, table
 
 UPSCALERS = {"latent": "Latent", "lanczos": "Lanczos"}  # ours -> A1111's `Hires upscaler` names
 
 
 @dataclass(frozen=True)
 class Hires:
-    scale: float  # the second pass is scale × the base size
-    steps: int = 0  # second-pass steps; 0: the first pass's
-    denoise: float = 0.5  # the second pass's strength
-    upscaler: str = "latent"
+    scale: float = field(metadata=option(
+        "hires scale", flag="--hires-scale", cli={"type": float}, text="Hires upscale", to_text=lambda v: f"{v:g}",
+        help="hires fix: generate, upscale by this factor, then image-to-image at the larger size (A1111's "
+             "'Hires upscale')"))
+    steps: int = field(default=0, metadata=option(
+        "hires steps", flag="--hires-steps", text="Hires steps", always=True,
+        help="second-pass steps (0: as many as the first pass)"))
+    denoise: float = field(default=0.5, metadata=option(
+        "hires denoising strength", flag="--hires-denoise", text="Denoising strength", always=True,
+        help="the second pass's denoising strength, in (0, 1]"))
+    upscaler: str = field(default="latent", metadata=option(
+        "hires upscaler", flag="--hires-upscaler", cli={"choices": list(UPSCALERS)}, text="Hires upscaler",
+        always=True, to_text=UPSCALERS.get, from_text={v: k for k, v in UPSCALERS.items()}.get,
+        help="upscale the latents (latent) or the decoded pixels (lanczos)"))
 
-    def check(self) -> "Hires":
-        validate.in_range(self.scale, "--hires-scale", 1.0, 8.0, low_open=True)
+    def check(self, names: Mapping[str, str] | None = None) -> "Hires":
+        name = {f.name: opt.label for f, opt in table(Hires)} | dict(names or {})
+        validate.in_range(self.scale, name["scale"], 1.0, 8.0, low_open=True)
         if self.steps:
-            validate.steps(self.steps, what="--hires-steps")
-        validate.in_range(self.denoise, "--hires-denoise", 0.0, 1.0, low_open=True)
+            validate.steps(self.steps, what=name["steps"])
+        validate.in_range(self.denoise, name["denoise"], 0.0, 1.0, low_open=True)
         if self.upscaler not in UPSCALERS:
-            raise one_of("hires upscaler", self.upscaler, list(UPSCALERS))
+            raise one_of(name["upscaler"], self.upscaler, list(UPSCALERS))
         return self
 
     def size(self, height: int, width: int, multiple: int) -> tuple[int, int]:
@@ -55,8 +68,7 @@ def generate(pipe, plan, on_step=None, on_latents=None):
     else:  # (N, 3, H, W) in [0, 1] -> PIL, Lanczos, back to (N, 3, h, w) in [0, 1]
         resized = [_lanczos(image, w, h) for image in pipe.image_processor.pt_to_numpy(first.images.cpu())]
         init = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2)
-    second = plan.per_image_request(generator=None, image=init, mask_image=None, height=None, width=None,
-                                    strength=hires.denoise, hires=None,
+    second = plan.per_image_request(image=init, strength=hires.denoise,
                                     num_inference_steps=hires.steps or req.num_inference_steps)
     out = pipe.run_plan(second.fit(pipe), on_step, on_latents)
     out.info = first.info | {"hires_height": h, "hires_width": w} | {

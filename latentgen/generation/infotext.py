@@ -13,8 +13,10 @@ from pathlib import Path
 from latentgen import validate
 from latentgen.components.schedulers import a1111_name, a1111_names, from_a1111
 from latentgen.errors import UserError
+from latentgen.generation import options
 from latentgen.generation.cascade import A1111_NAME
-from latentgen.generation.hires import UPSCALERS
+from latentgen.generation.hires import Hires
+from latentgen.generation.request import Request
 
 
 def quote(value) -> str:
@@ -32,39 +34,28 @@ def model_name(model: str) -> str:
     return path.stem if path.suffix in (".safetensors", ".ckpt") else path.name
 
 
-def a1111_parameters(meta: dict) -> str:
+FIRST = ("Steps", "Sampler", "CFG scale", "Seed", "Size", "Model hash", "Model")  # A1111's own order
+
+
+def a1111_parameters(meta: dict, cls=Request) -> str:
     """The `parameters` text A1111 writes: prompt, 'Negative prompt: …', then 'Key: value, …'; `meta` is an
-    image's metadata (its Request fields and the model's name and hash)."""
-    fields = {"Steps": meta["num_inference_steps"], "Sampler": a1111_name(meta["scheduler"]),
-              "CFG scale": meta["guidance_scale"], "Seed": meta["seed"], "Size": f"{meta['width']}x{meta['height']}",
-              "Model hash": meta["model_hash"], "Model": model_name(meta["model"])}
-    if meta.get("variation_strength"):
-        fields |= {"Variation seed": meta["variation_seed"], "Variation seed strength": meta["variation_strength"]}
-    if meta.get("seed_resize_from"):
-        fields["Seed resize from"] = "{}x{}".format(*meta["seed_resize_from"])
+    image's metadata (its `cls` fields, and the model's name and hash). Every option with a text key in the
+    option table is written (`options.text_items`); here are the keys A1111 spells over several fields."""
+    fields = dict(options.text_items(meta, cls))
+    fields |= {"Sampler": a1111_name(meta["scheduler"]), "Size": f"{meta['width']}x{meta['height']}",
+               "Model hash": meta["model_hash"], "Model": model_name(meta["model"])}
     if meta.get("vae"):
         fields |= {"VAE hash": meta["vae"]["hash"], "VAE": Path(meta["vae"]["path"]).name}
-    if meta.get("clip_skip"):
-        fields["Clip skip"] = meta["clip_skip"] + 1  # A1111 counts the last layer as 1; diffusers as 0
-    if meta.get("strength") is not None:
-        fields["Denoising strength"] = meta["strength"]
-    if meta.get("guidance_rescale"):
-        fields["CFG Rescale phi"] = meta["guidance_rescale"]
-    if meta.get("tiling"):
-        fields["Tiling"] = True
-    if meta.get("hires"):
-
-        h = meta["hires"]
-        fields |= {"Denoising strength": h["denoise"], "Hires upscale": f"{h['scale']:g}", "Hires steps": h["steps"],
-                   "Hires upscaler": UPSCALERS[h["upscaler"]]}
+    if meta.get("hires"):  # its denoising strength is A1111's "Denoising strength" of a hires image
+        fields |= dict(options.text_items(meta["hires"], Hires))
     if meta.get("upscale"):  # the cascade, as the server offers it to A1111's clients: a hires upscaler
-
         u = meta["upscale"]
         fields |= {"Hires upscale": u["scale"], "Hires steps": u["steps"], "Hires upscaler": A1111_NAME}
     if meta.get("ti_hashes"):
         fields["TI hashes"] = ", ".join(f"{name}: {h}" for name, h in meta["ti_hashes"].items())
     if meta.get("lora_hashes"):
         fields["Lora hashes"] = ", ".join(f"{name}: {h}" for name, h in meta["lora_hashes"].items())
+    fields = {k: fields[k] for k in FIRST if k in fields} | {k: v for k, v in fields.items() if k not in FIRST}
     fields["Version"] = f"latentgen {meta['version']}"
     # LoRAs given apart from the prompt (--lora) become A1111's prompt tags, found by name in its loras folder
     tags = "".join(f" <lora:{Path(path).stem}:{scale:g}>" for path, scale in meta.get("loras") or [])
@@ -107,32 +98,26 @@ _A1111_INFORMATIONAL = {"Model hash", "Model", "Version", "VAE", "VAE hash", "Lo
                         "Emphasis", "Token merging ratio"}
 
 
-def a1111_request(text: str) -> tuple[dict, dict[str, str], list[str]]:
-    """Generation settings from an A1111 `parameters` text: (`Request` fields, the A1111 fields as read, the
-    fields latentgen does not use). Unknown samplers are a one-line error naming the ones we have."""
+def a1111_request(text: str, cls=Request) -> tuple[dict, dict[str, str], list[str]]:
+    """Generation settings from an A1111 `parameters` text: (`cls` fields, the A1111 fields as read, the fields
+    latentgen does not use). Every option with a text key is read (`options.from_text`); here are the keys A1111
+    spells over several fields. Unknown samplers are a one-line error naming the ones we have."""
     prompt, negative, fields = parse_a1111_parameters(text)
     unused: list[str] = []
     settings: dict = {"prompt": prompt, "negative_prompt": negative}
     try:
-        if "Steps" in fields:
-            settings["num_inference_steps"] = int(fields["Steps"])
-        if "CFG scale" in fields:
-            settings["guidance_scale"] = float(fields["CFG scale"])
-        if "Seed" in fields:
-            settings["seed"] = int(fields["Seed"])
+        given, used = options.from_text(fields, cls)
+        settings |= given
         if "Size" in fields:
             settings["width"], settings["height"] = validate.size_text(fields["Size"], "Size")
-        if "CFG Rescale phi" in fields:
-            settings["guidance_rescale"] = float(fields["CFG Rescale phi"])
-        if "Clip skip" in fields:
-            settings["clip_skip"] = int(fields["Clip skip"]) - 1
-        if "Tiling" in fields:
-            settings["tiling"] = fields["Tiling"].lower() == "true"
-        if "Variation seed" in fields:
-            settings["variation_seed"] = int(fields["Variation seed"])
-            settings["variation_strength"] = float(fields.get("Variation seed strength", 0))
-        if "Seed resize from" in fields:
-            settings["seed_resize_from"] = validate.size_text(fields["Seed resize from"], "Seed resize from")
+        if "Hires upscale" in fields and fields.get("Hires upscaler") == A1111_NAME:  # latentgen's cascade
+            settings["upscale"] = dict(scale=int(fields["Hires upscale"]), steps=int(fields.get("Hires steps", 0)))
+        elif "Hires upscale" in fields:
+            hires, _ = options.from_text(fields, Hires)
+            if hires.get("upscaler", "latent") is None:  # an upscaler model latentgen does not have: the latent one
+                unused.append("Hires upscaler")
+                hires["upscaler"] = "latent"
+            settings["hires"] = {"denoise": 0.7, **hires}  # A1111's default strength of the second pass
     except ValueError as err:
         raise UserError(f"the AUTOMATIC1111 parameters hold a value latentgen cannot read: {err}") from None
     schedule = fields.get("Schedule type", "")
@@ -144,26 +129,7 @@ def a1111_request(text: str) -> tuple[dict, dict[str, str], list[str]]:
                             f"{f' with schedule {schedule!r}' if schedule else ''} has no latentgen counterpart; "
                             f"known: {', '.join(a1111_names())}")
         settings["scheduler"] = name
-
-    if "Hires upscale" in fields and fields.get("Hires upscaler") == A1111_NAME:  # latentgen's cascade
-        try:
-            settings["upscale"] = dict(scale=int(fields["Hires upscale"]), steps=int(fields.get("Hires steps", 0)))
-        except ValueError as err:
-            raise UserError(f"the AUTOMATIC1111 hires fields hold a value latentgen cannot read: {err}") from None
-    elif "Hires upscale" in fields:
-
-        upscaler = {name: ours for ours, name in UPSCALERS.items()}.get(fields.get("Hires upscaler", "Latent"))
-        if upscaler is None:
-            unused.append("Hires upscaler")  # an upscaler model latentgen does not have: the latent one instead
-        try:
-            settings["hires"] = dict(scale=float(fields["Hires upscale"]), steps=int(fields.get("Hires steps", 0)),
-                                     denoise=float(fields.get("Denoising strength", 0.7)),
-                                     upscaler=upscaler or "latent")
-        except ValueError as err:
-            raise UserError(f"the AUTOMATIC1111 hires fields hold a value latentgen cannot read: {err}") from None
-    used = {"Steps", "CFG scale", "Seed", "Size", "CFG Rescale phi", "Clip skip", "Sampler", "Hires upscale",
-            "Hires steps", "Hires upscaler", "Denoising strength", "Variation seed", "Variation seed strength",
-            "Seed resize from", "Tiling"}
+    used |= {"Size", "Sampler", "Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength"}
     if "Sampler" not in fields or from_a1111(fields["Sampler"], schedule) is not None:
         used.add("Schedule type")  # else: a schedule we do not have for this sampler, listed as unused
     unused += [k for k in fields if k not in used | _A1111_INFORMATIONAL]

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 
 from latentgen.errors import UserError
+from latentgen.generation import options
 from latentgen.generation.guidance import in_interval
 
 if TYPE_CHECKING:
@@ -68,11 +69,14 @@ class Plan:
                                    noise_levels=_rows(self.noise_levels, rows, n))
 
     def per_image_request(self, **changes) -> Request:
-        """This plan's request with one prompt, negative prompt, seed and variation seed per image, unchecked, with
-        `changes`: what a second pass over the same images (hires fix, cascade) starts from."""
+        """What a second pass over the same images (hires fix, cascade) starts from: this plan's request with one
+        prompt, negative prompt, seed and variation seed per image, unchecked, without the options a second pass
+        starts without (`resets` in the option table: the init image and mask, the size, the first pass's
+        generator, the hires fix and the cascade), with `changes`."""
+        resets = options.reset_fields(type(self.request))
         return dataclasses.replace(self.request, prompt=self.prompts, negative_prompt=self.negative_prompts,
                                    num_images_per_prompt=1, seed=self.seeds, variation_seed=self.variation_seeds,
-                                   checked=False, **changes)
+                                   checked=False, **resets | changes)
 
     def split(self, size: int) -> Iterator["Plan"]:
         """Batches of at most `size` images, in order (a single shared generator keeps one batch)."""

@@ -25,24 +25,16 @@ from latentgen import validate
 from latentgen.components.schedulers import scheduler_names
 from latentgen.errors import UserError, one_of
 from latentgen.formats import lora
+from latentgen.generation import options
 from latentgen.generation.cascade import Upscale, second_stage
 from latentgen.generation.guidance import Apg, model_apg
 from latentgen.generation.hires import Hires
+from latentgen.generation.options import option
 from latentgen.generation.plan import Plan
 from latentgen.generation.prompts import has_syntax, parse
 from latentgen.runtime.memory import check_sampling
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-_INPUT = {"recorded": False}  # inputs that are not settings: not in the metadata (replay restores image and mask
-# from the files the metadata names)
-
-# What the messages call each field unless the caller names it otherwise (infer.py passes its flags).
-NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance", "seed": "seed", "strength": "strength",
-         "num_images_per_prompt": "images per prompt", "guidance_rescale": "guidance rescale", "eta": "eta",
-         "dynamic_threshold": "dynamic threshold (a percentile ratio)", "image": "an image",
-         "mask_image": "a mask", "hires": "the hires fix", "upscale": "the upscaler",
-         "variation_seed": "variation seed", "variation_strength": "variation strength",
-         "seed_resize_from": "seed resize from"}
 
 
 @dataclass
@@ -63,38 +55,119 @@ class Request:
     scales, as are A1111's `<lora:NAME:SCALE>` prompt tags.
     """
 
-    prompt: str | list[str] = ""
-    negative_prompt: str | list[str] | None = None
-    num_inference_steps: int = 30
-    guidance_scale: float = 7.5
-    height: int | None = None
-    width: int | None = None
-    num_images_per_prompt: int = 1
-    seed: int | list[int] | None = None
-    variation_seed: int | list[int] | None = None  # one int (image k gets it + k), or one per image
-    variation_strength: float = 0.0
-    seed_resize_from: tuple[int, int] | None = None  # (width, height) in pixels
-    scheduler: str | None = None  # a name of latentgen.components.schedulers; None: the model's own
-    eta: float = 0.0
-    strength: float | None = None  # None: 0.8 for image-to-image, 1 for inpainting
-    guidance_rescale: float = 0.0
-    apg: Apg | Mapping | bool | None = None  # adaptive projected guidance; False: plain; None: the model's own
-    dynamic_threshold: float | None = None
-    guidance_interval: tuple[float, float] = (0.0, 1.0)
-    clip_skip: int | None = None
-    tiling: bool = False  # AUTOMATIC1111's seamless tiling (`latentgen.components.tiling`)
-    hires: Hires | None = None
-    upscale: Upscale | None = None
-    loras: list[tuple[str, float]] | None = None  # (file or name, scale); prompts may also hold <lora:NAME:SCALE>
-    image: Any = field(default=None, metadata=_INPUT)
-    mask_image: Any = field(default=None, metadata=_INPUT)
-    generator: Any = field(default=None, metadata=_INPUT)
-    output_type: str = field(default="pil", metadata=_INPUT)
-    checked: bool = field(default=False, repr=False, compare=False, metadata=_INPUT)
+    prompt: str | list[str] = field(default="", metadata=option(
+        "prompt", flag="--prompt", api="prompt", api_type=str, per_image=True,
+        cli={"action": "append", "metavar": "TEXT"},
+        help="what the image shows (repeat the flag for several); A1111's weighting (word:1.3), (word), [word], "
+             "and <lora:NAME:SCALE>", spelt="A1111 text: its first lines; infer.py: also --prompts-file"))
+    negative_prompt: str | list[str] | None = field(default=None, metadata=option(
+        "negative prompt", flag="--negative-prompt", api="negative_prompt", api_type=str, api_default="",
+        per_image=True,
+        cli={"action": "append", "metavar": "TEXT"}, help="what the image should not show: one for all prompts, "
+                                                          "or one per prompt", spelt="A1111 text: its own line"))
+    num_inference_steps: int = field(default=30, metadata=option(
+        "steps", flag="--steps", api="steps", api_default=50, text="Steps", always=True, help="sampling steps"))
+    guidance_scale: float = field(default=7.5, metadata=option(
+        "guidance", flag="--guidance", api="cfg_scale", api_default=7.0, text="CFG scale", always=True,
+        help="classifier-free guidance scale (≤ 1: off)"))
+    height: int | None = field(default=None, metadata=option(
+        "height", flag="--height", api="height", cli={"type": int}, resets=True,
+        help="image height in pixels (default: the model's own size)", spelt="A1111 text: Size (WxH)"))
+    width: int | None = field(default=None, metadata=option(
+        "width", flag="--width", api="width", cli={"type": int}, resets=True,
+        help="image width in pixels (default: the model's own size)", spelt="A1111 text: Size (WxH)"))
+    num_images_per_prompt: int = field(default=1, metadata=option(
+        "images per prompt", flag="--num-images", help="images per prompt",
+        spelt="HTTP: A1111's batch_size × n_iter"))
+    seed: int | list[int] | None = field(default=None, metadata=option(
+        "seed", flag="--seed", api="seed", api_default=-1, api_type=int, from_api=lambda v: _a1111_seed(v, "seed"),
+        text="Seed", always=True, cli={"type": int}, per_image=True,
+        help="seed of the first image; image k gets seed+k (default: random; A1111's -1)"))
+    variation_seed: int | list[int] | None = field(default=None, metadata=option(
+        "variation seed", flag="--variation-seed", api="subseed", api_default=-1, api_type=int,
+        from_api=lambda v: _a1111_seed(v, "subseed"), text="Variation seed", cli={"type": int}, per_image=True,
+        to_text=lambda v: v, help="A1111's variation seed: image k's noise is turned towards seed S+k's "
+                                  "(default: random)"))
+    variation_strength: float = field(default=0.0, metadata=option(
+        "variation strength", flag="--variation-strength", api="subseed_strength", text="Variation seed strength",
+        help="how far, in [0, 1] (0: no variation; 1: the variation seed's own image)"))
+    seed_resize_from: tuple[int, int] | None = field(default=None, metadata=option(
+        "seed resize from", flag="--seed-resize-from", cli={"metavar": "WxH", "type": str}, text="Seed resize from",
+        from_flag=lambda v: validate.size_text(v, "--seed-resize-from"), to_text=lambda v: v and "{}x{}".format(*v),
+        from_text=lambda v: validate.size_text(v, "Seed resize from"),
+        help="A1111's 'resize seed from': draw each seed's noise at this size, centered in the image's, so an image "
+             "made at WxH keeps much of its composition at another size",
+        spelt="HTTP: A1111's seed_resize_from_w, seed_resize_from_h"))
+    scheduler: str | None = field(default=None, metadata=option(
+        "sampler", flag="--scheduler", cli={"choices": scheduler_names(), "metavar": "NAME", "type": str},
+        help=f"sampler: {', '.join(scheduler_names())} (default: the model's own)",
+        spelt="HTTP: A1111's sampler_name and scheduler; A1111 text: Sampler and Schedule type"))
+    eta: float = field(default=0.0, metadata=option(
+        "eta", flag="--eta", api="eta", text="Eta", help="the noise DDIM-type samplers add back at each step, in "
+                                                         "[0, 1] (0: deterministic DDIM; 1: DDPM's)"))
+    strength: float | None = field(default=None, metadata=option(
+        "strength", flag="--strength", api="denoising_strength", cli={"type": float}, text="Denoising strength",
+        help="how much of the init image to redo, in (0, 1] (default 0.8 for image-to-image, 1 for inpainting)"))
+    guidance_rescale: float = field(default=0.0, metadata=option(
+        "guidance rescale", flag="--guidance-rescale", api="guidance_rescale", text="CFG Rescale phi",
+        help="φ in [0, 1]: the guided prediction's std rescaled towards the conditional one's (Lin et al.; for "
+             "zero-terminal-SNR models)"))
+    # adaptive projected guidance; False: plain; None: the model's own
+    apg: Apg | Mapping | bool | None = field(default=None, metadata=option(
+        "APG", api="apg", group=Apg, off_flag="--no-apg", text="APG", to_text=lambda v: Apg.of(v).text() if v else None,
+        from_text=Apg.from_text, help="adaptive projected guidance (any of its flags turns it on; none: the "
+                                      "model's own)"))
+    dynamic_threshold: float | None = field(default=None, metadata=option(
+        "dynamic threshold", flag="--dynamic-threshold", api="dynamic_threshold", cli={"type": float},
+        text="Dynamic threshold", help="clip x̂0 at this percentile of |x̂0|, e.g. 0.995 (never below 3σ; Imagen)"))
+    guidance_interval: tuple[float, float] = field(default=(0.0, 1.0), metadata=option(
+        "guidance interval", flag="--guidance-interval", api="guidance_interval", api_type=tuple[float, float],
+        cli={"type": float, "nargs": 2, "metavar": ("START", "END")}, from_flag=tuple, text="Guidance interval",
+        to_text=lambda v: None if v is None or tuple(v) == (0.0, 1.0) else "{:g}-{:g}".format(*v),
+        from_text=lambda v: tuple(float(x) for x in v.split("-")),
+        help="guide only in this fraction of the steps (0 = the noisiest; Kynkäänniemi et al.)"))
+    clip_skip: int | None = field(default=None, metadata=option(
+        "clip skip", flag="--clip-skip", cli={"type": int}, from_flag=lambda v: a1111_clip_skip(v, "--clip-skip"),
+        text="Clip skip", to_text=lambda v: v + 1 if v else None,
+        from_text=lambda v: a1111_clip_skip(int(v), "Clip skip"),
+        help="A1111's clip skip: 1 uses the text encoder's last layer, 2 the one before (default: the model's own)",
+        spelt="HTTP: A1111's override_settings.CLIP_stop_at_last_layers (or the server's option); A1111's count "
+              "everywhere but Python, where 0 is the last layer"))
+    tiling: bool = field(default=False, metadata=option(
+        "tiling", flag="--tiling", api="tiling", api_type=bool | None, api_default=None, from_api=bool,
+        text="Tiling", help="make the image tile seamlessly (A1111's Tiling)"))
+    hires: Hires | None = field(default=None, metadata=option(
+        "the hires fix", api="hires", group=Hires, resets=True,
+        spelt="HTTP: also A1111's enable_hr, hr_scale, hr_second_pass_steps, denoising_strength, hr_upscaler, "
+              "hr_resize_x/y; A1111 text: Hires upscale, Hires steps, Hires upscaler, Denoising strength"))
+    upscale: Upscale | None = field(default=None, metadata=option(
+        "the upscaler", api="upscale", group=Upscale, resets=True,
+        spelt="HTTP: also A1111's enable_hr with hr_upscaler 'latentgen upscaler', hr_scale, hr_second_pass_steps; "
+              "A1111 text: Hires upscale, Hires steps, Hires upscaler"))
+    loras: list[tuple[str, float]] | None = field(default=None, metadata=option(
+        "LoRAs", flag="--lora", cli={"action": "append", "metavar": "PATH[:SCALE]"},
+        from_flag=lambda values: [lora.parse_flag(v) for v in values],
+        help="apply a LoRA (repeatable; diffusers or kohya/A1111 format); prompts may also hold <lora:NAME:SCALE>",
+        spelt="HTTP: <lora:NAME:SCALE> in the prompt (names in the server's --loras-dir only); A1111 text: as "
+              "prompt tags"))
+    image: Any = field(default=None, metadata=option(
+        "an image", flag="--image", cli={"type": str}, recorded=False, resets=True,
+        help="init image: image-to-image, or inpainting with --mask",
+        spelt="HTTP: img2img's init_images; metadata: the file and its hash"))
+    mask_image: Any = field(default=None, metadata=option(
+        "a mask", flag="--mask", cli={"type": str}, recorded=False, resets=True,
+        help="inpainting mask, same size as --image (white = repaint)",
+        spelt="HTTP: img2img's mask; metadata: the file and its hash"))
+    generator: Any = field(default=None, metadata=option(
+        "generator", recorded=False, resets=True, spelt="Python only (torch.Generator, diffusers' meaning)"))
+    output_type: str = field(default="pil", metadata=option(
+        "output type", recorded=False, spelt="Python only: pil, np, pt or latent"))
+    checked: bool = field(default=False, repr=False, compare=False, metadata={"recorded": False})
 
     @classmethod
     def recorded_fields(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.metadata.get("recorded", True)]
+        return [f.name for f in dataclasses.fields(cls)
+                if (f.metadata["option"].recorded if "option" in f.metadata else f.metadata.get("recorded", True))]
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any], **inputs) -> "Request":
@@ -107,13 +180,14 @@ class Request:
     # --------------------------------------------------------------------------------------------------------
     # Checks that need no model
 
-    def check(self, names: Mapping[str, str] | None = None, max_steps: int | None = None) -> "Request":
+    def check(self, surface: str | None = None, max_steps: int | None = None) -> "Request":
         """This request with its values checked and normalised (prompt and negative_prompt as lists of equal
-        length, seed as one per image, strength filled in, hires as `Hires`); one-line UserErrors otherwise.
-        `max_steps`: the model's number of training noise levels, where known already."""
+        length, seed as one per image, strength filled in, hires as `Hires`); one-line UserErrors otherwise, naming
+        each field as `surface` does ("cli": infer.py's flags, "api": the server's fields; None: the option
+        table's labels). `max_steps`: the model's number of training noise levels, where known already."""
         if self.checked:
             return self
-        name = NAMES | dict(names or {})
+        name = options.names(type(self), surface)
         prompts = _as_list(self.prompt, "prompt")
         if not prompts:
             raise UserError("no prompt given; pass a prompt string or a non-empty list of prompts")
@@ -180,18 +254,18 @@ class Request:
                 raise UserError(f"{name['seed_resize_from']} needs {name['seed']} (a generator cannot be restarted)")
         apg = self.apg
         if isinstance(apg, (Apg, Mapping)):
-            apg = Apg.of(apg)
+            apg = Apg.of(apg, _within(name, "apg"))
         elif apg is not None and apg is not False:
             raise UserError(f"apg must be APG settings, False (plain guidance) or None (the model's own), got {apg!r}")
         hires = self.hires
         if hires is not None:
-            hires = validate.settings(Hires, hires, name["hires"])
+            hires = validate.settings(Hires, hires, name["hires"], _within(name, "hires"))
             if self.image is not None:
                 raise UserError(f"{name['hires']} is for text-to-image; with {name['image']}, resize the image "
                                 "instead")
         upscale = self.upscale
         if upscale is not None:
-            upscale = validate.settings(Upscale, upscale, name["upscale"])
+            upscale = validate.settings(Upscale, upscale, name["upscale"], _within(name, "upscale"))
             if self.image is not None or hires is not None:
                 raise UserError(f"{name['upscale']} is for text-to-image, without {name['hires']} (both make a "
                                 "larger image; choose one)" if hires is not None else
@@ -216,6 +290,16 @@ class Request:
         hires, upscale = self.hires, self.upscale
         second = (hires.steps if hires else upscale.steps if upscale else 0) or self.num_inference_steps
         return self.num_inference_steps + (second if hires or upscale else 0)
+
+    def per_image_values(self) -> dict[str, list | None]:
+        """Every per-image option's value for each image, prompt-major (after `check`: prompts are given one per
+        prompt, seeds one per image)."""
+        n, total = self.num_images_per_prompt, self.total
+        out = {}
+        for name in options.per_image_fields(type(self)):
+            value = getattr(self, name)
+            out[name] = value if value is None or len(value) == total else [v for v in value for _ in range(n)]
+        return out
 
     def per_image(self) -> tuple[list[str], list[str], list[int] | None]:
         """One prompt, negative prompt and seed per image, prompt-major (after `check`; the variation seeds, one
@@ -282,6 +366,26 @@ class Request:
 
             second_stage(pipe, plan)  # the upscaler exists, takes this scale, and its stage fits in memory
         return plan
+
+
+def _within(names: Mapping[str, str], group: str) -> dict[str, str]:
+    """A group's fields' names ("hires.scale" -> "scale")."""
+    return {k.split(".", 1)[1]: v for k, v in names.items() if k.startswith(f"{group}.")}
+
+
+def _a1111_seed(value: int, name: str) -> int | None:
+    """A1111's seed: -1 is a random one (None here); no other negative one means anything."""
+    if value < -1:
+        raise UserError(f"{name} must be -1 (a random seed) or an integer ≥ 0, got {value}")
+    return None if value == -1 else value
+
+
+def a1111_clip_skip(value: int, name: str) -> int:
+    """A1111's clip skip (1: the last layer, 2: the one before) as diffusers counts it (0: the last layer)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{name} counts as A1111 does: 1 is the text encoder's last layer, 2 the one before; got "
+                        f"{value!r}")
+    return value - 1
 
 
 def _as_list(value: str | Sequence[str] | None, what: str) -> list[str] | None:

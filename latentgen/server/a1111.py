@@ -16,18 +16,18 @@ import json
 import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from latentgen import validate
 from latentgen._version import __version__
 from latentgen.components.schedulers import a1111_name, a1111_names, from_a1111
 from latentgen.errors import UserError
 from latentgen.formats.images import image_metadata
+from latentgen.generation import options
 from latentgen.generation.cascade import A1111_NAME as UPSCALER
 from latentgen.generation.cascade import Upscale
 from latentgen.generation.hires import Hires
 from latentgen.generation.infotext import a1111_parameters, model_name
-from latentgen.generation.request import Request
+from latentgen.generation.request import Request, a1111_clip_skip
 
 # Fields latentgen does not implement, with A1111's defaults: set to anything else, they are noted as ignored.
 IGNORED = {"styles": [],
@@ -45,30 +45,20 @@ SILENT = {"sampler_index", "send_images", "save_images", "do_not_save_samples", 
           "image_cfg_scale"}  # image_cfg_scale: for instruct-pix2pix models only
 
 
-class Txt2Img(BaseModel):
-    """`/sdapi/v1/txt2img`'s body (A1111's `StableDiffusionProcessingTxt2Img` fields that change the images)."""
+class A1111Fields(BaseModel):
+    """The fields of A1111's `StableDiffusionProcessingTxt2Img` that spell a setting over several fields or under
+    an A1111 option (`to_request` reads them); every other setting's field comes from the option table
+    (`body_model`)."""
 
     model_config = ConfigDict(extra="allow")
 
-    prompt: str = ""
-    negative_prompt: str = ""
-    seed: int = -1
-    subseed: int = -1  # the variation seed (-1: random), used where subseed_strength > 0
-    subseed_strength: float = 0.0
     seed_resize_from_w: int = -1  # A1111's "resize seed from" (≤ 0: off)
     seed_resize_from_h: int = -1
-    tiling: bool | None = None
     sampler_name: str | None = None
     sampler_index: str | None = None
-    scheduler: str | None = None
+    scheduler: str | None = None  # A1111's schedule type
     batch_size: int = 1
     n_iter: int = 1
-    steps: int = 50
-    cfg_scale: float = 7.0
-    width: int | None = None  # None: the model's own size (A1111: 512, which SD 1.x was trained at)
-    height: int | None = None
-    eta: float | None = None
-    denoising_strength: float | None = None
     enable_hr: bool = False
     hr_scale: float = 2.0
     hr_upscaler: str | None = None
@@ -77,6 +67,19 @@ class Txt2Img(BaseModel):
     hr_resize_y: int = 0
     override_settings: dict[str, Any] | None = None
     send_images: bool = True
+
+
+def body_model(cls=Request, base: type[BaseModel] = A1111Fields, name: str = "Txt2Img") -> type[BaseModel]:
+    """A request body: `base`'s fields, and a field for every option of `cls` that has one (`options.api_fields`),
+    with the option's help as its description."""
+    fields = {api: (kind, Field(default, description=help or None))
+              for api, (kind, default, help) in options.api_fields(cls).items()}
+    return create_model(name, __base__=base, **fields)
+
+
+Txt2Img = body_model()
+Txt2Img.__doc__ = """`/sdapi/v1/txt2img`'s body: A1111's fields (and latentgen's options A1111 lacks: APG, guidance
+interval, dynamic threshold, the hires fix and the upscaler as objects)."""
 
 
 class Img2Img(Txt2Img):
@@ -135,32 +138,24 @@ def sampler(name: str | None, schedule: str | None) -> str | None:
     return ours
 
 
-def to_request(body: Txt2Img, clip_skip_option: int | None = None,
-               max_pixels: int | None = None) -> tuple[Request, str | None, list[str]]:
-    """(the Request, the model asked for in override_settings or None, notes on ignored fields); images are decoded
-    only within `max_pixels`."""
+def to_request(body: Txt2Img, clip_skip_option: int | None = None, max_pixels: int | None = None,
+               cls=Request) -> tuple[Request, str | None, list[str]]:
+    """(the `cls` request, the model asked for in override_settings or None, notes on ignored fields); images are
+    decoded only within `max_pixels`."""
     notes = _ignored(body)
     overrides = dict(body.override_settings or {})
     model = overrides.pop("sd_model_checkpoint", None)
     clip_skip = overrides.pop("CLIP_stop_at_last_layers", clip_skip_option)
     notes += [f"override_settings.{key} is not supported by latentgen and was ignored" for key in overrides]
-    for name in ("seed", "subseed"):  # A1111: -1 is a random seed; no other negative one means anything
-        if getattr(body, name) < -1:
-            raise UserError(f"{name} must be -1 (a random seed) or an integer ≥ 0, got {getattr(body, name)}")
-    seed = body.seed if body.seed >= 0 else None  # None: the worker draws one
-    fields: dict[str, Any] = dict(
-        prompt=body.prompt, negative_prompt=body.negative_prompt or None, num_inference_steps=body.steps,
-        guidance_scale=body.cfg_scale, height=body.height, width=body.width,
-        num_images_per_prompt=body.batch_size * body.n_iter, seed=seed,
-        scheduler=sampler(body.sampler_name or body.sampler_index, body.scheduler), tiling=bool(body.tiling),
-        clip_skip=None if clip_skip is None else int(clip_skip) - 1)  # A1111 counts the last layer as 1
-    if body.eta is not None:
-        fields["eta"] = body.eta
-    if body.subseed_strength:
-        fields["variation_strength"] = validate.in_range(body.subseed_strength, "subseed_strength", 0.0, 1.0)
-        fields["variation_seed"] = body.subseed if body.subseed >= 0 else None  # None: the request draws one
+    fields: dict[str, Any] = options.from_api(body, cls)  # every option with a field of its own
+    fields |= dict(negative_prompt=body.negative_prompt or None, num_images_per_prompt=body.batch_size * body.n_iter,
+                   scheduler=sampler(body.sampler_name or body.sampler_index, body.scheduler))
+    if clip_skip is not None:  # A1111's count: 1 is the last layer
+        fields["clip_skip"] = a1111_clip_skip(clip_skip, "CLIP_stop_at_last_layers")
     if body.seed_resize_from_w > 0 and body.seed_resize_from_h > 0:  # A1111 resizes only where both are set
         fields["seed_resize_from"] = (body.seed_resize_from_w, body.seed_resize_from_h)
+    if not isinstance(body, Img2Img):
+        fields.pop("strength", None)  # a txt2img body's denoising_strength is its hires pass's
     if isinstance(body, Img2Img):
         if not body.init_images:
             raise UserError("init_images is empty; give one image (base64)")
@@ -182,7 +177,7 @@ def to_request(body: Txt2Img, clip_skip_option: int | None = None,
         fields["upscale"] = _upscale(body)
     elif body.enable_hr:
         fields["hires"] = _hires(body, notes)
-    return Request(**fields), model, notes
+    return cls(**fields), model, notes
 
 
 def _upscale(body: Txt2Img) -> Upscale:

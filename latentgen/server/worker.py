@@ -24,6 +24,7 @@ import torch
 from latentgen.components.schedulers import scheduler_name_of
 from latentgen.errors import UserError, first_line
 from latentgen.formats import lora
+from latentgen.generation import options
 from latentgen.generation.infotext import model_name
 from latentgen.generation.models import DEFAULT_MODEL, list_models, resolve_model
 from latentgen.generation.request import Request
@@ -145,9 +146,9 @@ class Job:
         if r.image is not None or r.mask_image is not None or r.generator is not None:
             return None
 
-        skip = {"prompt", "negative_prompt", "seed", "variation_seed", "num_images_per_prompt", "checked", "image",
-                "mask_image", "generator"}
-        values = tuple((f.name, _hashable(getattr(r, f.name))) for f in dataclasses.fields(r) if f.name not in skip)
+        fields = {f.name for f, _ in options.table(type(r))} - set(options.per_image_fields(type(r))) - {
+            "num_images_per_prompt"}
+        values = tuple((name, _hashable(getattr(r, name))) for name in sorted(fields))
         return (self.model, tuple(lora.tags(r.prompt[0])), values)
 
 
@@ -241,7 +242,7 @@ class Worker:
         if request.seed is None and request.generator is None:
 
             request = dataclasses.replace(request, seed=random_seed())
-        request = request.check()
+        request = request.check("api")
         name = self.models.find(model)
         self.limits.check(request, self.models.native.get(name))
         job = Job(request, name)
@@ -436,12 +437,6 @@ class QueueFull(UserError):
 def _merge(requests: list[Request]) -> Request:
     """One request for the images of several checked requests that differ only in prompts and seeds (their
     variation seeds, where they have them, included)."""
-    prompts, negatives, seeds, variation_seeds = [], [], [], []
-    for r in requests:
-        p, n, s = r.per_image()
-        prompts += p
-        negatives += n
-        seeds += s
-        variation_seeds += r.variation_seed or []
-    return dataclasses.replace(requests[0], prompt=prompts, negative_prompt=negatives, seed=seeds,
-                               variation_seed=variation_seeds or None, num_images_per_prompt=1, checked=False)
+    values = [r.per_image_values() for r in requests]
+    merged = {name: sum((v[name] or [] for v in values), []) or None for name in values[0]}
+    return dataclasses.replace(requests[0], **merged, num_images_per_prompt=1, checked=False)
