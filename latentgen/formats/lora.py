@@ -1,8 +1,11 @@
-"""LoRAs as users name them: `--lora PATH[:SCALE]`, and AUTOMATIC1111's `<lora:NAME:SCALE>` in a prompt (NAME looked
+"""LoRAs, read and written in one place.
+
+LoRAs as users name them: `--lora PATH[:SCALE]`, and AUTOMATIC1111's `<lora:NAME:SCALE>` in a prompt (NAME looked
 up in the pipeline's `loras_dir`, `loras/` by default). Loading is diffusers' (`load_lora_weights`, through peft,
 diffusers/peft and kohya/A1111 formats); what is here: the prompt tags, finding the files, one-line errors for a
 LoRA that does not fit, A1111's `Lora hashes`, switching the active set between requests, and LyCORIS's LoHa and
 LoKr files (kohya's names), which diffusers' loader does not read: they go into peft's LoHa/LoKr layers here.
+Writing (`write`): what `train_unet.py` trains, in diffusers', kohya's and LyCORIS's formats, beside their readers.
 
 In a shared pipeline LoRAs stay unfused: `set_adapters` switches between requests without touching the base
 weights, so the base model comes back bit for bit. A process that makes all its images with one set (infer.py)
@@ -12,13 +15,19 @@ fuses them (`fuse`): faster per image, as `python bench/lora.py` measures.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
+import tempfile
 import threading
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from latentgen.errors import UserError, first_line
 from latentgen.formats.single_file import unet_ldm_names
+from latentgen.io import save_safetensors
 
 # A1111 reads the LyCORIS extension's <lyco:NAME:SCALE> as <lora:NAME:SCALE>
 TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^>]*))?>")
@@ -239,7 +248,6 @@ def _lycoris_kind(path: Path, keys: Sequence[str]) -> str | None:
 
 def _lycoris_state(pipe, path: Path) -> dict[str, dict]:
     """The file's factors per pipeline component, keyed by the component's module paths (peft's names)."""
-    import torch
     from safetensors.torch import load_file
 
     state: dict[str, dict[str, torch.Tensor]] = {}
@@ -264,8 +272,6 @@ def _lycoris_state(pipe, path: Path) -> dict[str, dict]:
 def _kohya_names(model, component: str) -> dict[str, str]:
     """kohya's name of each linear and convolutional layer (its path with _ for .) -> the layer's path; for a U-Net
     also its name in Stability's layout (`input_blocks_4_1_…`), which sd-scripts uses for SDXL."""
-    import torch
-
     # a layer that holds adapters already is peft's wrapper around its `base_layer` (one per kind of adapter, nested):
     # the outermost wrapper's path is the name
     layers = [re.sub(r"(\.base_layer)+$", "", n) for n, m in model.named_modules()
@@ -351,3 +357,84 @@ def _load_lycoris(pipe, path: Path, kind: str, adapter: str) -> None:
         if any(a == adapter for _, a in _adapters(pipe)):
             pipe.delete_adapters(adapter)
         raise
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing: what `train_unet.py` trains, in the formats read above
+
+
+def write(target: Path, layers: dict[str, dict[str, torch.Tensor]], configs: dict[str, dict], algo: str, rank: int,
+          alpha: float, kohya: bool, text_model, steps: int) -> None:
+    """Trained adapters (`layers`: peft's state dict of each of "unet" and "text_encoder") as a file `load` reads:
+    a LoRA in diffusers' format (with each part's peft config, as diffusers' training scripts write it) and, with
+    `kohya`, in kohya's beside it (`lora_kohya.safetensors`: `lora_unet_…`/`lora_te_…` with alphas), which A1111,
+    ComfyUI and sd-scripts read; a LoHa or LoKr in LyCORIS's format."""
+    if algo != "lora":
+        return write_lycoris(target, layers, algo, rank, alpha, text_model, steps)
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    # diffusers writes into a folder without a temporary name: write into a fresh one, then rename into place
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".lora-") as tmp:
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            tmp, weight_name=target.name, unet_lora_layers=layers["unet"], unet_lora_adapter_metadata=configs["unet"],
+            text_encoder_lora_layers=layers.get("text_encoder"),
+            text_encoder_lora_adapter_metadata=configs.get("text_encoder"))
+        os.chmod(Path(tmp) / target.name, 0o644)
+        os.replace(Path(tmp) / target.name, target)
+    if kohya:
+        write_kohya(target.with_name("lora_kohya.safetensors"), layers, algo, rank, alpha, text_model, steps)
+
+
+def write_kohya(target: Path, layers: dict, algo: str, rank: int, alpha: float, text_model, steps: int) -> None:
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in layers["unet"].items()})
+    prefix = kohya_text_prefix(text_model)
+    for key, tensor in layers.get("text_encoder", {}).items():
+        module, _, kind = key.partition(".lora_")
+        name = prefix + module.replace(".", "_")
+        state[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = tensor
+        state[f"{name}.alpha"] = None  # every alpha is the run's, set below
+    state = {k: torch.tensor(alpha) if k.endswith(".alpha") else v for k, v in state.items()}
+    save_safetensors(state, target, kohya_metadata(algo, rank, alpha, text_model, steps))
+
+
+def kohya_text_prefix(text_model) -> str:
+    """The text encoder's layer names as sd-scripts writes them for SD 1.x (`lora_te_text_model_encoder_…`):
+    diffusers' converter writes SDXL's `lora_te1_` and drops CLIP's `text_model`, which transformers 5 no longer
+    has in its module names but A1111 and sd-scripts expect (`_kohya_names` reads both)."""
+    return "lora_te_text_model_" if type(text_model).__name__ == "CLIPTextModel" else "lora_te_"
+
+
+def kohya_metadata(algo: str, rank: int, alpha: float, text_model, steps: int) -> dict[str, str]:
+    """sd-scripts' training metadata, which A1111 and kohya's tools show."""
+    extra = {} if algo == "lora" else {"ss_network_args": json.dumps({"algo": algo})}
+    return {"ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}",
+            "ss_network_module": "networks.lora" if algo == "lora" else "lycoris.kohya", **extra,
+            "ss_base_model_version": "latentgen", "ss_steps": str(steps),
+            "ss_network_train_unet_only": str(text_model is None)}
+
+
+def write_lycoris(target: Path, layers: dict, algo: str, rank: int, alpha: float, text_model, steps: int) -> None:
+    """A LoHa or LoKr in LyCORIS's format, as sd-scripts writes it with `lycoris.kohya`: kohya's layer names
+    (`lora_unet_…`, `lora_te_…`), peft's factors under LyCORIS's names (the same: `hada_w1_a`, `lokr_w1`, ...) and
+    each layer's `.alpha`. LyCORIS scales a LoHa by alpha / rank as peft does; a LoKr only where a factor is
+    decomposed, where peft always does, so a LoKr's scale goes into its first factor and its alpha is the rank."""
+    state = {}
+    for component, prefix in (("unet", "lora_unet_"), ("text_encoder", kohya_text_prefix(text_model))):
+        modules: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in layers.get(component, {}).items():
+            module, _, factor = key.rpartition(".")
+            modules.setdefault(module, {})[factor] = tensor
+        for module, own in modules.items():
+            name = prefix + module.replace(".", "_")
+            if algo == "lokr":
+                first = "lokr_w1" if "lokr_w1" in own else "lokr_w1_a"
+                own[first] = own[first] * (alpha / rank)
+                decomposed = own.get("lokr_w2_b", own.get("lokr_w1_b"))
+                if decomposed is not None:
+                    own["alpha"] = torch.tensor(float(decomposed.shape[0]))
+            else:
+                own["alpha"] = torch.tensor(alpha)
+            state |= {f"{name}.{factor}": tensor for factor, tensor in own.items()}
+    save_safetensors(state, target, kohya_metadata(algo, rank, alpha, text_model, steps))

@@ -8,7 +8,6 @@ its components, and the loop itself, which reads top to bottom in `train_unet`.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -33,12 +32,13 @@ from latentgen.components.text_encoders import load_text_encoder
 from latentgen.config import to_yaml
 from latentgen.data.sources import build_dataset, check_resolution
 from latentgen.errors import UserError, first_line, one_of
+from latentgen.formats import lora as lora_file
 from latentgen.formats import upscaler
 from latentgen.formats.upscaler import UpscalerConfig, check_unet, read
 from latentgen.generation.cascade import upscale_latents
 from latentgen.generation.outputs import contact_sheet
 from latentgen.generation.pipeline import LatentPipeline
-from latentgen.io import atomic_file, save_image, save_safetensors
+from latentgen.io import atomic_file, save_image
 from latentgen.runtime.device import set_attention
 from latentgen.runtime.memory import check_training, unet_training_bytes
 from latentgen.runtime.precision import DTYPES
@@ -310,12 +310,10 @@ def train_unet(config: UNetTrainConfig) -> Path:
     if config.cache and not train_text:
         data.embeddings = data.embeddings.to(device)  # row 0: the empty prompt
 
-    # 3. The U-Net (or its LoRA), optimizer, schedule, EMA.
+    # 3. What the run makes (a pipeline, a LoRA or an upscaler); the U-Net (or its LoRA), optimizer, schedule, EMA.
+    made = product(config, parts)
     unet = parts.unet
-    if config.lora.rank:
-        add_lora(unet, config.lora)
-        if config.lora.text_encoder:
-            add_text_encoder_lora(parts.text_model, config.lora)
+    made.adapt(unet)
     unet.train()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -331,14 +329,14 @@ def train_unet(config: UNetTrainConfig) -> Path:
     if ema is not None:
         ema.to(device)
 
-    base = _base_unet(raw_unet) if config.lora.preserve else None
+    base = made.base(raw_unet)
     base_weights = _base_weights(data, config.lora)
 
     # 4. Resume, then train.
     models = {"unet": raw_unet} | ({"text_encoder": parts.text_model} if train_text else {})
     states = {"optimizer": optimizer.optimizer, "lr_scheduler": lr_scheduler, "ema": ema,
               "scaler": accelerator.scaler}
-    examples = _upscaler_examples(dataset, config, parts, device) if config.upscaler.scale else None
+    examples = made.examples(dataset, device)
     start = run.resume(models, states,
                        lambda step: _validate(config, parts, raw_unet, ema, accelerator, step, examples))
     accum = config.gradient_accumulation_steps
@@ -350,17 +348,13 @@ def train_unet(config: UNetTrainConfig) -> Path:
             with accelerator.accumulate(unet):
                 with accelerator.autocast():
                     latents, context, low, dropped = _latents_and_context(batch, data, parts, config, g, device)
-                    extra, levels = None, None
-                    if low is not None:
-                        extra, levels = training_condition(parts.noise_scheduler, low, config.upscaler, g)
+                    extra, levels = made.condition(low, g)
                     loss = diffusion_loss(unet, parts.noise_scheduler, latents, context, g, config.noise, extra,
                                           levels, base, base_weights(batch, dropped)).mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    if train_text and accelerator.num_processes > 1:
-                        for p in parts.text_model.parameters():
-                            if p.grad is not None:
-                                p.grad = accelerator.reduce(p.grad, reduction="mean")
+                    if train_text:
+                        _average_gradients(parts.text_model, accelerator)
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -370,22 +364,99 @@ def train_unet(config: UNetTrainConfig) -> Path:
             ema.step(raw_unet.parameters())
         run.end_step(step + 1)
 
-    # 5. The final pipeline, with EMA weights when on; or the LoRA file.
-    target = Path(config.output_dir) / ("lora.safetensors" if config.lora.rank else
-                                        "upscaler" if config.upscaler.scale else "pipeline")
+    # 5. What the run makes, with EMA weights when on.
+    target = made.target
     if run.finish(config.train_batch_size * accum * accelerator.num_processes):
         if ema is not None:
             ema.copy_to(raw_unet.parameters())
         _validate(config, parts, raw_unet, None, accelerator, config.max_steps, examples)
-        if config.lora.rank:
-            save_lora(config, raw_unet, parts.text_model if config.lora.text_encoder else None, target)
-        elif config.upscaler.scale:
-            save_upscaler(config, parts, raw_unet, target)
-        else:
-            save_pipeline(config, parts, raw_unet, target)
+        made.save(raw_unet, target)
         accelerator.print(f"wrote {target}")
     run.close()
     return target
+
+
+def _average_gradients(model, accelerator) -> None:
+    """The mean of each parameter's gradient over the processes: what DDP does for the U-Net, done by hand for a
+    trained text encoder, which stays unwrapped (its backends need its attributes)."""
+    if accelerator.num_processes > 1:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad = accelerator.reduce(p.grad, reduction="mean")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a run makes: a pipeline (the U-Net trained whole), a LoRA, or an upscaler. The loop asks its product how to
+# adapt the U-Net, what the frozen base is, how to condition a batch, what to validate on, and how to save.
+
+
+class Product:
+    """A text-to-image pipeline: the U-Net trained whole (and the text encoder with `text_encoder.train`)."""
+
+    folder = "pipeline"
+
+    def __init__(self, config: UNetTrainConfig, parts: Components):
+        self.config, self.parts = config, parts
+
+    @property
+    def target(self) -> Path:
+        return Path(self.config.output_dir) / self.folder
+
+    def adapt(self, unet) -> None:
+        """Make `unet` (and the text encoder) what the run trains."""
+
+    def base(self, unet):
+        """The frozen base model a preservation loss compares with (None: no such loss)."""
+        return None
+
+    def condition(self, low, g) -> tuple[Any, Any]:
+        """The U-Net's extra input and class labels for a batch (`low`: an upscaler's low-resolution latents)."""
+        return None, None
+
+    def examples(self, dataset, device):
+        """What validation shows besides the config's prompts (None: the prompts only)."""
+        return None
+
+    def save(self, unet, target: Path) -> None:
+        save_pipeline(self.config, self.parts, unet, target)
+
+
+class LoraProduct(Product):
+    """A LoRA, LoHa or LoKr file on the frozen U-Net (and text encoder with `lora.text_encoder`)."""
+
+    folder = "lora.safetensors"
+
+    def adapt(self, unet) -> None:
+        add_lora(unet, self.config.lora)
+        if self.config.lora.text_encoder:
+            add_text_encoder_lora(self.parts.text_model, self.config.lora)
+
+    def base(self, unet):
+        return _base_unet(unet) if self.config.lora.preserve else None
+
+    def save(self, unet, target: Path) -> None:
+        save_lora(self.config, unet, self.parts.text_model if self.config.lora.text_encoder else None, target)
+
+
+class UpscalerProduct(Product):
+    """A cascade's upscaler folder: a U-Net on noisy latents beside the augmented low-resolution ones."""
+
+    folder = "upscaler"
+
+    def condition(self, low, g) -> tuple[Any, Any]:
+        return training_condition(self.parts.noise_scheduler, low, self.config.upscaler, g)
+
+    def examples(self, dataset, device):
+        return _upscaler_examples(dataset, self.config, self.parts, device)
+
+    def save(self, unet, target: Path) -> None:
+        save_upscaler(self.config, self.parts, unet, target)
+
+
+def product(config: UNetTrainConfig, parts: Components) -> Product:
+    if config.lora.rank:
+        return LoraProduct(config, parts)
+    return UpscalerProduct(config, parts) if config.upscaler.scale else Product(config, parts)
 
 
 def _base_unet(unet):
@@ -593,87 +664,15 @@ def _attention_projections(text_model) -> list[str]:
 
 
 def save_lora(config: UNetTrainConfig, unet, text_model, target: Path) -> None:
-    """The trained LoRA in diffusers' format (`target`, with each part's LoRA config, as diffusers' training
-    scripts write it) and, with `lora.kohya`, in kohya's (`lora_kohya.safetensors`: `lora_unet_…`/`lora_te_…`
-    with alphas), which A1111, ComfyUI and sd-scripts read. Both load with `infer.py --lora` and diffusers'
-    `load_lora_weights`."""
-    import os
-    import tempfile
-
+    """The trained adapters as a LoRA file (`latentgen.formats.lora.write`): diffusers' format, and kohya's beside
+    it with `lora.kohya`; a LoHa or LoKr in LyCORIS's."""
     from peft.utils import get_peft_model_state_dict
 
     dtype = DTYPES[config.save_dtype]
     parts = {"unet": unet} | ({"text_encoder": text_model} if text_model is not None else {})
     layers = {name: {k: v.detach().to(dtype).contiguous().cpu() for k, v in get_peft_model_state_dict(m).items()}
               for name, m in parts.items()}
-    if config.lora.algo != "lora":
-        return save_lycoris(config, layers, text_model, target)
     configs = {name: m.peft_config["default"].to_dict() for name, m in parts.items()}
-    # diffusers writes into a folder without a temporary name: write into a fresh one, then rename into place
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".lora-") as tmp:
-        LatentPipeline.save_lora_weights(
-            tmp, weight_name=target.name, unet_lora_layers=layers["unet"], unet_lora_adapter_metadata=configs["unet"],
-            text_encoder_lora_layers=layers.get("text_encoder"),
-            text_encoder_lora_adapter_metadata=configs.get("text_encoder"))
-        os.chmod(Path(tmp) / target.name, 0o644)
-        os.replace(Path(tmp) / target.name, target)
-    if config.lora.kohya:
-        save_kohya_lora(config, layers, text_model, target.with_name("lora_kohya.safetensors"))
-
-
-def save_kohya_lora(config: UNetTrainConfig, layers: dict, text_model, target: Path) -> None:
-    from diffusers.utils import convert_state_dict_to_kohya
-
-    state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in layers["unet"].items()})
-    prefix = kohya_text_prefix(text_model)
-    for key, tensor in layers.get("text_encoder", {}).items():
-        module, _, kind = key.partition(".lora_")
-        name = prefix + module.replace(".", "_")
-        state[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = tensor
-        state[f"{name}.alpha"] = None  # every alpha is the run's, set below
-    alpha = float(config.lora.alpha or config.lora.rank)
-    state = {k: torch.tensor(alpha) if k.endswith(".alpha") else v for k, v in state.items()}
-    save_safetensors(state, target, kohya_metadata(config, text_model, alpha))
-
-
-def kohya_text_prefix(text_model) -> str:
-    """The text encoder's layer names as sd-scripts writes them for SD 1.x (`lora_te_text_model_encoder_…`):
-    diffusers' converter writes SDXL's `lora_te1_` and drops CLIP's `text_model`, which transformers 5 no longer
-    has in its module names but A1111 and sd-scripts expect."""
-    return "lora_te_text_model_" if type(text_model).__name__ == "CLIPTextModel" else "lora_te_"
-
-
-def kohya_metadata(config: UNetTrainConfig, text_model, alpha: float) -> dict[str, str]:
-    """sd-scripts' training metadata, which A1111 and kohya's tools show."""
-    algo = {} if config.lora.algo == "lora" else {"ss_network_args": json.dumps({"algo": config.lora.algo})}
-    return {"ss_network_dim": str(config.lora.rank), "ss_network_alpha": f"{alpha:g}",
-            "ss_network_module": "networks.lora" if config.lora.algo == "lora" else "lycoris.kohya", **algo,
-            "ss_base_model_version": "latentgen", "ss_steps": str(config.max_steps),
-            "ss_network_train_unet_only": str(text_model is None)}
-
-
-def save_lycoris(config: UNetTrainConfig, layers: dict, text_model, target: Path) -> None:
-    """A LoHa or LoKr in LyCORIS's format, as sd-scripts writes it with `lycoris.kohya`: kohya's layer names
-    (`lora_unet_…`, `lora_te_…`), peft's factors under LyCORIS's names (the same: `hada_w1_a`, `lokr_w1`, ...) and
-    each layer's `.alpha`. LyCORIS scales a LoHa by alpha / rank as peft does; a LoKr only where a factor is
-    decomposed, where peft always does, so a LoKr's scale goes into its first factor and its alpha is the rank."""
-
-    alpha = float(config.lora.alpha or config.lora.rank)
-    state = {}
-    for component, prefix in (("unet", "lora_unet_"), ("text_encoder", kohya_text_prefix(text_model))):
-        modules: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in layers.get(component, {}).items():
-            module, _, factor = key.rpartition(".")
-            modules.setdefault(module, {})[factor] = tensor
-        for module, own in modules.items():
-            name = prefix + module.replace(".", "_")
-            if config.lora.algo == "lokr":
-                first = "lokr_w1" if "lokr_w1" in own else "lokr_w1_a"
-                own[first] = own[first] * (alpha / config.lora.rank)
-                decomposed = own.get("lokr_w2_b", own.get("lokr_w1_b"))
-                if decomposed is not None:
-                    own["alpha"] = torch.tensor(float(decomposed.shape[0]))
-            else:
-                own["alpha"] = torch.tensor(alpha)
-            state |= {f"{name}.{factor}": tensor for factor, tensor in own.items()}
-    save_safetensors(state, target, kohya_metadata(config, text_model, alpha))
+    lora_file.write(target, layers, configs, algo=config.lora.algo, rank=config.lora.rank,
+                    alpha=float(config.lora.alpha or config.lora.rank), kohya=config.lora.kohya,
+                    text_model=text_model, steps=config.max_steps)
