@@ -223,7 +223,8 @@ def test_bad_loras_are_one_line_errors(tiny_folder, lora_file, tmp_path):
 def test_a_trained_lora_file_gives_the_image_of_the_unet_it_was_trained_on(tiny_folder, tmp_path):
     """save_lora writes diffusers' format and kohya's with the run's alpha: each loaded by --lora/`loras=` gives the
     image of the U-Net carrying the adapter in memory (alpha 2 / rank 4: a scale of 0.5 inside the files)."""
-    from latentgen.training.unet import LoraTrainConfig, UNetTrainConfig, add_lora, save_lora
+    from latentgen.training.products import add_lora, save_lora
+    from latentgen.training.unet_config import LoraTrainConfig, UNetTrainConfig
 
     config = UNetTrainConfig(pretrained_pipeline=str(tiny_folder), lora=LoraTrainConfig(rank=4, alpha=2, kohya=True))
     trained = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
@@ -253,7 +254,8 @@ def test_a_trained_lycoris_file_gives_the_image_of_the_models_it_was_trained_on(
     which gives the images of the models that carried the adapters in memory."""
     from safetensors import safe_open
 
-    from latentgen.training.unet import LoraTrainConfig, UNetTrainConfig, add_lora, add_text_encoder_lora, save_lora
+    from latentgen.training.products import add_lora, add_text_encoder_lora, save_lora
+    from latentgen.training.unet_config import LoraTrainConfig, UNetTrainConfig
 
     lora = LoraTrainConfig(rank=4, alpha=2, algo=algo, text_encoder=True,
                            targets=["to_q", "to_k", "to_v", "to_out.0", "conv1"])
@@ -369,7 +371,9 @@ def test_preserved_examples_learn_what_the_base_model_predicts(tiny_folder):
     from types import SimpleNamespace
 
     from latentgen.components.diffusion import NoiseConfig, diffusion_loss
-    from latentgen.training.unet import LoraTrainConfig, _base_unet, _base_weights, add_lora
+    from latentgen.training.products import _base_unet, add_lora
+    from latentgen.training.unet import _base_weights
+    from latentgen.training.unet_config import LoraTrainConfig
 
     lora = LoraTrainConfig(rank=4, teaches=["star", "星"], preserve=1.0)
     texts = ["a red star on blue", "a start", "红色的星", "a red circle", "a blue star"]
