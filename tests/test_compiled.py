@@ -189,3 +189,21 @@ def test_each_step_gets_its_own_copy_of_the_unet_output(tiny_pipe):
 
     tiny_pipe.unet.forward = replayed
     np.testing.assert_array_equal(tiny_pipe("a red circle", **kw).images, plain)
+
+
+def test_weights_of_a_channels_last_bf16_unet_are_hashed(tiny_pipe):
+    """SD's U-Nets have 1×1 convolutions (the resnets' shortcuts), and on a bf16 CPU their weights are channels-last
+    from 32×32 latents up: such a weight counts as contiguous with a last stride of C, which a byte view refuses
+    (`--compile` with an SD checkpoint failed there). The hash reads it, and as the same bytes as contiguous."""
+    from latentgen.runtime.compiled import _weights_digest
+
+    unet = tiny_pipe.unet.to(torch.bfloat16)
+    shortcut = unet.down_blocks[1].resnets[0].conv_shortcut.weight  # 32 -> 64 channels, 1×1
+    assert shortcut.shape[-2:] == (1, 1)
+    contiguous = _weights_digest(unet)
+    unet.to(memory_format=torch.channels_last)
+    assert shortcut.stride()[-1] != 1 and shortcut.is_contiguous()
+    digest = _weights_digest(unet)  # raised before
+    assert digest != contiguous  # strides are part of it: a package is compiled for one memory format
+    unet.to(memory_format=torch.contiguous_format)
+    assert _weights_digest(unet) == contiguous

@@ -61,7 +61,9 @@ def _weights_digest(unet) -> str:
     for name, t in unet.state_dict().items():
         t = t.detach()
         h.update(f"{name} {t.dtype} {tuple(t.shape)} {t.stride()}\n".encode())
-        h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # flattened before the byte view: a 1×1 convolution's weight in channels-last counts as contiguous with a
+        # last stride of C (its other dims are 1), which `view(torch.uint8)` refuses
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
