@@ -120,6 +120,23 @@ ZH_ONE = ("{b}背景上的{c}{k}", "{b}背景，一个{c}{k}")
 ZH_TWO = ("{b}背景上，{c1}{k1}在{c2}{k2}的左边", "{b}背景上，{c2}{k2}在{c1}{k1}的右边")
 
 
+# The canonical English phrasings: what the evaluation's prompts say, and what a Chinese student is taught to mean
+# (`latentgen.training.text_student`)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def single_prompt(color: str, kind: str, background: str) -> str:
+    return f"{_article(color)} {color} {kind} on {_article(background)} {background} background"
+
+
+def pair_prompt(left: tuple[str, str], right: tuple[str, str], background: str) -> str:
+    return (f"{_article(left[0])} {left[0]} {left[1]} to the left of {_article(right[0])} {right[0]} {right[1]} "
+            f"on {_article(background)} {background} background")
+
+
 def captions_for(background: str, shapes: list[Shape], language: str) -> list[str]:
     """Every phrasing of a sample's caption (`shapes` ordered left to right)."""
     out = []

@@ -5,7 +5,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from latentgen.data.shapes import COLOR_NAMES, KINDS, heldout_triples, is_heldout, train_triples
+from latentgen.data.shapes import (
+    COLOR_NAMES,
+    KINDS,
+    heldout_triples,
+    is_heldout,
+    pair_prompt,
+    single_prompt,
+    train_triples,
+)
 from latentgen.eval.analyzer import Analysis, analyze
 
 
@@ -21,19 +29,6 @@ class Target:
     @property
     def group(self) -> str:
         return f"{'two' if len(self.shapes) == 2 else 'one'}-{'heldout' if self.heldout else 'seen'}"
-
-
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
-def single_prompt(color: str, kind: str, background: str) -> str:
-    return f"{_article(color)} {color} {kind} on {_article(background)} {background} background"
-
-
-def pair_prompt(left: tuple[str, str], right: tuple[str, str], background: str) -> str:
-    return (f"{_article(left[0])} {left[0]} {left[1]} to the left of {_article(right[0])} {right[0]} {right[1]} "
-            f"on {_article(background)} {background} background")
 
 
 def prompt_set(per_group: int = 27, seed: int = 0, kinds: tuple[str, ...] = KINDS) -> list[Target]:

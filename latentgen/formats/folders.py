@@ -67,11 +67,13 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> None:
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
                 raise UserError(f"{config} is not valid JSON ({first_line(err)}); re-save or re-download it") \
                     from None
-    second = index.get("text_encoder_2")
-    if second and second[0] is not None:  # SDXL
-        if not (folder / "text_encoder_2").is_dir() or not (folder / "tokenizer_2").is_dir():
-            raise UserError(f"{folder} lists text_encoder_2 (SDXL) but lacks the folders text_encoder_2/ and "
-                            "tokenizer_2/")
+    for encoder, tokenizer, what in (("text_encoder_2", "tokenizer_2", "SDXL"),
+                                     ("text_encoder_zh", "tokenizer_zh", "Chinese")):
+        entry = index.get(encoder)
+        if entry and entry[0] is not None:
+            if not (folder / encoder).is_dir() or not (folder / tokenizer).is_dir():
+                raise UserError(f"{folder} lists {encoder} ({what}) but lacks the folders {encoder}/ and "
+                                f"{tokenizer}/")
     for name in weight_components(index):
         files = [f for f in (folder / name).iterdir() if f.is_file()]
         if any(f.suffix == ".safetensors" for f in files):
@@ -87,9 +89,10 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> None:
 
 
 def weight_components(index: dict) -> list[str]:
-    """The components of a model index that hold weights: unet, vae, text_encoder, and text_encoder_2 (SDXL)."""
-    second = index.get("text_encoder_2")
-    return list(WEIGHT_COMPONENTS) + (["text_encoder_2"] if second and second[0] is not None else [])
+    """The components of a model index that hold weights: unet, vae, text_encoder, and text_encoder_2 (SDXL) and
+    text_encoder_zh (a Chinese student) where listed."""
+    extra = [name for name in ("text_encoder_2", "text_encoder_zh") if index.get(name) and index[name][0] is not None]
+    return list(WEIGHT_COMPONENTS) + extra
 
 
 def _strip(key: str) -> str:

@@ -29,7 +29,7 @@ from diffusers.loaders import (
 )
 from torch import nn
 
-from latentgen.components import diffusion, tiling
+from latentgen.components import chinese, diffusion, tiling
 from latentgen.components.schedulers import scheduler_name_of
 from latentgen.components.text_encoders import (
     SDXLTextEncoder,
@@ -78,10 +78,11 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
-    _optional_components = ["text_encoder_2", "tokenizer_2"]
+    _optional_components = ["text_encoder_2", "tokenizer_2", "text_encoder_zh", "tokenizer_zh"]
 
     def __init__(self, vae: AutoencoderKL, text_encoder: nn.Module, tokenizer: Any, unet: UNet2DConditionModel,
                  scheduler: Any, text_encoder_2: nn.Module | None = None, tokenizer_2: Any = None,
+                 text_encoder_zh: nn.Module | None = None, tokenizer_zh: Any = None,
                  clip_skip: int | None = None, apg: dict | None = None):
         super().__init__()
         if is_openclip(text_encoder):
@@ -90,8 +91,11 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
             tokenizer = clip_tokenizer(max_length=text_encoder.config.max_position_embeddings, pad_token="!")
         if (text_encoder_2 is None) != (tokenizer_2 is None):
             raise UserError("an SDXL pipeline needs both text_encoder_2 and tokenizer_2")
+        if (text_encoder_zh is None) != (tokenizer_zh is None):
+            raise UserError("a Chinese text encoder needs both text_encoder_zh and tokenizer_zh")
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                              text_encoder_zh=text_encoder_zh, tokenizer_zh=tokenizer_zh)
         # The model's own sampling defaults beyond its scheduler: clip skip, and adaptive projected guidance's
         # settings (`generation.guidance.Apg`) where the model samples better with it than with plain guidance.
         self.register_to_config(clip_skip=clip_skip, apg=apg)
@@ -259,7 +263,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
             if weights_dtype is None:
                 super().save_pretrained(tmp, **kwargs)
             else:
-                names = WEIGHT_COMPONENTS + (("text_encoder_2",) if self.is_sdxl else ())
+                names = WEIGHT_COMPONENTS + tuple(n for n in ("text_encoder_2", "text_encoder_zh")
+                                                  if getattr(self, n, None) is not None)
                 original = {name: next(getattr(self, name).parameters()).dtype for name in names}
                 try:
                     for name in names:
@@ -286,7 +291,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
                 index["_class_name"] = "StableDiffusionPipeline"
                 index.update(safety_checker=[None, None], feature_extractor=[None, None], image_encoder=[None, None],
                              requires_safety_checker=False)
-                for name in self._optional_components:
+            for name in self._optional_components:  # absent ones are not listed (diffusers: [null, null])
+                if getattr(self, name, None) is None:
                     index.pop(name, None)
             for key in ("clip_skip", "apg"):
                 if index.get(key) is None:
@@ -352,7 +358,14 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
 
     def encode_conditioning(self, prompts: Sequence[str], clip_skip: int | None = None) -> Conditioning:
         """(B,) prompts -> their Conditioning in the U-Net's dtype; A1111's weighting syntax and prompts longer
-        than the encoder's window work (latentgen.generation.prompts)."""
+        than the encoder's window work (latentgen.generation.prompts). A model with a Chinese text encoder
+        (`text_encoder_zh`, `components.chinese`) reads the prompts written in Chinese with it."""
+        if getattr(self, "text_encoder_zh", None) is not None and any(map(chinese.is_chinese, prompts)):
+            for prompt in prompts:
+                chinese.check_one_language(prompt)
+            rows = [self._encode_chinese([p]) if chinese.is_chinese(p) else self.encode_conditioning([p], clip_skip)
+                    for p in prompts]
+            return Conditioning.concat(rows)
         device, dtype = self.unet.device, self.unet.dtype
         # len(tokenizer): embeddings loaded later add words, and a cached prompt may have used them as text
         key = (id(self.text_encoder), len(self.tokenizer), clip_skip, str(device), str(dtype),
@@ -360,6 +373,12 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         spell = self.maybe_convert_prompt if self.__dict__.get("embedding_files") else None  # k-vector words
         return self.prompt_encoder.encode(prompts, key, lambda: self.text_encoder_backend(clip_skip), device, dtype,
                                           spell=None if spell is None else lambda p: spell(p, self.tokenizer))
+
+    def _encode_chinese(self, prompts: Sequence[str]) -> Conditioning:
+        device, dtype = self.unet.device, self.unet.dtype
+        key = ("zh", id(self.text_encoder_zh), str(device), str(dtype))
+        return self.prompt_encoder.encode(
+            prompts, key, lambda: chinese.ChineseTextEncoder(self.tokenizer_zh, self.text_encoder_zh), device, dtype)
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B,) prompts -> hidden states (B, T, D) and a (B, T) mask or None, with the model's clip skip."""
