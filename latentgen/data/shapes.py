@@ -137,6 +137,18 @@ def pair_prompt(left: tuple[str, str], right: tuple[str, str], background: str) 
             f"on {_article(background)} {background} background")
 
 
+def zh_prompt(template: str, background: str, shapes, short_color: bool = False, short_kind: bool = False) -> str:
+    """A Chinese phrasing of a scene (`shapes`: (color, kind) pairs, left to right) by a template with {b} and {c}
+    {k} (one shape) or {c1} {k1} {c2} {k2}; `short_color`: 红 for 红色, `short_kind`: 圆 for 圆形."""
+    color = lambda c: ZH_COLORS[c][:-1] if short_color else ZH_COLORS[c]  # noqa: E731
+    kind = lambda k: ZH_KINDS[k][:-1] if short_kind and ZH_KINDS[k].endswith("形") else ZH_KINDS[k]  # noqa: E731
+    names = {"b": color(background)}
+    for i, (c, k) in enumerate(shapes, 1):
+        suffix = "" if len(shapes) == 1 else str(i)
+        names |= {f"c{suffix}": color(c), f"k{suffix}": kind(k)}
+    return template.format(**names)
+
+
 def captions_for(background: str, shapes: list[Shape], language: str) -> list[str]:
     """Every phrasing of a sample's caption (`shapes` ordered left to right)."""
     out = []

@@ -20,7 +20,7 @@ from latentgen.cli import ArgumentParser, quiet_libraries, run_cli
 from latentgen.components.schedulers import scheduler_name_of, scheduler_names
 from latentgen.data.shapes import ALL_KINDS, KINDS, ShapesSpec, make_sample
 from latentgen.errors import UserError
-from latentgen.eval.adherence import evaluate_images, prompt_set
+from latentgen.eval.adherence import ZH_PHRASINGS, evaluate_images, in_chinese, prompt_set
 from latentgen.eval.cascade import evaluate
 from latentgen.eval.metrics import clip_score, kid, photographs, reconstruction
 from latentgen.formats import lora
@@ -64,9 +64,11 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, scheduler: 
 
 def adherence(pipe, steps: int, scheduler: str | None, guidance: float, seeds: int, per_group: int,
               groups: tuple[str, ...] = GROUP_ORDER, kinds: tuple[str, ...] = KINDS,
-              options: dict | None = None) -> tuple[dict, list, list]:
-
+              options: dict | None = None, language: str = "en", phrasing: str = "dataset") -> tuple[dict, list, list]:
+    """`language` "zh": the same targets asked in Chinese, in the dataset's `phrasing` or "unseen" ones."""
     targets = [t for t in prompt_set(per_group, kinds=kinds) if t.group in groups for _ in range(seeds)]
+    if language == "zh":
+        targets = in_chinese(targets, phrasing)
     seed_list = [1000 + i for i in range(len(targets))]
     images = generate(pipe, [t.prompt for t in targets], seed_list, steps, scheduler, guidance,
                       options=options)
@@ -209,6 +211,10 @@ def main(argv=None):
             q.add_argument("--kinds", nargs="+", default=list(KINDS), choices=ALL_KINDS,
                            help="shape kinds of the prompts (star: what the showcase LoRA teaches)")
             q.add_argument("--compile", action="store_true", help="compile the U-Net, as infer.py --compile")
+            q.add_argument("--language", choices=["en", "zh"], default="en",
+                           help="ask in Chinese (the model's Chinese text encoder reads it)")
+            q.add_argument("--phrasing", choices=list(ZH_PHRASINGS), default="dataset",
+                           help="with --language zh: the dataset's phrasing, or ones no training caption used")
         q.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                        help="apply a LoRA (fused), as infer.py --lora; repeatable")
         q.add_argument("--vae", help="replace the model's VAE, as infer.py --vae (a VAE folder or file)")
@@ -247,14 +253,16 @@ def main(argv=None):
         results = {}
         for g in guidances:
             results[g], targets, images = adherence(pipe, args.steps[0], args.scheduler, g, args.seeds, 27,
-                                                    kinds=tuple(args.kinds), options=chosen)
+                                                    kinds=tuple(args.kinds), options=chosen,
+                                                    language=args.language, phrasing=args.phrasing)
             made[g] = (targets, images)
             if out:
                 sample_grid(targets[::args.seeds][:48], images[::args.seeds][:48], out / f"samples-g{g}.png")
         table = adherence_table(results)
         sampler = args.scheduler or f"the model's own sampler, {scheduler_name_of(pipe.scheduler)}"
         apg = chosen.get("apg", model_apg(pipe))
-        extra = "".join([f", kinds {' '.join(args.kinds)}" if tuple(args.kinds) != KINDS else "",
+        extra = "".join([f", in Chinese ({args.phrasing} phrasings)" if args.language == "zh" else "",
+                         f", kinds {' '.join(args.kinds)}" if tuple(args.kinds) != KINDS else "",
                          f", LoRA {' '.join(args.lora)}" if args.lora else "",
                          f", VAE {args.vae}" if args.vae else "",
                          " guided over {:g}-{:g} of the steps".format(*chosen["guidance_interval"])

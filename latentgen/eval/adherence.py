@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 
 from latentgen.data.shapes import (
     COLOR_NAMES,
     KINDS,
+    ZH_ONE,
+    ZH_TWO,
     heldout_triples,
     is_heldout,
     pair_prompt,
     single_prompt,
     train_triples,
+    zh_prompt,
 )
 from latentgen.eval.analyzer import Analysis, analyze
 
@@ -29,6 +33,35 @@ class Target:
     @property
     def group(self) -> str:
         return f"{'two' if len(self.shapes) == 2 else 'one'}-{'heldout' if self.heldout else 'seen'}"
+
+
+# Chinese phrasings: the dataset's own, and ones no training caption used (word order, 的/在/上, other verbs, and the
+# dataset's phrasing in traditional characters), for `python -m latentgen.eval adherence --language zh`
+ZH_PHRASINGS = {
+    "dataset": ((ZH_ONE[0],), (ZH_TWO[0],)),
+    "unseen": (("{c}的{k}，背景是{b}", "画一个{c}{k}，{b}的背景", "{b}背景中有个{c}{k}", "traditional"),
+               ("左边一个{c1}{k1}，右边一个{c2}{k2}，{b}背景", "{b}背景中，{c2}{k2}位于{c1}{k1}的右侧",
+                "traditional")),
+}
+
+
+def in_chinese(targets: list[Target], phrasing: str = "dataset") -> list[Target]:
+    """The targets with Chinese prompts, the phrasings taken in turn ("traditional": the dataset's phrasing in
+    traditional characters, by OpenCC's tables)."""
+    one, two = ZH_PHRASINGS[phrasing]
+    out = []
+    for i, t in enumerate(targets):
+        templates = one if len(t.shapes) == 1 else two
+        template = templates[i % len(templates)]
+        if template == "traditional":
+            from opencc import OpenCC
+
+            text = OpenCC("s2t").convert(zh_prompt((ZH_ONE if len(t.shapes) == 1 else ZH_TWO)[0], t.background,
+                                                   t.shapes))
+        else:
+            text = zh_prompt(template, t.background, t.shapes)
+        out.append(dataclasses.replace(t, prompt=text))
+    return out
 
 
 def prompt_set(per_group: int = 27, seed: int = 0, kinds: tuple[str, ...] = KINDS) -> list[Target]:

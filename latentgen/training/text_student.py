@@ -40,6 +40,7 @@ from latentgen.data.shapes import (
     is_heldout,
     pair_prompt,
     single_prompt,
+    zh_prompt,
 )
 from latentgen.errors import UserError
 from latentgen.generation.models import open_pipeline, resolve_model
@@ -95,13 +96,7 @@ class Scene:
         return pair_prompt(self.shapes[0], self.shapes[1], self.background)
 
     def chinese(self, template: str, short_color: bool = False, short_kind: bool = False) -> str:
-        color = lambda c: ZH_COLORS[c][:-1] if short_color else ZH_COLORS[c]  # noqa: E731 (红色 -> 红)
-        kind = lambda k: ZH_KINDS[k][:-1] if short_kind and ZH_KINDS[k].endswith("形") else ZH_KINDS[k]  # noqa: E731
-        names = {"b": color(self.background)}
-        for i, (c, k) in enumerate(self.shapes, 1):
-            suffix = "" if len(self.shapes) == 1 else str(i)
-            names |= {f"c{suffix}": color(c), f"k{suffix}": kind(k)}
-        return template.format(**names)
+        return zh_prompt(template, self.background, self.shapes, short_color, short_kind)
 
 
 def train_scenes(kinds: tuple[str, ...] = KINDS) -> list[Scene]:
