@@ -77,8 +77,58 @@ class GuidedConditioning:
     cond: Conditioning
     both: Conditioning | None = None
 
-    def for_step(self, guided: bool) -> Conditioning:
+    def for_step(self, guided: bool, step: int = 0) -> Conditioning:
         return self.both if guided else self.cond
+
+    def layout(self, step: int) -> None:
+        """How a step's cond rows belong to the images: None, one row each with weight 1 (see `Composable`)."""
+        return None
+
+
+@dataclass
+class Composable:
+    """Prompts whose conditioning changes with the step (A1111's prompt editing and alternation) or that have
+    several weighted parts (AND), `latentgen.generation.schedule`: for each image, its parts, each a schedule of
+    texts, with its weight; and each image's negative prompt's schedule. `encode(texts)` gives the rows of texts
+    (cached by the pipeline's prompt cache, so each distinct text is encoded once)."""
+
+    parts: list[list[tuple[tuple[tuple[int, str], ...], float]]]  # per image: (schedule, weight) per part
+    negatives: list[tuple[tuple[int, str], ...]]  # per image: its negative prompt's schedule
+    encode: Callable[[list[str]], Conditioning]
+
+    def texts(self, step: int) -> tuple[list[str], list[int], list[float]]:
+        """The cond rows' texts at a step, the image of each, and its weight."""
+        from latentgen.generation.schedule import at
+
+        texts, owners, weights = [], [], []
+        for i, image in enumerate(self.parts):
+            for entries, weight in image:
+                texts.append(at(entries, step))
+                owners.append(i)
+                weights.append(weight)
+        return texts, owners, weights
+
+    @property
+    def plain_parts(self) -> bool:
+        """One part per image, of weight 1: guidance as for a plain prompt."""
+        return all(len(image) == 1 and image[0][1] == 1.0 for image in self.parts)
+
+    def for_step(self, guided: bool, step: int = 0) -> Conditioning:
+        """The rows of a step: the cond rows, after the images' uncond rows when guided ([uncond; cond])."""
+        from latentgen.generation.schedule import at
+
+        texts, _, _ = self.texts(step)
+        cond = self.encode(texts)
+        if not guided:
+            return cond
+        return Conditioning.concat([self.encode([at(n, step) for n in self.negatives]), cond])
+
+    def layout(self, step: int) -> tuple[list[int], list[float]] | None:
+        """The image and weight of each cond row at a step; None where it is one row per image of weight 1."""
+        if self.plain_parts:
+            return None
+        _, owners, weights = self.texts(step)
+        return owners, weights
 
 
 class PromptEncoder:

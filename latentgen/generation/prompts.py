@@ -6,7 +6,8 @@ unbalanced bracket is an error that names its position.
 
 Long prompts are cut into windows of the encoder's length minus its special tokens (75 tokens for CLIP), each
 window is wrapped in the special tokens, padded and encoded on its own, and the hidden states are joined along the
-token axis, so a 150-token prompt conditions on all 150 tokens instead of being cut off.
+token axis, so a 150-token prompt conditions on all 150 tokens instead of being cut off. `BREAK` (A1111's) ends a
+window where it stands. Prompt editing, alternation and AND are `latentgen.generation.schedule`'s.
 
 Weights scale each token's hidden state, then the whole window is rescaled to keep its mean (A1111's rule), so
 emphasis changes relative, not absolute, strength. compel implements a different syntax (`(word)1.3`, `word++`)
@@ -24,6 +25,7 @@ import torch
 from latentgen.errors import UserError
 
 UP, DOWN = 1.1, 1 / 1.1
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
 _TOKEN = re.compile(r"\\[()\[\]\\]|\(|\)|\[|\]|:\s*([+-]?\d+(?:\.\d+)?)\s*\)|[^\\()\[\]:]+|:|\\", re.S)
 
 
@@ -100,14 +102,17 @@ class ChunkedEncoder:
         A1111 and ComfyUI pool long prompts."""
         b = self.backend
         segments = parse(prompt) if has_syntax(prompt) else [Segment(prompt, 1.0)]
-        ids: list[int] = []
-        weights: list[float] = []
+        pieces: list[tuple[list[int], list[float]]] = [([], [])]  # A1111's BREAK starts a new window
         for s in segments:
-            t = b.token_ids(s.text)
-            ids += t
-            weights += [s.weight] * len(t)
+            for k, text in enumerate(_BREAK.split(s.text) if "BREAK" in s.text else [s.text]):
+                if k:
+                    pieces.append(([], []))
+                t = b.token_ids(text)
+                pieces[-1][0].extend(t)
+                pieces[-1][1].extend([s.weight] * len(t))
+        pieces = [p for p in pieces if p[0]] or [([], [])]
         windows = [(ids[i:i + self.window], weights[i:i + self.window])
-                   for i in range(0, max(len(ids), 1), self.window)] or [([], [])]
+                   for ids, weights in pieces for i in range(0, max(len(ids), 1), self.window)]
         rows, masks, scales = [], [], []
         for chunk, w in windows:
             row = b.prefix + chunk + b.suffix

@@ -25,7 +25,7 @@ from latentgen import validate
 from latentgen.components.schedulers import scheduler_names
 from latentgen.errors import UserError, one_of
 from latentgen.formats import lora
-from latentgen.generation import options
+from latentgen.generation import options, schedule
 from latentgen.generation.cascade import Upscale, second_stage
 from latentgen.generation.guidance import Apg, model_apg
 from latentgen.generation.hires import Hires
@@ -198,9 +198,12 @@ class Request:
             raise UserError(f"got {len(prompts)} prompts and {len(negatives)} negative prompts; "
                             "give one negative prompt for all or one per prompt")
 
-        for text in dict.fromkeys(prompts + negatives):
-            if has_syntax(text):
-                parse(lora.strip_tags(text))  # weighting syntax errors before any work
+        steps = self.num_inference_steps if isinstance(self.num_inference_steps, int) else 1  # checked below
+        for text in dict.fromkeys(prompts + negatives):  # weighting syntax errors before any work, in every
+            for part, _ in schedule.parts(text):  # part and every text its schedule gives
+                for _, scheduled in schedule.schedule(part, max(1, steps)):
+                    if has_syntax(scheduled):
+                        parse(lora.strip_tags(scheduled))
         if len({tuple(lora.tags(p)) for p in prompts}) > 1:
             raise UserError("the prompts of one call name different LoRAs (<lora:...> tags); give them in "
                             "separate calls")

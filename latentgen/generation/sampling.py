@@ -19,7 +19,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from latentgen.components.diffusion import scale_latents, unscale_latents
 from latentgen.components.schedulers import SCHEDULERS, UNSTABLE_ABOVE_GUIDANCE, make_scheduler, step_kwargs
 from latentgen.errors import UserError
-from latentgen.generation.conditioning import GuidedConditioning, PromptEncoder
+from latentgen.generation import schedule
+from latentgen.generation.conditioning import Composable, GuidedConditioning, PromptEncoder
 from latentgen.generation.guidance import DYNAMIC_THRESHOLD_FLOOR, alpha_sigma, clip_x0, guide, rescale_guidance
 from latentgen.generation.plan import Plan
 from latentgen.runtime import threads
@@ -38,8 +39,18 @@ def sample(pipe, plan: Plan, generator, on_step: Callable[[int], None] | None,
     return denoise(pipe, latents, cond, plan, scheduler, timesteps, known, generator, on_step, on_latents)
 
 
-def prepare_conditioning(pipe, plan: Plan) -> GuidedConditioning:
-    """1. The prompts' conditioning, and [negative; prompt] when any step is guided."""
+def prepare_conditioning(pipe, plan: Plan) -> GuidedConditioning | Composable:
+    """1. The prompts' conditioning, and [negative; prompt] when any step is guided; for prompts that change with
+    the step or have several parts (A1111's prompt editing, alternation, AND: `generation.schedule`), what gives
+    each step's rows."""
+    steps = plan.request.num_inference_steps
+    if any(schedule.has_schedule(p) or "AND" in p for p in plan.prompts) or any(
+            map(schedule.has_schedule, plan.negative_prompts)):
+        return Composable(
+            parts=[[(schedule.schedule(text, steps), weight) for text, weight in schedule.parts(p)]
+                   for p in plan.prompts],
+            negatives=[schedule.schedule(n, steps) for n in plan.negative_prompts],
+            encode=lambda texts: micro_conditioning(pipe, plan, pipe.encode_conditioning(texts, plan.clip_skip)))
     cond = micro_conditioning(pipe, plan, pipe.encode_conditioning(plan.prompts, plan.clip_skip))
     if plan.request.guidance_scale <= 1.0:
         return GuidedConditioning(cond)
@@ -171,26 +182,36 @@ def slerp(t: float, a: torch.Tensor, b: torch.Tensor, dim: int = 2) -> torch.Ten
     return wa * a + wb * b
 
 
-def predict(pipe, x: torch.Tensor, t, cond: GuidedConditioning, plan: Plan, step: int, scheduler,
-            known: dict) -> torch.Tensor:
-    """The (guided) model prediction at x_t; one batched U-Net call on [uncond; cond] when guiding."""
+def predict(pipe, x: torch.Tensor, t, cond: GuidedConditioning | Composable, plan: Plan, step: int, scheduler,
+            known: dict, run_step: int = 0) -> torch.Tensor:
+    """The (guided) model prediction at x_t; one batched U-Net call on [uncond; cond] when guiding. `run_step`
+    counts the steps of this call from 0 (what a prompt's schedule follows, as in A1111)."""
     r = plan.request
-    guided = plan.cfg_at(step)
-    c = cond.for_step(guided)
+    layout = cond.layout(run_step)  # None: one cond row per image, of weight 1
+    guided = plan.cfg_at(step) or layout is not None  # several parts are combined around the uncond prediction
+    c = cond.for_step(guided, run_step)
     x_t = scheduler.scale_model_input(x, t)  # the VP form sqrt(ᾱ_t)·z0 + sqrt(1−ᾱ_t)·ε, (N, C, h, w)
-    x_in = torch.cat([x_t] * 2) if guided else x_t  # (2N or N, C, h, w)
+    n = x_t.shape[0]
+    rows = torch.arange(n) if layout is None else torch.tensor(layout[0])  # the image of each cond row
+    doubled = (lambda v: torch.cat([v] * 2)) if layout is None else (lambda v: torch.cat([v, v[rows]]))  # noqa: E731
+    x_in = doubled(x_t) if guided else x_t  # (2N or N, C, h, w), or N + the parts' rows with AND
     extra, labels = None, None
     if "masked_z0" in known:  # 9-channel inpainting U-Net input
         extra = torch.cat([known["mask"], known["masked_z0"]], dim=1)
     if plan.low_res is not None:  # an upscaler's input: the low-resolution latents, and their noise level
         extra, labels = plan.low_res.to(x.device), plan.noise_levels.to(x.device)
     if extra is not None:
-        x_in = torch.cat([x_in, torch.cat([extra] * 2) if guided else extra], dim=1)
+        x_in = torch.cat([x_in, doubled(extra) if guided else extra], dim=1)
     if labels is not None and guided:
-        labels = torch.cat([labels] * 2)
+        labels = doubled(labels)
+    groups = None if layout is None else [[i] + [n + j for j, o in enumerate(layout[0]) if o == i] for i in range(n)]
     pred = run_unet(pipe, x_in.to(c.hidden_states.dtype), t, c, rows_per_image=2 if guided else 1,
-                    class_labels=labels)
-    if guided:
+                    class_labels=labels, groups=groups)
+    if layout is not None:  # composable: ε̃ = ε∅ + Σ_j w_j·s·(ε_j − ε∅) (A1111's sum; APG and rescale not applied)
+        uncond, parts = pred[:n], pred[n:]
+        weights = torch.tensor(layout[1], dtype=pred.dtype, device=pred.device)[:, None, None, None]
+        pred = uncond.index_add(0, rows.to(pred.device), weights * r.guidance_scale * (parts - uncond[rows]))
+    elif guided:
         uncond, cond_pred = pred.chunk(2)
         pred = rescale_guidance(guide(uncond, cond_pred, r.guidance_scale, r.apg or None, known), cond_pred,
                                 r.guidance_rescale)
@@ -202,7 +223,7 @@ def predict(pipe, x: torch.Tensor, t, cond: GuidedConditioning, plan: Plan, step
 
 
 def run_unet(pipe, x_in: torch.Tensor, t, cond, rows_per_image: int,
-             class_labels: torch.Tensor | None = None) -> torch.Tensor:
+             class_labels: torch.Tensor | None = None, groups: list[list[int]] | None = None) -> torch.Tensor:
     """One U-Net evaluation of all rows, fp32 out.
 
     An image's result must not depend on the batch it is in. In bf16 the CPU kernels are batch-invariant
@@ -210,14 +231,20 @@ def run_unet(pipe, x_in: torch.Tensor, t, cond, rows_per_image: int,
     convolution and small-matrix algorithms by batch size, so each image's rows ([uncond_i; cond_i]) go in a
     call of their own: the same shapes for every image, whatever the batch. A compiled U-Net whose package for
     the whole batch gives each image bit for bit what the one-image package gives (measured once per shape:
-    `compiled.batch_invariant`) takes the rows in one call.
+    `compiled.batch_invariant`) takes the rows in one call. `groups`: each image's rows, where they are not
+    `rows_per_image` of them in [uncond; cond] halves (a prompt with several parts).
     """
 
     def call(rows):
         labels = None if class_labels is None else class_labels[rows]
         return pipe.unet(x_in[rows], t, **cond[rows].unet_kwargs(), class_labels=labels, return_dict=False)[0]
 
-    n = x_in.shape[0] // rows_per_image
+    n = x_in.shape[0] // rows_per_image if groups is None else len(groups)
+    if groups is not None and x_in.dtype == torch.float32 and n > 1:
+        out = torch.empty_like(x_in[:, :pipe.unet.config.out_channels])
+        for rows in groups:
+            out[rows] = call(rows)
+        return out
     if (x_in.dtype != torch.float32 or n == 1
             or (class_labels is None and batch_invariant(pipe.unet, x_in, t, rows_per_image, **cond.unet_kwargs()))):
         out = call(slice(None))
@@ -245,7 +272,8 @@ def denoise(pipe, latents: torch.Tensor, cond: GuidedConditioning, plan: Plan, s
     for i, t in enumerate(pipe.progress_bar(timesteps)):
         if on_cpu:
             threads.adapt()  # as many threads as other processes leave cores free (`latentgen.runtime.threads`)
-        pred = predict(pipe, latents, t, cond, plan, offset + i // scheduler.order, scheduler, known)
+        pred = predict(pipe, latents, t, cond, plan, offset + i // scheduler.order, scheduler, known,
+                       run_step=i // scheduler.order)
         latents = scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
         if blend:
             if i + 1 < len(timesteps):

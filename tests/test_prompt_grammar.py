@@ -1,0 +1,123 @@
+"""A1111's prompt grammar beyond weights (`latentgen.generation.schedule`): prompt editing, alternation, AND and
+BREAK, against A1111's own table of prompts and their schedules, and in the sampler."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from latentgen.generation import sampling
+from latentgen.generation.schedule import at, parts, schedule
+
+# A1111's modules/prompt_parser.py doctests (steps = 10): the schedule of each prompt, (last step, text)
+A1111 = {
+    "test": [(10, "test")],
+    "a [b:3]": [(3, "a "), (10, "a b")],
+    "a [b: 3]": [(3, "a "), (10, "a b")],
+    "a [[[b]]:2]": [(2, "a "), (10, "a [[b]]")],
+    "[(a:2):3]": [(3, ""), (10, "(a:2)")],
+    "a [b : c : 1] d": [(1, "a b  d"), (10, "a  c  d")],
+    "a[b:[c:d:2]:1]e": [(1, "abe"), (2, "ace"), (10, "ade")],
+    "a [unbalanced": [(10, "a [unbalanced")],
+    "a [b:.5] c": [(5, "a  c"), (10, "a b c")],
+    "((a][:b:c [d:3]": [(3, "((a][:b:c "), (10, "((a][:b:c d")],
+    "[a|(b:1.1)]": [(k, "a" if k % 2 else "(b:1.1)") for k in range(1, 11)],
+    # more of ours: [from::when] drops, a fraction past the end, alternation of three
+    "a [b::4] c": [(4, "a b c"), (10, "a  c")],
+    "x [y:z:2.7]": [(2, "x y"), (10, "x z")],
+    "[p|q|r] s": [(k, "pqr"[(k - 1) % 3] + " s") for k in range(1, 11)],
+}
+
+
+@pytest.mark.parametrize("prompt", list(A1111))
+def test_schedules_are_a1111s(prompt):
+    assert list(schedule(prompt, 10)) == A1111[prompt]
+
+
+def test_a_step_takes_the_first_entry_that_ends_at_or_after_it():
+    entries = schedule("a [b:3]", 10)
+    assert [at(entries, step) for step in range(6)] == ["a "] * 4 + ["a b"] * 2  # steps 0-3, as in A1111
+    alternating = schedule("[a|b]", 10)
+    assert [at(alternating, step) for step in range(5)] == ["a", "a", "b", "a", "b"]
+
+
+def test_and_splits_parts_with_their_weights():
+    assert parts("a red circle") == [("a red circle", 1.0)]
+    assert parts("a red circle :1.2 AND a blue square") == [("a red circle", 1.2), (" a blue square", 1.0)]
+    assert parts("cats AND dogs:0.5 AND birds: -0.3") == [("cats", 1.0), (" dogs", 0.5), (" birds", -0.3)]
+    assert parts("BANDANA") == [("BANDANA", 1.0)]  # AND as a word only
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="ab [](){}|:.0123456789\\AND", max_size=40))
+def test_any_prompt_gives_a_schedule_never_an_exception(prompt):
+    entries = schedule(prompt, 7)
+    assert entries and entries[-1][0] == 7 and all(isinstance(text, str) for _, text in entries)
+    assert parts(prompt)
+
+
+def image(pipe, prompt, **kwargs):
+    return pipe(prompt, num_inference_steps=6, seed=11, scheduler="ddim", output_type="np", **kwargs).images
+
+
+def test_an_edit_at_step_k_is_prompt_a_for_steps_0_to_k_then_b(tiny_pipe, monkeypatch):
+    """The sampler with `[a red circle:a blue square:2]` against the same sampler told, step by step, to condition
+    on the first prompt and then the second (bit for bit in fp32)."""
+    edited = image(tiny_pipe, "[a red circle:a blue square:2]")
+    seen = []
+    real = sampling.predict
+
+    def switching(pipe, x, t, cond, plan, step, scheduler, known, run_step=0):
+        text = "a red circle" if run_step <= 2 else "a blue square"
+        seen.append(text)
+        fixed = sampling.prepare_conditioning(pipe, plan_with(plan, text))
+        return real(pipe, x, t, fixed, plan, step, scheduler, known, run_step)
+
+    def plan_with(plan, text):
+        import dataclasses
+
+        return dataclasses.replace(plan, prompts=[text] * plan.batch_size)
+
+    monkeypatch.setattr(sampling, "predict", switching)
+    by_hand = image(tiny_pipe, "[a red circle:a blue square:2]")
+    assert seen == ["a red circle"] * 3 + ["a blue square"] * 3
+    np.testing.assert_array_equal(edited, by_hand)
+    monkeypatch.undo()
+    assert not np.array_equal(edited, image(tiny_pipe, "a red circle"))
+    assert not np.array_equal(edited, image(tiny_pipe, "a blue square"))
+
+
+def test_and_with_one_part_is_the_plain_prompt_and_halves_add_up(tiny_pipe):
+    plain = image(tiny_pipe, "a red circle")
+    np.testing.assert_array_equal(image(tiny_pipe, "a red circle AND"[:-4]), plain)
+    np.testing.assert_array_equal(image(tiny_pipe, "a red circle :1"), image(tiny_pipe, "a red circle :1"))
+    # two parts of weight 1/2 with the same text: ε∅ + 2·½·s·(ε − ε∅), the plain guided prediction
+    halves = image(tiny_pipe, "a red circle :0.5 AND a red circle :0.5")
+    assert np.abs(halves - plain).max() < 1e-5
+    both = image(tiny_pipe, "a red circle AND a blue square", num_images_per_prompt=2)
+    alone = image(tiny_pipe, "a red circle AND a blue square")
+    np.testing.assert_array_equal(both[0], alone[0])  # an image is the same made alone or in a batch
+    assert not np.array_equal(alone, plain)
+
+
+def test_alternation_and_negative_edits_reach_the_sampler(tiny_pipe):
+    assert not np.array_equal(image(tiny_pipe, "[a red circle|a blue square]"), image(tiny_pipe, "a red circle"))
+    plain = image(tiny_pipe, "a red circle", negative_prompt="green")
+    edited = image(tiny_pipe, "a red circle", negative_prompt="[green:blue:3]")
+    assert not np.array_equal(plain, edited)
+
+
+def test_break_starts_a_new_window(tiny_pipe):
+    from latentgen.components.text_encoders import text_encoder_for
+    from latentgen.generation.prompts import ChunkedEncoder
+
+    encoder = ChunkedEncoder(text_encoder_for(tiny_pipe.tokenizer, tiny_pipe.text_encoder))
+    with torch.no_grad():
+        broken = encoder.encode("a red circle BREAK a blue square")
+        first, second = encoder.encode("a red circle"), encoder.encode("a blue square")
+    assert broken.shape[0] == 2 * 77
+    torch.testing.assert_close(broken, torch.cat([first, second]))
+    assert encoder.encode("BREAKFAST").shape[0] == 77  # a word, not a BREAK
