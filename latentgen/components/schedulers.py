@@ -27,6 +27,9 @@ class Sampler:
     # prediction too far and diverge (the instability DPM-Solver++ was designed against). On the default model
     # they hold up to guidance ~3 and break from ~5 on, in diffusers' own pipeline as in ours; see the README.
     stable_with_guidance: bool = True
+    # a consistency sampler (LCM, TCD): for a distilled model or LoRA, whose guidance wants to be about 1-2;
+    # each step predicts x0 and noises it again, so an exact denoiser (not a consistency function) is not its model
+    consistency: bool = False
 
 
 SCHEDULERS: dict[str, Sampler] = {
@@ -46,7 +49,12 @@ SCHEDULERS: dict[str, Sampler] = {
     "unipc": Sampler("UniPCMultistepScheduler", {"use_karras_sigmas": False}, "UniPC"),
     "pndm": Sampler("PNDMScheduler", {"skip_prk_steps": True}, "PLMS", stable_with_guidance=False),
     "lms": Sampler("LMSDiscreteScheduler", {"use_karras_sigmas": False}, "LMS", stable_with_guidance=False),
+    # consistency models (Luo et al. 2023) and trajectory consistency distillation (Zheng et al. 2024); TCD's gamma
+    # (its stochasticity, 0.3 in its paper) is the request's eta
+    "lcm": Sampler("LCMScheduler", {}, "LCM", consistency=True),
+    "tcd": Sampler("TCDScheduler", {}, "TCD", consistency=True),
 }
+CONSISTENCY_GUIDANCE = 3.0  # above it a consistency sampler's images burn: a warning says so
 UNSTABLE_ABOVE_GUIDANCE = 4.0  # where the samplers marked unstable start to diverge
 
 # The keys that describe how the model was trained; everything a sampler must agree on.

@@ -104,7 +104,8 @@ class Request:
         spelt="HTTP: A1111's sampler_name and scheduler; A1111 text: Sampler and Schedule type"))
     eta: float = field(default=0.0, metadata=option(
         "eta", flag="--eta", api="eta", text="Eta", help="the noise DDIM-type samplers add back at each step, in "
-                                                         "[0, 1] (0: deterministic DDIM; 1: DDPM's)"))
+                                                         "[0, 1] (0: deterministic DDIM; 1: DDPM's); TCD's gamma "
+                                                         "(0.3 in its paper)"))
     strength: float | None = field(default=None, metadata=option(
         "strength", flag="--strength", api="denoising_strength", cli={"type": float}, text="Denoising strength",
         help="how much of the init image to redo, in (0, 1] (default 0.8 for image-to-image, 1 for inpainting)"))

@@ -17,7 +17,13 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
 from latentgen.components.diffusion import scale_latents, unscale_latents
-from latentgen.components.schedulers import SCHEDULERS, UNSTABLE_ABOVE_GUIDANCE, make_scheduler, step_kwargs
+from latentgen.components.schedulers import (
+    CONSISTENCY_GUIDANCE,
+    SCHEDULERS,
+    UNSTABLE_ABOVE_GUIDANCE,
+    make_scheduler,
+    step_kwargs,
+)
 from latentgen.errors import UserError
 from latentgen.generation import schedule
 from latentgen.generation.conditioning import Composable, GuidedConditioning, PromptEncoder
@@ -79,6 +85,12 @@ def prepare_scheduler(pipe, plan: Plan):
     scheduler.set_timesteps(plan.request.num_inference_steps, device=pipe.unet.device)
     cls = type(scheduler).__name__
     unstable = any(s.cls == cls and not s.stable_with_guidance for s in SCHEDULERS.values())
+    consistency = name is not None and SCHEDULERS[name].consistency
+    if (consistency and plan.request.guidance_scale > CONSISTENCY_GUIDANCE and name not in pipe.warned
+            and pipe.unet.config.get("time_cond_proj_dim") is None):
+        pipe.warned.add(name)
+        log.warning("%s samples distilled models and LoRAs, which want guidance about 1-2; at %g the images burn",
+                    name, plan.request.guidance_scale)
     if unstable and plan.request.guidance_scale > UNSTABLE_ABOVE_GUIDANCE and cls not in pipe.warned:
         pipe.warned.add(cls)  # once per pipeline, not once per batch
         log.warning("%s is a 4th-order multistep sampler and can diverge at guidance %g; "
@@ -188,7 +200,9 @@ def predict(pipe, x: torch.Tensor, t, cond: GuidedConditioning | Composable, pla
     counts the steps of this call from 0 (what a prompt's schedule follows, as in A1111)."""
     r = plan.request
     layout = cond.layout(run_step)  # None: one cond row per image, of weight 1
-    guided = plan.cfg_at(step) or layout is not None  # several parts are combined around the uncond prediction
+    embedded = pipe.unet.config.get("time_cond_proj_dim") is not None  # an LCM U-Net: guidance is an input
+    # several parts are combined around the uncond prediction
+    guided = (plan.cfg_at(step) and not embedded) or layout is not None
     c = cond.for_step(guided, run_step)
     x_t = scheduler.scale_model_input(x, t)  # the VP form sqrt(ᾱ_t)·z0 + sqrt(1−ᾱ_t)·ε, (N, C, h, w)
     n = x_t.shape[0]
@@ -205,8 +219,9 @@ def predict(pipe, x: torch.Tensor, t, cond: GuidedConditioning | Composable, pla
     if labels is not None and guided:
         labels = doubled(labels)
     groups = None if layout is None else [[i] + [n + j for j, o in enumerate(layout[0]) if o == i] for i in range(n)]
+    w_cond = guidance_embedding(pipe, r.guidance_scale, x_in.shape[0], c.hidden_states) if embedded else None
     pred = run_unet(pipe, x_in.to(c.hidden_states.dtype), t, c, rows_per_image=2 if guided else 1,
-                    class_labels=labels, groups=groups)
+                    class_labels=labels, groups=groups, timestep_cond=w_cond)
     if layout is not None:  # composable: ε̃ = ε∅ + Σ_j w_j·s·(ε_j − ε∅) (A1111's sum; APG and rescale not applied)
         uncond, parts = pred[:n], pred[n:]
         weights = torch.tensor(layout[1], dtype=pred.dtype, device=pred.device)[:, None, None, None]
@@ -222,8 +237,19 @@ def predict(pipe, x: torch.Tensor, t, cond: GuidedConditioning | Composable, pla
     return pred
 
 
+def guidance_embedding(pipe, scale: float, rows: int, like: torch.Tensor) -> torch.Tensor:
+    """A guidance-distilled (w-conditioned LCM) U-Net's guidance input: the embedding of w − 1, as diffusers'
+    pipelines give it (their `get_guidance_scale_embedding`, which uses nothing of its pipeline)."""
+    from diffusers import StableDiffusionPipeline
+
+    w = torch.full((rows,), scale - 1.0)
+    emb = StableDiffusionPipeline.get_guidance_scale_embedding(pipe, w, pipe.unet.config.time_cond_proj_dim)
+    return emb.to(device=like.device, dtype=like.dtype)
+
+
 def run_unet(pipe, x_in: torch.Tensor, t, cond, rows_per_image: int,
-             class_labels: torch.Tensor | None = None, groups: list[list[int]] | None = None) -> torch.Tensor:
+             class_labels: torch.Tensor | None = None, groups: list[list[int]] | None = None,
+             timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
     """One U-Net evaluation of all rows, fp32 out.
 
     An image's result must not depend on the batch it is in. In bf16 the CPU kernels are batch-invariant
@@ -237,7 +263,9 @@ def run_unet(pipe, x_in: torch.Tensor, t, cond, rows_per_image: int,
 
     def call(rows):
         labels = None if class_labels is None else class_labels[rows]
-        return pipe.unet(x_in[rows], t, **cond[rows].unet_kwargs(), class_labels=labels, return_dict=False)[0]
+        extra = {} if timestep_cond is None else {"timestep_cond": timestep_cond[rows]}
+        return pipe.unet(x_in[rows], t, **cond[rows].unet_kwargs(), class_labels=labels, return_dict=False,
+                         **extra)[0]
 
     n = x_in.shape[0] // rows_per_image if groups is None else len(groups)
     if groups is not None and x_in.dtype == torch.float32 and n > 1:
