@@ -121,3 +121,45 @@ def test_break_starts_a_new_window(tiny_pipe):
     assert broken.shape[0] == 2 * 77
     torch.testing.assert_close(broken, torch.cat([first, second]))
     assert encoder.encode("BREAKFAST").shape[0] == 77  # a word, not a BREAK
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Regional prompting (latentgen.generation.regions)
+
+
+def test_region_masks_cover_the_latent_once():
+    from latentgen.generation.regions import Regions
+
+    for regions in (Regions("1,1"), Regions("2,1,1", mode="rows"), Regions("3")):
+        masks = regions.masks(8, 12)
+        assert torch.equal(sum(masks), torch.ones(1, 1, 8, 12))
+    left, right = Regions("1,2").masks(6, 9)
+    assert left[..., :3].min() == 1 and left[..., 3:].max() == 0
+
+
+def test_regions_with_the_same_prompt_are_the_plain_prompt(tiny_pipe):
+    plain = image(tiny_pipe, "a red circle")
+    same = image(tiny_pipe, "a red circle BREAK a red circle", regions={"ratios": "1,1"})
+    assert np.abs(same - plain).max() < 1e-5
+    based = image(tiny_pipe, "a red circle ADDBASE a red circle BREAK a red circle",
+                  regions={"ratios": "2,1", "base": 0.3})
+    assert np.abs(based - plain).max() < 1e-5
+    split = image(tiny_pipe, "a red circle BREAK a blue square", regions={"ratios": "1,1"})
+    assert np.abs(split - plain).max() > 1e-3
+
+
+def test_regions_are_checked_written_and_read_back(tiny_pipe):
+    from latentgen.errors import UserError
+
+    with pytest.raises(UserError, match=r"the regions are 3 \(1,1,1\) but the prompt has 2 region prompts"):
+        image(tiny_pipe, "a BREAK b", regions={"ratios": "1,1,1"})
+    with pytest.raises(UserError, match="region ratios must be positive numbers"):
+        image(tiny_pipe, "a BREAK b", regions={"ratios": "1,-1"})
+    from latentgen.generation.infotext import a1111_parameters, a1111_request
+
+    meta = tiny_pipe("sky ADDCOMM a red circle BREAK a blue square", regions={"ratios": "1,1", "mode": "rows"},
+                     num_inference_steps=2, seed=1).metadata[0]
+    text = a1111_parameters(meta | {"model": "m", "model_hash": "0", "version": "0"})
+    assert "RP Active: True, RP Ratios: 1,1" in text or 'RP Ratios: "1,1"' in text
+    settings, _, unused = a1111_request(text)
+    assert unused == [] and settings["regions"].mode == "rows" and settings["regions"].ratios == "1,1"

@@ -111,7 +111,8 @@ class Composable:
     @property
     def plain_parts(self) -> bool:
         """One part per image, of weight 1: guidance as for a plain prompt."""
-        return all(len(image) == 1 and image[0][1] == 1.0 for image in self.parts)
+        return all(len(image) == 1 and not torch.is_tensor(image[0][1]) and image[0][1] == 1.0
+                   for image in self.parts)
 
     def for_step(self, guided: bool, step: int = 0) -> Conditioning:
         """The rows of a step: the cond rows, after the images' uncond rows when guided ([uncond; cond])."""

@@ -53,6 +53,7 @@ class Option:
     recorded: bool = True  # in an image's metadata (inputs such as the init image are files, named apart)
     group: type | None = None  # a settings dataclass whose own fields are options (Hires, Upscale, Apg)
     off_flag: str | None = None  # a group's flag that turns it off (--no-apg)
+    text_fields: bool = False  # a group whose fields' text keys are written and read with its own (RP Ratios, ...)
     spelt: str = ""  # where a surface spells it otherwise, or why a surface lacks it (docs/options.md)
 
     def name(self, surface: str | None) -> str:
@@ -227,8 +228,14 @@ def text_items(meta: Mapping[str, Any], cls) -> Iterator[tuple[str, Any]]:
     """(key, value) of every option with a text key that an image's metadata holds (groups by their own key; the
     groups A1111 spells over several keys, the hires fix and the cascade, are `infotext`'s)."""
     for f, opt in table(cls):
+        value = meta.get(f.name)
         if opt.text:
-            yield from _text_item(f, opt, meta.get(f.name))
+            yield from _text_item(f, opt, value)
+        if opt.group is not None and opt.text_fields and value:
+            fields = value if isinstance(value, Mapping) else dataclasses.asdict(value)
+            for sf, sopt in table(opt.group):
+                if sopt.text:
+                    yield from _text_item(sf, sopt, fields.get(sf.name))
 
 
 def _text_item(f, opt: Option, value) -> Iterator[tuple[str, Any]]:
@@ -245,7 +252,12 @@ def from_text(fields: Mapping[str, str], cls) -> tuple[dict[str, Any], set[str]]
     out: dict[str, Any] = {}
     used: set[str] = set()
     for f, opt in table(cls):
-        if opt.text and opt.text in fields:
+        if opt.group is not None and opt.text_fields and opt.text in fields:
+            sub = {sf.name: _read(sf, sopt, fields[sopt.text]) for sf, sopt in table(opt.group)
+                   if sopt.text and sopt.text in fields}
+            out[f.name] = opt.group(**sub)
+            used |= {opt.text} | {sopt.text for _, sopt in table(opt.group) if sopt.text in fields}
+        elif opt.text and opt.text in fields:
             out[f.name] = _read(f, opt, fields[opt.text])
             used.add(opt.text)
     return out, used

@@ -91,14 +91,13 @@ class Plan:
         """Image i's settings as `Request` fields, under the same names: `Request.from_metadata` replays it."""
         r = self.request
         out = {name: getattr(r, name) for name in type(r).recorded_fields()}
+        out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in out.items()}  # groups: JSON
         out.update(prompt=self.prompts[i], negative_prompt=self.negative_prompts[i],
                    seed=None if self.seeds is None else self.seeds[i], num_images_per_prompt=1, height=self.height,
                    variation_seed=None if self.variation_seeds is None else self.variation_seeds[i],
                    width=self.width, scheduler=scheduler, guidance_interval=list(r.guidance_interval),
                    strength=r.strength if self.has_init else None, clip_skip=self.clip_skip,
-                   hires=None if r.hires is None else dataclasses.asdict(r.hires),
-                   apg=dataclasses.asdict(r.apg) if r.apg else False,
-                   upscale=None if r.upscale is None else dataclasses.asdict(r.upscale),
+                   apg=out["apg"] or False,
                    loras=[[str(p.resolve()), s] for p, s in self.loras[:len(r.loras or [])]] or None)
         return out
 

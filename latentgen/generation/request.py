@@ -32,6 +32,7 @@ from latentgen.generation.hires import Hires
 from latentgen.generation.options import option
 from latentgen.generation.plan import Plan
 from latentgen.generation.prompts import has_syntax, parse
+from latentgen.generation.regions import Regions
 from latentgen.runtime.memory import check_sampling
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -145,6 +146,11 @@ class Request:
         "the upscaler", api="upscale", group=Upscale, resets=True,
         spelt="HTTP: also A1111's enable_hr with hr_upscaler 'latentgen upscaler', hr_scale, hr_second_pass_steps; "
               "A1111 text: Hires upscale, Hires steps, Hires upscaler"))
+    regions: Regions | None = field(default=None, metadata=option(
+        "regions", api="regions", group=Regions, text="RP Active", text_fields=True,
+        to_text=lambda v: True if v else None, help="regional prompting (latentgen.generation.regions)",
+        spelt="A1111 text: the regional prompter's RP Active, RP Ratios, RP Divide mode, RP Base Ratio; HTTP: an "
+              "object (the regional prompter's own script arguments are not read)"))
     loras: list[tuple[str, float]] | None = field(default=None, metadata=option(
         "LoRAs", flag="--lora", cli={"action": "append", "metavar": "PATH[:SCALE]"},
         from_flag=lambda values: [lora.parse_flag(v) for v in values],
@@ -267,6 +273,11 @@ class Request:
             if self.image is not None:
                 raise UserError(f"{name['hires']} is for text-to-image; with {name['image']}, resize the image "
                                 "instead")
+        regions = self.regions
+        if regions is not None:
+            regions = validate.settings(Regions, regions, name["regions"], _within(name, "regions"))
+            for prompt in prompts:
+                regions.prompts(prompt)  # one prompt per region
         upscale = self.upscale
         if upscale is not None:
             upscale = validate.settings(Upscale, upscale, name["upscale"], _within(name, "upscale"))
@@ -279,7 +290,8 @@ class Request:
                                    seed=seeds, variation_seed=variation_seeds, variation_strength=variation,
                                    seed_resize_from=seed_resize,
                                    guidance_rescale=rescale, eta=eta, guidance_interval=interval,
-                                   strength=strength, apg=apg, hires=hires, upscale=upscale, loras=loras,
+                                   strength=strength, apg=apg, hires=hires, upscale=upscale, regions=regions,
+                                   loras=loras,
                                    checked=True)
 
     @property

@@ -49,12 +49,18 @@ def prepare_conditioning(pipe, plan: Plan) -> GuidedConditioning | Composable:
     """1. The prompts' conditioning, and [negative; prompt] when any step is guided; for prompts that change with
     the step or have several parts (A1111's prompt editing, alternation, AND: `generation.schedule`), what gives
     each step's rows."""
-    steps = plan.request.num_inference_steps
-    if any(schedule.has_schedule(p) or "AND" in p for p in plan.prompts) or any(
+    steps, regions = plan.request.num_inference_steps, plan.request.regions
+    if regions is not None or any(schedule.has_schedule(p) or "AND" in p for p in plan.prompts) or any(
             map(schedule.has_schedule, plan.negative_prompts)):
+        f = pipe.vae_scale_factor
+
+        def parts(prompt: str):
+            if regions is not None:
+                return regions.parts(prompt, plan.height // f, plan.width // f)
+            return schedule.parts(prompt)
+
         return Composable(
-            parts=[[(schedule.schedule(text, steps), weight) for text, weight in schedule.parts(p)]
-                   for p in plan.prompts],
+            parts=[[(schedule.schedule(text, steps), weight) for text, weight in parts(p)] for p in plan.prompts],
             negatives=[schedule.schedule(n, steps) for n in plan.negative_prompts],
             encode=lambda texts: micro_conditioning(pipe, plan, pipe.encode_conditioning(texts, plan.clip_skip)))
     cond = micro_conditioning(pipe, plan, pipe.encode_conditioning(plan.prompts, plan.clip_skip))
@@ -224,7 +230,9 @@ def predict(pipe, x: torch.Tensor, t, cond: GuidedConditioning | Composable, pla
                     class_labels=labels, groups=groups, timestep_cond=w_cond)
     if layout is not None:  # composable: ε̃ = ε∅ + Σ_j w_j·s·(ε_j − ε∅) (A1111's sum; APG and rescale not applied)
         uncond, parts = pred[:n], pred[n:]
-        weights = torch.tensor(layout[1], dtype=pred.dtype, device=pred.device)[:, None, None, None]
+        weights = torch.stack([torch.as_tensor(w, dtype=pred.dtype).reshape(-1, *pred.shape[-2:])
+                               if torch.is_tensor(w) else torch.full((1, *pred.shape[-2:]), float(w), dtype=pred.dtype)
+                               for w in layout[1]]).to(pred.device)  # (M, 1, h, w): a weight, or a region's map
         pred = uncond.index_add(0, rows.to(pred.device), weights * r.guidance_scale * (parts - uncond[rows]))
     elif guided:
         uncond, cond_pred = pred.chunk(2)
