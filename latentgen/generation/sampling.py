@@ -228,12 +228,14 @@ def predict(pipe, x: torch.Tensor, t, cond: GuidedConditioning | Composable, pla
     w_cond = guidance_embedding(pipe, r.guidance_scale, x_in.shape[0], c.hidden_states) if embedded else None
     pred = run_unet(pipe, x_in.to(c.hidden_states.dtype), t, c, rows_per_image=2 if guided else 1,
                     class_labels=labels, groups=groups, timestep_cond=w_cond)
-    if layout is not None:  # composable: ε̃ = ε∅ + Σ_j w_j·s·(ε_j − ε∅) (A1111's sum; APG and rescale not applied)
-        uncond, parts = pred[:n], pred[n:]
+    if layout is not None:  # composable: ε̃ = ε∅ + Σ_j w_j·Δ_j, each part's guidance Δ_j = guide(ε∅, ε_j) − ε∅
+        uncond, parts = pred[:n], pred[n:]  # (A1111's sum, s·(ε_j − ε∅), with plain guidance; APG's with APG)
+        parts = guide(uncond[rows], parts, r.guidance_scale, r.apg or None, known.setdefault("parts", {})) \
+            - uncond[rows]
         weights = torch.stack([torch.as_tensor(w, dtype=pred.dtype).reshape(-1, *pred.shape[-2:])
                                if torch.is_tensor(w) else torch.full((1, *pred.shape[-2:]), float(w), dtype=pred.dtype)
                                for w in layout[1]]).to(pred.device)  # (M, 1, h, w): a weight, or a region's map
-        pred = uncond.index_add(0, rows.to(pred.device), weights * r.guidance_scale * (parts - uncond[rows]))
+        pred = uncond.index_add(0, rows.to(pred.device), weights * parts)
     elif guided:
         uncond, cond_pred = pred.chunk(2)
         pred = rescale_guidance(guide(uncond, cond_pred, r.guidance_scale, r.apg or None, known), cond_pred,
