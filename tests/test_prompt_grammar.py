@@ -163,3 +163,34 @@ def test_regions_are_checked_written_and_read_back(tiny_pipe):
     assert "RP Active: True, RP Ratios: 1,1" in text or 'RP Ratios: "1,1"' in text
     settings, _, unused = a1111_request(text)
     assert unused == [] and settings["regions"].mode == "rows" and settings["regions"].ratios == "1,1"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outpainting (latentgen.generation.outpaint)
+
+
+@pytest.mark.parametrize("fill", ["noise", "edge", "mean"])
+def test_outpainting_extends_the_canvas_and_keeps_the_original_pixels(tiny_pipe, fill):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    original = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    out = tiny_pipe("a red circle", image=original, outpaint={"sides": "right=16,top=8", "fill": fill, "blur": 4},
+                    num_inference_steps=3, seed=2).images[0]
+    assert out.size == (48, 40)
+    result = np.asarray(out)
+    kept = result[8 + 4:, :32 - 4]  # beyond the 4 px blend: the original, pixel for pixel
+    np.testing.assert_array_equal(kept, np.asarray(original)[4:, :28])
+    from latentgen.generation.outpaint import Outpaint
+
+    canvas, _ = Outpaint("right=16,top=8", fill, 4).canvas(original, 2)
+    assert np.abs(result[:8].astype(int) - np.asarray(canvas)[:8]).mean() > 10  # the new strip is painted over
+
+
+def test_outpainting_is_checked_in_one_line(tiny_pipe):
+    from latentgen.errors import UserError
+
+    with pytest.raises(UserError, match="outpainting extends an image and makes its own mask"):
+        tiny_pipe("x", outpaint={"sides": "right=8"})
+    with pytest.raises(UserError, match="outpaint takes SIDE=PIXELS"):
+        tiny_pipe("x", image=np.zeros((8, 8, 3), dtype=np.uint8), outpaint={"sides": "sideways=3"})

@@ -462,6 +462,9 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
                 fatal="the VAE decoded NaN/Inf pixels even in fp32; its weights may be damaged")
             if retried:
                 info["fp32_retry"] = "vae"
+            if plan.overlay is not None:  # outpainting: the original pixels back where the mask is black
+                canvas, alpha = (t.to(decoded.device, decoded.dtype) for t in plan.overlay)
+                decoded = decoded * alpha + canvas * (1 - alpha)
             images = self.image_processor.postprocess(decoded, output_type=plan.request.output_type)
 
         name = plan.request.scheduler or scheduler_name_of(self.scheduler)

@@ -37,6 +37,8 @@ class Plan:
     low_res: torch.Tensor | None = None  # an upscaler's conditioning input (N, C, h, w) (`generation.cascade`)
     noise_levels: torch.Tensor | None = None  # (N,) its noise-augmentation levels
     variation_seeds: list[int] | None = None  # one per image where the request's variation strength is > 0
+    # outpainting's original canvas (1, 3, H, W) in [-1, 1] and where the result is kept (1, 1, H, W) in [0, 1]
+    overlay: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def batch_size(self) -> int:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from latentgen import validate
@@ -30,6 +31,7 @@ from latentgen.generation.cascade import Upscale, second_stage
 from latentgen.generation.guidance import Apg, model_apg
 from latentgen.generation.hires import Hires
 from latentgen.generation.options import option
+from latentgen.generation.outpaint import Outpaint
 from latentgen.generation.plan import Plan
 from latentgen.generation.prompts import has_syntax, parse
 from latentgen.generation.regions import Regions
@@ -146,6 +148,10 @@ class Request:
         "the upscaler", api="upscale", group=Upscale, resets=True,
         spelt="HTTP: also A1111's enable_hr with hr_upscaler 'latentgen upscaler', hr_scale, hr_second_pass_steps; "
               "A1111 text: Hires upscale, Hires steps, Hires upscaler"))
+    outpaint: Outpaint | None = field(default=None, metadata=option(
+        "outpainting", api="outpaint", group=Outpaint, text="Outpaint", text_fields=True, to_text=lambda v: None,
+        help="extend the init image's canvas and paint the new area (latentgen.generation.outpaint)",
+        spelt="HTTP: an object on img2img (A1111's outpainting mk2 script arguments are not read)"))
     regions: Regions | None = field(default=None, metadata=option(
         "regions", api="regions", group=Regions, text="RP Active", text_fields=True,
         to_text=lambda v: True if v else None, help="regional prompting (latentgen.generation.regions)",
@@ -273,6 +279,12 @@ class Request:
             if self.image is not None:
                 raise UserError(f"{name['hires']} is for text-to-image; with {name['image']}, resize the image "
                                 "instead")
+        outpaint = self.outpaint
+        if outpaint is not None:
+            outpaint = validate.settings(Outpaint, outpaint, name["outpaint"], _within(name, "outpaint"))
+            if self.image is None or self.mask_image is not None:
+                raise UserError(f"{name['outpaint']} extends {name['image']} and makes its own mask: give an image, "
+                                f"without {name['mask_image']}")
         regions = self.regions
         if regions is not None:
             regions = validate.settings(Regions, regions, name["regions"], _within(name, "regions"))
@@ -291,6 +303,7 @@ class Request:
                                    seed_resize_from=seed_resize,
                                    guidance_rescale=rescale, eta=eta, guidance_interval=interval,
                                    strength=strength, apg=apg, hires=hires, upscale=upscale, regions=regions,
+                                   outpaint=outpaint,
                                    loras=loras,
                                    checked=True)
 
@@ -339,6 +352,13 @@ class Request:
             raise UserError("this is an inpainting model (9-channel U-Net): give an image and a mask")
         total, f = req.total, pipe.vae_scale_factor
         height, width, image, mask, init_latents = req.height, req.width, req.image, req.mask_image, None
+        overlay = None
+        if req.outpaint is not None:
+            if pipe.is_latents(image) or not hasattr(image, "convert"):
+                raise UserError("outpainting extends an image given in pixels (a PIL image)")
+            image, mask = req.outpaint.canvas(image, pipe.vae_scale_factor)
+            height, width = mask.height, mask.width
+            overlay = (image, mask)
         if pipe.is_latents(image):  # image-to-image from latents, as diffusers' img2img accepts them
             if mask is not None:
                 raise UserError("inpainting needs the image in pixels, not latents")
@@ -375,9 +395,12 @@ class Request:
         folder, confined = Path(getattr(pipe, "loras_dir", "loras")), getattr(pipe, "loras_confined", False)
         loras = [(lora.resolve(name, folder, confined), scale)
                  for name, scale in (req.loras or []) + lora.tags(prompts[0])]
+        if overlay is not None:  # the original pixels, put back where the mask is black (its soft edge blends)
+            alpha = torch.from_numpy(np.asarray(overlay[1], dtype=np.float32) / 255)[None, None]  # (1, 1, H, W)
+            overlay = (pipe.image_processor.preprocess(overlay[0], height=height, width=width).float(), alpha)
         plan = Plan(req, prompts, negatives, seeds, req.generator, height, width, image, init_latents, mask,
                     pipe.config.clip_skip if req.clip_skip is None else req.clip_skip or None, loras,
-                    variation_seeds=req.variation_seed)
+                    variation_seeds=req.variation_seed, overlay=overlay)
         if req.upscale is not None:
 
             second_stage(pipe, plan)  # the upscaler exists, takes this scale, and its stage fits in memory
