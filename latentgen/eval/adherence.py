@@ -35,13 +35,17 @@ class Target:
         return f"{'two' if len(self.shapes) == 2 else 'one'}-{'heldout' if self.heldout else 'seen'}"
 
 
-# Chinese phrasings: the dataset's own, and ones no training caption used (word order, 的/在/上, other verbs, and the
-# dataset's phrasing in traditional characters), for `python -m latentgen.eval adherence --language zh`
+# Chinese phrasings: the dataset's own; ones no training caption used, by word order, 的/在/上 and the like, and the
+# dataset's phrasing in traditional characters ("unseen", what #50's target is on); and ones with words the student
+# never read in a caption (位于, 右侧, 画, 有个: "new-words", for the record), for `python -m latentgen.eval adherence
+# --language zh --phrasing ...`
 ZH_PHRASINGS = {
     "dataset": ((ZH_ONE[0],), (ZH_TWO[0],)),
-    "unseen": (("{c}的{k}，背景是{b}", "画一个{c}{k}，{b}的背景", "{b}背景中有个{c}{k}", "traditional"),
-               ("左边一个{c1}{k1}，右边一个{c2}{k2}，{b}背景", "{b}背景中，{c2}{k2}位于{c1}{k1}的右侧",
+    "unseen": (("{c}的{k}，背景是{b}", "在{b}的背景上，一个{c}的{k}", "{c}{k}在{b}背景上", "traditional"),
+               ("左边一个{c1}{k1}，右边一个{c2}{k2}，{b}背景", "{c1}{k1}在左边，{c2}{k2}在右边，背景是{b}",
                 "traditional")),
+    "new-words": (("画一个{c}{k}，{b}的背景", "{b}背景中有个{c}{k}"),
+                  ("{b}背景中，{c2}{k2}位于{c1}{k1}的右侧", "{c1}{k1}位于左侧，{c2}{k2}位于右侧，{b}底")),
 }
 
 
