@@ -73,3 +73,63 @@ def test_a_consistency_sampler_warns_under_strong_guidance(tiny_pipe):
         logging.getLogger("latentgen").removeHandler(handler)
     assert [r.getMessage() for r in records] == [
         "lcm samples distilled models and LoRAs, which want guidance about 1-2; at 7.5 the images burn"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Latent consistency distillation (latentgen.training.lcm), on the smoke model
+
+
+def lcm_run(smoke_model, out, steps: int, *overrides: str, **lcm):
+    from conftest import ROOT
+    from latentgen.config import load_config
+    from latentgen.training.unet import train_unet
+    from latentgen.training.unet_config import LcmConfig, UNetTrainConfig
+
+    config = load_config(UNetTrainConfig, str(ROOT / "configs" / "smoke.yaml"), [
+        f"output_dir={out}", f"pretrained_pipeline={smoke_model}", "text_encoder.kind=pipeline", f"max_steps={steps}",
+        "checkpoint_every=3", "log_every=1", "learning_rate=1e-3", "data.num_samples=64", *overrides])
+    config.lcm = LcmConfig(enabled=True, ddim_steps=10, time_cond_proj_dim=32, **lcm)
+    config.check()
+    return train_unet(config)
+
+
+def test_the_full_student_starts_as_its_teacher(smoke_model):
+    from latentgen.training.lcm import student_unet
+    from latentgen.training.unet_config import LcmConfig
+
+    teacher = LatentPipeline.from_pretrained(smoke_model, torch_dtype=torch.float32).unet
+    student = student_unet(teacher, LcmConfig(time_cond_proj_dim=32)).eval()
+    x, hidden = torch.randn(2, 4, 16, 16), torch.randn(2, 24, 32)
+    with torch.no_grad():
+        a = teacher(x, 500, encoder_hidden_states=hidden).sample
+        b = student(x, 500, encoder_hidden_states=hidden, timestep_cond=torch.randn(2, 32)).sample
+    torch.testing.assert_close(a, b)
+
+
+def test_distillation_learns_resumes_bit_for_bit_and_samples(smoke_model, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from latentgen.training import loop
+
+    losses = []
+    add = loop.Averages.add
+    monkeypatch.setattr(loop.Averages, "add", lambda self, **v: (losses.append(v["loss"]), add(self, **v))[1])
+    full = lcm_run(smoke_model, tmp_path / "full", 24)
+    assert sum(losses[-6:]) < sum(losses[:6])  # it learns
+    lcm_run(smoke_model, tmp_path / "resumed", 3)
+    resumed = lcm_run(smoke_model, tmp_path / "resumed", 24, "resume_from=latest")
+    a, b = (load_file(next((p / "unet").glob("*.safetensors"))) for p in (full, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    pipe = LatentPipeline.from_pretrained(full, torch_dtype=torch.float32)
+    assert pipe.unet.config.time_cond_proj_dim == 32 and type(pipe.scheduler).__name__ == "LCMScheduler"
+    image = pipe(PROMPT, num_inference_steps=4, guidance_scale=4.0, seed=0, output_type="np").images
+    assert np.isfinite(image).all()
+
+
+def test_a_lora_student_learns_one_guidance(smoke_model, tmp_path):
+    path = lcm_run(smoke_model, tmp_path / "lora", 4, "lora.rank=4", "ema=false", embed_guidance=False)
+    pipe = LatentPipeline.from_pretrained(smoke_model, torch_dtype=torch.float32)
+    plain = pipe(PROMPT, scheduler="lcm", num_inference_steps=4, guidance_scale=1.0, seed=0, output_type="np").images
+    with_lora = pipe(PROMPT, scheduler="lcm", num_inference_steps=4, guidance_scale=1.0, seed=0, output_type="np",
+                     loras=[(str(path), 1.0)]).images
+    assert path.name == "lora.safetensors" and np.abs(plain - with_lora).max() > 0

@@ -76,10 +76,11 @@ def save_checkpoint(output_dir: str | Path, step: int, models: dict[str, torch.n
 
 
 def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """The trainable parameters of a partly frozen model by name; None when all of it trains."""
+    """The trainable parameters of a partly frozen model by name; None when all of it trains, or none of it (a
+    model that changes without gradients, such as a distillation's target network: saved whole)."""
     params = dict(model.named_parameters())
     trainable = {k: p for k, p in params.items() if p.requires_grad}
-    return None if len(trainable) == len(params) else trainable
+    return None if len(trainable) in (0, len(params)) else trainable
 
 
 def load_checkpoint(path: Path, models: dict[str, torch.nn.Module], states: dict[str, Any]) -> dict[str, Any]:

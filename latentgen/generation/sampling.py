@@ -225,7 +225,8 @@ def predict(pipe, x: torch.Tensor, t, cond: GuidedConditioning | Composable, pla
     if labels is not None and guided:
         labels = doubled(labels)
     groups = None if layout is None else [[i] + [n + j for j, o in enumerate(layout[0]) if o == i] for i in range(n)]
-    w_cond = guidance_embedding(pipe, r.guidance_scale, x_in.shape[0], c.hidden_states) if embedded else None
+    w_cond = guidance_embedding(pipe.unet.config.time_cond_proj_dim, torch.full((x_in.shape[0],), r.guidance_scale),
+                                c.hidden_states) if embedded else None
     pred = run_unet(pipe, x_in.to(c.hidden_states.dtype), t, c, rows_per_image=2 if guided else 1,
                     class_labels=labels, groups=groups, timestep_cond=w_cond)
     if layout is not None:  # composable: ε̃ = ε∅ + Σ_j w_j·Δ_j, each part's guidance Δ_j = guide(ε∅, ε_j) − ε∅
@@ -247,13 +248,13 @@ def predict(pipe, x: torch.Tensor, t, cond: GuidedConditioning | Composable, pla
     return pred
 
 
-def guidance_embedding(pipe, scale: float, rows: int, like: torch.Tensor) -> torch.Tensor:
-    """A guidance-distilled (w-conditioned LCM) U-Net's guidance input: the embedding of w − 1, as diffusers'
-    pipelines give it (their `get_guidance_scale_embedding`, which uses nothing of its pipeline)."""
+def guidance_embedding(dim: int, scales: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A guidance-distilled (w-conditioned LCM) U-Net's guidance input for guidance scales (N,): the embeddings of
+    w − 1 (N, dim), as diffusers' pipelines give them (their `get_guidance_scale_embedding`, which uses nothing of
+    its pipeline)."""
     from diffusers import StableDiffusionPipeline
 
-    w = torch.full((rows,), scale - 1.0)
-    emb = StableDiffusionPipeline.get_guidance_scale_embedding(pipe, w, pipe.unet.config.time_cond_proj_dim)
+    emb = StableDiffusionPipeline.get_guidance_scale_embedding(None, scales.float().cpu() - 1.0, dim)
     return emb.to(device=like.device, dtype=like.dtype)
 
 

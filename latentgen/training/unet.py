@@ -25,6 +25,7 @@ from latentgen.io import save_image
 from latentgen.runtime.device import set_attention
 from latentgen.runtime.memory import check_training, unet_training_bytes
 from latentgen.training.cache import load_or_build_cache
+from latentgen.training.lcm import train_lcm
 from latentgen.training.loop import (
     Run,
     StepBatches,
@@ -44,7 +45,10 @@ from latentgen.training.upscaler import low_resolution
 log = logging.getLogger(__name__)
 
 def train_unet(config: UNetTrainConfig) -> Path:
-    """Run the training; returns the final pipeline folder (`{output_dir}/pipeline`)."""
+    """Run the training; returns the final pipeline folder (`{output_dir}/pipeline`), or what `products` says the
+    run makes; a distillation (`lcm.enabled`) is `training.lcm`'s."""
+    if config.lcm.enabled:
+        return train_lcm(config)
     # 1. Components and data, checked before any training starts.
     run = Run(config, "train_unet")
     parts = load_components(config)

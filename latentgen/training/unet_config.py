@@ -66,6 +66,27 @@ class LoraTrainConfig:
 
 
 @dataclass
+class LcmConfig:
+    """`train_unet.py`'s `lcm:` section."""
+
+    enabled: bool = False
+    ddim_steps: int = 50  # N: the teacher's DDIM schedule, whose neighbours the student learns to join
+    w_min: float = 3.0  # the guidance scale drawn for each example (CFG's s, where s = 1 is unguided)
+    w_max: float = 9.0
+    embed_guidance: bool = True  # full student: its guidance an input (time_cond_proj_dim); a LoRA learns w_max
+    time_cond_proj_dim: int = 256
+    huber_c: float = 0.001
+    target_decay: float = 0.95  # the target network's EMA of the student
+    timestep_scaling: float = 10.0  # LCMScheduler's: its boundary scalings at sampling time are the same
+
+    def check(self) -> None:
+        if not 2 <= self.ddim_steps <= 1000 or not 1.0 <= self.w_min <= self.w_max:
+            raise UserError("lcm.ddim_steps must be in [2, 1000] and 1 ≤ lcm.w_min ≤ lcm.w_max")
+        if not 0 <= self.target_decay < 1 or not self.huber_c > 0:
+            raise UserError("lcm.target_decay must be in [0, 1) and lcm.huber_c > 0")
+
+
+@dataclass
 class UNetTrainConfig(TrainConfig):
     output_dir: str = "runs/unet"
     pretrained_pipeline: str | None = None  # fine-tune the U-Net of this pipeline folder (and use its parts)
@@ -88,6 +109,7 @@ class UNetTrainConfig(TrainConfig):
     lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
     upscaler: UpscalerConfig = field(default_factory=UpscalerConfig)  # scale > 0: train a cascade's upscaler
     pretrained_upscaler: str | None = None  # an upscaler folder whose U-Net the run fine-tunes (else a new one)
+    lcm: LcmConfig = field(default_factory=LcmConfig)  # enabled: distil a few-step student (training.lcm)
 
     @property
     def trains_text(self) -> bool:
@@ -143,6 +165,15 @@ class UNetTrainConfig(TrainConfig):
                             "text_encoder.train: false and data.streaming: false")
         if self.pretrained_upscaler and not self.upscaler.scale:
             raise UserError("pretrained_upscaler fine-tunes a cascade's upscaler: set upscaler.scale (2 or 4)")
+        self.lcm.check()
+        if self.lcm.enabled:
+            if not self.pretrained_pipeline:
+                raise UserError("lcm distils a pretrained pipeline: set pretrained_pipeline (the teacher)")
+            if self.lora.rank and self.lcm.embed_guidance:
+                raise UserError("a LoRA student learns one guidance (lcm.w_max): set lcm.embed_guidance: false")
+            if self.upscaler.scale or self.trains_text or not self.cache:
+                raise UserError("lcm distils a text-to-image U-Net on cached latents with its text encoder frozen: "
+                                "set cache: true")
         if self.cache and (self.data.random_crop or self.data.hflip):
             raise UserError("cache=true stores one view of each image; set data.random_crop=false and "
                             "data.hflip=0, or cache=false to augment every step")
