@@ -8,9 +8,9 @@ The teacher is the pipeline's text encoder (MiniLM for the default model) readin
 student (`latentgen.components.chinese`: a character-level BERT) reads the same scene's caption in Chinese and
 learns to give the teacher's states, all 32 positions of them (the U-Net attends to every one), by mean squared
 error. Scenes come from the shapes dataset's train split only, so its held-out triples stay unseen in both
-languages. The Chinese captions are the dataset's phrasings and a few more (`PHRASINGS`), with noise: random common
-characters inserted, 的 and 一个 dropped, 色 and 形 left out, so that the student learns which characters carry the
-scene. The English side is always one canonical phrasing, the one the evaluation's prompts use.
+languages. The Chinese captions are the dataset's phrasings and a few more (`PHRASINGS_*`), with noise: clauses in
+another order, random common characters and particles inserted, 的 and 一个 dropped, 色 and 形 left out, so that
+the student learns which characters carry the scene. The English side is always one canonical phrasing, the one the evaluation's prompts use.
 
 The run is a `training.loop.Run` (accelerate, checkpoints, exact resume after a kill); `--install` puts the
 trained student into a model folder as its `text_encoder_zh/` and `tokenizer_zh/`, which the pipeline then uses for
@@ -56,6 +56,7 @@ from latentgen.training.loop import (
 
 # The Chinese phrasings the student learns from: the dataset's, and a few more ({b} the background's color).
 PHRASINGS_ONE = ZH_ONE + ("一个{c}{k}，{b}背景", "{c}{k}，{b}背景", "在{b}背景上的一个{c}{k}", "{b}底色上有一个{c}{k}")
+PARTICLES = ("的", "在", "是", "上", "一个", "，")
 PHRASINGS_TWO = ZH_TWO + ("{c1}{k1}在左，{c2}{k2}在右，{b}背景", "{b}背景上，左边是{c1}{k1}，右边是{c2}{k2}",
                           "{c1}{k1}在{c2}{k2}左边，背景是{b}")
 
@@ -119,8 +120,15 @@ def noisy_caption(scene: Scene, g: torch.Generator, config: TextStudentConfig, n
 
     templates = PHRASINGS_ONE if len(scene.shapes) == 1 else PHRASINGS_TWO
     text = scene.chinese(templates[draw(len(templates))], short_color=chance(0.15), short_kind=chance(0.15))
+    if chance(0.3):  # the clauses in another order: what a clause says does not depend on where it stands
+        clauses = text.split("，")
+        order = torch.randperm(len(clauses), generator=g).tolist()
+        text = "，".join(clauses[i] for i in order)
     if chance(0.2):
         text = text.replace("的", "").replace("一个", "")
+    if chance(0.2):  # a particle more, somewhere
+        at = draw(len(text) + 1)
+        text = text[:at] + PARTICLES[draw(len(PARTICLES))] + text[at:]
     if noise_chars and chance(config.noise):
         for _ in range(1 + draw(3)):
             at = draw(len(text) + 1)
