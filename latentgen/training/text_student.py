@@ -10,7 +10,8 @@ learns to give the teacher's states, all 32 positions of them (the U-Net attends
 error. Scenes come from the shapes dataset's train split only, so its held-out triples stay unseen in both
 languages. The Chinese captions are the dataset's phrasings and a few more (`PHRASINGS_*`), with noise: clauses in
 another order, random common characters and particles inserted, 的 and 一个 dropped, 色 and 形 left out, so that
-the student learns which characters carry the scene. The English side is always one canonical phrasing, the one the evaluation's prompts use.
+the student learns which characters carry the scene. The English side is always one canonical phrasing, the one
+the evaluation's prompts use.
 
 The run is a `training.loop.Run` (accelerate, checkpoints, exact resume after a kill); `--install` puts the
 trained student into a model folder as its `text_encoder_zh/` and `tokenizer_zh/`, which the pipeline then uses for
