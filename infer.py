@@ -46,6 +46,10 @@ def parse_args(argv, request_cls=None):
     p.add_argument("--compile", action="store_true",
                    help="compile the U-Net (on the CPU: once per model and shape, then cached; reports the time; "
                    "on CUDA: with CUDA graphs, and the VAE decoder too)")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode large images tile by tile (diffusers' VAE tiling): the memory of one tile, seams "
+                        "blended")
+    p.add_argument("--attention-slicing", action="store_true", help="attention a head at a time (less memory)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load .bin/.ckpt weights (with torch.load(weights_only=True)); safetensors only by "
                         "default")
@@ -114,7 +118,8 @@ def load_pipeline(args, state=None):
     model = resolve_model(args.model, args.models_dir)
     pipe = open_pipeline(model, dtype=args.dtype, device=device, vae=args.vae,
                          prediction_type=args.prediction_type, allow_pickle=args.allow_pickle,
-                         loras_dir=args.loras_dir, embeddings_dir=args.embeddings_dir)
+                         loras_dir=args.loras_dir, embeddings_dir=args.embeddings_dir,
+                         vae_tiling=args.vae_tiling, attention_slicing=args.attention_slicing)
     if args.upscaler:
         pipe.load_upscaler(args.upscaler)
     if args.compile:

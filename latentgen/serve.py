@@ -31,6 +31,8 @@ def parse_args(argv):
     p.add_argument("--compile", action="store_true",
                    help="compile each model's U-Net as it loads (infer.py --compile: on the CPU once per model and "
                    "shape, cached on disk, so a request of a new size or batch waits for its compile once)")
+    p.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile (infer.py's)")
+    p.add_argument("--attention-slicing", action="store_true", help="attention a head at a time (infer.py's)")
     p.add_argument("--max-batch", type=int, default=8, help="images of queued requests sampled together")
     p.add_argument("--max-side", type=int, help="largest image side a request may ask for (default: 4× the model's "
                                                 "own size: 256 for the shipped 64 px model, 2048 for SD 1.x)")
@@ -95,7 +97,8 @@ def build(args):
 
     def load(path: Path):
         pipe = open_pipeline(path, dtype=args.dtype, device=device, loras_dir=args.loras_dir,
-                             embeddings_dir=args.embeddings_dir, confined=True)
+                             embeddings_dir=args.embeddings_dir, confined=True, vae_tiling=args.vae_tiling,
+                             attention_slicing=args.attention_slicing)
         if args.compile:  # the worker samples on one thread, as CUDA graphs (the default on CUDA) want
             pipe.compile_unet(report=lambda message: print(f"latentgen: {message}", file=sys.stderr))
         return pipe

@@ -28,10 +28,14 @@ SLACK = 3
 TRAINING_FACTOR = 6  # activations kept for the backward pass, per forward feature map, and their gradients
 
 
-def _quadratic_attention(model) -> bool:
-    """True when the model's attention materialises the (tokens × tokens) scores."""
-    processors = getattr(model, "attn_processors", {}) or {}
-    return any(type(p).__name__ == "AttnProcessor" for p in processors.values())
+def _quadratic_attention(model) -> bool | int:
+    """True when the model's attention materialises every head's (tokens × tokens) scores at once; with attention
+    slicing (`--attention-slicing`), the number of (image, head) rows in one slice; False for SDPA and xformers."""
+    processors = list((getattr(model, "attn_processors", {}) or {}).values())
+    if any(type(p).__name__ == "AttnProcessor" for p in processors):
+        return True
+    slices = [p.slice_size for p in processors if type(p).__name__ == "SlicedAttnProcessor"]
+    return max(slices) if slices else False
 
 
 def _levels(channels: list[int], height: int, width: int):
@@ -40,8 +44,9 @@ def _levels(channels: list[int], height: int, width: int):
 
 
 def unet_activation_bytes(config: Any, latent_h: int, latent_w: int, rows: int, dtype_bytes: int,
-                          quadratic: bool) -> int:
-    """Peak bytes of one U-Net call on `rows` latents of latent_h × latent_w (not counting weights)."""
+                          quadratic: bool | int) -> int:
+    """Peak bytes of one U-Net call on `rows` latents of latent_h × latent_w (not counting weights); `quadratic` as
+    `_quadratic_attention` gives it."""
     cfg = dict(config)
     channels = list(cfg["block_out_channels"])
     layers = int(cfg.get("layers_per_block", 2))
@@ -53,8 +58,9 @@ def unet_activation_bytes(config: Any, latent_h: int, latent_w: int, rows: int, 
         maps += (layers + 1) * c * n  # skip connections, kept until the up path
         maps += WORKING_TENSORS * c * n if i == 0 else 0  # the widest working set is at full latent resolution
         if i in attention_levels:
-            scores = max(scores, (heads * n * n if quadratic else 3 * c * n) * 4)  # scores in fp32
-    return rows * (maps * dtype_bytes + scores)
+            scored = rows * heads if quadratic is True else min(rows * heads, int(quadratic))
+            scores = max(scores, (scored * n * n if quadratic else rows * 3 * c * n) * 4)  # scores in fp32
+    return rows * maps * dtype_bytes + scores
 
 
 def vae_decode_bytes(config: Any, height: int, width: int, images: int, dtype_bytes: int, quadratic: bool) -> int:
@@ -75,6 +81,9 @@ def sampling_bytes(unet, vae, height: int, width: int, images: int, guided: bool
     rows = images * (2 if guided else 1)
     unet_bytes = unet_activation_bytes(unet.config, height // factor, width // factor, rows,
                                        _dtype_bytes(unet), _quadratic_attention(unet))
+    if getattr(vae, "use_tiling", False):  # decoded tile by tile (`--vae-tiling`): the peak is one tile's
+        tile = int(vae.tile_sample_min_size)
+        height, width = min(height, tile), min(width, tile)
     vae_bytes = vae_decode_bytes(vae.config, height, width, images, _dtype_bytes(vae), _quadratic_attention(vae))
     return SLACK * max(unet_bytes, vae_bytes)
 
