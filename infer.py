@@ -29,6 +29,8 @@ def parse_args(argv, request_cls=None):
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
     p.add_argument("--upscaler", metavar="FOLDER", help="an upscaler folder (default: the model folder's upscaler/)")
     p.add_argument("--loras-dir", default="loras", help="where <lora:NAME> finds NAME.safetensors (default: loras)")
+    p.add_argument("--controlnets-dir", default="controlnets",
+                   help="where --control finds a ControlNet by name (default: controlnets)")
     p.add_argument("--embeddings-dir", default="embeddings",
                    help="textual-inversion embeddings (*.safetensors) to load, each used as its file name in "
                         "prompts (default: embeddings, when it exists)")
@@ -119,6 +121,7 @@ def load_pipeline(args, state=None):
     pipe = open_pipeline(model, dtype=args.dtype, device=device, vae=args.vae,
                          prediction_type=args.prediction_type, allow_pickle=args.allow_pickle,
                          loras_dir=args.loras_dir, embeddings_dir=args.embeddings_dir,
+                         controlnets_dir=args.controlnets_dir,
                          vae_tiling=args.vae_tiling, attention_slicing=args.attention_slicing)
     if args.upscaler:
         pipe.load_upscaler(args.upscaler)
@@ -251,6 +254,15 @@ def replay_a1111(args, parameters: str):
     args.image = args.mask = None
     settings.setdefault("clip_skip", 0)  # A1111 writes `Clip skip` only when it is not 1 (no skip)
     request = request_of(args, [settings.pop("prompt")])
+    units = settings.pop("control", None)
+    if units and not request.control:  # the text names each ControlNet and its settings, not its image
+        raise UserError(f"{args.replay} was made with ControlNet {', '.join(u.name for u in units)}; its control "
+                        "image is not in the text: give it with --control MODEL:IMAGE (as many as it used)")
+    if units and len(units) != len(request.control):
+        raise UserError(f"{args.replay} used {len(units)} ControlNet unit(s); --control gave {len(request.control)}")
+    if units:  # the text's settings with the images (and models, where the text's name is not found) given
+        request = dataclasses.replace(request, control=[dataclasses.replace(
+            u, image=given.image, model=given.model) for u, given in zip(units, request.control)])
     request = dataclasses.replace(request, **settings, num_images_per_prompt=1).check("cli")
     pipe, model = load_pipeline(args)
     recorded = fields.get("Model hash")

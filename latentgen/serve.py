@@ -21,6 +21,8 @@ def parse_args(argv):
                                    "--models-dir (default: the shipped model)")
     p.add_argument("--models-dir", default="models", help="models offered by name (default: models)")
     p.add_argument("--loras-dir", default="loras", help="LoRAs for <lora:NAME:SCALE> (default: loras)")
+    p.add_argument("--controlnets-dir", default="controlnets",
+                   help="ControlNets a request may name (A1111's ControlNet API; default: controlnets)")
     p.add_argument("--embeddings-dir", default="embeddings", help="textual-inversion embeddings (default: embeddings)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--listen", action="store_true", help="listen on every interface (default: 127.0.0.1 only)")
@@ -97,7 +99,8 @@ def build(args):
 
     def load(path: Path):
         pipe = open_pipeline(path, dtype=args.dtype, device=device, loras_dir=args.loras_dir,
-                             embeddings_dir=args.embeddings_dir, confined=True, vae_tiling=args.vae_tiling,
+                             embeddings_dir=args.embeddings_dir, confined=True,
+                             controlnets_dir=args.controlnets_dir, vae_tiling=args.vae_tiling,
                              attention_slicing=args.attention_slicing)
         if args.compile:  # the worker samples on one thread, as CUDA graphs (the default on CUDA) want
             pipe.compile_unet(report=lambda message: print(f"latentgen: {message}", file=sys.stderr))

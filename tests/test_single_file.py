@@ -237,7 +237,7 @@ def test_files_that_are_not_checkpoints_get_one_line_naming_what_was_found(tmp_p
     assert "it is a LoRA" in error({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": z})
     assert "it is a VAE" in error({"encoder.down.0.block.0.conv1.weight": z})
     for controlnet in ("control_model.input_hint_block.0.weight", "controlnet_cond_embedding.conv_in.weight"):
-        assert "it is a ControlNet, which latentgen does not run yet" in error({controlnet: z})  # A1111's, diffusers
+        assert "it is a ControlNet: use it with --control FILE:IMAGE" in error({controlnet: z})  # A1111's, diffusers
     msg = error({"model.diffusion_model.input_blocks.0.0.weight": z})
     assert "found a U-Net (model.diffusion_model.*)" in msg and "VAE" not in msg.split("found")[1].split(";")[0]
     assert "none of a Stable Diffusion checkpoint's parts" in error({"foo": z})

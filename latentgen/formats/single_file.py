@@ -103,7 +103,7 @@ def layout(state: dict[str, Any], name: str = "the file") -> str:
     elif has(UNET + "joint_blocks") or has("double_blocks.") or has("transformer_blocks.0.attn.to_q"):
         hint = "; it is a transformer (SD3/Flux-style) model, which latentgen does not run"
     elif any(re.search(r"(^|\.)(input_hint_block|zero_convs|controlnet_cond_embedding)\.", k) for k in state):
-        hint = "; it is a ControlNet, which latentgen does not run yet"
+        hint = "; it is a ControlNet: use it with --control FILE:IMAGE"
     recognised = ", ".join(found) if found else "none of a Stable Diffusion checkpoint's parts"
     raise UserError(f"{name} is not a Stable Diffusion 1.x/2.x/SDXL checkpoint: found {recognised}{hint}")
 
@@ -122,10 +122,13 @@ def _count(keys, pattern: str) -> int:
 # Configs from shapes
 
 
-def unet_config(u: dict[str, torch.Tensor], pooled_dim: int | None = None) -> dict[str, Any]:
-    """A UNet2DConditionModel config from LDM U-Net weights (`model.diffusion_model.` stripped)."""
-    if "input_blocks.0.0.weight" not in u or "out.2.weight" not in u:
-        raise UserError("the checkpoint's U-Net is incomplete (no input_blocks.0.0 or out.2 weights)")
+def unet_config(u: dict[str, torch.Tensor], pooled_dim: int | None = None, what: str = "U-Net") -> dict[str, Any]:
+    """A UNet2DConditionModel config from LDM U-Net weights (`model.diffusion_model.` stripped); for a ControlNet's
+    (`control_model.` stripped, `what` "ControlNet"), the encoder half's, without out_channels."""
+    head = what == "U-Net"
+    if "input_blocks.0.0.weight" not in u or (head and "out.2.weight" not in u):
+        raise UserError(f"the checkpoint's {what} is incomplete (no input_blocks.0.0{' or out.2' if head else ''} "
+                        "weights)")
     blocks = sorted({int(k.split(".")[1]) for k in u if k.startswith("input_blocks.")})
     downs = [i for i in blocks if f"input_blocks.{i}.0.op.weight" in u]
     per_level = downs[0] - 1 if downs else len(blocks) - 1
@@ -141,7 +144,6 @@ def unet_config(u: dict[str, torch.Tensor], pooled_dim: int | None = None) -> di
     linear = proj_in.ndim == 2
     config: dict[str, Any] = {
         "in_channels": int(u["input_blocks.0.0.weight"].shape[1]),
-        "out_channels": int(u["out.2.weight"].shape[0]),
         "block_out_channels": widths,
         "layers_per_block": per_level,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
@@ -151,6 +153,8 @@ def unet_config(u: dict[str, torch.Tensor], pooled_dim: int | None = None) -> di
         "attention_head_dim": [max(w // HEAD_WIDTH, 1) for w in widths] if linear else SD1_HEADS,
         "transformer_layers_per_block": depth if any(d > 1 for d in depth) else 1,
     }
+    if head:
+        config["out_channels"] = int(u["out.2.weight"].shape[0])
     if "label_emb.0.0.weight" in u:  # SDXL: pooled text embedding + 6 size/crop numbers, each 256-wide
         adm = int(u["label_emb.0.0.weight"].shape[1])
         if pooled_dim is None or (adm - pooled_dim) % 6:

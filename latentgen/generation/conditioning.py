@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from latentgen.formats.lora import strip_tags
 from latentgen.generation.prompts import ChunkedEncoder
+from latentgen.generation.schedule import at
 
 PROMPT_CACHE_SIZE = 512
 
@@ -98,8 +99,6 @@ class Composable:
 
     def texts(self, step: int) -> tuple[list[str], list[int], list[float]]:
         """The cond rows' texts at a step, the image of each, and its weight."""
-        from latentgen.generation.schedule import at
-
         texts, owners, weights = [], [], []
         for i, image in enumerate(self.parts):
             for entries, weight in image:
@@ -116,8 +115,6 @@ class Composable:
 
     def for_step(self, guided: bool, step: int = 0) -> Conditioning:
         """The rows of a step: the cond rows, after the images' uncond rows when guided ([uncond; cond])."""
-        from latentgen.generation.schedule import at
-
         texts, _, _ = self.texts(step)
         cond = self.encode(texts)
         if not guided:

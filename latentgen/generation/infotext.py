@@ -15,6 +15,7 @@ from latentgen.components.schedulers import a1111_name, a1111_names, from_a1111
 from latentgen.errors import UserError
 from latentgen.generation import options
 from latentgen.generation.cascade import A1111_NAME
+from latentgen.generation.control import Control
 from latentgen.generation.hires import Hires
 from latentgen.generation.request import Request
 
@@ -51,6 +52,8 @@ def a1111_parameters(meta: dict, cls=Request) -> str:
     if meta.get("upscale"):  # the cascade, as the server offers it to A1111's clients: a hires upscaler
         u = meta["upscale"]
         fields |= {"Hires upscale": u["scale"], "Hires steps": u["steps"], "Hires upscaler": A1111_NAME}
+    for i, unit in enumerate(meta.get("control") or []):  # A1111's ControlNet extension's keys
+        fields[f"ControlNet {i}"] = Control(**unit).text()
     if meta.get("ti_hashes"):
         fields["TI hashes"] = ", ".join(f"{name}: {h}" for name, h in meta["ti_hashes"].items())
     if meta.get("lora_hashes"):
@@ -132,5 +135,8 @@ def a1111_request(text: str, cls=Request) -> tuple[dict, dict[str, str], list[st
     used |= {"Size", "Sampler", "Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength"}
     if "Sampler" not in fields or from_a1111(fields["Sampler"], schedule) is not None:
         used.add("Schedule type")  # else: a schedule we do not have for this sampler, listed as unused
-    unused += [k for k in fields if k not in used | _A1111_INFORMATIONAL]
+    units = [k for k in fields if re.fullmatch(r"ControlNet \d+", k)]
+    if units:  # the text names each unit's model and settings, not its control image
+        settings["control"] = [Control.from_text(fields[k]) for k in units]
+    unused += [k for k in fields if k not in used | _A1111_INFORMATIONAL | set(units)]
     return settings, fields, unused

@@ -39,7 +39,7 @@ def resolve_model(model: str | Path | None, models_dir: str | Path | None = None
 def open_pipeline(model: str | Path, dtype: str = "auto", device="auto", vae: str | Path | None = None,
                   prediction_type: str | None = None, allow_pickle: bool = False, loras_dir: str | Path = "loras",
                   embeddings_dir: str | Path | None = "embeddings", confined: bool = False, vae_tiling: bool = False,
-                  attention_slicing: bool = False):
+                  attention_slicing: bool = False, controlnets_dir: str | Path = "controlnets"):
     """A model ready to generate, as infer.py and the server use it: loaded in `dtype` ("auto": the fast precision
     for the device), its VAE replaced by `vae` if given, on `device`, progress bars off, `<lora:NAME>` looked up in
     `loras_dir` (`confined`, as the server has it: only there, whatever the name), the embeddings in
@@ -55,6 +55,7 @@ def open_pipeline(model: str | Path, dtype: str = "auto", device="auto", vae: st
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.loras_dir, pipe.loras_confined = Path(loras_dir), confined
+    pipe.controlnets_dir, pipe.allow_pickle = Path(controlnets_dir), allow_pickle
     if vae_tiling:  # large images decoded tile by tile, blended across their overlaps (diffusers' tiling)
         pipe.vae.enable_tiling()
     if attention_slicing:  # attention a head at a time (diffusers'), for the math kernel's memory

@@ -107,6 +107,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         self.warned: set[str] = set()  # warnings given once per pipeline
         self.loras_dir = Path("loras")  # where <lora:NAME:...> and named LoRAs are looked up
         self.loras_confined = False  # True (a server): LoRA names resolve only inside loras_dir (`lora.resolve`)
+        self.controlnets_dir = Path("controlnets")  # where --control finds a ControlNet by name (confined alike)
         self.lora_lock = threading.RLock()  # requests with different LoRAs, or tiled ones, take turns on the U-Net
 
     # ------------------------------------------------------------------------------------------------------------

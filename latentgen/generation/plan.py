@@ -39,6 +39,7 @@ class Plan:
     variation_seeds: list[int] | None = None  # one per image where the request's variation strength is > 0
     # outpainting's original canvas (1, 3, H, W) in [-1, 1] and where the result is kept (1, 1, H, W) in [0, 1]
     overlay: tuple[torch.Tensor, torch.Tensor] | None = None
+    controls: list = field(default_factory=list)  # ControlNet units fitted to this size (`control.Active`)
 
     @property
     def batch_size(self) -> int:
@@ -99,7 +100,7 @@ class Plan:
                    variation_seed=None if self.variation_seeds is None else self.variation_seeds[i],
                    width=self.width, scheduler=scheduler, guidance_interval=list(r.guidance_interval),
                    strength=r.strength if self.has_init else None, clip_skip=self.clip_skip,
-                   apg=out["apg"] or False,
+                   apg=out["apg"] or False, control=[u.record() for u in r.control] if r.control else None,
                    loras=[[str(p.resolve()), s] for p, s in self.loras[:len(r.loras or [])]] or None)
         return out
 

@@ -26,6 +26,7 @@ from latentgen import validate
 from latentgen.components.schedulers import scheduler_names
 from latentgen.errors import UserError, one_of
 from latentgen.formats import lora
+from latentgen.generation import control as controls
 from latentgen.generation import options, schedule
 from latentgen.generation.cascade import Upscale, second_stage
 from latentgen.generation.guidance import Apg, model_apg
@@ -163,6 +164,20 @@ class Request:
         help="apply a LoRA (repeatable; diffusers or kohya/A1111 format); prompts may also hold <lora:NAME:SCALE>",
         spelt="HTTP: <lora:NAME:SCALE> in the prompt (names in the server's --loras-dir only); A1111 text: as "
               "prompt tags"))
+    control: list | None = field(default=None, metadata=option(
+        "ControlNet", flag="--control", cli={"action": "append", "metavar": "MODEL:IMAGE[:WEIGHT][,KEY=VALUE]"},
+        from_flag=lambda values: [controls.parse_flag(v) for v in values],
+        help="a ControlNet unit (repeatable): a ControlNet file, folder or name in --controlnets-dir, its control "
+             "image and weight; settings start, end (fractions of the steps), mode (balanced, prompt, control), "
+             "module (a preprocessor), resize (crop, resize, fill), threshold_a, threshold_b",
+        spelt="HTTP: A1111's alwayson_scripts.controlnet.args; A1111 text: ControlNet 0, ControlNet 1, ...; "
+              "metadata: each unit with its image's path"))
+    control_preprocess: list[str] | None = field(default=None, metadata=option(
+        "control preprocessor", flag="--control-preprocess", recorded=False,
+        cli={"action": "append", "metavar": "MODULE"},
+        help="run the control images through a preprocessor: one for every unit, or one per unit (canny, invert, "
+             "threshold, blur_gaussian, tile_resample, shuffle; none: as they are)",
+        spelt="HTTP and A1111 text: each unit's module"))
     image: Any = field(default=None, metadata=option(
         "an image", flag="--image", cli={"type": str}, recorded=False, resets=True,
         help="init image: image-to-image, or inpainting with --mask",
@@ -290,9 +305,13 @@ class Request:
             regions = validate.settings(Regions, regions, name["regions"], _within(name, "regions"))
             for prompt in prompts:
                 regions.prompts(prompt)  # one prompt per region
+        control = controls.check_all(self.control, self.control_preprocess, name["control"])
         upscale = self.upscale
         if upscale is not None:
             upscale = validate.settings(Upscale, upscale, name["upscale"], _within(name, "upscale"))
+            if control:
+                raise UserError(f"{name['upscale']} runs the upscaler, which takes no ControlNet; use "
+                                f"{name['hires']} with {name['control']}")
             if self.image is not None or hires is not None:
                 raise UserError(f"{name['upscale']} is for text-to-image, without {name['hires']} (both make a "
                                 "larger image; choose one)" if hires is not None else
@@ -303,7 +322,7 @@ class Request:
                                    seed_resize_from=seed_resize,
                                    guidance_rescale=rescale, eta=eta, guidance_interval=interval,
                                    strength=strength, apg=apg, hires=hires, upscale=upscale, regions=regions,
-                                   outpaint=outpaint,
+                                   outpaint=outpaint, control=control, control_preprocess=None,
                                    loras=loras,
                                    checked=True)
 
@@ -400,7 +419,8 @@ class Request:
             overlay = (pipe.image_processor.preprocess(overlay[0], height=height, width=width).float(), alpha)
         plan = Plan(req, prompts, negatives, seeds, req.generator, height, width, image, init_latents, mask,
                     pipe.config.clip_skip if req.clip_skip is None else req.clip_skip or None, loras,
-                    variation_seeds=req.variation_seed, overlay=overlay)
+                    variation_seeds=req.variation_seed, overlay=overlay,
+                    controls=controls.fit(pipe, req.control, height, width) if req.control else [])
         if req.upscale is not None:
 
             second_stage(pipe, plan)  # the upscaler exists, takes this scale, and its stage fits in memory

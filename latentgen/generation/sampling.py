@@ -25,7 +25,7 @@ from latentgen.components.schedulers import (
     step_kwargs,
 )
 from latentgen.errors import UserError
-from latentgen.generation import schedule
+from latentgen.generation import control, schedule
 from latentgen.generation.conditioning import Composable, GuidedConditioning, PromptEncoder
 from latentgen.generation.guidance import DYNAMIC_THRESHOLD_FLOOR, alpha_sigma, clip_x0, guide, rescale_guidance
 from latentgen.generation.plan import Plan
@@ -227,8 +227,11 @@ def predict(pipe, x: torch.Tensor, t, cond: GuidedConditioning | Composable, pla
     groups = None if layout is None else [[i] + [n + j for j, o in enumerate(layout[0]) if o == i] for i in range(n)]
     w_cond = guidance_embedding(pipe.unet.config.time_cond_proj_dim, torch.full((x_in.shape[0],), r.guidance_scale),
                                 c.hidden_states) if embedded else None
-    pred = run_unet(pipe, x_in.to(c.hidden_states.dtype), t, c, rows_per_image=2 if guided else 1,
-                    class_labels=labels, groups=groups, timestep_cond=w_cond)
+    x_in = x_in.to(c.hidden_states.dtype)
+    residuals = control.residuals(plan.controls, known.get("progress", (0, 1)), x_in, t, n if guided else 0) \
+        if plan.controls else None
+    pred = run_unet(pipe, x_in, t, c, rows_per_image=2 if guided else 1,
+                    class_labels=labels, groups=groups, timestep_cond=w_cond, control=residuals)
     if layout is not None:  # composable: ε̃ = ε∅ + Σ_j w_j·Δ_j, each part's guidance Δ_j = guide(ε∅, ε_j) − ε∅
         uncond, parts = pred[:n], pred[n:]  # (A1111's sum, s·(ε_j − ε∅), with plain guidance; APG's with APG)
         parts = guide(uncond[rows], parts, r.guidance_scale, r.apg or None, known.setdefault("parts", {})) \
@@ -260,8 +263,9 @@ def guidance_embedding(dim: int, scales: torch.Tensor, like: torch.Tensor) -> to
 
 def run_unet(pipe, x_in: torch.Tensor, t, cond, rows_per_image: int,
              class_labels: torch.Tensor | None = None, groups: list[list[int]] | None = None,
-             timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
-    """One U-Net evaluation of all rows, fp32 out.
+             timestep_cond: torch.Tensor | None = None, control: Callable | None = None) -> torch.Tensor:
+    """One U-Net evaluation of all rows, fp32 out; `control(rows, unet_kwargs)` gives the ControlNets' residuals
+    for those rows (`generation.control.residuals`).
 
     An image's result must not depend on the batch it is in. In bf16 the CPU kernels are batch-invariant
     (tests/test_reliability.py checks it), so the rows go in one call. In fp32, oneDNN and MKL choose their
@@ -275,8 +279,10 @@ def run_unet(pipe, x_in: torch.Tensor, t, cond, rows_per_image: int,
     def call(rows):
         labels = None if class_labels is None else class_labels[rows]
         extra = {} if timestep_cond is None else {"timestep_cond": timestep_cond[rows]}
-        return pipe.unet(x_in[rows], t, **cond[rows].unet_kwargs(), class_labels=labels, return_dict=False,
-                         **extra)[0]
+        kwargs = cond[rows].unet_kwargs()
+        if control is not None:
+            extra |= control(rows, kwargs | extra)
+        return pipe.unet(x_in[rows], t, **kwargs, class_labels=labels, return_dict=False, **extra)[0]
 
     n = x_in.shape[0] // rows_per_image if groups is None else len(groups)
     if groups is not None and x_in.dtype == torch.float32 and n > 1:
@@ -284,8 +290,8 @@ def run_unet(pipe, x_in: torch.Tensor, t, cond, rows_per_image: int,
         for rows in groups:
             out[rows] = call(rows)
         return out
-    if (x_in.dtype != torch.float32 or n == 1
-            or (class_labels is None and batch_invariant(pipe.unet, x_in, t, rows_per_image, **cond.unet_kwargs()))):
+    if (x_in.dtype != torch.float32 or n == 1 or (class_labels is None and control is None and batch_invariant(
+            pipe.unet, x_in, t, rows_per_image, **cond.unet_kwargs()))):
         out = call(slice(None))
         # never the U-Net's own output tensor: CUDA graphs (`compile_unet` on CUDA) write the next call's result
         # into it, and PNDM keeps model outputs across steps
@@ -311,6 +317,7 @@ def denoise(pipe, latents: torch.Tensor, cond: GuidedConditioning, plan: Plan, s
     for i, t in enumerate(pipe.progress_bar(timesteps)):
         if on_cpu:
             threads.adapt()  # as many threads as other processes leave cores free (`latentgen.runtime.threads`)
+        known["progress"] = (i, len(timesteps))  # where the ControlNets' start and end fractions are counted
         pred = predict(pipe, latents, t, cond, plan, offset + i // scheduler.order, scheduler, known,
                        run_step=i // scheduler.order)
         latents = scheduler.step(pred, t, latents, **extra, return_dict=False)[0]

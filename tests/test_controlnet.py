@@ -1,0 +1,316 @@
+"""ControlNet units (`latentgen.generation.control`): diffusers' image in the balanced mode, A1111's other modes and
+step fractions, single files in A1111's LDM layout read by an independent key map, preprocessors, the metadata,
+and the errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+from PIL import Image, ImageDraw
+
+import components as C
+from conftest import ROOT
+from latentgen import LatentPipeline
+from latentgen.components import control_images
+from latentgen.errors import UserError
+from latentgen.generation.control import Control, parse_flag
+from latentgen.generation.infotext import a1111_parameters, a1111_request
+
+PROMPT = "a red circle on a blue background"
+
+
+def controlnet(unet, seed: int, hint=(8, 16)) -> ControlNetModel:
+    """A ControlNet copied from `unet` (diffusers' `from_unet`), its zero convolutions given random weights so the
+    control changes the image."""
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=hint)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.3)
+    return net.eval()
+
+
+def random_images(n: int, size: int = 32) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return C.components()
+
+
+@pytest.fixture(scope="module")
+def nets(parts):
+    return [controlnet(parts["unet"], 1), controlnet(parts["unet"], 2)]
+
+
+@pytest.fixture(scope="module")
+def ours(parts):
+    pipe = LatentPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+KW = dict(num_inference_steps=6, guidance_scale=7.5, output_type="np")
+
+
+def test_two_controlnets_with_step_fractions_give_diffusers_image(parts, nets, ours):
+    images = random_images(2)
+    got = ours(PROMPT, control=[Control(nets[0], images[0], 0.7, 0.1, 0.8), Control(nets[1], images[1], 0.5)],
+               generator=torch.Generator().manual_seed(3), **KW).images
+    sd = StableDiffusionControlNetPipeline(**parts, controlnet=nets, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+    sd.set_progress_bar_config(disable=True)
+    want = sd(PROMPT, image=images, controlnet_conditioning_scale=[0.7, 0.5], control_guidance_start=[0.1, 0.0],
+              control_guidance_end=[0.8, 1.0], generator=torch.Generator().manual_seed(3), **KW).images
+    plain = ours(PROMPT, generator=torch.Generator().manual_seed(3), **KW).images
+    assert np.abs(got - want).max() <= 1e-4
+    assert np.abs(got - plain).max() > 0.05  # the control did something
+
+
+def test_a1111_modes_and_a_unit_outside_its_steps(nets, ours):
+    image = random_images(1)[0]
+
+    def run(guidance=7.5, **unit):
+        kw = KW | {"guidance_scale": guidance}
+        control = [Control(nets[0], image, **unit)] if unit else None
+        return ours(PROMPT, control=control, generator=torch.Generator().manual_seed(5), **kw).images
+
+    plain = run()
+    assert np.array_equal(run(weight=1.0, start=0.9, end=1.0), plain)  # on at no step of 6: (i + 1) / 6 > 0.9
+    balanced, prompt, control = (run(weight=1.0, mode=m) for m in ("balanced", "prompt", "control"))
+    assert np.abs(prompt - balanced).max() > 1e-3 and np.abs(control - prompt).max() > 1e-3
+    # the soft scales fade the control: "prompt" lies nearer the plain image than "balanced" does
+    assert np.abs(prompt - plain).mean() < np.abs(balanced - plain).mean()
+    # without guidance there are no unconditional rows, so "control" (cond rows only) is "prompt"
+    assert np.array_equal(run(1.0, mode="control"), run(1.0, mode="prompt"))
+
+
+def test_soft_injection_scales_are_a1111s(nets, ours, monkeypatch):
+    """"My prompt is more important": residual i of SD's 13 scaled by 0.825^(12 - i) (A1111's hook.py)."""
+    from latentgen.generation import control
+
+    seen = {}
+    unet_forward = ours.unet.forward
+
+    def spy(*args, **kwargs):
+        seen.setdefault("downs", kwargs.get("down_block_additional_residuals"))
+        return unet_forward(*args, **kwargs)
+
+    monkeypatch.setattr(ours.unet, "forward", spy)
+    image = random_images(1)[0]
+    ours(PROMPT, control=[Control(nets[0], image, 0.8, mode="prompt")], seed=0, num_inference_steps=1,
+         guidance_scale=1.0)
+    soft = seen.pop("downs")
+    ours(PROMPT, control=[Control(nets[0], image, 1.0)], seed=0, num_inference_steps=1, guidance_scale=1.0)
+    plain = seen.pop("downs")
+    n = len(plain)
+    for i, (s, p) in enumerate(zip(soft, plain)):
+        torch.testing.assert_close(s, p * 0.8 * control.SOFT ** (n - i), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A1111's single files
+
+
+def ldm_state(net: ControlNetModel) -> dict[str, torch.Tensor]:
+    """`net` in the LDM layout A1111's ControlNet files use (`control_model.*`), by a key map written here from
+    the LDM code's module names, not by latentgen's or diffusers' converters."""
+    cfg = net.config
+    per = cfg.layers_per_block
+    resnet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+              "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+    hint_blocks = 2 * (len(cfg.conditioning_embedding_out_channels) - 1)
+    out = {}
+    for key, value in net.state_dict().items():
+        parts = key.split(".")
+        if parts[0] == "time_embedding":
+            new = f"time_embed.{ {'linear_1': 0, 'linear_2': 2}[parts[1]] }." + ".".join(parts[2:])
+        elif parts[0] == "conv_in":
+            new = "input_blocks.0.0." + parts[1]
+        elif parts[0] == "down_blocks":
+            level, kind = int(parts[1]), parts[2]
+            if kind == "downsamplers":
+                new = f"input_blocks.{(level + 1) * (per + 1)}.0.op." + ".".join(parts[5:])
+            else:
+                block = 1 + level * (per + 1) + int(parts[3])
+                rest = parts[4:]
+                if kind == "resnets":
+                    rest = [resnet[rest[0]], *rest[1:]]
+                new = f"input_blocks.{block}.{0 if kind == 'resnets' else 1}." + ".".join(rest)
+        elif parts[0] == "mid_block":
+            index = {"resnets": {0: 0, 1: 2}, "attentions": {0: 1}}[parts[1]][int(parts[2])]
+            rest = parts[3:]
+            if parts[1] == "resnets":
+                rest = [resnet[rest[0]], *rest[1:]]
+            new = f"middle_block.{index}." + ".".join(rest)
+        elif parts[0] == "controlnet_down_blocks":
+            new = f"zero_convs.{parts[1]}.0.{parts[2]}"
+        elif parts[0] == "controlnet_mid_block":
+            new = f"middle_block_out.0.{parts[1]}"
+        else:  # controlnet_cond_embedding: conv_in, blocks.j, conv_out -> input_hint_block.0, 2(j + 1), 2(n + 1)
+            if parts[1] == "blocks":
+                index, rest = 2 * (int(parts[2]) + 1), parts[3:]
+            else:
+                index, rest = 0 if parts[1] == "conv_in" else 2 * (hint_blocks + 1), parts[2:]
+            new = f"input_hint_block.{index}." + ".".join(rest)
+        out["control_model." + new] = value.contiguous()
+    return out
+
+
+def test_an_a1111_single_file_controlnet_loads_to_the_folders_image(tmp_path):
+    """SD 1.x's topology (four levels, the 16-32-96-256 hint encoder scaled down): the LDM file loads with the
+    architecture read from its weights and gives the image its diffusers folder gives."""
+    from safetensors.torch import save_file
+
+    parts = C.sd1_components()
+    net = controlnet(parts["unet"], 4, hint=(4, 8, 8, 16))
+    net.save_pretrained(tmp_path / "folder")
+    save_file(ldm_state(net), tmp_path / "control_sd15_test.safetensors")
+    pipe = LatentPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.controlnets_dir = tmp_path
+    image = random_images(1, 64)[0]
+
+    def run(model):
+        return pipe(PROMPT, control=[Control(model, image, 0.9)], seed=2, num_inference_steps=3,
+                    output_type="np").images
+
+    folder = run(str(tmp_path / "folder"))
+    assert np.abs(run("control_sd15_test") - folder).max() <= 1e-5  # found by name in controlnets_dir
+    assert np.abs(run(net) - folder).max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preprocessors and resize modes
+
+
+def square(size=64, fill=255, background=0) -> Image.Image:
+    image = Image.new("RGB", (size, size), (background,) * 3)
+    ImageDraw.Draw(image).rectangle((16, 16, 47, 47), fill=(fill,) * 3)
+    return image
+
+
+def test_preprocessors_give_the_maps_their_controlnets_take():
+    edges = np.asarray(control_images.prepare(square(), 64, 64, "canny"))[..., 0] > 0
+    assert edges[15, 20:44].all() and edges[47, 20:44].all() and edges[20:44, 15].all()  # the square's outline
+    assert edges.sum() < 4 * 34 and not edges[30, 30]  # and nothing else
+    inverted = np.asarray(control_images.prepare(square(), 64, 64, "invert (from white bg & black line)"))
+    assert inverted[30, 30, 0] == 0 and inverted[2, 2, 0] == 255
+    grey = square(fill=140, background=100)
+    assert np.asarray(control_images.prepare(grey, 64, 64, "threshold", threshold_a=120))[30, 30, 0] == 255
+    assert np.asarray(control_images.prepare(grey, 64, 64, "threshold", threshold_a=150))[30, 30, 0] == 0
+    blurred = np.asarray(control_images.prepare(square(), 64, 64, "blur_gaussian", threshold_a=3))[..., 0]
+    assert 0 < blurred[16, 30] < 255
+    shuffled = control_images.prepare(square(), 64, 64, "shuffle")
+    assert shuffled.size == (64, 64) and shuffled.tobytes() == control_images.prepare(square(), 64, 64,
+                                                                                      "shuffle").tobytes()
+    with pytest.raises(UserError, match="canny's thresholds"):
+        control_images.prepare(square(), 64, 64, "canny", threshold_a=200, threshold_b=100)
+
+
+def test_resize_modes_crop_stretch_or_pad_as_a1111_does():
+    wide = Image.new("RGB", (128, 64), (255, 255, 255))
+    ImageDraw.Draw(wide).rectangle((0, 0, 31, 63), fill=(0, 0, 0))  # a black band on the left quarter
+    crop = np.asarray(control_images.resize(wide, 64, 64, "crop"))  # the middle 64×64: all white
+    stretch = np.asarray(control_images.resize(wide, 64, 64, "resize"))  # the band kept, half as wide
+    fill = np.asarray(control_images.resize(wide, 64, 64, "fill"))  # fitted: 64×32, black bars above and below
+    assert crop.min() > 200
+    assert stretch[:, :12].max() < 60 and stretch[:, 20:].min() > 200
+    assert fill[:14].max() == 0 and fill[-14:].max() == 0 and fill[32, 40, 0] > 200
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metadata, command line, errors
+
+
+def test_the_units_are_written_as_a1111s_extension_writes_them_and_read_back(nets, ours, tmp_path):
+    image = tmp_path / "map.png"
+    random_images(1)[0].save(image)
+    unit = Control(nets[0], str(image), 0.6, 0.2, 0.9, mode="prompt", module="canny", resize_mode="fill")
+    meta = ours(PROMPT, control=[unit], seed=1, num_inference_steps=2).metadata[0]
+    assert meta["control"][0]["image"] == str(image.resolve())
+    json.dumps(meta)  # storable
+    text = a1111_parameters(meta | {"model": "m", "model_hash": "0", "version": "0"})
+    assert ('ControlNet 0: "Module: canny, Model: ControlNetModel, Weight: 0.6, Resize Mode: Resize and Fill, '
+            'Processor Res: -1, Guidance Start: 0.2, Guidance End: 0.9, Pixel Perfect: True, Control Mode: My '
+            'prompt is more important"') in text
+    settings, _, unused = a1111_request(text)
+    back = settings["control"][0]
+    assert (back.weight, back.start, back.end, back.mode, back.module, back.resize_mode) == (
+        0.6, 0.2, 0.9, "prompt", "canny", "fill")
+    assert "ControlNet 0" not in unused
+
+
+def test_flag_syntax():
+    assert parse_flag("layout:map.png") == Control("layout", "map.png")
+    unit = parse_flag("dir/cn.safetensors:maps/a.png:0.5,end=0.6,mode=control,module=canny,resize=fill")
+    assert (unit.model, unit.image, unit.weight, unit.end, unit.mode, unit.module, unit.resize_mode) == (
+        "dir/cn.safetensors", "maps/a.png", 0.5, 0.6, "control", "canny", "fill")
+    for bad, message in [("onlymodel", "MODEL:IMAGE"), ("m:i,colour=red", "key=value with key one of"),
+                         ("m:i,start=soon", "start must be a number")]:
+        with pytest.raises(UserError, match=message):
+            parse_flag(bad)
+
+
+@pytest.mark.parametrize(("unit", "message"), [
+    (dict(weight=3.0), r"ControlNet weight must be in \[0, 2\], got 3.0"),
+    (dict(start=0.6, end=0.5), "start must be below end"),
+    (dict(mode="loud"), "unknown ControlNet mode 'loud'; choose one of: balanced, prompt, control"),
+    (dict(module="depth_midas"), "unknown ControlNet preprocessor 'depth_midas'; choose one of: none, canny"),
+    (dict(resize_mode="zoom"), "unknown ControlNet resize mode 'zoom'; choose one of: crop, resize, fill"),
+    (dict(image=None), "no control image given"),
+])
+def test_bad_units_are_one_line_errors(nets, ours, unit, message):
+    fields = dict(model=nets[0], image=random_images(1)[0]) | unit
+    with pytest.raises(UserError, match=message):
+        ours.check_request(PROMPT, control=[Control(**fields)])
+
+
+def test_a_controlnet_of_another_family_or_size_is_refused(ours, tmp_path):
+    xl = ControlNetModel.from_unet(C.sdxl_components()["unet"], conditioning_embedding_out_channels=(8, 16))
+    with pytest.raises(UserError, match="is for SDXL models; this model is SD 1.x/2.x"):
+        ours.check_request(PROMPT, control=[Control(xl, random_images(1)[0])])
+    other = ControlNetModel.from_unet(C.unet(cross_attention_dim=16), conditioning_embedding_out_channels=(8, 16))
+    with pytest.raises(UserError, match="does not fit this model's U-Net"):
+        ours.check_request(PROMPT, control=[Control(other, random_images(1)[0])])
+    with pytest.raises(UserError, match="is neither a file, a folder nor a name"):
+        ours.check_request(PROMPT, control=[Control("nowhere", random_images(1)[0])])
+
+
+def test_infer_with_a_controlnet_writes_the_image_and_replays_it_bit_for_bit(tiny_folder, nets, tmp_path):
+    nets[0].save_pretrained(tmp_path / "controlnets" / "layout")
+    random_images(1)[0].save(tmp_path / "map.png")
+    out = tmp_path / "out.png"
+    base = [sys.executable, str(ROOT / "infer.py"), "--model", str(tiny_folder), "--steps", "3", "--seed", "4",
+            "--controlnets-dir", str(tmp_path / "controlnets")]
+    r = subprocess.run(base + ["--prompt", PROMPT, "--control", f"layout:{tmp_path / 'map.png'}:0.8,end=0.7",
+                               "--control-preprocess", "invert", "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(base + ["--replay", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "identical, bit for bit" in r.stdout, r.stdout + r.stderr
+    # an A1111 text alone names the unit but not its image: the replay asks for it, then makes the same image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", Image.open(out).text["parameters"])
+    Image.open(out).save(tmp_path / "a1111.png", pnginfo=info)
+    r = subprocess.run(base + ["--replay", str(tmp_path / "a1111.png")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and "was made with ControlNet layout; its control image is not in the text" in r.stderr
+    again = tmp_path / "again.png"
+    r = subprocess.run(base + ["--replay", str(tmp_path / "a1111.png"), "--control", f"layout:{tmp_path / 'map.png'}",
+                               "--out", str(again)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
+    bad = subprocess.run(base + ["--prompt", PROMPT, "--control", "layout:missing.png", "--out",
+                                 str(tmp_path / "bad.png")], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode != 0 and "control image missing.png does not exist" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "bad.png").exists()
