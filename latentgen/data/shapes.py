@@ -94,12 +94,15 @@ class ShapesSample:
         return {"index": self.index, "split": self.split, "background": self.background,
                 "shapes": [asdict(s) for s in self.shapes], "resolution": self.resolution}
 
-    def render(self) -> Image.Image:
+    def render(self, layout: bool = False) -> Image.Image:
+        """The image; with `layout`, its layout map instead: each shape's silhouette white on black, what the
+        default model's ControlNet takes (where each shape goes and what outline it has, not its color)."""
         s = SUPERSAMPLE
-        canvas = Image.new("RGB", (self.resolution * s, self.resolution * s), COLORS[self.background])
+        canvas = Image.new("RGB", (self.resolution * s, self.resolution * s),
+                           (0, 0, 0) if layout else COLORS[self.background])
         draw = ImageDraw.Draw(canvas)
         for shape in self.shapes:
-            fill = COLORS[shape.color]
+            fill = (255, 255, 255) if layout else COLORS[shape.color]
             if shape.kind == "circle":
                 cx, cy, r = shape.center[0] * s, shape.center[1] * s, shape.radius * s
                 draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)

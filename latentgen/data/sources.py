@@ -123,6 +123,10 @@ class ShapesDataset(torch.utils.data.Dataset):
     def captions(self, index: int) -> list[str]:
         return [make_sample(self.spec, index).text]
 
+    def condition(self, index: int) -> torch.Tensor:
+        """Sample `index`'s layout map (a ControlNet's control image), (3, H, W) in [0, 1]."""
+        return (to_tensor(make_sample(self.spec, index).render(layout=True)) + 1) / 2
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.item(index)
 
@@ -254,6 +258,16 @@ class HFImageTextDataset(torch.utils.data.Dataset):
     def captions(self, index: int) -> list[str]:
         """Every caption of image `index` (training draws one per epoch with `choose_caption`)."""
         return _captions(self.ds[self.valid[index]], self.config)
+
+    def condition(self, index: int, column: str = "conditioning_image") -> torch.Tensor:
+        """Image `index`'s control image from `column` (diffusers' `train_controlnet.py` layout), cropped as its
+        image is (the cache keeps the centre crop), (3, H, W) in [0, 1]."""
+        row = self.ds[self.valid[index]]
+        if column not in row:
+            raise UserError(f"dataset {self.config.path} has no column {column!r} (controlnet.condition names the "
+                            f"control images' column; it has {', '.join(row)})")
+        image = transform(_decode(row[column]), self.config.resolution, np.random.default_rng(0), False, 0.0)
+        return (image + 1) / 2
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.item(index)

@@ -236,6 +236,12 @@ def main(argv=None):
     u.add_argument("--upscale-steps", type=int, help="upscaler steps (default: its own)")
     u.add_argument("--upscale-strength", type=float, help="the part of its schedule it runs (default: its own)")
     u.add_argument("--upscaler", metavar="FOLDER", help="default: the model folder's upscaler/")
+    c = sub.add_parser("control", help="a layout ControlNet: strict adherence and placement (IoU with the drawn "
+                                        "silhouettes), with and without the layout, on held-out samples")
+    common(c)
+    c.add_argument("--controlnet", required=True, help="the layout ControlNet (a folder or file)")
+    c.add_argument("--control-weight", type=float, default=1.0)
+    c.add_argument("--samples", type=int, default=64, help="held-out samples, half with two shapes")
     args = p.parse_args(argv)
     if getattr(args, "seeds", 1) < 1 or any(n < 1 for n in getattr(args, "steps", [1])):
         raise UserError("--seeds and --steps must be ≥ 1")
@@ -311,6 +317,19 @@ def main(argv=None):
             report.append(f"CLIP score ({args.clip_model}): **{score:.2f}**")
         else:
             report.append("CLIP score: skipped (no local open_clip checkpoint; pass --clip-checkpoint FILE)")
+
+    if args.command == "control":
+        from latentgen.eval import placement
+
+        results = placement.evaluate(pipe, args.controlnet, args.samples, args.seeds, args.steps[0],
+                                     args.guidance[0], args.control_weight)
+        report += [f"## Layout ControlNet {args.controlnet} (weight {args.control_weight:g}, {args.samples} held-out "
+                   f"samples × {args.seeds} seeds, {args.steps[0]} steps, guidance {args.guidance[0]:g})",
+                   placement.table(results)]
+        if out:
+            sample_grid([t.target for t in placement.layout_targets(args.samples)][:48],
+                        results["with_images"][::args.seeds][:48], out / "samples-with-layout.png")
+            write_json(out / "control.json", {k: v for k, v in results.items() if not k.endswith("_images")})
 
     if args.command == "upscale":
 

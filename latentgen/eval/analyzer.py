@@ -49,6 +49,7 @@ class Detected:
     rect_fill: float = 0.0  # area / area of the minimum-area rotated rectangle
     solidity: float = 0.0  # area / area of the convex hull: 1 for convex shapes, less for pinched sides
     corners: int = 0  # vertices of the outline simplified to within 8% of its size (cv2.approxPolyDP)
+    mask: np.ndarray | None = field(default=None, repr=False, compare=False)  # (H, W) bool: its pixels
 
     @property
     def strict_kind(self) -> str:
@@ -139,7 +140,7 @@ def analyze(image: Image.Image | np.ndarray, max_shapes: int = 2) -> Analysis:
         color = NAMES[int(votes.argmax())]
         rect_fill, solidity, corners = outline(arr, mask, color, NAMES[bg])
         found.append(Detected(color, _kind(fill, solidity, corners), (float(cx), float(cy)), area, fill, rect_fill,
-                              solidity, corners))
+                              solidity, corners, mask))
     found = sorted(found, key=lambda s: -s.area)[:max_shapes]
     return Analysis(NAMES[bg], sorted(found, key=lambda s: s.centroid[0]))
 

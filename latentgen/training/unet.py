@@ -25,6 +25,7 @@ from latentgen.io import save_image
 from latentgen.runtime.device import set_attention
 from latentgen.runtime.memory import check_training, unet_training_bytes
 from latentgen.training.cache import load_or_build_cache
+from latentgen.training.controlnet import train_controlnet
 from latentgen.training.lcm import train_lcm
 from latentgen.training.loop import (
     Run,
@@ -49,6 +50,8 @@ def train_unet(config: UNetTrainConfig) -> Path:
     run makes; a distillation (`lcm.enabled`) is `training.lcm`'s."""
     if config.lcm.enabled:
         return train_lcm(config)
+    if config.controlnet.enabled:
+        return train_controlnet(config)
     # 1. Components and data, checked before any training starts.
     run = Run(config, "train_unet")
     parts = load_components(config)

@@ -87,6 +87,20 @@ class LcmConfig:
 
 
 @dataclass
+class ControlNetTrainConfig:
+    """`train_unet.py`'s `controlnet:` section: train a ControlNet for the pretrained pipeline (training.controlnet)."""
+
+    enabled: bool = False
+    # the hint encoder's widths, one stride-2 step between each (SD's 16, 32, 96, 256 for its 8× VAE); empty: SD's
+    # first widths, as many as the VAE's factor needs
+    hint_channels: list[int] = field(default_factory=list)
+    # the control image of each example: the shapes dataset's "layout" (each shape's silhouette, white on black);
+    # for an hf dataset, the name of its conditioning image column
+    condition: str = "layout"
+    pretrained_controlnet: str | None = None  # continue this ControlNet (else a copy of the U-Net's encoder)
+
+
+@dataclass
 class UNetTrainConfig(TrainConfig):
     output_dir: str = "runs/unet"
     pretrained_pipeline: str | None = None  # fine-tune the U-Net of this pipeline folder (and use its parts)
@@ -110,6 +124,7 @@ class UNetTrainConfig(TrainConfig):
     upscaler: UpscalerConfig = field(default_factory=UpscalerConfig)  # scale > 0: train a cascade's upscaler
     pretrained_upscaler: str | None = None  # an upscaler folder whose U-Net the run fine-tunes (else a new one)
     lcm: LcmConfig = field(default_factory=LcmConfig)  # enabled: distil a few-step student (training.lcm)
+    controlnet: ControlNetTrainConfig = field(default_factory=ControlNetTrainConfig)  # enabled: train a ControlNet
 
     @property
     def trains_text(self) -> bool:
@@ -174,6 +189,14 @@ class UNetTrainConfig(TrainConfig):
             if self.upscaler.scale or self.trains_text or not self.cache:
                 raise UserError("lcm distils a text-to-image U-Net on cached latents with its text encoder frozen: "
                                 "set cache: true")
+        if self.controlnet.enabled:
+            if not self.pretrained_pipeline:
+                raise UserError("controlnet trains a ControlNet for a pretrained pipeline: set pretrained_pipeline")
+            if self.lcm.enabled or self.upscaler.scale or self.trains_text or self.lora.rank or not self.cache:
+                raise UserError("controlnet trains the ControlNet alone, on cached latents: set cache: true, no "
+                                "lcm, upscaler, lora or text encoder training")
+            if self.data.source == "shapes" and self.controlnet.condition != "layout":
+                raise UserError("the shapes dataset's control image is its layout: set controlnet.condition: layout")
         if self.cache and (self.data.random_crop or self.data.hflip):
             raise UserError("cache=true stores one view of each image; set data.random_crop=false and "
                             "data.hflip=0, or cache=false to augment every step")
