@@ -117,6 +117,7 @@ def build(args):
                     max_job_s=args.max_job_seconds)
     worker = Worker(models, limits, max_batch=args.max_batch, about=about)
     settings = Settings(auth=parse_auth(args.api_auth), loras_dir=Path(args.loras_dir),
+                        controlnets_dir=Path(args.controlnets_dir),
                         allowed_hosts=allowed_hosts(args), cors_origins=_names(args.cors_allow_origins))
     return create_app(worker, settings), worker
 

@@ -157,3 +157,20 @@ def infer(*args, cwd=None, fresh: bool = False) -> subprocess.CompletedProcess:
         finally:
             os.chdir(here)
     return subprocess.CompletedProcess(["infer.py", *argv], code, out.getvalue(), err.getvalue())
+
+
+def chromium():
+    """A headless Chromium driven by selenium (Debian's chromium and chromium-driver)."""
+    import shutil
+
+    from selenium import webdriver
+
+    driver_path, browser = shutil.which("chromedriver"), shutil.which("chromium")
+    assert driver_path and browser, "the browser test needs Debian's chromium and chromium-driver (README)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)

@@ -390,3 +390,92 @@ def test_the_control_eval_reports_placement_with_and_without_the_layout(smoke_mo
     assert "| with the layout |" in r.stdout and "| without the layout |" in r.stdout
     saved = json.loads((tmp_path / "report" / "control.json").read_text())
     assert saved["with"]["placement"]["n"] == 3  # one shape + two shapes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The server: AUTOMATIC1111's ControlNet extension's API, through webuiapi
+
+
+@pytest.fixture(scope="module")
+def cn_server(tiny_folder, tmp_path_factory):
+    from conftest import Server
+
+    root = tmp_path_factory.mktemp("cn-served")
+    pipe = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
+    controlnet(pipe.unet, 7).save_pretrained(root / "controlnets" / "layout")
+    controlnet(pipe.unet, 8).save_pretrained(root / "outside")
+    s = Server(["--model", str(tiny_folder), "--controlnets-dir", str(root / "controlnets"), "--dtype", "fp32"])
+    s.root = root
+    yield s
+    s.close()
+
+
+def test_webuiapi_controlnet_units_give_the_pipelines_image(cn_server, tiny_folder):
+    import webuiapi
+
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=cn_server.port)
+    assert api.controlnet_model_list() == ["layout"] and "canny" in api.controlnet_module_list()
+    image = square(32)
+    unit = webuiapi.ControlNetUnit(image=image, module="invert", model="layout [0123abcd]", weight=0.8,
+                                   resize_mode="Just Resize", guidance_end=0.7, control_mode=1)
+    # a dict of our own: webuiapi adds the units to its `alwayson_scripts={}` default, which later calls would share
+    result = api.txt2img(prompt=PROMPT, seed=3, steps=4, cfg_scale=6.0, width=32, height=32, sampler_name="Euler",
+                         controlnet_units=[unit], alwayson_scripts={})
+    assert "notes" not in result.info, result.info.get("notes")
+    assert 'ControlNet 0: "Module: invert, Model: layout, Weight: 0.8, Resize Mode: Just Resize' in \
+        result.info["infotexts"][0]
+    pipe = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    direct = pipe(PROMPT, seed=3, num_inference_steps=4, guidance_scale=6.0, width=32, height=32, scheduler="euler",
+                  control=[Control(str(cn_server.root / "controlnets" / "layout"), image, 0.8, end=0.7,
+                                   mode="prompt", module="invert", resize_mode="resize")]).images[0]
+    assert np.array_equal(np.asarray(result.image.convert("RGB")), np.asarray(direct))
+    detected = api.controlnet_detect([square(64)], module="canny", threshold_a=100, threshold_b=200)
+    assert np.array_equal(np.asarray(detected.image.convert("RGB")),
+                          np.asarray(control_images.prepare(square(64), 64, 64, "canny")))
+
+
+def test_the_server_finds_controlnets_only_in_its_folder(cn_server):
+    import webuiapi
+
+    for name in ("../outside", str(cn_server.root / "outside")):
+        r = cn_server.post("/sdapi/v1/txt2img", {"prompt": PROMPT, "steps": 1, "width": 32, "height": 32,
+                                                 "alwayson_scripts": {"controlnet": {"args": [
+                                                     {"model": name, "image": webuiapi.raw_b64_img(square(32))}]}}})
+        assert r.status_code == 400 and "no ControlNet named" in r.json()["detail"]
+    r = cn_server.post("/sdapi/v1/txt2img", {"prompt": PROMPT, "steps": 1, "width": 32, "height": 32,
+                                             "alwayson_scripts": {"controlnet": {"args": [{"model": "layout"}]}}})
+    assert r.status_code == 400 and "has no image" in r.json()["detail"]
+
+
+def test_the_web_page_uploads_a_control_image_shows_its_map_and_uses_it(cn_server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from conftest import chromium
+
+    square(32).save(tmp_path / "control.png")
+    driver = chromium()
+    try:
+        driver.get(cn_server.url + "/")
+        wait = WebDriverWait(driver, 120)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#cn_model option")) > 1)
+        Select(driver.find_element(By.ID, "cn_model")).select_by_visible_text("layout")
+        Select(driver.find_element(By.ID, "cn_module")).select_by_visible_text("canny")
+        driver.find_element(By.ID, "cn_image").send_keys(str(tmp_path / "control.png"))
+        driver.find_element(By.ID, "cn_detect").click()
+        shown = driver.find_element(By.ID, "cn_map")
+        wait.until(lambda d: d.execute_script("return arguments[0].naturalWidth", shown) == 32)
+        driver.find_element(By.ID, "prompt").send_keys(PROMPT)
+        for field, value in (("width", "32"), ("height", "32"), ("steps", "2")):
+            driver.find_element(By.ID, field).clear()
+            driver.find_element(By.ID, field).send_keys(value)
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .item pre")
+                   or d.find_element(By.ID, "status").get_attribute("class") == "error")
+        assert driver.find_element(By.ID, "status").get_attribute("class") != "error", \
+            driver.find_element(By.ID, "status").text
+        text = driver.find_element(By.CSS_SELECTOR, "#gallery .item pre").text
+        assert 'ControlNet 0: "Module: canny, Model: layout, Weight: 1' in text
+    finally:
+        driver.quit()

@@ -17,7 +17,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import ROOT, Server
+from conftest import ROOT, Server, chromium
 from latentgen import LatentPipeline
 
 
@@ -420,21 +420,10 @@ def test_serve_command_line_mistakes_are_one_line():
 
 def test_web_page_in_headless_chromium(server):
     """Type a prompt, press Generate, see the image and its parameters; reuse them; in a real browser."""
-    import shutil
-
-    from selenium import webdriver
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver_path, browser = shutil.which("chromedriver"), shutil.which("chromium")
-    assert driver_path and browser, "the browser test needs Debian's chromium and chromium-driver (README)"
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--no-first-run"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+    driver = chromium()
     try:
         driver.get(server.url + "/")
         wait = WebDriverWait(driver, 120)

@@ -78,8 +78,9 @@ class Control:
 
     @property
     def name(self) -> str:
-        if isinstance(self.model, (str, Path)):
-            return Path(self.model).stem if Path(self.model).suffix else Path(self.model).name
+        if isinstance(self.model, (str, Path)):  # a file's stem, a folder's name; A1111's " [hash]" left off
+            path = Path(str(self.model).split(" [")[0])
+            return path.stem if path.suffix in files.SUFFIXES else path.name
         return type(self.model).__name__
 
     def record(self) -> dict:

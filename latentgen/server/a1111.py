@@ -25,6 +25,7 @@ from latentgen.formats.images import image_metadata
 from latentgen.generation import options
 from latentgen.generation.cascade import A1111_NAME as UPSCALER
 from latentgen.generation.cascade import Upscale
+from latentgen.generation.control import Control
 from latentgen.generation.hires import Hires
 from latentgen.generation.infotext import a1111_parameters, model_name
 from latentgen.generation.request import Request, a1111_clip_skip
@@ -32,7 +33,7 @@ from latentgen.generation.request import Request, a1111_clip_skip
 # Fields latentgen does not implement, with A1111's defaults: set to anything else, they are noted as ignored.
 IGNORED = {"styles": [],
            "restore_faces": None, "s_min_uncond": 0.0, "s_churn": 0.0, "s_tmax": None, "s_tmin": 0.0,
-           "s_noise": 1.0, "script_name": None, "script_args": [], "alwayson_scripts": {}, "refiner_checkpoint": None,
+           "s_noise": 1.0, "script_name": None, "script_args": [], "refiner_checkpoint": None,
            "refiner_switch_at": None, "hr_checkpoint_name": None, "hr_sampler_name": None, "hr_scheduler": None,
            "hr_prompt": "", "hr_negative_prompt": "", "firstphase_width": 0, "firstphase_height": 0,
            "disable_extra_networks": False, "comments": None, "mask_blur": 4,
@@ -40,7 +41,7 @@ IGNORED = {"styles": [],
            "inpaint_full_res_padding": 0, "initial_noise_multiplier": 1.0, "latent_mask": None,
            "resize_mode": 0, "force_task_id": None, "infotext": None}
 # Accepted and without effect on the images (where to save, what to send back): never noted.
-SILENT = {"sampler_index", "send_images", "save_images", "do_not_save_samples", "do_not_save_grid",
+SILENT = {"alwayson_scripts", "sampler_index", "send_images", "save_images", "do_not_save_samples", "do_not_save_grid",
           "override_settings_restore_afterwards", "include_init_images", "n_iter", "batch_size",
           "image_cfg_scale"}  # image_cfg_scale: for instruct-pix2pix models only
 
@@ -173,11 +174,97 @@ def to_request(body: Txt2Img, clip_skip_option: int | None = None, max_pixels: i
             if fields["width"] is None and fields["height"] is None and mask.size != images[0].size:
                 raise UserError(f"the mask is {mask.size[0]}×{mask.size[1]} but the init image is "
                                 f"{images[0].size[0]}×{images[0].size[1]}")
-    elif body.enable_hr and (body.hr_upscaler or "").strip() == UPSCALER:
-        fields["upscale"] = _upscale(body)
-    elif body.enable_hr:
-        fields["hires"] = _hires(body, notes)
+    scripts = (body.model_extra or {}).get("alwayson_scripts") or {}
+    if not isinstance(scripts, dict):
+        raise UserError("alwayson_scripts must be an object")
+    fields["control"] = control_units(scripts, max_pixels, notes) or None
+    notes += [f"alwayson_scripts.{name} is not supported by latentgen and was ignored" for name in scripts
+              if name.lower() != "controlnet"]
+    if not isinstance(body, Img2Img) and body.enable_hr:
+        if (body.hr_upscaler or "").strip() == UPSCALER:
+            fields["upscale"] = _upscale(body)
+        else:
+            fields["hires"] = _hires(body, notes)
     return cls(**fields), model, notes
+
+
+CONTROL_MODES = {0: "balanced", 1: "prompt", 2: "control", "Balanced": "balanced",
+                 "My prompt is more important": "prompt", "ControlNet is more important": "control"}
+RESIZE_MODES = {0: "resize", 1: "crop", 2: "fill", "Just Resize": "resize", "Crop and Resize": "crop",
+                "Resize and Fill": "fill", "Envelope (Outer Fit)": "crop", "Scale to Fit (Inner Fit)": "fill"}
+UNIT_SILENT = {"enabled", "image", "input_image", "module", "model", "weight", "resize_mode", "low_vram",
+               "processor_res", "threshold_a", "threshold_b", "guidance_start", "guidance_end", "control_mode",
+               "pixel_perfect", "hr_option", "guessmode"}
+
+
+def control_units(scripts: dict, max_pixels: int | None, notes: list[str]) -> list[Control]:
+    """AUTOMATIC1111's ControlNet extension's API units (`alwayson_scripts.controlnet.args`, what webuiapi's
+    ControlNetUnit sends) as latentgen's: enabled units with a model; the image (base64) decoded within
+    `max_pixels`; modes and resize modes by A1111's names or numbers; thresholds -1 (or absent): the module's
+    defaults."""
+    script = scripts.get("controlnet") or scripts.get("ControlNet") or {}
+    args = script.get("args", []) if isinstance(script, dict) else []
+    if not isinstance(args, list):
+        raise UserError("alwayson_scripts.controlnet.args must be a list of ControlNet units")
+    units = []
+    for i, arg in enumerate(args):
+        what = f"alwayson_scripts.controlnet.args[{i}]"
+        if not isinstance(arg, dict):
+            raise UserError(f"{what} must be an object (a ControlNet unit)")
+        model = str(arg.get("model") or "None")
+        if arg.get("enabled", True) is False or model == "None":
+            continue
+        notes += [f"{what}.{key} is not supported by latentgen and was ignored" for key, value in arg.items()
+                  if key not in UNIT_SILENT and value not in (None, "", False)]
+        image = arg.get("image") or arg.get("input_image")
+        if isinstance(image, dict):  # the extension also takes {"image": ..., "mask": ...}
+            image = image.get("image")
+        if not image:
+            raise UserError(f"{what} has no image (base64)")
+        for key, table in (("control_mode", CONTROL_MODES), ("resize_mode", RESIZE_MODES)):
+            if arg.get(key) is not None and arg[key] not in table:
+                names = [k for k in table if isinstance(k, str)]
+                raise UserError(f"{what}.{key} must be one of {', '.join(names)} (or 0-2), got {arg[key]!r}")
+
+        def threshold(key):
+            value = arg.get(key)
+            return None if value is None or value == -1 else float(value)
+
+        units.append(Control(model=model, image=decode_image(image, f"{what}.image", max_pixels).convert("RGB"),
+                             weight=float(arg.get("weight", 1.0)), start=float(arg.get("guidance_start", 0.0)),
+                             end=float(arg.get("guidance_end", 1.0)),
+                             mode=CONTROL_MODES[arg.get("control_mode", 0)],
+                             module=str(arg.get("module") or "none"),
+                             resize_mode=RESIZE_MODES[arg.get("resize_mode", "Crop and Resize")],
+                             threshold_a=threshold("threshold_a"), threshold_b=threshold("threshold_b")))
+    return units
+
+
+class Detect(BaseModel):
+    """`/controlnet/detect`'s body (the ControlNet extension's): run a preprocessor on images."""
+
+    controlnet_module: str = "none"
+    controlnet_input_images: list[str] = []
+    controlnet_images: list[str] = []  # what webuiapi's controlnet_detect sends
+    controlnet_processor_res: int = 512
+    controlnet_threshold_a: float = -1
+    controlnet_threshold_b: float = -1
+
+
+def detect(body: Detect, max_pixels: int | None) -> list[str]:
+    """Each input image through the preprocessor at its own size (base64 PNGs), as the extension's route."""
+    from latentgen.components import control_images
+
+    given = body.controlnet_input_images or body.controlnet_images
+    if not given:
+        raise UserError("controlnet_input_images is empty; give one or more images (base64)")
+    module = control_images.module_name(body.controlnet_module, "controlnet_module")
+    out = []
+    for i, data in enumerate(given):
+        image = decode_image(data, f"controlnet_input_images[{i}]", max_pixels).convert("RGB")
+        a, b = (None if v == -1 else v for v in (body.controlnet_threshold_a, body.controlnet_threshold_b))
+        out.append(encode_png(control_images.prepare(image, image.width, image.height, module, "resize", a, b), None))
+    return out
 
 
 def _upscale(body: Txt2Img) -> Upscale:

@@ -26,8 +26,10 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from latentgen._version import __version__
+from latentgen.components import control_images
 from latentgen.components.schedulers import SCHEDULERS
 from latentgen.errors import UserError
+from latentgen.formats import controlnet as controlnet_files
 from latentgen.formats import lora
 from latentgen.formats import upscaler as upscaler_folder
 from latentgen.generation import cascade
@@ -46,6 +48,7 @@ class Settings:
     allowed_hosts: list[str] = field(default_factory=list)  # Host header names answered; empty or "*": any
     cors_origins: list[str] = field(default_factory=list)  # origins a browser may call from; empty: none (no CORS)
     loras_dir: Path = Path("loras")
+    controlnets_dir: Path = Path("controlnets")
     clip_skip: int = 1  # A1111's CLIP_stop_at_last_layers option (1: the last layer)
 
 
@@ -202,9 +205,30 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
     def refresh_loras():
         return {}
 
+    # AUTOMATIC1111's ControlNet extension's routes (what webuiapi's ControlNetInterface calls)
+
+    @app.get("/controlnet/version")
+    def controlnet_version():
+        return {"version": 2}
+
+    @app.get("/controlnet/model_list")
+    def controlnet_models(update: bool = True):
+        return {"model_list": controlnet_files.names(settings.controlnets_dir)}
+
+    @app.get("/controlnet/module_list")
+    def controlnet_modules(alias_names: bool = False):
+        return {"module_list": list(control_images.PREPROCESSORS), "module_detail": {
+            name: {"model_free": True, "sliders": [
+                {"name": t[0], "value": t[1]} for t in (p.threshold_a, p.threshold_b) if t]}
+            for name, p in control_images.PREPROCESSORS.items()}}
+
+    @app.post("/controlnet/detect")
+    def controlnet_detect(body: a1111.Detect):
+        return {"images": a1111.detect(body, worker.max_pixels()), "info": "Success"}
+
     @app.get("/sdapi/v1/scripts")
     def scripts():
-        return {"txt2img": [], "img2img": []}
+        return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
 
     @app.get("/sdapi/v1/embeddings")
     def embeddings():

@@ -141,9 +141,9 @@ class Job:
 
     def batch_key(self) -> tuple | None:
         """Jobs with equal keys can run as one batch: same model and settings, only prompts and seeds differ.
-        Image-to-image jobs run alone."""
+        Image-to-image and ControlNet jobs run alone."""
         r = self.request
-        if r.image is not None or r.mask_image is not None or r.generator is not None:
+        if r.image is not None or r.mask_image is not None or r.generator is not None or r.control:
             return None
 
         fields = {f.name for f, _ in options.table(type(r))} - set(options.per_image_fields(type(r))) - {
