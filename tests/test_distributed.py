@@ -1,6 +1,10 @@
 """Process set-up: precision from accelerate's launch honoured only where the training config leaves it to auto,
 and the launch flags read back for starting CPU ranks."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -52,3 +56,19 @@ def test_launch_topology_from_flags_and_from_a_config_file(monkeypatch):
     assert _requested_topology(flags) == (4, 2, 1, "127.0.0.2", 29500)
     config_file = ["--config_file", str(ROOT / "configs" / "accelerate" / "multi-cpu.yaml"), "train_unet.py"]
     assert _requested_topology(config_file) == (2, 1, 0, "127.0.0.1", 29500)
+
+
+def test_a_sharded_launch_or_another_accumulation_is_refused_not_ignored(monkeypatch, tmp_path):
+    """accelerate switches to FSDP only for GPUs: on the CPU `--use_fsdp` used to train plain DDP and exit 0."""
+    from latentgen.runtime.distributed import check_launch_request
+
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    r = subprocess.run([sys.executable, str(ROOT / "train_unet.py"), "--config", str(ROOT / "configs" / "smoke.yaml"),
+                        f"output_dir={tmp_path}", "max_steps=1"], capture_output=True, text=True,
+                       env={**os.environ, **env})
+    assert r.returncode != 0 and "FSDP (--use_fsdp or distributed_type: FSDP) was asked for" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "pipeline").exists()
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    with pytest.raises(UserError, match="--gradient_accumulation_steps 4 disagrees with the config's 1"):
+        check_launch_request(1)
+    check_launch_request(4)  # the same: fine

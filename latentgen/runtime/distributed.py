@@ -31,6 +31,21 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
+def check_launch_request(gradient_accumulation_steps: int) -> None:
+    """What `accelerate launch` asked for that the trainers do not do is a one-line error, not silently plain data
+    parallel: accelerate switches to FSDP or DeepSpeed only for GPUs, so on the CPU their flags would pass
+    unnoticed, and its --gradient_accumulation_steps would disagree with the config's."""
+    for flag, what in (("ACCELERATE_USE_FSDP", "FSDP (--use_fsdp or distributed_type: FSDP)"),
+                       ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")):
+        if _flag(flag):
+            raise UserError(f"{what} was asked for, but latentgen trains data parallel (DDP) only, with whole "
+                            "weights in its checkpoints; launch without it (accelerate launch --multi_gpu, or --cpu)")
+    steps = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    if steps is not None and steps != str(gradient_accumulation_steps):
+        raise UserError(f"accelerate launch --gradient_accumulation_steps {steps} disagrees with the config's "
+                        f"{gradient_accumulation_steps}; set it in the config (gradient_accumulation_steps={steps})")
+
+
 def use_cpu() -> bool:
     """True when the run is on the CPU: no CUDA here, or `accelerate launch --cpu` asked for it."""
     return not torch.cuda.is_available() or _flag("ACCELERATE_USE_CPU")

@@ -40,7 +40,7 @@ from latentgen.errors import UserError, one_of
 from latentgen.formats.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from latentgen.io import write_text
 from latentgen.runtime.device import ATTENTION, peak_memory_mb
-from latentgen.runtime.distributed import describe, process_state, say, use_cpu
+from latentgen.runtime.distributed import check_launch_request, describe, process_state, say, use_cpu
 from latentgen.runtime.precision import mixed_precision
 from latentgen.runtime.precision import mixed_precision as resolve
 
@@ -118,6 +118,7 @@ def make_accelerator(config: TrainConfig, project: str):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    check_launch_request(config.gradient_accumulation_steps)
     cpu = use_cpu()
     mixed_precision, source = resolve(config.mixed_precision, cpu)
     state = process_state()
