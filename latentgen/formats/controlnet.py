@@ -20,32 +20,46 @@ LDM_PREFIX = "control_model."
 SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt", ".bin")
 
 
-def resolve(name: str | Path, folder: str | Path | None, confined: bool = False) -> Path:
-    """The ControlNet `name` names: a path, or a file or folder in `folder` (with or without its suffix, as
-    A1111's model list shows them); `confined` (the server): only there, and no path may leave it."""
+MODEL_FOLDER = "controlnets"  # ControlNets shipped inside a pipeline folder (the default model's layout one)
+
+
+def resolve(name: str | Path, folders, confined: bool = False) -> Path:
+    """The ControlNet `name` names: a path, or a file or folder in one of `folders` (with or without its suffix, as
+    A1111's model list shows them, " [hash]" and all); `confined` (the server): only there, and no path may leave
+    them."""
     name = str(name)
-    base = Path(folder) if folder is not None else None
+    bases = [Path(f) for f in ([folders] if isinstance(folders, (str, Path)) else folders or []) if f is not None]
     if not confined and Path(name).exists():
         return Path(name)
-    if base is not None:
+    stem = name.split(" [")[0]
+    for base in bases:
         inside = base.resolve()
-        stem = name.split(" [")[0]  # A1111's lists show "name [hash]"
         for candidate in [base / stem] + [base / (stem + s) for s in SUFFIXES]:
             if candidate.exists() and candidate.resolve().is_relative_to(inside):
                 return candidate
-    where = f" in {base}" if base is not None else ""
+    where = f" in {', '.join(map(str, bases))}" if bases else ""
     if confined:
         raise UserError(f"no ControlNet named {name!r}{where} (the server takes names from its --controlnets-dir)")
     raise UserError(f"ControlNet {name!r} is neither a file, a folder nor a name{where}")
 
 
-def names(folder: str | Path | None) -> list[str]:
-    """The ControlNets in `folder`, as `resolve` takes them: single files by stem, folders by name."""
-    base = Path(folder) if folder is not None else None
-    if base is None or not base.is_dir():
-        return []
-    return sorted(p.stem if p.is_file() else p.name for p in base.iterdir()
-                  if (p.is_file() and p.suffix in SUFFIXES) or (p / "config.json").is_file())
+def shipped(pipe) -> Path | None:
+    """The `controlnets/` folder inside the pipeline's own folder, when it has one."""
+    source = pipe.config.get("_name_or_path")
+    folder = Path(source) / MODEL_FOLDER if source else None
+    return folder if folder is not None and folder.is_dir() else None
+
+
+def names(*folders) -> list[str]:
+    """The ControlNets in `folders`, as `resolve` takes them: single files by stem, folders by name."""
+    found = set()
+    for folder in folders:
+        base = Path(folder) if folder is not None else None
+        if base is None or not base.is_dir():
+            continue
+        found |= {p.stem if p.is_file() else p.name for p in base.iterdir()
+                  if (p.is_file() and p.suffix in SUFFIXES) or (p / "config.json").is_file()}
+    return sorted(found)
 
 
 def load(path: Path, allow_pickle: bool = False):

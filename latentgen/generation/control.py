@@ -209,12 +209,12 @@ def fit(pipe, units: list[Control], height: int, width: int) -> list[Active]:
     from PIL import Image
 
     out = []
-    folder = getattr(pipe, "controlnets_dir", None)
+    folders = [getattr(pipe, "controlnets_dir", None), files.shipped(pipe)]  # the user's, then the model's own
     confined = getattr(pipe, "loras_confined", False)
     for unit in units:
         net = unit.model
         if isinstance(net, (str, Path)):
-            path = files.resolve(net, folder, confined).resolve()
+            path = files.resolve(net, folders, confined).resolve()
             cache = networks(pipe)
             if path not in cache:
                 cache[path] = files.load(path, getattr(pipe, "allow_pickle", False))

@@ -213,7 +213,9 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
 
     @app.get("/controlnet/model_list")
     def controlnet_models(update: bool = True):
-        return {"model_list": controlnet_files.names(settings.controlnets_dir)}
+        pipe = worker.models.pipe
+        return {"model_list": controlnet_files.names(settings.controlnets_dir,
+                                                     controlnet_files.shipped(pipe) if pipe is not None else None)}
 
     @app.get("/controlnet/module_list")
     def controlnet_modules(alias_names: bool = False):
