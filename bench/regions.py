@@ -8,7 +8,9 @@ Methods (the target: c1 k1 left of c2 k2 on b):
 - and: the plain prompt :0.5 AND "a c1 k1 on a b background" :0.25 AND "a c2 k2 on a b background" :0.25;
 - regions: columns 1,1, the left region's prompt "a c1 k1 on a b background", the right one's "a c2 k2 on ...",
   with the plain prompt as the base prompt (--base of it over the whole image);
-- regions-nobase: the same without the base prompt.
+- regions-nobase: the same without the base prompt;
+- attention, attention-nobase: the same two in the regional prompter's attention mode (one U-Net pass whose
+  cross-attention reads each region's prompt inside it) instead of its latent mode.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def prompts_for(target, method: str) -> tuple[str, dict]:
         return target.prompt, {}
     if method == "and":  # the parts' weights sum to 1, so the guidance is the request's, as for one prompt
         return f"{target.prompt} :0.5 AND {left} :0.25 AND {right} :0.25", {}
-    if method == "regions":
+    if method in ("regions", "attention"):
         return f"{target.prompt} ADDBASE {left} BREAK {right}", {}
     return f"{left} BREAK {right}", {}
 
@@ -39,7 +41,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--groups", nargs="+", default=["two-heldout"])
     p.add_argument("--base", type=float, default=0.5)
-    p.add_argument("--methods", nargs="+", default=["plain", "and", "regions", "regions-nobase"])
+    p.add_argument("--methods", nargs="+",
+                   default=["plain", "and", "regions", "regions-nobase", "attention", "attention-nobase"])
     p.add_argument("--steps", type=int, default=20)
     args = p.parse_args()
     from latentgen.cli import quiet_libraries
@@ -55,8 +58,9 @@ def main() -> None:
     print("| method | strict binding | strict relation | strict all | lenient binding | s/image |")
     print("|---|---|---|---|---|---|")
     for method in args.methods:
-        regions = {"ratios": "1,1", "base": args.base if method == "regions" else 0.0} \
-            if method.startswith("regions") else None
+        regions = {"ratios": "1,1", "base": 0.0 if method.endswith("nobase") else args.base,
+                   "calc": "attention" if method.startswith("attention") else "latent"} \
+            if method.startswith(("regions", "attention")) else None
         start = time.perf_counter()
         images = []
         for target, seed in zip(targets, seeds):

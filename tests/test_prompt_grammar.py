@@ -137,15 +137,40 @@ def test_region_masks_cover_the_latent_once():
     assert left[..., :3].min() == 1 and left[..., 3:].max() == 0
 
 
-def test_regions_with_the_same_prompt_are_the_plain_prompt(tiny_pipe):
+@pytest.mark.parametrize("calc", ["latent", "attention"])
+def test_regions_with_the_same_prompt_are_the_plain_prompt(tiny_pipe, calc):
     plain = image(tiny_pipe, "a red circle")
-    same = image(tiny_pipe, "a red circle BREAK a red circle", regions={"ratios": "1,1"})
+    same = image(tiny_pipe, "a red circle BREAK a red circle", regions={"ratios": "1,1", "calc": calc})
     assert np.abs(same - plain).max() < 1e-5
     based = image(tiny_pipe, "a red circle ADDBASE a red circle BREAK a red circle",
-                  regions={"ratios": "2,1", "base": 0.3})
+                  regions={"ratios": "2,1", "base": 0.3, "calc": calc})
     assert np.abs(based - plain).max() < 1e-5
-    split = image(tiny_pipe, "a red circle BREAK a blue square", regions={"ratios": "1,1"})
+    split = image(tiny_pipe, "a red circle BREAK a blue square", regions={"ratios": "1,1", "calc": calc})
     assert np.abs(split - plain).max() > 1e-3
+
+
+def test_attention_regions_read_each_prompt_inside_its_region(tiny_pipe, monkeypatch):
+    """The attention mode's cross-attention output is, at each position, its region's prompt's own: the left half
+    of a 1,1 split is what the left prompt alone gives there, at every cross-attention layer."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from latentgen.generation.regions import RegionalAttention, Regions
+
+    attn = next(m for n, m in tiny_pipe.unet.named_modules() if n.endswith("attn2"))
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 4 * 6, attn.to_q.in_features)  # a 4×6 layer
+    left, right = torch.randn(1, 5, attn.to_k.in_features), torch.randn(1, 5, attn.to_k.in_features)
+    regional = RegionalAttention(AttnProcessor2_0(), Regions("1,1"), 2, False, 4 / 6)
+    with torch.no_grad():
+        out = regional(attn, hidden, torch.cat([left, right], dim=1)).reshape(1, 4, 6, -1)
+        alone = [AttnProcessor2_0()(attn, hidden, text).reshape(1, 4, 6, -1) for text in (left, right)]
+    torch.testing.assert_close(out[:, :, :3], alone[0][:, :, :3])
+    torch.testing.assert_close(out[:, :, 3:], alone[1][:, :, 3:])
+    assert not getattr(tiny_pipe.unet, "regional_attention", False)
+    image(tiny_pipe, "a red circle BREAK a blue square", regions={"ratios": "1,1", "calc": "attention"})
+    assert not tiny_pipe.unet.regional_attention  # restored after the call
+    assert all(not isinstance(m.processor, RegionalAttention) for m in tiny_pipe.unet.modules()
+               if hasattr(m, "processor"))
 
 
 def test_regions_are_checked_written_and_read_back(tiny_pipe):
@@ -157,12 +182,18 @@ def test_regions_are_checked_written_and_read_back(tiny_pipe):
         image(tiny_pipe, "a BREAK b", regions={"ratios": "1,-1"})
     from latentgen.generation.infotext import a1111_parameters, a1111_request
 
-    meta = tiny_pipe("sky ADDCOMM a red circle BREAK a blue square", regions={"ratios": "1,1", "mode": "rows"},
+    meta = tiny_pipe("sky ADDCOMM a red circle BREAK a blue square", regions={"ratios": "1,1", "mode": "rows",
+                                                                               "calc": "attention"},
                      num_inference_steps=2, seed=1).metadata[0]
     text = a1111_parameters(meta | {"model": "m", "model_hash": "0", "version": "0"})
     assert "RP Active: True, RP Ratios: 1,1" in text or 'RP Ratios: "1,1"' in text
+    assert "RP Calc Mode: Attention" in text
     settings, _, unused = a1111_request(text)
     assert unused == [] and settings["regions"].mode == "rows" and settings["regions"].ratios == "1,1"
+    assert settings["regions"].calc == "attention"
+    with pytest.raises(UserError, match="every prompt of a call needs the same parts"):
+        tiny_pipe(["a ADDBASE b BREAK c", "b BREAK c"], regions={"ratios": "1,1", "calc": "attention", "base": 0.3},
+                  num_inference_steps=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from latentgen.formats import lora, single_file
 from latentgen.formats import upscaler as upscaler_folder
 from latentgen.formats.folders import WEIGHT_COMPONENTS, check_pipeline_folder
 from latentgen.generation import cascade, hires, sampling
+from latentgen.generation import regions as regional
 from latentgen.generation.conditioning import Conditioning, PromptEncoder
 from latentgen.generation.plan import Plan
 from latentgen.generation.request import Request
@@ -421,13 +422,18 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         """Run a Request, or a Plan already fitted to this pipeline (then nothing is checked again)."""
         plan = request if isinstance(request, Plan) else request.fit(self)
         tiled = plan.request.tiling
-        if tiled:  # from now on every call takes the lock: none may run while the convolutions are circular
+        # from now on every call takes the lock: none may run while the convolutions are circular or the
+        # cross-attention regional
+        if tiled or (plan.request.regions is not None and plan.request.regions.calc == "attention"):
             self.__dict__["tiling_used"] = True
         switch = bool(plan.loras or self.__dict__.get("managed_loras"))
         with self.lora_lock if switch or self.__dict__.get("tiling_used") else contextlib.nullcontext():
             if switch:
                 lora.activate(self, plan.loras)
-            with tiling.circular(self.unet, self.vae, enabled=tiled):
+            regions = plan.request.regions
+            shape = regions.shape_of(plan.prompts) if regions is not None else (1, False)
+            with tiling.circular(self.unet, self.vae, enabled=tiled), \
+                    regional.attention(self.unet, regions, *shape, plan.height, plan.width):
                 if plan.request.hires is not None:
                     return hires.generate(self, plan, on_step, on_latents)
                 if plan.request.upscale is not None:

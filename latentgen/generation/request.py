@@ -305,6 +305,8 @@ class Request:
             regions = validate.settings(Regions, regions, name["regions"], _within(name, "regions"))
             for prompt in prompts:
                 regions.prompts(prompt)  # one prompt per region
+            if regions.calc == "attention":
+                regions.shape_of(prompts)
         control = controls.check_all(self.control, self.control_preprocess, name["control"])
         upscale = self.upscale
         if upscale is not None:

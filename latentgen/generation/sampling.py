@@ -26,7 +26,7 @@ from latentgen.components.schedulers import (
 )
 from latentgen.errors import UserError
 from latentgen.generation import control, schedule
-from latentgen.generation.conditioning import Composable, GuidedConditioning, PromptEncoder
+from latentgen.generation.conditioning import Composable, Conditioning, GuidedConditioning, PromptEncoder
 from latentgen.generation.guidance import DYNAMIC_THRESHOLD_FLOOR, alpha_sigma, clip_x0, guide, rescale_guidance
 from latentgen.generation.plan import Plan
 from latentgen.runtime import threads
@@ -50,6 +50,8 @@ def prepare_conditioning(pipe, plan: Plan) -> GuidedConditioning | Composable:
     the step or have several parts (A1111's prompt editing, alternation, AND: `generation.schedule`), what gives
     each step's rows."""
     steps, regions = plan.request.num_inference_steps, plan.request.regions
+    if regions is not None and regions.calc == "attention":
+        return regional_conditioning(pipe, plan)
     if regions is not None or any(schedule.has_schedule(p) or "AND" in p for p in plan.prompts) or any(
             map(schedule.has_schedule, plan.negative_prompts)):
         f = pipe.vae_scale_factor
@@ -67,6 +69,28 @@ def prepare_conditioning(pipe, plan: Plan) -> GuidedConditioning | Composable:
     if plan.request.guidance_scale <= 1.0:
         return GuidedConditioning(cond)
     uncond = micro_conditioning(pipe, plan, pipe.encode_conditioning(plan.negative_prompts, plan.clip_skip))
+    return GuidedConditioning(cond, type(cond).concat([uncond, cond]))
+
+
+def regional_conditioning(pipe, plan: Plan) -> GuidedConditioning:
+    """The regional prompter's attention mode: each image's parts (base and regions) side by side along the
+    tokens, (N, P·T, D), which `regions.RegionalAttention` splits again; the negative prompt repeated P times."""
+    regions = plan.request.regions
+    parts, _ = regions.shape_of(plan.prompts)
+    texts = [t for p in plan.prompts for t in regions.texts(p)]
+    flat = pipe.encode_conditioning(texts, plan.clip_skip)  # (N·P, T, D)
+    n, tokens = len(plan.prompts), flat.hidden_states.shape[1]
+
+    def side_by_side(c):  # (N·P, T, ...) -> (N, P·T, ...); the first part's pooled embedding (SDXL)
+        return Conditioning(c.hidden_states.reshape(n, parts * tokens, -1),
+                            None if c.mask is None else c.mask.reshape(n, parts * tokens),
+                            None if c.pooled is None else c.pooled[::parts], {})
+
+    cond = micro_conditioning(pipe, plan, side_by_side(flat))
+    if plan.request.guidance_scale <= 1.0:
+        return GuidedConditioning(cond)
+    negative = pipe.encode_conditioning([x for x in plan.negative_prompts for _ in range(parts)], plan.clip_skip)
+    uncond = micro_conditioning(pipe, plan, side_by_side(negative))
     return GuidedConditioning(cond, type(cond).concat([uncond, cond]))
 
 

@@ -110,7 +110,7 @@ class CompiledForward:
         call's circular padding, `latentgen.components.tiling`, is not compiled in)."""
         plain = (not args and all(v is None for v in (kwargs or {}).values()) and torch.is_tensor(encoder_hidden_states)
                  and sample.device.type == "cpu" and not torch.is_grad_enabled()
-                 and self.unet.conv_in.padding_mode == "zeros")
+                 and self.unet.conv_in.padding_mode == "zeros" and not getattr(self.unet, "regional_attention", False))
         if not plain:
             return None
         # diffusers embeds timesteps in float32 whatever their dtype: one (B,) float32 input serves every
