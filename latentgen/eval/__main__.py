@@ -20,6 +20,7 @@ from latentgen.cli import ArgumentParser, quiet_libraries, run_cli
 from latentgen.components.schedulers import scheduler_name_of, scheduler_names
 from latentgen.data.shapes import ALL_KINDS, KINDS, ShapesSpec, make_sample
 from latentgen.errors import UserError
+from latentgen.eval import placement
 from latentgen.eval.adherence import ZH_PHRASINGS, evaluate_images, in_chinese, prompt_set
 from latentgen.eval.cascade import evaluate
 from latentgen.eval.metrics import clip_score, kid, photographs, reconstruction
@@ -319,8 +320,6 @@ def main(argv=None):
             report.append("CLIP score: skipped (no local open_clip checkpoint; pass --clip-checkpoint FILE)")
 
     if args.command == "control":
-        from latentgen.eval import placement
-
         results = placement.evaluate(pipe, args.controlnet, args.samples, args.seeds, args.steps[0],
                                      args.guidance[0], args.control_weight)
         report += [f"## Layout ControlNet {args.controlnet} (weight {args.control_weight:g}, {args.samples} held-out "

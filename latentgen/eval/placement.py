@@ -19,6 +19,7 @@ from PIL import Image
 from latentgen.data.shapes import ShapesSpec, make_sample, pair_prompt, single_prompt
 from latentgen.eval.adherence import Target, evaluate_images
 from latentgen.eval.analyzer import analyze
+from latentgen.generation.control import Control
 
 IOU_GOOD = 0.8  # #46's bar: placement IoU ≥ 0.8
 
@@ -75,8 +76,6 @@ def evaluate(pipe, controlnet, count: int = 64, seeds: int = 2, steps: int = 20,
              weight: float = 1.0) -> dict[str, dict]:
     """{"with": {...}, "without": {...}}: each the adherence groups' strict scores and, for placement, the share of
     drawn shapes placed with IoU ≥ 0.8, the mean IoU and the mean centre error."""
-    from latentgen.generation.control import Control
-
     samples = layout_targets(count, pipe.default_size)
     targets = [t for t in samples for _ in range(seeds)]
     results = {}

@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from latentgen._version import __version__
+from latentgen.components import control_images
 from latentgen.components.schedulers import a1111_name, a1111_names, from_a1111
 from latentgen.errors import UserError
 from latentgen.formats.images import image_metadata
@@ -253,8 +254,6 @@ class Detect(BaseModel):
 
 def detect(body: Detect, max_pixels: int | None) -> list[str]:
     """Each input image through the preprocessor at its own size (base64 PNGs), as the extension's route."""
-    from latentgen.components import control_images
-
     given = body.controlnet_input_images or body.controlnet_images
     if not given:
         raise UserError("controlnet_input_images is empty; give one or more images (base64)")

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from latentgen.components.diffusion import caption_dropout, min_snr_weights, sample_timesteps, scale_latents
+from latentgen.components.diffusion import caption_dropout, min_snr_weights, sample_timesteps, scale_latents, vae_factor
 from latentgen.data.sources import build_dataset
 from latentgen.errors import UserError
+from latentgen.formats.controlnet import load
 from latentgen.io import atomic_dir
 from latentgen.runtime.memory import check_training, unet_training_bytes
 from latentgen.runtime.precision import DTYPES
@@ -46,16 +47,12 @@ def new_controlnet(unet, config: UNetTrainConfig, vae_factor: int):
     from diffusers import ControlNetModel
 
     if config.controlnet.pretrained_controlnet:
-        from latentgen.formats.controlnet import load
-
         return load(Path(config.controlnet.pretrained_controlnet))
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=hint_channels(config, vae_factor))
 
 
 def train_controlnet(config: UNetTrainConfig) -> Path:
     """Run the training; returns the ControlNet folder (`{output_dir}/controlnet`)."""
-    from latentgen.components.diffusion import vae_factor
-
     run = Run(config, "train_controlnet")
     parts = load_components(config)
     dataset = build_dataset(config.data)
