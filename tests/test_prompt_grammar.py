@@ -225,3 +225,112 @@ def test_outpainting_is_checked_in_one_line(tiny_pipe):
         tiny_pipe("x", outpaint={"sides": "right=8"})
     with pytest.raises(UserError, match="outpaint takes SIDE=PIXELS"):
         tiny_pipe("x", image=np.zeros((8, 8, 3), dtype=np.uint8), outpaint={"sides": "sideways=3"})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The regional prompter's API on the server (latentgen.server.a1111.regional_prompter)
+
+RP = [True, False, "Matrix", "Columns", "Mask", "Prompt", "1,1", "0.3", False, False, False, "Latent", False, "0",
+      "0", "0", "", "0", "0", False]
+
+
+def rp_args(**changes):
+    from latentgen.server.a1111 import RP_ARGS
+
+    return [changes.get(key.replace(" ", "_"), value) for key, value in zip(RP_ARGS, RP)]
+
+
+@pytest.mark.parametrize("prompt, base, common, want", [
+    ("a BREAK b", False, False, "a BREAK b"),
+    ("sky BREAK a BREAK b", False, True, "sky, ADDCOMM a BREAK b"),
+    ("sky BREAK a BREAK b", True, False, "sky ADDBASE a BREAK b"),
+    ("day BREAK sky BREAK a BREAK b", True, True, "day, sky ADDBASE day, ADDCOMM a BREAK b"),
+    ("sky ADDBASE a BREAK b", False, False, "sky ADDBASE a BREAK b"),  # the keyword ticks the box
+    ("day ADDCOMM a BREAK b", False, False, "day, ADDCOMM a BREAK b"),
+])
+def test_the_regional_prompters_prompt_is_read_as_its_extension_does(prompt, base, common, want):
+    from latentgen.generation.regions import Regions
+    from latentgen.server.a1111 import regional_prompt
+
+    assert regional_prompt(prompt, base, common) == want
+    if common:  # every region's prompt starts with the common part, as the extension's comadder makes them
+        assert all(p.startswith(prompt.split(" BREAK ")[0] + ",") for p in Regions("1,1").prompts(want)[1])
+
+
+def test_the_regional_prompters_arguments_are_read_or_refused_in_one_line():
+    from latentgen.errors import UserError
+    from latentgen.generation.regions import Regions
+    from latentgen.server.a1111 import regional_prompter
+
+    notes = []
+    assert regional_prompter({"Regional Prompter": {"args": rp_args(matrix_mode="Rows", use_base=True)}}, notes) \
+        == (Regions("1,1", "rows", 0.3, "latent"), True, False)
+    assert notes == []
+    assert regional_prompter({"regional prompter": {"args": rp_args(active=False)}}, notes) is None
+    assert regional_prompter({}, notes) is None
+    regional_prompter({"Regional Prompter": {"args": rp_args(LoRA_stop_step="5")}}, notes)
+    assert notes == ["alwayson_scripts.Regional Prompter: LoRA stop step is not supported by latentgen and was "
+                     "ignored"]
+    for changes, message in ((dict(mode="Mask"), "mode 'Mask' is not supported"),
+                             (dict(ratios="1,1;2,1"), "2D ratios"),
+                             (dict(base_ratios="0.2,0.4"), "one base ratio for every region"),
+                             (dict(calc_mode="Fast"), "the calc mode must be one of Latent, Attention"),
+                             (dict(matrix_mode="Diagonal"), "the matrix mode must be one of")):
+        with pytest.raises(UserError, match=message):
+            regional_prompter({"Regional Prompter": {"args": rp_args(**changes)}}, [])
+
+
+@pytest.fixture(scope="module")
+def server(tiny_folder):
+    from conftest import Server
+
+    s = Server(["--model", str(tiny_folder), "--dtype", "fp32"])
+    yield s
+    s.close()
+
+
+def test_webuiapi_with_the_regional_prompter_gives_the_pipelines_image(server, tiny_folder):
+    import webuiapi
+
+    from latentgen import LatentPipeline
+
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+    prompt = "sky BREAK a red circle BREAK a blue square"
+    result = api.txt2img(prompt=prompt, seed=3, steps=3, cfg_scale=6.0, width=32, height=32, sampler_name="Euler",
+                         alwayson_scripts={"Regional Prompter": {"args": rp_args(use_base=True)}})
+    assert "notes" not in result.info, result.info.get("notes")
+    assert "RP Active: True" in result.info["infotexts"][0] and "RP Base Ratio: 0.3" in result.info["infotexts"][0]
+    pipe = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    direct = pipe("sky ADDBASE a red circle BREAK a blue square", seed=3, num_inference_steps=3, guidance_scale=6.0,
+                  width=32, height=32, scheduler="euler", regions={"ratios": "1,1", "base": 0.3}).images[0]
+    assert np.array_equal(np.asarray(result.image.convert("RGB")), np.asarray(direct))
+    r = server.post("/sdapi/v1/txt2img", {"prompt": "a BREAK b", "steps": 1, "width": 32, "height": 32,
+                                          "alwayson_scripts": {"Regional Prompter": {"args": rp_args(mode="Prompt")}}})
+    assert r.status_code == 400 and "mode 'Prompt' is not supported" in r.json()["detail"]
+
+
+def test_the_web_page_sends_regions(server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from conftest import chromium
+
+    driver = chromium()
+    try:
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 120)
+        driver.find_element(By.ID, "prompt").send_keys("a red circle BREAK a blue square")
+        for field, value in (("width", "32"), ("height", "32"), ("steps", "2"), ("rp_ratios", "2,1")):
+            driver.find_element(By.ID, field).clear()
+            driver.find_element(By.ID, field).send_keys(value)
+        Select(driver.find_element(By.ID, "rp_split")).select_by_visible_text("Rows")
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .item pre")
+                   or d.find_element(By.ID, "status").get_attribute("class") == "error")
+        assert driver.find_element(By.ID, "status").get_attribute("class") != "error", \
+            driver.find_element(By.ID, "status").text
+        text = driver.find_element(By.CSS_SELECTOR, "#gallery .item pre").text
+        assert "RP Active: True" in text and "RP Divide mode: rows" in text and "RP Calc Mode: Attention" in text
+    finally:
+        driver.quit()

@@ -25,7 +25,7 @@ import torch
 from latentgen.errors import UserError
 
 UP, DOWN = 1.1, 1 / 1.1
-_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+BREAK_SPLIT = re.compile(r"\s*\bBREAK\b\s*")
 _TOKEN = re.compile(r"\\[()\[\]\\]|\(|\)|\[|\]|:\s*([+-]?\d+(?:\.\d+)?)\s*\)|[^\\()\[\]:]+|:|\\", re.S)
 
 
@@ -104,7 +104,7 @@ class ChunkedEncoder:
         segments = parse(prompt) if has_syntax(prompt) else [Segment(prompt, 1.0)]
         pieces: list[tuple[list[int], list[float]]] = [([], [])]  # A1111's BREAK starts a new window
         for s in segments:
-            for k, text in enumerate(_BREAK.split(s.text) if "BREAK" in s.text else [s.text]):
+            for k, text in enumerate(BREAK_SPLIT.split(s.text) if "BREAK" in s.text else [s.text]):
                 if k:
                     pieces.append(([], []))
                 t = b.token_ids(text)

@@ -12,7 +12,6 @@ editing too. (The regional prompter's attention mode, which masks the cross-atte
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -21,10 +20,10 @@ import torch
 from latentgen import validate
 from latentgen.errors import UserError, one_of
 from latentgen.generation.options import option, table
+from latentgen.generation.prompts import BREAK_SPLIT
 
 MODES = ("columns", "rows")
 CALCS = {"latent": "Latent", "attention": "Attention"}  # ours -> the regional prompter's `RP Calc Mode`
-_BREAK = re.compile(r"\s*\bBREAK\b\s*")
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ class Regions:
         common = ""
         if "ADDCOMM" in prompt:
             common, prompt = (p.strip() for p in prompt.split("ADDCOMM", 1))
-        parts = [f"{common} {p}".strip() if common else p for p in _BREAK.split(prompt)]
+        parts = [f"{common} {p}".strip() if common else p for p in BREAK_SPLIT.split(prompt)]
         count = len(self.widths())
         if len(parts) != count:
             raise UserError(f"the regions are {count} ({self.ratios}) but the prompt has {len(parts)} region "

@@ -29,6 +29,8 @@ from latentgen.generation.cascade import Upscale
 from latentgen.generation.control import Control
 from latentgen.generation.hires import Hires
 from latentgen.generation.infotext import a1111_parameters, model_name
+from latentgen.generation.prompts import BREAK_SPLIT
+from latentgen.generation.regions import CALCS, Regions
 from latentgen.generation.request import Request, a1111_clip_skip
 
 # Fields latentgen does not implement, with A1111's defaults: set to anything else, they are noted as ignored.
@@ -179,8 +181,11 @@ def to_request(body: Txt2Img, clip_skip_option: int | None = None, max_pixels: i
     if not isinstance(scripts, dict):
         raise UserError("alwayson_scripts must be an object")
     fields["control"] = control_units(scripts, max_pixels, notes) or None
+    regions = regional_prompter(scripts, notes)
+    if regions is not None:
+        fields["regions"], fields["prompt"] = regions[0], regional_prompt(fields["prompt"], *regions[1:])
     notes += [f"alwayson_scripts.{name} is not supported by latentgen and was ignored" for name in scripts
-              if name.lower() != "controlnet"]
+              if name.lower() not in ("controlnet", REGIONAL_PROMPTER)]
     if not isinstance(body, Img2Img) and body.enable_hr:
         if (body.hr_upscaler or "").strip() == UPSCALER:
             fields["upscale"] = _upscale(body)
@@ -196,6 +201,68 @@ RESIZE_MODES = {0: "resize", 1: "crop", 2: "fill", "Just Resize": "resize", "Cro
 UNIT_SILENT = {"enabled", "image", "input_image", "module", "model", "weight", "resize_mode", "low_vram",
                "processor_res", "threshold_a", "threshold_b", "guidance_start", "guidance_end", "control_mode",
                "pixel_perfect", "hr_option", "guessmode"}
+
+
+REGIONAL_PROMPTER = "regional prompter"
+RP_SPLITS = {"Columns": "columns", "Horizontal": "columns", "Rows": "rows", "Vertical": "rows"}  # old names too
+RP_ARGS = ("active", "debug", "mode", "matrix mode", "mask mode", "prompt mode", "ratios", "base ratios",
+           "use base", "use common", "use negative common", "calc mode", "not change AND", "LoRA text encoder",
+           "LoRA U-Net", "threshold", "mask", "LoRA stop step", "LoRA hires stop step", "flip")
+
+
+def regional_prompter(scripts: dict, notes: list[str]) -> tuple[Regions, bool, bool] | None:
+    """sd-webui-regional-prompter's API arguments (`alwayson_scripts["Regional Prompter"].args`, positional as its
+    README lists them) as (our regions, use base, use common: see `regional_prompt`), or None where it is absent
+    or inactive. Its Matrix mode with one row or column of regions is what latentgen has; the Mask and Prompt
+    modes, 2D ratios (`;`) and per-region base ratios are one-line errors."""
+    script = next((v for k, v in scripts.items() if k.lower() == REGIONAL_PROMPTER), None)
+    args = script.get("args", []) if isinstance(script, dict) else []
+    if not isinstance(args, list):
+        raise UserError("alwayson_scripts.Regional Prompter.args must be a list (the regional prompter's arguments)")
+    arg = dict(zip(RP_ARGS, args))
+    if not arg.get("active"):
+        return None
+    what = "alwayson_scripts.Regional Prompter"
+    if arg.get("mode", "Matrix") != "Matrix":
+        raise UserError(f"{what}: mode {arg['mode']!r} is not supported; latentgen has the Matrix mode (columns or "
+                        "rows by ratios)")
+    split = arg.get("matrix mode", "Columns")
+    if split not in RP_SPLITS:
+        raise UserError(f"{what}: the matrix mode must be one of {', '.join(RP_SPLITS)}, got {split!r}")
+    ratios = str(arg.get("ratios") or "1,1")
+    if ";" in ratios:
+        raise UserError(f"{what}: 2D ratios ({ratios!r}) are not supported; give one row or column of regions "
+                        "(e.g. 1,1)")
+    bases = {b.strip() for b in str(arg.get("base ratios") or "0").split(",")}
+    if len(bases) > 1:
+        raise UserError(f"{what}: one base ratio for every region is supported, got {arg['base ratios']!r}")
+    try:
+        base = float(bases.pop() or 0)
+    except ValueError:
+        raise UserError(f"{what}: the base ratio must be a number, got {arg['base ratios']!r}") from None
+    calc = str(arg.get("calc mode") or "Attention")
+    ours = {v: k for k, v in CALCS.items()}
+    if calc not in ours:
+        raise UserError(f"{what}: the calc mode must be one of {', '.join(ours)}, got {calc!r}")
+    notes += [f"{what}: {key} is not supported by latentgen and was ignored" for key in RP_ARGS[10:]
+              if key in arg and key != "calc mode" and arg[key] not in (None, "", False, "0", 0, [])]
+    return Regions(ratios, RP_SPLITS[split], base, ours[calc]), bool(arg.get("use base")), bool(arg.get("use common"))
+
+
+def regional_prompt(prompt: str, use_base: bool, use_common: bool) -> str:
+    """The prompt as latentgen's regions read it (`[base ADDBASE] [common ADDCOMM] region BREAK ...`) from the
+    regional prompter's: with "use common" its first BREAK part is prepended to every other part (the base too),
+    then with "use base" the first part is the base. ADDCOMM and ADDBASE in the prompt tick their boxes, as there."""
+    use_base, use_common = use_base or "ADDBASE" in prompt, use_common or "ADDCOMM" in prompt
+    parts = BREAK_SPLIT.split(prompt.replace("ADDCOMM", " BREAK ").replace("ADDBASE", " BREAK ").strip())
+    common = parts.pop(0) if use_common and len(parts) > 1 else None
+    base = parts.pop(0) if use_base and len(parts) > 1 else None
+    if common is not None:
+        base = None if base is None else f"{common}, {base}"
+    out = " BREAK ".join(parts)
+    if common is not None:
+        out = f"{common}, ADDCOMM {out}"
+    return out if base is None else f"{base} ADDBASE {out}"
 
 
 def control_units(scripts: dict, max_pixels: int | None, notes: list[str]) -> list[Control]:
