@@ -2,7 +2,7 @@
 
 from latentgen._version import __version__
 
-__all__ = ["LatentPipeline", "Request", "__version__"]
+__all__ = ["FlowPipeline", "LatentPipeline", "Request", "__version__"]
 
 
 def __getattr__(name):  # keep `import latentgen` light: torch/diffusers load on first use of the pipeline
@@ -10,6 +10,10 @@ def __getattr__(name):  # keep `import latentgen` light: torch/diffusers load on
         from latentgen.generation.pipeline import LatentPipeline
 
         return LatentPipeline
+    if name == "FlowPipeline":
+        from latentgen.generation.flow import FlowPipeline
+
+        return FlowPipeline
     if name == "Request":
         from latentgen.generation.request import Request
 

@@ -156,3 +156,63 @@ def random_text_encoder_lora(folder) -> dict:
 
     encoder = LatentPipeline.from_pretrained(folder, torch_dtype=torch.float32).text_encoder
     return random_lora(encoder, ["q_proj", "k_proj", "v_proj", "out_proj"], seed=1)
+
+def t5_tokenizer():
+    """A T5 tokenizer built offline: a Unigram model over CLIP's vocabulary words (the real one is a download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    words = sorted({w.replace("</w>", "") for w in list(tokenizer().get_vocab())[:2000]} - {""})
+    unigram = models.Unigram([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"▁{w}", -1.0) for w in words]
+                             + [(w, -2.0) for w in words], unk_id=2)
+    tok = Tokenizer(unigram)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0)
+
+
+def t5(d_model: int, seed: int = 0):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=t5_tokenizer().vocab_size, d_model=d_model, d_kv=8, d_ff=2 * d_model,
+                                   num_layers=2, num_heads=2, decoder_start_token_id=0)).eval()
+
+
+def flow_vae(latent_channels: int, seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(16, 16), layers_per_block=1, latent_channels=latent_channels,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                         scaling_factor=1.5035, sample_size=32).eval()
+
+
+def sd3_components(seed: int = 0) -> dict:
+    """SD3's parts, tiny: an MMDiT, CLIP-L- and CLIP-G-like encoders (projected, pooled 32 + 32), T5, a
+    16-channel-style VAE (4 channels here), the flow-matching scheduler with SD3's shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
+                                        caption_projection_dim=16, pooled_projection_dim=64).eval()
+    return dict(transformer=transformer, vae=flow_vae(4, seed), text_encoder=clip("gelu", True, 32, seed),
+                tokenizer=tokenizer(), text_encoder_2=clip("gelu", True, 32, seed + 1), tokenizer_2=tokenizer(),
+                text_encoder_3=t5(64, seed + 2), tokenizer_3=t5_tokenizer(),
+                scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+def flux_components(seed: int = 0, guidance: bool = True) -> dict:
+    """Flux.1's parts, tiny: double- and single-stream blocks, CLIP (pooled) and T5, its dynamic shift;
+    `guidance`: dev's embedded guidance (schnell has none)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+                                         guidance_embeds=guidance).eval()
+    scheduler_ = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                 max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    return dict(transformer=transformer, vae=flow_vae(4, seed), text_encoder=clip("quick_gelu", False, 32, seed),
+                tokenizer=tokenizer(), text_encoder_2=t5(32, seed + 1), tokenizer_2=t5_tokenizer(),
+                scheduler=scheduler_)

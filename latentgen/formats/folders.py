@@ -6,6 +6,7 @@ allowed explicitly. Single-file checkpoints are `latentgen.formats.single_file`.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from latentgen.errors import UserError, first_line
@@ -41,8 +42,9 @@ def load_vae(path: str | Path, like, allow_pickle: bool = False):
     return vae.to(like.dtype).eval()
 
 
-def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> None:
-    """One-line errors for the folder mistakes users make, before diffusers reads anything."""
+def check_pipeline_folder(folder: Path, allow_pickle: bool = False, components: Sequence[str] = COMPONENTS) -> None:
+    """One-line errors for the folder mistakes users make, before diffusers reads anything; `components`: the
+    ones the pipeline needs (a U-Net pipeline's by default)."""
     if not folder.exists():
         raise UserError(f"model folder {folder} does not exist")
     if not folder.is_dir():
@@ -56,11 +58,14 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> None:
         raise UserError(f"{index_path} is not valid JSON ({first_line(err)}); re-save or re-download it") from None
     if not isinstance(index, dict):
         raise UserError(f"{index_path} is not a diffusers model index (a JSON object of components)")
-    for name in COMPONENTS:
+    for name in components:
         entry = index.get(name)
+        if name == "unet" and not entry and index.get("transformer"):
+            raise UserError(f"{folder} holds a transformer ({index.get('_class_name')}), not a U-Net: load it with "
+                            "latentgen.FlowPipeline (infer.py and the server do)")
         if not entry or entry[0] is None or not (folder / name).is_dir():
             raise UserError(f"{folder} is missing the component '{name}' (a folder {name}/ listed in "
-                            f"model_index.json); a pipeline needs {', '.join(COMPONENTS)}")
+                            f"model_index.json); a pipeline needs {', '.join(components)}")
         for config in sorted((folder / name).glob("*.json")):
             try:
                 json.loads(config.read_text(encoding="utf-8"))
@@ -89,10 +94,11 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> None:
 
 
 def weight_components(index: dict) -> list[str]:
-    """The components of a model index that hold weights: unet, vae, text_encoder, and text_encoder_2 (SDXL) and
-    text_encoder_zh (a Chinese student) where listed."""
-    extra = [name for name in ("text_encoder_2", "text_encoder_zh") if index.get(name) and index[name][0] is not None]
-    return list(WEIGHT_COMPONENTS) + extra
+    """The components of a model index that hold weights, where listed: unet (or an SD3/Flux transformer), vae,
+    text_encoder, text_encoder_2 (SDXL, SD3, Flux), text_encoder_3 (SD3's T5) and text_encoder_zh (a Chinese
+    student)."""
+    return [name for name in (*WEIGHT_COMPONENTS, "transformer", "text_encoder_2", "text_encoder_3", "text_encoder_zh")
+            if index.get(name) and index[name][0] is not None]
 
 
 def _strip(key: str) -> str:

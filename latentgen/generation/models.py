@@ -10,6 +10,7 @@ from pathlib import Path
 from latentgen.errors import UserError
 from latentgen.formats import embeddings, folders
 from latentgen.formats.folders import MODEL_SUFFIXES
+from latentgen.generation import flow
 from latentgen.generation.pipeline import LatentPipeline
 from latentgen.runtime.device import resolve_device
 from latentgen.runtime.precision import resolve_dtype
@@ -47,6 +48,14 @@ def open_pipeline(model: str | Path, dtype: str = "auto", device="auto", vae: st
     import torch
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
+    if flow.kind_of(Path(model)):  # SD3 or Flux: text-to-image through diffusers' pipelines
+        if vae or prediction_type or vae_tiling or attention_slicing:
+            raise UserError("--vae, --prediction-type, --vae-tiling and --attention-slicing are not supported with "
+                            "SD3/Flux models yet")
+        pipe = flow.FlowPipeline.from_pretrained(model, torch_dtype=resolve_dtype(dtype, device),
+                                                 allow_pickle=allow_pickle).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     pipe = LatentPipeline.from_pretrained(model, torch_dtype=resolve_dtype(dtype, device), allow_pickle=allow_pickle,
                                           prediction_type=prediction_type)  # a folder or a single file
     if vae:

@@ -119,7 +119,7 @@ def run_about(pipe, model: str | Path, plan, vae: str | Path | None = None, pred
     and A1111's TI and LoRA hashes. `hash`: the model's, if known already (hashing reads every weight file)."""
 
     about = {"model": str(Path(model).resolve()), "model_hash": hash or model_hash(model), "version": __version__,
-             "device": str(pipe.unet.device.type)}
+             "device": str(pipe.device.type)}
     about |= {k: {"path": str(v), "sha256": file_sha256(v)} for k, v in (inputs or {}).items()}
     if vae:
         about["vae"] = {"path": str(Path(vae).resolve()), "hash": model_hash(vae)}

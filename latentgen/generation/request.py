@@ -364,6 +364,8 @@ class Request:
     def fit(self, pipe, batch_size: int | None = None) -> Plan:
         """The plan for `pipe`: the model's limits checked, sizes and init images resolved, and the memory of
         batches of `batch_size` images (default: all at once), including a hires pass, checked."""
+        if hasattr(pipe, "fit_request"):  # a flow-matching transformer (generation.flow) fits requests itself
+            return pipe.fit_request(self, batch_size)
         max_steps = pipe.scheduler.config.get("num_train_timesteps")
         req = self.check(max_steps=max_steps)
         validate.steps(req.num_inference_steps, max_steps)  # for a request checked before the model loaded

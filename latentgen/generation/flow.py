@@ -1,0 +1,231 @@
+"""Flow-matching transformers (issue #45): SD3/SD3.5 (MMDiT, rectified flow, CLIP-L + CLIP-G + T5) and Flux.1
+(MMDiT + single-stream blocks, CLIP-L + T5, guidance-distilled) from diffusers folders, run through diffusers' own
+`StableDiffusion3Pipeline` and `FluxPipeline`; latentgen adds what they lack for its users: the request checked
+in one line against what these models can do, one seed per image (the noise drawn on the CPU from each image's
+seed, so an image does not depend on its batch beyond float rounding), the flow samplers by name, and the
+image's metadata (A1111's infotext, and latentgen's own for replay).
+
+What runs: text-to-image with prompt, negative prompt (SD3; Flux is guidance-distilled and takes none),
+steps, guidance (Flux: its embedded guidance), size, seeds and these samplers, each built from the model's own
+scheduler config (its shift, and Flux's resolution-dependent dynamic shift), under the U-Net samplers' names
+and A1111 names:
+
+    euler          FlowMatchEulerDiscreteScheduler (the models' own; Forge's "Euler", schedule "Simple")
+    heun           FlowMatchHeunDiscreteScheduler (SD3: it has no dynamic shift)
+    dpm++          DPMSolverMultistepScheduler, DPM-Solver++ 2M on flow sigmas (flow_prediction)
+    unipc          UniPCMultistepScheduler on flow sigmas (flow_prediction)
+
+Everything else a request can ask (img2img, inpainting, LoRA, ControlNet, hires fix, regions, ...) is a one-line
+error naming the option; single-file SD3.5/Flux checkpoints, Forge's "Beta"/"Karras" schedules for these samplers and
+the T5 sequence length (diffusers' defaults: SD3 256 tokens, Flux 512) are not offered yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from latentgen.components.schedulers import Sampler
+from latentgen.errors import UserError, first_line, one_of
+from latentgen.formats.folders import check_pipeline_folder
+from latentgen.generation import options
+from latentgen.generation.pipeline import GenerationOutput, _request, _target_dtype
+from latentgen.generation.plan import Plan
+from latentgen.generation.sampling import cpu_generators
+from latentgen.runtime.precision import name_of
+
+KINDS = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+
+_FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+SAMPLERS: dict[str, Sampler] = {
+    "euler": Sampler("FlowMatchEulerDiscreteScheduler", {}, "Euler"),
+    "heun": Sampler("FlowMatchHeunDiscreteScheduler", {}, "Heun"),
+    "dpm++": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2} | _FLOW,
+                     "DPM++ 2M"),
+    "unipc": Sampler("UniPCMultistepScheduler", _FLOW, "UniPC"),
+}
+# What a flow request may set: the rest of Request's options must keep their defaults. eta is accepted and has no
+# effect (none of the flow samplers is stochastic; A1111 clients such as webuiapi always send one)
+SUPPORTED = {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width",
+             "num_images_per_prompt", "seed", "scheduler", "output_type", "guidance_interval", "checked", "apg",
+             "generator", "eta"}
+
+
+def kind_of(folder: Path) -> str | None:
+    """"sd3" or "flux" for a diffusers folder of those pipelines, else None."""
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        return KINDS.get(json.loads(index.read_text()).get("_class_name", ""))
+    except (ValueError, AttributeError):
+        return None
+
+
+def make_sampler(name: str, config: dict[str, Any]):
+    """The flow sampler `name` built from the model's scheduler config: its shift, and its dynamic shift where it
+    has one (Flux: the shift grows with the image's size)."""
+    import diffusers
+
+    if name not in SAMPLERS:
+        raise one_of("scheduler", name, list(SAMPLERS))
+    sampler = SAMPLERS[name]
+    dynamic = bool(config.get("use_dynamic_shifting"))
+    if sampler.cls.startswith("FlowMatch"):
+        if dynamic and sampler.cls == "FlowMatchHeunDiscreteScheduler":
+            raise UserError("the heun sampler has no dynamic shift, which this model's scheduler uses; take euler, "
+                            "dpm++ or unipc")
+        base = {k: v for k, v in config.items() if not k.startswith("_") and k not in (
+            "use_karras_sigmas", "use_beta_sigmas", "use_exponential_sigmas")}
+    else:  # the multistep solvers on flow sigmas, with the model's shift
+        base = {"num_train_timesteps": config.get("num_train_timesteps", 1000), "flow_shift": config.get("shift", 1.0)}
+        if dynamic:
+            base |= {"use_dynamic_shifting": True, "time_shift_type": config.get("time_shift_type", "exponential")}
+    cls = getattr(diffusers, sampler.cls)
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls.from_config({k: v for k, v in (base | sampler.defining).items() if k in accepted})
+
+
+class FlowPipeline:
+    """An SD3 or Flux model with latentgen's request interface (`generate`, `__call__`, `check_request`); the
+    diffusers pipeline is `inner`."""
+
+    def __init__(self, inner, kind: str, folder: Path | None = None):
+        self.inner, self.kind, self.folder = inner, kind, folder
+        self.base_scheduler_config = dict(inner.scheduler.config)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, torch_dtype: torch.dtype | str | None = None,
+                        allow_pickle: bool = False) -> "FlowPipeline":
+        import diffusers
+
+        folder = Path(folder)
+        kind = kind_of(folder)
+        if kind is None:
+            raise UserError(f"{folder} is not an SD3 or Flux pipeline folder (its model_index.json names neither)")
+        check_pipeline_folder(folder, allow_pickle, ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"))
+        pipeline_cls = getattr(diffusers, next(k for k, v in KINDS.items() if v == kind))
+        try:
+            inner = pipeline_cls.from_pretrained(folder, dtype=_target_dtype(torch_dtype), local_files_only=True,
+                                                 use_safetensors=None if allow_pickle else True)
+        except Exception as err:  # diffusers/transformers errors name no file the user can act on
+            raise UserError(f"cannot load the {kind} model in {folder}: {first_line(err)}") from err
+        return cls(inner, kind, folder)
+
+    # what infer.py, the server and the option table ask of a pipeline
+    @property
+    def scheduler(self):
+        return self.inner.scheduler
+
+    @property
+    def transformer(self):
+        return self.inner.transformer
+
+    @property
+    def tokenizer(self):
+        return self.inner.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inner.transformer.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.inner.vae_scale_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Flux packs 2×2 latent patches, SD3 patchifies by its patch size: sizes are multiples of this."""
+        patch = 2 if self.kind == "flux" else self.inner.transformer.config.patch_size
+        return self.vae_scale_factor * patch
+
+    @property
+    def default_size(self) -> int:
+        return self.inner.default_sample_size * self.vae_scale_factor
+
+    def to(self, *args, **kwargs) -> "FlowPipeline":
+        self.inner.to(*args, **kwargs)
+        return self
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        self.inner.set_progress_bar_config(**kwargs)
+
+    def fit_request(self, request, batch_size: int | None = None) -> Plan:
+        """The request checked against what a flow model runs here (one-line errors), as a Plan."""
+        if request.scheduler is not None and request.scheduler not in SAMPLERS:
+            raise one_of("scheduler", request.scheduler, list(SAMPLERS))
+        steps = self.scheduler.config.get("num_train_timesteps")
+        # the flow samplers' names are not the U-Net samplers' that Request.check knows
+        req = dataclasses.replace(dataclasses.replace(request, scheduler=None, checked=False).check(max_steps=steps),
+                                  scheduler=request.scheduler)
+        defaults = type(req)(prompt=req.prompt).check(max_steps=steps)
+        unsupported = [f.name for f in dataclasses.fields(req) if f.name not in SUPPORTED
+                       and getattr(req, f.name) != getattr(defaults, f.name)]
+        if unsupported:
+            label = options.names(type(req), None).get(unsupported[0], unsupported[0])
+            raise UserError(f"{label} is not supported with {self.kind.upper()} models yet; latentgen runs their "
+                            "text-to-image (prompt, negative prompt, steps, guidance, size, seeds, sampler)")
+        if req.guidance_interval != (0.0, 1.0):
+            raise UserError(f"a guidance interval is not supported with {self.kind.upper()} models yet")
+        prompts, negatives, seeds = req.per_image()
+        if self.kind == "flux" and any(negatives):
+            raise UserError("Flux is guidance-distilled and takes no negative prompt (its --guidance is the guidance "
+                            "it was distilled with)")
+        m = self.size_multiple
+        height, width = req.height or self.default_size, req.width or self.default_size
+        for side, value in (("height", height), ("width", width)):
+            if value % m:
+                raise UserError(f"{side} must be a multiple of {m} for this model, got {value}")
+        return Plan(req, prompts, negatives, seeds, req.generator, height, width)
+
+    def check_request(self, prompt=None, **fields) -> Plan:
+        return self.fit_request(_request(prompt, fields))
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, *, on_step: Callable[[int], None] | None = None, **fields) -> GenerationOutput:
+        return self.generate(_request(prompt, fields), on_step)
+
+    def noise(self, plan: Plan) -> torch.Tensor:
+        """Each image's starting noise from its own seed on the CPU (N, C, h, w), packed as Flux takes it."""
+        channels = self.inner.transformer.config.in_channels // (4 if self.kind == "flux" else 1)
+        f = self.vae_scale_factor
+        shape = (1, channels, plan.height // f, plan.width // f)
+        if plan.seeds is not None:
+            x = torch.cat([torch.randn(shape, generator=g) for g in cpu_generators(plan.seeds)])
+        else:
+            x = torch.randn((plan.batch_size, *shape[1:]), generator=plan.generator)
+        if self.kind == "flux":
+            x = self.inner._pack_latents(x, plan.batch_size, channels, shape[2], shape[3])
+        return x.to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def generate(self, request, on_step: Callable[[int], None] | None = None, on_latents=None) -> GenerationOutput:
+        plan = request if isinstance(request, Plan) else self.fit_request(request)
+        req = plan.request
+        name = req.scheduler or "euler"
+        self.inner.scheduler = make_sampler(name, self.base_scheduler_config)
+
+        def step_end(pipe, i, t, tensors):
+            if on_step is not None:
+                on_step(i)
+            return {}
+
+        kwargs: dict[str, Any] = dict(prompt=plan.prompts, height=plan.height, width=plan.width,
+                                      num_inference_steps=req.num_inference_steps,
+                                      guidance_scale=req.guidance_scale, latents=self.noise(plan),
+                                      output_type=req.output_type, callback_on_step_end=step_end)
+        if self.kind == "sd3":
+            kwargs["negative_prompt"] = plan.negative_prompts
+        images = self.inner(**kwargs).images
+        info = {"scheduler": name, "height": plan.height, "width": plan.width, "dtype": name_of(self.dtype)}
+        return GenerationOutput(images=images, seeds=plan.seeds, scheduler=name, info=info,
+                                metadata=[plan.record(i, name) for i in range(plan.batch_size)])

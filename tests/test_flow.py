@@ -1,0 +1,126 @@
+"""SD3 and Flux (flow-matching transformers, latentgen.generation.flow) on tiny random parts built offline: the
+flow samplers against an exact velocity, seeds, the one-line refusals, infer.py with replay, and the server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import components as C
+from latentgen.errors import UserError
+from latentgen.generation.flow import SAMPLERS, FlowPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", params=["sd3", "flux"])
+def folder(request, tmp_path_factory):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    out = tmp_path_factory.mktemp(request.param) / "model"
+    if request.param == "sd3":
+        StableDiffusion3Pipeline(**C.sd3_components()).save_pretrained(out)
+    else:
+        FluxPipeline(**C.flux_components()).save_pretrained(out)
+    return out
+
+
+def load(folder) -> FlowPipeline:
+    pipe = FlowPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_each_flow_sampler_ends_at_the_data_point_of_an_exact_velocity(folder, sampler, monkeypatch):
+    """With the data a single point c, the exact velocity at x_t = (1 − σ)·c + σ·ε is (x_t − c)/σ; every correct
+    flow sampler, with the timesteps it hands the model matching its sigmas, ends at c."""
+    pipe = load(folder)
+    flux = pipe.kind == "flux"
+    if flux and sampler == "heun":
+        with pytest.raises(UserError, match="the heun sampler has no dynamic shift"):
+            pipe("a red circle", seed=1, num_inference_steps=4, height=32, width=32, scheduler=sampler)
+        return
+    plan = pipe.check_request("a red circle", seed=1, height=32, width=32)
+    target = torch.randn(pipe.noise(plan).shape, generator=torch.Generator().manual_seed(9))
+
+    def exact(hidden_states=None, timestep=None, **kwargs):
+        sigma = (timestep if flux else timestep / 1000).float().view(-1, *[1] * (hidden_states.ndim - 1))
+        return ((hidden_states.float() - target) / sigma,)
+
+    monkeypatch.setattr(pipe.inner.transformer, "forward", exact)
+    out = pipe("a red circle", seed=1, num_inference_steps=8, height=32, width=32, scheduler=sampler,
+               guidance_scale=3.0, output_type="latent")
+    # diffusers' multistep solvers hand the model integer timesteps (σ off by up to 0.0005 from their sigmas)
+    tolerance = 1e-4 if SAMPLERS[sampler].cls.startswith("FlowMatch") else 1e-2
+    torch.testing.assert_close(out.images.float(), target, atol=tolerance, rtol=0)
+    assert (out.images.float() - target).abs().max() < 0.5  # far from the noise it started from
+
+
+def test_each_image_is_its_seeds_whatever_its_batch(folder):
+    pipe = load(folder)
+    both = pipe(["a red circle", "a blue square"], seed=[3, 4], num_inference_steps=3, height=32, width=32,
+                guidance_scale=3.5, output_type="np").images
+    alone = pipe("a blue square", seed=4, num_inference_steps=3, height=32, width=32, guidance_scale=3.5,
+                 output_type="np").images
+    np.testing.assert_allclose(both[1], alone[0], atol=1e-5, rtol=0)  # batched matmuls round differently
+    assert np.abs(both[0] - both[1]).max() > 1e-2
+    meta = pipe("a red circle", seed=5, num_inference_steps=2, height=32, width=32, scheduler="dpm++").metadata[0]
+    assert meta["seed"] == 5 and meta["scheduler"] == "dpm++" and meta["height"] == 32
+
+
+def test_what_flow_models_do_not_run_yet_is_a_one_line_error(folder):
+    pipe = load(folder)
+    name = pipe.kind.upper()
+    for fields, message in ((dict(tiling=True), f"tiling is not supported with {name} models yet"),
+                            (dict(scheduler="lms"), "unknown scheduler 'lms'"),
+                            (dict(height=33, width=32), f"height must be a multiple of {pipe.size_multiple}")):
+        with pytest.raises(UserError, match=message):
+            pipe("a red circle", num_inference_steps=2, **fields)
+    if pipe.kind == "flux":
+        with pytest.raises(UserError, match="Flux is guidance-distilled and takes no negative prompt"):
+            pipe("a red circle", negative_prompt="blue", num_inference_steps=2, height=32, width=32)
+    from latentgen import LatentPipeline
+
+    with pytest.raises(UserError, match="holds a transformer .* load it with latentgen.FlowPipeline"):
+        LatentPipeline.from_pretrained(folder)
+
+
+def test_infer_writes_an_sd3_or_flux_image_and_replays_it_bit_for_bit(folder, tmp_path):
+    out = tmp_path / "image.png"
+    r = subprocess.run([sys.executable, "infer.py", "--model", str(folder), "--prompt", "a red circle", "--steps",
+                        "3", "--width", "32", "--height", "32", "--seed", "7", "--scheduler", "unipc",
+                        "--guidance", "3.5", "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from PIL import Image
+
+    text = Image.open(out).info["parameters"]
+    assert "Sampler: UniPC" in text and "Seed: 7" in text and "CFG scale: 3.5" in text
+    r = subprocess.run([sys.executable, "infer.py", "--replay", str(out), "--out", str(tmp_path / "again.png")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "identical, bit for bit" in r.stdout + r.stderr, r.stderr[-2000:]
+
+
+def test_the_server_runs_a_flow_model_through_a1111s_api(folder):
+    import webuiapi
+
+    from conftest import Server
+
+    server = Server(["--model", str(folder), "--dtype", "fp32"])
+    try:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+        result = api.txt2img(prompt="a red circle", seed=3, steps=3, cfg_scale=3.5, width=32, height=32,
+                             sampler_name="DPM++ 2M", alwayson_scripts={})
+        direct = load(folder)("a red circle", seed=3, num_inference_steps=3, guidance_scale=3.5, width=32,
+                              height=32, scheduler="dpm++").images[0]
+        assert np.array_equal(np.asarray(result.image.convert("RGB")), np.asarray(direct))
+        r = server.post("/sdapi/v1/txt2img", {"prompt": "a", "steps": 2, "width": 32, "height": 32,
+                                              "enable_hr": True, "hr_scale": 2})
+        assert r.status_code == 400 and "not supported with" in r.json()["detail"]
+    finally:
+        server.close()
