@@ -124,3 +124,33 @@ def test_the_server_runs_a_flow_model_through_a1111s_api(folder):
         assert r.status_code == 400 and "not supported with" in r.json()["detail"]
     finally:
         server.close()
+
+
+def test_a_lora_of_the_transformer_gives_the_image_of_the_transformer_it_adapts(folder, tmp_path):
+    """A LoRA file saved by diffusers for the transformer, applied by a `<lora:NAME:SCALE>` tag, gives the image
+    of the transformer with those LoRA layers (peft's own), scale 0 the plain image; the tag is not in the text."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    adapted = load(folder)
+    torch.manual_seed(0)
+    adapted.inner.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    cls = FluxPipeline if adapted.kind == "flux" else StableDiffusion3Pipeline
+    cls.save_lora_weights(tmp_path / "loras", transformer_lora_layers=get_peft_model_state_dict(
+        adapted.inner.transformer), weight_name="style.safetensors")
+    settings = dict(seed=2, num_inference_steps=3, height=32, width=32, guidance_scale=3.5, output_type="np")
+    want = adapted("a red circle", **settings).images
+
+    pipe = load(folder)
+    pipe.loras_dir = tmp_path / "loras"
+    plain = pipe("a red circle", **settings).images
+    got = pipe("a red circle <lora:style:1>", **settings)
+    np.testing.assert_allclose(got.images, want, atol=1e-5, rtol=0)
+    assert np.abs(got.images - plain).max() > 1e-3
+    assert got.metadata[0]["prompt"] == "a red circle <lora:style:1>"  # the tag is the record, as in A1111
+    np.testing.assert_allclose(pipe("a red circle <lora:style:0>", **settings).images, plain, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(pipe("a red circle", **settings).images, plain, atol=0, rtol=0)  # switched off
+    with pytest.raises(UserError, match="neither a file nor a name"):
+        pipe("a red circle <lora:nothing:1>", **settings)

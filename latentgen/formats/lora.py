@@ -139,7 +139,9 @@ def fuse(pipe, loras: Sequence[tuple[Path, float]]) -> None:
         pipe.__dict__["fused_loras_of"] = pipe.__dict__["active_loras"]
 
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # what diffusers' SD/SDXL LoRA loaders load into
+# what diffusers' LoRA loaders load into: SD/SDXL's, and SD3's and Flux's (generation.flow)
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 def text_encoder_state(pipe) -> tuple:
@@ -147,7 +149,7 @@ def text_encoder_state(pipe) -> tuple:
     key: an embedding made with one LoRA set is not reused with another, however the set was changed (here or
     through diffusers' `set_adapters`, `fuse_lora`, ...)."""
     state = []
-    for encoder in (getattr(pipe, name, None) for name in COMPONENTS[1:]):
+    for encoder in (getattr(pipe, name, None) for name in TEXT_ENCODERS):
         if encoder is None or not getattr(encoder, "peft_config", None):
             continue
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -204,7 +206,8 @@ def _load(pipe, path: Path, adapter: str) -> None:
     before = _adapters(pipe)
     try:
         if kind is None:
-            _check_shapes(pipe, path)
+            if hasattr(pipe, "unet"):  # SD3's and Flux's loaders return other things from lora_state_dict
+                _check_shapes(pipe, path)
             pipe.load_lora_weights(str(path), adapter_name=adapter)
         else:
             _load_lycoris(pipe, path, kind, adapter)

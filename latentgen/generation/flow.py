@@ -6,18 +6,19 @@ seed, so an image does not depend on its batch beyond float rounding), the flow 
 image's metadata (A1111's infotext, and latentgen's own for replay).
 
 What runs: text-to-image with prompt, negative prompt (SD3; Flux is guidance-distilled and takes none),
-steps, guidance (Flux: its embedded guidance), size, seeds and these samplers, each built from the model's own
-scheduler config (its shift, and Flux's resolution-dependent dynamic shift), under the U-Net samplers' names
-and A1111 names:
+steps, guidance (Flux: its embedded guidance), size, seeds, LoRAs (`--lora`, `<lora:NAME:SCALE>`, through
+diffusers' SD3/Flux loaders, which read diffusers', kohya's and other trainers' formats) and these samplers, each
+built from the model's own scheduler config (its shift, and Flux's resolution-dependent dynamic shift), under the
+U-Net samplers' names and A1111 names:
 
     euler          FlowMatchEulerDiscreteScheduler (the models' own; Forge's "Euler", schedule "Simple")
     heun           FlowMatchHeunDiscreteScheduler (SD3: it has no dynamic shift)
     dpm++          DPMSolverMultistepScheduler, DPM-Solver++ 2M on flow sigmas (flow_prediction)
     unipc          UniPCMultistepScheduler on flow sigmas (flow_prediction)
 
-Everything else a request can ask (img2img, inpainting, LoRA, ControlNet, hires fix, regions, ...) is a one-line
-error naming the option; single-file SD3.5/Flux checkpoints, Forge's "Beta"/"Karras" schedules for these samplers and
-the T5 sequence length (diffusers' defaults: SD3 256 tokens, Flux 512) are not offered yet.
+Everything else a request can ask (img2img, inpainting, ControlNet, hires fix, regions, ...) is a one-line error
+naming the option; LyCORIS files, single-file SD3.5/Flux checkpoints, Forge's "Beta"/"Karras" schedules and the
+T5 sequence length (diffusers' defaults: SD3 256 tokens, Flux 512) are not offered yet.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +34,7 @@ import torch
 
 from latentgen.components.schedulers import Sampler
 from latentgen.errors import UserError, first_line, one_of
+from latentgen.formats import lora
 from latentgen.formats.folders import check_pipeline_folder
 from latentgen.generation import options
 from latentgen.generation.pipeline import GenerationOutput, _request, _target_dtype
@@ -53,7 +56,11 @@ SAMPLERS: dict[str, Sampler] = {
 # effect (none of the flow samplers is stochastic; A1111 clients such as webuiapi always send one)
 SUPPORTED = {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width",
              "num_images_per_prompt", "seed", "scheduler", "output_type", "guidance_interval", "checked", "apg",
-             "generator", "eta"}
+             "generator", "eta", "loras"}
+# diffusers' LoRA loader methods, which `formats.lora` drives, called on the diffusers pipeline (its SD3 and Flux
+# loaders read diffusers', kohya's and other trainers' formats)
+LORA_METHODS = {"load_lora_weights", "set_adapters", "enable_lora", "disable_lora", "get_list_adapters",
+                "fuse_lora", "unfuse_lora", "lora_state_dict"}
 
 
 def kind_of(folder: Path) -> str | None:
@@ -98,6 +105,13 @@ class FlowPipeline:
     def __init__(self, inner, kind: str, folder: Path | None = None):
         self.inner, self.kind, self.folder = inner, kind, folder
         self.base_scheduler_config = dict(inner.scheduler.config)
+        self.lock = threading.Lock()  # one call at a time: the sampler and the active LoRAs are the pipeline's
+        self.loras_dir, self.loras_confined = Path("loras"), False
+
+    def __getattr__(self, name: str):
+        if name in LORA_METHODS:
+            return getattr(self.inner, name)
+        raise AttributeError(name)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, torch_dtype: torch.dtype | str | None = None,
@@ -185,7 +199,9 @@ class FlowPipeline:
         for side, value in (("height", height), ("width", width)):
             if value % m:
                 raise UserError(f"{side} must be a multiple of {m} for this model, got {value}")
-        return Plan(req, prompts, negatives, seeds, req.generator, height, width)
+        loras = [(lora.resolve(name, self.loras_dir, self.loras_confined), scale)
+                 for name, scale in (req.loras or []) + lora.tags(prompts[0])]
+        return Plan(req, prompts, negatives, seeds, req.generator, height, width, loras=loras)
 
     def check_request(self, prompt=None, **fields) -> Plan:
         return self.fit_request(_request(prompt, fields))
@@ -210,16 +226,22 @@ class FlowPipeline:
     @torch.no_grad()
     def generate(self, request, on_step: Callable[[int], None] | None = None, on_latents=None) -> GenerationOutput:
         plan = request if isinstance(request, Plan) else self.fit_request(request)
+        with self.lock:
+            return self._generate(plan, on_step)
+
+    def _generate(self, plan: Plan, on_step: Callable[[int], None] | None) -> GenerationOutput:
         req = plan.request
         name = req.scheduler or "euler"
         self.inner.scheduler = make_sampler(name, self.base_scheduler_config)
+        lora.activate(self, plan.loras)
 
         def step_end(pipe, i, t, tensors):
             if on_step is not None:
                 on_step(i)
             return {}
 
-        kwargs: dict[str, Any] = dict(prompt=plan.prompts, height=plan.height, width=plan.width,
+        kwargs: dict[str, Any] = dict(prompt=[lora.strip_tags(p) for p in plan.prompts], height=plan.height,
+                                      width=plan.width,
                                       num_inference_steps=req.num_inference_steps,
                                       guidance_scale=req.guidance_scale, latents=self.noise(plan),
                                       output_type=req.output_type, callback_on_step_end=step_end)

@@ -55,6 +55,7 @@ def open_pipeline(model: str | Path, dtype: str = "auto", device="auto", vae: st
         pipe = flow.FlowPipeline.from_pretrained(model, torch_dtype=resolve_dtype(dtype, device),
                                                  allow_pickle=allow_pickle).to(device)
         pipe.set_progress_bar_config(disable=True)
+        pipe.loras_dir, pipe.loras_confined = Path(loras_dir), confined
         return pipe
     pipe = LatentPipeline.from_pretrained(model, torch_dtype=resolve_dtype(dtype, device), allow_pickle=allow_pickle,
                                           prediction_type=prediction_type)  # a folder or a single file
