@@ -154,3 +154,22 @@ def test_a_lora_of_the_transformer_gives_the_image_of_the_transformer_it_adapts(
     np.testing.assert_allclose(pipe("a red circle", **settings).images, plain, atol=0, rtol=0)  # switched off
     with pytest.raises(UserError, match="neither a file nor a name"):
         pipe("a red circle <lora:nothing:1>", **settings)
+
+
+def test_image_to_image_is_diffusers_img2img_with_the_seeds_noise(folder):
+    from diffusers import FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline
+    from PIL import Image
+
+    pipe = load(folder)
+    init = Image.new("RGB", (32, 32), (200, 40, 40))
+    got = pipe("a red circle", image=init, strength=0.6, seed=4, num_inference_steps=5, guidance_scale=3.5,
+               output_type="np")
+    cls = FluxImg2ImgPipeline if pipe.kind == "flux" else StableDiffusion3Img2ImgPipeline
+    theirs = cls(**{k: v for k, v in pipe.inner.components.items() if k != "image_encoder" or pipe.kind == "sd3"})
+    theirs.set_progress_bar_config(disable=True)
+    want = theirs(prompt="a red circle", image=init, strength=0.6, num_inference_steps=5, guidance_scale=3.5,
+                  height=32, width=32, generator=[torch.Generator().manual_seed(4)], output_type="np").images
+    np.testing.assert_allclose(got.images, want, atol=1e-6, rtol=0)
+    assert got.metadata[0]["strength"] == 0.6 and got.images.shape == (1, 32, 32, 3)
+    weaker = pipe("a red circle", image=init, strength=0.2, seed=4, num_inference_steps=5, output_type="np").images
+    assert np.abs(weaker - np.asarray(init) / 255).mean() < np.abs(got.images - np.asarray(init) / 255).mean()

@@ -6,17 +6,18 @@ seed, so an image does not depend on its batch beyond float rounding), the flow 
 image's metadata (A1111's infotext, and latentgen's own for replay).
 
 What runs: text-to-image with prompt, negative prompt (SD3; Flux is guidance-distilled and takes none),
-steps, guidance (Flux: its embedded guidance), size, seeds, LoRAs (`--lora`, `<lora:NAME:SCALE>`, through
-diffusers' SD3/Flux loaders, which read diffusers', kohya's and other trainers' formats) and these samplers, each
-built from the model's own scheduler config (its shift, and Flux's resolution-dependent dynamic shift), under the
-U-Net samplers' names and A1111 names:
+steps, guidance (Flux: its embedded guidance), size, seeds; image-to-image (`--image`, `--strength`, through
+diffusers' img2img pipelines on the same modules); LoRAs (`--lora`, `<lora:NAME:SCALE>`, through diffusers'
+SD3/Flux loaders, which read diffusers', kohya's and other trainers' formats); and these samplers, each built
+from the model's own scheduler config (its shift, and Flux's resolution-dependent dynamic shift), under the U-Net
+samplers' names and A1111 names:
 
     euler          FlowMatchEulerDiscreteScheduler (the models' own; Forge's "Euler", schedule "Simple")
     heun           FlowMatchHeunDiscreteScheduler (SD3: it has no dynamic shift)
     dpm++          DPMSolverMultistepScheduler, DPM-Solver++ 2M on flow sigmas (flow_prediction)
     unipc          UniPCMultistepScheduler on flow sigmas (flow_prediction)
 
-Everything else a request can ask (img2img, inpainting, ControlNet, hires fix, regions, ...) is a one-line error
+Everything else a request can ask (inpainting, ControlNet, hires fix, regions, ...) is a one-line error
 naming the option; LyCORIS files, single-file SD3.5/Flux checkpoints, Forge's "Beta"/"Karras" schedules and the
 T5 sequence length (diffusers' defaults: SD3 256 tokens, Flux 512) are not offered yet.
 """
@@ -43,6 +44,7 @@ from latentgen.generation.sampling import cpu_generators
 from latentgen.runtime.precision import name_of
 
 KINDS = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+IMG2IMG = {"sd3": "StableDiffusion3Img2ImgPipeline", "flux": "FluxImg2ImgPipeline"}
 
 _FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
 SAMPLERS: dict[str, Sampler] = {
@@ -56,7 +58,7 @@ SAMPLERS: dict[str, Sampler] = {
 # effect (none of the flow samplers is stochastic; A1111 clients such as webuiapi always send one)
 SUPPORTED = {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width",
              "num_images_per_prompt", "seed", "scheduler", "output_type", "guidance_interval", "checked", "apg",
-             "generator", "eta", "loras"}
+             "generator", "eta", "loras", "image", "strength"}
 # diffusers' LoRA loader methods, which `formats.lora` drives, called on the diffusers pipeline (its SD3 and Flux
 # loaders read diffusers', kohya's and other trainers' formats)
 LORA_METHODS = {"load_lora_weights", "set_adapters", "enable_lora", "disable_lora", "get_list_adapters",
@@ -194,14 +196,19 @@ class FlowPipeline:
         if self.kind == "flux" and any(negatives):
             raise UserError("Flux is guidance-distilled and takes no negative prompt (its --guidance is the guidance "
                             "it was distilled with)")
+        image = req.image
+        if image is not None and not hasattr(image, "convert"):
+            raise UserError(f"image-to-image with {self.kind.upper()} models takes the image in pixels (a PIL image)")
         m = self.size_multiple
-        height, width = req.height or self.default_size, req.width or self.default_size
+        size = image.size if image is not None else (self.default_size, self.default_size)
+        height, width = req.height or size[1], req.width or size[0]
         for side, value in (("height", height), ("width", width)):
             if value % m:
                 raise UserError(f"{side} must be a multiple of {m} for this model, got {value}")
         loras = [(lora.resolve(name, self.loras_dir, self.loras_confined), scale)
                  for name, scale in (req.loras or []) + lora.tags(prompts[0])]
-        return Plan(req, prompts, negatives, seeds, req.generator, height, width, loras=loras)
+        pixels = None if image is None else self.inner.image_processor.preprocess(image.convert("RGB"), height, width)
+        return Plan(req, prompts, negatives, seeds, req.generator, height, width, image=pixels, loras=loras)
 
     def check_request(self, prompt=None, **fields) -> Plan:
         return self.fit_request(_request(prompt, fields))
@@ -209,6 +216,18 @@ class FlowPipeline:
     @torch.no_grad()
     def __call__(self, prompt=None, *, on_step: Callable[[int], None] | None = None, **fields) -> GenerationOutput:
         return self.generate(_request(prompt, fields), on_step)
+
+    def img2img(self):
+        """diffusers' image-to-image pipeline of this model, sharing its modules (built once)."""
+        if "_img2img" not in self.__dict__:
+            import diffusers
+
+            cls = getattr(diffusers, IMG2IMG[self.kind])
+            accepted = inspect.signature(cls.__init__).parameters
+            self._img2img = cls(**{k: v for k, v in self.inner.components.items() if k in accepted})
+            self._img2img.set_progress_bar_config(disable=True)
+        self._img2img.scheduler = self.inner.scheduler
+        return self._img2img
 
     def noise(self, plan: Plan) -> torch.Tensor:
         """Each image's starting noise from its own seed on the CPU (N, C, h, w), packed as Flux takes it."""
@@ -247,7 +266,12 @@ class FlowPipeline:
                                       output_type=req.output_type, callback_on_step_end=step_end)
         if self.kind == "sd3":
             kwargs["negative_prompt"] = plan.negative_prompts
-        images = self.inner(**kwargs).images
+        pipe = self.inner
+        if req.image is not None:  # diffusers' img2img pipeline on the same modules; the noise from the seeds
+            pipe = self.img2img()
+            kwargs |= dict(image=req.image.convert("RGB"), strength=req.strength, latents=None,
+                           generator=cpu_generators(plan.seeds) if plan.seeds is not None else plan.generator)
+        images = pipe(**kwargs).images
         info = {"scheduler": name, "height": plan.height, "width": plan.width, "dtype": name_of(self.dtype)}
         return GenerationOutput(images=images, seeds=plan.seeds, scheduler=name, info=info,
                                 metadata=[plan.record(i, name) for i in range(plan.batch_size)])
