@@ -89,8 +89,13 @@ PREPROCESSORS = {
     "tile_resample": Preprocessor(_tile_resample, "downsampled and back, for tile ControlNets", ("down sampling "
                                                                                                   "rate", 1.0)),
     "shuffle": Preprocessor(_shuffle, "content shuffle, for the shuffle ControlNet"),
+    "ip-adapter_clip": Preprocessor(lambda image, *_: image.convert("RGB"), "the image as it is, for an "
+                                    "IP-Adapter (its CLIP vision encoder reads it)"),
 }
 ALIASES = {"invert (from white bg & black line)": "invert", "binary": "threshold", "tile": "tile_resample",
+           "ip-adapter_clip_sd15": "ip-adapter_clip", "ip-adapter_clip_sdxl": "ip-adapter_clip",
+           "ip-adapter_clip_h": "ip-adapter_clip", "ip-adapter_clip_sdxl_plus_vith": "ip-adapter_clip",
+           "ip-adapter-auto": "ip-adapter_clip",
            "blur": "blur_gaussian"}
 
 

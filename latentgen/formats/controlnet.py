@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from latentgen.errors import UserError
-from latentgen.formats import single_file
+from latentgen.formats import ip_adapter, single_file
 
 LDM_PREFIX = "control_model."
 SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt", ".bin")
@@ -63,10 +63,21 @@ def names(*folders) -> list[str]:
 
 
 def load(path: Path, allow_pickle: bool = False):
-    """A ControlNetModel (fp32, eval mode) from a diffusers folder or a single LDM-layout file."""
+    """A ControlNetModel (fp32, eval mode) from a diffusers folder or a single LDM-layout file; an IP-Adapter file
+    (which A1111's ControlNet extension runs too) as a `formats.ip_adapter.IPAdapter`."""
     from diffusers import ControlNetModel
 
     path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                keys = list(f.keys())
+        except Exception:  # damaged: single_file.read below says so in its own words
+            keys = []
+        if ip_adapter.is_ip_adapter(keys):
+            return ip_adapter.load(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"{path} is not a ControlNet folder (no config.json)")

@@ -102,6 +102,8 @@ def layout(state: dict[str, Any], name: str = "the file") -> str:
         hint = "; it is a textual-inversion embedding: put it in --embeddings-dir"
     elif has(UNET + "joint_blocks") or has("double_blocks.") or has("transformer_blocks.0.attn.to_q"):
         hint = "; it is a transformer (SD3/Flux-style) model, which latentgen does not run"
+    elif has("image_proj.") and has("ip_adapter."):
+        hint = "; it is an IP-Adapter: use it with --control FILE:IMAGE (its image_encoder/ folder beside it)"
     elif any(re.search(r"(^|\.)(input_hint_block|zero_convs|controlnet_cond_embedding)\.", k) for k in state):
         hint = "; it is a ControlNet: use it with --control FILE:IMAGE"
     recognised = ", ".join(found) if found else "none of a Stable Diffusion checkpoint's parts"

@@ -51,6 +51,9 @@ class Conditioning:
     def unet_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `UNet2DConditionModel.forward`."""
         added = dict(self.added) | ({"text_embeds": self.pooled} if self.pooled is not None else {})
+        images = [added.pop(k) for k in sorted(k for k in self.added if k.startswith("image_embeds."))]
+        if images:  # IP-Adapters' image embeddings (`generation.control.with_image_embeds`), a list as diffusers'
+            added["image_embeds"] = images
         return {"encoder_hidden_states": self.hidden_states, "encoder_attention_mask": self.mask,
                 **({"added_cond_kwargs": added} if added else {})}
 

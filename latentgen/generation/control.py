@@ -32,6 +32,7 @@ from latentgen import validate
 from latentgen.components import control_images
 from latentgen.errors import UserError, one_of
 from latentgen.formats import controlnet as files
+from latentgen.formats import ip_adapter
 
 MODES = {"balanced": "Balanced", "prompt": "My prompt is more important", "control": "ControlNet is more important"}
 SOFT = 0.825  # A1111's soft injection: residual i of N + 1 scaled by SOFT ** (N - i)
@@ -199,6 +200,34 @@ class Active:
         return not (i / n < self.unit.start or (i + 1) / n > self.unit.end)
 
 
+@dataclass
+class ImagePrompt:
+    """An IP-Adapter unit fitted to a pipeline: the adapter, and its image's embedding and the unconditional one
+    (`formats.ip_adapter.IPAdapter.embeds`)."""
+
+    adapter: Any
+    embed: torch.Tensor
+    negative: torch.Tensor
+    unit: Control
+
+    on = Active.on
+
+
+def image_prompts(active: list) -> list[ImagePrompt]:
+    return [a for a in active if isinstance(a, ImagePrompt)]
+
+
+def with_image_embeds(cond, prompts: list[ImagePrompt], uncond_rows: int):
+    """The rows' conditioning with each adapter's image embedding (`image_embeds.K`, which `unet_kwargs` hands the
+    U-Net as its list `image_embeds`): the unconditional one in the first `uncond_rows` rows."""
+    rows = len(cond)
+    added = dict(cond.added)
+    for k, p in enumerate(prompts):
+        embed = torch.cat([p.negative] * uncond_rows + [p.embed] * (rows - uncond_rows))
+        added[f"image_embeds.{k}"] = embed.to(cond.hidden_states.device, cond.hidden_states.dtype)
+    return dataclasses.replace(cond, added=added)
+
+
 def networks(pipe) -> dict:
     """The pipeline's loaded ControlNets, by resolved path (loaded once, on the U-Net's device and dtype)."""
     return pipe.__dict__.setdefault("controlnets", {})
@@ -219,14 +248,19 @@ def fit(pipe, units: list[Control], height: int, width: int) -> list[Active]:
             if path not in cache:
                 cache[path] = files.load(path, getattr(pipe, "allow_pickle", False))
             net = cache[path]
-        check_fits(net, pipe.unet, unit.name)
-        if (net.device, net.dtype) != (pipe.unet.device, pipe.unet.dtype):
-            net.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
         image = unit.image
         if isinstance(image, (str, Path)):
             image = _open(image)
         elif not isinstance(image, Image.Image):
             image = Image.fromarray(_uint8(image))
+        if isinstance(net, ip_adapter.IPAdapter):  # an image prompt: the image's embedding, not a control map
+            ip_adapter.check_fits(net, pipe.unet)
+            net.encoder.to(pipe.unet.device)
+            out.append(ImagePrompt(net, *net.embeds(image), unit))
+            continue
+        check_fits(net, pipe.unet, unit.name)
+        if (net.device, net.dtype) != (pipe.unet.device, pipe.unet.dtype):
+            net.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
         prepared = control_images.prepare(image, width, height, unit.module, unit.resize_mode, unit.threshold_a,
                                           unit.threshold_b)
         out.append(Active(net, control_images.to_tensor(prepared), unit))
@@ -278,7 +312,7 @@ def residuals(active: list[Active], progress: tuple[int, int], x_in: torch.Tenso
     """A function of the U-Net call's rows giving its residual keyword arguments at this step (None where no
     unit acts). `x_in`: the U-Net's input rows; the first `uncond_rows` of them are unconditional (the
     "ControlNet is more important" mode leaves them without control)."""
-    on = [a for a in active if a.on(*progress)]
+    on = [a for a in active if isinstance(a, Active) and a.on(*progress)]
     if not on:
         return None
 

@@ -40,10 +40,10 @@ from latentgen.components.text_encoders import (
     text_encoder_for,
 )
 from latentgen.errors import UserError, first_line
-from latentgen.formats import lora, single_file
+from latentgen.formats import ip_adapter, lora, single_file
 from latentgen.formats import upscaler as upscaler_folder
 from latentgen.formats.folders import WEIGHT_COMPONENTS, check_pipeline_folder
-from latentgen.generation import cascade, hires, sampling
+from latentgen.generation import cascade, control, hires, sampling
 from latentgen.generation import regions as regional
 from latentgen.generation.conditioning import Conditioning, PromptEncoder
 from latentgen.generation.plan import Plan
@@ -424,7 +424,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         tiled = plan.request.tiling
         # from now on every call takes the lock: none may run while the convolutions are circular or the
         # cross-attention regional
-        if tiled or (plan.request.regions is not None and plan.request.regions.calc == "attention"):
+        images = [a.adapter for a in control.image_prompts(plan.controls)]
+        if tiled or images or (plan.request.regions is not None and plan.request.regions.calc == "attention"):
             self.__dict__["tiling_used"] = True
         switch = bool(plan.loras or self.__dict__.get("managed_loras"))
         with self.lora_lock if switch or self.__dict__.get("tiling_used") else contextlib.nullcontext():
@@ -432,7 +433,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
                 lora.activate(self, plan.loras)
             regions = plan.request.regions
             shape = regions.shape_of(plan.prompts) if regions is not None else (1, False)
-            with tiling.circular(self.unet, self.vae, enabled=tiled), \
+            with tiling.circular(self.unet, self.vae, enabled=tiled), ip_adapter.applied(self.unet, images), \
                     regional.attention(self.unet, regions, *shape, plan.height, plan.width):
                 if plan.request.hires is not None:
                     return hires.generate(self, plan, on_step, on_latents)

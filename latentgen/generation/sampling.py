@@ -25,6 +25,7 @@ from latentgen.components.schedulers import (
     step_kwargs,
 )
 from latentgen.errors import UserError
+from latentgen.formats import ip_adapter
 from latentgen.generation import control, schedule
 from latentgen.generation.conditioning import Composable, Conditioning, GuidedConditioning, PromptEncoder
 from latentgen.generation.guidance import DYNAMIC_THRESHOLD_FLOOR, alpha_sigma, clip_x0, guide, rescale_guidance
@@ -252,8 +253,12 @@ def predict(pipe, x: torch.Tensor, t, cond: GuidedConditioning | Composable, pla
     w_cond = guidance_embedding(pipe.unet.config.time_cond_proj_dim, torch.full((x_in.shape[0],), r.guidance_scale),
                                 c.hidden_states) if embedded else None
     x_in = x_in.to(c.hidden_states.dtype)
-    residuals = control.residuals(plan.controls, known.get("progress", (0, 1)), x_in, t, n if guided else 0) \
-        if plan.controls else None
+    progress = known.get("progress", (0, 1))
+    residuals = control.residuals(plan.controls, progress, x_in, t, n if guided else 0) if plan.controls else None
+    images = control.image_prompts(plan.controls)
+    if images:  # IP-Adapters: their image embeddings in the rows, each at its weight while it acts
+        ip_adapter.set_scales(pipe.unet, [a.unit.weight if a.on(*progress) else 0.0 for a in images])
+        c = control.with_image_embeds(c, images, n if guided else 0)
     pred = run_unet(pipe, x_in, t, c, rows_per_image=2 if guided else 1,
                     class_labels=labels, groups=groups, timestep_cond=w_cond, control=residuals)
     if layout is not None:  # composable: ε̃ = ε∅ + Σ_j w_j·Δ_j, each part's guidance Δ_j = guide(ε∅, ε_j) − ε∅
