@@ -145,3 +145,24 @@ def test_distillation_learns_resumes_bit_for_bit_and_installs(tiny_folder, tmp_p
     install(full, model)
     pipe = LatentPipeline.from_pretrained(model, torch_dtype=torch.float32)
     assert pipe.text_encoder_zh is not None and {p.name: p.read_bytes() for p in (model / "unet").iterdir()} == before
+
+
+def test_the_shipped_student_means_what_the_english_prompt_means():
+    """The default model's Chinese student (issue #50) puts a Chinese prompt next to its English one in the text
+    encoder's space, and farther from the English prompt with the colours swapped (binding is in the embedding)."""
+    from latentgen.data.shapes import ZH_ONE, ZH_TWO, pair_prompt, single_prompt, zh_prompt
+    from latentgen.generation.models import DEFAULT_MODEL
+
+    pipe = LatentPipeline.from_pretrained(DEFAULT_MODEL, torch_dtype=torch.float32)
+
+    def cosine(a: str, b: str) -> float:
+        (x, _), (y, _) = pipe.encode_prompts([a]), pipe.encode_prompts([b])
+        return torch.nn.functional.cosine_similarity(x.flatten(), y.flatten(), dim=0).item()
+
+    one = zh_prompt(ZH_ONE[0], "white", [("red", "circle")])
+    right = cosine(one, single_prompt("red", "circle", "white"))
+    assert right > 0.99 and right > cosine(one, single_prompt("blue", "circle", "white")) + 0.05  # 0.999, 0.90
+    two = zh_prompt(ZH_TWO[0], "black", [("green", "square"), ("yellow", "triangle")])
+    right = cosine(two, pair_prompt(("green", "square"), ("yellow", "triangle"), "black"))
+    swapped = cosine(two, pair_prompt(("yellow", "square"), ("green", "triangle"), "black"))
+    assert right > 0.99 and right > swapped + 0.01, (right, swapped)  # measured 0.997 and 0.975
