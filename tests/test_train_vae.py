@@ -1,5 +1,6 @@
 """train_vae.py: loss goes down, the saved VAE round-trips, the scaling factor, resume, bad configs."""
 
+import importlib.util
 import subprocess
 import sys
 
@@ -53,6 +54,21 @@ def test_training_lowers_the_loss_and_the_vae_round_trips(tmp_path):
     assert (tmp_path / "run" / "validation" / "step-0000060.png").is_file()
 
 
+def test_the_trackers_are_the_configs(tmp_path):
+    """log_with: tensorboard (the default) writes its event file with the validation images; none writes none."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train_vae(smoke(tmp_path, "max_steps=2", "checkpoint_every=100"))
+    events = EventAccumulator(str(next((tmp_path / "run" / "logs").rglob("events.*")))).Reload()
+    assert "validation/reconstructions" in events.Tags()["images"] and "loss" in events.Tags()["scalars"]
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    train_vae(smoke(tmp_path / "none", "max_steps=2", "checkpoint_every=100", "log_with=none"))
+    assert not list((tmp_path / "none" / "run").rglob("events.*"))
+
+
 def test_scaling_factor_gives_unit_variance_latents(tmp_path):
     config = smoke(tmp_path, "max_steps=3", "scaling_batches=8")
     folder = train_vae(config)
@@ -92,6 +108,9 @@ def test_resume_continues_from_the_saved_step(tmp_path):
     (["mixed_precision=fp8"], "unknown mixed_precision 'fp8'"),
     (["decoder_only=true"], "decoder_only needs a pretrained VAE"),
     (["latent_noise=-1"], "latent_noise must be ≥ 0, got -1"),
+    (["log_with=tensorbord"], "unknown log_with 'tensorbord' (did you mean 'tensorboard'?)"),
+    *([(["log_with=tensorboard,aim"], "log_with: aim is not installed; pip install aim")]
+      if importlib.util.find_spec("aim") is None else []),
 ])
 def test_bad_configs_fail_before_training(tmp_path, overrides, message):
     r = subprocess.run([sys.executable, str(ROOT / "train_vae.py"), "--config", str(SMOKE),

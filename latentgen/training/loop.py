@@ -26,6 +26,7 @@ scaler, and a resumed run replays exactly what an uninterrupted one would have d
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,9 @@ class TrainConfig:
     resume_from: str | None = None  # "latest" or a checkpoint folder
     log_every: int = 10
     validate_every: int = 0  # 0: validate only at the end
+    # the experiment trackers (accelerate's): tensorboard, wandb (offline unless WANDB_MODE says otherwise), mlflow,
+    # aim, comet_ml, clearml, dvclive, swanlab, trackio; several comma-separated; "none": no tracker
+    log_with: str = "tensorboard"
     num_workers: int = 0
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -100,6 +104,7 @@ class TrainConfig:
             raise one_of("attention", self.attention, list(ATTENTION))
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise one_of("lr_scheduler", self.lr_scheduler, list(LR_SCHEDULERS))
+        trackers(self.log_with)  # checked here, before any model loads
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -110,6 +115,27 @@ def compute_bytes(config: TrainConfig) -> int:
     """Bytes per activation element under the run's mixed precision (for the memory guard, before accelerate)."""
 
     return 2 if mixed_precision(config.mixed_precision, use_cpu())[0] in ("bf16", "fp16") else 4
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio")
+
+
+def trackers(log_with: str) -> list[str]:
+    """The trackers `log_with` names ("none": none), each installed, or a one-line error saying what to install."""
+    import accelerate.utils.imports as available
+
+    names = [n.strip() for n in str(log_with).split(",") if n.strip()]
+    if names == ["none"]:
+        return []
+    for name in names:
+        if name not in TRACKERS:
+            raise one_of("log_with", name, [*TRACKERS, "none"])
+        if not getattr(available, f"is_{name}_available")():
+            raise UserError(f"log_with: {name} is not installed; pip install {name.replace('_', '-')} (or log with "
+                            "tensorboard, the default)")
+    if "wandb" in names:
+        os.environ.setdefault("WANDB_MODE", "offline")  # no internet here: runs sync later with `wandb sync`
+    return names
 
 
 def make_accelerator(config: TrainConfig, project: str):
@@ -125,7 +151,7 @@ def make_accelerator(config: TrainConfig, project: str):
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with="tensorboard",
+        log_with=trackers(config.log_with) or None,
         project_config=ProjectConfiguration(project_dir=config.output_dir,
                                             logging_dir=str(Path(config.output_dir) / "logs")),
         cpu=cpu,
@@ -136,7 +162,7 @@ def make_accelerator(config: TrainConfig, project: str):
                         "launch with --multi_gpu (or --cpu) instead")
     say(f"{project}: {describe(state)}")
     accelerator.print(f"{project}: mixed precision {mixed_precision} ({source})")
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and accelerator.log_with:
         accelerator.init_trackers(project, config=flat_scalars(config))
     return accelerator
 
@@ -432,9 +458,12 @@ def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 
 def log_image(accelerator, tag: str, image, step: int) -> None:
-    """Log a PIL image to TensorBoard (main process)."""
+    """Log a PIL image to each tracker that takes images (main process)."""
     if not accelerator.is_main_process:
         return
-    tracker = accelerator.get_tracker("tensorboard", unwrap=True)
-    tracker.add_image(tag, np.asarray(image), step, dataformats="HWC")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
+        elif hasattr(tracker, "log_images"):  # wandb, aim, comet_ml, clearml, ...: their own image types
+            tracker.log_images({tag: [image]}, step=step)
 
