@@ -479,3 +479,47 @@ def test_the_web_page_uploads_a_control_image_shows_its_map_and_uses_it(cn_serve
         assert 'ControlNet 0: "Module: canny, Model: layout, Weight: 1' in text
     finally:
         driver.quit()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# T2I-Adapters (TencentARC's, as diffusers has them), which A1111's ControlNet extension runs as units too
+
+
+def t2i_adapter(unet, seed: int, in_channels: int = 3):
+    from diffusers import T2IAdapter
+
+    torch.manual_seed(seed)
+    return T2IAdapter(in_channels=in_channels, channels=list(unet.config.block_out_channels), num_res_blocks=1,
+                      downscale_factor=8, adapter_type="full_adapter").eval()
+
+
+def test_a_t2i_adapter_unit_gives_diffusers_adapter_pipelines_image(tmp_path):
+    """On SD 1.x's topology (attention from the first level, as the adapters' features expect)."""
+    from diffusers import StableDiffusionAdapterPipeline
+
+    parts = C.sd1_components()
+    ours = LatentPipeline(**parts)
+    ours.set_progress_bar_config(disable=True)
+    adapter = t2i_adapter(parts["unet"], 4)
+    adapter.save_pretrained(tmp_path / "t2i")
+    nets = [controlnet(parts["unet"], 1, hint=(4, 8, 8, 16))]
+    image = random_images(1, 64)[0]
+    got = ours(PROMPT, control=[Control(str(tmp_path / "t2i"), image, 0.7, resize_mode="resize")],
+               generator=torch.Generator().manual_seed(3), **KW).images
+    sd = StableDiffusionAdapterPipeline(**parts, adapter=adapter, safety_checker=None, feature_extractor=None,
+                                        requires_safety_checker=False)
+    sd.set_progress_bar_config(disable=True)
+    want = sd(PROMPT, image=image, adapter_conditioning_scale=0.7, generator=torch.Generator().manual_seed(3),
+              **KW).images
+    plain = ours(PROMPT, generator=torch.Generator().manual_seed(3), **KW).images
+    assert np.abs(got - want).max() <= 1e-4
+    assert np.abs(got - plain).max() > 0.01
+    # with a ControlNet at the same time: both act (diffusers' U-Net takes both kinds of residuals)
+    both = ours(PROMPT, control=[Control(str(tmp_path / "t2i"), image, 0.7), Control(nets[0], image, 0.5)],
+                generator=torch.Generator().manual_seed(3), **KW).images
+    assert np.abs(both - got).max() > 1e-3
+    from diffusers import T2IAdapter
+
+    T2IAdapter(channels=[16, 16], num_res_blocks=1, downscale_factor=8).save_pretrained(tmp_path / "t2i2")
+    with pytest.raises(UserError, match="T2I-Adapter t2i2 does not fit this model's U-Net"):
+        ours(PROMPT, control=[Control(str(tmp_path / "t2i2"), image)], num_inference_steps=1)

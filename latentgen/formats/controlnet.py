@@ -63,8 +63,9 @@ def names(*folders) -> list[str]:
 
 
 def load(path: Path, allow_pickle: bool = False):
-    """A ControlNetModel (fp32, eval mode) from a diffusers folder or a single LDM-layout file; an IP-Adapter file
-    (which A1111's ControlNet extension runs too) as a `formats.ip_adapter.IPAdapter`."""
+    """A ControlNetModel (fp32, eval mode) from a diffusers folder or a single LDM-layout file; what A1111's
+    ControlNet extension runs too: a T2I-Adapter folder (diffusers' `T2IAdapter`), an IP-Adapter file (a
+    `formats.ip_adapter.IPAdapter`)."""
     from diffusers import ControlNetModel
 
     path = Path(path)
@@ -82,6 +83,10 @@ def load(path: Path, allow_pickle: bool = False):
         if not (path / "config.json").is_file():
             raise UserError(f"{path} is not a ControlNet folder (no config.json)")
         try:
+            if '"T2IAdapter"' in (path / "config.json").read_text():  # TencentARC's adapters, as diffusers has them
+                from diffusers import T2IAdapter
+
+                return T2IAdapter.from_pretrained(path, use_safetensors=not allow_pickle or None).eval()
             return ControlNetModel.from_pretrained(path, use_safetensors=not allow_pickle or None).eval()
         except (OSError, ValueError, EnvironmentError) as err:
             raise UserError(f"cannot load the ControlNet in {path} ({str(err).splitlines()[0]})") from None

@@ -194,6 +194,12 @@ class Active:
     net: Any
     image: torch.Tensor
     unit: Control
+    features: list | None = None  # a T2I-Adapter's: its features of the image, computed once
+
+    @property
+    def adapter(self) -> bool:
+        """A T2I-Adapter (its features are added inside the U-Net's down blocks), not a ControlNet."""
+        return type(self.net).__name__ == "T2IAdapter"
 
     def on(self, i: int, n: int) -> bool:
         """Whether the unit acts at step i of n (diffusers' `controlnet_keep`, which A1111's percentages match)."""
@@ -258,7 +264,7 @@ def fit(pipe, units: list[Control], height: int, width: int) -> list[Active]:
             net.encoder.to(pipe.unet.device)
             out.append(ImagePrompt(net, *net.embeds(image), unit))
             continue
-        check_fits(net, pipe.unet, unit.name)
+        (check_adapter_fits if type(net).__name__ == "T2IAdapter" else check_fits)(net, pipe.unet, unit.name)
         if (net.device, net.dtype) != (pipe.unet.device, pipe.unet.dtype):
             net.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
         prepared = control_images.prepare(image, width, height, unit.module, unit.resize_mode, unit.threshold_a,
@@ -304,6 +310,15 @@ def check_fits(net, unet, name: str) -> None:
                         f"{list(b.block_out_channels)}): it was made for another base model")
 
 
+def check_adapter_fits(net, unet, name: str) -> None:
+    """A T2I-Adapter whose features do not match the U-Net's down blocks is a one-line error."""
+    channels = list(net.config.channels)[:len(unet.config.block_out_channels)]
+    if channels != list(unet.config.block_out_channels)[:len(channels)]:
+        raise UserError(f"T2I-Adapter {name} does not fit this model's U-Net (feature widths "
+                        f"{list(net.config.channels)} vs {list(unet.config.block_out_channels)}): it was made for "
+                        "another base model")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # At each step
 
@@ -318,8 +333,17 @@ def residuals(active: list[Active], progress: tuple[int, int], x_in: torch.Tenso
 
     def kwargs(rows, unet_kwargs: dict) -> dict:
         index = torch.arange(x_in.shape[0])[rows]
-        downs = mid = None
+        downs = mid = inner = None
         for a in on:
+            if a.adapter:  # a T2I-Adapter: its features × weight, the same at every step (diffusers' pipeline's)
+                if a.features is None:
+                    image = a.image.to(x_in.device, a.net.dtype)
+                    a.features = a.net(image.mean(1, keepdim=True) if a.net.config.in_channels == 1 else image)
+                keep = (index >= uncond_rows) if a.unit.mode == "control" and uncond_rows else torch.ones(len(index))
+                scale = keep.to(x_in.device, a.features[0].dtype).view(-1, 1, 1, 1) * a.unit.weight
+                f = [v.expand(len(index), -1, -1, -1) * scale for v in a.features]
+                inner = f if inner is None else [p + q for p, q in zip(inner, f)]
+                continue
             net, unit = a.net, a.unit
             soft = unit.mode != "balanced"
             image = a.image.to(x_in.device, net.dtype).expand(len(index), -1, -1, -1)
@@ -337,6 +361,8 @@ def residuals(active: list[Active], progress: tuple[int, int], x_in: torch.Tenso
                 d, m = [r * keep for r in d], m * keep
             downs = d if downs is None else [p + q for p, q in zip(downs, d)]
             mid = m if mid is None else mid + m
-        return {"down_block_additional_residuals": downs, "mid_block_additional_residual": mid}
+        out = {} if downs is None else {"down_block_additional_residuals": downs,
+                                        "mid_block_additional_residual": mid}
+        return out | ({} if inner is None else {"down_intrablock_additional_residuals": inner})
 
     return kwargs
