@@ -83,7 +83,7 @@ def test_what_flow_models_do_not_run_yet_is_a_one_line_error(folder):
         with pytest.raises(UserError, match=message):
             pipe("a red circle", num_inference_steps=2, **fields)
     if pipe.kind == "flux":
-        with pytest.raises(UserError, match="Flux is guidance-distilled and takes no negative prompt"):
+        with pytest.raises(UserError, match="its negative prompt acts only with true CFG"):
             pipe("a red circle", negative_prompt="blue", num_inference_steps=2, height=32, width=32)
     from latentgen import LatentPipeline
 
@@ -173,3 +173,31 @@ def test_image_to_image_is_diffusers_img2img_with_the_seeds_noise(folder):
     assert got.metadata[0]["strength"] == 0.6 and got.images.shape == (1, 32, 32, 3)
     weaker = pipe("a red circle", image=init, strength=0.2, seed=4, num_inference_steps=5, output_type="np").images
     assert np.abs(weaker - np.asarray(init) / 255).mean() < np.abs(got.images - np.asarray(init) / 255).mean()
+
+
+def test_true_cfg_and_the_t5_length_reach_diffusers_pipeline(folder, tmp_path):
+    """Flux's true CFG (negative prompt, a second pass) and the T5 sequence length give diffusers' own images with
+    the same noise; a U-Net model refuses both in one line."""
+    pipe = load(folder)
+    plan = pipe.check_request("a red circle on a blue background", seed=6, height=32, width=32)
+    settings = dict(num_inference_steps=3, height=32, width=32, guidance_scale=3.5, output_type="np")
+    if pipe.kind == "flux":
+        got = pipe("a red circle on a blue background", negative_prompt="green", true_cfg_scale=4.0, seed=6,
+                   **settings).images
+        want = pipe.inner(prompt="a red circle on a blue background", negative_prompt="green", true_cfg_scale=4.0,
+                          latents=pipe.noise(plan), **settings).images
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+        assert np.abs(got - pipe("a red circle on a blue background", seed=6, **settings).images).max() > 1e-3
+    else:
+        with pytest.raises(UserError, match="true CFG is for guidance-distilled Flux models"):
+            pipe("a red circle", true_cfg_scale=3.0, **settings)
+    short = pipe("a red circle on a blue background", max_sequence_length=3, seed=6, **settings)
+    want = pipe.inner(prompt="a red circle on a blue background", max_sequence_length=3, latents=pipe.noise(plan),
+                      **settings).images
+    np.testing.assert_allclose(short.images, want, atol=1e-6, rtol=0)
+    assert short.metadata[0]["max_sequence_length"] == 3
+    from latentgen import LatentPipeline
+
+    unet = LatentPipeline(**C.components())
+    with pytest.raises(UserError, match="T5 sequence length is for SD3/Flux models"):
+        unet("a red circle", max_sequence_length=64, num_inference_steps=1)

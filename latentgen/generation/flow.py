@@ -5,8 +5,8 @@ in one line against what these models can do, one seed per image (the noise draw
 seed, so an image does not depend on its batch beyond float rounding), the flow samplers by name, and the
 image's metadata (A1111's infotext, and latentgen's own for replay).
 
-What runs: text-to-image with prompt, negative prompt (SD3; Flux is guidance-distilled and takes none),
-steps, guidance (Flux: its embedded guidance), size, seeds; image-to-image (`--image`, `--strength`, through
+What runs: text-to-image with prompt, negative prompt (Flux: with true CFG, `--true-cfg`), steps, guidance
+(Flux: its embedded guidance), the T5 sequence length, size, seeds; image-to-image (`--image`, `--strength`, through
 diffusers' img2img pipelines on the same modules); LoRAs (`--lora`, `<lora:NAME:SCALE>`, through diffusers'
 SD3/Flux loaders, which read diffusers', kohya's and other trainers' formats); and these samplers, each built
 from the model's own scheduler config (its shift, and Flux's resolution-dependent dynamic shift), under the U-Net
@@ -18,8 +18,8 @@ samplers' names and A1111 names:
     unipc          UniPCMultistepScheduler on flow sigmas (flow_prediction)
 
 Everything else a request can ask (inpainting, ControlNet, hires fix, regions, ...) is a one-line error
-naming the option; LyCORIS files, single-file SD3.5/Flux checkpoints, Forge's "Beta"/"Karras" schedules and the
-T5 sequence length (diffusers' defaults: SD3 256 tokens, Flux 512) are not offered yet.
+naming the option; LyCORIS files, single-file SD3.5/Flux checkpoints and Forge's "Beta"/"Karras" schedules are not
+offered yet.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ SAMPLERS: dict[str, Sampler] = {
 # effect (none of the flow samplers is stochastic; A1111 clients such as webuiapi always send one)
 SUPPORTED = {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width",
              "num_images_per_prompt", "seed", "scheduler", "output_type", "guidance_interval", "checked", "apg",
-             "generator", "eta", "loras", "image", "strength"}
+             "generator", "eta", "loras", "image", "strength", "true_cfg_scale", "max_sequence_length"}
 # diffusers' LoRA loader methods, which `formats.lora` drives, called on the diffusers pipeline (its SD3 and Flux
 # loaders read diffusers', kohya's and other trainers' formats)
 LORA_METHODS = {"load_lora_weights", "set_adapters", "enable_lora", "disable_lora", "get_list_adapters",
@@ -193,9 +193,11 @@ class FlowPipeline:
         if req.guidance_interval != (0.0, 1.0):
             raise UserError(f"a guidance interval is not supported with {self.kind.upper()} models yet")
         prompts, negatives, seeds = req.per_image()
-        if self.kind == "flux" and any(negatives):
-            raise UserError("Flux is guidance-distilled and takes no negative prompt (its --guidance is the guidance "
-                            "it was distilled with)")
+        if self.kind == "flux" and any(negatives) and req.true_cfg_scale == 1.0:
+            raise UserError("Flux is guidance-distilled: its negative prompt acts only with true CFG (--true-cfg "
+                            "above 1, a second pass a step); its --guidance is the guidance it was distilled with")
+        if self.kind == "sd3" and req.true_cfg_scale != 1.0:
+            raise UserError("true CFG is for guidance-distilled Flux models; SD3 guides with --guidance")
         image = req.image
         if image is not None and not hasattr(image, "convert"):
             raise UserError(f"image-to-image with {self.kind.upper()} models takes the image in pixels (a PIL image)")
@@ -264,8 +266,12 @@ class FlowPipeline:
                                       num_inference_steps=req.num_inference_steps,
                                       guidance_scale=req.guidance_scale, latents=self.noise(plan),
                                       output_type=req.output_type, callback_on_step_end=step_end)
-        if self.kind == "sd3":
+        if req.max_sequence_length is not None:
+            kwargs["max_sequence_length"] = req.max_sequence_length
+        if self.kind == "sd3" or req.true_cfg_scale != 1.0:
             kwargs["negative_prompt"] = plan.negative_prompts
+        if self.kind == "flux" and req.true_cfg_scale != 1.0:
+            kwargs["true_cfg_scale"] = req.true_cfg_scale
         pipe = self.inner
         if req.image is not None:  # diffusers' img2img pipeline on the same modules; the noise from the seeds
             pipe = self.img2img()

@@ -131,6 +131,14 @@ class Request:
         to_text=lambda v: None if v is None or tuple(v) == (0.0, 1.0) else "{:g}-{:g}".format(*v),
         from_text=lambda v: tuple(float(x) for x in v.split("-")),
         help="guide only in this fraction of the steps (0 = the noisiest; Kynkäänniemi et al.)"))
+    true_cfg_scale: float = field(default=1.0, metadata=option(
+        "true CFG scale", flag="--true-cfg", api="true_cfg_scale", text="True CFG scale",
+        help="Flux (guidance-distilled) only: classifier-free guidance with the negative prompt on top of its "
+             "embedded --guidance, diffusers' true_cfg_scale (1: off, one pass a step)"))
+    max_sequence_length: int | None = field(default=None, metadata=option(
+        "T5 sequence length", flag="--max-sequence-length", api="max_sequence_length", cli={"type": int},
+        text="T5 tokens", help="SD3/Flux only: how many T5 tokens a prompt may use, up to 512 (default: the "
+                               "pipeline's, 256 for SD3 and 512 for Flux)"))
     clip_skip: int | None = field(default=None, metadata=option(
         "clip skip", flag="--clip-skip", cli={"type": int}, from_flag=lambda v: a1111_clip_skip(v, "--clip-skip"),
         text="Clip skip", to_text=lambda v: v + 1 if v else None,
@@ -252,6 +260,9 @@ class Request:
             raise one_of("output_type", self.output_type, list(OUTPUT_TYPES))
         rescale = validate.in_range(self.guidance_rescale, name["guidance_rescale"], 0.0, 1.0)
         eta = validate.in_range(self.eta, name["eta"], 0.0, 1.0)
+        validate.in_range(self.true_cfg_scale, name["true_cfg_scale"], 1.0, 30.0)
+        if self.max_sequence_length is not None:
+            validate.in_range(self.max_sequence_length, name["max_sequence_length"], 1, 512)
         interval = _interval(self.guidance_interval)
         if self.dynamic_threshold is not None:
             validate.in_range(self.dynamic_threshold, name["dynamic_threshold"], 0.5, 1.0, True, True)
@@ -366,6 +377,10 @@ class Request:
         batches of `batch_size` images (default: all at once), including a hires pass, checked."""
         if hasattr(pipe, "fit_request"):  # a flow-matching transformer (generation.flow) fits requests itself
             return pipe.fit_request(self, batch_size)
+        for flow_only in ("true_cfg_scale", "max_sequence_length"):
+            if getattr(self, flow_only) != getattr(Request, flow_only):
+                raise UserError(f"{options.names(Request, None)[flow_only]} is for SD3/Flux models; this model is a "
+                                "U-Net's")
         max_steps = pipe.scheduler.config.get("num_train_timesteps")
         req = self.check(max_steps=max_steps)
         validate.steps(req.num_inference_steps, max_steps)  # for a request checked before the model loaded
