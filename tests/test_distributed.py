@@ -63,11 +63,18 @@ def test_a_sharded_launch_or_another_accumulation_is_refused_not_ignored(monkeyp
     from latentgen.runtime.distributed import check_launch_request
 
     env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
-    r = subprocess.run([sys.executable, str(ROOT / "train_unet.py"), "--config", str(ROOT / "configs" / "smoke.yaml"),
-                        f"output_dir={tmp_path}", "max_steps=1"], capture_output=True, text=True,
+    vae = ROOT / "configs" / "vae-smoke.yaml"
+    r = subprocess.run([sys.executable, str(ROOT / "train_vae.py"), "--config", str(vae), f"output_dir={tmp_path}",
+                        "max_steps=1"], capture_output=True, text=True,
                        env={**os.environ, **env})
     assert r.returncode != 0 and "FSDP (--use_fsdp or distributed_type: FSDP) was asked for" in r.stderr
-    assert "Traceback" not in r.stderr and not (tmp_path / "pipeline").exists()
+    assert "distributed.strategy: fsdp" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "vae").exists()
+    r = subprocess.run([sys.executable, str(ROOT / "train_unet.py"), "--config", str(ROOT / "configs" / "smoke.yaml"),
+                        f"output_dir={tmp_path / 'unet'}", "max_steps=1"], capture_output=True, text=True,
+                       env={**os.environ, **env})  # honoured: one process, nothing to shard, FSDP's checkpoints
+    assert r.returncode == 0 and (tmp_path / "unet" / "pipeline").is_dir(), r.stderr[-2000:]
+    assert "strategy: fsdp" in (tmp_path / "unet" / "train_config.yaml").read_text()
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
     with pytest.raises(UserError, match="--gradient_accumulation_steps 4 disagrees with the config's 1"):
         check_launch_request(1)

@@ -354,3 +354,63 @@ def test_the_optimizer_and_ema_take_the_textbook_steps_in_one_multi_tensor_updat
     for new, old, w in zip(ema.shadow_params, shadow, weights):
         assert not torch.equal(new, w)
         torch.testing.assert_close(new, decay * old + (1 - decay) * w, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sharded training (FSDP2, distributed.strategy: fsdp; latentgen.training.sharded)
+
+
+def test_fsdp_on_two_ranks_trains_what_ddp_trains_holding_half_the_parameters_each(tmp_path):
+    r = run(LAUNCH, f"output_dir={tmp_path / 'fsdp'}", "max_steps=3", "distributed.strategy=fsdp")
+    assert r.returncode == 0, r.stderr[-3000:]
+    held = [line for line in r.stdout.splitlines() if "parameters (fsdp)" in line]
+    counts = [int(line.split(" holds ")[1].split(" of ")[0].replace(",", "")) for line in held]
+    total = int(held[0].split(" of the U-Net's ")[1].split(" ")[0].replace(",", ""))
+    assert len(counts) == 2 and sum(counts) == total and max(counts) < 0.55 * total, held
+    r = run(LAUNCH, f"output_dir={tmp_path / 'ddp'}", "max_steps=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    sharded, whole = final_unet(tmp_path / "fsdp"), final_unet(tmp_path / "ddp")
+    assert sharded.keys() == whole.keys()
+    assert max((sharded[k] - whole[k]).abs().max().item() for k in whole) < 1e-5  # fp32: reduction order
+    pipe = LatentPipeline.from_pretrained(tmp_path / "fsdp" / "pipeline")  # a plain diffusers folder
+    assert pipe.unet.config.cross_attention_dim == 32
+
+
+def test_fsdp_resumes_exactly_and_at_another_number_of_ranks(tmp_path):
+    """A sharded run stopped at step 2 and resumed ends bit for bit where the unbroken run does; its checkpoint
+    (whole tensors) loads on one rank and on two again with the same weights and optimizer state."""
+    fsdp = ["distributed.strategy=fsdp", "checkpoint_every=2", "keep_checkpoints=5"]
+    assert run(LAUNCH, f"output_dir={tmp_path / 'full'}", "max_steps=4", *fsdp).returncode == 0
+    assert run(LAUNCH, f"output_dir={tmp_path / 'cut'}", "max_steps=2", *fsdp).returncode == 0
+    r = run(LAUNCH, f"output_dir={tmp_path / 'cut'}", "max_steps=4", "resume_from=latest", *fsdp)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
+    full, cut = final_unet(tmp_path / "full"), final_unet(tmp_path / "cut")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+
+    step2 = list_checkpoints(tmp_path / "cut")[0]
+    for name, cmd in (("one", TRAIN), ("two", LAUNCH)):  # load at step 2 and write it again, no step taken
+        out = tmp_path / name
+        r = run(cmd, f"output_dir={out}", "max_steps=2", f"resume_from={step2}", *fsdp)
+        assert r.returncode == 0, r.stderr[-3000:]
+        again = list_checkpoints(out)[-1]
+        a, b = load_file(str(step2 / "unet.safetensors")), load_file(str(again / "unet.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        sa, sb = (torch.load(p / "training_state.pt", weights_only=True)["optimizer"]["state"] for p in (step2, again))
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
+
+
+def test_fsdp_refuses_what_it_does_not_shard_yet(tmp_path):
+    r = run(TRAIN, f"output_dir={tmp_path}", "distributed.strategy=fsdp", "ema=true")
+    assert r.returncode == 2 and "distributed.strategy fsdp shards a whole U-Net's training" in r.stderr, r.stderr
+    r = run(TRAIN, f"output_dir={tmp_path}", "distributed.strategy=zero")
+    assert r.returncode == 2 and "unknown distributed.strategy 'zero'" in r.stderr, r.stderr
+
+
+def test_accelerates_fsdp_launch_is_honoured_by_sharding(tmp_path):
+    """`accelerate launch --use_fsdp` (which accelerate itself would ignore on the CPU) shards the U-Net."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
+              "--fsdp_sync_module_states", "false", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+              "no", "--dynamo_backend", "no", str(ROOT / "train_unet.py"), "--config", str(SMOKE)]
+    r = run(launch, f"output_dir={tmp_path}", "max_steps=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sum("parameters (fsdp)" in line for line in r.stdout.splitlines()) == 2

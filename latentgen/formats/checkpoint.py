@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +59,14 @@ def resolve_resume(output_dir: str | Path, resume_from: str | None) -> Path | No
 
 def save_checkpoint(output_dir: str | Path, step: int, models: dict[str, torch.nn.Module],
                     states: dict[str, Any], keep: int) -> Path:
-    """Save models (unwrapped) and objects with state_dict(); keep the newest `keep` checkpoints."""
+    """Save models (unwrapped, or their state dicts) and objects with state_dict(); keep the newest `keep`
+    checkpoints."""
     target = checkpoints_dir(output_dir) / f"checkpoint-{step:07d}"
     with atomic_dir(target) as tmp:
         for name, model in models.items():
+            if isinstance(model, Mapping):  # whole tensors gathered from a sharded model (`training.sharded`)
+                save_file({k: v.detach().contiguous() for k, v in model.items()}, str(tmp / f"{name}.safetensors"))
+                continue
             trainable = _trainable(model)
             if trainable is None:
                 save_model(model, str(tmp / f"{name}.safetensors"))
@@ -87,6 +92,9 @@ def load_checkpoint(path: Path, models: dict[str, torch.nn.Module], states: dict
     """Restore what save_checkpoint wrote; returns state.json."""
     try:
         for name, model in models.items():
+            if not isinstance(model, torch.nn.Module):  # a sharded model (`training.sharded.FullModel`)
+                model.load_state_dict(load_file(str(path / f"{name}.safetensors")))
+                continue
             trainable = _trainable(model)
             if trainable is None:
                 load_model(model, str(path / f"{name}.safetensors"), strict=True)

@@ -31,15 +31,25 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
-def check_launch_request(gradient_accumulation_steps: int) -> None:
+def fsdp_requested() -> bool:
+    """Whether `accelerate launch` asked for FSDP (`--use_fsdp`, or `distributed_type: FSDP` in its config)."""
+    return _flag("ACCELERATE_USE_FSDP")
+
+
+def check_launch_request(gradient_accumulation_steps: int, shards: bool = False) -> None:
     """What `accelerate launch` asked for that the trainers do not do is a one-line error, not silently plain data
     parallel: accelerate switches to FSDP or DeepSpeed only for GPUs, so on the CPU their flags would pass
-    unnoticed, and its --gradient_accumulation_steps would disagree with the config's."""
+    unnoticed, and its --gradient_accumulation_steps would disagree with the config's. A trainer that `shards`
+    (FSDP2 of its own, `training.sharded`) takes an FSDP launch: accelerate is then told to run the processes
+    plainly and the trainer shards."""
+    if shards and fsdp_requested():
+        os.environ.pop("ACCELERATE_USE_FSDP")
     for flag, what in (("ACCELERATE_USE_FSDP", "FSDP (--use_fsdp or distributed_type: FSDP)"),
                        ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")):
         if _flag(flag):
-            raise UserError(f"{what} was asked for, but latentgen trains data parallel (DDP) only, with whole "
-                            "weights in its checkpoints; launch without it (accelerate launch --multi_gpu, or --cpu)")
+            raise UserError(f"{what} was asked for, but this trainer runs data parallel (DDP) only (train_unet.py "
+                            "shards a whole U-Net with distributed.strategy: fsdp); launch without it (accelerate "
+                            "launch --multi_gpu, or --cpu)")
     steps = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
     if steps is not None and steps != str(gradient_accumulation_steps):
         raise UserError(f"accelerate launch --gradient_accumulation_steps {steps} disagrees with the config's "

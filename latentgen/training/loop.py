@@ -44,9 +44,20 @@ from latentgen.runtime.device import ATTENTION, peak_memory_mb
 from latentgen.runtime.distributed import check_launch_request, describe, process_state, say, use_cpu
 from latentgen.runtime.precision import mixed_precision
 from latentgen.runtime.precision import mixed_precision as resolve
+from latentgen.training import sharded
 
 MIXED_PRECISION = ("auto", "fp32", "bf16", "fp16")  # not "no": YAML reads that as false
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclass
+class DistributedConfig:
+    # ddp: every rank holds the whole model (accelerate's data parallel); fsdp: parameters, gradients and optimizer
+    # state sharded over the ranks (FSDP2, `training.sharded`)
+    strategy: str = "ddp"
 
 
 @dataclass
@@ -82,6 +93,7 @@ class TrainConfig:
     log_with: str = "tensorboard"
     num_workers: int = 0
     data: DataConfig = field(default_factory=DataConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def check(self) -> None:
         positive = ("max_steps", "train_batch_size", "gradient_accumulation_steps", "checkpoint_every",
@@ -105,6 +117,8 @@ class TrainConfig:
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise one_of("lr_scheduler", self.lr_scheduler, list(LR_SCHEDULERS))
         trackers(self.log_with)  # checked here, before any model loads
+        if self.distributed.strategy not in STRATEGIES:
+            raise one_of("distributed.strategy", self.distributed.strategy, list(STRATEGIES))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,7 +158,7 @@ def make_accelerator(config: TrainConfig, project: str):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    check_launch_request(config.gradient_accumulation_steps)
+    check_launch_request(config.gradient_accumulation_steps, config.distributed.strategy == "fsdp")
     cpu = use_cpu()
     mixed_precision, source = resolve(config.mixed_precision, cpu)
     state = process_state()
@@ -336,6 +350,7 @@ class Run:
         self.accelerator = None
         self.averages = Averages()
         self.timer = StepTimer()
+        self.validate_everywhere = False  # a sharded model's validation gathers it: every rank calls it
 
     def launch(self):
         """The run's Accelerator (after the models and data are checked), and the run's config beside it."""
@@ -370,7 +385,8 @@ class Run:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "psnr")})
         if done % config.checkpoint_every == 0 and done < config.max_steps:
             self.checkpoint(done)
-        if config.validate_every and done % config.validate_every == 0 and accelerator.is_main_process:
+        if config.validate_every and done % config.validate_every == 0 and (
+                accelerator.is_main_process or self.validate_everywhere):
             self.validate(done)
 
     def mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
@@ -383,10 +399,12 @@ class Run:
         return dict(zip(keys, means.tolist()))
 
     def checkpoint(self, step: int) -> None:
-
+        # a sharded model's whole state is gathered on every rank (a collective), then rank 0 writes
+        models = {k: sharded.gathered(m) for k, m in self.models.items()}
+        states = {k: sharded.gathered(s) for k, s in self.states.items()}
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            save_checkpoint(self.out, step, self.models, self.states, self.config.keep_checkpoints)
+            save_checkpoint(self.out, step, models, states, self.config.keep_checkpoints)
 
     def finish(self, samples_per_step: int) -> bool:
         """The summary line and the final checkpoint; True in the process that writes the final model."""

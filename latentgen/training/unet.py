@@ -21,9 +21,12 @@ from latentgen.components.diffusion import (
     vae_factor,
 )
 from latentgen.data.sources import build_dataset
+from latentgen.errors import UserError
 from latentgen.io import save_image
 from latentgen.runtime.device import set_attention
+from latentgen.runtime.distributed import describe, fsdp_requested, say
 from latentgen.runtime.memory import check_training, unet_training_bytes
+from latentgen.training import sharded
 from latentgen.training.cache import load_or_build_cache
 from latentgen.training.controlnet import train_controlnet
 from latentgen.training.lcm import train_lcm
@@ -54,6 +57,12 @@ def train_unet(config: UNetTrainConfig) -> Path:
         return train_controlnet(config)
     # 1. Components and data, checked before any training starts.
     run = Run(config, "train_unet")
+    if fsdp_requested():  # accelerate launch --use_fsdp: honoured by FSDP2 here, on the CPU as on GPUs
+        config.distributed.strategy = "fsdp"
+    shard = config.distributed.strategy == "fsdp"
+    if shard and (config.lora.rank or config.trains_text or config.ema or config.upscaler.scale):
+        raise UserError("distributed.strategy fsdp shards a whole U-Net's training: not a LoRA, a trained text "
+                        "encoder, EMA or an upscaler yet (use ddp for those)")
     parts = load_components(config)
     dataset = build_dataset(config.data)
     StepBatches(len(dataset), config.train_batch_size, run.state.num_processes, 0, config.seed)  # fits one step
@@ -79,6 +88,10 @@ def train_unet(config: UNetTrainConfig) -> Path:
     unet.train()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if shard and accelerator.num_processes > 1:
+        sharded.shard(unet)  # FSDP2: each rank keeps its shards; gradients are reduce-scattered
+        say(f"train_unet: {describe(run.state)} holds {sharded.resident(unet):,} of the U-Net's "
+            f"{sum(p.numel() for p in unet.parameters()):,} parameters (fsdp)")
     params = [p for p in unet.parameters() if p.requires_grad]
     params += [p for p in parts.text_model.parameters() if p.requires_grad] if train_text else []
     optimizer = make_optimizer(params, config)
@@ -86,7 +99,10 @@ def train_unet(config: UNetTrainConfig) -> Path:
     ema = make_ema(unet, config) if config.ema else None
     # A trained text encoder stays unwrapped (the backends need its attributes); with several processes its
     # gradients are averaged by hand below, which is what DDP would do.
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    if shard:
+        optimizer = accelerator.prepare(optimizer)  # the sharded U-Net is not wrapped again (DDP)
+    else:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
     raw_unet = accelerator.unwrap_model(unet)
     if ema is not None:
         ema.to(device)
@@ -95,12 +111,21 @@ def train_unet(config: UNetTrainConfig) -> Path:
     base_weights = _base_weights(data, config.lora)
 
     # 4. Resume, then train.
-    models = {"unet": raw_unet} | ({"text_encoder": parts.text_model} if train_text else {})
-    states = {"optimizer": optimizer.optimizer, "lr_scheduler": lr_scheduler, "ema": ema,
-              "scaler": accelerator.scaler}
+    models = {"unet": sharded.FullModel(raw_unet) if shard else raw_unet} | (
+        {"text_encoder": parts.text_model} if train_text else {})
+    states = {"optimizer": sharded.FullOptimizer(raw_unet, optimizer.optimizer) if shard else optimizer.optimizer,
+              "lr_scheduler": lr_scheduler, "ema": ema, "scaler": accelerator.scaler}
     examples = made.examples(dataset, device)
-    start = run.resume(models, states,
-                       lambda step: _validate(config, parts, raw_unet, ema, accelerator, step, examples))
+
+    def validate(step: int, unet=raw_unet) -> None:
+        if shard:  # gathered on every rank, sampled on the main one
+            unet = sharded.unsharded(raw_unet, accelerator.is_main_process)
+            if unet is None:
+                return
+        _validate(config, parts, unet, ema, accelerator, step, examples)
+
+    run.validate_everywhere = shard
+    start = run.resume(models, states, validate)
     accum = config.gradient_accumulation_steps
     batches = batch_iterator(data, config, accelerator.num_processes, accelerator.process_index, start * accum)
     for step in range(start, config.max_steps):
@@ -128,11 +153,13 @@ def train_unet(config: UNetTrainConfig) -> Path:
 
     # 5. What the run makes, with EMA weights when on.
     target = made.target
-    if run.finish(config.train_batch_size * accum * accelerator.num_processes):
+    main = run.finish(config.train_batch_size * accum * accelerator.num_processes)
+    final = sharded.unsharded(raw_unet, main) if shard else raw_unet  # whole weights, on the main rank
+    if main:
         if ema is not None:
-            ema.copy_to(raw_unet.parameters())
-        _validate(config, parts, raw_unet, None, accelerator, config.max_steps, examples)
-        made.save(raw_unet, target)
+            ema.copy_to(final.parameters())
+        _validate(config, parts, final, None, accelerator, config.max_steps, examples)
+        made.save(final, target)
         accelerator.print(f"wrote {target}")
     run.close()
     return target
