@@ -121,3 +121,22 @@ def test_an_ip_adapter_without_its_encoder_or_of_another_model_is_one_line(parts
               str(other))
     with pytest.raises(UserError, match="IP-Adapter ip-adapter_other does not fit this model's U-Net"):
         ours(PROMPT, control=[Control(str(other), face())], num_inference_steps=1)
+
+
+def test_infer_takes_ip_adapter_and_replays_its_image(tiny_folder, adapter_file, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    face().save(tmp_path / "face.png")
+    out = tmp_path / "image.png"
+    r = subprocess.run([sys.executable, "infer.py", "--model", str(tiny_folder), "--prompt", PROMPT, "--steps", "3",
+                        "--seed", "2", "--ip-adapter", f"{adapter_file}:{tmp_path / 'face.png'}:0.7", "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = Image.open(out).info["parameters"]
+    assert 'ControlNet 0: "Module: ip-adapter_clip, Model: ip-adapter_tiny, Weight: 0.7' in text
+    r = subprocess.run([sys.executable, "infer.py", "--replay", str(out), "--out", str(tmp_path / "again.png")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "identical, bit for bit" in r.stdout + r.stderr, r.stderr[-2000:]

@@ -180,6 +180,12 @@ class Request:
              "module (a preprocessor), resize (crop, resize, fill), threshold_a, threshold_b",
         spelt="HTTP: A1111's alwayson_scripts.controlnet.args; A1111 text: ControlNet 0, ControlNet 1, ...; "
               "metadata: each unit with its image's path"))
+    ip_adapter: list | None = field(default=None, metadata=option(
+        "IP-Adapter", flag="--ip-adapter", recorded=False, cli={"action": "append", "metavar": "MODEL:IMAGE[:SCALE]"},
+        from_flag=lambda values: [controls.parse_flag(f"{v},module=ip-adapter_clip") for v in values],
+        help="an image prompt (repeatable): an IP-Adapter file (its image_encoder/ folder beside it), the image and "
+             "its scale; a ControlNet unit with the ip-adapter_clip preprocessor, as A1111 runs it",
+        spelt="HTTP: a unit of A1111's alwayson_scripts.controlnet.args; recorded and written as a ControlNet unit"))
     control_preprocess: list[str] | None = field(default=None, metadata=option(
         "control preprocessor", flag="--control-preprocess", recorded=False,
         cli={"action": "append", "metavar": "MODULE"},
@@ -318,7 +324,8 @@ class Request:
                 regions.prompts(prompt)  # one prompt per region
             if regions.calc == "attention":
                 regions.shape_of(prompts)
-        control = controls.check_all(self.control, self.control_preprocess, name["control"])
+        units = [*(self.control or []), *(self.ip_adapter or [])] or None  # image prompts are units (A1111's)
+        control = controls.check_all(units, self.control_preprocess, name["control"])
         upscale = self.upscale
         if upscale is not None:
             upscale = validate.settings(Upscale, upscale, name["upscale"], _within(name, "upscale"))
@@ -335,7 +342,7 @@ class Request:
                                    seed_resize_from=seed_resize,
                                    guidance_rescale=rescale, eta=eta, guidance_interval=interval,
                                    strength=strength, apg=apg, hires=hires, upscale=upscale, regions=regions,
-                                   outpaint=outpaint, control=control, control_preprocess=None,
+                                   outpaint=outpaint, control=control, control_preprocess=None, ip_adapter=None,
                                    loras=loras,
                                    checked=True)
 

@@ -410,6 +410,8 @@ class Run:
         """The summary line and the final checkpoint; True in the process that writes the final model."""
         self.bar.close()
         self.accelerator.print(self.timer.summary(samples_per_step))
+        if self.accelerator.num_processes > 1:  # each rank's own (sharding lowers it)
+            say(f"{self.name}: {describe(self.state)} peak memory {peak_memory_mb():.0f} MB")
         self.checkpoint(self.config.max_steps)
         return self.accelerator.is_main_process
 
