@@ -159,6 +159,23 @@ def infer(*args, cwd=None, fresh: bool = False) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["infer.py", *argv], code, out.getvalue(), err.getvalue())
 
 
+def generate_on_page(driver, fields: dict[str, str], wait_s: int = 120) -> str:
+    """Fill the web page's fields (by element id), press Generate and return the first image's infotext; the page's
+    error status, if it shows one, fails the test."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    for field, value in fields.items():
+        driver.find_element(By.ID, field).clear()
+        driver.find_element(By.ID, field).send_keys(value)
+    driver.find_element(By.ID, "generate").click()
+    WebDriverWait(driver, wait_s).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .item pre")
+                                        or d.find_element(By.ID, "status").get_attribute("class") == "error")
+    status = driver.find_element(By.ID, "status")
+    assert status.get_attribute("class") != "error", status.text
+    return driver.find_element(By.CSS_SELECTOR, "#gallery .item pre").text
+
+
 def chromium():
     """A headless Chromium driven by selenium (Debian's chromium and chromium-driver)."""
     import shutil

@@ -452,7 +452,7 @@ def test_the_web_page_uploads_a_control_image_shows_its_map_and_uses_it(cn_serve
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    from conftest import chromium
+    from conftest import chromium, generate_on_page
 
     square(32).save(tmp_path / "control.png")
     driver = chromium()
@@ -466,16 +466,7 @@ def test_the_web_page_uploads_a_control_image_shows_its_map_and_uses_it(cn_serve
         driver.find_element(By.ID, "cn_detect").click()
         shown = driver.find_element(By.ID, "cn_map")
         wait.until(lambda d: d.execute_script("return arguments[0].naturalWidth", shown) == 32)
-        driver.find_element(By.ID, "prompt").send_keys(PROMPT)
-        for field, value in (("width", "32"), ("height", "32"), ("steps", "2")):
-            driver.find_element(By.ID, field).clear()
-            driver.find_element(By.ID, field).send_keys(value)
-        driver.find_element(By.ID, "generate").click()
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .item pre")
-                   or d.find_element(By.ID, "status").get_attribute("class") == "error")
-        assert driver.find_element(By.ID, "status").get_attribute("class") != "error", \
-            driver.find_element(By.ID, "status").text
-        text = driver.find_element(By.CSS_SELECTOR, "#gallery .item pre").text
+        text = generate_on_page(driver, {"prompt": PROMPT, "width": "32", "height": "32", "steps": "2"})
         assert 'ControlNet 0: "Module: canny, Model: layout, Weight: 1' in text
     finally:
         driver.quit()

@@ -131,8 +131,9 @@ def test_infer_takes_ip_adapter_and_replays_its_image(tiny_folder, adapter_file,
 
     face().save(tmp_path / "face.png")
     out = tmp_path / "image.png"
+    unit = f"{adapter_file}:{tmp_path / 'face.png'}:0.7"
     r = subprocess.run([sys.executable, "infer.py", "--model", str(tiny_folder), "--prompt", PROMPT, "--steps", "3",
-                        "--seed", "2", "--ip-adapter", f"{adapter_file}:{tmp_path / 'face.png'}:0.7", "--out", str(out)],
+                        "--seed", "2", "--ip-adapter", unit, "--out", str(out)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     text = Image.open(out).info["parameters"]

@@ -312,25 +312,16 @@ def test_webuiapi_with_the_regional_prompter_gives_the_pipelines_image(server, t
 
 def test_the_web_page_sends_regions(server):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
+    from selenium.webdriver.support.ui import Select
 
-    from conftest import chromium
+    from conftest import chromium, generate_on_page
 
     driver = chromium()
     try:
         driver.get(server.url + "/")
-        wait = WebDriverWait(driver, 120)
-        driver.find_element(By.ID, "prompt").send_keys("a red circle BREAK a blue square")
-        for field, value in (("width", "32"), ("height", "32"), ("steps", "2"), ("rp_ratios", "2,1")):
-            driver.find_element(By.ID, field).clear()
-            driver.find_element(By.ID, field).send_keys(value)
         Select(driver.find_element(By.ID, "rp_split")).select_by_visible_text("Rows")
-        driver.find_element(By.ID, "generate").click()
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .item pre")
-                   or d.find_element(By.ID, "status").get_attribute("class") == "error")
-        assert driver.find_element(By.ID, "status").get_attribute("class") != "error", \
-            driver.find_element(By.ID, "status").text
-        text = driver.find_element(By.CSS_SELECTOR, "#gallery .item pre").text
+        text = generate_on_page(driver, {"prompt": "a red circle BREAK a blue square", "width": "32", "height": "32",
+                                         "steps": "2", "rp_ratios": "2,1"})
         assert "RP Active: True" in text and "RP Divide mode: rows" in text and "RP Calc Mode: Attention" in text
     finally:
         driver.quit()
