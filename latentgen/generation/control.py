@@ -338,7 +338,10 @@ def residuals(active: list[Active], progress: tuple[int, int], x_in: torch.Tenso
             if a.adapter:  # a T2I-Adapter: its features × weight, the same at every step (diffusers' pipeline's)
                 if a.features is None:
                     image = a.image.to(x_in.device, a.net.dtype)
-                    a.features = a.net(image.mean(1, keepdim=True) if a.net.config.in_channels == 1 else image)
+                    if a.net.config.in_channels == 1:  # grey as PIL's "L" (ITU-R 601-2), what such adapters read
+                        image = (image * torch.tensor([0.299, 0.587, 0.114], device=image.device,
+                                                      dtype=image.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
+                    a.features = a.net(image)
                 keep = (index >= uncond_rows) if a.unit.mode == "control" and uncond_rows else torch.ones(len(index))
                 scale = keep.to(x_in.device, a.features[0].dtype).view(-1, 1, 1, 1) * a.unit.weight
                 f = [v.expand(len(index), -1, -1, -1) * scale for v in a.features]
