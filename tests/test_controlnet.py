@@ -509,6 +509,19 @@ def test_a_t2i_adapter_unit_gives_diffusers_adapter_pipelines_image(tmp_path):
     both = ours(PROMPT, control=[Control(str(tmp_path / "t2i"), image, 0.7), Control(nets[0], image, 0.5)],
                 generator=torch.Generator().manual_seed(3), **KW).images
     assert np.abs(both - got).max() > 1e-3
+    # a one-channel adapter (sketch, canny) reads the image's luminance, as diffusers' pipeline given it in "L"
+    grey = t2i_adapter(parts["unet"], 5, in_channels=1)
+    grey.save_pretrained(tmp_path / "grey")
+    got = ours(PROMPT, control=[Control(str(tmp_path / "grey"), image, 0.7, resize_mode="resize")],
+               generator=torch.Generator().manual_seed(3), **KW).images
+    sd.adapter = grey
+    want = sd(PROMPT, image=image.convert("L"), adapter_conditioning_scale=0.7,
+              generator=torch.Generator().manual_seed(3), **KW).images
+    averaged = Image.fromarray(np.asarray(image, dtype=np.float32).mean(-1).round().astype(np.uint8))
+    other = sd(PROMPT, image=averaged, adapter_conditioning_scale=0.7, generator=torch.Generator().manual_seed(3),
+               **KW).images
+    # PIL rounds L to whole levels; the channels' mean would be another image
+    assert np.abs(got - want).max() <= 5e-3 and np.abs(got - other).max() > 3 * np.abs(got - want).max()
     from diffusers import T2IAdapter
 
     T2IAdapter(channels=[16, 16], num_res_blocks=1, downscale_factor=8).save_pretrained(tmp_path / "t2i2")
