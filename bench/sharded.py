@@ -35,7 +35,7 @@ def run(ranks: int, strategy: str, steps: int, config: str) -> dict:
             raise SystemExit(r.stderr[-3000:])
         text = r.stdout + r.stderr
         rate = float(re.search(r"([\d.]+) samples/s", text).group(1))
-        peaks = [float(m) for m in re.findall(r"process \d+ of \d+ .*? peak memory (\d+) MB", text)] or \
+        peaks = [float(m) for m in re.findall(r"peak memory (\d+) MB on process", text)] or \
             [float(re.search(r"peak memory (\d+) MB", text).group(1))]
         held = [int(m.replace(",", "")) for m in re.findall(r"holds ([\d,]+) of", text)]
         return {"ranks": ranks, "strategy": strategy, "samples/s": f"{rate:.1f}",

@@ -411,7 +411,7 @@ class Run:
         self.bar.close()
         self.accelerator.print(self.timer.summary(samples_per_step))
         if self.accelerator.num_processes > 1:  # each rank's own (sharding lowers it)
-            say(f"{self.name}: {describe(self.state)} peak memory {peak_memory_mb():.0f} MB")
+            say(f"{self.name}: peak memory {peak_memory_mb():.0f} MB on {describe(self.state)}")
         self.checkpoint(self.config.max_steps)
         return self.accelerator.is_main_process
 

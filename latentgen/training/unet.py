@@ -90,7 +90,7 @@ def train_unet(config: UNetTrainConfig) -> Path:
         unet.enable_gradient_checkpointing()
     if shard and accelerator.num_processes > 1:
         sharded.shard(unet)  # FSDP2: each rank keeps its shards; gradients are reduce-scattered
-        say(f"train_unet: {describe(run.state)} holds {sharded.resident(unet):,} of the U-Net's "
+        say(f"train_unet (fsdp): {describe(run.state)} holds {sharded.resident(unet):,} of the U-Net's "
             f"{sum(p.numel() for p in unet.parameters()):,} parameters (fsdp)")
     params = [p for p in unet.parameters() if p.requires_grad]
     params += [p for p in parts.text_model.parameters() if p.requires_grad] if train_text else []
