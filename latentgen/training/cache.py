@@ -107,3 +107,10 @@ def load_or_build_cache(config, dataset, parts, with_embeddings: bool, accelerat
         tensors = load_file(str(tensors_path))
         texts = json.loads(texts_path.read_text())
     return CachedData(tensors, texts)
+
+
+def draw_latents(batch: dict, g: torch.Generator, device, prefix: str = "") -> torch.Tensor:
+    """z = μ + σ·n from a batch's cached posterior (`{prefix}mean`, `{prefix}std`), as latent_dist.sample() would
+    draw it, unscaled."""
+    mean, std = batch[prefix + "mean"].to(device), batch[prefix + "std"].to(device)
+    return mean + std * torch.randn(mean.shape, generator=g, device=device, dtype=mean.dtype)

@@ -24,7 +24,7 @@ from latentgen.formats.controlnet import load
 from latentgen.io import atomic_dir
 from latentgen.runtime.memory import check_training, unet_training_bytes
 from latentgen.runtime.precision import DTYPES
-from latentgen.training.cache import load_or_build_cache
+from latentgen.training.cache import draw_latents, load_or_build_cache
 from latentgen.training.loop import Run, batch_iterator, make_lr_scheduler, make_optimizer, step_generator
 from latentgen.training.unet_config import UNetTrainConfig
 from latentgen.training.unet_parts import load_components
@@ -87,8 +87,7 @@ def train_controlnet(config: UNetTrainConfig) -> Path:
     for step in range(start, config.max_steps):
         g = step_generator(config.seed, step, 0, accelerator.process_index, device)
         batch = next(batches)
-        mean, std = batch["mean"].to(device), batch["std"].to(device)
-        z0 = scale_latents(parts.vae, (mean + std * torch.randn(mean.shape, generator=g, device=device)).float())
+        z0 = scale_latents(parts.vae, draw_latents(batch, g, device).float())
         b = z0.shape[0]
         rows = batch["text_row"].to(device)
         rows = torch.where(caption_dropout(b, config.caption_dropout, g), torch.zeros_like(rows), rows)

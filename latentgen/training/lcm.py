@@ -31,7 +31,7 @@ from latentgen.generation.guidance import Apg, guide
 from latentgen.generation.pipeline import LatentPipeline
 from latentgen.generation.sampling import guidance_embedding
 from latentgen.runtime.precision import DTYPES
-from latentgen.training.cache import load_or_build_cache
+from latentgen.training.cache import draw_latents, load_or_build_cache
 from latentgen.training.loop import (
     Run,
     batch_iterator,
@@ -110,8 +110,7 @@ def train_lcm(config: UNetTrainConfig) -> Path:
     for step in range(start, config.max_steps):
         g = step_generator(config.seed, step, 0, accelerator.process_index, device)
         batch = next(batches)
-        mean, std = batch["mean"].to(device), batch["std"].to(device)
-        z0 = scale_latents(parts.vae, (mean + std * torch.randn(mean.shape, generator=g, device=device)).float())
+        z0 = scale_latents(parts.vae, draw_latents(batch, g, device).float())
         b = z0.shape[0]
         cond = embeddings[batch["text_row"].to(device)]
         uncond = embeddings[torch.zeros(b, dtype=torch.long, device=device)]

@@ -27,7 +27,7 @@ from latentgen.runtime.device import set_attention
 from latentgen.runtime.distributed import describe, fsdp_requested, say
 from latentgen.runtime.memory import check_training, unet_training_bytes
 from latentgen.training import sharded
-from latentgen.training.cache import load_or_build_cache
+from latentgen.training.cache import draw_latents, load_or_build_cache
 from latentgen.training.controlnet import train_controlnet
 from latentgen.training.lcm import train_lcm
 from latentgen.training.loop import (
@@ -199,12 +199,8 @@ def _latents_and_context(batch, data, parts: Components, config: UNetTrainConfig
     low-resolution latents (B, C, h/s, w/s), scaled, else None; and which captions were dropped, (B,) bool."""
     scale = config.upscaler.scale
     if "mean" in batch:  # cached posterior: z = μ + σ·n, as latent_dist.sample() would draw it
-        mean, std = batch["mean"].to(device), batch["std"].to(device)
-        z = mean + std * torch.randn(mean.shape, generator=g, device=device, dtype=mean.dtype)
-        low = None
-        if scale:
-            mean, std = batch["low_mean"].to(device), batch["low_std"].to(device)
-            low = mean + std * torch.randn(mean.shape, generator=g, device=device, dtype=mean.dtype)
+        z = draw_latents(batch, g, device)
+        low = draw_latents(batch, g, device, "low_") if scale else None
     else:
 
         with torch.no_grad():
