@@ -2,7 +2,7 @@
 
 from latentgen._version import __version__
 
-__all__ = ["FlowPipeline", "LatentPipeline", "Request", "__version__"]
+__all__ = ["FlowPipeline", "LatentPipeline", "Request", "TransformerDenoiser", "__version__"]
 
 
 def __getattr__(name):  # keep `import latentgen` light: torch/diffusers load on first use of the pipeline
@@ -14,6 +14,10 @@ def __getattr__(name):  # keep `import latentgen` light: torch/diffusers load on
         from latentgen.generation.flow import FlowPipeline
 
         return FlowPipeline
+    if name == "TransformerDenoiser":  # the DiT/MMDiT backbone: a pipeline folder's model_index.json names it here
+        from latentgen.components.denoisers import TransformerDenoiser
+
+        return TransformerDenoiser
     if name == "Request":
         from latentgen.generation.request import Request
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import components as C
+from latentgen.components.schedulers import FLOW_SAMPLERS as SAMPLERS
 from latentgen.errors import UserError
-from latentgen.generation.flow import SAMPLERS, FlowPipeline
+from latentgen.generation.flow import FlowPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 

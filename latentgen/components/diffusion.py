@@ -5,6 +5,11 @@ Latents: z = (E(x) − shift)·s, s the VAE's `scaling_factor` (Stable Diffusion
 variance. Forward process: z_t = sqrt(ᾱ_t)·z_0 + sqrt(1−ᾱ_t)·ε. Objective: ‖ε̂ − ε‖² (or the v target
 v = sqrt(ᾱ_t)·ε − sqrt(1−ᾱ_t)·z_0), optionally weighted by min-SNR-γ; captions are dropped with probability p so
 the same network learns the unconditional prediction that classifier-free guidance needs.
+
+Flow matching (`prediction_type: flow`; rectified flow, Liu et al. 2022, as SD3 trains it, Esser et al. 2024):
+z_σ = (1−σ)·z_0 + σ·ε for σ in [0, 1], the model predicts the velocity ε − z_0 at timestep σ·T, and sampling
+integrates that velocity from σ = 1 (pure noise) to 0 (diffusers' FlowMatchEulerDiscreteScheduler and the
+multistep solvers on flow sigmas).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -32,8 +37,12 @@ def vae_factor(vae) -> int:
 
 
 def size_multiple(vae, unet) -> int:
-    """Image sides that every level of the U-Net halves evenly: the VAE factor × 2^(U-Net levels − 1)."""
-    return vae_factor(vae) * 2 ** (len(_config(unet)["block_out_channels"]) - 1)
+    """Image sides that every level of the U-Net halves evenly: the VAE factor × 2^(U-Net levels − 1); for a
+    transformer, the VAE factor × its patch size."""
+    cfg = _config(unet)
+    if cfg.get("patch_size"):
+        return vae_factor(vae) * int(cfg["patch_size"])
+    return vae_factor(vae) * 2 ** (len(cfg["block_out_channels"]) - 1)
 
 
 def default_size(vae, unet) -> int:
@@ -65,7 +74,7 @@ class NoiseConfig:
     beta_schedule: str | None = None  # scaled_linear
     beta_start: float | None = None  # 0.00085
     beta_end: float | None = None  # 0.012
-    prediction_type: str | None = None  # epsilon or v_prediction
+    prediction_type: str | None = None  # epsilon, v_prediction or flow (the velocity ε − z_0 of rectified flow)
     zero_terminal_snr: bool | None = None  # rescale betas so ᾱ_T = 0 (Lin et al. 2023); pair with v_prediction
     snr_gamma: float = 0.0  # min-SNR-γ loss weighting (Hang et al. 2023; 5.0 there); 0 = off
     offset_noise: float = 0.0  # ε += offset·N(0, I) per (image, channel): lets the model change mean brightness
@@ -74,6 +83,9 @@ class NoiseConfig:
     timestep_sampling: str = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    # flow: σ → shift·σ/(1 + (shift − 1)·σ) for the drawn σ in training and for the sampler's σ (SD3's shift, 3.0
+    # at 1024 px: more of the noisy end; 1.0 = none). Saved in the scheduler config, which the samplers read
+    flow_shift: float | None = None  # 1.0
 
 
 # NoiseConfig's process fields -> (diffusers scheduler key, default): Stable Diffusion's forward process.
@@ -83,11 +95,24 @@ _PROCESS = {"num_train_timesteps": ("num_train_timesteps", 1000), "beta_schedule
             "zero_terminal_snr": ("rescale_betas_zero_snr", False)}
 
 
-def forward_process(noise: NoiseConfig, pretrained: Mapping[str, Any] | None = None):
-    """The DDPMScheduler of the forward process: each setting from `noise` where set, else from the pretrained
-    model's scheduler config, else Stable Diffusion's. Every sampler is later built from its config."""
-    from diffusers import DDPMScheduler
+def is_flow(scheduler_or_config) -> bool:
+    """Whether a scheduler (or its config) describes a flow-matching model (FlowMatch*, or a solver on flow
+    sigmas)."""
+    cfg = _config(scheduler_or_config)
+    return str(cfg.get("_class_name", "")).startswith("FlowMatch") or cfg.get("prediction_type") == "flow_prediction" \
+        or ("shift" in cfg and "use_dynamic_shifting" in cfg)
 
+
+def forward_process(noise: NoiseConfig, pretrained: Mapping[str, Any] | None = None):
+    """The forward process: for flow, a FlowMatchEulerDiscreteScheduler (its T and shift); else a DDPMScheduler,
+    each setting from `noise` where set, else from the pretrained model's scheduler config, else Stable
+    Diffusion's. Every sampler is later built from its config."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if noise.prediction_type == "flow" or (noise.prediction_type is None and pretrained and is_flow(pretrained)):
+        return FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=noise.num_train_timesteps or (pretrained or {}).get("num_train_timesteps", 1000),
+            shift=noise.flow_shift or (pretrained or {}).get("shift", 1.0))
     chosen = asdict(noise)
     config = {}
     for field, (key, default) in _PROCESS.items():
@@ -143,12 +168,10 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, context: torch.
     if noise_config.offset_noise:
         noise = noise + noise_config.offset_noise * torch.randn(
             (b, latents.shape[1], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
-    t = sample_timesteps(noise_config, noise_scheduler.config.num_train_timesteps, b, generator, latents.device)
-    z_t = noise_scheduler.add_noise(latents, noise, t)  # sqrt(ᾱ_t)·z_0 + sqrt(1−ᾱ_t)·ε
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, t)  # sqrt(ᾱ_t)·ε − sqrt(1−ᾱ_t)·z_0
+    if is_flow(noise_scheduler):
+        z_t, t, target = flow_noised(noise_scheduler, latents, noise, noise_config, generator)
     else:
-        target = noise
+        z_t, t, target = noised(noise_scheduler, latents, noise, noise_config, generator)
     x_in = z_t if extra is None else torch.cat([z_t, extra.to(z_t.dtype)], dim=1)
     pred = unet(x_in, t, encoder_hidden_states=context, class_labels=class_labels, return_dict=False)[0]
     if base is not None and base_weight is not None and bool(base_weight.any()):
@@ -163,6 +186,37 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, context: torch.
     if noise_config.snr_gamma:
         loss = loss * min_snr_weights(noise_scheduler, t, noise_config.snr_gamma)
     return loss
+
+
+def noised(noise_scheduler, latents, noise, noise_config: NoiseConfig, generator):
+    """(z_t, t, target) of the variance-preserving process: t drawn, z_t = sqrt(ᾱ_t)·z_0 + sqrt(1−ᾱ_t)·ε, and ε
+    or v."""
+    t = sample_timesteps(noise_config, noise_scheduler.config.num_train_timesteps, latents.shape[0], generator,
+                         latents.device)
+    z_t = noise_scheduler.add_noise(latents, noise, t)  # sqrt(ᾱ_t)·z_0 + sqrt(1−ᾱ_t)·ε
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, t)  # sqrt(ᾱ_t)·ε − sqrt(1−ᾱ_t)·z_0
+    else:
+        target = noise
+    return z_t, t, target
+
+
+def flow_noised(noise_scheduler, latents, noise, noise_config: NoiseConfig, generator):
+    """(z_σ, t, target) of rectified flow: σ drawn (uniform or logit-normal in (0, 1), then the scheduler's
+    shift), z_σ = (1−σ)·z_0 + σ·ε, t = σ·T, the velocity ε − z_0. diffusers' SD3 trainer draws σ from the
+    scheduler's table of 1000; here σ is continuous, as in the paper."""
+    b = latents.shape[0]
+    if noise_config.timestep_sampling == "uniform":
+        u = torch.rand(b, generator=generator, device=latents.device)
+    else:
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        u = compute_density_for_timestep_sampling(noise_config.timestep_sampling, b, noise_config.logit_mean,
+                                                  noise_config.logit_std, device=latents.device, generator=generator)
+    shift = float(noise_scheduler.config.get("shift", 1.0))
+    sigma = (shift * u / (1 + (shift - 1) * u)).to(latents.dtype)
+    s = sigma.view(-1, *[1] * (latents.ndim - 1))
+    return (1 - s) * latents + s * noise, sigma * noise_scheduler.config.num_train_timesteps, noise - latents
 
 
 def caption_dropout(count: int, p: float, generator: torch.Generator) -> torch.Tensor:

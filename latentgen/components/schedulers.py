@@ -15,7 +15,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from latentgen.errors import one_of
+from latentgen.errors import UserError, one_of
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,62 @@ NOISE_KEYS = (
 )
 
 
+# A flow-matching model's samplers (SD3, Flux, and latentgen's own flow models: `noise.prediction_type: flow`),
+# under the same names, each built from the model's scheduler config: its shift, and a dynamic shift where it has
+# one (Flux: the shift grows with the image's size)
+_FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+FLOW_SAMPLERS: dict[str, Sampler] = {
+    "euler": Sampler("FlowMatchEulerDiscreteScheduler", {}, "Euler"),  # the models' own; Forge's "Euler", "Simple"
+    "heun": Sampler("FlowMatchHeunDiscreteScheduler", {}, "Heun"),  # no dynamic shift
+    "dpm++": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2} | _FLOW,
+                     "DPM++ 2M"),
+    "unipc": Sampler("UniPCMultistepScheduler", _FLOW, "UniPC"),
+}
+
+
+def make_flow_scheduler(name: str, config: Mapping[str, Any]):
+    """The flow sampler `name` built from a flow model's scheduler config (its shift; its dynamic shift where it
+    has one); each can also run in `LatentPipeline`'s loop (`as_loop_sampler`)."""
+    import diffusers
+
+
+    if name not in FLOW_SAMPLERS:
+        raise one_of("scheduler (for a flow model)", name, list(FLOW_SAMPLERS))
+    sampler = FLOW_SAMPLERS[name]
+    dynamic = bool(config.get("use_dynamic_shifting"))
+    if sampler.cls.startswith("FlowMatch"):
+        if dynamic and sampler.cls == "FlowMatchHeunDiscreteScheduler":
+            raise UserError("the heun sampler has no dynamic shift, which this model's scheduler uses; take euler, "
+                            "dpm++ or unipc")
+        base = {k: v for k, v in config.items() if not k.startswith("_") and k not in (
+            "use_karras_sigmas", "use_beta_sigmas", "use_exponential_sigmas")}
+    else:  # the multistep solvers on flow sigmas, with the model's shift
+        base = {"num_train_timesteps": config.get("num_train_timesteps", 1000), "flow_shift": config.get("shift", 1.0)}
+        if dynamic:
+            base |= {"use_dynamic_shifting": True, "time_shift_type": config.get("time_shift_type", "exponential")}
+    cls = getattr(diffusers, sampler.cls)
+    accepted = inspect.signature(cls.__init__).parameters
+    return as_loop_sampler(cls.from_config({k: v for k, v in (base | sampler.defining).items() if k in accepted}))
+
+
+def as_loop_sampler(scheduler):
+    """A FlowMatch scheduler with what `LatentPipeline`'s loop asks of every sampler: `init_noise_sigma` (1: x_1 is
+    the noise), `scale_model_input` (none) and `add_noise` (its `scale_noise`, z_σ = (1−σ)·z_0 + σ·ε). The
+    multistep solvers on flow sigmas have these already."""
+    if type(scheduler).__name__.startswith("FlowMatch") and not hasattr(scheduler, "add_noise"):
+        scheduler.init_noise_sigma = 1.0
+        scheduler.scale_model_input = lambda sample, timestep=None: sample
+        scheduler.add_noise = lambda z0, noise, timesteps: scheduler.scale_noise(z0, timesteps, noise)
+    return scheduler
+
+
+def is_flow_config(config: Mapping[str, Any] | None) -> bool:
+    """A flow-matching model's scheduler config (FlowMatch*, or a solver on flow sigmas)."""
+    return config is not None and (str(config.get("_class_name", "")).startswith("FlowMatch")
+                                   or config.get("prediction_type") == "flow_prediction"
+                                   or ("shift" in config and "use_dynamic_shifting" in config))  # FlowMatch's own
+
+
 def scheduler_names() -> list[str]:
     return list(SCHEDULERS)
 
@@ -75,6 +131,8 @@ def make_scheduler(name: str, base_config: Mapping[str, Any] | None = None, **ov
     are used, so a setting of one sampler (say DDIM's `set_alpha_to_one`) never leaks into another.
     `overrides` set further options of the sampler (e.g. thresholding).
     """
+    if is_flow_config(base_config):
+        return make_flow_scheduler(name, base_config)
     if name not in SCHEDULERS:
         raise one_of("scheduler", name, scheduler_names())
     import diffusers

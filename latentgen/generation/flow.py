@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 
-from latentgen.components.schedulers import Sampler
+from latentgen.components.schedulers import FLOW_SAMPLERS, make_flow_scheduler
 from latentgen.errors import UserError, first_line, one_of
 from latentgen.formats import lora
 from latentgen.formats.folders import check_pipeline_folder
@@ -46,14 +46,6 @@ from latentgen.runtime.precision import name_of
 KINDS = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 IMG2IMG = {"sd3": "StableDiffusion3Img2ImgPipeline", "flux": "FluxImg2ImgPipeline"}
 
-_FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
-SAMPLERS: dict[str, Sampler] = {
-    "euler": Sampler("FlowMatchEulerDiscreteScheduler", {}, "Euler"),
-    "heun": Sampler("FlowMatchHeunDiscreteScheduler", {}, "Heun"),
-    "dpm++": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2} | _FLOW,
-                     "DPM++ 2M"),
-    "unipc": Sampler("UniPCMultistepScheduler", _FLOW, "UniPC"),
-}
 # What a flow request may set: the rest of Request's options must keep their defaults. eta is accepted and has no
 # effect (none of the flow samplers is stochastic; A1111 clients such as webuiapi always send one)
 SUPPORTED = {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width",
@@ -74,30 +66,6 @@ def kind_of(folder: Path) -> str | None:
         return KINDS.get(json.loads(index.read_text()).get("_class_name", ""))
     except (ValueError, AttributeError):
         return None
-
-
-def make_sampler(name: str, config: dict[str, Any]):
-    """The flow sampler `name` built from the model's scheduler config: its shift, and its dynamic shift where it
-    has one (Flux: the shift grows with the image's size)."""
-    import diffusers
-
-    if name not in SAMPLERS:
-        raise one_of("scheduler", name, list(SAMPLERS))
-    sampler = SAMPLERS[name]
-    dynamic = bool(config.get("use_dynamic_shifting"))
-    if sampler.cls.startswith("FlowMatch"):
-        if dynamic and sampler.cls == "FlowMatchHeunDiscreteScheduler":
-            raise UserError("the heun sampler has no dynamic shift, which this model's scheduler uses; take euler, "
-                            "dpm++ or unipc")
-        base = {k: v for k, v in config.items() if not k.startswith("_") and k not in (
-            "use_karras_sigmas", "use_beta_sigmas", "use_exponential_sigmas")}
-    else:  # the multistep solvers on flow sigmas, with the model's shift
-        base = {"num_train_timesteps": config.get("num_train_timesteps", 1000), "flow_shift": config.get("shift", 1.0)}
-        if dynamic:
-            base |= {"use_dynamic_shifting": True, "time_shift_type": config.get("time_shift_type", "exponential")}
-    cls = getattr(diffusers, sampler.cls)
-    accepted = inspect.signature(cls.__init__).parameters
-    return cls.from_config({k: v for k, v in (base | sampler.defining).items() if k in accepted})
 
 
 class FlowPipeline:
@@ -177,8 +145,8 @@ class FlowPipeline:
 
     def fit_request(self, request, batch_size: int | None = None) -> Plan:
         """The request checked against what a flow model runs here (one-line errors), as a Plan."""
-        if request.scheduler is not None and request.scheduler not in SAMPLERS:
-            raise one_of("scheduler", request.scheduler, list(SAMPLERS))
+        if request.scheduler is not None and request.scheduler not in FLOW_SAMPLERS:
+            raise one_of("scheduler", request.scheduler, list(FLOW_SAMPLERS))
         steps = self.scheduler.config.get("num_train_timesteps")
         # the flow samplers' names are not the U-Net samplers' that Request.check knows
         req = dataclasses.replace(dataclasses.replace(request, scheduler=None, checked=False).check(max_steps=steps),
@@ -253,7 +221,7 @@ class FlowPipeline:
     def _generate(self, plan: Plan, on_step: Callable[[int], None] | None) -> GenerationOutput:
         req = plan.request
         name = req.scheduler or "euler"
-        self.inner.scheduler = make_sampler(name, self.base_scheduler_config)
+        self.inner.scheduler = make_flow_scheduler(name, self.base_scheduler_config)
         lora.activate(self, plan.loras)
 
         def step_end(pipe, i, t, tensors):

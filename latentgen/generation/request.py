@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from latentgen import validate
-from latentgen.components.schedulers import scheduler_names
+from latentgen.components.schedulers import FLOW_SAMPLERS, is_flow_config, scheduler_names
 from latentgen.errors import UserError, one_of
 from latentgen.formats import lora
 from latentgen.generation import control as controls
@@ -395,6 +395,12 @@ class Request:
             req = dataclasses.replace(req, apg=model_apg(pipe))
         if pipe.inpainting_unet and req.mask_image is None:
             raise UserError("this is an inpainting model (9-channel U-Net): give an image and a mask")
+        if is_flow_config(pipe.scheduler.config):  # a flow-matching model of latentgen's (noise.prediction_type flow)
+            if req.scheduler is not None and req.scheduler not in FLOW_SAMPLERS:
+                raise one_of("scheduler (for a flow model)", req.scheduler, list(FLOW_SAMPLERS))
+            if req.dynamic_threshold is not None:
+                raise UserError("dynamic thresholding clips an ε/v model's x0 prediction; this model predicts flow "
+                                "velocities")
         total, f = req.total, pipe.vae_scale_factor
         height, width, image, mask, init_latents = req.height, req.width, req.image, req.mask_image, None
         overlay = None

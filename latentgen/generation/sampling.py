@@ -21,6 +21,7 @@ from latentgen.components.schedulers import (
     CONSISTENCY_GUIDANCE,
     SCHEDULERS,
     UNSTABLE_ABOVE_GUIDANCE,
+    as_loop_sampler,
     make_scheduler,
     step_kwargs,
 )
@@ -110,7 +111,7 @@ def prepare_scheduler(pipe, plan: Plan):
     """2. A fresh sampler for this call (schedulers keep per-run state), with its timesteps set."""
     name = plan.request.scheduler
     if name is None:
-        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        scheduler = as_loop_sampler(type(pipe.scheduler).from_config(pipe.scheduler.config))
     else:
         scheduler = make_scheduler(name, pipe.scheduler.config)
     scheduler.set_timesteps(plan.request.num_inference_steps, device=pipe.unet.device)

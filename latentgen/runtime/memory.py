@@ -48,6 +48,13 @@ def unet_activation_bytes(config: Any, latent_h: int, latent_w: int, rows: int, 
     """Peak bytes of one U-Net call on `rows` latents of latent_h × latent_w (not counting weights); `quadratic` as
     `_quadratic_attention` gives it."""
     cfg = dict(config)
+    if "transformer_config" in cfg:  # a DiT/MMDiT (components.denoisers): every block's tokens at one width
+        t = cfg["transformer_config"]
+        tokens = (latent_h // cfg["patch_size"]) * (latent_w // cfg["patch_size"]) + 77  # + a text's tokens
+        width, heads = t["num_attention_heads"] * t["attention_head_dim"], t["num_attention_heads"]
+        scored = rows * heads if quadratic is True else min(rows * heads, int(quadratic or 1))
+        scores = (scored * tokens * tokens if quadratic else rows * 3 * width * tokens) * 4
+        return rows * t["num_layers"] * WORKING_TENSORS * width * tokens * dtype_bytes + scores
     channels = list(cfg["block_out_channels"])
     layers = int(cfg.get("layers_per_block", 2))
     heads = cfg.get("attention_head_dim", 8)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from latentgen.components.denoisers import BACKBONES
 from latentgen.components.diffusion import (
     PREDICTION_TYPES,
     TIMESTEP_SAMPLING,
     NoiseConfig,
 )
-from latentgen.components.schedulers import scheduler_names
+from latentgen.components.schedulers import FLOW_SAMPLERS, scheduler_names
 from latentgen.errors import UserError, one_of
 from latentgen.formats.upscaler import UpscalerConfig
 from latentgen.training.loop import (
@@ -107,6 +108,10 @@ class UNetTrainConfig(TrainConfig):
     vae_path: str | None = None  # an AutoencoderKL folder (train_vae.py's output)
     vae_model: dict = field(default_factory=dict)  # or a new, untrained VAE (smoke tests only)
     unet: dict = field(default_factory=lambda: dict(DEFAULT_UNET))  # UNet2DConditionModel arguments
+    # the denoiser: unet (the U-Net above), dit (PixArt-α's transformer) or mmdit (SD3's joint-attention
+    # transformer); a transformer's diffusers arguments in `transformer` (empty: components.denoisers' defaults)
+    backbone: str = "unet"
+    transformer: dict = field(default_factory=dict)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     caption_dropout: float = 0.1
@@ -162,13 +167,26 @@ class UNetTrainConfig(TrainConfig):
             raise one_of("noise.prediction_type", self.noise.prediction_type, list(PREDICTION_TYPES))
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise UserError(f"caption_dropout is a probability in [0, 1], got {self.caption_dropout}")
+        if self.backbone not in BACKBONES:
+            raise one_of("backbone", self.backbone, list(BACKBONES))
+        if self.backbone != "unet" and (self.pretrained_pipeline or self.upscaler.scale or self.lcm.enabled
+                                        or self.controlnet.enabled or self.lora.rank):
+            raise UserError(f"backbone {self.backbone} trains a new text-to-image transformer: no pretrained_pipeline, "
+                            "upscaler, lcm, controlnet or lora yet (those are U-Net runs)")
+        if self.noise.prediction_type == "flow" and self.noise.snr_gamma:
+            raise UserError("noise.snr_gamma weights ε/v losses by SNR; flow matching has its own (none): "
+                            "set noise.snr_gamma: 0")
+        if self.noise.flow_shift is not None and not self.noise.flow_shift > 0:
+            raise UserError(f"noise.flow_shift must be > 0, got {self.noise.flow_shift}")
+        if self.noise.prediction_type == "flow" and self.sampler not in FLOW_SAMPLERS:
+            raise one_of("sampler (for a flow model)", self.sampler, list(FLOW_SAMPLERS))
         if self.noise.snr_gamma < 0 or self.noise.offset_noise < 0:
             raise UserError("noise.snr_gamma and noise.offset_noise must be ≥ 0")
         if self.noise.timestep_sampling not in TIMESTEP_SAMPLING:
             raise one_of("noise.timestep_sampling", self.noise.timestep_sampling, list(TIMESTEP_SAMPLING))
         if not self.noise.logit_std > 0:
             raise UserError(f"noise.logit_std must be > 0, got {self.noise.logit_std}")
-        if self.sampler not in scheduler_names():
+        if self.sampler not in scheduler_names() and self.noise.prediction_type != "flow":
             raise one_of("sampler", self.sampler, scheduler_names())
         if self.save_dtype not in ("fp32", "fp16", "bf16"):
             raise one_of("save_dtype", self.save_dtype, ["fp32", "fp16", "bf16"])

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from latentgen.components.denoisers import build_denoiser, text_width_key
 from latentgen.components.diffusion import (
     forward_process,
     size_multiple,
@@ -18,7 +19,7 @@ from latentgen.components.diffusion import (
 )
 from latentgen.components.text_encoders import load_text_encoder
 from latentgen.data.sources import check_resolution
-from latentgen.errors import UserError, first_line
+from latentgen.errors import UserError
 from latentgen.formats.upscaler import check_unet, read
 from latentgen.generation.pipeline import LatentPipeline
 from latentgen.training.unet_config import UNetTrainConfig
@@ -41,7 +42,7 @@ def load_components(config: UNetTrainConfig) -> Components:
     """VAE, U-Net, text encoder and forward process; mismatches are one-line errors before training. When the
     U-Net is the pretrained pipeline's, `config.unet` becomes its architecture, so the run's recorded config says
     what was trained."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
     pipe = None
     if config.pretrained_pipeline:
@@ -66,10 +67,9 @@ def load_components(config: UNetTrainConfig) -> Components:
         unet = pretrained_upscaler_unet(config.pretrained_upscaler, config.upscaler.scale)
         config.unet = architecture(unet)
     else:
-        try:
-            unet = UNet2DConditionModel(**config.unet)
-        except (TypeError, ValueError) as err:
-            raise UserError(f"bad unet config: {first_line(err)}") from None
+        unet = build_denoiser(config.backbone, config.unet, config.transformer)
+        if config.backbone != "unet":
+            config.transformer = dict(unet.config.transformer_config)  # recorded in train_config.yaml
     tokenizer, text_model, encoder = load_text_encoder(config.text_encoder, pipe)
     noise_scheduler = forward_process(config.noise, pipe.scheduler.config if pipe is not None else None)
 
@@ -82,8 +82,10 @@ def load_components(config: UNetTrainConfig) -> Components:
         raise UserError(f"the VAE makes {vae.config.latent_channels}-channel latents but the U-Net takes "
                         f"in_channels={unet.config.in_channels}; make them equal")
     if encoder.hidden_size != unet.config.cross_attention_dim:
-        raise UserError(f"the text encoder's width is {encoder.hidden_size} but the U-Net has "
-                        f"cross_attention_dim={unet.config.cross_attention_dim}; make them equal")
+        takes = (f"the U-Net has cross_attention_dim={unet.config.cross_attention_dim}" if config.backbone == "unet"
+                 else f"the {config.backbone} takes {unet.config.cross_attention_dim}-wide text "
+                      f"(transformer.{text_width_key(config.backbone)})")
+        raise UserError(f"the text encoder's width is {encoder.hidden_size} but {takes}; make them equal")
     check_resolution(config.data.resolution, vae_factor(vae), "the VAE")
     multiple = size_multiple(vae, unet)
     if config.data.resolution % multiple:
