@@ -204,7 +204,7 @@ def test_two_processes_train_a_dit_with_the_same_weights_on_both_ranks(tmp_path)
     (["backbone=vit"], "unknown backbone 'vit'"),
     (["noise.prediction_type=flow", "noise.snr_gamma=5"], "flow matching has its own (none): set noise.snr_gamma: 0"),
     (["noise.prediction_type=flow", "sampler=ddim"], "unknown sampler (for a flow model) 'ddim'"),
-    (["backbone=mmdit", "lora.rank=4", "pretrained_pipeline=x"], "backbone mmdit trains a new text-to-image"),
+    (["backbone=mmdit", "lora.rank=4", "pretrained_pipeline=x"], "backbone mmdit makes a new transformer"),
     (["backbone=dit", f"transformer={TINY['dit'].replace('caption_channels: 32', 'caption_channels: 48')}"],
      "the text encoder's width is 32 but the dit takes 48-wide text (transformer.caption_channels)"),
 ])
@@ -215,3 +215,24 @@ def test_bad_backbone_configs_fail_before_training(tmp_path, overrides, message)
     assert message in r.stderr and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
+
+
+@pytest.mark.parametrize("algo", ["lora", "lokr"])
+def test_a_lora_of_a_trained_transformer_pipeline_trains_and_loads(tmp_path, algo):
+    """A LoRA (or LoKr) run on an MMDiT flow pipeline: the pretrained pipeline's backbone is its own; the file (and
+    kohya's) loads with `loras=`, changes the image, and at scale 0 gives the base model's image."""
+    r = run(TRAIN, f"output_dir={tmp_path / 'base'}", "max_steps=10", *arm("mmdit"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run(TRAIN, f"output_dir={tmp_path / 'lora'}", "max_steps=10", "learning_rate=1e-2",
+            "text_encoder.kind=pipeline", f"pretrained_pipeline={tmp_path / 'base' / 'pipeline'}", "lora.rank=4",
+            f"lora.algo={algo}", f"lora.kohya={algo == 'lora'}", "noise.prediction_type=null", "sampler=euler")
+    assert r.returncode == 0, r.stderr[-3000:]
+    pipe = LatentPipeline.from_pretrained(tmp_path / "base" / "pipeline", torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(num_inference_steps=4, seed=0, output_type="np")
+    base = pipe("a red circle", **call).images
+    files = ["lora.safetensors"] + (["lora_kohya.safetensors"] if algo == "lora" else [])
+    for name in files:
+        lora = str(tmp_path / "lora" / name)
+        assert abs(pipe("a red circle", loras=[(lora, 1.0)], **call).images - base).max() > 0.01, name
+        assert abs(pipe("a red circle", loras=[(lora, 0.0)], **call).images - base).max() < 1e-5, name

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from diffusers.loaders import PeftAdapterMixin
 
 from latentgen.errors import UserError, first_line, one_of
 
@@ -44,12 +45,13 @@ def text_width_key(kind: str) -> str:
     return {"dit": "caption_channels", "mmdit": "joint_attention_dim"}[kind]
 
 
-class TransformerDenoiser(ModelMixin, ConfigMixin):
+class TransformerDenoiser(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """A DiT or MMDiT behind the U-Net's call: `(sample, timestep, encoder_hidden_states) -> (prediction,)`.
 
     `config.transformer_config` holds the diffusers transformer's arguments; `in_channels`, `out_channels`,
     `sample_size`, `cross_attention_dim` (the text width it takes) and `patch_size` are derived from them, for the
-    code that reads a U-Net's config (sizes, checks, memory estimates)."""
+    code that reads a U-Net's config (sizes, checks, memory estimates). LoRAs attach through diffusers' peft
+    mixin, as to a U-Net (the attention projections' names are the transformer's: `transformer.….attn.to_q`)."""
 
     _supports_gradient_checkpointing = True
 

@@ -280,7 +280,7 @@ def _kohya_names(model, component: str) -> dict[str, str]:
     layers = [re.sub(r"(\.base_layer)+$", "", n) for n, m in model.named_modules()
               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     names = {n.replace(".", "_"): n for n in layers}
-    if component == "unet":
+    if component == "unet" and "block_out_channels" in model.config:  # a U-Net, not a transformer backbone
 
         ldm = unet_ldm_names(model.config)
         names |= {stability.replace(".", "_"): n for n in layers if (stability := ldm(n)) is not None}

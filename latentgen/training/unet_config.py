@@ -171,8 +171,9 @@ class UNetTrainConfig(TrainConfig):
             raise one_of("backbone", self.backbone, list(BACKBONES))
         if self.backbone != "unet" and (self.pretrained_pipeline or self.upscaler.scale or self.lcm.enabled
                                         or self.controlnet.enabled or self.lora.rank):
-            raise UserError(f"backbone {self.backbone} trains a new text-to-image transformer: no pretrained_pipeline, "
-                            "upscaler, lcm, controlnet or lora yet (those are U-Net runs)")
+            raise UserError(f"backbone {self.backbone} makes a new transformer; a pretrained_pipeline's backbone is "
+                            "its own (leave backbone unset to fine-tune it or train its LoRA); upscalers, lcm and "
+                            "controlnet runs are U-Net runs")
         if self.noise.prediction_type == "flow" and self.noise.snr_gamma:
             raise UserError("noise.snr_gamma weights ε/v losses by SNR; flow matching has its own (none): "
                             "set noise.snr_gamma: 0")
