@@ -34,11 +34,14 @@ def parse_args(argv, request_cls=None):
     p.add_argument("--embeddings-dir", default="embeddings",
                    help="textual-inversion embeddings (*.safetensors) to load, each used as its file name in "
                         "prompts (default: embeddings, when it exists)")
-    p.add_argument("--model", help="a diffusers pipeline folder, a single-file SD 1.x/2.x/SDXL checkpoint "
-                                   "(.safetensors), or the name of one in --models-dir (default: the model shipped "
-                                   "with latentgen)")
+    p.add_argument("--model", help="a diffusers pipeline folder, a single-file SD 1.x/2.x/SDXL or SD3/SD3.5 "
+                                   "checkpoint (.safetensors), or the name of one in --models-dir (default: the "
+                                   "model shipped with latentgen)")
     p.add_argument("--models-dir", default="models", help="where --model NAME is looked up (default: models)")
     p.add_argument("--vae", help="replace the model's VAE: a diffusers VAE folder or a single VAE file")
+    p.add_argument("--components", metavar="FOLDER",
+                   help="for an SD3/SD3.5 single file: a diffusers SD3 folder giving what the file lacks (T5's "
+                        "tokenizer; a transformer-only file's VAE and text encoders)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
                    help="for single-file SD 2.x 768-v checkpoints that do not say they predict v")
     p.add_argument("--out", default="outputs", help="an image file (.png/.jpg) or a folder (default: outputs)")
@@ -121,7 +124,7 @@ def load_pipeline(args, state=None):
     pipe = open_pipeline(model, dtype=args.dtype, device=device, vae=args.vae,
                          prediction_type=args.prediction_type, allow_pickle=args.allow_pickle,
                          loras_dir=args.loras_dir, embeddings_dir=args.embeddings_dir,
-                         controlnets_dir=args.controlnets_dir,
+                         controlnets_dir=args.controlnets_dir, components=args.components,
                          vae_tiling=args.vae_tiling, attention_slicing=args.attention_slicing)
     if args.upscaler:
         pipe.load_upscaler(args.upscaler)
@@ -136,7 +139,7 @@ def write(pipe, model, plan, paths, args, show=True) -> list:
 
     from latentgen.generation.outputs import run_about, write_images
 
-    about = run_about(pipe, model, plan, vae=args.vae, prediction_type=args.prediction_type,
+    about = run_about(pipe, model, plan, vae=args.vae, prediction_type=args.prediction_type, components=args.components,
                       inputs={k: getattr(args, k) for k in ("image", "mask") if getattr(args, k)})
     if plan.loras:
         from latentgen.formats import lora
@@ -198,6 +201,7 @@ def replay(args):
     args.model = str(model)
     args.vae = args.vae or meta.get("vae", {}).get("path")
     args.prediction_type = args.prediction_type or meta.get("prediction_type")
+    args.components = args.components or meta.get("components", {}).get("path")
     args.upscaler = args.upscaler or meta.get("upscaler", {}).get("path")
     if args.dtype == "auto":
         args.dtype = meta["dtype"]

@@ -35,8 +35,9 @@ import torch
 
 from latentgen.components.schedulers import FLOW_SAMPLERS, make_flow_scheduler
 from latentgen.errors import UserError, first_line, one_of
-from latentgen.formats import lora
+from latentgen.formats import flow_file, lora
 from latentgen.formats.folders import check_pipeline_folder
+from latentgen.formats.single_file import read
 from latentgen.generation import options
 from latentgen.generation.pipeline import GenerationOutput, _request, _target_dtype
 from latentgen.generation.plan import Plan
@@ -100,6 +101,29 @@ class FlowPipeline:
         except Exception as err:  # diffusers/transformers errors name no file the user can act on
             raise UserError(f"cannot load the {kind} model in {folder}: {first_line(err)}") from err
         return cls(inner, kind, folder)
+
+    @classmethod
+    def from_single_file(cls, path: str | Path, torch_dtype: torch.dtype | str | None = None,
+                         components: str | Path | None = None) -> "FlowPipeline":
+        """An SD3/SD3.5 single-file checkpoint (`formats.flow_file`: the architecture from its weights); what the
+        file lacks, and T5's tokenizer, from `components` (a diffusers SD3 folder)."""
+        import diffusers
+
+        path = Path(path)
+        kind = flow_file.kind_of_file(path)
+        if kind == "flux":
+            raise UserError(f"{path} is a Flux checkpoint in BFL's layout; latentgen runs Flux from diffusers folders "
+                            "(a single Flux file is not supported yet)")
+        if kind != "sd3":
+            raise UserError(f"{path} is not an SD3 checkpoint (no model.diffusion_model.joint_blocks weights)")
+        state, _ = read(path)
+        try:
+            parts = flow_file.sd3_parts(state, components, _target_dtype(torch_dtype))
+        except UserError:
+            raise
+        except Exception as err:  # an architecture diffusers/transformers cannot build from what the file shows
+            raise UserError(f"{path}: cannot build the SD3 model its weights describe ({first_line(err)})") from None
+        return cls(diffusers.StableDiffusion3Pipeline(**parts), "sd3", None)
 
     # what infer.py, the server and the option table ask of a pipeline
     @property

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from latentgen.errors import UserError
-from latentgen.formats import embeddings, folders
+from latentgen.formats import embeddings, flow_file, folders
 from latentgen.formats.folders import MODEL_SUFFIXES
 from latentgen.generation import flow
 from latentgen.generation.pipeline import LatentPipeline
@@ -40,23 +40,32 @@ def resolve_model(model: str | Path | None, models_dir: str | Path | None = None
 def open_pipeline(model: str | Path, dtype: str = "auto", device="auto", vae: str | Path | None = None,
                   prediction_type: str | None = None, allow_pickle: bool = False, loras_dir: str | Path = "loras",
                   embeddings_dir: str | Path | None = "embeddings", confined: bool = False, vae_tiling: bool = False,
-                  attention_slicing: bool = False, controlnets_dir: str | Path = "controlnets"):
+                  attention_slicing: bool = False, controlnets_dir: str | Path = "controlnets",
+                  components: str | Path | None = None):
     """A model ready to generate, as infer.py and the server use it: loaded in `dtype` ("auto": the fast precision
     for the device), its VAE replaced by `vae` if given, on `device`, progress bars off, `<lora:NAME>` looked up in
     `loras_dir` (`confined`, as the server has it: only there, whatever the name), the embeddings in
-    `embeddings_dir` (None: none) loaded."""
+    `embeddings_dir` (None: none) loaded. `components`: for an SD3 single file, a diffusers SD3 folder that gives
+    what the file lacks (T5's tokenizer, a transformer-only file's VAE and encoders)."""
     import torch
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    if flow.kind_of(Path(model)):  # SD3 or Flux: text-to-image through diffusers' pipelines
+    single = flow_file.kind_of_file(Path(model))
+    if flow.kind_of(Path(model)) or single:  # SD3 or Flux: text-to-image through diffusers' pipelines
         if vae or prediction_type or vae_tiling or attention_slicing:
             raise UserError("--vae, --prediction-type, --vae-tiling and --attention-slicing are not supported with "
                             "SD3/Flux models yet")
-        pipe = flow.FlowPipeline.from_pretrained(model, torch_dtype=resolve_dtype(dtype, device),
-                                                 allow_pickle=allow_pickle).to(device)
+        if single:
+            pipe = flow.FlowPipeline.from_single_file(model, torch_dtype=resolve_dtype(dtype, device),
+                                                      components=components).to(device)
+        else:
+            pipe = flow.FlowPipeline.from_pretrained(model, torch_dtype=resolve_dtype(dtype, device),
+                                                     allow_pickle=allow_pickle).to(device)
         pipe.set_progress_bar_config(disable=True)
         pipe.loras_dir, pipe.loras_confined = Path(loras_dir), confined
         return pipe
+    if components:
+        raise UserError("--components completes an SD3 single-file checkpoint; this model is not one")
     pipe = LatentPipeline.from_pretrained(model, torch_dtype=resolve_dtype(dtype, device), allow_pickle=allow_pickle,
                                           prediction_type=prediction_type)  # a folder or a single file
     if vae:

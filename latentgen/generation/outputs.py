@@ -113,7 +113,8 @@ def grid_path(out: str) -> Path:
 
 
 def run_about(pipe, model: str | Path, plan, vae: str | Path | None = None, prediction_type: str | None = None,
-              inputs: dict[str, str | Path] | None = None, hash: str | None = None) -> dict:
+              inputs: dict[str, str | Path] | None = None, hash: str | None = None,
+              components: str | Path | None = None) -> dict:
     """What every image of a run records besides its own settings: the model's path and hash, latentgen's version,
     the device, init image/mask files (`inputs`: path and sha256), a replacement VAE, the prediction type given,
     and A1111's TI and LoRA hashes. `hash`: the model's, if known already (hashing reads every weight file)."""
@@ -125,6 +126,8 @@ def run_about(pipe, model: str | Path, plan, vae: str | Path | None = None, pred
         about["vae"] = {"path": str(Path(vae).resolve()), "hash": model_hash(vae)}
     if prediction_type:
         about["prediction_type"] = prediction_type
+    if components:  # an SD3 single file's --components folder
+        about["components"] = {"path": str(Path(components).resolve()), "hash": model_hash(components)}
     if plan.request.upscale is not None:
         folder = pipe.upscaler().upscaler_folder
         about["upscaler"] = {"path": str(folder.resolve()), "hash": model_hash(folder)}
