@@ -40,8 +40,8 @@ def parse_args(argv, request_cls=None):
     p.add_argument("--models-dir", default="models", help="where --model NAME is looked up (default: models)")
     p.add_argument("--vae", help="replace the model's VAE: a diffusers VAE folder or a single VAE file")
     p.add_argument("--components", metavar="FOLDER",
-                   help="for an SD3/SD3.5 single file: a diffusers SD3 folder giving what the file lacks (T5's "
-                        "tokenizer; a transformer-only file's VAE and text encoders)")
+                   help="for an SD3/SD3.5 or Flux single file: a diffusers folder of that family giving what the "
+                        "file lacks (T5's tokenizer; a transformer-only file's VAE and text encoders)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
                    help="for single-file SD 2.x 768-v checkpoints that do not say they predict v")
     p.add_argument("--out", default="outputs", help="an image file (.png/.jpg) or a folder (default: outputs)")

@@ -1,6 +1,7 @@
-"""SD3/SD3.5 single-file checkpoints (formats.flow_file): files written here in Stability's layout with a key map
-of this test's own (diffusers -> Stability: fused q/k/v, adaLN modulation, the final layer's shift/scale order),
-read back with the architecture taken from their weights, give diffusers' StableDiffusion3Pipeline's image."""
+"""SD3/SD3.5 and Flux.1 single-file checkpoints (formats.flow_file): files written here in Stability's and BFL's
+layouts with key maps of this test's own (diffusers -> theirs: fused q/k/v, adaLN modulation, the final layer's
+shift/scale order), read back with the architecture taken from their weights, give diffusers' own pipeline's
+image."""
 
 import subprocess
 import sys
@@ -175,7 +176,7 @@ def test_infer_runs_a_single_file_and_replays_it(sd3, tmp_path):
     ("t5-without-tokenizer", "the checkpoint holds T5, whose tokenizer single files do not carry: give --components"),
     ("transformer-only", "the checkpoint has no vae; give --components FOLDER, a diffusers SD3 folder with it"),
     ("no-clip-g", "the checkpoint has no text_encoder_2; give --components"),
-    ("flux", "is a Flux checkpoint in BFL's layout"),
+    ("flux", "a Flux file holds the transformer only: give --components FOLDER"),
     ("components-not-a-folder", "--components"),
 ])
 def test_incomplete_files_are_one_line_errors(sd3, tmp_path, case, message):
@@ -195,3 +196,75 @@ def test_incomplete_files_are_one_line_errors(sd3, tmp_path, case, message):
     with pytest.raises(UserError, match=message.replace("(", "\\(").replace(")", "\\)")) as err:
         open_pipeline(path, dtype="fp32", components=components)
     assert "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flux.1: BFL's layout
+
+
+def flux_to_bfl(transformer) -> dict[str, torch.Tensor]:
+    d = transformer.state_dict()
+    out = {}
+    top = {"time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+           "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+           "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+           "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+           "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+           "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+           "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear"}
+    double = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin", "attn.to_out.0": "img_attn.proj",
+              "attn.to_add_out": "txt_attn.proj", "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+              "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
+    for p in ("weight", "bias"):
+        for ours, theirs in top.items():
+            if f"{ours}.{p}" in d:
+                out[f"{theirs}.{p}"] = d[f"{ours}.{p}"]
+        out[f"final_layer.adaLN_modulation.1.{p}"] = _swap(d[f"norm_out.linear.{p}"])
+        for i in range(transformer.config.num_layers):
+            b, s = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+            for ours, theirs in double.items():
+                out[f"{s}{theirs}.{p}"] = d[f"{b}{ours}.{p}"]
+            out[f"{s}img_attn.qkv.{p}"] = torch.cat([d[f"{b}attn.to_{x}.{p}"] for x in "qkv"])
+            out[f"{s}txt_attn.qkv.{p}"] = torch.cat([d[f"{b}attn.add_{x}_proj.{p}"] for x in "qkv"])
+        for i in range(transformer.config.num_single_layers):
+            b, s = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+            out[f"{s}modulation.lin.{p}"], out[f"{s}linear2.{p}"] = d[f"{b}norm.linear.{p}"], d[f"{b}proj_out.{p}"]
+            out[f"{s}linear1.{p}"] = torch.cat([d[f"{b}attn.to_{x}.{p}"] for x in "qkv"] + [d[f"{b}proj_mlp.{p}"]])
+    for i in range(transformer.config.num_layers):
+        b, s = f"transformer_blocks.{i}.attn.", f"double_blocks.{i}."
+        for ours, theirs in (("norm_q", "img_attn.norm.query_norm"), ("norm_k", "img_attn.norm.key_norm"),
+                             ("norm_added_q", "txt_attn.norm.query_norm"), ("norm_added_k", "txt_attn.norm.key_norm")):
+            out[f"{s}{theirs}.scale"] = d[f"{b}{ours}.weight"]
+    for i in range(transformer.config.num_single_layers):
+        b, s = f"single_transformer_blocks.{i}.attn.", f"single_blocks.{i}."
+        out[f"{s}norm.query_norm.scale"] = d[f"{b}norm_q.weight"]
+        out[f"{s}norm.key_norm.scale"] = d[f"{b}norm_k.weight"]
+    assert sum(v.numel() for v in out.values()) == sum(v.numel() for v in d.values())  # every weight written
+    return out
+
+
+@pytest.mark.parametrize("guidance", [True, False], ids=["dev", "schnell"])
+def test_a_flux_transformer_file_with_components_gives_diffusers_image(tmp_path, guidance):
+    """A Flux transformer (dev: with its guidance embedding; schnell: without) in BFL's layout, its VAE and
+    encoders from a diffusers Flux folder. 16-wide heads: the rotary axes by Flux's proportions, (4, 6, 6)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    parts = C.flux_components(guidance=guidance)
+    torch.manual_seed(1)
+    parts["transformer"] = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 6, 6], guidance_embeds=guidance).eval()
+    reference = FluxPipeline(**parts)
+    reference.save_pretrained(tmp_path / "folder")
+    reference.set_progress_bar_config(disable=True)
+    path = tmp_path / "flux1.safetensors"
+    save_file({k: v.contiguous() for k, v in flux_to_bfl(parts["transformer"]).items()}, str(path))
+    pipe = FlowPipeline.from_single_file(path, torch_dtype=torch.float32, components=tmp_path / "folder")
+    assert pipe.kind == "flux" and pipe.inner.transformer.config.guidance_embeds == guidance
+    assert torch.equal(pipe.inner.transformer.x_embedder.weight, parts["transformer"].x_embedder.weight)
+    pipe.set_progress_bar_config(disable=True)
+    ours = pipe("a red circle", seed=2, output_type="np", num_inference_steps=3, height=32, width=32,
+                guidance_scale=3.5).images
+    theirs = reference("a red circle", generator=torch.Generator().manual_seed(2), output_type="np",
+                       num_inference_steps=3, height=32, width=32, guidance_scale=3.5).images
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)

@@ -16,8 +16,12 @@ from there). A file without T5 (`sd3_medium_incl_clips`) runs without it, as dif
 
 The transformer is converted by diffusers' `convert_sd3_transformer_checkpoint_to_diffusers` and the VAE by its
 `convert_ldm_vae_checkpoint`; diffusers' own `from_single_file` takes every config from the Hugging Face hub,
-which is offline here. Flux files (BFL's `double_blocks.`/`single_blocks.` layout) are recognised and refused:
-diffusers' Flux converter assumes Flux's full width (3072), so a model cannot be checked here at test size.
+which is offline here.
+
+Flux.1 files (BFL's `double_blocks.`/`single_blocks.` layout: flux1-dev, flux1-schnell and their fine-tunes) hold
+the transformer; its architecture (depths, width, heads, text and pooled widths, dev's guidance embedding) comes
+from the weights, and the rest from `components`, a diffusers Flux folder, as Forge and ComfyUI take the VAE and
+text encoders separately.
 """
 
 from __future__ import annotations
@@ -218,3 +222,107 @@ def _complete(parts: dict[str, Any], folder: Path | None, dtype: torch.dtype) ->
     if (parts["text_encoder_3"] is None) != (parts["tokenizer_3"] is None):
         parts["text_encoder_3"] = parts["tokenizer_3"] = None  # a tokenizer without its model, or the reverse
     return parts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flux.1 (BFL's layout: double_blocks / single_blocks, as flux1-dev.safetensors and its fine-tunes are shared)
+
+# BFL name -> diffusers name, inside a double block, a single block, or at the top (weight and bias alike)
+_FLUX_DOUBLE = {"img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear",
+                "img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out",
+                "img_mlp.0": "ff.net.0.proj", "img_mlp.2": "ff.net.2",
+                "txt_mlp.0": "ff_context.net.0.proj", "txt_mlp.2": "ff_context.net.2",
+                "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
+                "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
+                "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
+                "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight"}
+_FLUX_SINGLE = {"modulation.lin": "norm.linear", "linear2": "proj_out",
+                "norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
+_FLUX_TOP = {"time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+             "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+             "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+             "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+             "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+             "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+             "txt_in": "context_embedder", "img_in": "x_embedder", "final_layer.linear": "proj_out"}
+FLUX_MLP_RATIO = 4  # diffusers' FluxTransformer2DModel fixes it (every released Flux.1 has it)
+
+
+def flux_config(t: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A FluxTransformer2DModel config from BFL-layout weights (`model.diffusion_model.` stripped). The rotary
+    axes are not in the weights: Flux's (16, 56, 56) for its 128-wide heads, the same proportions (even sizes)
+    for others."""
+    for key in ("img_in.weight", "txt_in.weight", "vector_in.in_layer.weight",
+                "double_blocks.0.img_attn.norm.query_norm.scale"):
+        if key not in t:
+            raise UserError(f"the checkpoint's Flux transformer is incomplete (no {key})")
+    width, in_channels = t["img_in.weight"].shape
+    head = int(t["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0])
+    side = 2 * (7 * head // 32)
+    return {"patch_size": 1, "in_channels": int(in_channels), "num_layers": _count(t, r"double_blocks\.(\d+)\."),
+            "num_single_layers": _count(t, r"single_blocks\.(\d+)\."), "attention_head_dim": head,
+            "num_attention_heads": int(width) // head, "joint_attention_dim": int(t["txt_in.weight"].shape[1]),
+            "pooled_projection_dim": int(t["vector_in.in_layer.weight"].shape[1]),
+            "guidance_embeds": "guidance_in.in_layer.weight" in t, "axes_dims_rope": [head - 2 * side, side, side]}
+
+
+def flux_to_diffusers(t: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """BFL-layout Flux weights -> diffusers' names. diffusers' `convert_flux_transformer_checkpoint_to_diffusers`
+    splits the single blocks' fused projection at Flux's full width (3072) whatever the file's width, so the same
+    map is written here with the width read from the weights."""
+    width = config["attention_head_dim"] * config["num_attention_heads"]
+    out: dict[str, torch.Tensor] = {}
+
+    def rename(src: str, dst: str, table: dict[str, str]) -> None:
+        for key, value in t.items():
+            if not key.startswith(src):
+                continue
+            rest = key[len(src):]
+            for old, new in table.items():
+                if rest == old or rest.startswith(old + "."):
+                    out[dst + new + rest[len(old):]] = value
+
+    rename("", "", {k: v for k, v in _FLUX_TOP.items()})
+    for p in ("weight", "bias"):  # AdaLayerNormContinuous: BFL (shift, scale), diffusers (scale, shift)
+        shift, scale = t[f"final_layer.adaLN_modulation.1.{p}"].chunk(2)
+        out[f"norm_out.linear.{p}"] = torch.cat([scale, shift])
+    for i in range(config["num_layers"]):
+        src, dst = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        rename(src, dst, _FLUX_DOUBLE)
+        for p in ("weight", "bias"):
+            for stream, names in (("img", ("to_q", "to_k", "to_v")), ("txt", ("add_q_proj", "add_k_proj",
+                                                                            "add_v_proj"))):
+                for name, part in zip(names, t[f"{src}{stream}_attn.qkv.{p}"].chunk(3)):
+                    out[f"{dst}attn.{name}.{p}"] = part
+    for i in range(config["num_single_layers"]):
+        src, dst = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        rename(src, dst, _FLUX_SINGLE)
+        for p in ("weight", "bias"):
+            q, k, v, mlp = t[f"{src}linear1.{p}"].split([width, width, width, FLUX_MLP_RATIO * width])
+            out |= {f"{dst}attn.to_q.{p}": q, f"{dst}attn.to_k.{p}": k, f"{dst}attn.to_v.{p}": v,
+                    f"{dst}proj_mlp.{p}": mlp}
+    return out
+
+
+def flux_pipeline(state: dict[str, torch.Tensor], components: Path | None, dtype: torch.dtype = torch.float32):
+    """The FluxPipeline of a transformer file (BFL's layout, fp8 upcast) and everything else from the diffusers
+    Flux folder `components` (its VAE, CLIP-L, T5, tokenizers and scheduler)."""
+    import diffusers
+
+    folder = _components(components)
+    if folder is None:
+        raise UserError("a Flux file holds the transformer only: give --components FOLDER, a diffusers Flux folder "
+                        "(its VAE, CLIP-L, T5, tokenizers and scheduler)")
+    t = {k: v.to(dtype) if v.dtype in FP8 else v for k, v in (_sub(state, MMDIT) or state).items()}
+    config = flux_config(t)
+    transformer = _build(diffusers.FluxTransformer2DModel, config, flux_to_diffusers(t, config), "Flux transformer")
+    transformer.to(dtype)
+    for name in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+        if not (folder / name).is_dir():
+            raise UserError(f"--components {folder} has no {name}/ (a diffusers Flux folder has it)")
+    try:
+        inner = diffusers.FluxPipeline.from_pretrained(folder, transformer=transformer, dtype=dtype,
+                                                       local_files_only=True, use_safetensors=True)
+    except Exception as err:
+        raise UserError(f"cannot load the Flux parts of --components {folder}: {first_line(err)}") from None
+    return inner

@@ -105,24 +105,24 @@ class FlowPipeline:
     @classmethod
     def from_single_file(cls, path: str | Path, torch_dtype: torch.dtype | str | None = None,
                          components: str | Path | None = None) -> "FlowPipeline":
-        """An SD3/SD3.5 single-file checkpoint (`formats.flow_file`: the architecture from its weights); what the
-        file lacks, and T5's tokenizer, from `components` (a diffusers SD3 folder)."""
+        """An SD3/SD3.5 single-file checkpoint, or a Flux.1 transformer file (`formats.flow_file`: the architecture
+        from its weights); what the file lacks (T5's tokenizer; for Flux everything but the transformer) from
+        `components`, a diffusers folder of that family."""
         import diffusers
 
         path = Path(path)
         kind = flow_file.kind_of_file(path)
-        if kind == "flux":
-            raise UserError(f"{path} is a Flux checkpoint in BFL's layout; latentgen runs Flux from diffusers folders "
-                            "(a single Flux file is not supported yet)")
-        if kind != "sd3":
-            raise UserError(f"{path} is not an SD3 checkpoint (no model.diffusion_model.joint_blocks weights)")
+        if kind is None:
+            raise UserError(f"{path} is not an SD3 or Flux checkpoint (no joint_blocks or double_blocks weights)")
         state, _ = read(path)
         try:
+            if kind == "flux":
+                return cls(flow_file.flux_pipeline(state, components, _target_dtype(torch_dtype)), "flux", None)
             parts = flow_file.sd3_parts(state, components, _target_dtype(torch_dtype))
         except UserError:
             raise
         except Exception as err:  # an architecture diffusers/transformers cannot build from what the file shows
-            raise UserError(f"{path}: cannot build the SD3 model its weights describe ({first_line(err)})") from None
+            raise UserError(f"{path}: cannot build the {kind} model its weights describe ({first_line(err)})") from None
         return cls(diffusers.StableDiffusion3Pipeline(**parts), "sd3", None)
 
     # what infer.py, the server and the option table ask of a pipeline

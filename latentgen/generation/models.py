@@ -65,7 +65,7 @@ def open_pipeline(model: str | Path, dtype: str = "auto", device="auto", vae: st
         pipe.loras_dir, pipe.loras_confined = Path(loras_dir), confined
         return pipe
     if components:
-        raise UserError("--components completes an SD3 single-file checkpoint; this model is not one")
+        raise UserError("--components completes an SD3 or Flux single-file checkpoint; this model is not one")
     pipe = LatentPipeline.from_pretrained(model, torch_dtype=resolve_dtype(dtype, device), allow_pickle=allow_pickle,
                                           prediction_type=prediction_type)  # a folder or a single file
     if vae:
