@@ -33,6 +33,9 @@ def parse_args(argv):
     p.add_argument("--compile", action="store_true",
                    help="compile each model's U-Net as it loads (infer.py --compile: on the CPU once per model and "
                    "shape, cached on disk, so a request of a new size or batch waits for its compile once)")
+    p.add_argument("--components", metavar="FOLDER",
+                   help="for SD3/SD3.5 and Flux single files among the models: a diffusers folder of that family "
+                        "giving what a file lacks (infer.py's)")
     p.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile (infer.py's)")
     p.add_argument("--attention-slicing", action="store_true", help="attention a head at a time (infer.py's)")
     p.add_argument("--max-batch", type=int, default=8, help="images of queued requests sampled together")
@@ -88,6 +91,7 @@ def _names(value: str | None) -> list[str]:
 
 def build(args):
     """The app and its worker for parsed arguments (tests build servers with this too)."""
+    from latentgen.formats import flow_file
     from latentgen.generation.models import open_pipeline, resolve_model
     from latentgen.generation.outputs import run_about
     from latentgen.runtime.device import resolve_device
@@ -101,7 +105,8 @@ def build(args):
         pipe = open_pipeline(path, dtype=args.dtype, device=device, loras_dir=args.loras_dir,
                              embeddings_dir=args.embeddings_dir, confined=True,
                              controlnets_dir=args.controlnets_dir, vae_tiling=args.vae_tiling,
-                             attention_slicing=args.attention_slicing)
+                             attention_slicing=args.attention_slicing,
+                             components=args.components if flow_file.kind_of_file(path) else None)
         if args.compile:  # the worker samples on one thread, as CUDA graphs (the default on CUDA) want
             pipe.compile_unet(report=lambda message: print(f"latentgen: {message}", file=sys.stderr))
         return pipe
