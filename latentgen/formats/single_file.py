@@ -101,7 +101,7 @@ def layout(state: dict[str, Any], name: str = "the file") -> str:
     elif "string_to_param" in state or "emb_params" in state or "clip_l" in state:
         hint = "; it is a textual-inversion embedding: put it in --embeddings-dir"
     elif has(UNET + "joint_blocks") or has("double_blocks.") or has("transformer_blocks.0.attn.to_q"):
-        hint = "; it is a transformer (SD3/Flux-style) model, which latentgen does not run"
+        hint = "; it is an SD3/Flux transformer model: load it with FlowPipeline.from_single_file (--model does)"
     elif has("image_proj.") and has("ip_adapter."):
         hint = "; it is an IP-Adapter: use it with --control FILE:IMAGE (its image_encoder/ folder beside it)"
     elif any(re.search(r"(^|\.)(input_hint_block|zero_convs|controlnet_cond_embedding)\.", k) for k in state):
