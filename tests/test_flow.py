@@ -101,7 +101,15 @@ def test_infer_writes_an_sd3_or_flux_image_and_replays_it_bit_for_bit(folder, tm
     from PIL import Image
 
     text = Image.open(out).info["parameters"]
-    assert "Sampler: UniPC" in text and "Seed: 7" in text and "CFG scale: 3.5" in text
+    assert "Sampler: UniPC" in text and "Seed: 7" in text
+    if "flux" in str(folder):  # Forge's keys: the distilled guidance, and CFG scale the true CFG (off)
+        assert "CFG scale: 1.0" in text and "Distilled CFG Scale: 3.5" in text
+        from latentgen.generation.infotext import a1111_request
+
+        settings, _, unused = a1111_request(text)
+        assert (settings["guidance_scale"], settings["true_cfg_scale"]) == (3.5, 1.0) and not unused
+    else:
+        assert "CFG scale: 3.5" in text and "Distilled" not in text
     r = subprocess.run([sys.executable, "infer.py", "--replay", str(out), "--out", str(tmp_path / "again.png")],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "identical, bit for bit" in r.stdout + r.stderr, r.stderr[-2000:]
@@ -202,3 +210,17 @@ def test_true_cfg_and_the_t5_length_reach_diffusers_pipeline(folder, tmp_path):
     unet = LatentPipeline(**C.components())
     with pytest.raises(UserError, match="T5 sequence length is for SD3/Flux models"):
         unet("a red circle", max_sequence_length=64, num_inference_steps=1)
+
+
+def test_a_forge_flux_text_reads_as_its_distilled_guidance():
+    """Forge writes Flux images' guidance as 'Distilled CFG Scale' and the true CFG as 'CFG scale'."""
+    from latentgen.generation.infotext import a1111_request
+
+    text = ("a cat on a mat\nSteps: 20, Sampler: Euler, Schedule type: Simple, CFG scale: 1, Distilled CFG Scale: 3.5, "
+            "Seed: 42, Size: 896x1152, Model hash: 0123abcd, Model: flux1-dev, Version: f2.0.1v1.10.1")
+    settings, _, unused = a1111_request(text)
+    assert (settings["guidance_scale"], settings["true_cfg_scale"], settings["scheduler"]) == (3.5, 1.0, "euler")
+    assert (settings["num_inference_steps"], settings["seed"], settings["width"]) == (20, 42, 896)
+    assert unused == ["Schedule type"]  # Forge's Simple schedule: not one of latentgen's
+    settings, _, _ = a1111_request(text.replace("CFG scale: 1,", "CFG scale: 4,"))
+    assert settings["true_cfg_scale"] == 4.0

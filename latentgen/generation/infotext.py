@@ -52,6 +52,9 @@ def a1111_parameters(meta: dict, cls=Request) -> str:
     if meta.get("upscale"):  # the cascade, as the server offers it to A1111's clients: a hires upscaler
         u = meta["upscale"]
         fields |= {"Hires upscale": u["scale"], "Hires steps": u["steps"], "Hires upscaler": A1111_NAME}
+    if meta.get("distilled_guidance"):  # Flux: Forge's keys, CFG scale being the true CFG (1: off)
+        fields["Distilled CFG Scale"] = fields.pop("CFG scale")
+        fields["CFG scale"] = fields.pop("True CFG scale", 1.0)
     for i, unit in enumerate(meta.get("control") or []):  # A1111's ControlNet extension's keys
         fields[f"ControlNet {i}"] = Control(**unit).text()
     if meta.get("ti_hashes"):
@@ -123,6 +126,13 @@ def a1111_request(text: str, cls=Request) -> tuple[dict, dict[str, str], list[st
             settings["hires"] = {"denoise": 0.7, **hires}  # A1111's default strength of the second pass
     except ValueError as err:
         raise UserError(f"the AUTOMATIC1111 parameters hold a value latentgen cannot read: {err}") from None
+    if "Distilled CFG Scale" in fields:  # Forge's Flux text: its guidance is the distilled one, CFG the true CFG
+        try:
+            settings["guidance_scale"] = float(fields["Distilled CFG Scale"])
+            settings["true_cfg_scale"] = float(fields.get("CFG scale", 1.0))
+        except ValueError as err:
+            raise UserError(f"the AUTOMATIC1111 parameters hold a value latentgen cannot read: {err}") from None
+        used |= {"Distilled CFG Scale", "CFG scale"}
     schedule = fields.get("Schedule type", "")
     if "Sampler" in fields:
         sampler = fields["Sampler"]

@@ -126,6 +126,8 @@ def run_about(pipe, model: str | Path, plan, vae: str | Path | None = None, pred
         about["vae"] = {"path": str(Path(vae).resolve()), "hash": model_hash(vae)}
     if prediction_type:
         about["prediction_type"] = prediction_type
+    if getattr(pipe, "kind", None) == "flux":  # --guidance is Flux's distilled guidance: Forge's text key for it
+        about["distilled_guidance"] = True
     if components:  # an SD3 single file's --components folder
         about["components"] = {"path": str(Path(components).resolve()), "hash": model_hash(components)}
     if plan.request.upscale is not None:
