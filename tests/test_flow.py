@@ -224,3 +224,22 @@ def test_a_forge_flux_text_reads_as_its_distilled_guidance():
     assert unused == ["Schedule type"]  # Forge's Simple schedule: not one of latentgen's
     settings, _, _ = a1111_request(text.replace("CFG scale: 1,", "CFG scale: 4,"))
     assert settings["true_cfg_scale"] == 4.0
+
+
+def test_sd3_skip_layer_guidance_is_diffusers(tmp_path):
+    """--slg SCALE --slg-layers N: diffusers' StableDiffusion3Pipeline with skip_guidance_layers and
+    skip_layer_guidance_scale gives the same image; without it another one. Flux and bad layers: one line."""
+    from diffusers import StableDiffusion3Pipeline
+
+    reference = StableDiffusion3Pipeline(**C.sd3_components())
+    reference.save_pretrained(tmp_path / "sd3")
+    reference.set_progress_bar_config(disable=True)
+    pipe = load(tmp_path / "sd3")
+    call = dict(num_inference_steps=10, height=32, width=32, guidance_scale=4.0, output_type="np")
+    ours = pipe("a red circle", seed=3, slg_scale=2.8, slg_layers=(1,), **call).images
+    theirs = reference("a red circle", generator=torch.Generator().manual_seed(3), skip_guidance_layers=[1],
+                       skip_layer_guidance_scale=2.8, **call).images
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    assert np.abs(ours - pipe("a red circle", seed=3, **call).images).max() > 1e-3
+    with pytest.raises(UserError, match="--slg-layers name blocks 0-1 of this model's 2, got 7 8 9"):
+        pipe("a red circle", seed=3, slg_scale=2.8, **call)

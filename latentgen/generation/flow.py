@@ -51,7 +51,8 @@ IMG2IMG = {"sd3": "StableDiffusion3Img2ImgPipeline", "flux": "FluxImg2ImgPipelin
 # effect (none of the flow samplers is stochastic; A1111 clients such as webuiapi always send one)
 SUPPORTED = {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width",
              "num_images_per_prompt", "seed", "scheduler", "output_type", "guidance_interval", "checked", "apg",
-             "generator", "eta", "loras", "image", "strength", "true_cfg_scale", "max_sequence_length"}
+             "generator", "eta", "loras", "image", "strength", "true_cfg_scale", "max_sequence_length",
+             "slg_scale", "slg_layers"}
 # diffusers' LoRA loader methods, which `formats.lora` drives, called on the diffusers pipeline (its SD3 and Flux
 # loaders read diffusers', kohya's and other trainers' formats)
 LORA_METHODS = {"load_lora_weights", "set_adapters", "enable_lora", "disable_lora", "get_list_adapters",
@@ -190,6 +191,14 @@ class FlowPipeline:
                             "above 1, a second pass a step); its --guidance is the guidance it was distilled with")
         if self.kind == "sd3" and req.true_cfg_scale != 1.0:
             raise UserError("true CFG is for guidance-distilled Flux models; SD3 guides with --guidance")
+        if req.slg_scale and self.kind != "sd3":
+            raise UserError("skip-layer guidance (--slg) is SD3's; Flux has none")
+        depth = self.inner.transformer.config.num_layers
+        if req.slg_scale and max(req.slg_layers) >= depth:
+            raise UserError(f"--slg-layers name blocks 0-{depth - 1} of this model's {depth}, got "
+                            f"{' '.join(map(str, req.slg_layers))}")
+        if req.slg_scale and req.image is not None:
+            raise UserError("skip-layer guidance (--slg) is for text-to-image (diffusers' SD3 img2img has none)")
         image = req.image
         if image is not None and not hasattr(image, "convert"):
             raise UserError(f"image-to-image with {self.kind.upper()} models takes the image in pixels (a PIL image)")
@@ -264,6 +273,8 @@ class FlowPipeline:
             kwargs["negative_prompt"] = plan.negative_prompts
         if self.kind == "flux" and req.true_cfg_scale != 1.0:
             kwargs["true_cfg_scale"] = req.true_cfg_scale
+        if req.slg_scale:  # diffusers' SD3 skip-layer guidance, over its default 1-20% of the steps
+            kwargs |= dict(skip_guidance_layers=list(req.slg_layers), skip_layer_guidance_scale=req.slg_scale)
         pipe = self.inner
         if req.image is not None:  # diffusers' img2img pipeline on the same modules; the noise from the seeds
             pipe = self.img2img()

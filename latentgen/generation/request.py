@@ -135,6 +135,16 @@ class Request:
         "true CFG scale", flag="--true-cfg", api="true_cfg_scale", text="True CFG scale",
         help="Flux (guidance-distilled) only: classifier-free guidance with the negative prompt on top of its "
              "embedded --guidance, diffusers' true_cfg_scale (1: off, one pass a step)"))
+    slg_scale: float = field(default=0.0, metadata=option(
+        "skip-layer guidance", flag="--slg", api="slg_scale", text="SLG scale", cli={"type": float},
+        help="SD3 only: skip-layer guidance, diffusers' skip_layer_guidance_scale (SD3.5 Medium's recipe: 2.8; "
+             "0: off) on --slg-layers, in the first fifth of the steps"))
+    slg_layers: tuple[int, ...] = field(default=(7, 8, 9), metadata=option(
+        "skip-layer guidance layers", flag="--slg-layers", api="slg_layers", api_type=tuple[int, ...],
+        cli={"type": int, "nargs": "+", "metavar": "LAYER"}, from_flag=tuple, text="SLG layers",
+        to_text=lambda v: None if v is None or tuple(v) == (7, 8, 9) else "-".join(map(str, v)),
+        from_text=lambda v: tuple(int(x) for x in v.split("-")),
+        help="the transformer blocks --slg skips (default: 7 8 9, SD3.5 Medium's)"))
     max_sequence_length: int | None = field(default=None, metadata=option(
         "T5 sequence length", flag="--max-sequence-length", api="max_sequence_length", cli={"type": int},
         text="T5 tokens", help="SD3/Flux only: how many T5 tokens a prompt may use, up to 512 (default: the "
@@ -267,6 +277,9 @@ class Request:
         rescale = validate.in_range(self.guidance_rescale, name["guidance_rescale"], 0.0, 1.0)
         eta = validate.in_range(self.eta, name["eta"], 0.0, 1.0)
         validate.in_range(self.true_cfg_scale, name["true_cfg_scale"], 1.0, 30.0)
+        validate.in_range(self.slg_scale, name["slg_scale"], 0.0, 30.0)
+        if not self.slg_layers or any(not isinstance(x, int) or x < 0 for x in self.slg_layers):
+            raise UserError(f"{name['slg_layers']} must be block numbers ≥ 0, got {self.slg_layers}")
         if self.max_sequence_length is not None:
             validate.in_range(self.max_sequence_length, name["max_sequence_length"], 1, 512)
         interval = _interval(self.guidance_interval)
@@ -384,8 +397,9 @@ class Request:
         batches of `batch_size` images (default: all at once), including a hires pass, checked."""
         if hasattr(pipe, "fit_request"):  # a flow-matching transformer (generation.flow) fits requests itself
             return pipe.fit_request(self, batch_size)
-        for flow_only in ("true_cfg_scale", "max_sequence_length"):
-            if getattr(self, flow_only) != getattr(Request, flow_only):
+        for flow_only in ("true_cfg_scale", "max_sequence_length", "slg_scale", "slg_layers"):
+            value = getattr(self, flow_only)  # (metadata gives lists for tuples)
+            if (tuple(value) if isinstance(value, list) else value) != getattr(Request, flow_only):
                 raise UserError(f"{options.names(Request, None)[flow_only]} is for SD3/Flux models; this model is a "
                                 "U-Net's")
         max_steps = pipe.scheduler.config.get("num_train_timesteps")
