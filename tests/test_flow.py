@@ -184,6 +184,40 @@ def test_image_to_image_is_diffusers_img2img_with_the_seeds_noise(folder):
     assert np.abs(weaker - np.asarray(init) / 255).mean() < np.abs(got.images - np.asarray(init) / 255).mean()
 
 
+def test_inpainting_is_diffusers_inpaint_pipeline_with_the_seeds_noise(folder, tmp_path):
+    from diffusers import (
+        FluxInpaintPipeline,
+        SD3Transformer2DModel,
+        StableDiffusion3InpaintPipeline,
+        StableDiffusion3Pipeline,
+    )
+    from PIL import Image
+
+    if "sd3" in str(folder):  # diffusers' SD3 inpainting wants SD3's 16 latent channels
+        parts = C.sd3_components()
+        torch.manual_seed(0)
+        parts["transformer"] = SD3Transformer2DModel(
+            sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=64).eval()
+        parts["vae"] = C.flow_vae(16)
+        folder = tmp_path / "sd3-16"
+        StableDiffusion3Pipeline(**parts).save_pretrained(folder)
+    pipe = load(folder)
+    init = Image.new("RGB", (32, 32), (200, 40, 40))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 16, 32))  # the left half repainted
+    got = pipe("a blue square", image=init, mask_image=mask, seed=4, num_inference_steps=4, guidance_scale=3.5,
+               output_type="np")
+    cls = FluxInpaintPipeline if pipe.kind == "flux" else StableDiffusion3InpaintPipeline
+    theirs = cls(**{k: v for k, v in pipe.inner.components.items() if k != "image_encoder" or pipe.kind == "sd3"})
+    theirs.set_progress_bar_config(disable=True)
+    want = theirs(prompt="a blue square", image=init, mask_image=mask, strength=1.0, num_inference_steps=4,
+                  guidance_scale=3.5, height=32, width=32, generator=[torch.Generator().manual_seed(4)],
+                  output_type="np").images
+    np.testing.assert_allclose(got.images, want, atol=1e-6, rtol=0)
+    assert got.metadata[0]["strength"] == 1.0
+
+
 def test_true_cfg_and_the_t5_length_reach_diffusers_pipeline(folder, tmp_path):
     """Flux's true CFG (negative prompt, a second pass) and the T5 sequence length give diffusers' own images with
     the same noise; a U-Net model refuses both in one line."""

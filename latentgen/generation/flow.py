@@ -46,12 +46,13 @@ from latentgen.runtime.precision import name_of
 
 KINDS = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 IMG2IMG = {"sd3": "StableDiffusion3Img2ImgPipeline", "flux": "FluxImg2ImgPipeline"}
+INPAINT = {"sd3": "StableDiffusion3InpaintPipeline", "flux": "FluxInpaintPipeline"}
 
 # What a flow request may set: the rest of Request's options must keep their defaults. eta is accepted and has no
 # effect (none of the flow samplers is stochastic; A1111 clients such as webuiapi always send one)
 SUPPORTED = {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width",
              "num_images_per_prompt", "seed", "scheduler", "output_type", "guidance_interval", "checked", "apg",
-             "generator", "eta", "loras", "image", "strength", "true_cfg_scale", "max_sequence_length",
+             "generator", "eta", "loras", "image", "mask_image", "strength", "true_cfg_scale", "max_sequence_length",
              "slg_scale", "slg_layers"}
 # diffusers' LoRA loader methods, which `formats.lora` drives, called on the diffusers pipeline (its SD3 and Flux
 # loaders read diffusers', kohya's and other trainers' formats)
@@ -222,15 +223,23 @@ class FlowPipeline:
 
     def img2img(self):
         """diffusers' image-to-image pipeline of this model, sharing its modules (built once)."""
-        if "_img2img" not in self.__dict__:
+        return self._variant(IMG2IMG)
+
+    def inpaint(self):
+        """diffusers' inpainting pipeline of this model, sharing its modules (built once)."""
+        return self._variant(INPAINT)
+
+    def _variant(self, classes: dict[str, str]):
+        name = classes[self.kind]
+        if name not in self.__dict__:
             import diffusers
 
-            cls = getattr(diffusers, IMG2IMG[self.kind])
+            cls = getattr(diffusers, name)
             accepted = inspect.signature(cls.__init__).parameters
-            self._img2img = cls(**{k: v for k, v in self.inner.components.items() if k in accepted})
-            self._img2img.set_progress_bar_config(disable=True)
-        self._img2img.scheduler = self.inner.scheduler
-        return self._img2img
+            self.__dict__[name] = cls(**{k: v for k, v in self.inner.components.items() if k in accepted})
+            self.__dict__[name].set_progress_bar_config(disable=True)
+        self.__dict__[name].scheduler = self.inner.scheduler
+        return self.__dict__[name]
 
     def noise(self, plan: Plan) -> torch.Tensor:
         """Each image's starting noise from its own seed on the CPU (N, C, h, w), packed as Flux takes it."""
@@ -276,10 +285,12 @@ class FlowPipeline:
         if req.slg_scale:  # diffusers' SD3 skip-layer guidance, over its default 1-20% of the steps
             kwargs |= dict(skip_guidance_layers=list(req.slg_layers), skip_layer_guidance_scale=req.slg_scale)
         pipe = self.inner
-        if req.image is not None:  # diffusers' img2img pipeline on the same modules; the noise from the seeds
-            pipe = self.img2img()
+        if req.image is not None:  # diffusers' img2img/inpainting pipeline on the same modules; noise from the seeds
+            pipe = self.img2img() if req.mask_image is None else self.inpaint()
             kwargs |= dict(image=req.image.convert("RGB"), strength=req.strength, latents=None,
                            generator=cpu_generators(plan.seeds) if plan.seeds is not None else plan.generator)
+            if req.mask_image is not None:  # white: repainted, black: kept
+                kwargs["mask_image"] = req.mask_image.convert("L")
         images = pipe(**kwargs).images
         info = {"scheduler": name, "height": plan.height, "width": plan.width, "dtype": name_of(self.dtype)}
         return GenerationOutput(images=images, seeds=plan.seeds, scheduler=name, info=info,
