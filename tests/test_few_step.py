@@ -61,6 +61,35 @@ def test_a_guidance_distilled_lcm_unet_embeds_its_guidance():
     assert np.abs(got - want).max() <= 1e-4
 
 
+def test_a_model_folder_with_a_student_samples_lcm_with_it(tmp_path):
+    """`lcm/` in a model folder (a w-conditioned student U-Net and its LCMScheduler): `scheduler="lcm"` samples with
+    the student, as diffusers' LatentConsistencyModelPipeline runs it, sharing the teacher's VAE and text
+    encoder; the other samplers keep the teacher. The shipped model has one."""
+    parts = C.components()
+    LatentPipeline(**parts).save_pretrained(tmp_path / "model")
+    config = {k: v for k, v in C.unet().config.items() if not k.startswith("_")} | {"time_cond_proj_dim": 32}
+    torch.manual_seed(5)
+    student = type(parts["unet"])(**config).eval()
+    student.save_pretrained(tmp_path / "model" / "lcm" / "unet")
+    LCMScheduler.from_config(parts["scheduler"].config).save_pretrained(tmp_path / "model" / "lcm" / "scheduler")
+    ours = LatentPipeline.from_pretrained(tmp_path / "model", torch_dtype=torch.float32)
+    ours.set_progress_bar_config(disable=True)
+    got = ours(PROMPT, scheduler="lcm", num_inference_steps=4, guidance_scale=8.0, seed=2, output_type="np")
+    lcm = LatentConsistencyModelPipeline(**(parts | {"unet": student, "scheduler": LCMScheduler.from_config(
+        parts["scheduler"].config)}), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    lcm.set_progress_bar_config(disable=True)
+    want = lcm(PROMPT, num_inference_steps=4, guidance_scale=8.0, generator=torch.Generator().manual_seed(2),
+               output_type="np").images
+    assert np.abs(got.images - want).max() <= 1e-4 and got.metadata[0]["scheduler"] == "lcm"
+    assert ours.student().vae is ours.vae and ours.student().text_encoder is ours.text_encoder
+    teacher = ours(PROMPT, scheduler="dpm++", num_inference_steps=4, seed=2, output_type="np").images
+    assert np.abs(teacher - want).max() > 1e-2
+    from latentgen.generation.models import DEFAULT_MODEL
+
+    assert (DEFAULT_MODEL / "lcm" / "unet" / "config.json").is_file()
+    assert sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file()) < 100 * 2**20
+
+
 def test_a_consistency_sampler_warns_under_strong_guidance(tiny_pipe):
     records = []
     handler = logging.Handler()

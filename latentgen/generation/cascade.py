@@ -102,6 +102,40 @@ def load(pipe, folder: str | Path):
     return up
 
 
+STUDENT = "lcm"  # the few-step student's folder inside a model folder
+
+
+def load_student(pipe):
+    """The student in `{pipe's folder}/lcm` (`unet/`, `scheduler/`) as a LatentPipeline sharing `pipe`'s VAE, text
+    encoders, tokenizers and prompt cache; None when there is none."""
+    import diffusers
+
+    source = pipe.config.get("_name_or_path")
+    folder = Path(source) / STUDENT if source else None
+    if folder is None or not (folder / "unet" / "config.json").is_file():
+        return None
+    try:
+        unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=pipe.unet.dtype,
+                                                              use_safetensors=True, local_files_only=True)
+        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    except Exception as err:
+        raise UserError(f"cannot load the few-step student in {folder}: {first_line(err)}") from None
+    if unet.config.cross_attention_dim != pipe.unet.config.cross_attention_dim:
+        raise UserError(f"the student in {folder} takes {unet.config.cross_attention_dim}-wide text; this model's "
+                        f"encoder is {pipe.unet.config.cross_attention_dim} wide")
+    parts = {k: getattr(pipe, k, None) for k in ("text_encoder_2", "tokenizer_2", "text_encoder_zh", "tokenizer_zh")}
+    student = type(pipe)(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                         unet=unet.to(pipe.unet.device), scheduler=scheduler, clip_skip=pipe.config.clip_skip,
+                         **{k: v for k, v in parts.items() if v is not None})
+    student.prompt_encoder = pipe.prompt_encoder  # keyed by the text encoder: sharing it is safe
+    student.set_progress_bar_config(disable=True)
+    student.loras_dir, student.loras_confined = pipe.loras_dir, pipe.loras_confined
+    student.student_folder = folder
+    student.choose_memory_format()
+    return student
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling
 

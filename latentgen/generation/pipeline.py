@@ -30,7 +30,7 @@ from diffusers.loaders import (
 from torch import nn
 
 from latentgen.components import chinese, diffusion, tiling
-from latentgen.components.schedulers import scheduler_name_of
+from latentgen.components.schedulers import SCHEDULERS, scheduler_name_of
 from latentgen.components.text_encoders import (
     SDXLTextEncoder,
     TextEncoder,
@@ -313,6 +313,15 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
             up = self.load_upscaler(folder)
         return up
 
+    def student(self) -> "LatentPipeline | None":
+        """The model's few-step student: `lcm/` in its folder (a consistency-distilled U-Net with its guidance as an
+        input, and its LCMScheduler; `train_unet.py` with an `lcm:` section makes one), sharing this pipeline's VAE
+        and text encoders, loaded on first use; None when the folder has none."""
+        if "student_pipeline" not in self.__dict__:
+            with self.lora_lock:
+                self.__dict__["student_pipeline"] = cascade.load_student(self)
+        return self.__dict__["student_pipeline"]
+
     def load_upscaler(self, folder: str | Path) -> "LatentPipeline":
         """Use the upscaler in `folder` (`train_unet.py` with an `upscaler:` section writes one) for `upscale`."""
         with self.lora_lock:
@@ -421,6 +430,10 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
                  on_latents: Callable[[int, torch.Tensor], None] | None = None) -> GenerationOutput:
         """Run a Request, or a Plan already fitted to this pipeline (then nothing is checked again)."""
         plan = request if isinstance(request, Plan) else request.fit(self)
+        name = plan.request.scheduler
+        if (name in SCHEDULERS and SCHEDULERS[name].consistency and self.unet.config.get("time_cond_proj_dim") is None
+                and self.student() is not None):  # `--scheduler lcm`: the model's distilled student samples
+            return self.student().generate(plan, on_step, on_latents)
         tiled = plan.request.tiling
         # from now on every call takes the lock: none may run while the convolutions are circular or the
         # cross-attention regional
