@@ -17,7 +17,7 @@ from latentgen.config import load_config
 from latentgen.errors import UserError
 from latentgen.formats.checkpoint import resolve_resume
 from latentgen.training.unet import UNetTrainConfig, load_components, train_unet
-from test_train_unet import LAUNCH, SMOKE, TRAIN, _kill_at_random, final_unet, ranks_reported, run
+from test_train_unet import LAUNCH, SMOKE, TRAIN, _kill_at_random, cached_loss, final_unet, ranks_reported, run
 
 # Tiny transformers for the smoke config (32 px, the tiny VAE's 16×16 latents, a 32-wide text encoder)
 TINY = {
@@ -145,19 +145,7 @@ def test_flow_training_lowers_the_loss_and_samples_through_the_pipeline(tmp_path
     torch.manual_seed(config.seed)
     initial = load_components(config).unet.eval()
     folder = train_unet(config)
-
-    from latentgen.training.cache import CachedData
-
-    data = CachedData(load_file(str(next((tmp_path / "cache").glob("*.safetensors")))), [])
-    parts = load_components(config)
-    latents = data.mean[:32] * parts.vae.config.scaling_factor
-    context = data.embeddings[data.caption_rows[:32]]
-
-    def loss(unet):
-        with torch.no_grad():
-            return diffusion_loss(unet.eval(), parts.noise_scheduler, latents, context,
-                                  torch.Generator().manual_seed(0), config.noise).mean().item()
-
+    loss = cached_loss(config, tmp_path / "cache")
     pipe = LatentPipeline.from_pretrained(folder, torch_dtype=torch.float32)
     assert type(pipe.unet).__name__ == ("UNet2DConditionModel" if backbone == "unet" else "TransformerDenoiser")
     assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"

@@ -45,18 +45,12 @@ def final_unet(output_dir):
     return load_file(str(list_checkpoints(output_dir)[-1] / "unet.safetensors"))
 
 
-def test_training_lowers_the_loss_and_writes_a_loadable_pipeline(tmp_path):
-    config = load_config(UNetTrainConfig, SMOKE, [f"output_dir={tmp_path}", "max_steps=40", "checkpoint_every=100"])
-    torch.manual_seed(config.seed)
-    initial = load_components(config).unet.eval()
-
-    folder = train_unet(config)
-
+def cached_loss(config, cache_dir):
+    """model -> its mean training loss (fixed noise) on the first 32 cached examples of a finished run."""
     from latentgen.components.diffusion import scale_latents
     from latentgen.training.cache import CachedData
 
-    cache = next((tmp_path / "cache").glob("*.safetensors"))
-    data = CachedData(load_file(str(cache)), [])
+    data = CachedData(load_file(str(next(cache_dir.glob("*.safetensors")))), [])
     parts = load_components(config)
     latents = scale_latents(parts.vae, data.mean[:32])
     context = data.embeddings[data.caption_rows[:32]]
@@ -66,6 +60,16 @@ def test_training_lowers_the_loss_and_writes_a_loadable_pipeline(tmp_path):
             return diffusion_loss(unet.eval(), parts.noise_scheduler, latents, context,
                                   torch.Generator().manual_seed(0), config.noise).mean().item()
 
+    return loss
+
+
+def test_training_lowers_the_loss_and_writes_a_loadable_pipeline(tmp_path):
+    config = load_config(UNetTrainConfig, SMOKE, [f"output_dir={tmp_path}", "max_steps=40", "checkpoint_every=100"])
+    torch.manual_seed(config.seed)
+    initial = load_components(config).unet.eval()
+
+    folder = train_unet(config)
+    loss = cached_loss(config, tmp_path / "cache")
     pipe = LatentPipeline.from_pretrained(folder, torch_dtype=torch.float32)
     assert loss(pipe.unet) < 0.8 * loss(initial)
     pipe.set_progress_bar_config(disable=True)
