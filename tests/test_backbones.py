@@ -224,3 +224,21 @@ def test_a_lora_of_a_trained_transformer_pipeline_trains_and_loads(tmp_path, alg
         lora = str(tmp_path / "lora" / name)
         assert abs(pipe("a red circle", loras=[(lora, 1.0)], **call).images - base).max() > 0.01, name
         assert abs(pipe("a red circle", loras=[(lora, 0.0)], **call).images - base).max() < 1e-5, name
+
+
+def test_the_memory_guard_sizes_a_transformer_step(tmp_path, monkeypatch):
+    """The training memory estimate of a DiT/MMDiT grows with the batch and the latent size, and a step that
+    cannot fit is a one-line error naming the batch that would, before any training."""
+    import yaml
+
+    from latentgen.runtime import memory
+
+    model = TransformerDenoiser("mmdit", yaml.safe_load(TINY["mmdit"]))
+    need = [memory.unet_training_bytes(model, side, batch, 4, False) for side, batch in ((16, 8), (16, 16), (32, 8))]
+    assert need[0] < need[1] and need[0] < need[2]
+    one, eight = (memory.unet_training_bytes(model, 16, b, 4, False) for b in (1, 8))
+    monkeypatch.setattr(memory, "free_bytes", lambda device: (one + eight) // 2)
+    config = load_config(UNetTrainConfig, SMOKE, [f"output_dir={tmp_path}", "max_steps=2", *arm("mmdit")])
+    with pytest.raises(UserError, match=r"train_batch_size=\d would fit"):
+        train_unet(config)
+    assert not (tmp_path / "checkpoints").exists()
