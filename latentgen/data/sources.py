@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from latentgen.data import buckets
 from latentgen.data.shapes import KINDS, ShapesSpec, make_sample
 from latentgen.errors import UserError, first_line, one_of
 
@@ -49,6 +50,13 @@ class DataConfig:
     # transforms (hf): resize the short side to `resolution`, then crop a square
     random_crop: bool = False
     hflip: float = 0.0  # probability of a horizontal flip
+    # aspect-ratio buckets (hf, kohya's `enable_bucket`): each image to the bucket of about resolution² pixels
+    # nearest its aspect ratio (sides from bucket_min_side to bucket_max_side in steps of bucket_step; default
+    # resolution/2 to 2·resolution), every batch from one bucket; instead of square crops
+    buckets: bool = False
+    bucket_min_side: int | None = None
+    bucket_max_side: int | None = None
+    bucket_step: int = 64
 
     def check(self) -> "DataConfig":
         if self.source not in SOURCES:
@@ -63,7 +71,22 @@ class DataConfig:
             self.shapes_spec()
         elif not self.path:
             raise UserError("data.source is 'hf' but data.path is empty; give a folder, data files or a hub id")
+        if self.buckets:
+            if self.source != "hf" or self.streaming:
+                raise UserError("data.buckets sorts a map-style hf dataset's images by aspect ratio: set data.source "
+                                "hf and data.streaming false (the shapes are square)")
+            low, high = self.bucket_sides
+            if self.bucket_step < 8 or low % self.bucket_step or high % self.bucket_step or not low <= high:
+                raise UserError(f"bucket sides {low}-{high} must be multiples of data.bucket_step "
+                                f"({self.bucket_step}, ≥ 8), the smaller first")
         return self
+
+    @property
+    def bucket_sides(self) -> tuple[int, int]:
+        """(smallest, largest) bucket side: as given, else resolution/2 and 2·resolution in whole steps."""
+        step = self.bucket_step
+        low = self.bucket_min_side or max(step, self.resolution // 2 // step * step)
+        return low, self.bucket_max_side or 2 * self.resolution // step * step
 
     def shapes_spec(self) -> ShapesSpec:
         return ShapesSpec(split=self.split, resolution=self.resolution, seed=self.seed, max_shapes=self.max_shapes,
@@ -225,26 +248,30 @@ class HFImageTextDataset(torch.utils.data.Dataset):
         self.ds = ds if ds is not None else _load_hf(config)
         if len(self.ds) == 0:
             raise UserError(f"dataset {config.path} has no rows")
-        self.valid, self.skipped_files = self._scan()
+        self.valid, self.skipped_files, sizes = self._scan()
         self.skipped = len(self.skipped_files)
         if self.skipped:
             log.warning("skipped %d unreadable image(s) of %d, e.g. %s", self.skipped, len(self.ds),
                         self.skipped_files[0])
         if not self.valid:
             raise UserError(f"dataset {config.path} has no readable images ({self.skipped} unreadable)")
+        self.buckets = self.bucket_of = None  # with data.buckets: the sizes, and each image's bucket
+        if config.buckets:
+            self.buckets = buckets.bucket_sizes(config.resolution, *config.bucket_sides, config.bucket_step)
+            self.bucket_of = [buckets.nearest(size, self.buckets) for size in sizes]
 
-    def _scan(self) -> tuple[list[int], list[str]]:
-        valid, bad = [], []
+    def _scan(self) -> tuple[list[int], list[str], list[tuple[int, int]]]:
+        valid, bad, sizes = [], [], []
         column = self.ds.select_columns([self.config.image_column])
         for start, batch in enumerate(column.iter(batch_size=256)):
             for offset, value in enumerate(batch[self.config.image_column]):
                 i = start * 256 + offset
                 try:
-                    _decode(value)
+                    sizes.append(_decode(value).size)
                     valid.append(i)
                 except UNREADABLE:
                     bad.append(str(value.get("path") if isinstance(value, dict) else i))
-        return valid, bad
+        return valid, bad, sizes
 
     def __len__(self) -> int:
         return len(self.valid)
@@ -252,7 +279,15 @@ class HFImageTextDataset(torch.utils.data.Dataset):
     def item(self, index: int, epoch: int = 0, seed: int = 0) -> dict[str, Any]:
         row = self.ds[self.valid[index]]
         rng = np.random.default_rng([seed, epoch, index])
-        return {"pixel_values": _row_pixels(row, self.config, rng),
+        if self.bucket_of is not None:
+            image = buckets.fit(_decode(row[self.config.image_column]).convert("RGB"),
+                                self.buckets[self.bucket_of[index]], rng, self.config.random_crop)
+            if self.config.hflip and rng.random() < self.config.hflip:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            pixels = to_tensor(image)
+        else:
+            pixels = _row_pixels(row, self.config, rng)
+        return {"pixel_values": pixels,
                 "text": choose_caption(_captions(row, self.config), seed, epoch, index), "index": index}
 
     def captions(self, index: int) -> list[str]:

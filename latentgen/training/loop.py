@@ -252,6 +252,51 @@ class StepBatches(torch.utils.data.Sampler):
         return 2**62
 
 
+class BucketBatches(StepBatches):
+    """StepBatches for aspect-ratio buckets (`data.buckets`): each epoch, every bucket's images are shuffled and
+    cut into whole batches (kohya's: a bucket's last partial batch waits for the next epoch), the batches of all
+    buckets shuffled together, seeded by (seed, epoch); micro-step m of rank r takes batch m·W + r. An epoch holds
+    the largest multiple of W batches there are, so the ranks' steps stay in step, and a resumed run draws what an
+    uninterrupted one would."""
+
+    def __init__(self, bucket_of: list[int], batch_size: int, world: int, rank: int, seed: int, start: int = 0):
+        self.bucket_of = np.asarray(bucket_of)
+        self.size, self.batch_size, self.world, self.rank = len(bucket_of), batch_size, world, rank
+        self.seed, self.start = seed, start
+        counts = np.bincount(self.bucket_of)
+        self.per_epoch = int((counts // batch_size).sum()) // world * world  # batches, not samples
+        if self.per_epoch == 0:
+            raise UserError(f"no aspect-ratio bucket holds train_batch_size ({batch_size}) × {world} process(es) "
+                            f"images (the fullest holds {counts.max()}); lower train_batch_size or widen "
+                            "data.bucket_step")
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        out = []
+        for bucket in np.unique(self.bucket_of):
+            members = rng.permutation(np.flatnonzero(self.bucket_of == bucket))
+            out += [members[i:i + self.batch_size] for i in range(0, len(members) - self.batch_size + 1,
+                                                                   self.batch_size)]
+        return [out[i] for i in rng.permutation(len(out))][:self.per_epoch]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        micro, cached_epoch, batches = self.start, -1, None
+        while True:
+            epoch, offset = divmod(micro * self.world + self.rank, self.per_epoch)
+            if epoch != cached_epoch:
+                batches, cached_epoch = self.batches(epoch), epoch
+            yield [(int(i), epoch) for i in batches[offset]]
+            micro += 1
+
+
+def step_batches(dataset, config: TrainConfig, world: int, rank: int, start_micro: int = 0) -> StepBatches:
+    """The index batches of this rank: by aspect-ratio bucket when the dataset has buckets, else StepBatches."""
+    bucket_of = getattr(dataset, "bucket_of", None)
+    if bucket_of is not None:
+        return BucketBatches(bucket_of, config.train_batch_size, world, rank, config.seed, start_micro)
+    return StepBatches(len(dataset), config.train_batch_size, world, rank, config.seed, start_micro)
+
+
 class EpochItems(torch.utils.data.Dataset):
     """Adapts a dataset with `item(index, epoch, seed)` to the (index, epoch) pairs StepBatches yields."""
 
@@ -271,7 +316,7 @@ def batch_iterator(dataset, config: TrainConfig, world: int, rank: int, start_mi
     if isinstance(dataset, StreamingImageTextDataset):
         yield from _stream_batches(dataset, config, world, rank, start_micro)
         return
-    sampler = StepBatches(len(dataset), config.train_batch_size, world, rank, config.seed, start_micro)
+    sampler = step_batches(dataset, config, world, rank, start_micro)
     loader = torch.utils.data.DataLoader(EpochItems(dataset, config.seed), batch_sampler=sampler,
                                          num_workers=config.num_workers, persistent_workers=config.num_workers > 0)
     yield from loader

@@ -32,13 +32,13 @@ from latentgen.training.controlnet import train_controlnet
 from latentgen.training.lcm import train_lcm
 from latentgen.training.loop import (
     Run,
-    StepBatches,
     batch_iterator,
     compute_bytes,
     log_image,
     make_ema,
     make_lr_scheduler,
     make_optimizer,
+    step_batches,
     step_generator,
 )
 from latentgen.training.products import product, validation_grid
@@ -65,7 +65,7 @@ def train_unet(config: UNetTrainConfig) -> Path:
                         "encoder, EMA or an upscaler yet (use ddp for those)")
     parts = load_components(config)
     dataset = build_dataset(config.data)
-    StepBatches(len(dataset), config.train_batch_size, run.state.num_processes, 0, config.seed)  # fits one step
+    step_batches(dataset, config, run.state.num_processes, 0)  # one step fits (else a one-line error)
     kernel = set_attention(parts.unet, config.attention, run.state.device, training=True)
     latent_size = config.data.resolution // vae_factor(parts.vae)
     check_training(lambda b: unet_training_bytes(parts.unet, latent_size, b, compute_bytes(config), kernel == "math"),

@@ -219,3 +219,5 @@ class UNetTrainConfig(TrainConfig):
         if self.cache and (self.data.random_crop or self.data.hflip):
             raise UserError("cache=true stores one view of each image; set data.random_crop=false and "
                             "data.hflip=0, or cache=false to augment every step")
+        if self.cache and self.data.buckets:
+            raise UserError("cache=true stores every image's latents at one size; data.buckets needs cache: false")

@@ -93,6 +93,9 @@ def load_components(config: UNetTrainConfig) -> Components:
         raise UserError(f"resolution {config.data.resolution} gives {latent}×{latent} latents, which the U-Net's "
                         f"{len(unet.config.block_out_channels)} levels cannot halve evenly; use a multiple of "
                         f"{multiple}")
+    if config.data.buckets and config.data.bucket_step % multiple:
+        raise UserError(f"data.bucket_step {config.data.bucket_step} must be a multiple of {multiple}, the sides the "
+                        f"VAE and the {config.backbone} take")
     clip_skip = getattr(encoder, "clip_skip", None) or (1 if getattr(encoder, "layer", "") == "penultimate" else None)
     apg = pipe.config.get("apg") if pipe is not None else None
     return Components(vae, unet, tokenizer, text_model, encoder, noise_scheduler, clip_skip, apg)

@@ -81,6 +81,8 @@ class VAETrainConfig(TrainConfig):
         for name in ("l1_weight", "l2_weight", "kl_weight", "ssim_weight", "disc_weight"):
             if getattr(self.loss, name) < 0:
                 raise UserError(f"loss.{name} must be ≥ 0, got {getattr(self.loss, name)}")
+        if self.data.buckets:
+            raise UserError("data.buckets is for train_unet.py; the VAE trains on square crops")
         if self.latent_noise < 0:
             raise UserError(f"latent_noise must be ≥ 0, got {self.latent_noise}")
         if self.decoder_only and self.pretrained is None:
