@@ -130,7 +130,10 @@ def test_the_server_runs_a_flow_model_through_a1111s_api(folder):
         assert np.array_equal(np.asarray(result.image.convert("RGB")), np.asarray(direct))
         r = server.post("/sdapi/v1/txt2img", {"prompt": "a", "steps": 2, "width": 32, "height": 32,
                                               "enable_hr": True, "hr_scale": 2})
-        assert r.status_code == 400 and "not supported with" in r.json()["detail"]
+        assert r.status_code == 400 and "choose the Lanczos upscaler" in r.json()["detail"]
+        r = server.post("/sdapi/v1/txt2img", {"prompt": "a", "steps": 2, "width": 32, "height": 32, "seed": 1,
+                                              "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Lanczos"})
+        assert r.status_code == 200, r.text
     finally:
         server.close()
 
@@ -277,3 +280,25 @@ def test_sd3_skip_layer_guidance_is_diffusers(tmp_path):
     assert np.abs(ours - pipe("a red circle", seed=3, **call).images).max() > 1e-3
     with pytest.raises(UserError, match="--slg-layers name blocks 0-1 of this model's 2, got 7 8 9"):
         pipe("a red circle", seed=3, slg_scale=2.8, **call)
+
+
+def test_the_hires_fix_is_two_diffusers_passes(folder):
+    """--hires-scale 2 --hires-upscaler lanczos: the first pass, decoded and Lanczos-enlarged, then diffusers'
+    img2img at twice the size with the same seed; the latent upscaler is a one-line error."""
+    from PIL import Image
+
+    from latentgen.generation.hires import Hires, lanczos
+
+    pipe = load(folder)
+    hires = Hires(scale=2.0, denoise=0.6, upscaler="lanczos")
+    got = pipe("a red circle", seed=3, num_inference_steps=3, height=32, width=32, guidance_scale=3.5, hires=hires,
+               output_type="np")
+    first = pipe("a red circle", seed=3, num_inference_steps=3, height=32, width=32, guidance_scale=3.5,
+                 output_type="np").images[0]
+    big = Image.fromarray((lanczos(first, 64, 64) * 255).round().astype("uint8"))
+    want = pipe("a red circle", seed=3, num_inference_steps=3, height=64, width=64, guidance_scale=3.5, image=big,
+                strength=0.6, output_type="np").images
+    np.testing.assert_allclose(got.images, want, atol=1e-6, rtol=0)
+    assert got.images.shape == (1, 64, 64, 3) and got.metadata[0]["hires"]["scale"] == 2.0
+    with pytest.raises(UserError, match="choose the Lanczos upscaler"):
+        pipe("a red circle", seed=3, num_inference_steps=3, height=32, width=32, hires=Hires(scale=2.0))

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from PIL import Image
 
 from latentgen.components.schedulers import FLOW_SAMPLERS, make_flow_scheduler
 from latentgen.errors import UserError, first_line, one_of
@@ -39,6 +40,7 @@ from latentgen.formats import flow_file, lora
 from latentgen.formats.folders import check_pipeline_folder
 from latentgen.formats.single_file import read
 from latentgen.generation import options
+from latentgen.generation.hires import lanczos
 from latentgen.generation.pipeline import GenerationOutput, _request, _target_dtype
 from latentgen.generation.plan import Plan
 from latentgen.generation.sampling import cpu_generators
@@ -52,8 +54,8 @@ INPAINT = {"sd3": "StableDiffusion3InpaintPipeline", "flux": "FluxInpaintPipelin
 # effect (none of the flow samplers is stochastic; A1111 clients such as webuiapi always send one)
 SUPPORTED = {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width",
              "num_images_per_prompt", "seed", "scheduler", "output_type", "guidance_interval", "checked", "apg",
-             "generator", "eta", "loras", "image", "mask_image", "strength", "true_cfg_scale", "max_sequence_length",
-             "slg_scale", "slg_layers"}
+             "generator", "eta", "loras", "image", "mask_image", "strength", "hires", "true_cfg_scale",
+             "max_sequence_length", "slg_scale", "slg_layers"}
 # diffusers' LoRA loader methods, which `formats.lora` drives, called on the diffusers pipeline (its SD3 and Flux
 # loaders read diffusers', kohya's and other trainers' formats)
 LORA_METHODS = {"load_lora_weights", "set_adapters", "enable_lora", "disable_lora", "get_list_adapters",
@@ -198,6 +200,15 @@ class FlowPipeline:
         if req.slg_scale and max(req.slg_layers) >= depth:
             raise UserError(f"--slg-layers name blocks 0-{depth - 1} of this model's {depth}, got "
                             f"{' '.join(map(str, req.slg_layers))}")
+        if req.hires is not None and (req.hires.upscaler != "lanczos" or req.image is not None):
+            raise UserError("the hires fix of SD3/Flux models enlarges the decoded image: choose the Lanczos upscaler "
+                            "(--hires-upscaler lanczos; A1111's hr_upscaler \"Lanczos\"), text-to-image only")
+        if req.hires is not None:
+            for side, value in zip(("height", "width"), req.hires.size(req.height or self.default_size,
+                                                                       req.width or self.default_size,
+                                                                       self.size_multiple)):
+                if value > 4 * self.default_size:
+                    raise UserError(f"the hires fix's {side} {value} is over 4× the model's size")
         if req.slg_scale and req.image is not None:
             raise UserError("skip-layer guidance (--slg) is for text-to-image (diffusers' SD3 img2img has none)")
         image = req.image
@@ -291,6 +302,14 @@ class FlowPipeline:
                            generator=cpu_generators(plan.seeds) if plan.seeds is not None else plan.generator)
             if req.mask_image is not None:  # white: repainted, black: kept
                 kwargs["mask_image"] = req.mask_image.convert("L")
+        if req.hires is not None:  # A1111's hires fix: the first pass decoded, Lanczos-enlarged, then img2img
+            h, w = req.hires.size(plan.height, plan.width, self.size_multiple)
+            first = pipe(**(kwargs | {"output_type": "np"})).images
+            kwargs |= dict(image=[Image.fromarray((lanczos(x, w, h) * 255).round().astype("uint8")) for x in first],
+                           strength=req.hires.denoise, height=h, width=w, latents=None,
+                           num_inference_steps=req.hires.steps or req.num_inference_steps,
+                           generator=cpu_generators(plan.seeds) if plan.seeds is not None else plan.generator)
+            pipe = self.img2img()
         images = pipe(**kwargs).images
         info = {"scheduler": name, "height": plan.height, "width": plan.width, "dtype": name_of(self.dtype)}
         return GenerationOutput(images=images, seeds=plan.seeds, scheduler=name, info=info,

@@ -66,7 +66,7 @@ def generate(pipe, plan, on_step=None, on_latents=None):
         f = pipe.vae_scale_factor
         init = F.interpolate(first.images, size=(h // f, w // f), mode="bilinear")  # (N, C, h/f, w/f)
     else:  # (N, 3, H, W) in [0, 1] -> PIL, Lanczos, back to (N, 3, h, w) in [0, 1]
-        resized = [_lanczos(image, w, h) for image in pipe.image_processor.pt_to_numpy(first.images.cpu())]
+        resized = [lanczos(image, w, h) for image in pipe.image_processor.pt_to_numpy(first.images.cpu())]
         init = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2)
     second = plan.per_image_request(image=init, strength=hires.denoise,
                                     num_inference_steps=hires.steps or req.num_inference_steps)
@@ -77,7 +77,7 @@ def generate(pipe, plan, on_step=None, on_latents=None):
     return out
 
 
-def _lanczos(array: np.ndarray, width: int, height: int) -> np.ndarray:
+def lanczos(array: np.ndarray, width: int, height: int) -> np.ndarray:
     """An (H, W, 3) float array in [0, 1], resized with Lanczos, as a float32 array in [0, 1]."""
     from PIL import Image
 
