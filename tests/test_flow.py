@@ -3,6 +3,7 @@ flow samplers against an exact velocity, seeds, the one-line refusals, infer.py 
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -302,3 +303,49 @@ def test_the_hires_fix_is_two_diffusers_passes(folder):
     assert got.images.shape == (1, 64, 64, 3) and got.metadata[0]["hires"]["scale"] == 2.0
     with pytest.raises(UserError, match="choose the Lanczos upscaler"):
         pipe("a red circle", seed=3, num_inference_steps=3, height=32, width=32, hires=Hires(scale=2.0))
+
+
+def test_sd3_and_flux_controlnets_are_diffusers_controlnet_pipelines(folder, tmp_path):
+    """A diffusers SD3/Flux ControlNet folder as a unit (by path, with weight and start/end): the image of
+    diffusers' StableDiffusion3ControlNetPipeline / FluxControlNetPipeline with the same noise; two units go
+    through its Multi-ControlNet; a U-Net ControlNet is a one-line error."""
+    import diffusers
+    from PIL import Image
+
+    from latentgen.generation.control import Control
+
+    pipe = load(folder)
+    flux = pipe.kind == "flux"
+    torch.manual_seed(0)
+    if flux:
+        net = diffusers.FluxControlNetModel.from_transformer(pipe.inner.transformer, num_layers=1, num_single_layers=1,
+                                                             attention_head_dim=16, num_attention_heads=2)
+    else:
+        net = diffusers.SD3ControlNetModel.from_transformer(pipe.inner.transformer, num_layers=1,
+                                                            num_extra_conditioning_channels=0)
+    for p in net.parameters():  # zero-initialised outputs would make the test unable to fail
+        p.data.normal_(0, 0.05)
+    net.eval().save_pretrained(tmp_path / "cn")
+    image = Image.new("RGB", (32, 32), (0, 0, 0))
+    image.paste((255, 255, 255), (8, 8, 24, 24))
+    call = dict(num_inference_steps=3, height=32, width=32, guidance_scale=3.5, output_type="np")
+    plan = pipe.check_request("a red circle", seed=2, height=32, width=32)
+    got = pipe("a red circle", seed=2, control=[Control(str(tmp_path / "cn"), image, 0.8, 0.0, 0.9)], **call).images
+    cls = diffusers.FluxControlNetPipeline if flux else diffusers.StableDiffusion3ControlNetPipeline
+    accepted = inspect.signature(cls.__init__).parameters
+    theirs = cls(**{k: v for k, v in pipe.inner.components.items() if k in accepted},
+                 controlnet=type(net).from_pretrained(tmp_path / "cn").eval())
+    theirs.set_progress_bar_config(disable=True)
+    torch.manual_seed(2)  # diffusers draws the control image's latents from the global generator: ours, the seed's
+    want = theirs("a red circle", control_image=image, controlnet_conditioning_scale=0.8, control_guidance_start=0.0,
+                  control_guidance_end=0.9, latents=pipe.noise(plan),
+                  **({} if flux else {"negative_prompt": ""}), **call).images
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    again = pipe("a red circle", seed=2, control=[Control(str(tmp_path / "cn"), image, 0.8, 0.0, 0.9)], **call).images
+    assert np.array_equal(got, again)  # the image depends on its seed alone
+    assert np.abs(got - pipe("a red circle", seed=2, **call).images).max() > 1e-3
+    two = pipe("a red circle", seed=2, control=[Control(str(tmp_path / "cn"), image, 0.4),
+                                                 Control(str(tmp_path / "cn"), image, 0.4)], **call).images
+    assert two.shape == got.shape
+    with pytest.raises(UserError, match="control modes other than balanced"):
+        pipe("a red circle", seed=2, control=[Control(str(tmp_path / "cn"), image, mode="prompt")], **call)

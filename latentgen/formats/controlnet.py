@@ -83,10 +83,17 @@ def load(path: Path, allow_pickle: bool = False):
         if not (path / "config.json").is_file():
             raise UserError(f"{path} is not a ControlNet folder (no config.json)")
         try:
-            if '"T2IAdapter"' in (path / "config.json").read_text():  # TencentARC's adapters, as diffusers has them
+            config = (path / "config.json").read_text()
+            if '"T2IAdapter"' in config:  # TencentARC's adapters, as diffusers has them
                 from diffusers import T2IAdapter
 
                 return T2IAdapter.from_pretrained(path, use_safetensors=not allow_pickle or None).eval()
+            for flow in ("SD3ControlNetModel", "FluxControlNetModel"):  # for SD3/Flux models (generation.flow)
+                if f'"{flow}"' in config:
+                    import diffusers
+
+                    return getattr(diffusers, flow).from_pretrained(path, use_safetensors=not allow_pickle or None
+                                                                    ).eval()
             return ControlNetModel.from_pretrained(path, use_safetensors=not allow_pickle or None).eval()
         except (OSError, ValueError, EnvironmentError) as err:
             raise UserError(f"cannot load the ControlNet in {path} ({str(err).splitlines()[0]})") from None

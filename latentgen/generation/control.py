@@ -256,7 +256,7 @@ def fit(pipe, units: list[Control], height: int, width: int) -> list[Active]:
             net = cache[path]
         image = unit.image
         if isinstance(image, (str, Path)):
-            image = _open(image)
+            image = open_image(image)
         elif not isinstance(image, Image.Image):
             image = Image.fromarray(_uint8(image))
         if isinstance(net, ip_adapter.IPAdapter):  # an image prompt: the image's embedding, not a control map
@@ -273,7 +273,7 @@ def fit(pipe, units: list[Control], height: int, width: int) -> list[Active]:
     return out
 
 
-def _open(path) -> Any:
+def open_image(path) -> Any:
     from PIL import Image, UnidentifiedImageError
 
     try:

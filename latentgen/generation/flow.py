@@ -34,12 +34,14 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from latentgen.components import control_images
 from latentgen.components.schedulers import FLOW_SAMPLERS, make_flow_scheduler
 from latentgen.errors import UserError, first_line, one_of
+from latentgen.formats import controlnet as controlnet_files
 from latentgen.formats import flow_file, lora
 from latentgen.formats.folders import check_pipeline_folder
 from latentgen.formats.single_file import read
-from latentgen.generation import options
+from latentgen.generation import control, options
 from latentgen.generation.hires import lanczos
 from latentgen.generation.pipeline import GenerationOutput, _request, _target_dtype
 from latentgen.generation.plan import Plan
@@ -49,13 +51,15 @@ from latentgen.runtime.precision import name_of
 KINDS = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 IMG2IMG = {"sd3": "StableDiffusion3Img2ImgPipeline", "flux": "FluxImg2ImgPipeline"}
 INPAINT = {"sd3": "StableDiffusion3InpaintPipeline", "flux": "FluxInpaintPipeline"}
+CONTROLNET = {"sd3": "StableDiffusion3ControlNetPipeline", "flux": "FluxControlNetPipeline"}
+CONTROLNET_MODEL = {"sd3": "SD3ControlNetModel", "flux": "FluxControlNetModel"}
 
 # What a flow request may set: the rest of Request's options must keep their defaults. eta is accepted and has no
 # effect (none of the flow samplers is stochastic; A1111 clients such as webuiapi always send one)
 SUPPORTED = {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width",
              "num_images_per_prompt", "seed", "scheduler", "output_type", "guidance_interval", "checked", "apg",
              "generator", "eta", "loras", "image", "mask_image", "strength", "hires", "true_cfg_scale",
-             "max_sequence_length", "slg_scale", "slg_layers"}
+             "max_sequence_length", "slg_scale", "slg_layers", "control"}
 # diffusers' LoRA loader methods, which `formats.lora` drives, called on the diffusers pipeline (its SD3 and Flux
 # loaders read diffusers', kohya's and other trainers' formats)
 LORA_METHODS = {"load_lora_weights", "set_adapters", "enable_lora", "disable_lora", "get_list_adapters",
@@ -82,6 +86,7 @@ class FlowPipeline:
         self.base_scheduler_config = dict(inner.scheduler.config)
         self.lock = threading.Lock()  # one call at a time: the sampler and the active LoRAs are the pipeline's
         self.loras_dir, self.loras_confined = Path("loras"), False
+        self.controlnets_dir = Path("controlnets")  # where a unit's ControlNet is found by name
 
     def __getattr__(self, name: str):
         if name in LORA_METHODS:
@@ -209,6 +214,13 @@ class FlowPipeline:
                                                                        self.size_multiple)):
                 if value > 4 * self.default_size:
                     raise UserError(f"the hires fix's {side} {value} is over 4× the model's size")
+        if req.control and (req.image is not None or req.hires is not None or req.slg_scale):
+            raise UserError(f"ControlNets with {self.kind.upper()} models run with text-to-image only (no image, "
+                            "hires fix or skip-layer guidance yet)")
+        for unit in req.control or []:
+            if unit.mode != "balanced":
+                raise UserError(f"ControlNet {unit.name}: control modes other than balanced are U-Net hooks; "
+                                f"{self.kind.upper()} ControlNets run as diffusers runs them")
         if req.slg_scale and req.image is not None:
             raise UserError("skip-layer guidance (--slg) is for text-to-image (diffusers' SD3 img2img has none)")
         image = req.image
@@ -240,14 +252,47 @@ class FlowPipeline:
         """diffusers' inpainting pipeline of this model, sharing its modules (built once)."""
         return self._variant(INPAINT)
 
-    def _variant(self, classes: dict[str, str]):
+    def controlnet_pipeline(self, nets: list):
+        """diffusers' ControlNet pipeline of this model with `nets` (several: its Multi-ControlNet wrapper)."""
+        import diffusers
+
+        pipe = self._variant(CONTROLNET, controlnet=nets[0])
+        multi = getattr(diffusers, CONTROLNET_MODEL[self.kind].replace("ControlNetModel", "MultiControlNetModel"))
+        pipe.controlnet = nets[0] if len(nets) == 1 else multi(nets)
+        return pipe
+
+    def control_units(self, plan: Plan) -> tuple[list, list]:
+        """Each unit's ControlNet (loaded once, on the transformer's device and dtype) and its control image at
+        the plan's size; a network made for another family is a one-line error."""
+        out_nets, images = [], []
+        folders = [self.controlnets_dir, None]
+        cache = self.__dict__.setdefault("controlnets", {})
+        for unit in plan.request.control:
+            net = unit.model
+            if isinstance(net, (str, Path)):
+                path = controlnet_files.resolve(net, folders, self.loras_confined).resolve()
+                if path not in cache:
+                    cache[path] = controlnet_files.load(path)
+                net = cache[path]
+            if type(net).__name__ != CONTROLNET_MODEL[self.kind]:
+                raise UserError(f"ControlNet {unit.name} is a {type(net).__name__}; {self.kind.upper()} models take "
+                                f"a {CONTROLNET_MODEL[self.kind]} (a diffusers folder)")
+            if (net.device, net.dtype) != (self.device, self.dtype):
+                net.to(device=self.device, dtype=self.dtype)
+            image = unit.image if isinstance(unit.image, Image.Image) else control.open_image(unit.image)
+            images.append(control_images.prepare(image, plan.width, plan.height, unit.module, unit.resize_mode,
+                                                 unit.threshold_a, unit.threshold_b))
+            out_nets.append(net)
+        return out_nets, images
+
+    def _variant(self, classes: dict[str, str], **extra):
         name = classes[self.kind]
         if name not in self.__dict__:
             import diffusers
 
             cls = getattr(diffusers, name)
             accepted = inspect.signature(cls.__init__).parameters
-            self.__dict__[name] = cls(**{k: v for k, v in self.inner.components.items() if k in accepted})
+            self.__dict__[name] = cls(**{k: v for k, v in self.inner.components.items() if k in accepted}, **extra)
             self.__dict__[name].set_progress_bar_config(disable=True)
         self.__dict__[name].scheduler = self.inner.scheduler
         return self.__dict__[name]
@@ -302,6 +347,15 @@ class FlowPipeline:
                            generator=cpu_generators(plan.seeds) if plan.seeds is not None else plan.generator)
             if req.mask_image is not None:  # white: repainted, black: kept
                 kwargs["mask_image"] = req.mask_image.convert("L")
+        if req.control:  # diffusers' SD3/Flux ControlNet pipeline on the same modules
+            nets, images = self.control_units(plan)
+            units = req.control
+            one = len(nets) == 1
+            pipe = self.controlnet_pipeline(nets)
+            kwargs |= dict(control_image=images[0] if one else images,
+                           controlnet_conditioning_scale=units[0].weight if one else [u.weight for u in units],
+                           control_guidance_start=units[0].start if one else [u.start for u in units],
+                           control_guidance_end=units[0].end if one else [u.end for u in units])
         if req.hires is not None:  # A1111's hires fix: the first pass decoded, Lanczos-enlarged, then img2img
             h, w = req.hires.size(plan.height, plan.width, self.size_multiple)
             first = pipe(**(kwargs | {"output_type": "np"})).images
@@ -310,7 +364,12 @@ class FlowPipeline:
                            num_inference_steps=req.hires.steps or req.num_inference_steps,
                            generator=cpu_generators(plan.seeds) if plan.seeds is not None else plan.generator)
             pipe = self.img2img()
-        images = pipe(**kwargs).images
+        # diffusers' ControlNet pipelines draw the control image's latents from torch's global generator: drawn
+        # from the first image's seed here, so that an image depends on its seeds alone
+        with torch.random.fork_rng(devices=[]):
+            if plan.seeds is not None:
+                torch.manual_seed(plan.seeds[0])
+            images = pipe(**kwargs).images
         info = {"scheduler": name, "height": plan.height, "width": plan.width, "dtype": name_of(self.dtype)}
         return GenerationOutput(images=images, seeds=plan.seeds, scheduler=name, info=info,
                                 metadata=[plan.record(i, name) for i in range(plan.batch_size)])

@@ -63,6 +63,7 @@ def open_pipeline(model: str | Path, dtype: str = "auto", device="auto", vae: st
                                                      allow_pickle=allow_pickle).to(device)
         pipe.set_progress_bar_config(disable=True)
         pipe.loras_dir, pipe.loras_confined = Path(loras_dir), confined
+        pipe.controlnets_dir = Path(controlnets_dir)
         return pipe
     if components:
         raise UserError("--components completes an SD3 or Flux single-file checkpoint; this model is not one")
