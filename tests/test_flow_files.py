@@ -178,6 +178,7 @@ def test_infer_runs_a_single_file_and_replays_it(sd3, tmp_path):
     ("no-clip-g", "the checkpoint has no text_encoder_2; give --components"),
     ("flux", "a Flux file holds the transformer only: give --components FOLDER"),
     ("components-not-a-folder", "--components"),
+    ("t5-mismatch", "the T5 tokenizer of --components has"),
 ])
 def test_incomplete_files_are_one_line_errors(sd3, tmp_path, case, message):
     parts, _, _ = sd3
@@ -186,13 +187,22 @@ def test_incomplete_files_are_one_line_errors(sd3, tmp_path, case, message):
     if case == "flux":
         save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 1)}, str(path))
     else:
-        sd3_file(parts, path, with_t5=case == "t5-without-tokenizer", transformer_only=case == "transformer-only")
+        sd3_file(parts, path, with_t5=case in ("t5-without-tokenizer", "t5-mismatch"),
+                 transformer_only=case == "transformer-only")
     if case == "no-clip-g":
         from safetensors.torch import load_file
 
         save_file({k: v for k, v in load_file(str(path)).items() if "clip_g" not in k}, str(path))
     if case == "components-not-a-folder":
         components = tmp_path
+    if case == "t5-mismatch":  # a T5 of 100 embeddings: the tokenizer has more
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        for key in [k for k in state if k.endswith("shared.weight")]:
+            state[key] = state[key][:100].clone()
+        save_file(state, str(path))
+        components = sd3[1]
     with pytest.raises(UserError, match=message.replace("(", "\\(").replace(")", "\\)")) as err:
         open_pipeline(path, dtype="fp32", components=components)
     assert "\n" not in str(err.value)
