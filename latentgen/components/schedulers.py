@@ -44,6 +44,9 @@ SCHEDULERS: dict[str, Sampler] = {
                             {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
                             "DPM++ 2M Karras"),
     "euler": Sampler("EulerDiscreteScheduler", {"use_karras_sigmas": False}, "Euler"),
+    "euler-karras": Sampler("EulerDiscreteScheduler", {"use_karras_sigmas": True}, "Euler Karras"),
+    "euler-beta": Sampler("EulerDiscreteScheduler", {"use_karras_sigmas": False, "use_beta_sigmas": True},
+                          "Euler Beta"),  # A1111 1.10's and Forge's "Beta" schedule (Lee et al. 2024)
     "euler-a": Sampler("EulerAncestralDiscreteScheduler", {}, "Euler a"),
     "heun": Sampler("HeunDiscreteScheduler", {"use_karras_sigmas": False}, "Heun"),
     "unipc": Sampler("UniPCMultistepScheduler", {"use_karras_sigmas": False}, "UniPC"),
@@ -70,6 +73,8 @@ NOISE_KEYS = (
 _FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
 FLOW_SAMPLERS: dict[str, Sampler] = {
     "euler": Sampler("FlowMatchEulerDiscreteScheduler", {}, "Euler"),  # the models' own; Forge's "Euler", "Simple"
+    "euler-karras": Sampler("FlowMatchEulerDiscreteScheduler", {"use_karras_sigmas": True}, "Euler Karras"),
+    "euler-beta": Sampler("FlowMatchEulerDiscreteScheduler", {"use_beta_sigmas": True}, "Euler Beta"),
     "heun": Sampler("FlowMatchHeunDiscreteScheduler", {}, "Heun"),  # no dynamic shift
     "dpm++": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2} | _FLOW,
                      "DPM++ 2M"),
@@ -148,11 +153,15 @@ def make_scheduler(name: str, base_config: Mapping[str, Any] | None = None, **ov
 
 
 def scheduler_name_of(scheduler) -> str:
-    """The name in SCHEDULERS that matches a scheduler instance ('custom:<Class>' if none does)."""
-    for name, sampler in SCHEDULERS.items():
+    """The name in SCHEDULERS (FLOW_SAMPLERS for a flow model's) that matches a scheduler instance
+    ('custom:<Class>' if none does)."""
+    flow = type(scheduler).__name__.startswith("FlowMatch") or is_flow_config(scheduler.config)
+    table = FLOW_SAMPLERS if flow else SCHEDULERS
+    # the most specific first: euler-beta (beta sigmas, no Karras) before euler (no Karras)
+    for name, sampler in sorted(table.items(), key=lambda item: -len(item[1].defining)):
         if type(scheduler).__name__ == sampler.cls and all(
                 scheduler.config.get(k) == v for k, v in sampler.defining.items()
-                if k in ("algorithm_type", "use_karras_sigmas", "solver_order")):
+                if k in ("algorithm_type", "use_karras_sigmas", "use_beta_sigmas", "solver_order")):
             return name
     return f"custom:{type(scheduler).__name__}"
 
@@ -166,8 +175,8 @@ def from_a1111(sampler: str, schedule: str = "") -> str | None:
     """Our sampler for A1111's `Sampler` (and, since A1111 1.9, its separate `Schedule type`); None if none."""
     by_a1111 = {s.a1111: name for name, s in SCHEDULERS.items()}
     schedule = schedule.strip().lower()  # its API takes the name ("karras") or the label ("Karras")
-    if schedule == "karras":
-        return by_a1111.get(f"{sampler} Karras")
+    if schedule in ("karras", "beta"):
+        return by_a1111.get(f"{sampler} {schedule.title()}")
     if schedule in ("", "automatic"):
         return by_a1111.get(sampler)
     return None
