@@ -222,7 +222,7 @@ def _complete(parts: dict[str, Any], folder: Path | None, dtype: torch.dtype) ->
     if (parts["text_encoder_3"] is None) != (parts["tokenizer_3"] is None):
         parts["text_encoder_3"] = parts["tokenizer_3"] = None  # a tokenizer without its model, or the reverse
     if parts["text_encoder_3"] is not None:
-        tokens, rows = len(parts["tokenizer_3"]), parts["text_encoder_3"].config.vocab_size
+        tokens, rows = parts["tokenizer_3"].vocab_size, parts["text_encoder_3"].config.vocab_size
         if tokens > rows:
             raise UserError(f"the T5 tokenizer of --components has {tokens} tokens but the checkpoint's T5 embeds "
                             f"{rows}: they are not one model's")
