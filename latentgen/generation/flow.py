@@ -1,25 +1,21 @@
 """Flow-matching transformers (issue #45): SD3/SD3.5 (MMDiT, rectified flow, CLIP-L + CLIP-G + T5) and Flux.1
-(MMDiT + single-stream blocks, CLIP-L + T5, guidance-distilled) from diffusers folders, run through diffusers' own
-`StableDiffusion3Pipeline` and `FluxPipeline`; latentgen adds what they lack for its users: the request checked
-in one line against what these models can do, one seed per image (the noise drawn on the CPU from each image's
-seed, so an image does not depend on its batch beyond float rounding), the flow samplers by name, and the
-image's metadata (A1111's infotext, and latentgen's own for replay).
+(MMDiT + single-stream blocks, CLIP-L + T5, guidance-distilled) from diffusers folders or single files
+(`formats.flow_file`), run through diffusers' own pipelines; latentgen adds what they lack for its users: the
+request checked in one line against what these models can do, one seed per image (the noise drawn on the CPU from
+each image's seed, so an image does not depend on its batch beyond float rounding), the flow samplers by name,
+and the image's metadata (A1111's infotext with Forge's keys, and latentgen's own for replay).
 
 What runs: text-to-image with prompt, negative prompt (Flux: with true CFG, `--true-cfg`), steps, guidance
-(Flux: its embedded guidance), the T5 sequence length, size, seeds; image-to-image (`--image`, `--strength`, through
-diffusers' img2img pipelines on the same modules); LoRAs (`--lora`, `<lora:NAME:SCALE>`, through diffusers'
-SD3/Flux loaders, which read diffusers', kohya's and other trainers' formats); and these samplers, each built
-from the model's own scheduler config (its shift, and Flux's resolution-dependent dynamic shift), under the U-Net
-samplers' names and A1111 names:
+(Flux: its embedded guidance), SD3's skip-layer guidance (`--slg`), the T5 sequence length, size, seeds;
+image-to-image and inpainting (`--image`, `--strength`, `--mask`: diffusers' img2img and inpainting pipelines on
+the same modules); the hires fix with the Lanczos upscaler; ControlNets (diffusers' SD3/Flux ControlNet
+pipelines); LoRAs (`--lora`, `<lora:NAME:SCALE>`, through diffusers' SD3/Flux loaders, which read diffusers',
+kohya's and other trainers' formats); and the flow samplers of `components.schedulers` (euler, euler-karras,
+euler-beta, heun, dpm++, unipc), each built from the model's own scheduler config (its shift, and Flux's
+resolution-dependent dynamic shift), under the U-Net samplers' names and A1111 names.
 
-    euler          FlowMatchEulerDiscreteScheduler (the models' own; Forge's "Euler", schedule "Simple")
-    heun           FlowMatchHeunDiscreteScheduler (SD3: it has no dynamic shift)
-    dpm++          DPMSolverMultistepScheduler, DPM-Solver++ 2M on flow sigmas (flow_prediction)
-    unipc          UniPCMultistepScheduler on flow sigmas (flow_prediction)
-
-Everything else a request can ask (inpainting, ControlNet, hires fix, regions, ...) is a one-line error
-naming the option; LyCORIS files, single-file SD3.5/Flux checkpoints and Forge's "Beta"/"Karras" schedules are not
-offered yet.
+Everything else a request can ask (regions, tiling, IP-Adapters, LyCORIS files, ...) is a one-line error naming
+the option.
 """
 
 from __future__ import annotations
