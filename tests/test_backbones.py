@@ -155,6 +155,9 @@ def test_flow_training_lowers_the_loss_and_samples_through_the_pipeline(tmp_path
         out = pipe("a red circle on a blue background", num_inference_steps=4, seed=0, scheduler=sampler,
                    output_type="np")
         assert out.images.shape == (1, 32, 32, 3) and abs(out.images.std()) > 0.01
+    if backbone != "unet":
+        with pytest.raises(UserError, match=f"this pipeline's denoiser is a {backbone}: keep its diffusers folder"):
+            pipe.save_single_file(tmp_path / "model.safetensors")
     default = pipe("a red circle", num_inference_steps=2, seed=0)
     assert default.metadata[0]["scheduler"] == "euler"  # the model's own FlowMatchEuler, by its name
     with pytest.raises(UserError, match="unknown scheduler \\(for a flow model\\) 'ddim'"):

@@ -545,6 +545,9 @@ def write(pipe, path: Path, dtype: torch.dtype | None = None) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserError(f"{path}: a single-file checkpoint is written as .safetensors")
+    if "block_out_channels" not in pipe.unet.config:  # a DiT/MMDiT denoiser (components.denoisers)
+        raise UserError(f"{path}: single files hold SD 1.x/2.x/SDXL U-Nets; this pipeline's denoiser is a "
+                        f"{pipe.unet.config.get('kind', 'transformer')}: keep its diffusers folder")
     state, metadata = to_state(pipe)
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
              for k, v in state.items()}
