@@ -278,3 +278,29 @@ def test_a_flux_transformer_file_with_components_gives_diffusers_image(tmp_path,
     theirs = reference("a red circle", generator=torch.Generator().manual_seed(2), output_type="np",
                        num_inference_steps=3, height=32, width=32, guidance_scale=3.5).images
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_the_server_runs_a_single_file_with_components(sd3, tmp_path):
+    """serve.py --components: an SD3 single file served through A1111's API gives FlowPipeline's image."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from conftest import Server
+
+    parts, folder, _ = sd3
+    path = sd3_file(parts, tmp_path / "sd35.safetensors")
+    server = Server(["--model", str(path), "--components", str(folder), "--dtype", "fp32"])
+    try:
+        r = server.post("/sdapi/v1/txt2img", {"prompt": "a red circle", "steps": 2, "width": 32, "height": 32,
+                                              "seed": 4, "cfg_scale": 4.0, "sampler_name": "Euler"})
+        assert r.status_code == 200, r.text
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"))
+    finally:
+        server.close()
+    pipe = FlowPipeline.from_single_file(path, torch_dtype=torch.float32, components=folder)
+    pipe.set_progress_bar_config(disable=True)
+    direct = pipe("a red circle", seed=4, num_inference_steps=2, width=32, height=32, guidance_scale=4.0,
+                  scheduler="euler").images[0]
+    assert np.array_equal(served, np.asarray(direct))
