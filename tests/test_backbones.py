@@ -158,6 +158,11 @@ def test_flow_training_lowers_the_loss_and_samples_through_the_pipeline(tmp_path
     if backbone != "unet":
         with pytest.raises(UserError, match=f"this pipeline's denoiser is a {backbone}: keep its diffusers folder"):
             pipe.save_single_file(tmp_path / "model.safetensors")
+    if backbone == "mmdit":
+        from latentgen.generation.regions import Regions
+
+        with pytest.raises(UserError, match="an MMDiT has none of"):
+            pipe("a red circle BREAK a blue square", num_inference_steps=2, regions=Regions(calc="attention"))
     default = pipe("a red circle", num_inference_steps=2, seed=0)
     assert default.metadata[0]["scheduler"] == "euler"  # the model's own FlowMatchEuler, by its name
     with pytest.raises(UserError, match="unknown scheduler \\(for a flow model\\) 'ddim'"):

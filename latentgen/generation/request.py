@@ -409,6 +409,10 @@ class Request:
             req = dataclasses.replace(req, apg=model_apg(pipe))
         if pipe.inpainting_unet and req.mask_image is None:
             raise UserError("this is an inpainting model (9-channel U-Net): give an image and a mask")
+        if (req.regions is not None and req.regions.calc == "attention"
+                and pipe.unet.config.get("kind") == "mmdit"):  # components.denoisers' MMDiT: no cross-attention
+            raise UserError("regional attention splits cross-attention layers, which an MMDiT has none of (its "
+                            "attention is joint): use --region-calc latent")
         if is_flow_config(pipe.scheduler.config):  # a flow-matching model of latentgen's (noise.prediction_type flow)
             if req.scheduler is not None and req.scheduler not in FLOW_SAMPLERS:
                 raise one_of("scheduler (for a flow model)", req.scheduler, list(FLOW_SAMPLERS))
