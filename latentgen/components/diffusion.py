@@ -20,6 +20,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
+from latentgen.components.schedulers import is_flow_config
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 
 
@@ -95,21 +97,13 @@ _PROCESS = {"num_train_timesteps": ("num_train_timesteps", 1000), "beta_schedule
             "zero_terminal_snr": ("rescale_betas_zero_snr", False)}
 
 
-def is_flow(scheduler_or_config) -> bool:
-    """Whether a scheduler (or its config) describes a flow-matching model (FlowMatch*, or a solver on flow
-    sigmas)."""
-    cfg = _config(scheduler_or_config)
-    return str(cfg.get("_class_name", "")).startswith("FlowMatch") or cfg.get("prediction_type") == "flow_prediction" \
-        or ("shift" in cfg and "use_dynamic_shifting" in cfg)
-
-
 def forward_process(noise: NoiseConfig, pretrained: Mapping[str, Any] | None = None):
     """The forward process: for flow, a FlowMatchEulerDiscreteScheduler (its T and shift); else a DDPMScheduler,
     each setting from `noise` where set, else from the pretrained model's scheduler config, else Stable
     Diffusion's. Every sampler is later built from its config."""
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-    if noise.prediction_type == "flow" or (noise.prediction_type is None and pretrained and is_flow(pretrained)):
+    if noise.prediction_type == "flow" or (noise.prediction_type is None and pretrained and is_flow_config(pretrained)):
         return FlowMatchEulerDiscreteScheduler(
             num_train_timesteps=noise.num_train_timesteps or (pretrained or {}).get("num_train_timesteps", 1000),
             shift=noise.flow_shift or (pretrained or {}).get("shift", 1.0))
@@ -168,7 +162,7 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, context: torch.
     if noise_config.offset_noise:
         noise = noise + noise_config.offset_noise * torch.randn(
             (b, latents.shape[1], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
-    if is_flow(noise_scheduler):
+    if is_flow_config(noise_scheduler.config):
         z_t, t, target = flow_noised(noise_scheduler, latents, noise, noise_config, generator)
     else:
         z_t, t, target = noised(noise_scheduler, latents, noise, noise_config, generator)

@@ -54,6 +54,11 @@ SD3_VAE_SCALING, SD3_VAE_SHIFT, SD3_SHIFT, SD3_SAMPLE_SIZE = 1.5305, 0.0609, 3.0
 FP8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
 
 
+def upcast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """fp8 tensors in `dtype` (the load precision; CPUs and most GPUs have no fp8 arithmetic), others as they are."""
+    return {k: v.to(dtype) if v.dtype in FP8 else v for k, v in state.items()}
+
+
 def kind_of_keys(keys) -> str | None:
     """"sd3" for Stability's MMDiT layout, "flux" for BFL's, else None."""
     keys = list(keys)
@@ -132,7 +137,7 @@ def sd3_parts(state: dict[str, torch.Tensor], components: Path | None = None, dt
         convert_sd3_transformer_checkpoint_to_diffusers,
     )
 
-    state = {k: v.to(dtype) if v.dtype in FP8 else v for k, v in state.items()}  # fp8: upcast
+    state = upcast(state, dtype)
     folder = _components(components)
     parts: dict[str, Any] = {}
     t = _sub(state, MMDIT) or {k: v for k, v in state.items() if k.startswith(("joint_blocks.", "x_embedder.",
@@ -318,7 +323,7 @@ def flux_pipeline(state: dict[str, torch.Tensor], components: Path | None, dtype
     if folder is None:
         raise UserError("a Flux file holds the transformer only: give --components FOLDER, a diffusers Flux folder "
                         "(its VAE, CLIP-L, T5, tokenizers and scheduler)")
-    t = {k: v.to(dtype) if v.dtype in FP8 else v for k, v in (_sub(state, MMDIT) or state).items()}
+    t = upcast(_sub(state, MMDIT) or state, dtype)
     config = flux_config(t)
     transformer = _build(diffusers.FluxTransformer2DModel, config, flux_to_diffusers(t, config), "Flux transformer")
     transformer.to(dtype)

@@ -94,12 +94,20 @@ def load(pipe, folder: str | Path):
     if unet.config.cross_attention_dim != width:
         raise UserError(f"the upscaler in {folder} was trained for a {unet.config.cross_attention_dim}-wide text "
                         f"encoder; this model's is {width} wide")
-    up = type(pipe)(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                        unet=unet.to(pipe.unet.device), scheduler=scheduler, clip_skip=pipe.config.clip_skip)
-    up.prompt_encoder = pipe.prompt_encoder  # keyed by the text encoder: sharing it is safe
-    up.set_progress_bar_config(disable=True)
+    up = sharing(pipe, unet, scheduler)
     up.upscaler_config, up.upscaler_folder = config, folder
     return up
+
+
+def sharing(pipe, unet, scheduler, text_encoders: tuple[str, ...] = ()):
+    """A LatentPipeline of `unet` and `scheduler` with `pipe`'s VAE, text encoder, tokenizer and prompt cache (and
+    the further encoders named in `text_encoders`, where `pipe` has them), progress bars off."""
+    extra = {k: getattr(pipe, k) for k in text_encoders if getattr(pipe, k, None) is not None}
+    out = type(pipe)(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                     unet=unet.to(pipe.unet.device), scheduler=scheduler, clip_skip=pipe.config.clip_skip, **extra)
+    out.prompt_encoder = pipe.prompt_encoder  # keyed by the text encoder: sharing it is safe
+    out.set_progress_bar_config(disable=True)
+    return out
 
 
 STUDENT = "lcm"  # the few-step student's folder inside a model folder
@@ -124,12 +132,7 @@ def load_student(pipe):
     if unet.config.cross_attention_dim != pipe.unet.config.cross_attention_dim:
         raise UserError(f"the student in {folder} takes {unet.config.cross_attention_dim}-wide text; this model's "
                         f"encoder is {pipe.unet.config.cross_attention_dim} wide")
-    parts = {k: getattr(pipe, k, None) for k in ("text_encoder_2", "tokenizer_2", "text_encoder_zh", "tokenizer_zh")}
-    student = type(pipe)(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                         unet=unet.to(pipe.unet.device), scheduler=scheduler, clip_skip=pipe.config.clip_skip,
-                         **{k: v for k, v in parts.items() if v is not None})
-    student.prompt_encoder = pipe.prompt_encoder  # keyed by the text encoder: sharing it is safe
-    student.set_progress_bar_config(disable=True)
+    student = sharing(pipe, unet, scheduler, ("text_encoder_2", "tokenizer_2", "text_encoder_zh", "tokenizer_zh"))
     student.loras_dir, student.loras_confined = pipe.loras_dir, pipe.loras_confined
     student.student_folder = folder
     student.choose_memory_format()
