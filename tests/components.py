@@ -162,7 +162,8 @@ def t5_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import T5TokenizerFast
 
-    words = sorted({w.replace("</w>", "") for w in list(tokenizer().get_vocab())[:2000]} - {""})
+    vocab = tokenizer().get_vocab()  # a dict whose order changes from one call to the next: take the lowest ids
+    words = sorted({w.replace("</w>", "") for w in sorted(vocab, key=vocab.get)[:2000]} - {""})
     unigram = models.Unigram([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"▁{w}", -1.0) for w in words]
                              + [(w, -2.0) for w in words], unk_id=2)
     tok = Tokenizer(unigram)
