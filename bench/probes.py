@@ -6,6 +6,7 @@
     python bench/probes.py profile        # where a call of the default model spends its time [--images N --compile]
     python bench/probes.py train-step     # the U-Net training step: attention, channels-last, [--compile], profile
     python bench/probes.py memory         # the memory guard's estimate against measured peaks (default model)
+    python bench/probes.py transformer-depth  # what a U-Net's deeper transformers (SDXL's) keep for backward
     python bench/probes.py shapes         # the strict shape measures: dataset, VAE round trip, default model
     python bench/probes.py pairs          # two-shape scores of the dataset's images and of their VAE round trip
     python bench/probes.py thread         # the default model sampling on the main thread and on another thread
@@ -312,6 +313,46 @@ def memory(_):
         print(f"| {size}×{size} | {n} | {estimate:.0f} | {measured:.0f} | {estimate / measured:.2f} |")
 
 
+def transformer_depth(_):
+    """The bytes autograd saves for the backward pass (parameters left out) of a small SDXL-shaped U-Net with one
+    transformer block per attention and with SDXL's depths (1, 2, 10): the difference per feature map of the
+    added blocks is the memory guard's TRANSFORMER_SAVED; and the guard's deep-transformer term against it."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from latentgen.runtime.memory import deep_transformer_bytes
+
+    def saved(depth, size):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            block_out_channels=(64, 128, 128), layers_per_block=2, sample_size=size, cross_attention_dim=64,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4, 4),
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+            transformer_layers_per_block=depth, projection_class_embeddings_input_dim=64 + 6 * 8)
+        params, kept = {p.data_ptr() for p in unet.parameters()}, {}
+
+        def pack(t):
+            if t.data_ptr() not in params:
+                kept[(t.data_ptr(), tuple(t.shape))] = t.numel() * t.element_size()
+            return t
+
+        added = {"text_embeds": torch.randn(1, 64), "time_ids": torch.randn(1, 6)}
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            unet(torch.randn(1, 4, size, size), torch.tensor([10]), torch.randn(1, 77, 64), added_cond_kwargs=added)
+        return sum(kept.values()), unet.config
+
+    print("| latents | saved, depth 1 (MB) | saved, depth (1, 2, 10) (MB) | feature maps per added block | "
+          "guard's term (MB) |")
+    print("|---|---|---|---|---|")
+    for size in (32, 64):
+        (one, _), (deep, config) = saved((1, 1, 1), size), saved((1, 2, 10), size)
+        maps = 128 * (5 * (size // 2) ** 2 + 45 * (size // 4) ** 2)  # 5 added blocks at level 1, 45 at level 2
+        term = deep_transformer_bytes(config, size, size, 1, 4)
+        print(f"| {size}×{size} | {one / 2**20:.1f} | {deep / 2**20:.1f} | {(deep - one) / 4 / maps:.1f} | "
+              f"{term / 2**20:.1f} |")
+
+
 def shapes(args):
     """The strict reading's measures per kind on the dataset's own images, on the VAE's round trip of them, and on
     the default model's images (`--seeds` per single-shape prompt of the eval, its own sampler unless
@@ -612,7 +653,7 @@ def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="probe", required=True)
     for name in ("samplers", "dpm-variants", "bf16-drift", "memory", "thread", "cascade", "wordllama",
-                 "apg-cost", "guidance-norms", "upscale-start"):
+                 "apg-cost", "guidance-norms", "upscale-start", "transformer-depth"):
         sub.add_parser(name)
     profile_parser = sub.add_parser("profile")
     profile_parser.add_argument("--images", type=int, default=8, help="images per call")
@@ -638,7 +679,7 @@ def main():
     {"samplers": samplers, "dpm-variants": dpm_variants, "bf16-drift": bf16_drift, "profile": profile,
      "train-step": train_step, "memory": memory, "shapes": shapes, "pairs": pairs, "thread": thread,
      "cascade": cascade, "upscale-start": upscale_start, "denoise": denoise, "wordllama": wordllama,
-     "apg-cost": apg_cost, "guidance-norms": guidance_norms}[args.probe](args)
+     "apg-cost": apg_cost, "guidance-norms": guidance_norms, "transformer-depth": transformer_depth}[args.probe](args)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,10 @@ def test_fit_covers_then_crops_the_middle():
     """100×50 (left half red, right half blue) into 40×32: scaled to 64×32, then its middle 40 columns kept."""
     image = Image.new("RGB", (100, 50), (255, 0, 0))
     image.paste((0, 0, 255), (50, 0, 100, 50))
-    out = np.asarray(fit(image, (40, 32), np.random.default_rng(0), False))
-    assert out.shape == (32, 40, 3)
+    out, sizes = fit(image, (40, 32), np.random.default_rng(0), False)
+    out = np.asarray(out)
+    assert out.shape == (32, 40, 3) and sizes == (50, 100, 0, 12)  # SDXL's: original size, crop's top-left
+    _, flipped = fit(image, (40, 32), np.random.default_rng(0), True, hflip=1.0)
+    assert flipped[:2] == (50, 100) and 0 <= flipped[3] <= 24
     assert out[16, 2, 0] > 200 and out[16, 37, 2] > 200  # red at the left edge, blue at the right
     assert abs(int((out[..., 0] > 128).sum()) - int((out[..., 2] > 128).sum())) <= 2 * 32  # cut in the middle

@@ -234,7 +234,7 @@ def test_a_trained_lora_file_gives_the_image_of_the_unet_it_was_trained_on(tiny_
     for name, param in trained.unet.named_parameters():
         if "lora_B" in name:
             param.data.normal_(0, 0.5)
-    save_lora(config, trained.unet, None, tmp_path / "mine.safetensors")
+    save_lora(config, trained.unet, [], tmp_path / "mine.safetensors")
     base = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
     base.set_progress_bar_config(disable=True)
     trained.set_progress_bar_config(disable=True)
@@ -269,7 +269,7 @@ def test_a_trained_lycoris_file_gives_the_image_of_the_models_it_was_trained_on(
     assert factors and all(p.requires_grad for p in factors)
     for param in factors:  # peft starts with a zero update
         param.data.normal_(0, 0.5)
-    save_lora(config, trained.unet, trained.text_encoder, tmp_path / "mine.safetensors")
+    save_lora(config, trained.unet, [trained.text_encoder], tmp_path / "mine.safetensors")
     with safe_open(str(tmp_path / "mine.safetensors"), "pt") as f:
         keys, metadata = list(f.keys()), f.metadata()
     assert metadata["ss_network_module"] == "lycoris.kohya" and algo in metadata["ss_network_args"]

@@ -150,13 +150,15 @@ def sample_timesteps(noise_config: NoiseConfig, num_train_timesteps: int, count:
 def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, context: torch.Tensor, generator: torch.Generator,
                    noise_config: NoiseConfig, extra: torch.Tensor | None = None,
                    class_labels: torch.Tensor | None = None, base=None,
-                   base_weight: torch.Tensor | None = None) -> torch.Tensor:
+                   base_weight: torch.Tensor | None = None, added: dict[str, torch.Tensor] | None = None
+                   ) -> torch.Tensor:
     """Per-example loss (B,) of the denoising objective for z_0 = `latents` (B, C, h, w). `extra` (B, C', h, w) is
     concatenated to the U-Net's input channels and `class_labels` (B,) passed to it (an upscaler's conditioning).
 
     `base` (a U-Net called like `unet`, no gradients) and `base_weight` (B,) in [0, 1]: example i's target becomes
     (1 − w_i)·target + w_i·base's prediction, so that where w = 1 the trained model learns to predict what the
-    base model predicts (a LoRA keeping what its base already draws)."""
+    base model predicts (a LoRA keeping what its base already draws). `added`: the U-Net's `added_cond_kwargs`, each
+    (B, ...) (SDXL's pooled text `text_embeds` and size conditioning `time_ids`)."""
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     if noise_config.offset_noise:
@@ -167,12 +169,15 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, context: torch.
     else:
         z_t, t, target = noised(noise_scheduler, latents, noise, noise_config, generator)
     x_in = z_t if extra is None else torch.cat([z_t, extra.to(z_t.dtype)], dim=1)
-    pred = unet(x_in, t, encoder_hidden_states=context, class_labels=class_labels, return_dict=False)[0]
+    pred = unet(x_in, t, encoder_hidden_states=context, class_labels=class_labels, added_cond_kwargs=added,
+                return_dict=False)[0]
     if base is not None and base_weight is not None and bool(base_weight.any()):
         keep = base_weight > 0
         with torch.no_grad():
             taught = base(x_in[keep], t[keep], encoder_hidden_states=context[keep],
-                          class_labels=None if class_labels is None else class_labels[keep], return_dict=False)[0]
+                          class_labels=None if class_labels is None else class_labels[keep],
+                          added_cond_kwargs=None if added is None else {k: v[keep] for k, v in added.items()},
+                          return_dict=False)[0]
         w = base_weight[keep].view(-1, 1, 1, 1).to(target.dtype)
         target = target.clone()
         target[keep] = (1 - w) * target[keep] + w * taught.to(target.dtype)

@@ -29,6 +29,7 @@ CLIP_MAX_LENGTH = 77
 class EncodedPrompts:
     hidden_states: torch.Tensor  # (B, T, D)
     attention_mask: torch.Tensor  # (B, T), 1 for real tokens, 0 for padding
+    pooled: torch.Tensor | None = None  # (B, D'): SDXL's pooled embedding (the U-Net's added `text_embeds`)
 
 
 class TextEncoder(Protocol):
@@ -163,7 +164,7 @@ class SDXLTextEncoder:
         self.max_length, self.prefix, self.suffix, self.pad_id = first.max_length, first.prefix, first.suffix, \
             first.pad_id
         self.pad_id_2 = tokenizer_2.pad_token_id if tokenizer_2.pad_token_id is not None else first.pad_id
-        self.layer = -((clip_skip or 0) + 2)
+        self.layer, self.clip_skip = -((clip_skip or 0) + 2), clip_skip
         self.hidden_size = int(model.config.hidden_size + model_2.config.hidden_size)
         self.token_ids = first.token_ids
 
@@ -183,7 +184,8 @@ class SDXLTextEncoder:
     def encode(self, prompts: Sequence[str]) -> EncodedPrompts:
         tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
                                 return_tensors="pt")
-        return EncodedPrompts(self.encode_ids(tokens.input_ids, tokens.attention_mask), tokens.attention_mask)
+        hidden, pooled = self.encode_ids_pooled(tokens.input_ids, tokens.attention_mask)
+        return EncodedPrompts(hidden, tokens.attention_mask, pooled)
 
 
 def is_openclip(module: Any) -> bool:
@@ -313,6 +315,11 @@ def load_text_encoder(tc, pipe=None) -> tuple[Any, nn.Module, TextEncoder]:
     if tc.kind == "pipeline":
         tokenizer, model = pipe.tokenizer, pipe.text_encoder
         clip_skip = pipe.config.get("clip_skip") if tc.clip_skip is None else tc.clip_skip
+        if pipe.is_sdxl:  # the second encoder is the pipeline's text_encoder_2 (`training.unet_parts`)
+            if tc.max_length:
+                raise UserError("text_encoder.max_length: SDXL's two encoders read CLIP's 77 tokens; unset it")
+            return tokenizer, model, SDXLTextEncoder(tokenizer, model, pipe.tokenizer_2, pipe.text_encoder_2,
+                                                     clip_skip)
         return tokenizer, model, TransformersTextEncoder(tokenizer, model, clip_skip, tc.max_length)
     if tc.kind == "minilm":
         tokenizer, model = load_transformers_encoder(minilm_path(), max_length=tc.max_length)

@@ -12,6 +12,11 @@ import math
 import numpy as np
 from PIL import Image
 
+# SDXL's size conditioning of a training image, as diffusers' and sd-scripts' SDXL trainers take it from the data:
+# the original (height, width) and the crop's top-left corner (top, left) in the resized image; the target size is
+# the crop's own
+Sizes = tuple[int, int, int, int]
+
 
 def bucket_sizes(resolution: int, min_side: int, max_side: int, step: int) -> list[tuple[int, int]]:
     """(width, height) of every bucket: kohya's set (for SD 1.5: 512², 256 ≤ sides ≤ 1024, step 64), the square
@@ -34,8 +39,10 @@ def nearest(size: tuple[int, int], buckets: list[tuple[int, int]]) -> int:
     return int(np.argmin([abs(math.log((bw / bh) / (w / h))) for bw, bh in buckets]))
 
 
-def fit(image: Image.Image, bucket: tuple[int, int], rng: np.random.Generator, random_crop: bool) -> Image.Image:
-    """`image` scaled to cover `bucket` (keeping its aspect ratio) and cropped to it, in the middle or at random."""
+def fit(image: Image.Image, bucket: tuple[int, int], rng: np.random.Generator, random_crop: bool,
+        hflip: float = 0.0) -> tuple[Image.Image, Sizes]:
+    """`image` scaled to cover `bucket` (keeping its aspect ratio), cropped to it (in the middle or at random) and
+    flipped with probability `hflip`; with its SDXL size conditioning (`Sizes`)."""
     bw, bh = bucket
     w, h = image.size
     scale = max(bw / w, bh / h)
@@ -46,4 +53,8 @@ def fit(image: Image.Image, bucket: tuple[int, int], rng: np.random.Generator, r
         left, top = int(rng.integers(nw - bw + 1)), int(rng.integers(nh - bh + 1))
     else:
         left, top = (nw - bw) // 2, (nh - bh) // 2
-    return image.crop((left, top, left + bw, top + bh))
+    image = image.crop((left, top, left + bw, top + bh))
+    if hflip and rng.random() < hflip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        left = nw - bw - left  # the crop's corner in the flipped image
+    return image, (h, w, top, left)

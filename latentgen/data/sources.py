@@ -111,21 +111,20 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 def transform(image: Image.Image, resolution: int, rng: np.random.Generator, random_crop: bool,
               hflip: float) -> torch.Tensor:
     """Resize the short side to `resolution`, crop a square (center or random), maybe flip."""
+    return transform_sized(image, resolution, rng, random_crop, hflip)[0]
+
+
+def transform_sized(image: Image.Image, resolution: int, rng: np.random.Generator, random_crop: bool,
+                    hflip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`transform`'s pixels and their SDXL size conditioning (`buckets.Sizes`, a (4,) tensor)."""
     image = image.convert("RGB")
-    w, h = image.size
-    scale = resolution / min(w, h)
-    if (w, h) != (resolution, resolution):
-        nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-        image = image.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=None)
-        w, h = nw, nh
-    if random_crop:
-        left, top = int(rng.integers(w - resolution + 1)), int(rng.integers(h - resolution + 1))
-    else:
-        left, top = (w - resolution) // 2, (h - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if hflip and rng.random() < hflip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(image)
+    image, sizes = buckets.fit(image, (resolution, resolution), rng, random_crop, hflip)
+    return to_tensor(image), torch.tensor(sizes)
+
+
+def _whole(pixels: torch.Tensor) -> torch.Tensor:
+    """The size conditioning of an image used whole: its own size, no crop."""
+    return torch.tensor([pixels.shape[1], pixels.shape[2], 0, 0])
 
 
 class ShapesDataset(torch.utils.data.Dataset):
@@ -141,7 +140,8 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def item(self, index: int, epoch: int = 0, seed: int = 0) -> dict[str, Any]:
         sample = make_sample(self.spec, index)
-        return {"pixel_values": to_tensor(sample.render()), "text": sample.text, "index": index}
+        pixels = to_tensor(sample.render())
+        return {"pixel_values": pixels, "text": sample.text, "index": index, "sizes": _whole(pixels)}
 
     def captions(self, index: int) -> list[str]:
         return [make_sample(self.spec, index).text]
@@ -280,14 +280,13 @@ class HFImageTextDataset(torch.utils.data.Dataset):
         row = self.ds[self.valid[index]]
         rng = np.random.default_rng([seed, epoch, index])
         if self.bucket_of is not None:
-            image = buckets.fit(_decode(row[self.config.image_column]).convert("RGB"),
-                                self.buckets[self.bucket_of[index]], rng, self.config.random_crop)
-            if self.config.hflip and rng.random() < self.config.hflip:
-                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            pixels = to_tensor(image)
+            image, sizes = buckets.fit(_decode(row[self.config.image_column]).convert("RGB"),
+                                       self.buckets[self.bucket_of[index]], rng, self.config.random_crop,
+                                       self.config.hflip)
+            pixels, sizes = to_tensor(image), torch.tensor(sizes)
         else:
-            pixels = _row_pixels(row, self.config, rng)
-        return {"pixel_values": pixels,
+            pixels, sizes = _row_pixels(row, self.config, rng)
+        return {"pixel_values": pixels, "sizes": sizes,
                 "text": choose_caption(_captions(row, self.config), seed, epoch, index), "index": index}
 
     def captions(self, index: int) -> list[str]:
@@ -308,8 +307,8 @@ class HFImageTextDataset(torch.utils.data.Dataset):
         return self.item(index)
 
 
-def _row_pixels(row: dict, config: DataConfig, rng: np.random.Generator) -> torch.Tensor:
-    return transform(_decode(row[config.image_column]), config.resolution, rng, config.random_crop, config.hflip)
+def _row_pixels(row: dict, config: DataConfig, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return transform_sized(_decode(row[config.image_column]), config.resolution, rng, config.random_crop, config.hflip)
 
 
 def _captions(row: dict, config: DataConfig) -> list[str]:
@@ -348,8 +347,9 @@ class StreamingImageTextDataset:
                 self.skipped += 1
                 continue
             rng = np.random.default_rng([seed, epoch, position])
-            pixels = transform(image, self.config.resolution, rng, self.config.random_crop, self.config.hflip)
-            yield {"pixel_values": pixels, "index": position,
+            pixels, sizes = transform_sized(image, self.config.resolution, rng, self.config.random_crop,
+                                            self.config.hflip)
+            yield {"pixel_values": pixels, "sizes": sizes, "index": position,
                    "text": choose_caption(_captions(row, self.config), seed, epoch, position)}
             position += 1
 

@@ -367,46 +367,62 @@ def _load_lycoris(pipe, path: Path, kind: str, adapter: str) -> None:
 
 
 def write(target: Path, layers: dict[str, dict[str, torch.Tensor]], configs: dict[str, dict], algo: str, rank: int,
-          alpha: float, kohya: bool, text_model, steps: int) -> None:
-    """Trained adapters (`layers`: peft's state dict of each of "unet" and "text_encoder") as a file `load` reads:
-    a LoRA in diffusers' format (with each part's peft config, as diffusers' training scripts write it) and, with
-    `kohya`, in kohya's beside it (`lora_kohya.safetensors`: `lora_unet_…`/`lora_te_…` with alphas), which A1111,
-    ComfyUI and sd-scripts read; a LoHa or LoKr in LyCORIS's format."""
+          alpha: float, kohya: bool, text_model, steps: int, unet_config=None) -> None:
+    """Trained adapters (`layers`: peft's state dict of each of "unet", "text_encoder" and SDXL's "text_encoder_2")
+    as a file `load` reads: a LoRA in diffusers' format (with each part's peft config, as diffusers' training
+    scripts write it) and, with `kohya`, in kohya's beside it (`lora_kohya.safetensors`: `lora_unet_…`/`lora_te_…`
+    with alphas), which A1111, ComfyUI and sd-scripts read; a LoHa or LoKr in LyCORIS's format. `unet_config`:
+    an SDXL U-Net's, whose kohya names are Stability's layout (`lora_unet_input_blocks_4_1_…`) as sd-scripts
+    writes them for SDXL, with `lora_te1_`/`lora_te2_` for its text encoders."""
+    names = KohyaNames(text_model, unet_config)
     if algo != "lora":
-        return write_lycoris(target, layers, algo, rank, alpha, text_model, steps)
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+        return write_lycoris(target, layers, algo, rank, alpha, names, steps)
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 
+    sdxl = {"text_encoder_2_lora_layers": layers.get("text_encoder_2"),
+            "text_encoder_2_lora_adapter_metadata": configs.get("text_encoder_2")} if unet_config else {}
+    loader = StableDiffusionXLLoraLoaderMixin if unet_config else StableDiffusionLoraLoaderMixin
     # diffusers writes into a folder without a temporary name: write into a fresh one, then rename into place
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".lora-") as tmp:
-        StableDiffusionLoraLoaderMixin.save_lora_weights(
+        loader.save_lora_weights(
             tmp, weight_name=target.name, unet_lora_layers=layers["unet"], unet_lora_adapter_metadata=configs["unet"],
             text_encoder_lora_layers=layers.get("text_encoder"),
-            text_encoder_lora_adapter_metadata=configs.get("text_encoder"))
+            text_encoder_lora_adapter_metadata=configs.get("text_encoder"), **sdxl)
         os.chmod(Path(tmp) / target.name, 0o644)
         os.replace(Path(tmp) / target.name, target)
     if kohya:
-        write_kohya(target.with_name("lora_kohya.safetensors"), layers, algo, rank, alpha, text_model, steps)
+        write_kohya(target.with_name("lora_kohya.safetensors"), layers, algo, rank, alpha, names, steps)
 
 
-def write_kohya(target: Path, layers: dict, algo: str, rank: int, alpha: float, text_model, steps: int) -> None:
-    from diffusers.utils import convert_state_dict_to_kohya
+class KohyaNames:
+    """The layer names sd-scripts writes: `lora_unet_<module path, _ for .>` (for SDXL the path in Stability's
+    layout) and `lora_te_…` (SDXL: `lora_te1_…`, `lora_te2_…`) with CLIP's `text_model_` in them, which A1111 and
+    sd-scripts expect (transformers 5's `CLIPTextModel` no longer has it in its module paths; `_kohya_names` reads
+    both)."""
 
-    state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in layers["unet"].items()})
-    prefix = kohya_text_prefix(text_model)
-    for key, tensor in layers.get("text_encoder", {}).items():
-        module, _, kind = key.partition(".lora_")
-        name = prefix + module.replace(".", "_")
-        state[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = tensor
-        state[f"{name}.alpha"] = None  # every alpha is the run's, set below
-    state = {k: torch.tensor(alpha) if k.endswith(".alpha") else v for k, v in state.items()}
-    save_safetensors(state, target, kohya_metadata(algo, rank, alpha, text_model, steps))
+    def __init__(self, text_model, unet_config=None):
+        self.text_model, self.ldm = text_model, unet_ldm_names(unet_config) if unet_config else None
+        self.sdxl = unet_config is not None
+
+    def __call__(self, component: str, module: str) -> str:
+        if component == "unet":
+            return "lora_unet_" + (self.ldm(module) if self.ldm else module).replace(".", "_")
+        number = ("1" if component == "text_encoder" else "2") if self.sdxl else ""
+        inside = "text_model_" if type(self.text_model).__name__ == "CLIPTextModel" and \
+            not module.startswith("text_model.") else ""
+        return f"lora_te{number}_{inside}{module.replace('.', '_')}"
 
 
-def kohya_text_prefix(text_model) -> str:
-    """The text encoder's layer names as sd-scripts writes them for SD 1.x (`lora_te_text_model_encoder_…`):
-    diffusers' converter writes SDXL's `lora_te1_` and drops CLIP's `text_model`, which transformers 5 no longer
-    has in its module names but A1111 and sd-scripts expect (`_kohya_names` reads both)."""
-    return "lora_te_text_model_" if type(text_model).__name__ == "CLIPTextModel" else "lora_te_"
+def write_kohya(target: Path, layers: dict, algo: str, rank: int, alpha: float, names: KohyaNames,
+                steps: int) -> None:
+    state = {}
+    for component, own in layers.items():
+        for key, tensor in own.items():
+            module, _, kind = key.partition(".lora_")
+            name = names(component, module)
+            state[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = tensor
+            state[f"{name}.alpha"] = torch.tensor(alpha)
+    save_safetensors(state, target, kohya_metadata(algo, rank, alpha, names.text_model, steps))
 
 
 def kohya_metadata(algo: str, rank: int, alpha: float, text_model, steps: int) -> dict[str, str]:
@@ -418,19 +434,20 @@ def kohya_metadata(algo: str, rank: int, alpha: float, text_model, steps: int) -
             "ss_network_train_unet_only": str(text_model is None)}
 
 
-def write_lycoris(target: Path, layers: dict, algo: str, rank: int, alpha: float, text_model, steps: int) -> None:
+def write_lycoris(target: Path, layers: dict, algo: str, rank: int, alpha: float, names: KohyaNames,
+                  steps: int) -> None:
     """A LoHa or LoKr in LyCORIS's format, as sd-scripts writes it with `lycoris.kohya`: kohya's layer names
     (`lora_unet_…`, `lora_te_…`), peft's factors under LyCORIS's names (the same: `hada_w1_a`, `lokr_w1`, ...) and
     each layer's `.alpha`. LyCORIS scales a LoHa by alpha / rank as peft does; a LoKr only where a factor is
     decomposed, where peft always does, so a LoKr's scale goes into its first factor and its alpha is the rank."""
     state = {}
-    for component, prefix in (("unet", "lora_unet_"), ("text_encoder", kohya_text_prefix(text_model))):
+    for component, own_layers in layers.items():
         modules: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in layers.get(component, {}).items():
+        for key, tensor in own_layers.items():
             module, _, factor = key.rpartition(".")
             modules.setdefault(module, {})[factor] = tensor
         for module, own in modules.items():
-            name = prefix + module.replace(".", "_")
+            name = names(component, module)
             if algo == "lokr":
                 first = "lokr_w1" if "lokr_w1" in own else "lokr_w1_a"
                 own[first] = own[first] * (alpha / rank)
@@ -440,4 +457,4 @@ def write_lycoris(target: Path, layers: dict, algo: str, rank: int, alpha: float
             else:
                 own["alpha"] = torch.tensor(alpha)
             state |= {f"{name}.{factor}": tensor for factor, tensor in own.items()}
-    save_safetensors(state, target, kohya_metadata(algo, rank, alpha, text_model, steps))
+    save_safetensors(state, target, kohya_metadata(algo, rank, alpha, names.text_model, steps))

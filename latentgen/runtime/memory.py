@@ -26,6 +26,11 @@ WORKING_TENSORS = 4  # feature maps alive at once inside a block (input, two con
 # guard takes 3 times it, an upper bound: better to name a smaller size than to let the kernel kill the process.
 SLACK = 3
 TRAINING_FACTOR = 6  # activations kept for the backward pass, per forward feature map, and their gradients
+# What one transformer block of a U-Net keeps for the backward pass, in feature maps of its level's width and size:
+# 35-36.5 measured (`python bench/probes.py transformer-depth`: the tensors autograd saves in an SDXL-shaped U-Net
+# with 1, 2 and 10 blocks per attention). The factor above was fitted on U-Nets with one block per attention; SDXL's
+# has 2 and 10, which only this term sees.
+TRANSFORMER_SAVED = 37
 
 
 def _quadratic_attention(model) -> bool | int:
@@ -142,11 +147,29 @@ def check_sampling(pipe, height: int, width: int, images: int, guided: bool) -> 
 
 
 def unet_training_bytes(unet, latent_size: int, batch: int, dtype_bytes: int, quadratic: bool) -> int:
-    """One U-Net training step on `batch` latents: activations kept for backward, gradients and AdamW's two
-    moments (fp32) for every parameter."""
+    """One U-Net training step on `batch` latents: activations kept for backward (with those of transformers
+    deeper than one block, SDXL's), gradients and AdamW's two moments (fp32) for every parameter."""
     state = sum(p.numel() for p in unet.parameters() if p.requires_grad) * 12
-    return SLACK * TRAINING_FACTOR * unet_activation_bytes(unet.config, latent_size, latent_size, batch, dtype_bytes,
-                                                           quadratic) + state
+    deep = deep_transformer_bytes(unet.config, latent_size, latent_size, batch, dtype_bytes)
+    return SLACK * (TRAINING_FACTOR * unet_activation_bytes(unet.config, latent_size, latent_size, batch, dtype_bytes,
+                                                            quadratic) + deep) + state
+
+
+def deep_transformer_bytes(config: Any, latent_h: int, latent_w: int, rows: int, dtype_bytes: int) -> int:
+    """What a U-Net's transformer blocks beyond the first of each attention (SDXL's `transformer_layers_per_block`
+    2 and 10) keep for the backward pass on `rows` latents; 0 for one block per attention and for DiT/MMDiT."""
+    cfg = dict(config)
+    if "transformer_config" in cfg:
+        return 0
+    channels = list(cfg["block_out_channels"])
+    depth = cfg.get("transformer_layers_per_block", 1)
+    depth = [int(d if isinstance(d, int) else max(d)) for d in depth] if isinstance(depth, (list, tuple)) \
+        else [int(depth)] * len(channels)
+    blocks = 2 * int(cfg.get("layers_per_block", 2)) + 1  # attentions of a level: its down blocks and up blocks
+    attention_levels = [i for i, kind in enumerate(cfg.get("down_block_types", [])) if "CrossAttn" in kind]
+    maps = sum((depth[i] - 1) * blocks * c * n for i, c, n in _levels(channels, latent_h, latent_w)
+               if i in attention_levels)
+    return rows * TRANSFORMER_SAVED * maps * dtype_bytes
 
 
 def vae_training_bytes(vae, resolution: int, batch: int, dtype_bytes: int) -> int:

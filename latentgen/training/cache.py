@@ -28,6 +28,8 @@ class CachedData:
         self.offsets, self.caption_rows = tensors["offsets"], tensors["caption_rows"]  # (N+1,), (M,)
         self.low_mean, self.low_std = tensors.get("low_mean"), tensors.get("low_std")  # an upscaler's inputs
         self.embeddings = tensors.get("embeddings")  # (U, T, D) or None when the text encoder trains
+        self.pooled = tensors.get("pooled")  # (U, D'): SDXL's pooled embeddings, else None
+        self.sizes = tensors.get("sizes")  # (N, 4): the size conditioning of each cached view (SDXL)
         self.texts = texts  # U unique captions; row 0 is "" (the unconditional prompt)
 
     def __len__(self) -> int:
@@ -37,7 +39,8 @@ class CachedData:
         rows = self.caption_rows[self.offsets[index]:self.offsets[index + 1]].tolist()
         row = rows[0] if len(rows) == 1 else choose_caption(rows, seed, epoch, index)
         low = {} if self.low_mean is None else {"low_mean": self.low_mean[index], "low_std": self.low_std[index]}
-        return {"mean": self.mean[index], "std": self.std[index], "text_row": row, "index": index} | low
+        sizes = {} if self.sizes is None else {"sizes": self.sizes[index]}
+        return {"mean": self.mean[index], "std": self.std[index], "text_row": row, "index": index} | low | sizes
 
 
 def cache_key(config, parts, with_embeddings: bool) -> str:
@@ -58,10 +61,11 @@ def build_cache(dataset, parts, with_embeddings: bool, batch_size: int, device, 
     """Encode every image once (the un-augmented view) and every distinct caption once; with `low_scale`, also
     the image shrunk by that factor (an upscaler's low-resolution input)."""
 
-    posteriors: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "low_mean": [], "low_std": []}
+    posteriors: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "low_mean": [], "low_std": [], "sizes": []}
     for start in tqdm(range(0, len(dataset), batch_size), desc="caching latents", leave=False):
-        x = torch.stack([dataset.item(i, 0, 0)["pixel_values"] for i in
-                         range(start, min(start + batch_size, len(dataset)))]).to(device)
+        items = [dataset.item(i, 0, 0) for i in range(start, min(start + batch_size, len(dataset)))]
+        x = torch.stack([item["pixel_values"] for item in items]).to(device)
+        posteriors["sizes"].append(torch.stack([item["sizes"] for item in items]))
         for prefix, pixels in [("", x)] + ([("low_", low_resolution(x, low_scale))] if low_scale else []):
             with autocast():
                 dist = parts.vae.encode(pixels).latent_dist
@@ -77,11 +81,16 @@ def build_cache(dataset, parts, with_embeddings: bool, batch_size: int, device, 
     tensors = {k: torch.cat(v) for k, v in posteriors.items() if v} | {
         "offsets": torch.tensor(offsets), "caption_rows": torch.tensor(caption_rows)}
     if with_embeddings:
-        chunks = []
+        chunks, pooled = [], []
         for start in tqdm(range(0, len(texts), 256), desc="caching text embeddings", leave=False):
             with autocast():
-                chunks.append(parts.encoder.encode(texts[start:start + 256]).hidden_states.float().cpu())
+                encoded = parts.encoder.encode(texts[start:start + 256])
+            chunks.append(encoded.hidden_states.float().cpu())
+            if encoded.pooled is not None:
+                pooled.append(encoded.pooled.float().cpu())
         tensors["embeddings"] = torch.cat(chunks)
+        if pooled:
+            tensors["pooled"] = torch.cat(pooled)
     return tensors, texts
 
 

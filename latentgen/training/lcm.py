@@ -156,7 +156,7 @@ def train_lcm(config: UNetTrainConfig) -> Path:
     out = Path(config.output_dir) / ("lora.safetensors" if config.lora.rank else "pipeline")
     if run.finish(config.train_batch_size * accelerator.num_processes):
         if config.lora.rank:
-            save_lora(config, raw, None, out)
+            save_lora(config, raw, [], out)
         else:
             pipe = _pipeline(parts, raw)
             dtype = DTYPES[config.save_dtype]

@@ -70,14 +70,15 @@ class LoraProduct(Product):
 
     def adapt(self, unet) -> None:
         add_lora(unet, self.config.lora)
-        if self.config.lora.text_encoder:
-            add_text_encoder_lora(self.parts.text_model, self.config.lora)
+        for text_model in self.parts.text_models if self.config.lora.text_encoder else ():
+            add_text_encoder_lora(text_model, self.config.lora)
 
     def base(self, unet):
         return _base_unet(unet) if self.config.lora.preserve else None
 
     def save(self, unet, target: Path) -> None:
-        save_lora(self.config, unet, self.parts.text_model if self.config.lora.text_encoder else None, target)
+        save_lora(self.config, unet, self.parts.text_models if self.config.lora.text_encoder else [], target,
+                  self.parts.is_sdxl)
 
 
 class UpscalerProduct(Product):
@@ -118,7 +119,7 @@ def _pipeline(parts: Components, unet, sampler: str):
 
     pipe = LatentPipeline(vae=parts.vae, text_encoder=parts.text_model, tokenizer=parts.tokenizer, unet=unet,
                           scheduler=make_scheduler(sampler, parts.noise_scheduler.config), clip_skip=parts.clip_skip,
-                          apg=parts.apg)
+                          apg=parts.apg, text_encoder_2=parts.text_model_2, tokenizer_2=parts.tokenizer_2)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -238,16 +239,18 @@ def _attention_projections(text_model) -> list[str]:
                     "lora.text_encoder_targets to its layer names")
 
 
-def save_lora(config: UNetTrainConfig, unet, text_model, target: Path) -> None:
-    """The trained adapters as a LoRA file (`latentgen.formats.lora.write`): diffusers' format, and kohya's beside
-    it with `lora.kohya`; a LoHa or LoKr in LyCORIS's."""
+def save_lora(config: UNetTrainConfig, unet, text_models: list, target: Path, sdxl: bool = False) -> None:
+    """The trained adapters (of the U-Net and of `text_models`, none, one, or SDXL's two) as a LoRA file
+    (`latentgen.formats.lora.write`): diffusers' format, and kohya's beside it with `lora.kohya`; a LoHa or LoKr
+    in LyCORIS's."""
     from peft.utils import get_peft_model_state_dict
 
     dtype = DTYPES[config.save_dtype]
-    parts = {"unet": unet} | ({"text_encoder": text_model} if text_model is not None else {})
+    parts = {"unet": unet} | dict(zip(("text_encoder", "text_encoder_2"), text_models))
     layers = {name: {k: v.detach().to(dtype).contiguous().cpu() for k, v in get_peft_model_state_dict(m).items()}
               for name, m in parts.items()}
     configs = {name: m.peft_config["default"].to_dict() for name, m in parts.items()}
     lora_file.write(target, layers, configs, algo=config.lora.algo, rank=config.lora.rank,
                     alpha=float(config.lora.alpha or config.lora.rank), kohya=config.lora.kohya,
-                    text_model=text_model, steps=config.max_steps)
+                    text_model=text_models[0] if text_models else None, steps=config.max_steps,
+                    unet_config=unet.config if sdxl else None)

@@ -68,7 +68,11 @@ def train_unet(config: UNetTrainConfig) -> Path:
     step_batches(dataset, config, run.state.num_processes, 0)  # one step fits (else a one-line error)
     kernel = set_attention(parts.unet, config.attention, run.state.device, training=True)
     latent_size = config.data.resolution // vae_factor(parts.vae)
-    check_training(lambda b: unet_training_bytes(parts.unet, latent_size, b, compute_bytes(config), kernel == "math"),
+    # on a GPU the weights are not there yet (on the CPU they are loaded: the available memory has them counted)
+    resident = 0 if run.state.device.type == "cpu" else sum(
+        p.numel() * p.element_size() for m in (parts.unet, parts.vae, *parts.text_models) for p in m.parameters())
+    check_training(lambda b: resident + unet_training_bytes(parts.unet, latent_size, b, compute_bytes(config),
+                                                            kernel == "math"),
                    config.train_batch_size, run.state.device, f"the U-Net at {config.data.resolution} px")
     accelerator = run.launch()
     device = accelerator.device
@@ -76,7 +80,8 @@ def train_unet(config: UNetTrainConfig) -> Path:
 
     # 2. Frozen parts in eval mode on the device (autocast gives them bf16/fp16 compute); cache.
     parts.vae.requires_grad_(False).eval().to(device)
-    parts.text_model.requires_grad_(config.text_encoder.train).train(config.text_encoder.train).to(device)
+    for text_model in parts.text_models:
+        text_model.requires_grad_(config.text_encoder.train).train(config.text_encoder.train).to(device)
     data = load_or_build_cache(config, dataset, parts, not train_text, accelerator) if config.cache else dataset
     if config.cache and not train_text:
         data.embeddings = data.embeddings.to(device)  # row 0: the empty prompt
@@ -93,7 +98,7 @@ def train_unet(config: UNetTrainConfig) -> Path:
         say(f"train_unet (fsdp): {describe(run.state)} holds {sharded.resident(unet):,} of the U-Net's "
             f"{sum(p.numel() for p in unet.parameters()):,} parameters (fsdp)")
     params = [p for p in unet.parameters() if p.requires_grad]
-    params += [p for p in parts.text_model.parameters() if p.requires_grad] if train_text else []
+    params += [p for m in parts.text_models for p in m.parameters() if p.requires_grad] if train_text else []
     optimizer = make_optimizer(params, config)
     lr_scheduler = make_lr_scheduler(optimizer, config)
     ema = make_ema(unet, config) if config.ema else None
@@ -111,8 +116,8 @@ def train_unet(config: UNetTrainConfig) -> Path:
     base_weights = _base_weights(data, config.lora)
 
     # 4. Resume, then train.
-    models = {"unet": sharded.FullModel(raw_unet) if shard else raw_unet} | (
-        {"text_encoder": parts.text_model} if train_text else {})
+    texts = dict(zip(("text_encoder", "text_encoder_2"), parts.text_models)) if train_text else {}
+    models = {"unet": sharded.FullModel(raw_unet) if shard else raw_unet} | texts
     states = {"optimizer": sharded.FullOptimizer(raw_unet, optimizer.optimizer) if shard else optimizer.optimizer,
               "lr_scheduler": lr_scheduler, "ema": ema, "scaler": accelerator.scaler}
     examples = made.examples(dataset, device)
@@ -134,14 +139,15 @@ def train_unet(config: UNetTrainConfig) -> Path:
             batch = next(batches)
             with accelerator.accumulate(unet):
                 with accelerator.autocast():
-                    latents, context, low, dropped = _latents_and_context(batch, data, parts, config, g, device)
+                    latents, context, low, dropped, added = _latents_and_context(batch, data, parts, config, g,
+                                                                                 device)
                     extra, levels = made.condition(low, g)
                     loss = diffusion_loss(unet, parts.noise_scheduler, latents, context, g, config.noise, extra,
-                                          levels, base, base_weights(batch, dropped)).mean()
+                                          levels, base, base_weights(batch, dropped), added).mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    if train_text:
-                        _average_gradients(parts.text_model, accelerator)
+                    for text_model in parts.text_models if train_text else ():
+                        _average_gradients(text_model, accelerator)
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -196,7 +202,8 @@ def _base_weights(data, lora: LoraTrainConfig):
 
 def _latents_and_context(batch, data, parts: Components, config: UNetTrainConfig, g, device):
     """z_0 (B, C, h, w), scaled; the text context (B, T, D), with caption dropout applied; for an upscaler the
-    low-resolution latents (B, C, h/s, w/s), scaled, else None; and which captions were dropped, (B,) bool."""
+    low-resolution latents (B, C, h/s, w/s), scaled, else None; which captions were dropped, (B,) bool; and for
+    SDXL the U-Net's added conditions (the pooled text, the size conditioning), else None."""
     scale = config.upscaler.scale
     if "mean" in batch:  # cached posterior: z = μ + σ·n, as latent_dist.sample() would draw it
         z = draw_latents(batch, g, device)
@@ -213,12 +220,31 @@ def _latents_and_context(batch, data, parts: Components, config: UNetTrainConfig
     dropped = caption_dropout(len(batch["text_row"] if rows is not None else batch["text"]),
                               config.caption_dropout, g)
     if getattr(data, "embeddings", None) is not None:  # cached embeddings; row 0 is the empty prompt
-        return latents, data.embeddings[torch.where(dropped, torch.zeros_like(rows), rows)], low, dropped
-    texts = [data.texts[r] for r in rows.tolist()] if rows is not None else list(batch["text"])
-    texts = ["" if d else t for t, d in zip(texts, dropped.tolist())]
-    with torch.set_grad_enabled(config.trains_text):
-        context = parts.encoder.encode(texts).hidden_states
-    return latents, context, low, dropped
+        rows = torch.where(dropped, torch.zeros_like(rows), rows)
+        pooled = None if data.pooled is None else data.pooled[rows.cpu()].to(device)
+        context = data.embeddings[rows]
+    else:
+        texts = [data.texts[r] for r in rows.tolist()] if rows is not None else list(batch["text"])
+        texts = ["" if d else t for t, d in zip(texts, dropped.tolist())]
+        with torch.set_grad_enabled(config.trains_text):
+            encoded = parts.encoder.encode(texts)
+        context, pooled = encoded.hidden_states, encoded.pooled
+    return latents, context, low, dropped, _added(parts, batch, pooled, latents, device)
+
+
+def _added(parts: Components, batch, pooled, latents, device) -> dict[str, torch.Tensor] | None:
+    """SDXL's added conditions: the pooled text (`text_embeds`) and `time_ids`, (original height, width, crop
+    top, left, target height, width) as diffusers' `train_text_to_image_sdxl.py` and sd-scripts take them from the
+    data (`data.buckets.Sizes`; the target is the image trained on); None for other U-Nets."""
+    if not parts.is_sdxl:
+        return None
+    if "sizes" not in batch:
+        raise UserError("this latent cache has no image sizes (SDXL's size conditioning): delete it to rebuild it")
+    b, _, h, w = latents.shape
+    factor = vae_factor(parts.vae)
+    target = torch.tensor([[h * factor, w * factor]]).expand(b, -1)
+    time_ids = torch.cat([batch["sizes"].cpu(), target], dim=1)
+    return {"text_embeds": pooled, "time_ids": time_ids.to(device, latents.dtype)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

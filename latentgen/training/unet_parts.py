@@ -36,6 +36,17 @@ class Components:
     noise_scheduler: Any  # DDPMScheduler: the forward process
     clip_skip: int | None = None  # the encoder's: what the saved pipeline must use to give the same embeddings
     apg: dict | None = None  # the pretrained pipeline's own guidance (model_index.json `apg`), kept by its fine-tune
+    tokenizer_2: Any = None  # SDXL's second encoder (OpenCLIP bigG in transformers' form); `encoder` reads both
+    text_model_2: Any = None
+
+    @property
+    def text_models(self) -> list[Any]:
+        return [self.text_model] + ([self.text_model_2] if self.text_model_2 is not None else [])
+
+    @property
+    def is_sdxl(self) -> bool:
+        """SDXL's U-Net: its added embedding takes the pooled text and the size conditioning (`time_ids`)."""
+        return self.unet.config.get("addition_embed_type") == "text_time"
 
 
 def load_components(config: UNetTrainConfig) -> Components:
@@ -70,6 +81,11 @@ def load_components(config: UNetTrainConfig) -> Components:
         unet = build_denoiser(config.backbone, config.unet, config.transformer)
         if config.backbone != "unet":
             config.transformer = dict(unet.config.transformer_config)  # recorded in train_config.yaml
+    sdxl = pipe is not None and pipe.is_sdxl
+    if sdxl and (config.text_encoder.kind != "pipeline" or config.upscaler.scale or config.lcm.enabled
+                 or config.controlnet.enabled):
+        raise UserError("an SDXL pipeline trains with its own two text encoders (text_encoder.kind: pipeline); "
+                        "its U-Net or LoRA only, not an upscaler, lcm or controlnet run yet")
     tokenizer, text_model, encoder = load_text_encoder(config.text_encoder, pipe)
     noise_scheduler = forward_process(config.noise, pipe.scheduler.config if pipe is not None else None)
 
@@ -98,7 +114,8 @@ def load_components(config: UNetTrainConfig) -> Components:
                         f"VAE and the {config.backbone} take")
     clip_skip = getattr(encoder, "clip_skip", None) or (1 if getattr(encoder, "layer", "") == "penultimate" else None)
     apg = pipe.config.get("apg") if pipe is not None else None
-    return Components(vae, unet, tokenizer, text_model, encoder, noise_scheduler, clip_skip, apg)
+    second = (pipe.tokenizer_2, pipe.text_encoder_2) if sdxl else (None, None)
+    return Components(vae, unet, tokenizer, text_model, encoder, noise_scheduler, clip_skip, apg, *second)
 
 
 def pretrained_upscaler_unet(folder: str, scale: int):
