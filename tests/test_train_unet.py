@@ -403,6 +403,36 @@ def test_fsdp_resumes_exactly_and_at_another_number_of_ranks(tmp_path):
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
 
 
+def test_sharded_fsdp_checkpoints_resume_at_one_and_two_ranks_as_whole_ones_do(tmp_path):
+    """distributed.checkpoint: sharded: each of 2 ranks writes its own shards with DCP (no whole U-Net file); the
+    step-2 checkpoint loaded on one rank holds the same weights and Adam moments as the whole checkpoint of the same
+    run, and resumed on two ranks ends bit for bit where resuming from the whole checkpoint does."""
+    fsdp = ["distributed.strategy=fsdp", "checkpoint_every=2", "keep_checkpoints=5"]
+    for kind in ("sharded", "whole"):
+        r = run(LAUNCH, f"output_dir={tmp_path / kind}", "max_steps=2", f"distributed.checkpoint={kind}", *fsdp)
+        assert r.returncode == 0, r.stderr[-3000:]
+    shards, whole = list_checkpoints(tmp_path / "sharded")[-1], list_checkpoints(tmp_path / "whole")[-1]
+    assert {p.name for p in (shards / "sharded").glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+    assert not (shards / "unet.safetensors").exists() and (whole / "unet.safetensors").exists()
+    assert "optimizer" not in torch.load(shards / "training_state.pt", weights_only=True)
+
+    r = run(TRAIN, f"output_dir={tmp_path / 'one'}", "max_steps=2", f"resume_from={shards}", *fsdp)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
+    again = list_checkpoints(tmp_path / "one")[-1]  # rewritten whole, no step taken
+    a, b = load_file(str(whole / "unet.safetensors")), load_file(str(again / "unet.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (torch.load(p / "training_state.pt", weights_only=True)["optimizer"]["state"] for p in (whole, again))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) for k in sa)
+
+    for kind, start in (("sharded", shards), ("whole", whole)):
+        r = run(LAUNCH, f"output_dir={tmp_path / f'{kind}-on'}", "max_steps=3", f"resume_from={start}", *fsdp)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = final_unet(tmp_path / "sharded-on"), final_unet(tmp_path / "whole-on")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    r = run(TRAIN, f"output_dir={tmp_path / 'bad'}", "distributed.checkpoint=sharded")
+    assert r.returncode == 2 and "set distributed.strategy: fsdp" in r.stderr and r.stderr.count("\n") == 1
+
+
 def test_fsdp_refuses_what_it_does_not_shard_yet(tmp_path):
     r = run(TRAIN, f"output_dir={tmp_path}", "distributed.strategy=fsdp", "ema=true")
     assert r.returncode == 2 and "distributed.strategy fsdp shards a whole U-Net's training" in r.stderr, r.stderr

@@ -15,6 +15,7 @@ no RNG state to keep.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ from latentgen.errors import UserError, first_line
 from latentgen.io import atomic_dir
 
 NAME = re.compile(r"^checkpoint-(\d+)$")
+SHARDED = "sharded"  # an FSDP run's shards, in torch.distributed.checkpoint's format
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -58,11 +60,14 @@ def resolve_resume(output_dir: str | Path, resume_from: str | None) -> Path | No
 
 
 def save_checkpoint(output_dir: str | Path, step: int, models: dict[str, torch.nn.Module],
-                    states: dict[str, Any], keep: int) -> Path:
+                    states: dict[str, Any], keep: int, shards: Path | None = None) -> Path:
     """Save models (unwrapped, or their state dicts) and objects with state_dict(); keep the newest `keep`
-    checkpoints."""
+    checkpoints. `shards`: a folder of sharded states (torch.distributed.checkpoint's, written by every rank of an
+    FSDP run) that becomes the checkpoint's `sharded/`."""
     target = checkpoints_dir(output_dir) / f"checkpoint-{step:07d}"
     with atomic_dir(target) as tmp:
+        if shards is not None:
+            os.replace(shards, tmp / SHARDED)
         for name, model in models.items():
             if isinstance(model, Mapping):  # whole tensors gathered from a sharded model (`training.sharded`)
                 save_file({k: v.detach().contiguous() for k, v in model.items()}, str(tmp / f"{name}.safetensors"))
@@ -93,7 +98,7 @@ def load_checkpoint(path: Path, models: dict[str, torch.nn.Module], states: dict
     try:
         for name, model in models.items():
             if not isinstance(model, torch.nn.Module):  # a sharded model (`training.sharded.FullModel`)
-                model.load_state_dict(load_file(str(path / f"{name}.safetensors")))
+                model.load_checkpoint(path, name)  # whole tensors, or the shards of `sharded/`
                 continue
             trainable = _trainable(model)
             if trainable is None:
@@ -108,8 +113,10 @@ def load_checkpoint(path: Path, models: dict[str, torch.nn.Module], states: dict
                     trainable[key].copy_(tensor)
         saved = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
         for name, obj in states.items():
-            if obj is not None:
+            if hasattr(obj, "load_checkpoint"):  # a sharded model's optimizer (`training.sharded.FullOptimizer`)
+                obj.load_checkpoint(path, name, saved)
+            elif obj is not None:
                 obj.load_state_dict(saved[name])
         return json.loads((path / "state.json").read_text())
-    except (OSError, RuntimeError, KeyError, ValueError) as err:
+    except (OSError, RuntimeError, KeyError, ValueError) as err:  # DCP's CheckpointException is a RuntimeError
         raise UserError(f"cannot resume from {path}: {first_line(err)}") from None

@@ -58,6 +58,9 @@ class DistributedConfig:
     # ddp: every rank holds the whole model (accelerate's data parallel); fsdp: parameters, gradients and optimizer
     # state sharded over the ranks (FSDP2, `training.sharded`)
     strategy: str = "ddp"
+    # fsdp's checkpoints: whole (tensors gathered, written by rank 0 as every other run's) or sharded (each rank
+    # writes its shards with torch.distributed.checkpoint; loads at any number of ranks)
+    checkpoint: str = "whole"
 
 
 @dataclass
@@ -119,6 +122,11 @@ class TrainConfig:
         trackers(self.log_with)  # checked here, before any model loads
         if self.distributed.strategy not in STRATEGIES:
             raise one_of("distributed.strategy", self.distributed.strategy, list(STRATEGIES))
+        if self.distributed.checkpoint not in ("whole", "sharded"):
+            raise one_of("distributed.checkpoint", self.distributed.checkpoint, ["whole", "sharded"])
+        if self.distributed.checkpoint == "sharded" and self.distributed.strategy != "fsdp":
+            raise UserError("distributed.checkpoint: sharded writes an FSDP run's shards: set distributed.strategy: "
+                            "fsdp")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -444,12 +452,19 @@ class Run:
         return dict(zip(keys, means.tolist()))
 
     def checkpoint(self, step: int) -> None:
-        # a sharded model's whole state is gathered on every rank (a collective), then rank 0 writes
-        models = {k: sharded.gathered(m) for k, m in self.models.items()}
-        states = {k: sharded.gathered(s) for k, s in self.states.items()}
+        # a sharded model's whole state is gathered on every rank (a collective), then rank 0 writes; or, with
+        # distributed.checkpoint: sharded, every rank writes its shards (DCP) and rank 0 the rest
+        shards = None
+        models, states = self.models, self.states
+        if self.config.distributed.checkpoint == "sharded":
+            shards = sharded.write_shards(self.out, step, models | states, self.accelerator)
+            models = {k: m for k, m in models.items() if not sharded.is_sharded(m)}
+            states = {k: s for k, s in states.items() if not sharded.is_sharded(s)}
+        models = {k: sharded.gathered(m) for k, m in models.items()}
+        states = {k: sharded.gathered(s) for k, s in states.items()}
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            save_checkpoint(self.out, step, models, states, self.config.keep_checkpoints)
+            save_checkpoint(self.out, step, models, states, self.config.keep_checkpoints, shards)
 
     def finish(self, samples_per_step: int) -> bool:
         """The summary line and the final checkpoint; True in the process that writes the final model."""
