@@ -126,8 +126,9 @@ def test_an_sdxl_lora_file_gives_the_image_of_the_adapted_models_in_diffusers(xl
 
 def test_sdxl_training_runs_write_a_lora_and_a_folder_diffusers_loads(xl_folder, tmp_path):
     """train_unet.py on a tiny SDXL model: a LoRA run of the U-Net and both encoders resumes bit for bit and writes
-    both formats (diffusers loads the kohya file to the image latentgen gives with it); a full U-Net run writes a folder that diffusers'
-    StableDiffusionXLPipeline loads to latentgen's image, with the U-Net changed and the encoders kept."""
+    both formats (diffusers loads the kohya file to the image latentgen gives with it); a full U-Net run writes a
+    folder that diffusers' StableDiffusionXLPipeline loads to latentgen's image, with the U-Net changed and the
+    encoders kept."""
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 

@@ -364,20 +364,36 @@ def test_the_optimizer_and_ema_take_the_textbook_steps_in_one_multi_tensor_updat
 # Sharded training (FSDP2, distributed.strategy: fsdp; latentgen.training.sharded)
 
 
+def pipeline_unet(output_dir):
+    return load_file(str(output_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
 def test_fsdp_on_two_ranks_trains_what_ddp_trains_holding_half_the_parameters_each(tmp_path):
-    r = run(LAUNCH, f"output_dir={tmp_path / 'fsdp'}", "max_steps=3", "distributed.strategy=fsdp")
+    """With EMA (each rank averaging its shards): the trained and the averaged weights equal DDP's (fp32, 1e-5);
+    with distributed.param_dtype bf16 (FSDP's mixed-precision policy) the run differs by bf16's rounding only."""
+    ema = ["ema=true", "ema_decay=0.5"]
+    r = run(LAUNCH, f"output_dir={tmp_path / 'fsdp'}", "max_steps=3", "distributed.strategy=fsdp", *ema)
     assert r.returncode == 0, r.stderr[-3000:]
     held = [line for line in r.stdout.splitlines() if "parameters (fsdp)" in line]
     counts = [int(line.split(" holds ")[1].split(" of ")[0].replace(",", "")) for line in held]
     total = int(held[0].split(" of the U-Net's ")[1].split(" ")[0].replace(",", ""))
     assert len(counts) == 2 and sum(counts) == total and max(counts) < 0.55 * total, held
-    r = run(LAUNCH, f"output_dir={tmp_path / 'ddp'}", "max_steps=3")
+    r = run(LAUNCH, f"output_dir={tmp_path / 'ddp'}", "max_steps=3", *ema)
     assert r.returncode == 0, r.stderr[-3000:]
-    sharded, whole = final_unet(tmp_path / "fsdp"), final_unet(tmp_path / "ddp")
-    assert sharded.keys() == whole.keys()
-    assert max((sharded[k] - whole[k]).abs().max().item() for k in whole) < 1e-5  # fp32: reduction order
+    for weights in (final_unet, pipeline_unet):  # the trained weights; the final pipeline's, the EMA's
+        sharded, whole = weights(tmp_path / "fsdp"), weights(tmp_path / "ddp")
+        assert sharded.keys() == whole.keys()
+        assert max((sharded[k] - whole[k]).abs().max().item() for k in whole) < 1e-5  # fp32: reduction order
+    assert any(not torch.equal(final_unet(tmp_path / "fsdp")[k], sharded[k]) for k in sharded)  # EMA applied
     pipe = LatentPipeline.from_pretrained(tmp_path / "fsdp" / "pipeline")  # a plain diffusers folder
     assert pipe.unet.config.cross_attention_dim == 32
+    r = run(LAUNCH, f"output_dir={tmp_path / 'bf16'}", "max_steps=3", "distributed.strategy=fsdp",
+            "distributed.param_dtype=bf16")
+    assert r.returncode == 0, r.stderr[-3000:]
+    low, fp32 = final_unet(tmp_path / "bf16"), final_unet(tmp_path / "fsdp")
+    assert all(v.dtype == torch.float32 for v in low.values())  # the shards stay fp32
+    gap = max((low[k] - fp32[k]).abs().max().item() for k in fp32)
+    assert 1e-5 < gap < 0.02, gap  # computed in bf16: not fp32's result, but near it
 
 
 def test_fsdp_resumes_exactly_and_at_another_number_of_ranks(tmp_path):
@@ -407,7 +423,7 @@ def test_sharded_fsdp_checkpoints_resume_at_one_and_two_ranks_as_whole_ones_do(t
     """distributed.checkpoint: sharded: each of 2 ranks writes its own shards with DCP (no whole U-Net file); the
     step-2 checkpoint loaded on one rank holds the same weights and Adam moments as the whole checkpoint of the same
     run, and resumed on two ranks ends bit for bit where resuming from the whole checkpoint does."""
-    fsdp = ["distributed.strategy=fsdp", "checkpoint_every=2", "keep_checkpoints=5"]
+    fsdp = ["distributed.strategy=fsdp", "checkpoint_every=2", "keep_checkpoints=5", "ema=true", "ema_decay=0.5"]
     for kind in ("sharded", "whole"):
         r = run(LAUNCH, f"output_dir={tmp_path / kind}", "max_steps=2", f"distributed.checkpoint={kind}", *fsdp)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -421,21 +437,31 @@ def test_sharded_fsdp_checkpoints_resume_at_one_and_two_ranks_as_whole_ones_do(t
     again = list_checkpoints(tmp_path / "one")[-1]  # rewritten whole, no step taken
     a, b = load_file(str(whole / "unet.safetensors")), load_file(str(again / "unet.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa, sb = (torch.load(p / "training_state.pt", weights_only=True)["optimizer"]["state"] for p in (whole, again))
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) for k in sa)
+    sa, sb = (torch.load(p / "training_state.pt", weights_only=True) for p in (whole, again))
+    assert sa["optimizer"]["state"].keys() == sb["optimizer"]["state"].keys()
+    assert all(torch.equal(sa["optimizer"]["state"][k]["exp_avg_sq"], sb["optimizer"]["state"][k]["exp_avg_sq"])
+               for k in sa["optimizer"]["state"])
+    assert sa["ema"]["optimization_step"] == sb["ema"]["optimization_step"] == 2
+    assert all(torch.equal(x, y) for x, y in zip(sa["ema"]["shadow_params"], sb["ema"]["shadow_params"]))
 
     for kind, start in (("sharded", shards), ("whole", whole)):
         r = run(LAUNCH, f"output_dir={tmp_path / f'{kind}-on'}", "max_steps=3", f"resume_from={start}", *fsdp)
         assert r.returncode == 0, r.stderr[-3000:]
-    a, b = final_unet(tmp_path / "sharded-on"), final_unet(tmp_path / "whole-on")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for weights in (final_unet, pipeline_unet):  # trained; averaged
+        a, b = weights(tmp_path / "sharded-on"), weights(tmp_path / "whole-on")
+        assert all(torch.equal(a[k], b[k]) for k in a)
     r = run(TRAIN, f"output_dir={tmp_path / 'bad'}", "distributed.checkpoint=sharded")
     assert r.returncode == 2 and "set distributed.strategy: fsdp" in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_fsdp_refuses_what_it_does_not_shard_yet(tmp_path):
-    r = run(TRAIN, f"output_dir={tmp_path}", "distributed.strategy=fsdp", "ema=true")
+    r = run(TRAIN, f"output_dir={tmp_path}", "distributed.strategy=fsdp", "lora.rank=4",
+            f"pretrained_pipeline={ROOT / 'latentgen' / 'default_model'}", "text_encoder.kind=pipeline")
     assert r.returncode == 2 and "distributed.strategy fsdp shards a whole U-Net's training" in r.stderr, r.stderr
+    r = run(TRAIN, f"output_dir={tmp_path}", "distributed.strategy=fsdp", "distributed.offload=true")
+    assert r.returncode == 2 and "on the CPU they are there already" in r.stderr, r.stderr
+    r = run(TRAIN, f"output_dir={tmp_path}", "distributed.param_dtype=bf16")
+    assert r.returncode == 2 and "distributed.param_dtype is a setting of sharded training" in r.stderr, r.stderr
     r = run(TRAIN, f"output_dir={tmp_path}", "distributed.strategy=zero")
     assert r.returncode == 2 and "unknown distributed.strategy 'zero'" in r.stderr, r.stderr
 

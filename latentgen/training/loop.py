@@ -61,6 +61,10 @@ class DistributedConfig:
     # fsdp's checkpoints: whole (tensors gathered, written by rank 0 as every other run's) or sharded (each rank
     # writes its shards with torch.distributed.checkpoint; loads at any number of ranks)
     checkpoint: str = "whole"
+    # fsdp: the dtype shards are gathered and computed in (FSDP2's MixedPrecisionPolicy; gradients reduced in fp32,
+    # the shards and AdamW stay fp32): fp32, bf16 or fp16
+    param_dtype: str = "fp32"
+    offload: bool = False  # fsdp on GPUs: shards, gradients and AdamW state in CPU memory between uses
 
 
 @dataclass
@@ -124,9 +128,13 @@ class TrainConfig:
             raise one_of("distributed.strategy", self.distributed.strategy, list(STRATEGIES))
         if self.distributed.checkpoint not in ("whole", "sharded"):
             raise one_of("distributed.checkpoint", self.distributed.checkpoint, ["whole", "sharded"])
-        if self.distributed.checkpoint == "sharded" and self.distributed.strategy != "fsdp":
-            raise UserError("distributed.checkpoint: sharded writes an FSDP run's shards: set distributed.strategy: "
-                            "fsdp")
+        if self.distributed.param_dtype not in ("fp32", "bf16", "fp16"):
+            raise one_of("distributed.param_dtype", self.distributed.param_dtype, ["fp32", "bf16", "fp16"])
+        sharding = {"checkpoint": self.distributed.checkpoint != "whole", "offload": self.distributed.offload,
+                    "param_dtype": self.distributed.param_dtype != "fp32"}
+        if any(sharding.values()) and self.distributed.strategy != "fsdp":
+            key = next(k for k, asked in sharding.items() if asked)
+            raise UserError(f"distributed.{key} is a setting of sharded training: set distributed.strategy: fsdp")
 
 
 # ----------------------------------------------------------------------------------------------------------------

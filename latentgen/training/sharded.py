@@ -15,26 +15,35 @@ from __future__ import annotations
 
 import copy
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from latentgen.errors import first_line
 from latentgen.formats.checkpoint import SHARDED, checkpoints_dir
+from latentgen.runtime.precision import DTYPES
 
 OPTIONS: dict[str, Any] = {"full_state_dict": True, "cpu_offload": True}
 
 
-def shard(unet: torch.nn.Module) -> torch.nn.Module:
-    """The U-Net sharded in place over the process group's ranks (FSDP2)."""
-    from torch.distributed.fsdp import fully_shard
+def shard(unet: torch.nn.Module, config=None) -> torch.nn.Module:
+    """The U-Net sharded in place over the process group's ranks (FSDP2), with the `distributed` section's
+    policies: `param_dtype` (the dtype shards are gathered and computed in; gradients are reduced in fp32) and
+    `offload` (a GPU's shards and optimizer state in CPU memory between uses)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+    policies: dict[str, Any] = {}
+    if config is not None and config.param_dtype != "fp32":
+        policies["mp_policy"] = MixedPrecisionPolicy(param_dtype=DTYPES[config.param_dtype],
+                                                     reduce_dtype=torch.float32)
+    policies["offload_policy"] = CPUOffloadPolicy() if config is not None and config.offload else OffloadPolicy()
     unet.plain_class = type(unet)  # fully_shard swaps the class for an FSDP subclass
     for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
         if block is not None:
-            fully_shard(block)
-    fully_shard(unet)
+            fully_shard(block, **policies)
+    fully_shard(unet, **policies)
     return unet
 
 
@@ -122,11 +131,60 @@ class Snapshot:
         return self.state
 
 
+class FullEMA:
+    """The EMA of a sharded model (diffusers' EMAModel over its sharded parameters: each rank averages its own
+    shards) as a checkpoint holds it: `state_dict()` gathers whole shadow tensors (a collective), `load_state_dict`
+    keeps this rank's part of them; `shards()` is this rank's part, as DCP writes it."""
+
+    def __init__(self, ema):
+        self.ema = ema
+        ema.foreach = False  # DTensor has no sharding rule for _foreach_copy_ (copy_to), only per-tensor copies
+
+    def state_dict(self) -> dict:
+        return self.ema.state_dict() | {"shadow_params": [_whole(s) for s in self.ema.shadow_params]}
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        mine = [distribute_tensor(full.to(s.device), s.device_mesh, s.placements, src_data_rank=None)
+                if isinstance(s, DTensor) else full for full, s in zip(state["shadow_params"], self.ema.shadow_params)]
+        self.ema.load_state_dict(state | {"shadow_params": mine})
+
+    def shards(self) -> dict[str, Any]:
+        return self.ema.state_dict() | {"shadow_params": {str(i): s for i, s in enumerate(self.ema.shadow_params)}}
+
+    def load_checkpoint(self, path: Path, name: str, saved: dict) -> None:
+        if not (path / SHARDED).is_dir():
+            return self.load_state_dict(saved[name])
+        state = _read_shards(path, name, self.shards())
+        shadows = state["shadow_params"]
+        self.ema.load_state_dict(state | {"shadow_params": [shadows[str(i)] for i in range(len(shadows))]})
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+@contextmanager
+def swapped_in(ema, model: torch.nn.Module) -> Iterator[None]:
+    """`model` with the EMA's weights (each rank its shards) inside the block, its own after; `ema` None: as it is."""
+    if ema is None:
+        yield
+        return
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        yield
+    finally:
+        ema.restore(model.parameters())
+
+
 def gathered(obj: Any) -> Any:
-    """What a checkpoint writes of `obj`: a sharded model's or optimizer's whole state (a collective), else `obj`."""
+    """What a checkpoint writes of `obj`: a sharded model's, optimizer's or EMA's whole state (a collective), else
+    `obj`."""
     if isinstance(obj, FullModel):
         return obj.state_dict()
-    if isinstance(obj, FullOptimizer):
+    if isinstance(obj, (FullOptimizer, FullEMA)):
         return Snapshot(obj.state_dict())
     return obj
 
@@ -143,7 +201,7 @@ def unsharded(model: torch.nn.Module, main: bool) -> torch.nn.Module | None:
 
 
 def is_sharded(obj: Any) -> bool:
-    return isinstance(obj, (FullModel, FullOptimizer))
+    return isinstance(obj, (FullModel, FullOptimizer, FullEMA))
 
 
 def write_shards(output_dir: Path, step: int, objects: dict[str, Any], accelerator) -> Path | None:

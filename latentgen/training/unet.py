@@ -60,9 +60,12 @@ def train_unet(config: UNetTrainConfig) -> Path:
     if fsdp_requested():  # accelerate launch --use_fsdp: honoured by FSDP2 here, on the CPU as on GPUs
         config.distributed.strategy = "fsdp"
     shard = config.distributed.strategy == "fsdp"
-    if shard and (config.lora.rank or config.trains_text or config.ema or config.upscaler.scale):
+    if shard and (config.lora.rank or config.trains_text or config.upscaler.scale):
         raise UserError("distributed.strategy fsdp shards a whole U-Net's training: not a LoRA, a trained text "
-                        "encoder, EMA or an upscaler yet (use ddp for those)")
+                        "encoder or an upscaler yet (use ddp for those)")
+    if shard and config.distributed.offload and run.state.device.type == "cpu":
+        raise UserError("distributed.offload keeps a GPU's shards in CPU memory between uses; on the CPU they are "
+                        "there already: set it false")
     parts = load_components(config)
     dataset = build_dataset(config.data)
     step_batches(dataset, config, run.state.num_processes, 0)  # one step fits (else a one-line error)
@@ -94,7 +97,7 @@ def train_unet(config: UNetTrainConfig) -> Path:
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if shard and accelerator.num_processes > 1:
-        sharded.shard(unet)  # FSDP2: each rank keeps its shards; gradients are reduce-scattered
+        sharded.shard(unet, config.distributed)  # FSDP2: each rank its shards; gradients reduce-scattered
         say(f"train_unet (fsdp): {describe(run.state)} holds {sharded.resident(unet):,} of the U-Net's "
             f"{sum(p.numel() for p in unet.parameters()):,} parameters (fsdp)")
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -119,14 +122,17 @@ def train_unet(config: UNetTrainConfig) -> Path:
     texts = dict(zip(("text_encoder", "text_encoder_2"), parts.text_models)) if train_text else {}
     models = {"unet": sharded.FullModel(raw_unet) if shard else raw_unet} | texts
     states = {"optimizer": sharded.FullOptimizer(raw_unet, optimizer.optimizer) if shard else optimizer.optimizer,
-              "lr_scheduler": lr_scheduler, "ema": ema, "scaler": accelerator.scaler}
+              "lr_scheduler": lr_scheduler, "ema": sharded.FullEMA(ema) if shard and ema else ema,
+              "scaler": accelerator.scaler}
     examples = made.examples(dataset, device)
 
     def validate(step: int, unet=raw_unet) -> None:
-        if shard:  # gathered on every rank, sampled on the main one
-            unet = sharded.unsharded(raw_unet, accelerator.is_main_process)
-            if unet is None:
-                return
+        if shard:  # gathered on every rank (with the EMA's weights, each rank swapping in its shards), sampled on
+            with sharded.swapped_in(ema, raw_unet):  # the main one
+                unet = sharded.unsharded(raw_unet, accelerator.is_main_process)
+            if unet is not None:
+                _validate(config, parts, unet, None, accelerator, step, examples)
+            return
         _validate(config, parts, unet, ema, accelerator, step, examples)
 
     run.validate_everywhere = shard
@@ -160,10 +166,10 @@ def train_unet(config: UNetTrainConfig) -> Path:
     # 5. What the run makes, with EMA weights when on.
     target = made.target
     main = run.finish(config.train_batch_size * accum * accelerator.num_processes)
+    if ema is not None:
+        ema.copy_to(raw_unet.parameters())  # a sharded U-Net: each rank its shards
     final = sharded.unsharded(raw_unet, main) if shard else raw_unet  # whole weights, on the main rank
     if main:
-        if ema is not None:
-            ema.copy_to(final.parameters())
         _validate(config, parts, final, None, accelerator, config.max_steps, examples)
         made.save(final, target)
         accelerator.print(f"wrote {target}")
