@@ -42,6 +42,27 @@ def train(out, folder, *extra, timeout=600):
     return r
 
 
+def adapted_and_saved(folder, path, **lora_settings):
+    """The SDXL pipeline in `folder` with adapters (lora.algo's) on its U-Net and both text encoders, as the trainer
+    adds them, their factors random (peft starts them at a zero update), written by save_lora to `path`."""
+    from latentgen.training.products import add_lora, add_text_encoder_lora, save_lora
+    from latentgen.training.unet_config import LoraTrainConfig, UNetTrainConfig
+
+    lora = LoraTrainConfig(rank=4, alpha=2, text_encoder=True, **lora_settings)
+    trained = LatentPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    add_lora(trained.unet, lora)
+    for model in (trained.text_encoder, trained.text_encoder_2):
+        add_text_encoder_lora(model, lora)
+    torch.manual_seed(0)
+    for model in (trained.unet, trained.text_encoder, trained.text_encoder_2):
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "hada_" in name:
+                param.data.normal_(0, 0.3)
+    save_lora(UNetTrainConfig(pretrained_pipeline=str(folder), lora=lora), trained.unet,
+              [trained.text_encoder, trained.text_encoder_2], path, sdxl=True)
+    return trained
+
+
 def test_the_data_gives_sdxls_size_conditioning():
     """Each item's (original height, width, crop top, left), as diffusers' SDXL script computes them: a 100×50
     image at 32 px is resized to 64×32 and its middle cropped (left 16); random crops and flips move the corner."""
@@ -90,22 +111,7 @@ def test_an_sdxl_lora_file_gives_the_image_of_the_adapted_models_in_diffusers(xl
     models that carried the adapters in memory."""
     from diffusers import StableDiffusionXLPipeline
 
-    from latentgen.training.products import add_lora, add_text_encoder_lora, save_lora
-    from latentgen.training.unet_config import LoraTrainConfig, UNetTrainConfig
-
-    lora = LoraTrainConfig(rank=4, alpha=2, text_encoder=True, kohya=True)
-    config = UNetTrainConfig(pretrained_pipeline=str(xl_folder), lora=lora)
-    trained = LatentPipeline.from_pretrained(xl_folder, torch_dtype=torch.float32)
-    add_lora(trained.unet, lora)
-    for model in (trained.text_encoder, trained.text_encoder_2):
-        add_text_encoder_lora(model, lora)
-    torch.manual_seed(0)
-    for model in (trained.unet, trained.text_encoder, trained.text_encoder_2):
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.data.normal_(0, 0.3)
-    save_lora(config, trained.unet, [trained.text_encoder, trained.text_encoder_2], tmp_path / "mine.safetensors",
-              sdxl=True)
+    trained = adapted_and_saved(xl_folder, tmp_path / "mine.safetensors", kohya=True)
     with safe_open(str(tmp_path / "lora_kohya.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.") for k in keys)
@@ -197,3 +203,17 @@ def test_the_memory_guard_counts_what_deeper_transformers_keep_for_backward():
     (one, shallow), (deep, config) = saved((1, 1, 1)), saved((1, 2, 4))
     assert deep_transformer_bytes(shallow, 32, 32, 2, 4) == 0
     assert 0.85 <= deep_transformer_bytes(config, 32, 32, 2, 4) / (deep - one) <= 1.15  # 1.08 measured
+
+
+def test_an_sdxl_loha_file_gives_the_image_of_the_adapted_models(xl_folder, tmp_path):
+    """lora.algo loha on SDXL: LyCORIS's file with sd-scripts' SDXL names (Stability's U-Net layout, lora_te1_,
+    lora_te2_), which `loras=` loads to the image of the models that carried the adapters in memory."""
+    trained = adapted_and_saved(xl_folder, tmp_path / "mine.safetensors", algo="loha")
+    with safe_open(str(tmp_path / "mine.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("lora_unet_input_blocks_4_1_") and k.endswith(".hada_w1_a") for k in keys)
+    assert any(k.startswith("lora_te1_text_model_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
+    expected = xl_image(trained)
+    ours = LatentPipeline.from_pretrained(xl_folder, torch_dtype=torch.float32)
+    assert np.abs(xl_image(ours) - expected).max() > 1e-2
+    assert np.abs(xl_image(ours, loras=[(tmp_path / "mine.safetensors", 1.0)]) - expected).max() <= 1e-4
