@@ -133,6 +133,8 @@ def ldm_state(net: ControlNetModel) -> dict[str, torch.Tensor]:
         parts = key.split(".")
         if parts[0] == "time_embedding":
             new = f"time_embed.{ {'linear_1': 0, 'linear_2': 2}[parts[1]] }." + ".".join(parts[2:])
+        elif parts[0] == "add_embedding":  # SDXL's pooled text and sizes
+            new = f"label_emb.0.{ {'linear_1': 0, 'linear_2': 2}[parts[1]] }." + ".".join(parts[2:])
         elif parts[0] == "conv_in":
             new = "input_blocks.0.0." + parts[1]
         elif parts[0] == "down_blocks":
@@ -186,6 +188,41 @@ def test_an_a1111_single_file_controlnet_loads_to_the_folders_image(tmp_path):
     folder = run(str(tmp_path / "folder"))
     assert np.abs(run("control_sd15_test") - folder).max() <= 1e-5  # found by name in controlnets_dir
     assert np.abs(run(net) - folder).max() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_single_files_in_diffusers_keys_and_sdxl_ldm_files_load_to_the_folders_image(tmp_path, kind):
+    """The files A1111 users have besides SD 1.5's: a ControlNet as diffusers' keys in one file without its
+    config.json (lllyasviel's `diffusers_xl_canny_full.safetensors`), for SD 1.x and SDXL, and SDXL's in the LDM
+    layout (`label_emb`): the architecture from the weights (SDXL's time-embedding width from the model), the image
+    of its diffusers folder; an SDXL ControlNet on an SD 1.x model is a one-line error."""
+    from safetensors.torch import save_file
+
+    parts = C.sd1_components() if kind == "sd1" else C.sdxl_components() | {"vae": C.sd_vae(levels=4)}  # SD's 8×
+    net = controlnet(parts["unet"], 4, hint=(4, 8, 8, 16))  # SD's four-level hint encoder, scaled down
+    net.save_pretrained(tmp_path / "folder")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / f"diffusers_{kind}.safetensors")
+    save_file(ldm_state(net), tmp_path / f"control_{kind}.safetensors")
+    pipe = LatentPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    image = random_images(1, 64)[0]
+
+    def run(model):
+        return pipe(PROMPT, control=[Control(str(model), image, 0.9)], seed=2, num_inference_steps=3, height=64,
+                    width=64, output_type="np").images
+
+    folder = run(tmp_path / "folder")
+    assert np.abs(folder - pipe(PROMPT, seed=2, num_inference_steps=3, height=64, width=64,
+                                output_type="np").images).max() > 1e-3  # the ControlNet steers
+    for name in (f"diffusers_{kind}", f"control_{kind}"):
+        assert np.abs(run(tmp_path / f"{name}.safetensors") - folder).max() <= 1e-5, name
+    if kind == "sdxl":
+        other = LatentPipeline(**C.sd1_components())
+        other.set_progress_bar_config(disable=True)
+        for name in ("diffusers_sdxl", "control_sdxl"):
+            with pytest.raises(UserError, match="is an SDXL ControlNet: use it with an SDXL model"):
+                other(PROMPT, control=[Control(str(tmp_path / f"{name}.safetensors"), image, 0.9)],
+                      num_inference_steps=2)
 
 
 # ---------------------------------------------------------------------------------------------------------------

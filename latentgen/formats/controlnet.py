@@ -62,10 +62,11 @@ def names(*folders) -> list[str]:
     return sorted(found)
 
 
-def load(path: Path, allow_pickle: bool = False):
-    """A ControlNetModel (fp32, eval mode) from a diffusers folder or a single LDM-layout file; what A1111's
-    ControlNet extension runs too: a T2I-Adapter folder (diffusers' `T2IAdapter`), an IP-Adapter file (a
-    `formats.ip_adapter.IPAdapter`)."""
+def load(path: Path, allow_pickle: bool = False, base: dict | None = None):
+    """A ControlNetModel (fp32, eval mode) from a diffusers folder or a single file (LDM layout, or diffusers' keys
+    without a config); what A1111's ControlNet extension runs too: a T2I-Adapter folder (diffusers' `T2IAdapter`),
+    an IP-Adapter file (a `formats.ip_adapter.IPAdapter`). `base`: the config of the U-Net it will run with, for
+    what a file's weights cannot say (SDXL's time-embedding width, the attention heads)."""
     from diffusers import ControlNetModel
 
     path = Path(path)
@@ -98,36 +99,49 @@ def load(path: Path, allow_pickle: bool = False):
         except (OSError, ValueError, EnvironmentError) as err:
             raise UserError(f"cannot load the ControlNet in {path} ({str(err).splitlines()[0]})") from None
     state, _ = single_file.read(path, allow_pickle)
-    return from_ldm(state, path.name)
+    if "controlnet_cond_embedding.conv_in.weight" in state:
+        return from_diffusers_keys(state, path.name, base)
+    return from_ldm(state, path.name, base)
 
 
-def from_ldm(state: dict[str, torch.Tensor], name: str = "the file"):
-    """A ControlNetModel from LDM-layout tensors (`control_model.` prefix or none)."""
+def from_ldm(state: dict[str, torch.Tensor], name: str = "the file", base: dict | None = None):
+    """A ControlNetModel from LDM-layout tensors (`control_model.` prefix or none); an SDXL one (`label_emb`) needs
+    `base`, the U-Net config it runs with, for its time-embedding width."""
     from diffusers import ControlNetModel
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
     bare = {k.removeprefix(LDM_PREFIX): v for k, v in state.items()}
     if "input_hint_block.0.weight" not in bare or "zero_convs.0.0.weight" not in bare:
-        if any(k.startswith("controlnet_cond_embedding.") for k in bare):
-            raise UserError(f"{name} is a ControlNet in diffusers' layout: give its folder, with its config.json")
         if any("lora" in k for k in bare):
             raise UserError(f"{name} looks like a control-LoRA, which latentgen does not load yet")
         raise UserError(f"{name} is not a ControlNet (no input_hint_block / zero_convs weights)")
-    config = config_from_ldm(bare, name)
+    config = config_from_ldm(bare, name, base)
     # diffusers' converter numbers the hint block as SD's 16-32-96-256 one (conv_out at index 14)
     if f"input_hint_block.{2 * len(config['conditioning_embedding_out_channels']) * 2 - 2}.weight" not in bare:
         raise UserError(f"{name}: its hint encoder is not SD's four-level one, which this converter reads")
     converted = convert_controlnet_checkpoint({LDM_PREFIX + k: v for k, v in bare.items()}, config)
     converted = {k: v for k, v in converted.items() if v is not None}
+    # SDXL's added embedding (pooled text and sizes), which diffusers' converter leaves out
+    converted |= {f"add_embedding.linear_{n}.{p}": bare[f"label_emb.0.{i}.{p}"]
+                  for n, i in ((1, 0), (2, 2)) for p in ("weight", "bias") if f"label_emb.0.{i}.{p}" in bare}
     return single_file._build(ControlNetModel, config, converted, "ControlNet")
 
 
-def config_from_ldm(c: dict[str, torch.Tensor], name: str = "the file") -> dict:
+def _pooled_width(adm: int, base: dict | None, name: str) -> int:
+    """The pooled text width inside SDXL's added embedding of `adm` inputs: the base U-Net's."""
+    if base is None or base.get("addition_embed_type") != "text_time":
+        raise UserError(f"{name} is an SDXL ControlNet: use it with an SDXL model")
+    pooled = adm - 6 * int(base["addition_time_embed_dim"])
+    if adm != base.get("projection_class_embeddings_input_dim") or pooled <= 0:
+        raise UserError(f"{name} takes a {adm}-wide added embedding; this model's U-Net takes "
+                        f"{base.get('projection_class_embeddings_input_dim')}: they are not for each other")
+    return pooled
+
+
+def config_from_ldm(c: dict[str, torch.Tensor], name: str = "the file", base: dict | None = None) -> dict:
     """A ControlNetModel config from LDM ControlNet tensors (prefix stripped)."""
-    pooled = None
-    if "label_emb.0.0.weight" in c:
-        raise UserError(f"{name} is an SDXL ControlNet in the LDM layout, which latentgen reads only as a "
-                        "diffusers folder")
+    pooled = _pooled_width(int(c["label_emb.0.0.weight"].shape[1]), base, name) if "label_emb.0.0.weight" in c \
+        else None
     config = single_file.unet_config(c, pooled, what="ControlNet")
     config.pop("up_block_types", None)
     hint = sorted(int(k.split(".")[1]) for k in c if k.startswith("input_hint_block.") and k.endswith(".weight"))
@@ -138,3 +152,44 @@ def config_from_ldm(c: dict[str, torch.Tensor], name: str = "the file") -> dict:
                "conditioning_embedding_out_channels": widths,
                "sample_size": 64}
     return config
+
+
+def from_diffusers_keys(state: dict[str, torch.Tensor], name: str = "the file", base: dict | None = None):
+    """A ControlNetModel from one file of diffusers' own keys without its config.json, as A1111's ControlNet
+    extension takes them (lllyasviel's `diffusers_xl_canny_full/mid/small.safetensors`, a `save_pretrained` weights
+    file renamed): the architecture from the weights' names and shapes; the attention heads and SDXL's time-embedding
+    width, which weights cannot say, from `base` (the U-Net it runs with), else SD's conventions."""
+    from diffusers import ControlNetModel
+
+    levels = sorted({int(k.split(".")[1]) for k in state if k.startswith("down_blocks.")})
+    widths = [int(state[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0]) for i in levels]
+    depth = [single_file._count(state, rf"down_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\.")
+             for i in levels]
+    to_k = next((v for k, v in state.items() if k.endswith("attn2.to_k.weight")), None)
+    proj_in = next((v for k, v in state.items() if k.endswith(".proj_in.weight")), None)
+    if to_k is None or proj_in is None:
+        raise UserError(f"{name} is a ControlNet without cross-attention, which latentgen does not read")
+    linear = proj_in.ndim == 2
+    hint = sorted(int(k.split(".")[2]) for k in state
+                  if k.startswith("controlnet_cond_embedding.blocks.") and k.endswith(".weight"))
+    config = {
+        "in_channels": int(state["conv_in.weight"].shape[1]),
+        "conditioning_channels": int(state["controlnet_cond_embedding.conv_in.weight"].shape[1]),
+        "conditioning_embedding_out_channels": [int(state["controlnet_cond_embedding.conv_in.weight"].shape[0])] + [
+            int(state[f"controlnet_cond_embedding.blocks.{j}.weight"].shape[0]) for j in hint[1::2]],
+        "block_out_channels": widths,
+        "layers_per_block": single_file._count(state, r"down_blocks\.0\.resnets\.(\d+)\."),
+        "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depth],
+        "cross_attention_dim": int(to_k.shape[1]),
+        "use_linear_projection": linear,
+        "attention_head_dim": base["attention_head_dim"] if base else (
+            [max(w // single_file.HEAD_WIDTH, 1) for w in widths] if linear else single_file.SD1_HEADS),
+        "transformer_layers_per_block": [max(d, 1) for d in depth],
+        "mid_block_type": "UNetMidBlock2DCrossAttn" if any(k.startswith("mid_block.attentions.") for k in state)
+        else "UNetMidBlock2D",
+    }
+    if "add_embedding.linear_1.weight" in state:
+        adm = int(state["add_embedding.linear_1.weight"].shape[1])
+        config |= {"addition_embed_type": "text_time", "projection_class_embeddings_input_dim": adm,
+                   "addition_time_embed_dim": (adm - _pooled_width(adm, base, name)) // 6}
+    return single_file._build(ControlNetModel, config, state, "ControlNet")
