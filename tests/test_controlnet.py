@@ -225,6 +225,47 @@ def test_single_files_in_diffusers_keys_and_sdxl_ldm_files_load_to_the_folders_i
                       num_inference_steps=2)
 
 
+def test_a_control_lora_is_the_base_unets_encoder_with_its_low_rank_changes(tmp_path):
+    """Stability's control-LoRA (SDXL): `.up`/`.down` pairs on LDM-named layers of the model's own U-Net plus whole
+    tensors for the hint encoder and zero convolutions, marked `lora_controlnet`. Loaded as ComfyUI builds it, it
+    gives the image of the ControlNet whose encoder is the base's plus up·down; without its model it is a one-line
+    error."""
+    from safetensors.torch import save_file
+
+    from latentgen.formats import controlnet as files
+
+    parts = C.sdxl_components() | {"vae": C.sd_vae(levels=4)}
+    net = controlnet(parts["unet"], 5, hint=(4, 8, 8, 16))
+    full = {k.removeprefix("control_model."): v for k, v in ldm_state(net).items()}
+    g = torch.Generator().manual_seed(3)
+    lora, changed = {"lora_controlnet": torch.tensor([])}, dict(full)
+    for key, weight in full.items():
+        if key.startswith(("input_blocks.", "middle_block.")) and key.endswith(".weight") and weight.ndim >= 2 \
+                and ("attn" in key or "in_layers.2" in key):
+            up, down = torch.randn(weight.shape[0], 2, generator=g) * 0.2, torch.randn(2, weight[0].numel(),
+                                                                                         generator=g) * 0.2
+            lora[key.replace(".weight", ".up")], lora[key.replace(".weight", ".down")] = up, down
+            changed[key] = weight + (up @ down).reshape(weight.shape)
+        elif key.startswith(("input_hint_block.", "zero_convs.", "middle_block_out.")):
+            lora[key] = weight  # whole, as control-LoRA files carry them
+    assert sum(k.endswith(".up") for k in lora) > 10
+    save_file({k: v.contiguous() for k, v in lora.items()}, tmp_path / "control-lora-test.safetensors")
+    reference = files.from_ldm(changed, "reference", dict(parts["unet"].config))
+    pipe = LatentPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    image = random_images(1, 64)[0]
+
+    def run(model):
+        return pipe(PROMPT, control=[Control(model, image, 0.9)], seed=2, num_inference_steps=3, height=64, width=64,
+                    output_type="np").images
+
+    expected = run(reference)
+    assert np.abs(run(net) - expected).max() > 1e-3  # the low-rank changes matter
+    assert np.abs(run(str(tmp_path / "control-lora-test.safetensors")) - expected).max() <= 1e-5
+    with pytest.raises(UserError, match="is a control-LoRA: it changes a model's own U-Net"):
+        files.load(tmp_path / "control-lora-test.safetensors")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Preprocessors and resize modes
 

@@ -62,11 +62,12 @@ def names(*folders) -> list[str]:
     return sorted(found)
 
 
-def load(path: Path, allow_pickle: bool = False, base: dict | None = None):
-    """A ControlNetModel (fp32, eval mode) from a diffusers folder or a single file (LDM layout, or diffusers' keys
-    without a config); what A1111's ControlNet extension runs too: a T2I-Adapter folder (diffusers' `T2IAdapter`),
-    an IP-Adapter file (a `formats.ip_adapter.IPAdapter`). `base`: the config of the U-Net it will run with, for
-    what a file's weights cannot say (SDXL's time-embedding width, the attention heads)."""
+def load(path: Path, allow_pickle: bool = False, base=None):
+    """A ControlNetModel (fp32, eval mode) from a diffusers folder or a single file (LDM layout, diffusers' keys
+    without a config, or Stability's control-LoRA); what A1111's ControlNet extension runs too: a T2I-Adapter
+    folder (diffusers' `T2IAdapter`), an IP-Adapter file (a `formats.ip_adapter.IPAdapter`). `base`: the U-Net it
+    will run with, for what a file's weights cannot say (SDXL's time-embedding width, the attention heads) and, for
+    a control-LoRA, the weights it changes."""
     from diffusers import ControlNetModel
 
     path = Path(path)
@@ -99,9 +100,12 @@ def load(path: Path, allow_pickle: bool = False, base: dict | None = None):
         except (OSError, ValueError, EnvironmentError) as err:
             raise UserError(f"cannot load the ControlNet in {path} ({str(err).splitlines()[0]})") from None
     state, _ = single_file.read(path, allow_pickle)
+    config = dict(base.config) if base is not None else None
     if "controlnet_cond_embedding.conv_in.weight" in state:
-        return from_diffusers_keys(state, path.name, base)
-    return from_ldm(state, path.name, base)
+        return from_diffusers_keys(state, path.name, config)
+    if "lora_controlnet" in state:
+        return from_control_lora(state, path.name, base)
+    return from_ldm(state, path.name, config)
 
 
 def from_ldm(state: dict[str, torch.Tensor], name: str = "the file", base: dict | None = None):
@@ -112,8 +116,6 @@ def from_ldm(state: dict[str, torch.Tensor], name: str = "the file", base: dict 
 
     bare = {k.removeprefix(LDM_PREFIX): v for k, v in state.items()}
     if "input_hint_block.0.weight" not in bare or "zero_convs.0.0.weight" not in bare:
-        if any("lora" in k for k in bare):
-            raise UserError(f"{name} looks like a control-LoRA, which latentgen does not load yet")
         raise UserError(f"{name} is not a ControlNet (no input_hint_block / zero_convs weights)")
     config = config_from_ldm(bare, name, base)
     # diffusers' converter numbers the hint block as SD's 16-32-96-256 one (conv_out at index 14)
@@ -193,3 +195,31 @@ def from_diffusers_keys(state: dict[str, torch.Tensor], name: str = "the file", 
         config |= {"addition_embed_type": "text_time", "projection_class_embeddings_input_dim": adm,
                    "addition_time_embed_dim": (adm - _pooled_width(adm, base, name)) // 6}
     return single_file._build(ControlNetModel, config, state, "ControlNet")
+
+
+def from_control_lora(state: dict[str, torch.Tensor], name: str, base):
+    """A ControlNetModel from Stability's control-LoRA (`control-lora-canny-rank128.safetensors`, marked by a
+    `lora_controlnet` key), as ComfyUI builds it: the ControlNet is the base U-Net's encoder (LDM names), each layer
+    the file names with `.up`/`.down` gets up·down added to its weight (scale 1), and every other tensor in the file
+    (hint encoder, zero convolutions, norms, biases) replaces the base's."""
+    if base is None:
+        raise UserError(f"{name} is a control-LoRA: it changes a model's own U-Net, so use it with that model")
+    ldm = single_file.unet_ldm_names(base.config)
+    weights = {ldm(k): v.detach().float() for k, v in base.state_dict().items() if ldm(k) is not None}
+    control = {k: v for k, v in weights.items() if not k.startswith(("output_blocks.", "out."))}
+    for key, tensor in state.items():
+        if key == "lora_controlnet" or key.endswith(".down"):
+            continue
+        if key.endswith(".up"):
+            layer = key.removesuffix(".up")
+            down, target = state.get(f"{layer}.down"), control.get(f"{layer}.weight")
+            if down is None or target is None:
+                raise UserError(f"{name}: its LoRA of {layer} has no {'down half' if down is None else 'layer'} "
+                                "in this model's U-Net: it is made for another model")
+            delta = tensor.float().flatten(1) @ down.float().flatten(1)
+            if delta.numel() != target.numel():
+                raise UserError(f"{name}: its LoRA of {layer} does not fit this model's U-Net (another model's)")
+            control[f"{layer}.weight"] = target + delta.reshape(target.shape)
+        else:
+            control[key] = tensor.float()
+    return from_ldm(control, name, dict(base.config))

@@ -252,7 +252,7 @@ def fit(pipe, units: list[Control], height: int, width: int) -> list[Active]:
             path = files.resolve(net, folders, confined).resolve()
             cache = networks(pipe)
             if path not in cache:
-                cache[path] = files.load(path, getattr(pipe, "allow_pickle", False), dict(pipe.unet.config))
+                cache[path] = files.load(path, getattr(pipe, "allow_pickle", False), pipe.unet)
             net = cache[path]
         image = unit.image
         if isinstance(image, (str, Path)):

@@ -47,7 +47,7 @@ def new_controlnet(unet, config: UNetTrainConfig, vae_factor: int):
     from diffusers import ControlNetModel
 
     if config.controlnet.pretrained_controlnet:
-        return load(Path(config.controlnet.pretrained_controlnet), base=dict(unet.config))
+        return load(Path(config.controlnet.pretrained_controlnet), base=unet)
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=hint_channels(config, vae_factor))
 
 
