@@ -607,6 +607,48 @@ def test_a_t2i_adapter_unit_gives_diffusers_adapter_pipelines_image(tmp_path):
         ours(PROMPT, control=[Control(str(tmp_path / "t2i2"), image)], num_inference_steps=1)
 
 
+def test_t2i_adapter_single_files_load_to_the_folders_image(tmp_path):
+    """A T2I-Adapter as one file: diffusers' keys in a .safetensors, and TencentARC's own layout in a .pth (a
+    pickle: refused unless allowed, then read weights-only), each the image of its diffusers folder."""
+    from safetensors.torch import save_file
+
+    parts = C.sd1_components()
+    ours = LatentPipeline(**parts)
+    ours.set_progress_bar_config(disable=True)
+    from diffusers import T2IAdapter
+
+    torch.manual_seed(6)
+    adapter = T2IAdapter(in_channels=1, channels=list(parts["unet"].config.block_out_channels), num_res_blocks=2,
+                         downscale_factor=8, adapter_type="full_adapter").eval()
+    adapter.save_pretrained(tmp_path / "folder")
+    save_file({k: v.contiguous() for k, v in adapter.state_dict().items()}, tmp_path / "t2i-adapter_test.safetensors")
+    original = {}  # TencentARC's names: body.<level·2 + block>.block1 / .in_conv, conv_in
+    for key, tensor in adapter.state_dict().items():
+        key = key.removeprefix("adapter.")
+        if key.startswith("body."):
+            _, level, rest = key.split(".", 2)
+            if rest.startswith("resnets."):
+                _, block, rest = rest.split(".", 2)
+                key = f"body.{int(level) * 2 + int(block)}.{rest}"
+            else:  # in_conv sits on a level's first block
+                key = f"body.{int(level) * 2}.{rest}"
+        original[key] = tensor
+    torch.save(original, tmp_path / "t2iadapter_test_sd15v2.pth")
+    image = random_images(1, 64)[0]
+
+    def run(model):
+        return ours(PROMPT, control=[Control(str(model), image, 0.7)], generator=torch.Generator().manual_seed(3),
+                    **KW).images
+
+    folder = run(tmp_path / "folder")
+    assert np.abs(folder - ours(PROMPT, generator=torch.Generator().manual_seed(3), **KW).images).max() > 1e-2
+    assert np.abs(run(tmp_path / "t2i-adapter_test.safetensors") - folder).max() <= 1e-5
+    with pytest.raises(UserError, match="pickle"):
+        run(tmp_path / "t2iadapter_test_sd15v2.pth")
+    ours.allow_pickle = True
+    assert np.abs(run(tmp_path / "t2iadapter_test_sd15v2.pth") - folder).max() <= 1e-5
+
+
 def test_the_shipped_layout_controlnet_puts_the_shapes_where_the_map_says():
     """The default model's own layout ControlNet (`controlnets/layout`, found by name): each shape of a held-out
     two-shape prompt lands on its silhouette; without the map, not."""

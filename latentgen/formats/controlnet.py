@@ -105,6 +105,8 @@ def load(path: Path, allow_pickle: bool = False, base=None):
         return from_diffusers_keys(state, path.name, config)
     if "lora_controlnet" in state:
         return from_control_lora(state, path.name, base)
+    if "adapter.conv_in.weight" in state or ("conv_in.weight" in state and "body.0.block1.weight" in state):
+        return t2i_adapter(state, path.name, config)
     return from_ldm(state, path.name, config)
 
 
@@ -223,3 +225,36 @@ def from_control_lora(state: dict[str, torch.Tensor], name: str, base):
         else:
             control[key] = tensor.float()
     return from_ldm(control, name, dict(base.config))
+
+
+def t2i_adapter(state: dict[str, torch.Tensor], name: str, base: dict | None):
+    """A diffusers T2IAdapter (full) from one file: diffusers' keys (`adapter.body.0.resnets.0.block1.…`), or
+    TencentARC's own (`t2iadapter_canny_sd15v2.pth`: `body.<level·2 + block>.block1.…`, two blocks a level, as
+    diffusers' conversion script reads them). Its kind, and with it how far it shrinks the image, follows the model
+    it runs with (SDXL's adapters shrink 16×, SD's 8×); the input channels follow from that."""
+    from diffusers import T2IAdapter
+
+    if "adapter.conv_in.weight" not in state:  # TencentARC's layout -> diffusers'
+        renamed = {}
+        for key, tensor in state.items():
+            if key.startswith("body."):
+                _, index, rest = key.split(".", 2)
+                level, block = divmod(int(index), 2)
+                rest = rest if rest.startswith("in_conv.") else f"resnets.{block}.{rest}"
+                key = f"body.{level}.{rest}"
+            renamed[f"adapter.{key}"] = tensor
+        state = renamed
+    levels = sorted({int(k.split(".")[2]) for k in state if k.startswith("adapter.body.")})
+    blocks = single_file._count(state, r"adapter\.body\.0\.resnets\.(\d+)\.")
+    if not levels or not blocks or any(".down_opt." in k or ".skep." in k for k in state):
+        raise UserError(f"{name} is a T2I-Adapter of a kind latentgen does not read (only full adapters)")
+    xl = base is not None and base.get("addition_embed_type") == "text_time"
+    factor = 16 if xl else 8
+    channels = [int(state[f"adapter.body.{i}.resnets.0.block1.weight"].shape[0]) for i in levels]
+    inputs, remainder = divmod(int(state["adapter.conv_in.weight"].shape[1]), factor * factor)
+    if remainder or inputs not in (1, 3):  # a grey or an RGB control image, shrunk by the kind's factor
+        raise UserError(f"{name} is a T2I-Adapter made for {'SD 1.x/2.x' if xl else 'SDXL'}, not for this "
+                        f"{'SDXL' if xl else 'SD 1.x/2.x'} model")
+    config = {"in_channels": inputs, "channels": channels, "num_res_blocks": blocks, "downscale_factor": factor,
+              "adapter_type": "full_adapter_xl" if xl else "full_adapter"}
+    return single_file._build(T2IAdapter, config, state, "T2I-Adapter")
