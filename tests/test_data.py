@@ -233,6 +233,28 @@ def test_streaming_source(folder):
     assert [i["text"] for i in ds.iterate(epoch=0, seed=0)] == [i["text"] for i in items]  # one order per epoch
 
 
+def test_a_stream_is_split_across_ranks_and_resumes_where_it_stopped(tmp_path):
+    """Two ranks read disjoint parts of a streamed folder (split_dataset_by_node) that together are all of it;
+    a rank's batches from micro-step 3 on are those of its unbroken stream from there, across an epoch's end."""
+    from itertools import islice
+
+    from latentgen.training.loop import TrainConfig, batch_iterator
+
+    export(tmp_path / "ds", 12, ShapesSpec(resolution=32, two_shape_fraction=0.0))
+    config = TrainConfig(train_batch_size=2, seed=1,
+                         data=DataConfig(source="hf", path=str(tmp_path / "ds"), resolution=32, streaming=True))
+    ds = build_dataset(config.data)
+    parts = [[item["text"] for item in ds.iterate(0, 1, rank, 2)] for rank in (0, 1)]
+    everything = [item["text"] for item in ds.iterate(0, 1)]
+    assert len(parts[0]) + len(parts[1]) == 12 and sorted(parts[0] + parts[1]) == sorted(everything)
+    assert parts[0] != parts[1][:len(parts[0])]
+    for rank in (0, 1):
+        whole = [b["text"] for b in islice(batch_iterator(ds, config, 2, rank, 0), 8)]  # past the 3 of epoch 0
+        resumed = [b["text"] for b in islice(batch_iterator(ds, config, 2, rank, 3), 5)]
+        assert resumed == whole[3:]
+        assert [t for b in whole[:3] for t in b] == parts[rank]
+
+
 def test_bad_sources(folder, tmp_path):
     with pytest.raises(UserError, match="dataset folder .*nowhere does not exist"):
         build_dataset(DataConfig(source="hf", path=str(tmp_path / "nowhere")))

@@ -336,9 +336,16 @@ class StreamingImageTextDataset:
         self.buffer_size = buffer_size
         self.skipped = 0
 
-    def iterate(self, epoch: int, seed: int) -> Iterator[dict[str, Any]]:
-        """Items of one epoch, shuffled by (seed, epoch)."""
-        stream = self.ds.shuffle(seed=seed * 1000003 + epoch, buffer_size=self.buffer_size)
+    def iterate(self, epoch: int, seed: int, rank: int = 0, world: int = 1) -> Iterator[dict[str, Any]]:
+        """Items of one epoch, shuffled by (seed, epoch); with `world` ranks, rank `rank`'s part: 🤗 datasets'
+        `split_dataset_by_node` (each rank its own shards when their number divides among the ranks, so no rank
+        reads another's; else every `world`-th example)."""
+        ds = self.ds
+        if world > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            ds = split_dataset_by_node(ds, rank=rank, world_size=world)
+        stream = ds.shuffle(seed=seed * 1000003 + epoch, buffer_size=self.buffer_size)
         position = 0
         for row in stream:
             try:

@@ -340,24 +340,25 @@ def batch_iterator(dataset, config: TrainConfig, world: int, rank: int, start_mi
 
 def _stream_batches(dataset: StreamingImageTextDataset, config: TrainConfig, world: int, rank: int,
                     start_micro: int) -> Iterator[dict]:
-    """Streamed data: every W-th group of B items goes to this rank; resume skips what was consumed."""
+    """Streamed data: each rank reads its part of the stream (`iterate`'s split) in batches of B; resume skips the
+    micro-batches this rank consumed."""
     from torch.utils.data import default_collate
 
-    per_micro = config.train_batch_size * world
-    skip, epoch, group = start_micro * per_micro, 0, []
+    skip, epoch, group = start_micro * config.train_batch_size, 0, []
     while True:
         seen = 0
-        for item in dataset.iterate(epoch, config.seed):
+        for item in dataset.iterate(epoch, config.seed, rank, world):
             seen += 1
             if skip > 0:
                 skip -= 1
                 continue
             group.append(item)
-            if len(group) == per_micro:
-                yield default_collate(group[rank * config.train_batch_size:(rank + 1) * config.train_batch_size])
+            if len(group) == config.train_batch_size:
+                yield default_collate(group)
                 group = []
         if seen == 0:
-            raise UserError("the streamed dataset yielded no readable rows")
+            raise UserError("the streamed dataset yielded no readable rows" + (f" for rank {rank}" if world > 1
+                                                                                 else ""))
         epoch += 1
 
 
