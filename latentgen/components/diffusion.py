@@ -169,15 +169,15 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, context: torch.
     else:
         z_t, t, target = noised(noise_scheduler, latents, noise, noise_config, generator)
     x_in = z_t if extra is None else torch.cat([z_t, extra.to(z_t.dtype)], dim=1)
-    pred = unet(x_in, t, encoder_hidden_states=context, class_labels=class_labels, added_cond_kwargs=added,
-                return_dict=False)[0]
+    sdxl = {} if added is None else {"added_cond_kwargs": added}  # other denoisers are called as before
+    pred = unet(x_in, t, encoder_hidden_states=context, class_labels=class_labels, return_dict=False, **sdxl)[0]
     if base is not None and base_weight is not None and bool(base_weight.any()):
         keep = base_weight > 0
+        kept = {} if added is None else {"added_cond_kwargs": {k: v[keep] for k, v in added.items()}}
         with torch.no_grad():
             taught = base(x_in[keep], t[keep], encoder_hidden_states=context[keep],
-                          class_labels=None if class_labels is None else class_labels[keep],
-                          added_cond_kwargs=None if added is None else {k: v[keep] for k, v in added.items()},
-                          return_dict=False)[0]
+                          class_labels=None if class_labels is None else class_labels[keep], return_dict=False,
+                          **kept)[0]
         w = base_weight[keep].view(-1, 1, 1, 1).to(target.dtype)
         target = target.clone()
         target[keep] = (1 - w) * target[keep] + w * taught.to(target.dtype)
