@@ -1,8 +1,8 @@
 """Sharded (FSDP2) against data-parallel (DDP) training: samples per second and each rank's peak memory and
-resident parameters, for `train_unet.py` on one rank and on two CPU ranks with each strategy (this machine's cores
-shared between the ranks, OMP_NUM_THREADS=1 each).
+resident parameters, for `train_unet.py` on one rank and on several CPU ranks with each strategy (this machine's
+cores shared between the ranks, OMP_NUM_THREADS=1 each: more ranks than cores measure memory, not speed).
 
-    python bench/sharded.py [--steps 20] [--config configs/unet-shapes.yaml]
+    python bench/sharded.py [--steps 20] [--ranks 1 2 4] [--config configs/unet-shapes.yaml]
 
 The U-Net is the default model's (4.1M parameters: its weights are small next to the activations, so this
 measures the mechanism's cost; the parameter and optimizer share of memory falls as 1/ranks, the rest does not).
@@ -47,9 +47,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--config", default=str(ROOT / "configs" / "unet-shapes.yaml"))
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="numbers of ranks (fsdp from 2)")
     args = p.parse_args()
-    rows = [run(1, "ddp", args.steps, args.config), run(2, "ddp", args.steps, args.config),
-            run(2, "fsdp", args.steps, args.config)]
+    rows = [run(n, strategy, args.steps, args.config) for n in args.ranks
+            for strategy in (("ddp",) if n == 1 else ("ddp", "fsdp"))]
     print_table(rows)
 
 

@@ -60,10 +60,15 @@ def resident(model: torch.nn.Module) -> int:
     return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
 
 
-def _options():
+def _options(**more):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(**OPTIONS)
+    return StateDictOptions(**(OPTIONS | more))
+
+
+def _partly_frozen(model: torch.nn.Module) -> bool:
+    """A LoRA's base: checkpoints hold only what trains (as `formats.checkpoint` keeps a LoRA run's)."""
+    return any(not p.requires_grad for p in model.parameters())
 
 
 class FullModel:
@@ -75,9 +80,10 @@ class FullModel:
         self.model = model
 
     def shards(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(self.model)
+        return get_model_state_dict(self.model, options=StateDictOptions(
+            ignore_frozen_params=_partly_frozen(self.model)))
 
     def load_checkpoint(self, path: Path, name: str) -> None:
         """From checkpoint folder `path`: its DCP shards (`sharded/`) if it has them, else `{name}.safetensors`."""
@@ -86,17 +92,27 @@ class FullModel:
 
         if not (path / SHARDED).is_dir():
             return self.load_state_dict(load_file(str(path / f"{name}.safetensors")))
-        set_model_state_dict(self.model, _read_shards(path, name, self.shards()))
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+        set_model_state_dict(self.model, _read_shards(path, name, self.shards()),
+                             options=StateDictOptions(strict=not _partly_frozen(self.model)))
+
+    def state_dict(self, everything: bool = False) -> dict[str, torch.Tensor]:
+        """Whole tensors of what trains (`everything`: of every parameter and buffer)."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        return get_model_state_dict(self.model, options=_options())
+        frozen = _partly_frozen(self.model) and not everything
+        return get_model_state_dict(self.model, options=_options(ignore_frozen_params=frozen))
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=True))
+        trainable = {k for k, p in self.model.named_parameters() if p.requires_grad}
+        if _partly_frozen(self.model) and set(state) != trainable:
+            raise ValueError(f"it holds other trainable weights than this run's ({len(state)} tensors, this run "
+                             f"trains {len(trainable)}): was it made with another LoRA config?")
+        set_model_state_dict(self.model, state, options=StateDictOptions(
+            full_state_dict=True, strict=not _partly_frozen(self.model)))
 
 
 class FullOptimizer:
@@ -200,10 +216,12 @@ def gathered(obj: Any) -> Any:
 def unsharded(model: torch.nn.Module, main: bool) -> torch.nn.Module | None:
     """A plain copy of a sharded diffusers model with its whole weights, on the main rank (None elsewhere); every
     rank must call it (the gather is a collective)."""
-    state = FullModel(model).state_dict()
+    state = FullModel(model).state_dict(everything=True)
     if not main:
         return None
     plain = getattr(model, "plain_class", type(model)).from_config(copy.deepcopy(dict(model.config)))
+    for name, config in getattr(model, "peft_config", {}).items():  # a LoRA's layers, to take its weights
+        plain.add_adapter(copy.deepcopy(config), adapter_name=name)
     plain.load_state_dict(state)
     return plain.eval()
 

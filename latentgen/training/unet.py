@@ -60,9 +60,9 @@ def train_unet(config: UNetTrainConfig) -> Path:
     if fsdp_requested():  # accelerate launch --use_fsdp: honoured by FSDP2 here, on the CPU as on GPUs
         config.distributed.strategy = "fsdp"
     shard = config.distributed.strategy == "fsdp"
-    if shard and (config.lora.rank or config.trains_text or config.upscaler.scale):
-        raise UserError("distributed.strategy fsdp shards a whole U-Net's training: not a LoRA, a trained text "
-                        "encoder or an upscaler yet (use ddp for those)")
+    if shard and (config.trains_text or config.upscaler.scale):
+        raise UserError("distributed.strategy fsdp shards a U-Net's training (whole, or a LoRA of it): not a "
+                        "trained text encoder or an upscaler yet (use ddp for those)")
     if shard and config.distributed.offload and run.state.device.type == "cpu":
         raise UserError("distributed.offload keeps a GPU's shards in CPU memory between uses; on the CPU they are "
                         "there already: set it false")
