@@ -180,7 +180,8 @@ def test_sdxl_runs_that_cannot_be_done_are_one_line_errors(xl_folder, tmp_path):
 
 def test_the_memory_guard_counts_what_deeper_transformers_keep_for_backward():
     """The guard's term for transformer blocks beyond one per attention (SDXL's depths) against what autograd
-    really saves (parameters left out) when a U-Net has them: within 15%, and none for one block each."""
+    really saves (parameters left out) when a U-Net has them: within 15%, and none for one block each; with FSDP
+    over two ranks, half the gradients and AdamW state."""
     from diffusers import UNet2DConditionModel
 
     from latentgen.runtime.memory import deep_transformer_bytes
@@ -200,6 +201,11 @@ def test_the_memory_guard_counts_what_deeper_transformers_keep_for_backward():
             unet(torch.randn(2, 4, 32, 32), torch.tensor([10, 20]), torch.randn(2, 77, 128), added_cond_kwargs=added)
         return sum(kept.values()), unet.config
 
+    from latentgen.runtime.memory import unet_training_bytes
+
+    unet = C.sdxl_components()["unet"]
+    whole, half = (unet_training_bytes(unet, 8, 1, 4, False, shards) for shards in (1, 2))
+    assert whole - half == 12 * sum(p.numel() for p in unet.parameters()) // 2  # FSDP: half the AdamW state a rank
     (one, shallow), (deep, config) = saved((1, 1, 1)), saved((1, 2, 4))
     assert deep_transformer_bytes(shallow, 32, 32, 2, 4) == 0
     assert 0.85 <= deep_transformer_bytes(config, 32, 32, 2, 4) / (deep - one) <= 1.15  # 1.08 measured

@@ -146,10 +146,12 @@ def check_sampling(pipe, height: int, width: int, images: int, guided: bool) -> 
                                                                       if images > 1 else ""))
 
 
-def unet_training_bytes(unet, latent_size: int, batch: int, dtype_bytes: int, quadratic: bool) -> int:
+def unet_training_bytes(unet, latent_size: int, batch: int, dtype_bytes: int, quadratic: bool,
+                        shards: int = 1) -> int:
     """One U-Net training step on `batch` latents: activations kept for backward (with those of transformers
-    deeper than one block, SDXL's), gradients and AdamW's two moments (fp32) for every parameter."""
-    state = sum(p.numel() for p in unet.parameters() if p.requires_grad) * 12
+    deeper than one block, SDXL's), gradients and AdamW's two moments (fp32) for every trained parameter, of which
+    a rank holds 1/`shards` with FSDP."""
+    state = sum(p.numel() for p in unet.parameters() if p.requires_grad) * 12 // shards
     deep = deep_transformer_bytes(unet.config, latent_size, latent_size, batch, dtype_bytes)
     return SLACK * (TRAINING_FACTOR * unet_activation_bytes(unet.config, latent_size, latent_size, batch, dtype_bytes,
                                                             quadratic) + deep) + state

@@ -88,12 +88,10 @@ class FullModel:
     def load_checkpoint(self, path: Path, name: str) -> None:
         """From checkpoint folder `path`: its DCP shards (`sharded/`) if it has them, else `{name}.safetensors`."""
         from safetensors.torch import load_file
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         if not (path / SHARDED).is_dir():
             return self.load_state_dict(load_file(str(path / f"{name}.safetensors")))
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-
         set_model_state_dict(self.model, _read_shards(path, name, self.shards()),
                              options=StateDictOptions(strict=not _partly_frozen(self.model)))
 

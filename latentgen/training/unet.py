@@ -71,11 +71,14 @@ def train_unet(config: UNetTrainConfig) -> Path:
     step_batches(dataset, config, run.state.num_processes, 0)  # one step fits (else a one-line error)
     kernel = set_attention(parts.unet, config.attention, run.state.device, training=True)
     latent_size = config.data.resolution // vae_factor(parts.vae)
-    # on a GPU the weights are not there yet (on the CPU they are loaded: the available memory has them counted)
+    # on a GPU the weights are not there yet (on the CPU they are loaded: the available memory has them counted);
+    # FSDP leaves each rank 1/ranks of the U-Net's weights and of their gradients and AdamW state
+    shards = run.state.num_processes if shard else 1
     resident = 0 if run.state.device.type == "cpu" else sum(
-        p.numel() * p.element_size() for m in (parts.unet, parts.vae, *parts.text_models) for p in m.parameters())
+        p.numel() * p.element_size() for m in (parts.vae, *parts.text_models) for p in m.parameters()) + sum(
+        p.numel() * p.element_size() for p in parts.unet.parameters()) // shards
     check_training(lambda b: resident + unet_training_bytes(parts.unet, latent_size, b, compute_bytes(config),
-                                                            kernel == "math"),
+                                                            kernel == "math", shards),
                    config.train_batch_size, run.state.device, f"the U-Net at {config.data.resolution} px")
     accelerator = run.launch()
     device = accelerator.device
