@@ -473,9 +473,29 @@ def test_a_lora_trains_sharded_as_it_does_data_parallel_and_resumes(smoke_model,
     assert any(v.abs().max() > 0 for k, v in whole.items() if "lora_B" in k or "lora.up" in k)  # it learned
 
 
+def test_a_text_encoder_trains_beside_a_sharded_unet_as_with_ddp_and_resumes(tmp_path):
+    """text_encoder.train with FSDP: the U-Net sharded, the text encoder whole on each rank (its gradients averaged,
+    its AdamW state in a group of its own, the gradient norm clipped over both); the final U-Net and text encoder
+    equal two DDP ranks' (fp32, 1e-5), and a run stopped at step 2 and resumed ends bit for bit where the unbroken
+    one does."""
+    text = ["text_encoder.train=true", "checkpoint_every=2", "keep_checkpoints=5", "max_grad_norm=0.05"]
+    fsdp = [*text, "distributed.strategy=fsdp"]
+    for name, extra in (("whole", ["max_steps=3"]), ("cut", ["max_steps=2"]), ("ddp", ["max_steps=3"])):
+        r = run(LAUNCH, f"output_dir={tmp_path / name}", *extra, *(text if name == "ddp" else fsdp))
+        assert r.returncode == 0, r.stderr[-3000:]
+    r = run(LAUNCH, f"output_dir={tmp_path / 'cut'}", "max_steps=3", "resume_from=latest", *fsdp)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        whole, cut, ddp = (load_file(str(tmp_path / n / "pipeline" / part)) for n in ("whole", "cut", "ddp"))
+        assert all(torch.equal(whole[k], cut[k]) for k in whole), part
+        assert max((whole[k] - ddp[k]).abs().max().item() for k in whole) < 1e-5, part
+    first = load_file(str(list_checkpoints(tmp_path / "whole")[0] / "text_encoder.safetensors"))
+    assert any(not torch.equal(first[k], whole[k]) for k in whole)  # the text encoder learned
+
+
 def test_fsdp_refuses_what_it_does_not_shard_yet(tmp_path):
-    r = run(TRAIN, f"output_dir={tmp_path}", "distributed.strategy=fsdp", "text_encoder.train=true")
-    assert r.returncode == 2 and "not a trained text encoder or an upscaler yet" in r.stderr, r.stderr
+    r = run(TRAIN, f"output_dir={tmp_path}", "distributed.strategy=fsdp", "upscaler.scale=2")
+    assert r.returncode == 2 and "not an upscaler's yet" in r.stderr, r.stderr
     r = run(TRAIN, f"output_dir={tmp_path}", "distributed.strategy=fsdp", "distributed.offload=true")
     assert r.returncode == 2 and "on the CPU they are there already" in r.stderr, r.stderr
     r = run(TRAIN, f"output_dir={tmp_path}", "distributed.param_dtype=bf16")

@@ -224,6 +224,20 @@ def unsharded(model: torch.nn.Module, main: bool) -> torch.nn.Module | None:
     return plain.eval()
 
 
+@torch.no_grad()
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """torch's `clip_grad_norm_` over a sharded model's DTensors and plain tensors together (a text encoder trained
+    beside it), which torch's cannot mix: the global norm of every gradient, each DTensor's norm taken over all its
+    shards (a collective), then every gradient scaled by max_norm / (norm + 1e-6) where that is below 1."""
+    norms = [_whole(torch.linalg.vector_norm(p.grad)) for p in params if p.grad is not None]
+    total = torch.linalg.vector_norm(torch.stack(norms).float())
+    scale = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(scale)
+    return total
+
+
 def is_sharded(obj: Any) -> bool:
     return isinstance(obj, (FullModel, FullOptimizer, FullEMA))
 

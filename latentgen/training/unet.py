@@ -60,9 +60,9 @@ def train_unet(config: UNetTrainConfig) -> Path:
     if fsdp_requested():  # accelerate launch --use_fsdp: honoured by FSDP2 here, on the CPU as on GPUs
         config.distributed.strategy = "fsdp"
     shard = config.distributed.strategy == "fsdp"
-    if shard and (config.trains_text or config.upscaler.scale):
-        raise UserError("distributed.strategy fsdp shards a U-Net's training (whole, or a LoRA of it): not a "
-                        "trained text encoder or an upscaler yet (use ddp for those)")
+    if shard and config.upscaler.scale:
+        raise UserError("distributed.strategy fsdp shards a text-to-image U-Net's training (whole or a LoRA, with "
+                        "its text encoder or not): not an upscaler's yet (use ddp)")
     if shard and config.distributed.offload and run.state.device.type == "cpu":
         raise UserError("distributed.offload keeps a GPU's shards in CPU memory between uses; on the CPU they are "
                         "there already: set it false")
@@ -103,9 +103,12 @@ def train_unet(config: UNetTrainConfig) -> Path:
         sharded.shard(unet, config.distributed)  # FSDP2: each rank its shards; gradients reduce-scattered
         say(f"train_unet (fsdp): {describe(run.state)} holds {sharded.resident(unet):,} of the U-Net's "
             f"{sum(p.numel() for p in unet.parameters()):,} parameters (fsdp)")
-    params = [p for p in unet.parameters() if p.requires_grad]
-    params += [p for m in parts.text_models for p in m.parameters() if p.requires_grad] if train_text else []
-    optimizer = make_optimizer(params, config)
+    unet_params = [p for p in unet.parameters() if p.requires_grad]
+    text_params = [p for m in parts.text_models for p in m.parameters() if p.requires_grad] if train_text else []
+    params = unet_params + text_params
+    # sharded: the U-Net's DTensors and a text encoder's plain tensors cannot share one fused AdamW step
+    optimizer = make_optimizer(unet_params, config, text_params) if shard and text_params else \
+        make_optimizer(params, config)
     lr_scheduler = make_lr_scheduler(optimizer, config)
     ema = make_ema(unet, config) if config.ema else None
     # A trained text encoder stays unwrapped (the backends need its attributes); with several processes its
@@ -124,7 +127,9 @@ def train_unet(config: UNetTrainConfig) -> Path:
     # 4. Resume, then train.
     texts = dict(zip(("text_encoder", "text_encoder_2"), parts.text_models)) if train_text else {}
     models = {"unet": sharded.FullModel(raw_unet) if shard else raw_unet} | texts
-    states = {"optimizer": sharded.FullOptimizer(raw_unet, optimizer.optimizer) if shard else optimizer.optimizer,
+    # a trained text encoder is not sharded; its optimizer state is kept by parameter name beside the U-Net's
+    trained = torch.nn.ModuleDict({"unet": raw_unet, **texts}) if texts else raw_unet
+    states = {"optimizer": sharded.FullOptimizer(trained, optimizer.optimizer) if shard else optimizer.optimizer,
               "lr_scheduler": lr_scheduler, "ema": sharded.FullEMA(ema) if shard and ema else ema,
               "scaler": accelerator.scaler}
     examples = made.examples(dataset, device)
@@ -157,7 +162,10 @@ def train_unet(config: UNetTrainConfig) -> Path:
                 if accelerator.sync_gradients:
                     for text_model in parts.text_models if train_text else ():
                         _average_gradients(text_model, accelerator)
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    if shard and text_params:
+                        sharded.clip_grad_norm(params, config.max_grad_norm)
+                    else:
+                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             run.averages.add(loss=loss.item())
