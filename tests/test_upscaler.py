@@ -2,6 +2,7 @@
 against a loop written here from diffusers' parts, infer.py --upscale, replay, and the errors."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -168,20 +169,46 @@ def test_infer_upscale_writes_twice_the_size_records_it_and_replays(cascade_fold
     assert r.returncode == 0 and "identical, bit for bit" in r.stdout, r.stderr
 
 
+UPSCALER_UNET = {"sample_size": 32, "in_channels": 8, "out_channels": 4, "layers_per_block": 1,
+                 "block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                 "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 32,
+                 "attention_head_dim": 8, "norm_num_groups": 8, "class_embed_type": "timestep"}
+
+
+def upscaler_run(launch, model, out, *overrides):
+    """train_unet.py (`launch`: its command up to the script) training a 2× upscaler for `model` into `out`."""
+    return subprocess.run(
+        [*launch, str(ROOT / "train_unet.py"), "--config", str(ROOT / "configs" / "smoke.yaml"),
+         f"output_dir={out}", "max_steps=3", "checkpoint_every=100", "validate_every=100",
+         f"pretrained_pipeline={model}", "text_encoder.kind=pipeline", "vae_model={}",
+         f"unet={json.dumps(UPSCALER_UNET)}", "upscaler.scale=2", "upscaler.steps=2", "data.resolution=64",
+         "data.num_samples=8", "train_batch_size=4", "validation_steps=2", *overrides],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_an_upscaler_trains_sharded_as_it_does_data_parallel(tiny_folder, tmp_path):
+    """distributed.strategy fsdp on two ranks writes the upscaler two DDP ranks write (fp32, 1e-5)."""
+    from safetensors.torch import load_file
+
+    from conftest import free_port
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines",
+              "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    weights = {}
+    for strategy in ("fsdp", "ddp"):
+        r = upscaler_run(launch, tiny_folder, tmp_path / strategy, f"distributed.strategy={strategy}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        weights[strategy] = load_file(str(tmp_path / strategy / "upscaler" / "unet" /
+                                          "diffusion_pytorch_model.safetensors"))
+    assert weights["fsdp"].keys() == weights["ddp"].keys()
+    assert max((weights["fsdp"][k] - weights["ddp"][k]).abs().max().item() for k in weights["ddp"]) < 1e-5
+
+
 def test_a_trained_upscaler_loads_and_upscales(tiny_folder, tmp_path):
     """train_unet.py with an upscaler: section writes a folder that a pipeline loads and runs."""
-    unet = {"sample_size": 32, "in_channels": 8, "out_channels": 4, "layers_per_block": 1,
-            "block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 32,
-            "attention_head_dim": 8, "norm_num_groups": 8, "class_embed_type": "timestep"}
+
     def train(run, *overrides):
-        return subprocess.run(
-            [sys.executable, str(ROOT / "train_unet.py"), "--config", str(ROOT / "configs" / "smoke.yaml"),
-             f"output_dir={tmp_path / run}", "max_steps=3", "checkpoint_every=100", "validate_every=100",
-             f"pretrained_pipeline={tiny_folder}", "text_encoder.kind=pipeline", "vae_model={}",
-             f"unet={json.dumps(unet)}", "upscaler.scale=2", "upscaler.steps=2", "data.resolution=64",
-             "data.num_samples=8", "train_batch_size=4", "validation_steps=2", *overrides],
-            capture_output=True, text=True, timeout=600)
+        return upscaler_run([sys.executable], tiny_folder, tmp_path / run, *overrides)
 
     r = train("run")
     assert r.returncode == 0, r.stderr[-3000:]

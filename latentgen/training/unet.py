@@ -60,9 +60,6 @@ def train_unet(config: UNetTrainConfig) -> Path:
     if fsdp_requested():  # accelerate launch --use_fsdp: honoured by FSDP2 here, on the CPU as on GPUs
         config.distributed.strategy = "fsdp"
     shard = config.distributed.strategy == "fsdp"
-    if shard and config.upscaler.scale:
-        raise UserError("distributed.strategy fsdp shards a text-to-image U-Net's training (whole or a LoRA, with "
-                        "its text encoder or not): not an upscaler's yet (use ddp)")
     if shard and config.distributed.offload and run.state.device.type == "cpu":
         raise UserError("distributed.offload keeps a GPU's shards in CPU memory between uses; on the CPU they are "
                         "there already: set it false")
