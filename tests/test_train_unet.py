@@ -500,6 +500,10 @@ def test_fsdp_settings_that_cannot_be_honoured_are_one_line_errors(tmp_path):
     assert r.returncode == 2 and "distributed.param_dtype is a setting of sharded training" in r.stderr, r.stderr
     r = run(TRAIN, f"output_dir={tmp_path}", "distributed.strategy=zero")
     assert r.returncode == 2 and "unknown distributed.strategy 'zero'" in r.stderr, r.stderr
+    r = run([sys.executable, str(ROOT / "train_vae.py"), "--config", str(ROOT / "configs" / "vae-smoke.yaml")],
+            f"output_dir={tmp_path / 'vae'}", "distributed.strategy=fsdp")
+    assert r.returncode == 2 and "train_vae trains data parallel only" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1
 
 
 def test_accelerates_fsdp_launch_is_honoured_by_sharding(tmp_path):

@@ -174,6 +174,9 @@ def make_accelerator(config: TrainConfig, project: str):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    if config.distributed.strategy == "fsdp" and project != "train_unet":
+        raise UserError(f"{project} trains data parallel only; distributed.strategy fsdp shards train_unet.py's "
+                        "U-Net, LoRA and upscaler runs: set distributed.strategy: ddp")
     check_launch_request(config.gradient_accumulation_steps, config.distributed.strategy == "fsdp")
     cpu = use_cpu()
     mixed_precision, source = resolve(config.mixed_precision, cpu)
