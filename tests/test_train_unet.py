@@ -396,45 +396,29 @@ def test_fsdp_on_two_ranks_trains_what_ddp_trains_holding_half_the_parameters_ea
     assert 1e-5 < gap < 0.02, gap  # computed in bf16: not fp32's result, but near it
 
 
-def test_fsdp_resumes_exactly_and_at_another_number_of_ranks(tmp_path):
-    """A sharded run stopped at step 2 and resumed ends bit for bit where the unbroken run does; its checkpoint
-    (whole tensors) loads on one rank and on two again with the same weights and optimizer state."""
-    fsdp = ["distributed.strategy=fsdp", "checkpoint_every=2", "keep_checkpoints=5"]
-    assert run(LAUNCH, f"output_dir={tmp_path / 'full'}", "max_steps=4", *fsdp).returncode == 0
-    assert run(LAUNCH, f"output_dir={tmp_path / 'cut'}", "max_steps=2", *fsdp).returncode == 0
+def test_fsdp_resumes_exactly_from_whole_and_sharded_checkpoints_at_one_and_two_ranks(tmp_path):
+    """A sharded run with EMA stopped at step 2 and resumed ends bit for bit where the unbroken run does. With
+    distributed.checkpoint: sharded each of the 2 ranks writes its own shards with DCP (no whole U-Net file); that
+    step-2 checkpoint loaded on one rank holds the weights, Adam moments and EMA of the whole step-2 checkpoint, and
+    resumed on two ranks ends bit for bit where the unbroken run does too."""
+    fsdp = ["distributed.strategy=fsdp", "checkpoint_every=2", "keep_checkpoints=5", "ema=true", "ema_decay=0.5"]
+    for name, extra in (("full", ["max_steps=4"]), ("cut", ["max_steps=2"]),
+                        ("sharded", ["max_steps=2", "distributed.checkpoint=sharded"])):
+        r = run(LAUNCH, f"output_dir={tmp_path / name}", *extra, *fsdp)
+        assert r.returncode == 0, r.stderr[-3000:]
     r = run(LAUNCH, f"output_dir={tmp_path / 'cut'}", "max_steps=4", "resume_from=latest", *fsdp)
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
-    full, cut = final_unet(tmp_path / "full"), final_unet(tmp_path / "cut")
-    assert all(torch.equal(full[k], cut[k]) for k in full)
+    for weights in (final_unet, pipeline_unet):  # trained; averaged
+        full, cut = weights(tmp_path / "full"), weights(tmp_path / "cut")
+        assert all(torch.equal(full[k], cut[k]) for k in full)
 
-    step2 = list_checkpoints(tmp_path / "cut")[0]
-    for name, cmd in (("one", TRAIN), ("two", LAUNCH)):  # load at step 2 and write it again, no step taken
-        out = tmp_path / name
-        r = run(cmd, f"output_dir={out}", "max_steps=2", f"resume_from={step2}", *fsdp)
-        assert r.returncode == 0, r.stderr[-3000:]
-        again = list_checkpoints(out)[-1]
-        a, b = load_file(str(step2 / "unet.safetensors")), load_file(str(again / "unet.safetensors"))
-        assert all(torch.equal(a[k], b[k]) for k in a)
-        sa, sb = (torch.load(p / "training_state.pt", weights_only=True)["optimizer"]["state"] for p in (step2, again))
-        assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
-
-
-def test_sharded_fsdp_checkpoints_resume_at_one_and_two_ranks_as_whole_ones_do(tmp_path):
-    """distributed.checkpoint: sharded: each of 2 ranks writes its own shards with DCP (no whole U-Net file); the
-    step-2 checkpoint loaded on one rank holds the same weights and Adam moments as the whole checkpoint of the same
-    run, and resumed on two ranks ends bit for bit where resuming from the whole checkpoint does."""
-    fsdp = ["distributed.strategy=fsdp", "checkpoint_every=2", "keep_checkpoints=5", "ema=true", "ema_decay=0.5"]
-    for kind in ("sharded", "whole"):
-        r = run(LAUNCH, f"output_dir={tmp_path / kind}", "max_steps=2", f"distributed.checkpoint={kind}", *fsdp)
-        assert r.returncode == 0, r.stderr[-3000:]
-    shards, whole = list_checkpoints(tmp_path / "sharded")[-1], list_checkpoints(tmp_path / "whole")[-1]
+    whole, shards = list_checkpoints(tmp_path / "cut")[0], list_checkpoints(tmp_path / "sharded")[-1]
     assert {p.name for p in (shards / "sharded").glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
     assert not (shards / "unet.safetensors").exists() and (whole / "unet.safetensors").exists()
     assert "optimizer" not in torch.load(shards / "training_state.pt", weights_only=True)
-
     r = run(TRAIN, f"output_dir={tmp_path / 'one'}", "max_steps=2", f"resume_from={shards}", *fsdp)
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
-    again = list_checkpoints(tmp_path / "one")[-1]  # rewritten whole, no step taken
+    again = list_checkpoints(tmp_path / "one")[-1]  # rewritten whole on one rank, no step taken
     a, b = load_file(str(whole / "unet.safetensors")), load_file(str(again / "unet.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = (torch.load(p / "training_state.pt", weights_only=True) for p in (whole, again))
@@ -444,11 +428,10 @@ def test_sharded_fsdp_checkpoints_resume_at_one_and_two_ranks_as_whole_ones_do(t
     assert sa["ema"]["optimization_step"] == sb["ema"]["optimization_step"] == 2
     assert all(torch.equal(x, y) for x, y in zip(sa["ema"]["shadow_params"], sb["ema"]["shadow_params"]))
 
-    for kind, start in (("sharded", shards), ("whole", whole)):
-        r = run(LAUNCH, f"output_dir={tmp_path / f'{kind}-on'}", "max_steps=3", f"resume_from={start}", *fsdp)
-        assert r.returncode == 0, r.stderr[-3000:]
-    for weights in (final_unet, pipeline_unet):  # trained; averaged
-        a, b = weights(tmp_path / "sharded-on"), weights(tmp_path / "whole-on")
+    r = run(LAUNCH, f"output_dir={tmp_path / 'on'}", "max_steps=4", f"resume_from={shards}", *fsdp)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for weights in (final_unet, pipeline_unet):
+        a, b = weights(tmp_path / "on"), weights(tmp_path / "full")
         assert all(torch.equal(a[k], b[k]) for k in a)
     r = run(TRAIN, f"output_dir={tmp_path / 'bad'}", "distributed.checkpoint=sharded")
     assert r.returncode == 2 and "set distributed.strategy: fsdp" in r.stderr and r.stderr.count("\n") == 1
