@@ -47,9 +47,9 @@ def check_launch_request(gradient_accumulation_steps: int, shards: bool = False)
     for flag, what in (("ACCELERATE_USE_FSDP", "FSDP (--use_fsdp or distributed_type: FSDP)"),
                        ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")):
         if _flag(flag):
-            raise UserError(f"{what} was asked for, but this trainer runs data parallel (DDP) only (train_unet.py "
-                            "shards a whole U-Net with distributed.strategy: fsdp); launch without it (accelerate "
-                            "launch --multi_gpu, or --cpu)")
+            raise UserError(f"{what} was asked for, but latentgen's trainers run data parallel or, train_unet.py, "
+                            "FSDP2 of their own (distributed.strategy: fsdp shards parameters, gradients and AdamW "
+                            "state as ZeRO-3 does); launch without it (accelerate launch --multi_gpu, or --cpu)")
     steps = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
     if steps is not None and steps != str(gradient_accumulation_steps):
         raise UserError(f"accelerate launch --gradient_accumulation_steps {steps} disagrees with the config's "
