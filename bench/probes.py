@@ -320,7 +320,7 @@ def transformer_depth(_):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from latentgen.runtime.memory import deep_transformer_bytes
+    from latentgen.runtime.memory import deep_transformer_bytes, saved_for_backward
 
     def saved(depth, size):
         torch.manual_seed(0)
@@ -330,17 +330,9 @@ def transformer_depth(_):
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4, 4),
             use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
             transformer_layers_per_block=depth, projection_class_embeddings_input_dim=64 + 6 * 8)
-        params, kept = {p.data_ptr() for p in unet.parameters()}, {}
-
-        def pack(t):
-            if t.data_ptr() not in params:
-                kept[(t.data_ptr(), tuple(t.shape))] = t.numel() * t.element_size()
-            return t
-
         added = {"text_embeds": torch.randn(1, 64), "time_ids": torch.randn(1, 6)}
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            unet(torch.randn(1, 4, size, size), torch.tensor([10]), torch.randn(1, 77, 64), added_cond_kwargs=added)
-        return sum(kept.values()), unet.config
+        return saved_for_backward(unet, torch.randn(1, 4, size, size), torch.tensor([10]), torch.randn(1, 77, 64),
+                                  added_cond_kwargs=added), unet.config
 
     print("| latents | saved, depth 1 (MB) | saved, depth (1, 2, 10) (MB) | feature maps per added block | "
           "guard's term (MB) |")

@@ -184,22 +184,14 @@ def test_the_memory_guard_counts_what_deeper_transformers_keep_for_backward():
     over two ranks, half the gradients and AdamW state."""
     from diffusers import UNet2DConditionModel
 
-    from latentgen.runtime.memory import deep_transformer_bytes
+    from latentgen.runtime.memory import deep_transformer_bytes, saved_for_backward
 
     def saved(depth):
         config = dict(C.sdxl_components()["unet"].config) | {"transformer_layers_per_block": depth}
         unet = UNet2DConditionModel.from_config(config)
-        params, kept = {p.data_ptr() for p in unet.parameters()}, {}
-
-        def pack(t):
-            if t.data_ptr() not in params:
-                kept[(t.data_ptr(), tuple(t.shape))] = t.numel() * t.element_size()
-            return t
-
         added = {"text_embeds": torch.randn(2, 64), "time_ids": torch.randn(2, 6)}
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            unet(torch.randn(2, 4, 32, 32), torch.tensor([10, 20]), torch.randn(2, 77, 128), added_cond_kwargs=added)
-        return sum(kept.values()), unet.config
+        return saved_for_backward(unet, torch.randn(2, 4, 32, 32), torch.tensor([10, 20]), torch.randn(2, 77, 128),
+                                  added_cond_kwargs=added), unet.config
 
     from latentgen.runtime.memory import unet_training_bytes
 

@@ -33,6 +33,12 @@ def _config(model_or_config) -> Mapping[str, Any]:
     return getattr(model_or_config, "config", model_or_config)
 
 
+def takes_sizes(unet) -> bool:
+    """An SDXL U-Net (or ControlNet): its added embedding takes the pooled text and the size conditioning
+    (`added_cond_kwargs` `text_embeds` and `time_ids`). `unet`: the model or its config."""
+    return _config(unet).get("addition_embed_type") == "text_time"
+
+
 def vae_factor(vae) -> int:
     """The VAE's downsampling factor (8 for Stable Diffusion's): one halving per encoder level after the first."""
     return 2 ** (len(_config(vae)["block_out_channels"]) - 1)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from latentgen.components.diffusion import takes_sizes
 from latentgen.errors import UserError
 from latentgen.formats import ip_adapter, single_file
 
@@ -133,7 +134,7 @@ def from_ldm(state: dict[str, torch.Tensor], name: str = "the file", base: dict 
 
 def _pooled_width(adm: int, base: dict | None, name: str) -> int:
     """The pooled text width inside SDXL's added embedding of `adm` inputs: the base U-Net's."""
-    if base is None or base.get("addition_embed_type") != "text_time":
+    if base is None or not takes_sizes(base):
         raise UserError(f"{name} is an SDXL ControlNet: use it with an SDXL model")
     pooled = adm - 6 * int(base["addition_time_embed_dim"])
     if adm != base.get("projection_class_embeddings_input_dim") or pooled <= 0:
@@ -248,7 +249,7 @@ def t2i_adapter(state: dict[str, torch.Tensor], name: str, base: dict | None):
     blocks = single_file._count(state, r"adapter\.body\.0\.resnets\.(\d+)\.")
     if not levels or not blocks or any(".down_opt." in k or ".skep." in k for k in state):
         raise UserError(f"{name} is a T2I-Adapter of a kind latentgen does not read (only full adapters)")
-    xl = base is not None and base.get("addition_embed_type") == "text_time"
+    xl = base is not None and takes_sizes(base)
     factor = 16 if xl else 8
     channels = [int(state[f"adapter.body.{i}.resnets.0.block1.weight"].shape[0]) for i in levels]
     inputs, remainder = divmod(int(state["adapter.conv_in.weight"].shape[1]), factor * factor)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
-from latentgen.components.diffusion import scale_latents, unscale_latents
+from latentgen.components.diffusion import scale_latents, takes_sizes, unscale_latents
 from latentgen.components.schedulers import (
     CONSISTENCY_GUIDANCE,
     SCHEDULERS,
@@ -99,7 +99,7 @@ def regional_conditioning(pipe, plan: Plan) -> GuidedConditioning:
 def micro_conditioning(pipe, plan: Plan, cond):
     """SDXL's size conditioning (`add_time_ids`): original size, crop's top-left corner, target size, as
     diffusers and A1111 set them by default: the image's size, no crop."""
-    if pipe.unet.config.get("addition_embed_type") != "text_time":
+    if not takes_sizes(pipe.unet):
         return cond
     ids = torch.tensor([[plan.height, plan.width, 0, 0, plan.height, plan.width]], dtype=cond.hidden_states.dtype,
                        device=cond.hidden_states.device)

@@ -157,6 +157,21 @@ def unet_training_bytes(unet, latent_size: int, batch: int, dtype_bytes: int, qu
                                                             quadratic) + deep) + state
 
 
+def saved_for_backward(model: torch.nn.Module, *args, **kwargs) -> int:
+    """Bytes autograd keeps for the backward pass of one call `model(*args, **kwargs)`, its parameters left out:
+    what the training estimates above stand for, measured (`python bench/probes.py transformer-depth`, the tests)."""
+    params, kept = {p.data_ptr() for p in model.parameters()}, {}
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            kept[(t.data_ptr(), tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(*args, **kwargs)
+    return sum(kept.values())
+
+
 def deep_transformer_bytes(config: Any, latent_h: int, latent_w: int, rows: int, dtype_bytes: int) -> int:
     """What a U-Net's transformer blocks beyond the first of each attention (SDXL's `transformer_layers_per_block`
     2 and 10) keep for the backward pass on `rows` latents; 0 for one block per attention and for DiT/MMDiT."""

@@ -88,6 +88,7 @@ def train_unet(config: UNetTrainConfig) -> Path:
     data = load_or_build_cache(config, dataset, parts, not train_text, accelerator) if config.cache else dataset
     if config.cache and not train_text:
         data.embeddings = data.embeddings.to(device)  # row 0: the empty prompt
+        data.pooled = None if data.pooled is None else data.pooled.to(device)  # SDXL's, by the same rows
 
     # 3. What the run makes (a pipeline, a LoRA or an upscaler); the U-Net (or its LoRA), optimizer, schedule, EMA.
     made = product(config, parts)
@@ -235,7 +236,7 @@ def _latents_and_context(batch, data, parts: Components, config: UNetTrainConfig
                               config.caption_dropout, g)
     if getattr(data, "embeddings", None) is not None:  # cached embeddings; row 0 is the empty prompt
         rows = torch.where(dropped, torch.zeros_like(rows), rows)
-        pooled = None if data.pooled is None else data.pooled[rows.cpu()].to(device)
+        pooled = None if data.pooled is None else data.pooled[rows]
         context = data.embeddings[rows]
     else:
         texts = [data.texts[r] for r in rows.tolist()] if rows is not None else list(batch["text"])

@@ -15,6 +15,7 @@ from latentgen.components.denoisers import build_denoiser, text_width_key
 from latentgen.components.diffusion import (
     forward_process,
     size_multiple,
+    takes_sizes,
     vae_factor,
 )
 from latentgen.components.text_encoders import load_text_encoder
@@ -46,7 +47,7 @@ class Components:
     @property
     def is_sdxl(self) -> bool:
         """SDXL's U-Net: its added embedding takes the pooled text and the size conditioning (`time_ids`)."""
-        return self.unet.config.get("addition_embed_type") == "text_time"
+        return takes_sizes(self.unet)
 
 
 def load_components(config: UNetTrainConfig) -> Components:
