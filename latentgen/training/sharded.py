@@ -49,7 +49,8 @@ def shard(unet: torch.nn.Module, config=None) -> torch.nn.Module:
 def units(unet: torch.nn.Module) -> list[torch.nn.Module]:
     """FSDP's units of a U-Net, inner ones first: each transformer block, then each down, mid and up block (with
     what is left of it). A level is not one unit: SDXL's first up block holds 1.2B of its 2.6B parameters (three
-    transformers of 10 blocks), which one unit would gather whole on every GPU; a transformer block holds 31M."""
+    transformers of 10 blocks), which one unit would gather whole on every GPU; a transformer block holds 10M or 35M
+    (at 640 and 1280 channels; counted on the meta device with `bench/sdxl_plan.py`'s SDXL_UNET)."""
     blocks = [b for b in [*unet.down_blocks, unet.mid_block, *unet.up_blocks] if b is not None]
     inner = [m for b in blocks for m in b.modules() if type(m).__name__ == "BasicTransformerBlock"]
     return inner + blocks
