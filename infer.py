@@ -55,6 +55,9 @@ def parse_args(argv, request_cls=None):
                    help="decode large images tile by tile (diffusers' VAE tiling): the memory of one tile, seams "
                         "blended")
     p.add_argument("--attention-slicing", action="store_true", help="attention a head at a time (less memory)")
+    p.add_argument("--offload", choices=["model", "sequential"],
+                   help="for models larger than the GPU's memory: keep them in main memory and move each model "
+                        "(model) or each layer (sequential, slower still) to the GPU to run")
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load .bin/.ckpt weights (with torch.load(weights_only=True)); safetensors only by "
                         "default")
@@ -62,6 +65,9 @@ def parse_args(argv, request_cls=None):
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error(f"--batch-size must be ≥ 1, got {args.batch_size}")
+    if args.compile and args.offload:
+        p.error("--compile and --offload do not go together (the offload hooks move the weights a compiled graph "
+                "would use); choose one")
     return args
 
 
@@ -125,7 +131,7 @@ def load_pipeline(args, state=None):
                          prediction_type=args.prediction_type, allow_pickle=args.allow_pickle,
                          loras_dir=args.loras_dir, embeddings_dir=args.embeddings_dir,
                          controlnets_dir=args.controlnets_dir, components=args.components,
-                         vae_tiling=args.vae_tiling, attention_slicing=args.attention_slicing)
+                         vae_tiling=args.vae_tiling, attention_slicing=args.attention_slicing, offload=args.offload)
     if args.upscaler:
         pipe.load_upscaler(args.upscaler)
     if args.compile:

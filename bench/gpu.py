@@ -27,6 +27,9 @@ Each section prints a Markdown table and goes into DIR/gpu.json:
    component (text encoder, U-Net, VAE decoder, the rest) by hooks that synchronise around each forward;
    latentgen again with its weights channels-last (the CPU's layout), with the 8 images decoded in one VAE call
    instead of one each, and with its VAE decoder compiled (as `compile_unet` does on CUDA).
+7. **big**: one 2048×2048 image (4 steps) of the SD-shaped model: seconds and peak GPU memory
+   (`torch.cuda.max_memory_allocated`) at latentgen's defaults, with `--vae-tiling`, and with `--offload model`
+   and `--offload sequential` (with tiling), against diffusers fp16 with its VAE tiling and model CPU offload.
 
 The paths run one after another in this process (a GPU's speed does not drift as a shared CPU's does); CUDA
 work is synchronised before each clock is read (`common.best_time` with a device).
@@ -213,6 +216,53 @@ DIFFUSERS_INDUCTOR = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True,
                       "coordinate_descent_check_all_directions": True, "epilogue_fusion": False}
 
 
+def big_images(folder: Path, device, size: int, steps: int) -> list[dict]:
+    """Seconds and peak memory of one `size`² image with VAE tiling and offloading (README: big images on small
+    GPUs); diffusers fp16 with tiling and model offload first, as its memory guide gives it."""
+    import torch
+
+    from latentgen.generation.models import open_pipeline
+
+    cuda = device.type == "cuda"
+    rows = []
+
+    def measure(name, build, call):
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            model = build()
+            start = time.perf_counter()
+            call(model)
+            synchronize(device)
+            seconds = time.perf_counter() - start
+        except Exception as e:  # out of memory without tiling is a finding; the other rows run on
+            rows.append({"path": name, "s": None, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
+        else:
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+            rows.append({"path": name, "s": round(seconds, 2), "peak GB": peak and round(peak, 2)})
+        print(json.dumps(rows[-1]), flush=True)
+
+    def diffusers_offloaded():
+        diff = diffusers_fp16(folder, "cpu")
+        diff.vae.enable_tiling()
+        if cuda:
+            diff.enable_model_cpu_offload(device=device)
+        return diff
+
+    def ours(offload=None, tiling=True):
+        return lambda: open_pipeline(folder, "auto", device, embeddings_dir=None, vae_tiling=tiling, offload=offload)
+
+    measure("diffusers fp16, VAE tiling, model offload", diffusers_offloaded,
+            lambda d: d([PROMPT], num_inference_steps=steps, height=size, width=size, guidance_scale=7.5))
+    for name, build in (("latentgen (defaults)", ours(tiling=False)), ("latentgen --vae-tiling", ours()),
+                        ("latentgen --vae-tiling --offload model", ours("model")),
+                        ("latentgen --vae-tiling --offload sequential", ours("sequential"))):
+        measure(name, build, lambda pipe: pipe([PROMPT], num_inference_steps=steps, height=size, width=size,
+                                               guidance_scale=7.5, scheduler="dpm++", seed=[0]))
+    return rows
+
+
 def unet_share(folder: Path, device, images: int, bf16_peak: float, tuned: bool = False) -> list[dict]:
     """`flops.unet_rate` in bf16 on `device`, eager and compiled (`torch.compile`'s default mode), or (`tuned`) compiled
     with `DIFFUSERS_INDUCTOR` and with Inductor's autotuning (`max-autotune-no-cudagraphs`), as a share of the
@@ -312,10 +362,12 @@ def main():
     p.add_argument("--device", default="cuda")
     p.add_argument("--smoke", action="store_true", help="tiny model, 2 steps: checks the script, measures nothing")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--only", nargs="+", choices=["peak", "inference", "unet", "training", "graphs", "split", "tuned"],
+    p.add_argument("--only", nargs="+",
+                   choices=["peak", "inference", "unet", "training", "graphs", "split", "tuned", "big"],
                    help="graphs: the U-Net compiled with CUDA graphs (mode reduce-overhead), no reference; "
                    "split: where one 8-image call's time goes, component by component; tuned: the U-Net "
-                   "compiled with diffusers' Inductor settings and with Inductor's autotuning")
+                   "compiled with diffusers' Inductor settings and with Inductor's autotuning; big: a 2048² image with "
+                   "VAE tiling and offloading, seconds and peak memory")
     p.add_argument("--folder", type=Path, help="where the SD-shaped model is built, or found built by an earlier "
                    "run (one build serves several --only runs)")
     args = p.parse_args()
@@ -346,6 +398,7 @@ def main():
                                    report.get("peak", {}).get("bf16") or peak(device, args.smoke)["bf16"]),
         "tuned": lambda: unet_share(folder, device, 8,
                                     report.get("peak", {}).get("bf16") or peak(device, args.smoke)["bf16"], True),
+        "big": lambda: big_images(folder, device, 128 if args.smoke else 2048, 2 if args.smoke else 4),
         "training": lambda: training(folder, device, 2 if args.smoke else 16, 2 if args.smoke else 20),
     }
     for name, run in tables.items():

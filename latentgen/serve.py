@@ -38,6 +38,9 @@ def parse_args(argv):
                         "giving what a file lacks (infer.py's)")
     p.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile (infer.py's)")
     p.add_argument("--attention-slicing", action="store_true", help="attention a head at a time (infer.py's)")
+    p.add_argument("--offload", choices=["model", "sequential"],
+                   help="models in main memory, moved to the GPU whole (model) or layer by layer (sequential) to "
+                        "run (infer.py's)")
     p.add_argument("--max-batch", type=int, default=8, help="images of queued requests sampled together")
     p.add_argument("--max-side", type=int, help="largest image side a request may ask for (default: 4× the model's "
                                                 "own size: 256 for the shipped 64 px model, 2048 for SD 1.x)")
@@ -59,6 +62,8 @@ def parse_args(argv):
             p.error(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
     if not 0 < args.port < 65536:
         p.error(f"--port must be in [1, 65535], got {args.port}")
+    if args.compile and args.offload:
+        p.error("--compile and --offload do not go together; choose one")
     return args
 
 
@@ -105,7 +110,7 @@ def build(args):
         pipe = open_pipeline(path, dtype=args.dtype, device=device, loras_dir=args.loras_dir,
                              embeddings_dir=args.embeddings_dir, confined=True,
                              controlnets_dir=args.controlnets_dir, vae_tiling=args.vae_tiling,
-                             attention_slicing=args.attention_slicing,
+                             attention_slicing=args.attention_slicing, offload=args.offload,
                              components=args.components if flow_file.kind_of_file(path) else None)
         if args.compile:  # the worker samples on one thread, as CUDA graphs (the default on CUDA) want
             pipe.compile_unet(report=lambda message: print(f"latentgen: {message}", file=sys.stderr))

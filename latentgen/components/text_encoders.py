@@ -51,7 +51,13 @@ class TextEncoder(Protocol):
 
 
 def _module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where `module` runs, and its dtype; offloaded (accelerate's hooks: `LatentPipeline.offload`), where its
+    hooks bring the weights to run, not where they wait (main memory, or meta tensors in the module)."""
     p = next(module.parameters())
+    for m in module.modules():
+        device = getattr(getattr(m, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(device), p.dtype
     return p.device, p.dtype
 
 

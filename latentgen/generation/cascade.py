@@ -104,7 +104,7 @@ def sharing(pipe, unet, scheduler, text_encoders: tuple[str, ...] = ()):
     the further encoders named in `text_encoders`, where `pipe` has them), progress bars off."""
     extra = {k: getattr(pipe, k) for k in text_encoders if getattr(pipe, k, None) is not None}
     out = type(pipe)(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                     unet=unet.to(pipe.unet.device), scheduler=scheduler, clip_skip=pipe.config.clip_skip, **extra)
+                     unet=unet.to(pipe.execution_device), scheduler=scheduler, clip_skip=pipe.config.clip_skip, **extra)
     out.prompt_encoder = pipe.prompt_encoder  # keyed by the text encoder: sharing it is safe
     out.set_progress_bar_config(disable=True)
     return out
@@ -160,7 +160,7 @@ def initial(up, low: torch.Tensor, scale: int) -> torch.Tensor:
     (the default model's held-out binding 85% -> 31%, `python bench/probes.py upscale-start`), and 6 of 20 steps
     did not repair them (README, Cascade).
     One image per VAE call, as `sampling.decode` does, so an image is the same made alone or in a batch."""
-    pixels = decode(up, low.to(up.vae.device)).float()
+    pixels = decode(up, low.to(up.execution_device)).float()
     big = F.interpolate(pixels, scale_factor=scale, mode="bicubic").clamp(-1, 1)
     return torch.cat([encode_images(up, big[i:i + 1]) for i in range(big.shape[0])])
 
@@ -228,7 +228,7 @@ def upscale_latents(up, low: torch.Tensor, prompts: list[str], seeds: list[int],
                             guidance_scale=cfg.guidance if guidance is None else guidance,
                             height=low.shape[-2] * f * cfg.scale, width=low.shape[-1] * f * cfg.scale,
                             strength=cfg.strength if strength is None else strength, output_type=output_type)
-    low = low.to(up.unet.device)
+    low = low.to(up.execution_device)
     cond, levels = condition(up, low, plan, cfg.noise_level if noise_level is None else noise_level)
     init = initial(up, low, cfg.scale) if plan.request.strength < 1 else None
     return up.run_plan(dataclasses.replace(plan, low_res=cond, noise_levels=levels, init_latents=init))

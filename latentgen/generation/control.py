@@ -261,12 +261,15 @@ def fit(pipe, units: list[Control], height: int, width: int) -> list[Active]:
             image = Image.fromarray(_uint8(image))
         if isinstance(net, ip_adapter.IPAdapter):  # an image prompt: the image's embedding, not a control map
             ip_adapter.check_fits(net, pipe.unet)
-            net.encoder.to(pipe.unet.device)
+            if pipe.__dict__.get("offloaded") == "sequential":
+                raise UserError("an IP-Adapter cannot join a U-Net offloaded layer by layer (--offload sequential); "
+                                "use --offload model")
+            net.encoder.to(pipe.execution_device)
             out.append(ImagePrompt(net, *net.embeds(image), unit))
             continue
         (check_adapter_fits if type(net).__name__ == "T2IAdapter" else check_fits)(net, pipe.unet, unit.name)
-        if (net.device, net.dtype) != (pipe.unet.device, pipe.unet.dtype):
-            net.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+        if (net.device, net.dtype) != (pipe.execution_device, pipe.unet.dtype):
+            net.to(device=pipe.execution_device, dtype=pipe.unet.dtype)
         prepared = control_images.prepare(image, width, height, unit.module, unit.resize_mode, unit.threshold_a,
                                           unit.threshold_b)
         out.append(Active(net, control_images.to_tensor(prepared), unit))

@@ -39,7 +39,7 @@ from latentgen.formats.folders import check_pipeline_folder
 from latentgen.formats.single_file import read
 from latentgen.generation import control, options
 from latentgen.generation.hires import lanczos
-from latentgen.generation.pipeline import GenerationOutput, _request, _target_dtype
+from latentgen.generation.pipeline import OFFLOAD_MODES, GenerationOutput, _request, _target_dtype
 from latentgen.generation.plan import Plan
 from latentgen.generation.sampling import cpu_generators
 from latentgen.runtime.precision import name_of
@@ -145,7 +145,8 @@ class FlowPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.inner.device
+        """Where the models run: with `offload`, the device the hooks bring them to (diffusers' own)."""
+        return self.inner._execution_device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -168,6 +169,16 @@ class FlowPipeline:
     def to(self, *args, **kwargs) -> "FlowPipeline":
         self.inner.to(*args, **kwargs)
         return self
+
+    def offload(self, mode: str, device: torch.device | str) -> None:
+        """The models kept in main memory and run on `device` (`LatentPipeline.offload`'s modes): what a Flux
+        transformer needs on a GPU smaller than its weights."""
+        if mode not in OFFLOAD_MODES:
+            raise UserError(f"offload {mode!r} is not one of {', '.join(OFFLOAD_MODES)}")
+        if mode == "model":
+            self.inner.enable_model_cpu_offload(device=device)
+        else:
+            self.inner.enable_sequential_cpu_offload(device=device)
 
     def set_progress_bar_config(self, **kwargs) -> None:
         self.inner.set_progress_bar_config(**kwargs)
@@ -310,7 +321,10 @@ class FlowPipeline:
     def generate(self, request, on_step: Callable[[int], None] | None = None, on_latents=None) -> GenerationOutput:
         plan = request if isinstance(request, Plan) else self.fit_request(request)
         with self.lock:
-            return self._generate(plan, on_step)
+            try:
+                return self._generate(plan, on_step)
+            finally:
+                self.inner.maybe_free_model_hooks()  # with offload: every model back in main memory
 
     def _generate(self, plan: Plan, on_step: Callable[[int], None] | None) -> GenerationOutput:
         req = plan.request

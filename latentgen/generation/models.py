@@ -5,6 +5,7 @@ the server open it.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from latentgen.errors import UserError
@@ -14,6 +15,8 @@ from latentgen.generation import flow
 from latentgen.generation.pipeline import LatentPipeline
 from latentgen.runtime.device import resolve_device
 from latentgen.runtime.precision import resolve_dtype
+
+log = logging.getLogger("latentgen")
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "default_model"
 
@@ -41,26 +44,38 @@ def open_pipeline(model: str | Path, dtype: str = "auto", device="auto", vae: st
                   prediction_type: str | None = None, allow_pickle: bool = False, loras_dir: str | Path = "loras",
                   embeddings_dir: str | Path | None = "embeddings", confined: bool = False, vae_tiling: bool = False,
                   attention_slicing: bool = False, controlnets_dir: str | Path = "controlnets",
-                  components: str | Path | None = None):
+                  components: str | Path | None = None, offload: str | None = None):
     """A model ready to generate, as infer.py and the server use it: loaded in `dtype` ("auto": the fast precision
     for the device), its VAE replaced by `vae` if given, on `device`, progress bars off, `<lora:NAME>` looked up in
     `loras_dir` (`confined`, as the server has it: only there, whatever the name), the embeddings in
     `embeddings_dir` (None: none) loaded. `components`: for an SD3 single file, a diffusers SD3 folder that gives
-    what the file lacks (T5's tokenizer, a transformer-only file's VAE and encoders)."""
+    what the file lacks (T5's tokenizer, a transformer-only file's VAE and encoders). `offload` ("model",
+    "sequential"): the models stay in main memory and go to the GPU to run (`LatentPipeline.offload`)."""
     import torch
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
+    if offload and device.type == "cpu":
+        log.warning(f"--offload {offload}: the models run on the CPU here, from main memory, where offloading "
+                    "would put them; nothing to offload")
+        offload = None
+
+    def place(pipe):
+        if offload:
+            pipe.offload(offload, device)
+        else:
+            pipe.to(device)
+        return pipe
     single = flow_file.kind_of_file(Path(model))
     if flow.kind_of(Path(model)) or single:  # SD3 or Flux: text-to-image through diffusers' pipelines
         if vae or prediction_type or vae_tiling or attention_slicing:
             raise UserError("--vae, --prediction-type, --vae-tiling and --attention-slicing are not supported with "
                             "SD3/Flux models yet")
         if single:
-            pipe = flow.FlowPipeline.from_single_file(model, torch_dtype=resolve_dtype(dtype, device),
-                                                      components=components).to(device)
+            pipe = place(flow.FlowPipeline.from_single_file(model, torch_dtype=resolve_dtype(dtype, device),
+                                                            components=components))
         else:
-            pipe = flow.FlowPipeline.from_pretrained(model, torch_dtype=resolve_dtype(dtype, device),
-                                                     allow_pickle=allow_pickle).to(device)
+            pipe = place(flow.FlowPipeline.from_pretrained(model, torch_dtype=resolve_dtype(dtype, device),
+                                                           allow_pickle=allow_pickle))
         pipe.set_progress_bar_config(disable=True)
         pipe.loras_dir, pipe.loras_confined = Path(loras_dir), confined
         pipe.controlnets_dir = Path(controlnets_dir)
@@ -72,7 +87,7 @@ def open_pipeline(model: str | Path, dtype: str = "auto", device="auto", vae: st
     if vae:
         pipe.register_modules(vae=folders.load_vae(vae, pipe.vae, allow_pickle))
         pipe.keep_vae_safe()
-    pipe.to(device)
+    place(pipe)
     pipe.set_progress_bar_config(disable=True)
     pipe.loras_dir, pipe.loras_confined = Path(loras_dir), confined
     pipe.controlnets_dir, pipe.allow_pickle = Path(controlnets_dir), allow_pickle

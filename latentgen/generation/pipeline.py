@@ -54,6 +54,7 @@ from latentgen.runtime.device import resolve_device
 from latentgen.runtime.precision import name_of, resolve_dtype
 
 log = logging.getLogger("latentgen")
+OFFLOAD_MODES = ("model", "sequential")  # `LatentPipeline.offload`, infer.py's --offload
 
 
 @dataclass
@@ -215,14 +216,37 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         and SiLUs over full-resolution activations fuse), in the default mode whatever `mode` is: the pipeline
         decodes image by image and keeps each image, which CUDA graphs' replays would overwrite. `report` hears
         that the compile comes with the first call."""
+        if self.__dict__.get("offloaded"):
+            raise UserError("--compile and --offload do not go together: the offload hooks move the weights "
+                            "between the calls a compiled graph would replay; use one of them")
         if self.unet.device.type == "cpu":
-
             compiled.install(self.unet, report)
         else:
             self.unet.compile(mode=mode or "reduce-overhead")
             self.vae.decoder.compile()
             if report is not None:  # torch.compile compiles lazily: say why the first image takes long
                 report("the U-Net and the VAE decoder compile on the first call (44-50 s for SD's U-Net on an H200)")
+
+    def offload(self, mode: str, device: torch.device | str) -> None:
+        """Keep the models in main memory and run them on `device` (a GPU), for models larger than its memory:
+        "model" moves each whole model there when it is called and back when the next one is (diffusers'
+        `enable_model_cpu_offload`: the GPU holds the U-Net's weights, not the text encoders' and the VAE's as
+        well; a little slower), "sequential" each layer (`enable_sequential_cpu_offload`: one layer's weights at a
+        time; several times slower). The memory guard counts what stays on the GPU (`runtime.memory`)."""
+        if mode not in OFFLOAD_MODES:
+            raise UserError(f"offload {mode!r} is not one of {', '.join(OFFLOAD_MODES)}")
+        self.__dict__["offloaded"] = mode  # before diffusers' `to("cpu")`: the layout is the GPU's
+        self.__dict__["offload_device"] = torch.device(device)
+        if mode == "model":
+            self.enable_model_cpu_offload(device=device)
+        else:
+            self.enable_sequential_cpu_offload(device=device)
+
+    @property
+    def execution_device(self) -> torch.device:
+        """Where the models run, and the request's tensors are made: the U-Net's device, or with `offload` the
+        device the offload hooks move the models to (diffusers' `_execution_device`)."""
+        return self._execution_device if self.__dict__.get("offloaded") else self.unet.device
 
     def to(self, *args, **kwargs):
         """diffusers' `to`, then the memory layout for the device and precision it leaves (`choose_memory_format`)."""
@@ -237,8 +261,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         slower. Elsewhere the contiguous layout: on CUDA, PyTorch's GroupNorm works only in it (`native_group_norm`
         makes its input contiguous off the CPU), so channels-last pays a conversion around each of the VAE's and
         U-Net's GroupNorms. fp32 keeps diffusers' layout, and with it diffusers' exact numbers."""
-        fast = (self.unet.device.type == "cpu" and self.unet.dtype != torch.float32
-                and self.unet.config.sample_size >= 32)
+        device = self.__dict__.get("offload_device") or self.unet.device
+        fast = device.type == "cpu" and self.unet.dtype != torch.float32 and self.unet.config.sample_size >= 32
         layout = torch.channels_last if fast else torch.contiguous_format
         self.unet.to(memory_format=layout)
         self.vae.to(memory_format=layout)
@@ -377,7 +401,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
             rows = [self._encode_chinese([p]) if chinese.is_chinese(p) else self.encode_conditioning([p], clip_skip)
                     for p in prompts]
             return Conditioning.concat(rows)
-        device, dtype = self.unet.device, self.unet.dtype
+        device, dtype = self.execution_device, self.unet.dtype
         # len(tokenizer): embeddings loaded later add words, and a cached prompt may have used them as text
         key = (id(self.text_encoder), len(self.tokenizer), clip_skip, str(device), str(dtype),
                lora.text_encoder_state(self))
@@ -386,7 +410,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
                                           spell=None if spell is None else lambda p: spell(p, self.tokenizer))
 
     def _encode_chinese(self, prompts: Sequence[str]) -> Conditioning:
-        device, dtype = self.unet.device, self.unet.dtype
+        device, dtype = self.execution_device, self.unet.dtype
         key = ("zh", id(self.text_encoder_zh), str(device), str(dtype))
         return self.prompt_encoder.encode(
             prompts, key, lambda: chinese.ChineseTextEncoder(self.tokenizer_zh, self.text_encoder_zh), device, dtype)
@@ -441,18 +465,23 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         if tiled or images or (plan.request.regions is not None and plan.request.regions.calc == "attention"):
             self.__dict__["tiling_used"] = True
         switch = bool(plan.loras or self.__dict__.get("managed_loras"))
-        with self.lora_lock if switch or self.__dict__.get("tiling_used") else contextlib.nullcontext():
+        offloaded = self.__dict__.get("offloaded")  # the hooks move weights: one call at a time
+        with self.lora_lock if switch or offloaded or self.__dict__.get("tiling_used") else contextlib.nullcontext():
             if switch:
                 lora.activate(self, plan.loras)
             regions = plan.request.regions
             shape = regions.shape_of(plan.prompts) if regions is not None else (1, False)
-            with tiling.circular(self.unet, self.vae, enabled=tiled), ip_adapter.applied(self.unet, images), \
-                    regional.attention(self.unet, regions, *shape, plan.height, plan.width):
-                if plan.request.hires is not None:
-                    return hires.generate(self, plan, on_step, on_latents)
-                if plan.request.upscale is not None:
-                    return cascade.generate(self, plan, on_step, on_latents)
-                return self.run_plan(plan, on_step, on_latents)
+            try:
+                with tiling.circular(self.unet, self.vae, enabled=tiled), ip_adapter.applied(self.unet, images), \
+                        regional.attention(self.unet, regions, *shape, plan.height, plan.width):
+                    if plan.request.hires is not None:
+                        return hires.generate(self, plan, on_step, on_latents)
+                    if plan.request.upscale is not None:
+                        return cascade.generate(self, plan, on_step, on_latents)
+                    return self.run_plan(plan, on_step, on_latents)
+            finally:
+                if offloaded:
+                    self.maybe_free_model_hooks()  # every model back in main memory, as diffusers' pipelines end
 
     def run_plan(self, plan: Plan, on_step: Callable[[int], None] | None = None,
                  on_latents: Callable[[int, torch.Tensor], None] | None = None) -> GenerationOutput:

@@ -114,7 +114,7 @@ def prepare_scheduler(pipe, plan: Plan):
         scheduler = as_loop_sampler(type(pipe.scheduler).from_config(pipe.scheduler.config))
     else:
         scheduler = make_scheduler(name, pipe.scheduler.config)
-    scheduler.set_timesteps(plan.request.num_inference_steps, device=pipe.unet.device)
+    scheduler.set_timesteps(plan.request.num_inference_steps, device=pipe.execution_device)
     cls = type(scheduler).__name__
     unstable = any(s.cls == cls and not s.stable_with_guidance for s in SCHEDULERS.values())
     consistency = name is not None and SCHEDULERS[name].consistency
@@ -144,7 +144,7 @@ def timesteps_for(plan: Plan, scheduler) -> torch.Tensor:
 
 def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) in [-1, 1] -> scaled latents z0 (N, C, H/f, W/f), the posterior mean."""
-    z = pipe.vae.encode(images.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mode().float()
+    z = pipe.vae.encode(images.to(pipe.execution_device, pipe.vae.dtype)).latent_dist.mode().float()
     return scale_latents(pipe.vae, z)
 
 
@@ -162,7 +162,7 @@ def prepare_latents(pipe, plan: Plan, scheduler, timesteps, generator) -> tuple[
     arithmetic keeps full precision."""
     f, n = pipe.vae_scale_factor, plan.batch_size
     shape = (n, pipe.vae.config.latent_channels, plan.height // f, plan.width // f)
-    noise = randn_tensor(shape, generator=generator, device=pipe.unet.device, dtype=torch.float32)
+    noise = randn_tensor(shape, generator=generator, device=pipe.execution_device, dtype=torch.float32)
     resize = plan.request.seed_resize_from
     seeded = shape if resize is None else (*shape[:2], resize[1] // f, resize[0] // f)
     own = noise

@@ -86,9 +86,11 @@ def vae_decode_bytes(config: Any, height: int, width: int, images: int, dtype_by
     return images * (peak * dtype_bytes + attention)
 
 
-def sampling_bytes(unet, vae, height: int, width: int, images: int, guided: bool) -> int:
+def sampling_bytes(unet, vae, height: int, width: int, images: int, guided: bool, offloaded: str | None = None) -> int:
     """Peak bytes of generating `images` images of height × width (U-Net calls or VAE decoding, whichever is
-    larger); with guidance the U-Net sees twice the rows."""
+    larger); with guidance the U-Net sees twice the rows. `offloaded` ("model", "sequential": `LatentPipeline.
+    offload`): the weights live in main memory, and what the hooks bring to the device while a model runs counts
+    too (the free memory it is compared with then includes them)."""
     factor = vae_factor(vae)
     rows = images * (2 if guided else 1)
     unet_bytes = unet_activation_bytes(unet.config, height // factor, width // factor, rows,
@@ -97,7 +99,21 @@ def sampling_bytes(unet, vae, height: int, width: int, images: int, guided: bool
         tile = int(vae.tile_sample_min_size)
         height, width = min(height, tile), min(width, tile)
     vae_bytes = vae_decode_bytes(vae.config, height, width, images, _dtype_bytes(vae), _quadratic_attention(vae))
+    if offloaded:
+        return max(SLACK * unet_bytes + resident_bytes(unet, offloaded),
+                   SLACK * vae_bytes + resident_bytes(vae, offloaded))
     return SLACK * max(unet_bytes, vae_bytes)
+
+
+def resident_bytes(model: torch.nn.Module, offloaded: str) -> int:
+    """Bytes of an offloaded `model`'s weights on the device while it runs: all of them ("model"), or its largest
+    layer's ("sequential": the hooks bring each module's own weights in for its call and take them out after)."""
+    def own(m: torch.nn.Module, recurse: bool) -> int:
+        return sum(t.numel() * t.element_size() for t in (*m.parameters(recurse=recurse), *m.buffers(recurse=recurse)))
+
+    if offloaded == "model":
+        return own(model, True)
+    return max(own(m, False) for m in model.modules())
 
 
 def _dtype_bytes(model) -> int:
@@ -133,13 +149,13 @@ def largest_fitting(need: Callable[[int, int], int], height: int, width: int, mu
 
 def check_sampling(pipe, height: int, width: int, images: int, guided: bool) -> None:
     """A one-line error when generating `images` images of height × width cannot fit in free memory."""
-    device = pipe.unet.device
+    device, offloaded = pipe.execution_device, pipe.__dict__.get("offloaded")
     free = free_bytes(device)
-    need = sampling_bytes(pipe.unet, pipe.vae, height, width, images, guided)
+    need = sampling_bytes(pipe.unet, pipe.vae, height, width, images, guided, offloaded)
     if need <= free:
         return
-    fits = largest_fitting(lambda h, w: sampling_bytes(pipe.unet, pipe.vae, h, w, images, guided), height, width,
-                           pipe.size_multiple, free)
+    fits = largest_fitting(lambda h, w: sampling_bytes(pipe.unet, pipe.vae, h, w, images, guided, offloaded), height,
+                           width, pipe.size_multiple, free)
     hint = f"about {fits[1]}×{fits[0]} would fit" if fits else "not even the smallest size fits"
     raise UserError(f"{width}×{height} for {images} image(s) needs about {gb(need)} of memory but "
                     f"{gb(free)} is free on {device.type}; {hint}" + (" (or fewer images per call)"
