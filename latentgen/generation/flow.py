@@ -39,7 +39,7 @@ from latentgen.formats.folders import check_pipeline_folder
 from latentgen.formats.single_file import read
 from latentgen.generation import control, options
 from latentgen.generation.hires import lanczos
-from latentgen.generation.pipeline import OFFLOAD_MODES, GenerationOutput, _request, _target_dtype
+from latentgen.generation.pipeline import GenerationOutput, _request, _target_dtype, offload_hooks
 from latentgen.generation.plan import Plan
 from latentgen.generation.sampling import cpu_generators
 from latentgen.runtime.precision import name_of
@@ -173,12 +173,7 @@ class FlowPipeline:
     def offload(self, mode: str, device: torch.device | str) -> None:
         """The models kept in main memory and run on `device` (`LatentPipeline.offload`'s modes): what a Flux
         transformer needs on a GPU smaller than its weights."""
-        if mode not in OFFLOAD_MODES:
-            raise UserError(f"offload {mode!r} is not one of {', '.join(OFFLOAD_MODES)}")
-        if mode == "model":
-            self.inner.enable_model_cpu_offload(device=device)
-        else:
-            self.inner.enable_sequential_cpu_offload(device=device)
+        offload_hooks(self.inner, mode, device)
 
     def set_progress_bar_config(self, **kwargs) -> None:
         self.inner.set_progress_bar_config(**kwargs)

@@ -233,14 +233,9 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         `enable_model_cpu_offload`: the GPU holds the U-Net's weights, not the text encoders' and the VAE's as
         well; a little slower), "sequential" each layer (`enable_sequential_cpu_offload`: one layer's weights at a
         time; several times slower). The memory guard counts what stays on the GPU (`runtime.memory`)."""
-        if mode not in OFFLOAD_MODES:
-            raise UserError(f"offload {mode!r} is not one of {', '.join(OFFLOAD_MODES)}")
         self.__dict__["offloaded"] = mode  # before diffusers' `to("cpu")`: the layout is the GPU's
         self.__dict__["offload_device"] = torch.device(device)
-        if mode == "model":
-            self.enable_model_cpu_offload(device=device)
-        else:
-            self.enable_sequential_cpu_offload(device=device)
+        offload_hooks(self, mode, device)
 
     @property
     def execution_device(self) -> torch.device:
@@ -521,6 +516,16 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         info |= {"scheduler": name, "height": plan.height, "width": plan.width, "dtype": name_of(self.unet.dtype)}
         return GenerationOutput(images=images, seeds=plan.seeds, scheduler=name, info=info,
                                 metadata=[plan.record(i, name) for i in range(plan.batch_size)])
+
+
+def offload_hooks(pipe: DiffusionPipeline, mode: str, device: torch.device | str) -> None:
+    """diffusers' offload of `mode` ("model", "sequential") on any of its pipelines."""
+    if mode not in OFFLOAD_MODES:
+        raise UserError(f"offload {mode!r} is not one of {', '.join(OFFLOAD_MODES)}")
+    if mode == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.enable_sequential_cpu_offload(device=device)
 
 
 def _request(prompt, fields: dict) -> Request:
