@@ -60,6 +60,14 @@ PHRASINGS_ONE = ZH_ONE + ("一个{c}{k}，{b}背景", "{c}{k}，{b}背景", "在
 PARTICLES = ("的", "在", "是", "上", "一个", "，")
 PHRASINGS_TWO = ZH_TWO + ("{c1}{k1}在左，{c2}{k2}在右，{b}背景", "{b}背景上，左边是{c1}{k1}，右边是{c2}{k2}",
                           "{c1}{k1}在{c2}{k2}左边，背景是{b}")
+# Captions are also put together from clauses: a background clause and a shape clause, one or the other first, so that
+# every way of naming the background is learned with one shape and with two (without it "背景是{b}", which only
+# two-shape phrasings used, was misread in one-shape prompts: background right 1 of 14 in `--phrasing unseen`).
+BACKGROUND_CLAUSES = ("{b}背景", "背景是{b}", "在{b}背景上", "{b}底色")
+SHAPE_CLAUSES_ONE = ("{c}{k}", "一个{c}{k}", "有一个{c}{k}")
+SHAPE_CLAUSES_TWO = ("{c1}{k1}在{c2}{k2}的左边", "{c2}{k2}在{c1}{k1}的右边", "{c1}{k1}在左，{c2}{k2}在右",
+                     "左边是{c1}{k1}，右边是{c2}{k2}")
+COMPOSED = 0.4  # the share of captions put together from clauses
 
 
 @dataclass
@@ -119,8 +127,14 @@ def noisy_caption(scene: Scene, g: torch.Generator, config: TextStudentConfig, n
     def chance(p: float) -> bool:
         return float(torch.rand(1, generator=g)) < p
 
-    templates = PHRASINGS_ONE if len(scene.shapes) == 1 else PHRASINGS_TWO
-    text = scene.chinese(templates[draw(len(templates))], short_color=chance(0.15), short_kind=chance(0.15))
+    if chance(COMPOSED):
+        shapes = SHAPE_CLAUSES_ONE if len(scene.shapes) == 1 else SHAPE_CLAUSES_TWO
+        clauses = [BACKGROUND_CLAUSES[draw(len(BACKGROUND_CLAUSES))], shapes[draw(len(shapes))]]
+        template = "，".join(clauses[::-1] if chance(0.5) else clauses)
+    else:
+        templates = PHRASINGS_ONE if len(scene.shapes) == 1 else PHRASINGS_TWO
+        template = templates[draw(len(templates))]
+    text = scene.chinese(template, short_color=chance(0.15), short_kind=chance(0.15))
     if chance(0.3):  # the clauses in another order: what a clause says does not depend on where it stands
         clauses = text.split("，")
         order = torch.randperm(len(clauses), generator=g).tolist()
@@ -172,7 +186,9 @@ def train_text_student(config: TextStudentConfig) -> Path:
     targets = teacher_states(teacher, sorted({s.english() for s in scenes}))
     width = next(iter(targets.values())).shape[-1]
     # the characters the captions are made of: every color and kind name and the phrasings' own words
-    words = list(ZH_COLORS.values()) + list(ZH_KINDS.values()) + list(PHRASINGS_ONE + PHRASINGS_TWO)
+    words = list(ZH_COLORS.values()) + list(ZH_KINDS.values()) + list(PHRASINGS_ONE + PHRASINGS_TWO
+                                                                      + BACKGROUND_CLAUSES + SHAPE_CLAUSES_ONE
+                                                                      + SHAPE_CLAUSES_TWO)
     vocab = vocabulary(words)
     tokenizer = make_tokenizer(vocab, config.max_length)
     learned = set("".join(words))
