@@ -325,3 +325,98 @@ def test_the_web_page_sends_regions(server):
         assert "RP Active: True" in text and "RP Divide mode: rows" in text and "RP Calc Mode: Attention" in text
     finally:
         driver.quit()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SD3 and Flux: the grammar read before diffusers' pipelines encode the prompts, edits swapped in step by step
+
+
+def flow_pipe(kind):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    import components as C
+    from latentgen.generation.flow import FlowPipeline
+
+    inner = StableDiffusion3Pipeline(**C.sd3_components()) if kind == "sd3" else FluxPipeline(**C.flux_components())
+    pipe = FlowPipeline(inner, kind, None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+FLOW_REQUEST = dict(seed=2, num_inference_steps=4, height=32, width=32, guidance_scale=3.0, output_type="np")
+
+
+def diffusers_switching(pipe, first: str, then: str, after: int, negative: str = ""):
+    """Prompt `first` for steps 0..`after`, then `then`, by diffusers' own means: the pipeline's step-end callback
+    hands it the new text states (SD3: with the negative's in front, and the pooled vector; Flux's pooled vector,
+    which its callback cannot hand over, overwritten in place)."""
+    inner, flux = pipe.inner, pipe.kind == "flux"
+
+    def encode(text):
+        if flux:
+            states, pooled, _ = inner.encode_prompt(text, None, "cpu")
+            return states, pooled
+        states, _, pooled, _ = inner.encode_prompt(text, None, None, "cpu", do_classifier_free_guidance=False)
+        return states, pooled
+
+    states, pooled = encode(first)
+    pooled = pooled.clone()
+    (new_states, new_pooled), (neg_states, neg_pooled) = encode(then), encode(negative)
+
+    def switch(_, i, t, tensors):
+        if i != after:
+            return {}
+        if flux:
+            pooled.copy_(new_pooled)
+            return {"prompt_embeds": new_states}
+        return {"prompt_embeds": torch.cat([neg_states, new_states]),
+                "pooled_prompt_embeds": torch.cat([neg_pooled, new_pooled])}
+
+    extra = {} if flux else dict(negative_prompt_embeds=neg_states, negative_pooled_prompt_embeds=neg_pooled)
+    plan = pipe.check_request(first, **FLOW_REQUEST)
+    return inner(prompt_embeds=states, pooled_prompt_embeds=pooled, latents=pipe.noise(plan), height=32, width=32,
+                 num_inference_steps=4, guidance_scale=3.0, output_type="np", callback_on_step_end=switch,
+                 callback_on_step_end_tensor_inputs=["prompt_embeds", "pooled_prompt_embeds"][:1 if flux else 2],
+                 **extra).images
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_flow_models_edit_prompts_as_diffusers_switching_them_would(kind):
+    pipe = flow_pipe(kind)
+    a, b = "a red circle", "a blue square"
+    edited = pipe(f"[{a}:{b}:1]", **FLOW_REQUEST).images
+    # to float rounding: handed text states instead of text, diffusers' own unswitched image differs by ~1e-6 too
+    np.testing.assert_allclose(edited, diffusers_switching(pipe, a, b, after=1), atol=1e-5, rtol=0)
+    # an edit past the last step is the first prompt, read as text without its brackets
+    np.testing.assert_array_equal(pipe(f"[{a}:{b}:9]", **FLOW_REQUEST).images, pipe(a, **FLOW_REQUEST).images)
+    assert np.abs(edited - pipe(a, **FLOW_REQUEST).images).max() > 1e-3
+    assert np.abs(edited - pipe(b, **FLOW_REQUEST).images).max() > 1e-3
+
+
+def test_sd3_edits_its_negative_prompt_too():
+    pipe = flow_pipe("sd3")
+    got = pipe("a red circle", negative_prompt="[blurry:dark:2]", **FLOW_REQUEST).images
+    plain = pipe("a red circle", negative_prompt="blurry", **FLOW_REQUEST).images
+    assert np.abs(got - plain).max() > 1e-4
+
+
+@pytest.mark.parametrize("kind, prompt, error", [
+    ("sd3", "a red circle AND a blue square", "AND (composable prompts) is not supported with SD3 models yet"),
+    ("flux", "a red circle BREAK a blue square", "BREAK is CLIP's 75-token windows; FLUX models read the prompt"),
+])
+def test_flow_models_refuse_and_and_break_in_one_line(kind, prompt, error):
+    import re
+
+    from latentgen.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape(error)):
+        flow_pipe(kind)(prompt, **FLOW_REQUEST)
+
+
+def test_flow_prompt_editing_with_an_image_is_refused():
+    from PIL import Image
+
+    from latentgen.errors import UserError
+
+    with pytest.raises(UserError, match=r"prompt editing and alternation \(\[a:b:when\], \[a\|b\]\) run with SD3"):
+        flow_pipe("sd3")("[a:b:0.5]", image=Image.new("RGB", (32, 32)), **FLOW_REQUEST)

@@ -12,7 +12,8 @@ the same modules); the hires fix with the Lanczos upscaler; ControlNets (diffuse
 pipelines); LoRAs (`--lora`, `<lora:NAME:SCALE>`, through diffusers' SD3/Flux loaders, which read diffusers',
 kohya's and other trainers' formats); and the flow samplers of `components.schedulers` (euler, euler-karras,
 euler-beta, heun, dpm++, unipc), each built from the model's own scheduler config (its shift, and Flux's
-resolution-dependent dynamic shift), under the U-Net samplers' names and A1111 names.
+resolution-dependent dynamic shift), under the U-Net samplers' names and A1111 names; A1111's prompt editing and
+alternation in text-to-image (`PromptEdits`); offloading (`--offload`).
 
 Everything else a request can ask (regions, tiling, IP-Adapters, LyCORIS files, ...) is a one-line error naming
 the option.
@@ -20,6 +21,7 @@ the option.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -37,10 +39,11 @@ from latentgen.formats import controlnet as controlnet_files
 from latentgen.formats import flow_file, lora
 from latentgen.formats.folders import check_pipeline_folder
 from latentgen.formats.single_file import read
-from latentgen.generation import control, options
+from latentgen.generation import control, options, schedule
 from latentgen.generation.hires import lanczos
 from latentgen.generation.pipeline import GenerationOutput, _request, _target_dtype, offload_hooks
 from latentgen.generation.plan import Plan
+from latentgen.generation.prompts import BREAK_SPLIT as BREAK
 from latentgen.generation.sampling import cpu_generators
 from latentgen.runtime.precision import name_of
 
@@ -71,6 +74,42 @@ def kind_of(folder: Path) -> str | None:
         return KINDS.get(json.loads(index.read_text()).get("_class_name", ""))
     except (ValueError, AttributeError):
         return None
+
+
+class PromptEdits:
+    """A1111's prompt editing and alternation on diffusers' SD3/Flux pipelines, which encode each prompt once: while
+    active, a hook on the transformer's calls gives each row the text states and pooled vector of its prompt's text
+    at the current step (`step`, which the pipeline's step-end callback advances). A row is known by its values:
+    the states diffusers computed for the prompt's first text (every layout of rows works: SD3's [negative;
+    positive] batch, Flux's separate true-CFG pass, skip-layer guidance's third pass)."""
+
+    def __init__(self, transformer, schedules: list[list[tuple]], encode: Callable[[str], tuple]):
+        self.transformer, self.schedules, self.step, self.encode = transformer, schedules, 0, encode
+        self.changing = any(len(entries) > 1 for pair in schedules for entries in pair)
+
+    def __enter__(self):
+        cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.encoded = lambda text: cache[text] if text in cache else cache.setdefault(text, self.encode(text))
+        self.first = [(entries, self.encoded(entries[0][1])) for pair in self.schedules for entries in pair]
+        self.step = 0
+        self.handle = self.transformer.register_forward_pre_hook(self._swap, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+    def _swap(self, module, args, kwargs):
+        states, pooled = kwargs["encoder_hidden_states"], kwargs["pooled_projections"]
+        new_states, new_pooled = [], []
+        for s, p in zip(states, pooled):
+            entries = next((e for e, (s0, p0) in self.first if torch.equal(s, s0) and torch.equal(p, p0)), None)
+            if entries is None:
+                raise RuntimeError("prompt editing: a transformer row matches none of the prompts' first texts")
+            s1, p1 = self.encoded(schedule.at(entries, self.step))
+            new_states.append(s1)
+            new_pooled.append(p1)
+        return args, kwargs | {"encoder_hidden_states": torch.stack(new_states),
+                               "pooled_projections": torch.stack(new_pooled)}
 
 
 class FlowPipeline:
@@ -196,6 +235,7 @@ class FlowPipeline:
         if req.guidance_interval != (0.0, 1.0):
             raise UserError(f"a guidance interval is not supported with {self.kind.upper()} models yet")
         prompts, negatives, seeds = req.per_image()
+        self._check_grammar(prompts, negatives, req)
         if self.kind == "flux" and any(negatives) and req.true_cfg_scale == 1.0:
             raise UserError("Flux is guidance-distilled: its negative prompt acts only with true CFG (--true-cfg "
                             "above 1, a second pass a step); its --guidance is the guidance it was distilled with")
@@ -238,6 +278,23 @@ class FlowPipeline:
                  for name, scale in (req.loras or []) + lora.tags(prompts[0])]
         pixels = None if image is None else self.inner.image_processor.preprocess(image.convert("RGB"), height, width)
         return Plan(req, prompts, negatives, seeds, req.generator, height, width, image=pixels, loras=loras)
+
+    def _check_grammar(self, prompts: list[str], negatives: list[str], req) -> None:
+        """What of A1111's prompt grammar a flow model runs: prompt editing and alternation in text-to-image;
+        AND and BREAK, which combine several U-Net predictions or text windows, are one-line errors."""
+        kind = self.kind.upper()
+        for text in prompts + negatives:
+            if len(schedule.parts(text)) > 1:
+                raise UserError(f"AND (composable prompts) is not supported with {kind} models yet")
+            if BREAK.search(text):
+                raise UserError(f"BREAK is CLIP's 75-token windows; {kind} models read the prompt whole (remove it)")
+        edited = [t for t in prompts + negatives if len(schedule.schedule(t, req.num_inference_steps)) > 1]
+        if edited and (req.image is not None or req.hires is not None):
+            raise UserError(f"prompt editing and alternation ([a:b:when], [a|b]) run with {kind} models in "
+                            "text-to-image only (no image or hires fix yet)")
+        if self.kind == "flux" and any(len(schedule.schedule(t, req.num_inference_steps)) > 1 for t in negatives):
+            raise UserError("prompt editing in a Flux negative prompt is not supported (its true-CFG pass reads "
+                            "it once)")
 
     def check_request(self, prompt=None, **fields) -> Plan:
         return self.fit_request(_request(prompt, fields))
@@ -299,6 +356,25 @@ class FlowPipeline:
         self.__dict__[name].scheduler = self.inner.scheduler
         return self.__dict__[name]
 
+    def _edits(self, plan: Plan) -> "PromptEdits":
+        """The step-by-step texts of the prompts and negative prompts (A1111's editing and alternation read), and
+        the transformer hook that gives them where they change."""
+        steps = plan.request.num_inference_steps
+        texts = [[lora.strip_tags(t) for t in (p, n)] for p, n in zip(plan.prompts, plan.negative_prompts)]
+        schedules = [[schedule.schedule(t, steps) for t in pair] for pair in texts]
+        length = plan.request.max_sequence_length or (512 if self.kind == "flux" else 256)
+
+        def encode(text: str) -> tuple[torch.Tensor, torch.Tensor]:  # what diffusers' pipeline gives one text
+            if self.kind == "flux":
+                states, pooled, _ = self.inner.encode_prompt(text, None, self.device, max_sequence_length=length)
+            else:
+                states, _, pooled, _ = self.inner.encode_prompt(text, None, None, self.device,
+                                                                do_classifier_free_guidance=False,
+                                                                max_sequence_length=length)
+            return states[0], pooled[0]
+
+        return PromptEdits(self.inner.transformer, schedules, encode)
+
     def noise(self, plan: Plan) -> torch.Tensor:
         """Each image's starting noise from its own seed on the CPU (N, C, h, w), packed as Flux takes it."""
         channels = self.inner.transformer.config.in_channels // (4 if self.kind == "flux" else 1)
@@ -327,12 +403,16 @@ class FlowPipeline:
         self.inner.scheduler = make_flow_scheduler(name, self.base_scheduler_config)
         lora.activate(self, plan.loras)
 
+        edits = self._edits(plan)
+
         def step_end(pipe, i, t, tensors):
+            if edits.changing:  # a loop iteration is a sampling step of a first-order sampler, half of Heun's
+                edits.step = (i + 1) // pipe.scheduler.order
             if on_step is not None:
                 on_step(i)
             return {}
 
-        kwargs: dict[str, Any] = dict(prompt=[lora.strip_tags(p) for p in plan.prompts], height=plan.height,
+        kwargs: dict[str, Any] = dict(height=plan.height,
                                       width=plan.width,
                                       num_inference_steps=req.num_inference_steps,
                                       guidance_scale=req.guidance_scale, latents=self.noise(plan),
@@ -343,6 +423,10 @@ class FlowPipeline:
             kwargs["negative_prompt"] = plan.negative_prompts
         if self.kind == "flux" and req.true_cfg_scale != 1.0:
             kwargs["true_cfg_scale"] = req.true_cfg_scale
+        # the pipeline encodes the first step's texts (the grammar read); the hook swaps in the later ones
+        kwargs["prompt"] = [entries[0][1] for entries, _ in edits.schedules]
+        if "negative_prompt" in kwargs:
+            kwargs["negative_prompt"] = [entries[0][1] for _, entries in edits.schedules]
         if req.slg_scale:  # diffusers' SD3 skip-layer guidance, over its default 1-20% of the steps
             kwargs |= dict(skip_guidance_layers=list(req.slg_layers), skip_layer_guidance_scale=req.slg_scale)
         pipe = self.inner
@@ -371,7 +455,7 @@ class FlowPipeline:
             pipe = self.img2img()
         # diffusers' ControlNet pipelines draw the control image's latents from torch's global generator: drawn
         # from the first image's seed here, so that an image depends on its seeds alone
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), (edits if edits.changing else contextlib.nullcontext()):
             if plan.seeds is not None:
                 torch.manual_seed(plan.seeds[0])
             images = pipe(**kwargs).images
