@@ -193,3 +193,16 @@ def test_infer_and_serve_flags_turn_on_vae_tiling_and_attention_slicing(tiny_fol
     plain = open_pipeline(tiny_folder)
     assert not plain.vae.use_tiling and "SlicedAttnProcessor" not in {type(p).__name__ for p in
                                                                       plain.unet.attn_processors.values()}
+
+
+def test_attention_processor_signatures_are_cached_as_themselves(tiny_pipe):
+    """diffusers' Attention.forward reads its processor's signature on every call; `to` stores it once."""
+    import inspect
+
+    tiny_pipe.to("cpu")
+    for cls in {type(p) for p in tiny_pipe.unet.attn_processors.values()}:
+        cached = cls.__call__.__dict__["__signature__"]
+        del cls.__call__.__signature__
+        assert cached == inspect.signature(cls.__call__)
+        cls.__call__.__signature__ = cached
+    assert tiny_pipe.execution_device == torch.device("cpu")
