@@ -393,6 +393,21 @@ def test_flow_models_edit_prompts_as_diffusers_switching_them_would(kind):
     assert np.abs(edited - pipe(b, **FLOW_REQUEST).images).max() > 1e-3
 
 
+def test_rows_of_equal_first_texts_follow_their_own_schedules():
+    """Two images whose prompts start alike, and an SD3 negative prompt equal to a prompt's first text: each row
+    follows its own prompt's schedule (by its place in the batch)."""
+    pipe = flow_pipe("sd3")
+    request = FLOW_REQUEST | dict(seed=[2, 2])
+    got = pipe(["[a red circle:a blue square:1]", "[a red circle:a green star:1]"], **request).images
+    alone = [pipe(p, **FLOW_REQUEST).images[0] for p in ("[a red circle:a blue square:1]",
+                                                         "[a red circle:a green star:1]")]
+    np.testing.assert_allclose(got, alone, atol=1e-5, rtol=0)  # a batch's float rounding, as for plain prompts
+    assert np.abs(alone[0] - alone[1]).max() > 1e-3
+    late = pipe("[a red circle:2]", negative_prompt="", **FLOW_REQUEST).images
+    empty = pipe("", **FLOW_REQUEST).images
+    assert np.abs(late - empty).max() > 1e-3  # the prompt's rows took "a red circle" from step 3, the negatives not
+
+
 def test_sd3_edits_its_negative_prompt_too():
     pipe = flow_pipe("sd3")
     got = pipe("a red circle", negative_prompt="[blurry:dark:2]", **FLOW_REQUEST).images

@@ -79,18 +79,29 @@ def kind_of(folder: Path) -> str | None:
 class PromptEdits:
     """A1111's prompt editing and alternation on diffusers' SD3/Flux pipelines, which encode each prompt once: while
     active, a hook on the transformer's calls gives each row the text states and pooled vector of its prompt's text
-    at the current step (`step`, which the pipeline's step-end callback advances). A row is known by its values:
-    the states diffusers computed for the prompt's first text (every layout of rows works: SD3's [negative;
-    positive] batch, Flux's separate true-CFG pass, skip-layer guidance's third pass)."""
+    at the current step (`step`, which the pipeline's step-end callback advances). Row r belongs to image r mod B
+    (B images), and is its prompt or its negative prompt by its values, the states diffusers computed for that
+    text's first step (so every layout of rows works: SD3's [negatives; prompts] batch, Flux's separate true-CFG
+    pass, skip-layer guidance's third pass); where the two are equal, the first half of a doubled batch is the
+    negatives (SD3), other rows the prompts."""
 
     def __init__(self, transformer, schedules: list[list[tuple]], encode: Callable[[str], tuple]):
         self.transformer, self.schedules, self.step, self.encode = transformer, schedules, 0, encode
         self.changing = any(len(entries) > 1 for pair in schedules for entries in pair)
 
-    def __enter__(self):
+    def first_states(self, negatives: bool) -> dict[str, torch.Tensor]:
+        """The pipeline's text inputs for the first step, each text encoded alone as the hook's later ones are
+        (encoded as one batch, the values could differ in the last bits and match no row)."""
         cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.encoded = lambda text: cache[text] if text in cache else cache.setdefault(text, self.encode(text))
-        self.first = [(entries, self.encoded(entries[0][1])) for pair in self.schedules for entries in pair]
+        self.first = [[(entries, self.encoded(entries[0][1])) for entries in pair] for pair in self.schedules]
+        out = {}
+        for k, prefix in enumerate(("", "negative_")[:1 + negatives]):
+            states, pooled = zip(*[pair[k][1] for pair in self.first])
+            out |= {f"{prefix}prompt_embeds": torch.stack(states), f"{prefix}pooled_prompt_embeds": torch.stack(pooled)}
+        return out
+
+    def __enter__(self):
         self.step = 0
         self.handle = self.transformer.register_forward_pre_hook(self._swap, with_kwargs=True)
         return self
@@ -101,8 +112,11 @@ class PromptEdits:
     def _swap(self, module, args, kwargs):
         states, pooled = kwargs["encoder_hidden_states"], kwargs["pooled_projections"]
         new_states, new_pooled = [], []
-        for s, p in zip(states, pooled):
-            entries = next((e for e, (s0, p0) in self.first if torch.equal(s, s0) and torch.equal(p, p0)), None)
+        images = len(self.first)
+        for r, (s, p) in enumerate(zip(states, pooled)):
+            prompt, negative = self.first[r % images]
+            order = (negative, prompt) if len(states) == 2 * images and r < images else (prompt, negative)
+            entries = next((e for e, (s0, p0) in order if torch.equal(s, s0) and torch.equal(p, p0)), None)
             if entries is None:
                 raise RuntimeError("prompt editing: a transformer row matches none of the prompts' first texts")
             s1, p1 = self.encoded(schedule.at(entries, self.step))
@@ -289,12 +303,16 @@ class FlowPipeline:
             if BREAK.search(text):
                 raise UserError(f"BREAK is CLIP's 75-token windows; {kind} models read the prompt whole (remove it)")
         edited = [t for t in prompts + negatives if len(schedule.schedule(t, req.num_inference_steps)) > 1]
-        if edited and (req.image is not None or req.hires is not None):
+        if edited and (req.image is not None or req.hires is not None or req.control):
             raise UserError(f"prompt editing and alternation ([a:b:when], [a|b]) run with {kind} models in "
-                            "text-to-image only (no image or hires fix yet)")
+                            "text-to-image only (no image, hires fix or ControlNet yet)")
         if self.kind == "flux" and any(len(schedule.schedule(t, req.num_inference_steps)) > 1 for t in negatives):
             raise UserError("prompt editing in a Flux negative prompt is not supported (its true-CFG pass reads "
                             "it once)")
+        if self.kind == "flux" and req.true_cfg_scale != 1.0 and any(
+                schedule.schedule(p, req.num_inference_steps)[0][1] == n for p, n in zip(prompts, negatives)
+                if len(schedule.schedule(p, req.num_inference_steps)) > 1):
+            raise UserError("an edited Flux prompt must differ from its negative prompt at the first step")
 
     def check_request(self, prompt=None, **fields) -> Plan:
         return self.fit_request(_request(prompt, fields))
@@ -423,10 +441,15 @@ class FlowPipeline:
             kwargs["negative_prompt"] = plan.negative_prompts
         if self.kind == "flux" and req.true_cfg_scale != 1.0:
             kwargs["true_cfg_scale"] = req.true_cfg_scale
-        # the pipeline encodes the first step's texts (the grammar read); the hook swaps in the later ones
+        # the pipeline encodes the first step's texts (the grammar read); with edits, it is handed their states,
+        # and the hook swaps in the later ones
         kwargs["prompt"] = [entries[0][1] for entries, _ in edits.schedules]
         if "negative_prompt" in kwargs:
             kwargs["negative_prompt"] = [entries[0][1] for _, entries in edits.schedules]
+        if edits.changing:
+            negatives = kwargs.pop("negative_prompt", None) is not None
+            kwargs.pop("prompt")
+            kwargs |= edits.first_states(negatives)
         if req.slg_scale:  # diffusers' SD3 skip-layer guidance, over its default 1-20% of the steps
             kwargs |= dict(skip_guidance_layers=list(req.slg_layers), skip_layer_guidance_scale=req.slg_scale)
         pipe = self.inner
