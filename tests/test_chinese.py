@@ -86,6 +86,17 @@ def test_a_chinese_prompt_is_read_by_the_student_and_an_english_one_as_before(zh
         pipe("a 红色 circle", **kwargs)
 
 
+def test_chinese_prompts_take_a1111_weights(zh_folder):
+    pipe = LatentPipeline.from_pretrained(zh_folder, torch_dtype=torch.float32)
+    plain, _ = pipe.encode_prompts(["蓝色背景上的红色圆形"])
+    same, _ = pipe.encode_prompts(["蓝色背景上的(红色圆形:1.0)"])
+    heavier, _ = pipe.encode_prompts(["蓝色背景上的(红色:1.3)圆形"])
+    torch.testing.assert_close(same, plain)  # weight 1 is the plain prompt, the brackets read as syntax
+    weighted = (heavier - plain).abs().amax(-1)[0]  # (T,) per token
+    tokens = pipe.tokenizer_zh.convert_ids_to_tokens(pipe.tokenizer_zh("蓝色背景上的红色圆形").input_ids)
+    assert tokens[7:9] == ["红", "色"] and weighted[7:9].min() > weighted[1:7].max()  # 红色 moved most
+
+
 def test_diffusers_loads_the_folder_without_the_student(zh_folder):
     from diffusers import StableDiffusionPipeline
 
