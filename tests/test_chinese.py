@@ -177,3 +177,34 @@ def test_the_shipped_student_means_what_the_english_prompt_means():
     right = cosine(two, pair_prompt(("green", "square"), ("yellow", "triangle"), "black"))
     swapped = cosine(two, pair_prompt(("yellow", "square"), ("green", "triangle"), "black"))
     assert right > 0.99 and right > swapped + 0.01, (right, swapped)  # measured 0.997 and 0.975
+
+
+def test_a_chinese_prompt_goes_through_the_cli_infotext_replay_and_server(zh_folder, tmp_path):
+    """A1111's infotext keeps the Chinese prompt, `--replay` makes the image again, and webuiapi (which sends UTF-8
+    JSON) gets the pipeline's own image through the server."""
+    import webuiapi
+    from PIL import Image
+
+    from conftest import Server, infer
+    from latentgen.generation.infotext import a1111_request
+
+    prompt = "蓝色背景上的红色圆形"
+    out = tmp_path / "zh.png"
+    r = infer("--model", zh_folder, "--prompt", prompt, "--steps", 2, "--seed", 4, "--dtype", "fp32", "--out", out)
+    assert r.returncode == 0, r.stderr
+    settings, _, _ = a1111_request(Image.open(out).info["parameters"])
+    assert settings["prompt"] == prompt
+    r = infer("--replay", out)
+    assert r.returncode == 0 and "identical, bit for bit" in r.stdout, r.stderr
+    server = Server(["--model", str(zh_folder), "--dtype", "fp32"])
+    try:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+        got = api.txt2img(prompt=prompt, seed=4, steps=2, cfg_scale=7.5, width=64, height=64,
+                          sampler_name="DPM++ 2M", alwayson_scripts={})
+        assert got.info["prompt"] == prompt
+        direct = LatentPipeline.from_pretrained(zh_folder, torch_dtype=torch.float32)(
+            prompt, seed=4, num_inference_steps=2, guidance_scale=7.5, width=64, height=64,
+            scheduler="dpm++").images[0]
+        np.testing.assert_array_equal(np.asarray(got.image.convert("RGB")), np.asarray(direct))
+    finally:
+        server.close()
