@@ -302,16 +302,16 @@ class FlowPipeline:
                 raise UserError(f"AND (composable prompts) is not supported with {kind} models yet")
             if BREAK.search(text):
                 raise UserError(f"BREAK is CLIP's 75-token windows; {kind} models read the prompt whole (remove it)")
-        edited = [t for t in prompts + negatives if len(schedule.schedule(t, req.num_inference_steps)) > 1]
-        if edited and (req.image is not None or req.hires is not None or req.control):
+        entries = {t: schedule.schedule(t, req.num_inference_steps) for t in prompts + negatives}
+        if any(len(entries[t]) > 1 for t in entries) and (req.image is not None or req.hires is not None
+                                                           or req.control):
             raise UserError(f"prompt editing and alternation ([a:b:when], [a|b]) run with {kind} models in "
                             "text-to-image only (no image, hires fix or ControlNet yet)")
-        if self.kind == "flux" and any(len(schedule.schedule(t, req.num_inference_steps)) > 1 for t in negatives):
+        if self.kind == "flux" and any(len(entries[t]) > 1 for t in negatives):
             raise UserError("prompt editing in a Flux negative prompt is not supported (its true-CFG pass reads "
                             "it once)")
         if self.kind == "flux" and req.true_cfg_scale != 1.0 and any(
-                schedule.schedule(p, req.num_inference_steps)[0][1] == n for p, n in zip(prompts, negatives)
-                if len(schedule.schedule(p, req.num_inference_steps)) > 1):
+                len(entries[p]) > 1 and entries[p][0][1] == n for p, n in zip(prompts, negatives)):
             raise UserError("an edited Flux prompt must differ from its negative prompt at the first step")
 
     def check_request(self, prompt=None, **fields) -> Plan:
