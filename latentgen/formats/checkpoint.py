@@ -30,6 +30,7 @@ from latentgen.io import atomic_dir
 
 NAME = re.compile(r"^checkpoint-(\d+)$")
 SHARDED = "sharded"  # an FSDP run's shards, in torch.distributed.checkpoint's format
+ZERO = "zero"  # in SHARDED: the partitions a DeepSpeed run writes (`training.zero`; DeepSpeed's checkpoint tag)
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -116,6 +117,10 @@ def load_checkpoint(path: Path, models: dict[str, torch.nn.Module], states: dict
             if hasattr(obj, "load_checkpoint"):  # a sharded model's optimizer (`training.sharded.FullOptimizer`)
                 obj.load_checkpoint(path, name, saved)
             elif obj is not None:
+                if name not in saved:
+                    deepspeed = (path / SHARDED / ZERO).is_dir()
+                    raise ValueError(f"it holds no {name} state" + (" (DeepSpeed's partitions are in sharded/: "
+                                                                     "resume under DeepSpeed)" if deepspeed else ""))
                 obj.load_state_dict(saved[name])
         return json.loads((path / "state.json").read_text())
     except (OSError, RuntimeError, KeyError, ValueError) as err:  # DCP's CheckpointException is a RuntimeError

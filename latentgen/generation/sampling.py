@@ -318,7 +318,7 @@ def run_unet(pipe, x_in: torch.Tensor, t, cond, rows_per_image: int,
     if groups is not None and x_in.dtype == torch.float32 and n > 1:
         out = torch.empty_like(x_in[:, :pipe.unet.config.out_channels])
         for rows in groups:
-            out[rows] = call(rows)
+            out[rows] = call(rows).to(out.dtype)  # an autocast around the U-Net gives 16 bits
         return out
     if (x_in.dtype != torch.float32 or n == 1 or (class_labels is None and control is None and batch_invariant(
             pipe.unet, x_in, t, rows_per_image, **cond.unet_kwargs()))):
@@ -329,7 +329,7 @@ def run_unet(pipe, x_in: torch.Tensor, t, cond, rows_per_image: int,
     out = torch.empty_like(x_in[:, :pipe.unet.config.out_channels])
     for i in range(n):
         rows = [i + k * n for k in range(rows_per_image)]  # image i in each of the [uncond; cond] halves
-        out[rows] = call(rows)
+        out[rows] = call(rows).to(out.dtype)  # an autocast around the U-Net gives 16 bits
     return out
 
 

@@ -36,24 +36,45 @@ def fsdp_requested() -> bool:
     return _flag("ACCELERATE_USE_FSDP")
 
 
-def check_launch_request(gradient_accumulation_steps: int, shards: bool = False) -> None:
+def deepspeed_requested() -> bool:
+    """Whether `accelerate launch` asked for DeepSpeed (`--use_deepspeed`, or `distributed_type: DEEPSPEED`)."""
+    return _flag("ACCELERATE_USE_DEEPSPEED")
+
+
+def check_launch_request(gradient_accumulation_steps: int, shards: bool = False, zero: bool = False) -> None:
     """What `accelerate launch` asked for that the trainers do not do is a one-line error, not silently plain data
     parallel: accelerate switches to FSDP or DeepSpeed only for GPUs, so on the CPU their flags would pass
     unnoticed, and its --gradient_accumulation_steps would disagree with the config's. A trainer that `shards`
     (FSDP2 of its own, `training.sharded`) takes an FSDP launch: accelerate is then told to run the processes
-    plainly and the trainer shards."""
+    plainly and the trainer shards. A trainer that takes `zero` (train_unet.py: `training.zero`) takes a DeepSpeed
+    launch, which accelerate runs."""
     if shards and fsdp_requested():
         os.environ.pop("ACCELERATE_USE_FSDP")
-    for flag, what in (("ACCELERATE_USE_FSDP", "FSDP (--use_fsdp or distributed_type: FSDP)"),
-                       ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")):
+    refused = [("ACCELERATE_USE_FSDP", "FSDP (--use_fsdp or distributed_type: FSDP)"),
+               ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")]
+    if not zero:
+        refused.insert(1, ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"))
+    for flag, what in refused:
         if _flag(flag):
-            raise UserError(f"{what} was asked for, but latentgen's trainers run data parallel or, train_unet.py, "
-                            "FSDP2 of their own (distributed.strategy: fsdp shards parameters, gradients and AdamW "
-                            "state as ZeRO-3 does); launch without it (accelerate launch --multi_gpu, or --cpu)")
+            raise UserError(f"{what} was asked for, but this trainer runs data parallel (train_unet.py also "
+                            "DeepSpeed ZeRO, and FSDP2 of its own: distributed.strategy: fsdp shards parameters, "
+                            "gradients and AdamW state as ZeRO-3 does); launch without it (accelerate launch "
+                            "--multi_gpu, or --cpu)")
+    if zero and deepspeed_requested() and not torch.cuda.is_available() and world_size() > 1:
+        # tried: under `accelerate launch --use_deepspeed --num_processes 2` on a machine without a GPU, DeepSpeed
+        # joins both ranks over gloo but accelerate's state counts one process, so each rank would train alone
+        raise UserError(f"DeepSpeed through accelerate runs {world_size()} processes on GPUs only (on the CPU "
+                        "accelerate counts its ranks as one); on the CPU shard with distributed.strategy: fsdp, or "
+                        "launch one process")
     steps = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
     if steps is not None and steps != str(gradient_accumulation_steps):
         raise UserError(f"accelerate launch --gradient_accumulation_steps {steps} disagrees with the config's "
                         f"{gradient_accumulation_steps}; set it in the config (gradient_accumulation_steps={steps})")
+
+
+def world_size() -> int:
+    """The number of processes the launcher started (1 without a launcher)."""
+    return max(int(os.environ.get(v, "1")) for v in _WORLD_SIZE_VARS)
 
 
 def use_cpu() -> bool:
@@ -61,11 +82,17 @@ def use_cpu() -> bool:
     return not torch.cuda.is_available() or _flag("ACCELERATE_USE_CPU")
 
 
+def accelerate_cpu() -> bool:
+    """The `cpu` flag for accelerate: `use_cpu()`, except under a DeepSpeed launch, which accelerate starts only
+    without it (a one-process run on a machine without a GPU then runs DeepSpeed on the CPU)."""
+    return use_cpu() and not deepspeed_requested()
+
+
 def process_state():
     """accelerate's PartialState for this process, created with the right device flag (see the module doc)."""
     from accelerate import PartialState
 
-    return PartialState(cpu=use_cpu())
+    return PartialState(cpu=accelerate_cpu())
 
 
 def describe(state) -> str:

@@ -41,10 +41,17 @@ from latentgen.errors import UserError, one_of
 from latentgen.formats.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from latentgen.io import write_text
 from latentgen.runtime.device import ATTENTION, peak_memory_mb
-from latentgen.runtime.distributed import check_launch_request, describe, process_state, say, use_cpu
+from latentgen.runtime.distributed import (
+    accelerate_cpu,
+    check_launch_request,
+    describe,
+    process_state,
+    say,
+    use_cpu,
+)
 from latentgen.runtime.precision import mixed_precision
 from latentgen.runtime.precision import mixed_precision as resolve
-from latentgen.training import sharded
+from latentgen.training import sharded, zero
 
 MIXED_PRECISION = ("auto", "fp32", "bf16", "fp16")  # not "no": YAML reads that as false
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -177,9 +184,10 @@ def make_accelerator(config: TrainConfig, project: str):
     if config.distributed.strategy == "fsdp" and project != "train_unet":
         raise UserError(f"{project} trains data parallel only; distributed.strategy fsdp shards train_unet.py's "
                         "U-Net, LoRA and upscaler runs: set distributed.strategy: ddp")
-    check_launch_request(config.gradient_accumulation_steps, config.distributed.strategy == "fsdp")
-    cpu = use_cpu()
-    mixed_precision, source = resolve(config.mixed_precision, cpu)
+    check_launch_request(config.gradient_accumulation_steps, config.distributed.strategy == "fsdp",
+                         zero=project == "train_unet")
+    cpu = accelerate_cpu()
+    mixed_precision, source = resolve(config.mixed_precision, use_cpu())
     state = process_state()
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
@@ -190,7 +198,7 @@ def make_accelerator(config: TrainConfig, project: str):
         cpu=cpu,
     )
     kind = str(accelerator.distributed_type).split(".")[-1]
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+    if kind in ("FSDP", "MEGATRON_LM") or (kind == "DEEPSPEED" and project != "train_unet"):
         raise UserError(f"{project} runs data parallel (DDP) only, not {kind}: its checkpoints hold whole weights; "
                         "launch with --multi_gpu (or --cpu) instead")
     say(f"{project}: {describe(state)}")
@@ -473,7 +481,10 @@ class Run:
         # distributed.checkpoint: sharded, every rank writes its shards (DCP) and rank 0 the rest
         shards = None
         models, states = self.models, self.states
-        if self.config.distributed.checkpoint == "sharded":
+        engine = zero.engine_of(models)
+        if engine is not None:  # DeepSpeed's partitions, each rank its own; the whole weights below
+            shards = zero.write_shards(self.out, step, engine, self.accelerator)
+        elif self.config.distributed.checkpoint == "sharded":
             shards = sharded.write_shards(self.out, step, models | states, self.accelerator)
             models = {k: m for k, m in models.items() if not sharded.is_sharded(m)}
             states = {k: s for k, s in states.items() if not sharded.is_sharded(s)}

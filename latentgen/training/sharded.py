@@ -212,10 +212,10 @@ def gathered(obj: Any) -> Any:
     return obj
 
 
-def unsharded(model: torch.nn.Module, main: bool) -> torch.nn.Module | None:
+def unsharded(model: torch.nn.Module, main: bool, full: FullModel | None = None) -> torch.nn.Module | None:
     """A plain copy of a sharded diffusers model with its whole weights, on the main rank (None elsewhere); every
-    rank must call it (the gather is a collective)."""
-    state = FullModel(model).state_dict(everything=True)
+    rank must call it (the gather is a collective). `full`: how to gather them (FSDP2's by default)."""
+    state = (full or FullModel(model)).state_dict(everything=True)
     if not main:
         return None
     plain = getattr(model, "plain_class", type(model)).from_config(copy.deepcopy(dict(model.config)))

@@ -24,9 +24,9 @@ from latentgen.data.sources import build_dataset
 from latentgen.errors import UserError
 from latentgen.io import save_image
 from latentgen.runtime.device import set_attention
-from latentgen.runtime.distributed import describe, fsdp_requested, say
+from latentgen.runtime.distributed import deepspeed_requested, describe, fsdp_requested, say
 from latentgen.runtime.memory import check_training, unet_training_bytes
-from latentgen.training import sharded
+from latentgen.training import sharded, zero
 from latentgen.training.cache import draw_latents, load_or_build_cache
 from latentgen.training.controlnet import train_controlnet
 from latentgen.training.lcm import train_lcm
@@ -59,6 +59,9 @@ def train_unet(config: UNetTrainConfig) -> Path:
     run = Run(config, "train_unet")
     if fsdp_requested():  # accelerate launch --use_fsdp: honoured by FSDP2 here, on the CPU as on GPUs
         config.distributed.strategy = "fsdp"
+    deepspeed = deepspeed_requested()  # accelerate launch --use_deepspeed: its engine (`training.zero`)
+    if deepspeed:
+        zero.check(config)
     shard = config.distributed.strategy == "fsdp"
     if shard and config.distributed.offload and run.state.device.type == "cpu":
         raise UserError("distributed.offload keeps a GPU's shards in CPU memory between uses; on the CPU they are "
@@ -69,8 +72,9 @@ def train_unet(config: UNetTrainConfig) -> Path:
     kernel = set_attention(parts.unet, config.attention, run.state.device, training=True)
     latent_size = config.data.resolution // vae_factor(parts.vae)
     # on a GPU the weights are not there yet (on the CPU they are loaded: the available memory has them counted);
-    # FSDP leaves each rank 1/ranks of the U-Net's weights and of their gradients and AdamW state
-    shards = run.state.num_processes if shard else 1
+    # FSDP and ZeRO-3 leave each rank 1/ranks of the U-Net's weights and of their gradients and AdamW state (ZeRO-1/2
+    # keep the weights whole: counted whole, an upper bound)
+    shards = run.state.num_processes if shard or (deepspeed and zero.stage_asked() == 3) else 1
     resident = 0 if run.state.device.type == "cpu" else sum(
         p.numel() * p.element_size() for m in (parts.vae, *parts.text_models) for p in m.parameters()) + sum(
         p.numel() * p.element_size() for p in parts.unet.parameters()) // shards
@@ -80,6 +84,7 @@ def train_unet(config: UNetTrainConfig) -> Path:
     accelerator = run.launch()
     device = accelerator.device
     train_text = config.trains_text
+    stage = zero.configure(accelerator, config) if deepspeed else None
 
     # 2. Frozen parts in eval mode on the device (autocast gives them bf16/fp16 compute); cache.
     parts.vae.requires_grad_(False).eval().to(device)
@@ -116,6 +121,8 @@ def train_unet(config: UNetTrainConfig) -> Path:
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
     raw_unet = accelerator.unwrap_model(unet)
+    if deepspeed:
+        say(f"train_unet (deepspeed): {describe(run.state)}, ZeRO stage {stage}")
     if ema is not None:
         ema.to(device)
 
@@ -124,24 +131,29 @@ def train_unet(config: UNetTrainConfig) -> Path:
 
     # 4. Resume, then train.
     texts = dict(zip(("text_encoder", "text_encoder_2"), parts.text_models)) if train_text else {}
-    models = {"unet": sharded.FullModel(raw_unet) if shard else raw_unet} | texts
+    whole = zero.ZeroModel(raw_unet, unet) if deepspeed else sharded.FullModel(raw_unet) if shard else None
+    models = {"unet": whole or raw_unet} | texts
     # a trained text encoder is not sharded; its optimizer state is kept by parameter name beside the U-Net's
     trained = torch.nn.ModuleDict({"unet": raw_unet, **texts}) if texts else raw_unet
-    states = {"optimizer": sharded.FullOptimizer(trained, optimizer.optimizer) if shard else optimizer.optimizer,
+    # DeepSpeed's optimizer partitions are written and loaded by its engine, with the weights (`whole`)
+    states = {"optimizer": None if deepspeed else
+              sharded.FullOptimizer(trained, optimizer.optimizer) if shard else optimizer.optimizer,
               "lr_scheduler": lr_scheduler, "ema": sharded.FullEMA(ema) if shard and ema else ema,
               "scaler": accelerator.scaler}
     examples = made.examples(dataset, device)
 
+    gathers = shard or stage == 3  # the weights are partitions: gathered to validate and save (a collective)
+
     def validate(step: int, unet=raw_unet) -> None:
-        if shard:  # gathered on every rank (with the EMA's weights, each rank swapping in its shards), sampled on
-            with sharded.swapped_in(ema, raw_unet):  # the main one
-                unet = sharded.unsharded(raw_unet, accelerator.is_main_process)
+        if gathers:  # gathered on every rank (with the EMA's weights, each rank swapping in its shards), sampled
+            with sharded.swapped_in(ema, raw_unet):  # on the main one
+                unet = sharded.unsharded(raw_unet, accelerator.is_main_process, whole)
             if unet is not None:
                 _validate(config, parts, unet, None, accelerator, step, examples)
             return
         _validate(config, parts, unet, ema, accelerator, step, examples)
 
-    run.validate_everywhere = shard
+    run.validate_everywhere = gathers
     start = run.resume(models, states, validate)
     accum = config.gradient_accumulation_steps
     batches = batch_iterator(data, config, accelerator.num_processes, accelerator.process_index, start * accum)
@@ -150,7 +162,7 @@ def train_unet(config: UNetTrainConfig) -> Path:
             g = step_generator(config.seed, step, micro, accelerator.process_index, device)
             batch = next(batches)
             with accelerator.accumulate(unet):
-                with accelerator.autocast():
+                with zero.autocast(accelerator):
                     latents, context, low, dropped, added = _latents_and_context(batch, data, parts, config, g,
                                                                                  device)
                     extra, levels = made.condition(low, g)
@@ -177,7 +189,8 @@ def train_unet(config: UNetTrainConfig) -> Path:
     main = run.finish(config.train_batch_size * accum * accelerator.num_processes)
     if ema is not None:
         ema.copy_to(raw_unet.parameters())  # a sharded U-Net: each rank its shards
-    final = sharded.unsharded(raw_unet, main) if shard else raw_unet  # whole weights, on the main rank
+    # whole weights, on the main rank (DeepSpeed's: its fp32 masters, not the 16-bit copies it computes with)
+    final = sharded.unsharded(raw_unet, main, whole) if whole is not None else raw_unet
     if main:
         _validate(config, parts, final, None, accelerator, config.max_steps, examples)
         made.save(final, target)
@@ -270,7 +283,7 @@ def _validate(config, parts, unet, ema, accelerator, step: int, examples=None) -
     if ema is not None:
         ema.store(unet.parameters())
         ema.copy_to(unet.parameters())
-    grid = validation_grid(config, parts, unet, accelerator.autocast, examples)
+    grid = validation_grid(config, parts, unet, lambda: zero.autocast(accelerator), examples)
     if ema is not None:
         ema.restore(unet.parameters())
     save_image(grid, Path(config.output_dir) / "validation" / f"step-{step:07d}.png")
