@@ -41,13 +41,22 @@ def gap(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-@pytest.fixture(scope="module")
-def plain(tmp_path_factory):
-    out = tmp_path_factory.mktemp("plain")
-    cmd = [sys.executable, str(ROOT / "train_unet.py"), "--config", str(SMOKE), f"output_dir={out}", *STEPS]
+def train_plain(out, *overrides):
+    cmd = [sys.executable, str(ROOT / "train_unet.py"), "--config", str(SMOKE), f"output_dir={out}", *STEPS, *overrides]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
-    return unet_weights(out)
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plain")
+    train_plain(out)
+    return out
+
+
+@pytest.fixture
+def plain(plain_run):
+    return unet_weights(plain_run)
 
 
 @pytest.mark.parametrize("stage, tolerance", [(2, 1e-6), (3, 1e-4)])
@@ -76,6 +85,17 @@ def test_zero_trains_as_plain_training_does_and_resumes_bit_for_bit(plain, tmp_p
         r = launch(stage, resumed, "resume_from=latest")
         assert "resumed from" in r.stdout + r.stderr and "at step 2" in r.stdout + r.stderr
         assert gap(unet_weights(resumed), weights) == 0
+
+
+def test_a_lora_trains_under_zero_3_as_it_does_plainly(plain_run, tmp_path):
+    """ZeRO-3 partitions the frozen base and the LoRA; the LoRA file (diffusers' and kohya's) holds what plain
+    training writes."""
+    lora = ["text_encoder.kind=pipeline", f"pretrained_pipeline={plain_run / 'pipeline'}", "lora.rank=4",
+            "lora.kohya=true"]
+    train_plain(tmp_path / "plain", *lora)
+    launch(3, tmp_path / "zero", *lora)
+    for name in ("lora.safetensors", "lora_kohya.safetensors"):
+        assert gap(load_file(str(tmp_path / "zero" / name)), load_file(str(tmp_path / "plain" / name))) < 1e-6
 
 
 def test_deepspeed_requests_it_cannot_honour_are_one_line_errors(tmp_path, monkeypatch):
