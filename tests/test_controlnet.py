@@ -663,3 +663,101 @@ def test_the_shipped_layout_controlnet_puts_the_shapes_where_the_map_says():
     free = pipe(two.target.prompt, **kwargs).images[0]
     assert all(iou >= 0.7 for iou, _ in placement(placed, two.regions)), placement(placed, two.regions)
     assert min(iou for iou, _ in placement(free, two.regions)) < 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kohya's ControlNet-LLLite
+
+# Stability's names of the tiny SDXL U-Net's transformers (as sd-scripts names SDXL layers) -> diffusers' paths, and
+# how far each one's resolution is below the image's (LLLite's conditioning depth: 16 -> 2 stages, 32 -> 3)
+LLLITE_TARGETS = {"input_blocks_4_1_transformer_blocks_0": ("down_blocks.1.attentions.0.transformer_blocks.0", 16),
+                  "input_blocks_7_1_transformer_blocks_1": ("down_blocks.2.attentions.0.transformer_blocks.1", 32),
+                  "middle_block_1_transformer_blocks_0": ("mid_block.attentions.0.transformer_blocks.0", 32),
+                  "output_blocks_3_1_transformer_blocks_0": ("up_blocks.1.attentions.0.transformer_blocks.0", 16)}
+
+
+def lllite_file(unet, path, seed: int = 0, emb: int = 8, mlp: int = 6) -> dict:
+    """A ControlNet-LLLite file in kohya's layout with random weights (attn1's q/k/v and attn2's q of each target);
+    returns {diffusers path of the projection: (conditioning convs, down, mid, up)} for the reference."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g) * 0.3  # noqa: E731
+    state, reference = {}, {}
+    for kohya, (path_, factor) in LLLITE_TARGETS.items():
+        for proj in ("attn1_to_q", "attn1_to_k", "attn1_to_v", "attn2_to_q"):
+            layer = unet.get_submodule(f"{path_}.{proj.replace('_to_', '.to_')}")
+            name = f"lllite_unet_{kohya}_{proj}"
+            convs = [(3, emb // 2, 4)] + ([(emb // 2, emb, 4)] if factor == 16 else [(emb // 2, emb // 2, 4),
+                                                                                        (emb // 2, emb, 2)])
+            weights = {}
+            for i, (c_in, c_out, k) in enumerate(convs):
+                weights[f"conditioning1.{2 * i}.weight"] = rand(c_out, c_in, k, k)
+                weights[f"conditioning1.{2 * i}.bias"] = rand(c_out)
+            weights |= {"down.0.weight": rand(mlp, layer.in_features), "down.0.bias": rand(mlp),
+                        "mid.0.weight": rand(mlp, mlp + emb), "mid.0.bias": rand(mlp),
+                        "up.0.weight": rand(layer.in_features, mlp), "up.0.bias": rand(layer.in_features)}
+            state |= {f"{name}.{k}": v for k, v in weights.items()}
+            reference[f"{path_}.{proj.replace('_to_', '.to_')}"] = weights
+    save_file(state, path)
+    return reference
+
+
+def lllite_reference_hooks(unet, reference, image, weight):
+    """Kohya's ComfyUI node's arithmetic, written out: x -> x + weight · up(relu(mid([emb, relu(down(x))]))) before
+    each projection, emb from the convolutions (ReLU between) of the image in [-1, 1], flattened row-major."""
+    import torch.nn.functional as F
+
+    cond = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None] * 2 - 1
+    handles = []
+    for path_, w in reference.items():
+        e, i = cond, 0
+        while f"conditioning1.{2 * i}.weight" in w:
+            kernel = w[f"conditioning1.{2 * i}.weight"]
+            e = F.conv2d(e if i == 0 else F.relu(e), kernel, w[f"conditioning1.{2 * i}.bias"], stride=kernel.shape[-1])
+            i += 1
+        emb = e.flatten(2).transpose(1, 2)
+
+        def hook(module, args, w=w, emb=emb):
+            x = args[0]
+            h = F.relu(F.linear(x, w["down.0.weight"], w["down.0.bias"]))
+            h = F.relu(F.linear(torch.cat([emb.expand(len(x), -1, -1), h], -1), w["mid.0.weight"], w["mid.0.bias"]))
+            return (x + weight * F.linear(h, w["up.0.weight"], w["up.0.bias"]), *args[1:])
+
+        handles.append(unet.get_submodule(path_).register_forward_pre_hook(hook))
+    return handles
+
+
+def test_a_controlnet_lllite_file_gives_kohyas_arithmetic_and_leaves_the_unet_as_it_was(tmp_path):
+    """kohya's ControlNet-LLLite for SDXL (two and three conditioning stages, self- and cross-attention projections)
+    gives the image of its modules' arithmetic written out independently, times the unit's weight; outside its steps
+    and after the call the U-Net is untouched; on an SD 1.x model it is a one-line error."""
+    parts = C.sdxl_components() | {"vae": C.sd_vae(levels=4)}
+    pipe = LatentPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    reference = lllite_file(parts["unet"], tmp_path / "lllite-test.safetensors")
+    image = random_images(1, 64)[0]
+    kw = dict(seed=2, num_inference_steps=3, height=64, width=64, output_type="np")
+
+    def run(**more):
+        return pipe(PROMPT, **kw, **more).images
+
+    plain = run()
+    for weight in (1.0, 0.6):
+        handles = lllite_reference_hooks(pipe.unet, reference, image, weight)
+        try:
+            expected = run()
+        finally:
+            for h in handles:
+                h.remove()
+        assert np.abs(expected - plain).max() > 1e-2  # the modules matter
+        got = run(control=[Control(str(tmp_path / "lllite-test.safetensors"), image, weight)])
+        assert np.abs(got - expected).max() <= 1e-5
+    assert np.array_equal(run(), plain)  # the hooks are gone
+    off = run(control=[Control(str(tmp_path / "lllite-test.safetensors"), image, 1.0, start=0.9, end=1.0)])
+    assert np.array_equal(off, plain)  # 3 steps: none inside [0.9, 1]
+
+    sd1 = LatentPipeline(**C.sd1_components())
+    with pytest.raises(UserError, match="cannot load the ControlNet-LLLite lllite-test.safetensors: .* U-Net"):
+        sd1(PROMPT, control=[Control(str(tmp_path / "lllite-test.safetensors"), image)], num_inference_steps=1,
+            height=64, width=64)

@@ -15,7 +15,7 @@ import torch
 
 from latentgen.components.diffusion import takes_sizes
 from latentgen.errors import UserError
-from latentgen.formats import ip_adapter, single_file
+from latentgen.formats import ip_adapter, lllite, single_file
 
 LDM_PREFIX = "control_model."
 SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt", ".bin")
@@ -66,7 +66,8 @@ def names(*folders) -> list[str]:
 def load(path: Path, allow_pickle: bool = False, base=None):
     """A ControlNetModel (fp32, eval mode) from a diffusers folder or a single file (LDM layout, diffusers' keys
     without a config, or Stability's control-LoRA); what A1111's ControlNet extension runs too: a T2I-Adapter
-    folder (diffusers' `T2IAdapter`), an IP-Adapter file (a `formats.ip_adapter.IPAdapter`). `base`: the U-Net it
+    folder (diffusers' `T2IAdapter`), an IP-Adapter file (a `formats.ip_adapter.IPAdapter`); kohya's ControlNet-LLLite
+    file (a `formats.lllite.LLLite`) as ComfyUI runs it. `base`: the U-Net it
     will run with, for what a file's weights cannot say (SDXL's time-embedding width, the attention heads) and, for
     a control-LoRA, the weights it changes."""
     from diffusers import ControlNetModel
@@ -82,6 +83,13 @@ def load(path: Path, allow_pickle: bool = False, base=None):
             keys = []
         if ip_adapter.is_ip_adapter(keys):
             return ip_adapter.load(path)
+        if lllite.is_lllite(keys):  # kohya's ControlNet-LLLite (SDXL)
+            if base is None:
+                raise UserError(f"{path.name} is a ControlNet-LLLite file: it loads beside the U-Net it acts on")
+            try:
+                return lllite.from_state(single_file.read(path, allow_pickle)[0], base, path.name)
+            except (KeyError, ValueError, RuntimeError) as err:
+                raise UserError(f"cannot load the ControlNet-LLLite {path.name}: {str(err).splitlines()[0]}") from None
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"{path} is not a ControlNet folder (no config.json)")

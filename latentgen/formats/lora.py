@@ -262,7 +262,7 @@ def _lycoris_state(pipe, path: Path) -> dict[str, dict]:
         if component is None or getattr(pipe, component, None) is None:
             raise ValueError(f"{module} is not a layer of this model's U-Net or text encoders")
         if component not in names:
-            names[component] = _kohya_names(getattr(pipe, component), component)
+            names[component] = kohya_layer_names(getattr(pipe, component), component)
         kohya = module[len(prefix):]
         # sd-scripts names the text encoder's layers under transformers 4's `text_model.`, which transformers 5 drops
         name = names[component].get(kohya) or names[component].get(kohya.removeprefix("text_model_"))
@@ -272,7 +272,7 @@ def _lycoris_state(pipe, path: Path) -> dict[str, dict]:
     return state
 
 
-def _kohya_names(model, component: str) -> dict[str, str]:
+def kohya_layer_names(model, component: str) -> dict[str, str]:
     """kohya's name of each linear and convolutional layer (its path with _ for .) -> the layer's path; for a U-Net
     also its name in Stability's layout (`input_blocks_4_1_…`), which sd-scripts uses for SDXL."""
     # a layer that holds adapters already is peft's wrapper around its `base_layer` (one per kind of adapter, nested):
@@ -397,7 +397,7 @@ def write(target: Path, layers: dict[str, dict[str, torch.Tensor]], configs: dic
 class KohyaNames:
     """The layer names sd-scripts writes: `lora_unet_<module path, _ for .>` (for SDXL the path in Stability's
     layout) and `lora_te_…` (SDXL: `lora_te1_…`, `lora_te2_…`) with CLIP's `text_model_` in them, which A1111 and
-    sd-scripts expect (transformers 5's `CLIPTextModel` no longer has it in its module paths; `_kohya_names` reads
+    sd-scripts expect (transformers 5's `CLIPTextModel` no longer has it in its module paths; `kohya_layer_names` reads
     both)."""
 
     def __init__(self, text_model, unet_config=None):

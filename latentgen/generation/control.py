@@ -32,7 +32,7 @@ from latentgen import validate
 from latentgen.components import control_images
 from latentgen.errors import UserError, one_of
 from latentgen.formats import controlnet as files
-from latentgen.formats import ip_adapter
+from latentgen.formats import ip_adapter, lllite
 
 MODES = {"balanced": "Balanced", "prompt": "My prompt is more important", "control": "ControlNet is more important"}
 SOFT = 0.825  # A1111's soft injection: residual i of N + 1 scaled by SOFT ** (N - i)
@@ -201,6 +201,11 @@ class Active:
         """A T2I-Adapter (its features are added inside the U-Net's down blocks), not a ControlNet."""
         return type(self.net).__name__ == "T2IAdapter"
 
+    @property
+    def lllite(self) -> bool:
+        """kohya's ControlNet-LLLite (its modules change the inputs of the U-Net's attention projections)."""
+        return isinstance(self.net, lllite.LLLite)
+
     def on(self, i: int, n: int) -> bool:
         """Whether the unit acts at step i of n (diffusers' `controlnet_keep`, which A1111's percentages match)."""
         return not (i / n < self.unit.start or (i + 1) / n > self.unit.end)
@@ -267,7 +272,8 @@ def fit(pipe, units: list[Control], height: int, width: int) -> list[Active]:
             net.encoder.to(pipe.execution_device)
             out.append(ImagePrompt(net, *net.embeds(image), unit))
             continue
-        (check_adapter_fits if type(net).__name__ == "T2IAdapter" else check_fits)(net, pipe.unet, unit.name)
+        if not isinstance(net, lllite.LLLite):  # an LLLite was matched to the U-Net's layers as it loaded
+            (check_adapter_fits if type(net).__name__ == "T2IAdapter" else check_fits)(net, pipe.unet, unit.name)
         if (net.device, net.dtype) != (pipe.execution_device, pipe.unet.dtype):
             net.to(device=pipe.execution_device, dtype=pipe.unet.dtype)
         prepared = control_images.prepare(image, width, height, unit.module, unit.resize_mode, unit.threshold_a,
@@ -330,6 +336,9 @@ def residuals(active: list[Active], progress: tuple[int, int], x_in: torch.Tenso
     """A function of the U-Net call's rows giving its residual keyword arguments at this step (None where no
     unit acts). `x_in`: the U-Net's input rows; the first `uncond_rows` of them are unconditional (the
     "ControlNet is more important" mode leaves them without control)."""
+    for a in active:  # an LLLite acts through hooks (`formats.lllite.applied`): off unless its unit is on below
+        if isinstance(a, Active) and a.lllite:
+            a.net.use(a.image)
     on = [a for a in active if isinstance(a, Active) and a.on(*progress)]
     if not on:
         return None
@@ -338,6 +347,10 @@ def residuals(active: list[Active], progress: tuple[int, int], x_in: torch.Tenso
         index = torch.arange(x_in.shape[0])[rows]
         downs = mid = inner = None
         for a in on:
+            if a.lllite:  # its weight for each row of this call (the "control" mode: none on unconditional rows)
+                keep = (index >= uncond_rows) if a.unit.mode == "control" and uncond_rows else torch.ones(len(index))
+                a.net.scale = keep.float() * a.unit.weight
+                continue
             if a.adapter:  # a T2I-Adapter: its features × weight, the same at every step (diffusers' pipeline's)
                 if a.features is None:
                     image = a.image.to(x_in.device, a.net.dtype)

@@ -41,7 +41,7 @@ from latentgen.components.text_encoders import (
     text_encoder_for,
 )
 from latentgen.errors import UserError, first_line
-from latentgen.formats import ip_adapter, lora, single_file
+from latentgen.formats import ip_adapter, lllite, lora, single_file
 from latentgen.formats import upscaler as upscaler_folder
 from latentgen.formats.folders import WEIGHT_COMPONENTS, check_pipeline_folder
 from latentgen.generation import cascade, control, hires, sampling
@@ -463,7 +463,9 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         # from now on every call takes the lock: none may run while the convolutions are circular or the
         # cross-attention regional
         images = [a.adapter for a in control.image_prompts(plan.controls)]
-        if tiled or images or (plan.request.regions is not None and plan.request.regions.calc == "attention"):
+        lllites = [a.net for a in plan.controls if isinstance(a, control.Active) and a.lllite]
+        regional_attention = plan.request.regions is not None and plan.request.regions.calc == "attention"
+        if tiled or images or lllites or regional_attention:
             self.__dict__["tiling_used"] = True
         switch = bool(plan.loras or self.__dict__.get("managed_loras"))
         offloaded = self.__dict__.get("offloaded")  # the hooks move weights: one call at a time
@@ -474,6 +476,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
             shape = regions.shape_of(plan.prompts) if regions is not None else (1, False)
             try:
                 with tiling.circular(self.unet, self.vae, enabled=tiled), ip_adapter.applied(self.unet, images), \
+                        lllite.applied(self.unet, lllites), \
                         regional.attention(self.unet, regions, *shape, plan.height, plan.width):
                     if plan.request.hires is not None:
                         return hires.generate(self, plan, on_step, on_latents)
