@@ -22,6 +22,8 @@ from typing import Iterator
 
 import torch
 
+from latentgen.formats.lora import kohya_layer_names
+
 PREFIX = "lllite_unet_"
 
 
@@ -96,8 +98,6 @@ class LLLite(torch.nn.Module):
 
 def from_state(state: dict[str, torch.Tensor], unet, name: str = "the file") -> LLLite:
     """The LLLite of a kohya file's tensors, its modules matched to `unet`'s layers."""
-    from latentgen.formats.lora import kohya_layer_names
-
     layers = kohya_layer_names(unet, "unet")
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
