@@ -554,12 +554,12 @@ def test_the_web_page_uploads_a_control_image_shows_its_map_and_uses_it(cn_serve
 # T2I-Adapters (TencentARC's, as diffusers has them), which A1111's ControlNet extension runs as units too
 
 
-def t2i_adapter(unet, seed: int, in_channels: int = 3):
+def t2i_adapter(unet, seed: int, in_channels: int = 3, kind: str = "full_adapter"):
     from diffusers import T2IAdapter
 
     torch.manual_seed(seed)
     return T2IAdapter(in_channels=in_channels, channels=list(unet.config.block_out_channels), num_res_blocks=1,
-                      downscale_factor=8, adapter_type="full_adapter").eval()
+                      downscale_factor=8, adapter_type=kind).eval()
 
 
 def test_a_t2i_adapter_unit_gives_diffusers_adapter_pipelines_image(tmp_path):
@@ -587,6 +587,15 @@ def test_a_t2i_adapter_unit_gives_diffusers_adapter_pipelines_image(tmp_path):
     both = ours(PROMPT, control=[Control(str(tmp_path / "t2i"), image, 0.7), Control(nets[0], image, 0.5)],
                 generator=torch.Generator().manual_seed(3), **KW).images
     assert np.abs(both - got).max() > 1e-3
+    # TencentARC's "light" adapters (the colour adapter's kind: diffusers' LightAdapter) run the same way
+    light = t2i_adapter(parts["unet"], 6, kind="light_adapter")
+    light.save_pretrained(tmp_path / "light")
+    got = ours(PROMPT, control=[Control(str(tmp_path / "light"), image, 0.7, resize_mode="resize")],
+               generator=torch.Generator().manual_seed(3), **KW).images
+    sd.adapter = light
+    want = sd(PROMPT, image=image, adapter_conditioning_scale=0.7, generator=torch.Generator().manual_seed(3),
+              **KW).images
+    assert np.abs(got - want).max() <= 1e-4 and np.abs(got - plain).max() > 0.01
     # a one-channel adapter (sketch, canny) reads the image's luminance, as diffusers' pipeline given it in "L"
     grey = t2i_adapter(parts["unet"], 5, in_channels=1)
     grey.save_pretrained(tmp_path / "grey")
