@@ -23,8 +23,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 STEPS = ["max_steps=4", "checkpoint_every=2"]
 
 
-def launch(stage, out, *overrides):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", str(stage),
+def launch(stage, out, *overrides, flags=()):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", str(stage), *flags,
            "--num_processes", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_unet.py"),
            "--config", str(SMOKE), f"output_dir={out}", *STEPS, *overrides]
     r = subprocess.run(with_free_port(cmd), capture_output=True, text=True, timeout=600, env=ENV)
@@ -59,14 +59,15 @@ def plain(plain_run):
     return unet_weights(plain_run)
 
 
-@pytest.mark.parametrize("stage, tolerance", [(2, 1e-6), (3, 1e-4)])
-def test_zero_trains_as_plain_training_does_and_resumes_bit_for_bit(plain, tmp_path, stage, tolerance):
-    """ZeRO-2 (gradients and AdamW state partitioned) and ZeRO-3 (weights too) train the U-Net to plain training's
-    weights (the same AdamW, clipping and batches: fp32 summation order apart); the final pipeline holds the fp32
-    master weights; a run resumed from step 2's checkpoint (DeepSpeed's partitions in `sharded/`) ends bit for bit
-    where the unbroken run does."""
+@pytest.mark.parametrize("stage, flags, tolerance", [(2, (), 1e-6), (2, ("--offload_optimizer_device", "cpu"), 1e-6),
+                                                   (3, (), 1e-4)], ids=["zero2", "zero2-offload", "zero3"])
+def test_zero_trains_as_plain_training_does_and_resumes_bit_for_bit(plain, tmp_path, stage, flags, tolerance):
+    """ZeRO-2 (gradients and AdamW state partitioned; with ZeRO-Offload, AdamW's state and step in CPU memory) and
+    ZeRO-3 (weights too) train the U-Net to plain training's weights (the same AdamW, clipping and batches: fp32
+    summation order apart); the final pipeline holds the fp32 master weights; a run resumed from step 2's checkpoint
+    (DeepSpeed's partitions in `sharded/`) ends bit for bit where the unbroken run does."""
     out = tmp_path / "run"
-    r = launch(stage, out)
+    r = launch(stage, out, flags=flags)
     assert f"train_unet (deepspeed): process 0 of 1 (DEEPSPEED), ZeRO stage {stage}" in r.stdout
     weights = unet_weights(out)
     assert gap(weights, plain) < tolerance
