@@ -319,7 +319,7 @@ def test_the_units_are_written_as_a1111s_extension_writes_them_and_read_back(net
     text = a1111_parameters(meta | {"model": "m", "model_hash": "0", "version": "0"})
     assert ('ControlNet 0: "Module: canny, Model: ControlNetModel, Weight: 0.6, Resize Mode: Resize and Fill, '
             'Processor Res: -1, Guidance Start: 0.2, Guidance End: 0.9, Pixel Perfect: True, Control Mode: My '
-            'prompt is more important"') in text
+            'prompt is more important, Hr Option: Both"') in text
     settings, _, unused = a1111_request(text)
     back = settings["control"][0]
     assert (back.weight, back.start, back.end, back.mode, back.module, back.resize_mode) == (
@@ -770,3 +770,46 @@ def test_a_controlnet_lllite_file_gives_kohyas_arithmetic_and_leaves_the_unet_as
     with pytest.raises(UserError, match="cannot load the ControlNet-LLLite lllite-test.safetensors: .* U-Net"):
         sd1(PROMPT, control=[Control(str(tmp_path / "lllite-test.safetensors"), image)], num_inference_steps=1,
             height=64, width=64)
+
+
+def test_a_units_hr_option_chooses_the_hires_passes_it_acts_in(nets, ours, monkeypatch):
+    """A1111's `hr_option` ("Both", "Low res only", "High res only"): with the hires fix a unit acts in both passes,
+    the first only or the second only; written into the infotext and read back; from the API by name or number."""
+    from latentgen.generation import control as control_module
+    from latentgen.generation.hires import Hires
+    from latentgen.server.a1111 import control_units
+
+    seen = []
+    real = control_module.residuals
+
+    def spy(active, progress, x_in, t, uncond_rows):
+        seen.append((x_in.shape[-1], sum(isinstance(a, control_module.Active) for a in active)))
+        return real(active, progress, x_in, t, uncond_rows)
+
+    monkeypatch.setattr(control_module, "residuals", spy)
+    image = random_images(1)[0]
+    images = {}
+    for hr in ("both", "low", "high"):
+        seen.clear()
+        images[hr] = ours(PROMPT, control=[Control(nets[0], image, 1.0, hr=hr)], hires=Hires(scale=2, steps=2),
+                          seed=4, num_inference_steps=3, output_type="np").images
+        small, large = min(s for s, _ in seen), max(s for s, _ in seen)
+        acting = {size for size, units in seen if units}
+        assert acting == {"both": {small, large}, "low": {small}, "high": {large}}[hr]
+    assert np.abs(images["low"] - images["both"]).max() > 1e-3 and np.abs(images["high"] - images["both"]).max() > 1e-3
+
+    unit = Control("canny_net", image, 0.5, hr="high").check()
+    assert "Hr Option: High res only" in unit.text()
+    assert Control.from_text(unit.text()).hr == "high"
+    import base64
+    import io
+
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    b64 = base64.b64encode(png.getvalue()).decode()
+    args = [{"model": "net", "image": b64, "hr_option": hr} for hr in ("Low res only", 2, "Both", None)]
+    assert [u.hr for u in control_units({"controlnet": {"args": args}}, None, [])] == ["low", "high", "both", "both"]
+    with pytest.raises(UserError, match=r"hr_option must be one of Both, Low res only, High res only \(or 0-2\)"):
+        control_units({"controlnet": {"args": [{"model": "net", "image": "x", "hr_option": "Sometimes"}]}}, None, [])
+    with pytest.raises(UserError, match="unknown control hr 'never'"):
+        Control("net", image, hr="never").check()

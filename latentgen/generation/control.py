@@ -35,6 +35,8 @@ from latentgen.formats import controlnet as files
 from latentgen.formats import ip_adapter, lllite
 
 MODES = {"balanced": "Balanced", "prompt": "My prompt is more important", "control": "ControlNet is more important"}
+# A1111's extension's `hr_option` (its HiResFixOption): which passes of the hires fix a unit acts in
+HR_OPTIONS = {"both": "Both", "low": "Low res only", "high": "High res only"}
 SOFT = 0.825  # A1111's soft injection: residual i of N + 1 scaled by SOFT ** (N - i)
 MAX_UNITS = 4
 
@@ -54,6 +56,7 @@ class Control:
     resize_mode: str = "crop"
     threshold_a: float | None = None
     threshold_b: float | None = None
+    hr: str = "both"  # with the hires fix: in both passes, the first ("low") or the second ("high") only
 
     def check(self, what: str = "control") -> "Control":
         if self.model is None or (isinstance(self.model, str) and not self.model.strip()):
@@ -68,6 +71,8 @@ class Control:
                             f"{self.end:g}")
         if self.mode not in MODES:
             raise one_of(f"{what} mode", self.mode, list(MODES))
+        if self.hr not in HR_OPTIONS:
+            raise one_of(f"{what} hr", self.hr, list(HR_OPTIONS))
         if self.resize_mode not in control_images.RESIZE_MODES:
             raise one_of(f"{what} resize mode", self.resize_mode, list(control_images.RESIZE_MODES))
         module = control_images.module_name(self.module, f"{what} preprocessor")
@@ -98,7 +103,7 @@ class Control:
                   "Resize Mode": control_images.RESIZE_MODES[self.resize_mode], "Processor Res": "-1",
                   "Threshold A": _g(self.threshold_a), "Threshold B": _g(self.threshold_b),
                   "Guidance Start": f"{self.start:g}", "Guidance End": f"{self.end:g}", "Pixel Perfect": "True",
-                  "Control Mode": MODES[self.mode]}
+                  "Control Mode": MODES[self.mode], "Hr Option": HR_OPTIONS[self.hr]}
         return ", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None)
 
     @classmethod
@@ -109,6 +114,7 @@ class Control:
             key, _, value = part.partition(": ")
             fields[key.strip()] = value.strip()
         modes = {v: k for k, v in MODES.items()}
+        hrs = {v: k for k, v in HR_OPTIONS.items()}
         resizes = {v: k for k, v in control_images.RESIZE_MODES.items()}
 
         def number(key, default):
@@ -120,7 +126,12 @@ class Control:
                    end=number("Guidance End", 1.0), mode=modes.get(fields.get("Control Mode"), "balanced"),
                    module=control_images.ALIASES.get(fields.get("Module", "none"), fields.get("Module", "none")),
                    resize_mode=resizes.get(fields.get("Resize Mode"), "crop"),
-                   threshold_a=number("Threshold A", None), threshold_b=number("Threshold B", None))
+                   threshold_a=number("Threshold A", None), threshold_b=number("Threshold B", None),
+                   hr=hrs.get(fields.get("Hr Option"), "both"))
+
+    def acts_in(self, hires_pass: int) -> bool:
+        """Whether the unit acts in pass 1 (the first) or 2 (the hires fix's second) of a hires request."""
+        return self.hr == "both" or self.hr == ("low", "high")[hires_pass - 1]
 
 
 def _g(value: float | None) -> str | None:
@@ -128,7 +139,7 @@ def _g(value: float | None) -> str | None:
 
 
 KEYS = {"start": float, "end": float, "mode": str, "module": str, "resize": str, "threshold_a": float,
-        "threshold_b": float, "weight": float}
+        "threshold_b": float, "weight": float, "hr": str}
 
 
 def parse_flag(value: str) -> Control:
@@ -266,6 +277,9 @@ def fit(pipe, units: list[Control], height: int, width: int) -> list[Active]:
             image = Image.fromarray(_uint8(image))
         if isinstance(net, ip_adapter.IPAdapter):  # an image prompt: the image's embedding, not a control map
             ip_adapter.check_fits(net, pipe.unet)
+            if unit.hr != "both":  # its attention processors are in the U-Net for the whole call
+                raise UserError(f"{unit.name} is an IP-Adapter: it acts in both passes of the hires fix (hr both), "
+                                f"not {HR_OPTIONS[unit.hr].lower()}")
             if pipe.__dict__.get("offloaded") == "sequential":
                 raise UserError("an IP-Adapter cannot join a U-Net offloaded layer by layer (--offload sequential); "
                                 "use --offload model")

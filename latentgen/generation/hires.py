@@ -59,7 +59,9 @@ def generate(pipe, plan, on_step=None, on_latents=None):
     """The two passes of a fitted request (`request.Plan`) whose `hires` is set. The second pass uses the same
     seeds, so it replays from the first pass's metadata; the output's metadata describes the request as asked."""
     hires, req = plan.request.hires, plan.request
-    first = pipe.run_plan(dataclasses.replace(plan, request=dataclasses.replace(
+    # ControlNet units act in the passes their `hr` option names (A1111's hr_option)
+    controls = [a for a in plan.controls if a.unit.acts_in(1)]
+    first = pipe.run_plan(dataclasses.replace(plan, controls=controls, request=dataclasses.replace(
         req, output_type="latent" if hires.upscaler == "latent" else "pt")), on_step, on_latents)
     h, w = hires.size(plan.height, plan.width, pipe.size_multiple)
     if hires.upscaler == "latent":
@@ -68,7 +70,8 @@ def generate(pipe, plan, on_step=None, on_latents=None):
     else:  # (N, 3, H, W) in [0, 1] -> PIL, Lanczos, back to (N, 3, h, w) in [0, 1]
         resized = [lanczos(image, w, h) for image in pipe.image_processor.pt_to_numpy(first.images.cpu())]
         init = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2)
-    second = plan.per_image_request(image=init, strength=hires.denoise,
+    units = [u for u in req.control or [] if u.acts_in(2)] or None
+    second = plan.per_image_request(image=init, strength=hires.denoise, control=units,
                                     num_inference_steps=hires.steps or req.num_inference_steps)
     out = pipe.run_plan(second.fit(pipe), on_step, on_latents)
     out.info = first.info | {"hires_height": h, "hires_width": w} | {

@@ -198,6 +198,9 @@ CONTROL_MODES = {0: "balanced", 1: "prompt", 2: "control", "Balanced": "balanced
                  "My prompt is more important": "prompt", "ControlNet is more important": "control"}
 RESIZE_MODES = {0: "resize", 1: "crop", 2: "fill", "Just Resize": "resize", "Crop and Resize": "crop",
                 "Resize and Fill": "fill", "Envelope (Outer Fit)": "crop", "Scale to Fit (Inner Fit)": "fill"}
+HR_OPTIONS = {0: "both", 1: "low", 2: "high", "Both": "both", "Low res only": "low", "High res only": "high",
+              "HiResFixOption.BOTH": "both", "HiResFixOption.LOW_RES_ONLY": "low",
+              "HiResFixOption.HIGH_RES_ONLY": "high"}
 UNIT_SILENT = {"enabled", "image", "input_image", "module", "model", "weight", "resize_mode", "low_vram",
                "processor_res", "threshold_a", "threshold_b", "guidance_start", "guidance_end", "control_mode",
                "pixel_perfect", "hr_option", "guessmode"}
@@ -289,9 +292,9 @@ def control_units(scripts: dict, max_pixels: int | None, notes: list[str]) -> li
             image = image.get("image")
         if not image:
             raise UserError(f"{what} has no image (base64)")
-        for key, table in (("control_mode", CONTROL_MODES), ("resize_mode", RESIZE_MODES)):
+        for key, table in (("control_mode", CONTROL_MODES), ("resize_mode", RESIZE_MODES), ("hr_option", HR_OPTIONS)):
             if arg.get(key) is not None and arg[key] not in table:
-                names = [k for k in table if isinstance(k, str)]
+                names = [k for k in table if isinstance(k, str) and not k.startswith("HiResFixOption.")]
                 raise UserError(f"{what}.{key} must be one of {', '.join(names)} (or 0-2), got {arg[key]!r}")
 
         def threshold(key):
@@ -304,7 +307,8 @@ def control_units(scripts: dict, max_pixels: int | None, notes: list[str]) -> li
                              mode=CONTROL_MODES[arg.get("control_mode", 0)],
                              module=str(arg.get("module") or "none"),
                              resize_mode=RESIZE_MODES[arg.get("resize_mode", "Crop and Resize")],
-                             threshold_a=threshold("threshold_a"), threshold_b=threshold("threshold_b")))
+                             threshold_a=threshold("threshold_a"), threshold_b=threshold("threshold_b"),
+                             hr=HR_OPTIONS[arg.get("hr_option") or "Both"]))
     return units
 
 
