@@ -763,6 +763,10 @@ def test_a_controlnet_lllite_file_gives_kohyas_arithmetic_and_leaves_the_unet_as
         got = run(control=[Control(str(tmp_path / "lllite-test.safetensors"), image, weight)])
         assert np.abs(got - expected).max() <= 1e-5
     assert np.array_equal(run(), plain)  # the hooks are gone
+    lllite = str(tmp_path / "lllite-test.safetensors")
+    black, white = np.zeros((64, 64, 1), np.uint8), np.full((64, 64, 1), 255, np.uint8)
+    assert np.array_equal(run(control=[Control(lllite, image, 0.6, mask=black)]), plain)  # a region mask: nowhere
+    assert np.array_equal(run(control=[Control(lllite, image, 0.6, mask=white)]), got)  # everywhere
     off = run(control=[Control(str(tmp_path / "lllite-test.safetensors"), image, 1.0, start=0.9, end=1.0)])
     assert np.array_equal(off, plain)  # 3 steps: none inside [0.9, 1]
 
@@ -813,3 +817,54 @@ def test_a_units_hr_option_chooses_the_hires_passes_it_acts_in(nets, ours, monke
         control_units({"controlnet": {"args": [{"model": "net", "image": "x", "hr_option": "Sometimes"}]}}, None, [])
     with pytest.raises(UserError, match="unknown control hr 'never'"):
         Control("net", image, hr="never").check()
+
+
+def test_a_region_mask_limits_a_unit_to_where_it_is_white(nets, ours, tmp_path):
+    """A1111's effective region mask: the unit's residuals times the mask resized to each (bilinear), as its
+    extension applies it; white everywhere is no mask, black everywhere no unit; from the API as base64."""
+    import base64
+    import io
+
+    import torch.nn.functional as F
+
+    from latentgen.server.a1111 import control_units
+
+    image = random_images(1)[0]
+    left = np.zeros((32, 32), np.uint8)
+    left[:, :16] = 255
+    kw = dict(seed=3, num_inference_steps=3, output_type="np")
+
+    def run(**unit):
+        return ours(PROMPT, control=[Control(nets[0], image, 0.9, **unit)], **kw).images
+
+    plain = ours(PROMPT, **kw).images
+    masked = run(mask=Image.fromarray(left))
+    m = torch.from_numpy(left / 255.0).float()[None, None]
+
+    def by_mask(module, args, out):
+        scaled = [r * F.interpolate(m, size=r.shape[-2:], mode="bilinear") for r in (*out[0], out[1])]
+        return scaled[:-1], scaled[-1]
+
+    handle = nets[0].register_forward_hook(by_mask)
+    try:
+        expected = run()
+    finally:
+        handle.remove()
+    assert np.abs(masked - expected).max() <= 1e-5
+    assert np.abs(masked - run()).max() > 1e-3 and np.abs(masked - plain).max() > 1e-3
+    assert np.array_equal(run(mask=Image.new("L", (32, 32), 255)), run())
+    assert np.array_equal(run(mask=np.zeros((32, 32, 1), np.uint8)), plain)
+    left_png = tmp_path / "left.png"
+    Image.fromarray(left).save(left_png)
+    assert np.array_equal(run(mask=str(left_png)), masked)  # a path, as --control ...,mask=PATH gives it
+    assert parse_flag(f"net:map.png:0.5,mask={left_png}").mask == str(left_png)
+
+    png = io.BytesIO()
+    Image.fromarray(left).save(png, format="PNG")
+    b64 = base64.b64encode(png.getvalue()).decode()
+    notes = []
+    unit, = control_units({"controlnet": {"args": [{"model": "net", "image": b64, "effective_region_mask": b64}]}},
+                          None, notes)
+    assert np.array_equal(np.asarray(unit.mask.convert("L")), left) and not notes
+    with pytest.raises(UserError, match="region mask /nowhere.png does not exist"):
+        run(mask="/nowhere.png")

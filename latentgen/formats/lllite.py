@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from latentgen.formats.lora import kohya_layer_names
 
@@ -47,11 +48,11 @@ class Module(torch.nn.Module):
         self.up = torch.nn.Sequential(torch.nn.Linear(mlp_dim, in_dim))
 
     def embed(self, image: torch.Tensor) -> torch.Tensor:
-        """(1, 3, H, W) in [0, 1] -> (1, positions, emb_dim), in the raster order of the U-Net's tokens."""
-        e = self.conditioning1(image * 2 - 1)
-        return e.flatten(2).transpose(1, 2)
+        """(1, 3, H, W) in [0, 1] -> (1, emb_dim, h, w) at the projection's resolution."""
+        return self.conditioning1(image * 2 - 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """x (B, N, in_dim), emb (1, N, emb_dim): its embedding flattened in the raster order of the U-Net's tokens."""
         if emb.shape[1] != x.shape[1]:
             raise ValueError(f"its control image gives {emb.shape[1]} positions where the U-Net has {x.shape[1]}")
         emb = emb.expand(x.shape[0], -1, -1)
@@ -68,7 +69,9 @@ class LLLite(torch.nn.Module):
         self.blocks = torch.nn.ModuleList(modules.values())
         self.image: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None  # (1, 1, H, W) in [0, 1]: where it acts (a region mask), None: everywhere
         self._embeddings: dict[int, torch.Tensor] = {}
+        self._grids: dict[int, tuple[int, int]] = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -79,8 +82,8 @@ class LLLite(torch.nn.Module):
         return next(self.parameters()).device
 
     def set_image(self, image: torch.Tensor | None) -> None:
-        self.image, self.scale = image, None
-        self._embeddings = {}
+        self.image, self.scale, self.mask = image, None, None
+        self._embeddings, self._grids = {}, {}
 
     def use(self, image: torch.Tensor) -> None:
         """Off, with `image` as the control image (its embeddings kept while it stays the same)."""
@@ -91,9 +94,15 @@ class LLLite(torch.nn.Module):
     def delta(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Module i's change to its projection's input x (B, N, C), times each row's weight."""
         if i not in self._embeddings:  # one per generation: the control image does not change
-            self._embeddings[i] = self.blocks[i].embed(self.image.to(x.device, self.dtype))
-        out = self.blocks[i](x.to(self.dtype), self._embeddings[i])
-        return out.to(x.dtype) * self.scale.to(x.device, x.dtype).view(-1, 1, 1)
+            e = self.blocks[i].embed(self.image.to(x.device, self.dtype))
+            self._grids[i] = tuple(e.shape[-2:])
+            self._embeddings[i] = e.flatten(2).transpose(1, 2)
+        out = self.blocks[i](x.to(self.dtype), self._embeddings[i]).to(x.dtype)
+        out = out * self.scale.to(x.device, x.dtype).view(-1, 1, 1)
+        if self.mask is not None:  # at the module's positions, as A1111's extension resizes region masks (bilinear)
+            mask = F.interpolate(self.mask.to(x.device, x.dtype), size=self._grids[i], mode="bilinear")
+            out = out * mask.flatten(2).transpose(1, 2)
+        return out
 
 
 def from_state(state: dict[str, torch.Tensor], unet, name: str = "the file") -> LLLite:

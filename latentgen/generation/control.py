@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 
 from latentgen import validate
 from latentgen.components import control_images
@@ -57,6 +58,7 @@ class Control:
     threshold_a: float | None = None
     threshold_b: float | None = None
     hr: str = "both"  # with the hires fix: in both passes, the first ("low") or the second ("high") only
+    mask: Any = None  # A1111's effective region mask: where the unit acts (white), as an image, path or array
 
     def check(self, what: str = "control") -> "Control":
         if self.model is None or (isinstance(self.model, str) and not self.model.strip()):
@@ -93,9 +95,10 @@ class Control:
         """The unit as JSON for an image's metadata: the image by its path where it was given one (a replay reads
         it again), else None."""
         image = str(Path(self.image).resolve()) if isinstance(self.image, (str, Path)) else None
+        mask = str(Path(self.mask).resolve()) if isinstance(self.mask, (str, Path)) else None
         model = str(Path(self.model).resolve()) if isinstance(self.model, (str, Path)) and Path(
             self.model).exists() else (self.model if isinstance(self.model, str) else self.name)
-        return dataclasses.asdict(self) | {"model": model, "image": image}
+        return dataclasses.asdict(self) | {"model": model, "image": image, "mask": mask}
 
     def text(self) -> str:
         """The unit as A1111's extension writes it into `parameters` (`ControlNet 0: "..."`)."""
@@ -139,7 +142,7 @@ def _g(value: float | None) -> str | None:
 
 
 KEYS = {"start": float, "end": float, "mode": str, "module": str, "resize": str, "threshold_a": float,
-        "threshold_b": float, "weight": float, "hr": str}
+        "threshold_b": float, "weight": float, "hr": str, "mask": str}
 
 
 def parse_flag(value: str) -> Control:
@@ -206,6 +209,14 @@ class Active:
     image: torch.Tensor
     unit: Control
     features: list | None = None  # a T2I-Adapter's: its features of the image, computed once
+    mask: torch.Tensor | None = None  # (1, 1, H, W) in [0, 1]: where the unit acts (A1111's effective region mask)
+
+    def masked(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Residuals or features × the region mask, resized to each (bilinear), as A1111's extension applies it."""
+        if self.mask is None:
+            return tensors
+        return [r * F.interpolate(self.mask.to(r.device, r.dtype), size=r.shape[-2:], mode="bilinear")
+                for r in tensors]
 
     @property
     def adapter(self) -> bool:
@@ -257,7 +268,6 @@ def networks(pipe) -> dict:
 
 def fit(pipe, units: list[Control], height: int, width: int) -> list[Active]:
     """Each unit's network (loaded and checked against the U-Net) and control image at height × width."""
-    from PIL import Image
 
     out = []
     folders = [getattr(pipe, "controlnets_dir", None), files.shipped(pipe)]  # the user's, then the model's own
@@ -270,13 +280,12 @@ def fit(pipe, units: list[Control], height: int, width: int) -> list[Active]:
             if path not in cache:
                 cache[path] = files.load(path, getattr(pipe, "allow_pickle", False), pipe.unet)
             net = cache[path]
-        image = unit.image
-        if isinstance(image, (str, Path)):
-            image = open_image(image)
-        elif not isinstance(image, Image.Image):
-            image = Image.fromarray(_uint8(image))
+        image = _picture(unit.image, "control image")
         if isinstance(net, ip_adapter.IPAdapter):  # an image prompt: the image's embedding, not a control map
             ip_adapter.check_fits(net, pipe.unet)
+            if unit.mask is not None:
+                raise UserError(f"{unit.name} is an IP-Adapter: region masks are for ControlNets, T2I-Adapters and "
+                                "ControlNet-LLLite here")
             if unit.hr != "both":  # its attention processors are in the U-Net for the whole call
                 raise UserError(f"{unit.name} is an IP-Adapter: it acts in both passes of the hires fix (hr both), "
                                 f"not {HR_OPTIONS[unit.hr].lower()}")
@@ -292,20 +301,33 @@ def fit(pipe, units: list[Control], height: int, width: int) -> list[Active]:
             net.to(device=pipe.execution_device, dtype=pipe.unet.dtype)
         prepared = control_images.prepare(image, width, height, unit.module, unit.resize_mode, unit.threshold_a,
                                           unit.threshold_b)
-        out.append(Active(net, control_images.to_tensor(prepared), unit))
+        mask = None
+        if unit.mask is not None:  # grey, at the image's size: white acts
+            mask = control_images.to_tensor(_picture(unit.mask, "region mask").convert("L").resize(
+                (width, height)))[:, :1]
+        out.append(Active(net, control_images.to_tensor(prepared), unit, mask=mask))
     return out
 
 
-def open_image(path) -> Any:
+def _picture(value, what: str):
+    """A PIL image from an image, a path or an (H, W, C) array."""
+    from PIL import Image
+
+    if isinstance(value, (str, Path)):
+        return open_image(value, what)
+    return value if isinstance(value, Image.Image) else Image.fromarray(_uint8(value))
+
+
+def open_image(path, what: str = "control image") -> Any:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except FileNotFoundError:
-        raise UserError(f"control image {path} does not exist") from None
+        raise UserError(f"{what} {path} does not exist") from None
     except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"cannot read control image {path} ({err})") from None
+        raise UserError(f"cannot read {what} {path} ({err})") from None
 
 
 def _uint8(array):
@@ -363,7 +385,7 @@ def residuals(active: list[Active], progress: tuple[int, int], x_in: torch.Tenso
         for a in on:
             if a.lllite:  # its weight for each row of this call (the "control" mode: none on unconditional rows)
                 keep = (index >= uncond_rows) if a.unit.mode == "control" and uncond_rows else torch.ones(len(index))
-                a.net.scale = keep.float() * a.unit.weight
+                a.net.scale, a.net.mask = keep.float() * a.unit.weight, a.mask
                 continue
             if a.adapter:  # a T2I-Adapter: its features × weight, the same at every step (diffusers' pipeline's)
                 if a.features is None:
@@ -374,7 +396,7 @@ def residuals(active: list[Active], progress: tuple[int, int], x_in: torch.Tenso
                     a.features = a.net(image)
                 keep = (index >= uncond_rows) if a.unit.mode == "control" and uncond_rows else torch.ones(len(index))
                 scale = keep.to(x_in.device, a.features[0].dtype).view(-1, 1, 1, 1) * a.unit.weight
-                f = [v.expand(len(index), -1, -1, -1) * scale for v in a.features]
+                f = a.masked([v.expand(len(index), -1, -1, -1) * scale for v in a.features])
                 inner = f if inner is None else [p + q for p, q in zip(inner, f)]
                 continue
             net, unit = a.net, a.unit
@@ -392,6 +414,7 @@ def residuals(active: list[Active], progress: tuple[int, int], x_in: torch.Tenso
             if unit.mode == "control" and uncond_rows:
                 keep = (index >= uncond_rows).to(x_in.device, d[0].dtype).view(-1, 1, 1, 1)
                 d, m = [r * keep for r in d], m * keep
+            *d, m = a.masked([*d, m])
             downs = d if downs is None else [p + q for p, q in zip(downs, d)]
             mid = m if mid is None else mid + m
         out = {} if downs is None else {"down_block_additional_residuals": downs,

@@ -356,6 +356,9 @@ class FlowPipeline:
                                 f"a {CONTROLNET_MODEL[self.kind]} (a diffusers folder)")
             if (net.device, net.dtype) != (self.device, self.dtype):
                 net.to(device=self.device, dtype=self.dtype)
+            if unit.mask is not None or unit.hr != "both":  # diffusers' SD3/Flux ControlNet pipelines act everywhere
+                raise UserError(f"ControlNet {unit.name}: a region mask or an hr option other than both is for SD 1.x/"
+                                f"SDXL models; {self.kind.upper()} ControlNets act on the whole image in every pass")
             image = unit.image if isinstance(unit.image, Image.Image) else control.open_image(unit.image)
             images.append(control_images.prepare(image, plan.width, plan.height, unit.module, unit.resize_mode,
                                                  unit.threshold_a, unit.threshold_b))

@@ -203,7 +203,7 @@ HR_OPTIONS = {0: "both", 1: "low", 2: "high", "Both": "both", "Low res only": "l
               "HiResFixOption.HIGH_RES_ONLY": "high"}
 UNIT_SILENT = {"enabled", "image", "input_image", "module", "model", "weight", "resize_mode", "low_vram",
                "processor_res", "threshold_a", "threshold_b", "guidance_start", "guidance_end", "control_mode",
-               "pixel_perfect", "hr_option", "guessmode"}
+               "pixel_perfect", "hr_option", "guessmode", "effective_region_mask"}
 
 
 REGIONAL_PROMPTER = "regional prompter"
@@ -308,7 +308,9 @@ def control_units(scripts: dict, max_pixels: int | None, notes: list[str]) -> li
                              module=str(arg.get("module") or "none"),
                              resize_mode=RESIZE_MODES[arg.get("resize_mode", "Crop and Resize")],
                              threshold_a=threshold("threshold_a"), threshold_b=threshold("threshold_b"),
-                             hr=HR_OPTIONS[arg.get("hr_option") or "Both"]))
+                             hr=HR_OPTIONS[arg.get("hr_option") or "Both"],
+                             mask=decode_image(region, f"{what}.effective_region_mask", max_pixels) if (
+                                 region := arg.get("effective_region_mask")) else None))
     return units
 
 
