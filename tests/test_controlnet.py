@@ -544,8 +544,11 @@ def test_the_web_page_uploads_a_control_image_shows_its_map_and_uses_it(cn_serve
         driver.find_element(By.ID, "cn_detect").click()
         shown = driver.find_element(By.ID, "cn_map")
         wait.until(lambda d: d.execute_script("return arguments[0].naturalWidth", shown) == 32)
+        Select(driver.find_element(By.ID, "cn_hr")).select_by_visible_text("Low res only")
+        square(32, fill=255, background=255).save(tmp_path / "mask.png")  # a region mask: everywhere
+        driver.find_element(By.ID, "cn_mask").send_keys(str(tmp_path / "mask.png"))
         text = generate_on_page(driver, {"prompt": PROMPT, "width": "32", "height": "32", "steps": "2"})
-        assert 'ControlNet 0: "Module: canny, Model: layout, Weight: 1' in text
+        assert 'ControlNet 0: "Module: canny, Model: layout, Weight: 1' in text and "Hr Option: Low res only" in text
     finally:
         driver.quit()
 
