@@ -108,3 +108,30 @@ def test_offloaded_flow_models_give_the_same_images(kind):
     with pytest.raises(UserError, match="offload 'layers' is not one of model, sequential"):
         pipe.offload("layers", "cpu")
     assert torch.device(pipe.device).type == "cpu"
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_the_fp32_retry_runs_under_offload(mode, monkeypatch, caplog):
+    """NaN latents in bf16 make the pipeline sample again in fp32 on copies of its models; offloaded (the U-Net's
+    weights in main memory, or meta tensors between calls) it gives the plain pipeline's retried image."""
+    import logging
+
+    from test_reliability import _nan_in
+
+    def retried(pipe):
+        pipe.to(torch.bfloat16)
+        return pipe
+
+    plain = retried(fresh())
+    _nan_in(monkeypatch, plain.unet, torch.bfloat16)
+    want = plain("a red circle", **REQUEST)
+    assert want.info["fp32_retry"] == "unet"
+    pipe = retried(fresh())
+    pipe.offload(mode, "cpu")
+    if mode == "sequential":
+        on_cpu([pipe.unet, pipe.vae, pipe.text_encoder])
+    with caplog.at_level(logging.WARNING, logger="latentgen"):
+        got = pipe("a red circle", **REQUEST)
+    assert "sampling again in fp32" in caplog.text and got.info["fp32_retry"] == "unet"
+    np.testing.assert_array_equal(got.images, want.images)
+    assert pipe.unet.dtype == torch.bfloat16 or pipe.unet.conv_in.weight.is_meta
