@@ -262,7 +262,7 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         slower. Elsewhere the contiguous layout: on CUDA, PyTorch's GroupNorm works only in it (`native_group_norm`
         makes its input contiguous off the CPU), so channels-last pays a conversion around each of the VAE's and
         U-Net's GroupNorms. fp32 keeps diffusers' layout, and with it diffusers' exact numbers."""
-        device = self.__dict__.get("offload_device") or self.unet.device
+        device = self.__dict__.get("offload_device") or next(self.unet.parameters()).device
         fast = device.type == "cpu" and self.unet.dtype != torch.float32 and self.unet.config.sample_size >= 32
         layout = torch.channels_last if fast else torch.contiguous_format
         self.unet.to(memory_format=layout)

@@ -27,7 +27,7 @@ from latentgen.training.loop import (
     evaluating,
 )
 from latentgen.training.unet_config import LoraTrainConfig, UNetTrainConfig
-from latentgen.training.unet_parts import Components
+from latentgen.training.unet_parts import Components, by_pipeline_name
 from latentgen.training.upscaler import low_resolution, training_condition
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ def save_lora(config: UNetTrainConfig, unet, text_models: list, target: Path, sd
     from peft.utils import get_peft_model_state_dict
 
     dtype = DTYPES[config.save_dtype]
-    parts = {"unet": unet} | dict(zip(("text_encoder", "text_encoder_2"), text_models))
+    parts = {"unet": unet} | by_pipeline_name(text_models)
     layers = {name: {k: v.detach().to(dtype).contiguous().cpu() for k, v in get_peft_model_state_dict(m).items()}
               for name, m in parts.items()}
     configs = {name: m.peft_config["default"].to_dict() for name, m in parts.items()}

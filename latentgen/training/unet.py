@@ -130,7 +130,7 @@ def train_unet(config: UNetTrainConfig) -> Path:
     base_weights = _base_weights(data, config.lora)
 
     # 4. Resume, then train.
-    texts = dict(zip(("text_encoder", "text_encoder_2"), parts.text_models)) if train_text else {}
+    texts = parts.named_text_models if train_text else {}
     whole = zero.ZeroModel(raw_unet, unet) if deepspeed else sharded.FullModel(raw_unet) if shard else None
     models = {"unet": whole or raw_unet} | texts
     # a trained text encoder is not sharded; its optimizer state is kept by parameter name beside the U-Net's

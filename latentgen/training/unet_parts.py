@@ -45,9 +45,19 @@ class Components:
         return [self.text_model] + ([self.text_model_2] if self.text_model_2 is not None else [])
 
     @property
+    def named_text_models(self) -> dict[str, Any]:
+        """The text models by their names in a pipeline folder (`text_encoder`, SDXL's `text_encoder_2`)."""
+        return by_pipeline_name(self.text_models)
+
+    @property
     def is_sdxl(self) -> bool:
         """SDXL's U-Net: its added embedding takes the pooled text and the size conditioning (`time_ids`)."""
         return takes_sizes(self.unet)
+
+
+def by_pipeline_name(text_models: list[Any]) -> dict[str, Any]:
+    """Text models (none, one, or SDXL's two) by their names in a pipeline folder."""
+    return dict(zip(("text_encoder", "text_encoder_2"), text_models))
 
 
 def load_components(config: UNetTrainConfig) -> Components:
