@@ -42,7 +42,7 @@ def check(config) -> None:
         raise UserError("DeepSpeed was asked for (accelerate launch --use_deepspeed) but is not installed: pip "
                         "install deepspeed (or 'latentgen[deepspeed]')") from None
     asked = {"distributed.strategy: fsdp": config.distributed.strategy == "fsdp", "ema": config.ema,
-             "text_encoder.train": config.trains_text}
+             "text_encoder.train": config.text_encoder.train, "lora.text_encoder": config.lora.text_encoder}
     for what, yes in asked.items():
         if yes:
             raise UserError(f"{what} does not run under DeepSpeed here (its EMA and text encoders stay outside the "
