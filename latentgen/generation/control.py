@@ -268,7 +268,6 @@ def networks(pipe) -> dict:
 
 def fit(pipe, units: list[Control], height: int, width: int) -> list[Active]:
     """Each unit's network (loaded and checked against the U-Net) and control image at height × width."""
-
     out = []
     folders = [getattr(pipe, "controlnets_dir", None), files.shipped(pipe)]  # the user's, then the model's own
     confined = getattr(pipe, "loras_confined", False)
