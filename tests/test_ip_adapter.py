@@ -141,3 +141,35 @@ def test_infer_takes_ip_adapter_and_replays_its_image(tiny_folder, adapter_file,
     r = subprocess.run([sys.executable, "infer.py", "--replay", str(out), "--out", str(tmp_path / "again.png")],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "identical, bit for bit" in r.stdout + r.stderr, r.stderr[-2000:]
+
+
+def test_an_ip_adapters_region_mask_gives_diffusers_masked_image(parts, adapter_file):
+    """A unit's region mask on an IP-Adapter is diffusers' `ip_adapter_masks` (its IPAdapterMaskProcessor's
+    binarized mask, the adapter's attention output kept where it is white)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.image_processor import IPAdapterMaskProcessor
+    from transformers import CLIPImageProcessor
+
+    left = np.zeros((32, 32), np.uint8)
+    left[:, :16] = 255
+    mask = Image.fromarray(left)
+    ours = LatentPipeline(**parts)
+    ours.set_progress_bar_config(disable=True)
+    unit = dict(weight=0.6, module="ip-adapter_clip_sd15")
+    got = ours(PROMPT, control=[Control(str(adapter_file), face(), mask=mask, **unit)],
+               generator=torch.Generator().manual_seed(3), **KW).images
+    whole = ours(PROMPT, control=[Control(str(adapter_file), face(), **unit)],
+                 generator=torch.Generator().manual_seed(3), **KW).images
+
+    sd = StableDiffusionPipeline(**C.components(), safety_checker=None, requires_safety_checker=False,
+                                 feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                      crop_size={"height": 32, "width": 32}),
+                                 image_encoder=vision_encoder())
+    sd.set_progress_bar_config(disable=True)
+    sd.load_ip_adapter(adapter_state(sd.unet), subfolder="", weight_name="", image_encoder_folder=None)
+    sd.set_ip_adapter_scale(0.6)
+    masks = IPAdapterMaskProcessor().preprocess([mask], height=32, width=32)
+    want = sd(PROMPT, ip_adapter_image=face(), cross_attention_kwargs={"ip_adapter_masks": [masks]},
+              generator=torch.Generator().manual_seed(3), **KW).images
+    assert np.abs(got - want).max() <= 1e-4
+    assert np.abs(got - whole).max() > 1e-3  # the mask did something

@@ -105,21 +105,32 @@ def check_fits(adapter: IPAdapter, unet) -> None:
 
 
 @contextlib.contextmanager
-def applied(unet, adapters: list[IPAdapter]):
+def applied(unet, adapters: list[IPAdapter], masks: list | None = None):
     """Within the block the U-Net has the adapters' layers (diffusers'), their scales set per step with
     `set_scales`; its own attention processors and projection are restored after. `unet.regional_attention` is
-    set meanwhile, which keeps the compiled U-Net (that has none of these layers) out of it."""
+    set meanwhile, which keeps the compiled U-Net (that has none of these layers) out of it. `masks`: one per
+    adapter, (1, 1, H, W) or None, where each acts (diffusers' `ip_adapter_masks`, handed to every U-Net call)."""
     if not adapters:
         yield
         return
     processors, projection = unet.attn_processors, unet.encoder_hid_proj
     kind = unet.config.encoder_hid_dim_type
+    handle = None
     try:
         unet._load_ip_adapter_weights([a.state for a in adapters])
         unet.to(unet.device, unet.dtype)  # the new layers, on the U-Net's device and in its dtype
         unet.regional_attention = True
+        if masks is not None and any(m is not None for m in masks):
+            def with_masks(module, args, kwargs):
+                extra = dict(kwargs.get("cross_attention_kwargs") or {})
+                extra["ip_adapter_masks"] = [None if m is None else m.to(args[0].device) for m in masks]
+                return args, kwargs | {"cross_attention_kwargs": extra}
+
+            handle = unet.register_forward_pre_hook(with_masks, with_kwargs=True)
         yield
     finally:
+        if handle is not None:
+            handle.remove()
         unet.set_attn_processor(processors)
         unet.encoder_hid_proj = projection
         unet.register_to_config(encoder_hid_dim_type=kind)

@@ -242,6 +242,7 @@ class ImagePrompt:
     embed: torch.Tensor
     negative: torch.Tensor
     unit: Control
+    mask: torch.Tensor | None = None  # (1, 1, H, W): diffusers' IP-Adapter mask (`ip_adapter_masks`), binarized
 
     on = Active.on
 
@@ -282,9 +283,6 @@ def fit(pipe, units: list[Control], height: int, width: int) -> list[Active]:
         image = _picture(unit.image, "control image")
         if isinstance(net, ip_adapter.IPAdapter):  # an image prompt: the image's embedding, not a control map
             ip_adapter.check_fits(net, pipe.unet)
-            if unit.mask is not None:
-                raise UserError(f"{unit.name} is an IP-Adapter: region masks are for ControlNets, T2I-Adapters and "
-                                "ControlNet-LLLite here")
             if unit.hr != "both":  # its attention processors are in the U-Net for the whole call
                 raise UserError(f"{unit.name} is an IP-Adapter: it acts in both passes of the hires fix (hr both), "
                                 f"not {HR_OPTIONS[unit.hr].lower()}")
@@ -292,7 +290,13 @@ def fit(pipe, units: list[Control], height: int, width: int) -> list[Active]:
                 raise UserError("an IP-Adapter cannot join a U-Net offloaded layer by layer (--offload sequential); "
                                 "use --offload model")
             net.encoder.to(pipe.execution_device)
-            out.append(ImagePrompt(net, *net.embeds(image), unit))
+            mask = None
+            if unit.mask is not None:  # diffusers' masks for IP-Adapters, made as its processor makes them
+                from diffusers.image_processor import IPAdapterMaskProcessor
+
+                mask = IPAdapterMaskProcessor().preprocess(_picture(unit.mask, "region mask"), height=height,
+                                                           width=width)
+            out.append(ImagePrompt(net, *net.embeds(image), unit, mask=mask))
             continue
         if not isinstance(net, lllite.LLLite):  # an LLLite was matched to the U-Net's layers as it loaded
             (check_adapter_fits if type(net).__name__ == "T2IAdapter" else check_fits)(net, pipe.unet, unit.name)

@@ -462,7 +462,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
         tiled = plan.request.tiling
         # from now on every call takes the lock: none may run while the convolutions are circular or the
         # cross-attention regional
-        images = [a.adapter for a in control.image_prompts(plan.controls)]
+        prompts = control.image_prompts(plan.controls)
+        images, image_masks = [a.adapter for a in prompts], [a.mask for a in prompts]
         lllites = [a.net for a in plan.controls if isinstance(a, control.Active) and a.lllite]
         regional_attention = plan.request.regions is not None and plan.request.regions.calc == "attention"
         if tiled or images or lllites or regional_attention:
@@ -475,8 +476,8 @@ class LatentPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualI
             regions = plan.request.regions
             shape = regions.shape_of(plan.prompts) if regions is not None else (1, False)
             try:
-                with tiling.circular(self.unet, self.vae, enabled=tiled), ip_adapter.applied(self.unet, images), \
-                        lllite.applied(self.unet, lllites), \
+                with tiling.circular(self.unet, self.vae, enabled=tiled), \
+                        ip_adapter.applied(self.unet, images, image_masks), lllite.applied(self.unet, lllites), \
                         regional.attention(self.unet, regions, *shape, plan.height, plan.width):
                     if plan.request.hires is not None:
                         return hires.generate(self, plan, on_step, on_latents)
