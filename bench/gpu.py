@@ -287,21 +287,24 @@ def unet_share(folder: Path, device, images: int, bf16_peak: float, tuned: bool 
     return rows
 
 
-def train_unet_py(folder: Path, batch: int, steps: int) -> float:
+def train_unet_py(folder: Path, batch: int, steps: int, launch: list[str] | None = None, ema: bool = True) -> float:
     """Samples/s of `train_unet.py` itself continuing the folder's U-Net (its VAE and text encoder, the shapes
     dataset at the folder's resolution, latents and text states cached first, mixed precision for the hardware),
-    as its log reports them after the first step; `bench/training.py` runs it the same way on the CPU."""
+    as its log reports them after the first step; `bench/training.py` runs it the same way on the CPU. `launch`:
+    `accelerate launch` flags to start it with (one process)."""
     import yaml
 
     out = Path(tempfile.mkdtemp(prefix="bench-gpu-train-"))
     config = {"output_dir": str(out / "run"), "pretrained_pipeline": str(folder), "text_encoder": {"kind": "pipeline"},
-              "max_steps": steps + 1, "train_batch_size": batch, "mixed_precision": "auto", "ema": True,
+              "max_steps": steps + 1, "train_batch_size": batch, "mixed_precision": "auto", "ema": ema,
               "checkpoint_every": 100000, "validate_every": 0, "validation_steps": 1,
               "validation_prompts": [PROMPT], "cache_dir": str(out / "cache"), "noise": {"snr_gamma": 5.0},
               "data": {"source": "shapes", "resolution": 8 * unet_size(folder), "num_samples": 4 * batch,
                        "max_shapes": 2}}
     (out / "config.yaml").write_text(yaml.safe_dump(config))
-    r = subprocess.run([sys.executable, str(ROOT / "train_unet.py"), "--config", str(out / "config.yaml")],
+    start = [sys.executable] if launch is None else [sys.executable, "-m", "accelerate.commands.launch", *launch,
+                                                     "--num_processes", "1", "--dynamo_backend", "no"]
+    r = subprocess.run([*start, str(ROOT / "train_unet.py"), "--config", str(out / "config.yaml")],
                        capture_output=True, text=True, cwd=ROOT)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-3000:])
@@ -356,6 +359,21 @@ def training(folder: Path, device, batch: int, steps: int) -> list[dict]:
              "samples/s": round(ours, 1), "speed-up": f"{ours / reference:.2f}×"}]
 
 
+def zero(folder: Path, batch: int, steps: int) -> list[dict]:
+    """DeepSpeed on one GPU, a smoke run of `accelerate launch --use_deepspeed` (issue #47): train_unet.py's
+    samples/s plainly and under ZeRO-2 and ZeRO-3 (one process partitions nothing: what it shows is that the
+    engine runs, and what it costs), EMA off (DeepSpeed runs take none)."""
+    rows, reference = [], None
+    for name, launch in (("train_unet.py, one process", None),
+                         ("DeepSpeed ZeRO-2 (accelerate launch --use_deepspeed)",
+                          ["--use_deepspeed", "--zero_stage", "2"]),
+                         ("DeepSpeed ZeRO-3", ["--use_deepspeed", "--zero_stage", "3"])):
+        rate = train_unet_py(folder, batch, steps, launch, ema=False)
+        reference = reference or rate
+        rows.append({"run": name, "batch": batch, "samples/s": round(rate, 1), "vs plain": f"{rate / reference:.2f}×"})
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, help="folder for gpu.json")
@@ -363,11 +381,12 @@ def main():
     p.add_argument("--smoke", action="store_true", help="tiny model, 2 steps: checks the script, measures nothing")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--only", nargs="+",
-                   choices=["peak", "inference", "unet", "training", "graphs", "split", "tuned", "big"],
+                   choices=["peak", "inference", "unet", "training", "graphs", "split", "tuned", "big", "zero"],
                    help="graphs: the U-Net compiled with CUDA graphs (mode reduce-overhead), no reference; "
                    "split: where one 8-image call's time goes, component by component; tuned: the U-Net "
                    "compiled with diffusers' Inductor settings and with Inductor's autotuning; big: a 2048² image with "
-                   "VAE tiling and offloading, seconds and peak memory")
+                   "VAE tiling and offloading, seconds and peak memory; zero: train_unet.py under DeepSpeed ZeRO-2/3 "
+                   "on one GPU against plain")
     p.add_argument("--folder", type=Path, help="where the SD-shaped model is built, or found built by an earlier "
                    "run (one build serves several --only runs)")
     args = p.parse_args()
@@ -400,6 +419,7 @@ def main():
                                     report.get("peak", {}).get("bf16") or peak(device, args.smoke)["bf16"], True),
         "big": lambda: big_images(folder, device, 128 if args.smoke else 2048, 2 if args.smoke else 4),
         "training": lambda: training(folder, device, 2 if args.smoke else 16, 2 if args.smoke else 20),
+        "zero": lambda: zero(folder, 2 if args.smoke else 16, 2 if args.smoke else 20),
     }
     for name, run in tables.items():
         if name in sections:

@@ -28,6 +28,12 @@ case "${1:-}" in
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .whl "$name==$(version "$name")"
     done
+    for name in hjson ninja py-cpuinfo msgpack einops; do  # DeepSpeed's (the zero part)
+      python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl "$name==$(version "$name")"
+    done
+    .venv/bin/pip wheel -q --no-deps -w .whl "deepspeed==$(version deepspeed)"  # an sdist: its ops build on use
     du -sh .whl ;;
   aside) mv "$ENCODER" "$ASIDE" && echo "moved $ENCODER to $ASIDE" ;;
   back) mv "$ASIDE" "$ENCODER" && echo "put $ENCODER back" ;;
@@ -43,7 +49,8 @@ case "${1:-}" in
     section() { local limit=$1; shift; echo "== $* (limit ${limit} s)" | tee -a "$log"; local start=$SECONDS
                 timeout "$limit" "$@" 2>&1 | tr '\r' '\n' | grep -v -E 'it/s\]|s/it\]' | tee -a "$log"
                 echo "== exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$log"; }
-    declare -A limit=([tests]=120 [peak]=75 [inference]=280 [training]=150 [unet]=130 [graphs]=140 [split]=150 [tuned]=560)
+    declare -A limit=([tests]=120 [peak]=75 [inference]=280 [training]=150 [unet]=130 [graphs]=140 [split]=150 [tuned]=560
+                      [zero]=240)
     [ $# -gt 0 ] || set -- tests peak inference
     for part in "$@"; do
       [ -n "${limit[$part]:-}" ] || { echo "unknown part $part" | tee -a "$log"; continue; }
@@ -51,5 +58,5 @@ case "${1:-}" in
       else section "${limit[$part]}" python3 bench/gpu.py --only "$part" --folder /tmp/sd --repeat 2 --out "$OUT/$part"
       fi
     done ;;
-  *) echo "usage: bash bench/gpu_kit.sh wheels|aside|back|on-device [tests|peak|inference|training|unet|graphs|split|tuned ...]" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_kit.sh wheels|aside|back|on-device [tests|peak|inference|training|unet|graphs|split|tuned|zero ...]" >&2; exit 2 ;;
 esac
