@@ -28,6 +28,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=2, help="images per held-out prompt")
     p.add_argument("--steps", type=int, nargs="+", default=[4, 2], help="the student's step counts")
     p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--compile", action="store_true", help="also the student with latentgen's compiled U-Net "
+                   "(`compile_unet`, as `infer.py --compile`); its compile is not timed")
     args = p.parse_args()
     import torch
     from diffusers import LatentConsistencyModelPipeline
@@ -61,9 +63,16 @@ def main() -> None:
         return run
 
     paths = [("teacher, 20 steps (its own sampler)", ours(teacher, 20))]
+    compiled = None
+    if args.compile:
+        compiled = LatentPipeline.from_pretrained(args.student)
+        compiled.set_progress_bar_config(disable=True)
+        compiled.compile_unet()
     for steps in args.steps:
         paths += [(f"student, {steps} steps, latentgen", ours(student, steps, "lcm")),
                   (f"student, {steps} steps, diffusers' LatentConsistencyModelPipeline", diffusers(steps))]
+        if compiled is not None:
+            paths.append((f"student, {steps} steps, latentgen compiled", ours(compiled, steps, "lcm")))
     rows = []
     for name, run in paths:
         seconds = best_time(lambda: run([PROMPT], [0]))
