@@ -232,3 +232,35 @@ def test_a_bf16_channels_last_unet_compiles(tmp_path, monkeypatch):
         pipe.compile_unet()
         compiled = pipe.unet(x, t, encoder_hidden_states=hidden).sample.float()
     assert (compiled - eager).abs().max() <= 0.05 * eager.abs().max()
+
+
+def test_an_lcm_students_guidance_input_goes_into_the_compiled_package(tiny_folder, tmp_path, monkeypatch):
+    """A guidance-embedding LCM student's U-Net takes `timestep_cond`: its calls are served by a package of four
+    inputs (they used to fall back to the uncompiled U-Net), which computes what the U-Net does with them."""
+    from diffusers import UNet2DConditionModel
+
+    from latentgen.runtime.compiled import _Plain
+
+    pipe = LatentPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
+    torch.manual_seed(0)
+    student = UNet2DConditionModel.from_config({**pipe.unet.config, "time_cond_proj_dim": 8}).eval()
+    pipe.register_modules(unet=student)
+    x, t, hidden = unet_inputs(pipe)
+    cond = torch.randn(2, 8)
+    with torch.no_grad():
+        eager = student(x, t, encoder_hidden_states=hidden, timestep_cond=cond).sample
+        exported = _Plain(student, student.forward)(x, torch.full((2,), 500.0), hidden, cond)
+        assert torch.equal(exported, eager)
+        assert not torch.allclose(student(x, t, encoder_hidden_states=hidden).sample, eager)  # the input matters
+    calls = []
+
+    def package(*inputs):
+        calls.append(len(inputs))
+        return torch.full_like(inputs[0], 7.0)
+
+    monkeypatch.setenv("LATENTGEN_CACHE", str(tmp_path / "cache"))
+    _stand_in_compiler(monkeypatch, package)
+    pipe.compile_unet()
+    with torch.no_grad():
+        out = pipe.unet(x, t, encoder_hidden_states=hidden, timestep_cond=cond).sample
+    assert calls == [4] and torch.equal(out, torch.full_like(x, 7.0))

@@ -321,7 +321,7 @@ def run_unet(pipe, x_in: torch.Tensor, t, cond, rows_per_image: int,
             out[rows] = call(rows).to(out.dtype)  # an autocast around the U-Net gives 16 bits
         return out
     if (x_in.dtype != torch.float32 or n == 1 or (class_labels is None and control is None and batch_invariant(
-            pipe.unet, x_in, t, rows_per_image, **cond.unet_kwargs()))):
+            pipe.unet, x_in, t, rows_per_image, **cond.unet_kwargs(), timestep_cond=timestep_cond))):
         out = call(slice(None))
         # never the U-Net's own output tensor: CUDA graphs (`compile_unet` on CUDA) write the next call's result
         # into it, and PNDM keeps model outputs across steps

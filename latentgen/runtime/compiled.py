@@ -45,14 +45,16 @@ def cache_dir() -> Path:
 
 
 class _Plain(torch.nn.Module):
-    """What gets exported: three tensors in, the prediction out of the U-Net's own (eager) forward."""
+    """What gets exported: three tensors in (four for a guidance-embedding LCM student: its `timestep_cond`), the
+    prediction out of the U-Net's own (eager) forward."""
 
     def __init__(self, unet, eager):
         super().__init__()
         self.unet, self.eager = unet, eager
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.eager(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None):
+        return self.eager(sample, timestep, encoder_hidden_states=encoder_hidden_states, timestep_cond=timestep_cond,
+                          return_dict=False)[0]
 
 
 def _weights_digest(unet) -> str:
@@ -106,9 +108,12 @@ class CompiledForward:
         self.servable = all(m.merged for m in self.lora_layers)
 
     def _inputs(self, sample, timestep, encoder_hidden_states, args=(), kwargs=None) -> tuple | None:
-        """The package's three inputs for a call of the U-Net, or None where a package cannot serve it (a tiled
-        call's circular padding, `latentgen.components.tiling`, is not compiled in)."""
-        plain = (not args and all(v is None for v in (kwargs or {}).values()) and torch.is_tensor(encoder_hidden_states)
+        """The package's three inputs for a call of the U-Net (four with an LCM student's `timestep_cond`), or None
+        where a package cannot serve it (a tiled call's circular padding, `latentgen.components.tiling`, is not
+        compiled in)."""
+        kwargs = dict(kwargs or {})
+        cond = kwargs.pop("timestep_cond", None)
+        plain = (not args and all(v is None for v in kwargs.values()) and torch.is_tensor(encoder_hidden_states)
                  and sample.device.type == "cpu" and not torch.is_grad_enabled()
                  and self.unet.conv_in.padding_mode == "zeros" and not getattr(self.unet, "regional_attention", False))
         if not plain:
@@ -116,7 +121,8 @@ class CompiledForward:
         # diffusers embeds timesteps in float32 whatever their dtype: one (B,) float32 input serves every
         # sampler's timesteps
         t = torch.as_tensor(timestep, device=sample.device).float().reshape(-1).expand(sample.shape[0])
-        return sample.contiguous(), t.contiguous(), encoder_hidden_states.contiguous()
+        inputs = sample.contiguous(), t.contiguous(), encoder_hidden_states.contiguous()
+        return inputs if cond is None else (*inputs, cond.contiguous())
 
     def batch_invariant(self, sample, timestep, rows_per_image: int, encoder_hidden_states=None, **kwargs) -> bool:
         """Whether this call's rows can go in one package call and give each image, bit for bit, what its own
