@@ -61,13 +61,27 @@ def adapter_file(parts, tmp_path_factory):
     return root / "ip-adapter_tiny.safetensors"
 
 
+def diffusers_with_adapter(scale: float):
+    """diffusers' own StableDiffusionPipeline on the same components, with the adapter loaded by `load_ip_adapter`
+    at `scale` (the reference)."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPImageProcessor
+
+    sd = StableDiffusionPipeline(**C.components(), safety_checker=None, requires_safety_checker=False,
+                                 feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                      crop_size={"height": 32, "width": 32}),
+                                 image_encoder=vision_encoder())
+    sd.set_progress_bar_config(disable=True)
+    sd.load_ip_adapter(adapter_state(sd.unet), subfolder="", weight_name="", image_encoder_folder=None)
+    sd.set_ip_adapter_scale(scale)
+    return sd
+
+
 def face(seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 48, 3), dtype=np.uint8))
 
 
 def test_an_ip_adapter_unit_gives_diffusers_image_and_leaves_the_unet_as_it_was(parts, adapter_file):
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPImageProcessor
 
     ours = LatentPipeline(**parts)
     ours.set_progress_bar_config(disable=True)
@@ -76,13 +90,7 @@ def test_an_ip_adapter_unit_gives_diffusers_image_and_leaves_the_unet_as_it_was(
     got = ours(PROMPT, control=[Control(str(adapter_file), face(), 0.6, module="ip-adapter_clip_sd15")],
                generator=torch.Generator().manual_seed(3), **KW).images
 
-    sd = StableDiffusionPipeline(**C.components(), safety_checker=None, requires_safety_checker=False,
-                                 feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                      crop_size={"height": 32, "width": 32}),
-                                 image_encoder=vision_encoder())
-    sd.set_progress_bar_config(disable=True)
-    sd.load_ip_adapter(adapter_state(sd.unet), subfolder="", weight_name="", image_encoder_folder=None)
-    sd.set_ip_adapter_scale(0.6)
+    sd = diffusers_with_adapter(0.6)
     want = sd(PROMPT, ip_adapter_image=face(), generator=torch.Generator().manual_seed(3), **KW).images
     assert np.abs(got - want).max() <= 1e-4
     assert np.abs(got - plain).max() > 1e-2  # the image prompt did something
@@ -146,9 +154,7 @@ def test_infer_takes_ip_adapter_and_replays_its_image(tiny_folder, adapter_file,
 def test_an_ip_adapters_region_mask_gives_diffusers_masked_image(parts, adapter_file):
     """A unit's region mask on an IP-Adapter is diffusers' `ip_adapter_masks` (its IPAdapterMaskProcessor's
     binarized mask, the adapter's attention output kept where it is white)."""
-    from diffusers import StableDiffusionPipeline
     from diffusers.image_processor import IPAdapterMaskProcessor
-    from transformers import CLIPImageProcessor
 
     left = np.zeros((32, 32), np.uint8)
     left[:, :16] = 255
@@ -161,13 +167,7 @@ def test_an_ip_adapters_region_mask_gives_diffusers_masked_image(parts, adapter_
     whole = ours(PROMPT, control=[Control(str(adapter_file), face(), **unit)],
                  generator=torch.Generator().manual_seed(3), **KW).images
 
-    sd = StableDiffusionPipeline(**C.components(), safety_checker=None, requires_safety_checker=False,
-                                 feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                      crop_size={"height": 32, "width": 32}),
-                                 image_encoder=vision_encoder())
-    sd.set_progress_bar_config(disable=True)
-    sd.load_ip_adapter(adapter_state(sd.unet), subfolder="", weight_name="", image_encoder_folder=None)
-    sd.set_ip_adapter_scale(0.6)
+    sd = diffusers_with_adapter(0.6)
     masks = IPAdapterMaskProcessor().preprocess([mask], height=32, width=32)
     want = sd(PROMPT, ip_adapter_image=face(), cross_attention_kwargs={"ip_adapter_masks": [masks]},
               generator=torch.Generator().manual_seed(3), **KW).images
