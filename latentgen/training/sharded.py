@@ -251,12 +251,18 @@ def write_shards(output_dir: Path, step: int, objects: dict[str, Any], accelerat
     states = {name: obj.shards() for name, obj in objects.items() if is_sharded(obj)}
     if not states:
         return None
+    return written_by_every_rank(output_dir, step, accelerator, lambda folder: dcp.save(states, checkpoint_id=folder))
+
+
+def written_by_every_rank(output_dir: Path, step: int, accelerator, write) -> Path:
+    """A fresh folder beside the checkpoints that `write(folder)` fills on every rank (a collective: DCP's or
+    DeepSpeed's shards); returned once all have written, for `formats.checkpoint.save_checkpoint` to move in."""
     folder = checkpoints_dir(output_dir) / f".shards-{step:07d}.tmp"
     if accelerator.is_main_process:  # what a killed save left
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    dcp.save(states, checkpoint_id=folder)
+    write(folder)
     accelerator.wait_for_everyone()
     return folder
 

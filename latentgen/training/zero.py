@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from latentgen.errors import UserError, first_line
-from latentgen.formats.checkpoint import SHARDED, ZERO, checkpoints_dir
-from latentgen.training.sharded import FullModel
+from latentgen.formats.checkpoint import SHARDED, ZERO
+from latentgen.training.sharded import FullModel, written_by_every_rank
 
 
 def check(config) -> None:
@@ -129,16 +128,10 @@ class ZeroModel(FullModel):
 
 
 def write_shards(output_dir: Path, step: int, engine, accelerator) -> Path:
-    """Every rank writes its partitions with the engine's `save_checkpoint` into one folder beside the
-    checkpoints (a collective); returns it, for `formats.checkpoint.save_checkpoint` to move into the checkpoint."""
-    folder = checkpoints_dir(output_dir) / f".shards-{step:07d}.tmp"
-    if accelerator.is_main_process:  # what a killed save left
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    engine.save_checkpoint(str(folder), tag=ZERO, save_latest=False)
-    accelerator.wait_for_everyone()
-    return folder
+    """Every rank writes its partitions with the engine's `save_checkpoint` into one folder beside the checkpoints
+    (a collective); returns it, for `formats.checkpoint.save_checkpoint` to move into the checkpoint."""
+    return written_by_every_rank(output_dir, step, accelerator,
+                                 lambda folder: engine.save_checkpoint(str(folder), tag=ZERO, save_latest=False))
 
 
 def engine_of(models: dict[str, Any]):
