@@ -435,3 +435,81 @@ def test_flow_prompt_editing_with_an_image_is_refused():
 
     with pytest.raises(UserError, match=r"prompt editing and alternation \(\[a:b:when\], \[a\|b\]\) run with SD3"):
         flow_pipe("sd3")("[a:b:0.5]", image=Image.new("RGB", (32, 32)), **FLOW_REQUEST)
+
+
+def plain_embeddings(pipe, text):
+    """diffusers' own (states (T, D), pooled (P,)) of one text."""
+    if pipe.kind == "flux":
+        states, pooled, _ = pipe.inner.encode_prompt(text, None, "cpu")
+    else:
+        states, _, pooled, _ = pipe.inner.encode_prompt(text, None, None, "cpu", do_classifier_free_guidance=False)
+    return states[0], pooled[0]
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_flow_weights_scale_each_encoders_token_states_keeping_their_mean(kind):
+    """`a (red:1.5) circle`: each encoder's states of `a red circle` (SD3: CLIP-L's and CLIP-G's channels of its
+    first 77 rows, then T5's rows; Flux: T5's) with red's rows times 1.5, then the block rescaled to its former
+    mean; the pooled vectors the plain text's. Weights of 1 give diffusers' embeddings themselves."""
+    from latentgen.generation import flow_prompts
+
+    pipe = flow_pipe(kind)
+    inner, length = pipe.inner, (256 if kind == "sd3" else 512)
+    states, pooled = plain_embeddings(pipe, "a red circle")
+    ones = flow_prompts.encode(inner, kind, "a (red:1.0) circle", length)
+    torch.testing.assert_close(ones, (states, pooled), atol=0, rtol=0)
+
+    got_states, got_pooled = flow_prompts.encode(inner, kind, "a (red:1.5) circle", length)
+    torch.testing.assert_close(got_pooled, pooled, atol=0, rtol=0)
+    t5_tokenizer = inner.tokenizer_2 if kind == "flux" else inner.tokenizer_3
+    blocks = []  # (rows, channels, the tokenizer that numbered those rows)
+    if kind == "sd3":
+        width_l, width_g = inner.text_encoder.config.hidden_size, inner.text_encoder_2.config.hidden_size
+        blocks += [(slice(0, 77), slice(0, width_l), inner.tokenizer),
+                   (slice(0, 77), slice(width_l, width_l + width_g), inner.tokenizer_2)]
+    blocks.append((slice(77 if kind == "sd3" else 0, None), slice(None), t5_tokenizer))
+    for rows, channels, tokenizer in blocks:
+        plain = states[rows, channels]
+        ids = tokenizer("a red circle", padding="max_length", max_length=plain.shape[0], truncation=True).input_ids
+        red = tokenizer("red", add_special_tokens=False).input_ids
+        scale = torch.tensor([1.5 if i in red else 1.0 for i in ids])[:, None]
+        assert (scale == 1.5).sum() == len(red)
+        want = plain * scale
+        want = want * (plain.mean() / want.mean())
+        torch.testing.assert_close(got_states[rows, channels], want, atol=1e-5, rtol=1e-5)
+    if kind == "sd3":  # the CLIP block's zero padding up to T5's width stays zero
+        assert not got_states[:77, width_l + width_g:].any()
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_flow_models_read_weights_instead_of_brackets(kind):
+    """The image of `a (red:1.0) circle` is that of `a red circle` (the brackets are not words), `(red:1.5)`
+    changes it, also in the negative prompt and with img2img; an unbalanced bracket is a one-line error."""
+    from PIL import Image
+
+    from latentgen.errors import UserError
+    from latentgen.generation import flow_prompts
+
+    pipe = flow_pipe(kind)
+    plain = pipe("a red circle", **FLOW_REQUEST).images
+    np.testing.assert_allclose(pipe("a (red:1.0) circle", **FLOW_REQUEST).images, plain, atol=1e-6, rtol=0)
+    seen = []
+    hook = pipe.inner.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"][-1].clone()), with_kwargs=True)
+    weighted = pipe("a (red:1.5) circle", **FLOW_REQUEST).images
+    hook.remove()
+    want, _ = flow_prompts.encode(pipe.inner, kind, "a (red:1.5) circle", 256 if kind == "sd3" else 512)
+    torch.testing.assert_close(seen[0], want, atol=1e-5, rtol=0)  # the transformer reads the weighted states
+    assert (seen[0] - plain_embeddings(pipe, "a red circle")[0]).abs().max() > 0.1
+    # the tiny Flux reads its T5 states faintly (swapping them for another prompt's moves its image by ~1e-3)
+    assert np.abs(weighted - plain).max() > (1e-3 if kind == "sd3" else 2e-6)
+    if kind == "sd3":
+        blurry = pipe("a red circle", negative_prompt="blurry", **FLOW_REQUEST).images
+        assert np.abs(pipe("a red circle", negative_prompt="(blurry:1.4)", **FLOW_REQUEST).images
+                      - blurry).max() > 1e-4  # one token of the tiny model's: a small change, far above rounding
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    request = FLOW_REQUEST | dict(image=image, strength=0.7)
+    np.testing.assert_allclose(pipe("a (red:1.0) circle", **request).images, pipe("a red circle", **request).images,
+                               atol=1e-6, rtol=0)
+    with pytest.raises(UserError, match=r"unbalanced '\(' at position 2"):
+        pipe.check_request("a (red circle", **FLOW_REQUEST)

@@ -39,11 +39,12 @@ from latentgen.formats import controlnet as controlnet_files
 from latentgen.formats import flow_file, lora
 from latentgen.formats.folders import check_pipeline_folder
 from latentgen.formats.single_file import read
-from latentgen.generation import control, options, schedule
+from latentgen.generation import control, flow_prompts, options, schedule
 from latentgen.generation.hires import lanczos
 from latentgen.generation.pipeline import GenerationOutput, _request, _target_dtype, offload_hooks
 from latentgen.generation.plan import Plan
 from latentgen.generation.prompts import BREAK_SPLIT as BREAK
+from latentgen.generation.prompts import has_syntax, parse
 from latentgen.generation.sampling import cpu_generators
 from latentgen.runtime.precision import name_of
 
@@ -88,6 +89,8 @@ class PromptEdits:
     def __init__(self, transformer, schedules: list[list[tuple]], encode: Callable[[str], tuple]):
         self.transformer, self.schedules, self.step, self.encode = transformer, schedules, 0, encode
         self.changing = any(len(entries) > 1 for pair in schedules for entries in pair)
+        # texts with A1111's weights are encoded here too: diffusers would read their brackets as words
+        self.weighted = any(has_syntax(text) for pair in schedules for entries in pair for _, text in entries)
 
     def first_states(self, negatives: bool) -> dict[str, torch.Tensor]:
         """The pipeline's text inputs for the first step, each text encoded alone as the hook's later ones are
@@ -294,8 +297,9 @@ class FlowPipeline:
         return Plan(req, prompts, negatives, seeds, req.generator, height, width, image=pixels, loras=loras)
 
     def _check_grammar(self, prompts: list[str], negatives: list[str], req) -> None:
-        """What of A1111's prompt grammar a flow model runs: prompt editing and alternation in text-to-image;
-        AND and BREAK, which combine several U-Net predictions or text windows, are one-line errors."""
+        """What of A1111's prompt grammar a flow model runs: weights (`flow_prompts`), and prompt editing and
+        alternation in text-to-image; AND and BREAK, which combine several U-Net predictions or text windows, are
+        one-line errors."""
         kind = self.kind.upper()
         for text in prompts + negatives:
             if len(schedule.parts(text)) > 1:
@@ -303,6 +307,8 @@ class FlowPipeline:
             if BREAK.search(text):
                 raise UserError(f"BREAK is CLIP's 75-token windows; {kind} models read the prompt whole (remove it)")
         entries = {t: schedule.schedule(t, req.num_inference_steps) for t in prompts + negatives}
+        for text in {text for e in entries.values() for _, text in e if has_syntax(text)}:
+            parse(text)  # an unbalanced bracket: a one-line error before anything runs
         if any(len(entries[t]) > 1 for t in entries) and (req.image is not None or req.hires is not None
                                                            or req.control):
             raise UserError(f"prompt editing and alternation ([a:b:when], [a|b]) run with {kind} models in "
@@ -386,6 +392,8 @@ class FlowPipeline:
         length = plan.request.max_sequence_length or (512 if self.kind == "flux" else 256)
 
         def encode(text: str) -> tuple[torch.Tensor, torch.Tensor]:  # what diffusers' pipeline gives one text
+            if has_syntax(text):  # A1111's weights, (word:1.3)
+                return flow_prompts.encode(self.inner, self.kind, text, length)
             if self.kind == "flux":
                 states, pooled, _ = self.inner.encode_prompt(text, None, self.device, max_sequence_length=length)
             else:
@@ -449,7 +457,7 @@ class FlowPipeline:
         kwargs["prompt"] = [entries[0][1] for entries, _ in edits.schedules]
         if "negative_prompt" in kwargs:
             kwargs["negative_prompt"] = [entries[0][1] for _, entries in edits.schedules]
-        if edits.changing:
+        if edits.changing or edits.weighted:
             negatives = kwargs.pop("negative_prompt", None) is not None
             kwargs.pop("prompt")
             kwargs |= edits.first_states(negatives)
