@@ -1,7 +1,7 @@
 """Putting the right color on the right shape on the right side (#49): the default model's two-shape prompts, strict
 binding and relation, asked plainly, with AND, and with regional prompts split left/right, same targets and seeds.
 
-    python bench/regions.py [--seeds 4] [--groups two-heldout two-seen] [--base 0.5]
+    python bench/regions.py [--seeds 4] [--groups two-heldout two-seen] [--base 0.5] [--model FOLDER]
 
 Methods (the target: c1 k1 left of c2 k2 on b):
 - plain: "a c1 k1 to the left of a c2 k2 on a b background" (the evaluation's own prompt);
@@ -44,16 +44,17 @@ def main() -> None:
     p.add_argument("--methods", nargs="+",
                    default=["plain", "and", "regions", "regions-nobase", "attention", "attention-nobase"])
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--model", help="a pipeline folder (default: the shipped model)")
     args = p.parse_args()
     from latentgen.cli import quiet_libraries
     from latentgen.eval.adherence import evaluate_images, prompt_set
     from latentgen.generation.models import DEFAULT_MODEL, open_pipeline
 
     quiet_libraries()
-    pipe = open_pipeline(DEFAULT_MODEL)
+    pipe = open_pipeline(args.model or DEFAULT_MODEL)
     targets = [t for t in prompt_set(27) if t.group in args.groups for _ in range(args.seeds)]
     seeds = [1000 + i for i in range(len(targets))]
-    print(f"default model, {len(targets)} images a method ({', '.join(args.groups)}, {args.seeds} seeds), "
+    print(f"{args.model or 'default model'}, {len(targets)} images a method ({', '.join(args.groups)}, {args.seeds} seeds), "
           f"{args.steps} steps, base ratio {args.base}")
     print("| method | strict binding | strict relation | strict all | lenient binding | s/image |")
     print("|---|---|---|---|---|---|")
