@@ -54,8 +54,8 @@ def main() -> None:
     pipe = open_pipeline(args.model or DEFAULT_MODEL)
     targets = [t for t in prompt_set(27) if t.group in args.groups for _ in range(args.seeds)]
     seeds = [1000 + i for i in range(len(targets))]
-    print(f"{args.model or 'default model'}, {len(targets)} images a method ({', '.join(args.groups)}, {args.seeds} seeds), "
-          f"{args.steps} steps, base ratio {args.base}")
+    print(f"{args.model or 'default model'}, {len(targets)} images a method ({', '.join(args.groups)}, "
+          f"{args.seeds} seeds), {args.steps} steps, base ratio {args.base}")
     print("| method | strict binding | strict relation | strict all | lenient binding | s/image |")
     print("|---|---|---|---|---|---|")
     for method in args.methods:
