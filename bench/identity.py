@@ -1,5 +1,7 @@
 """Images of a fixed set of requests, as hashes: written before a change that must not change any image, checked
-after it, on the same machine (the last bits of a float depend on the CPU's kernels, so the file is not portable).
+after it, on the same machine (the last bits of a float depend on the CPU's kernels, so the file is not portable)
+and at the same thread count (oneDNN's fp32 kernels split their work by threads): the file records the count it
+was written with, and a check runs with that many.
 
     python bench/identity.py --write before.json      # before the change
     python bench/identity.py --check before.json      # after it: every image bit for bit, or the ones that differ
@@ -23,6 +25,7 @@ import numpy as np
 from common import ROOT  # noqa: F401  (puts the repository on the path)
 
 PROMPT = "a red circle on a blue background"
+THREADS = "threads"  # the file's key for the thread count it was written with
 
 
 def requests(pipe) -> dict[str, dict]:
@@ -59,15 +62,13 @@ def digest(images) -> str:
     return h.hexdigest()[:16]
 
 
-def run() -> dict[str, str]:
-    import torch
-
+def run(count: int) -> dict[str, str]:
     from latentgen.cli import quiet_libraries
     from latentgen.generation.models import DEFAULT_MODEL, open_pipeline
     from latentgen.runtime import threads
 
     quiet_libraries()
-    threads.pin(torch.get_num_threads())
+    threads.pin(count)
     out = {}
     for dtype in ("fp32", "auto"):
         pipe = open_pipeline(DEFAULT_MODEL, dtype=dtype)
@@ -105,14 +106,17 @@ def main() -> None:
     group.add_argument("--write", metavar="FILE")
     group.add_argument("--check", metavar="FILE")
     args = p.parse_args()
-    found = run()
+    import torch
+
     if args.write:
+        found = run(torch.get_num_threads())
         with open(args.write, "w") as f:
-            json.dump(found, f, indent=1, sort_keys=True)
-        print(f"{len(found)} images hashed into {args.write}")
+            json.dump(found | {THREADS: torch.get_num_threads()}, f, indent=1, sort_keys=True)
+        print(f"{len(found)} images hashed into {args.write} with {torch.get_num_threads()} threads")
         return
     with open(args.check) as f:
         expected = json.load(f)
+    found = run(expected.pop(THREADS, torch.get_num_threads()))  # files written before the count was kept: ours
     differ = [k for k in expected if found.get(k) != expected[k]]
     missing = [k for k in expected if k not in found]
     print(f"{len(expected) - len(differ)} of {len(expected)} images bit for bit as before"
