@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from latentgen.generation.prompts import Segment, parse
+from latentgen.generation.prompts import Segment, emphasized, parse
 
 
 def token_row(tokenizer, segments: list[Segment], length: int, bos: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,15 +32,6 @@ def token_row(tokenizer, segments: list[Segment], length: int, bos: bool) -> tup
     pad = length - len(ids)
     return (torch.tensor([ids + [tokenizer.pad_token_id] * pad]),
             torch.tensor([weights + [1.0] * pad]))
-
-
-def emphasized(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """(1, T, D) states times each token's weight, rescaled to their former mean (A1111's rule)."""
-    if (weights == 1).all():
-        return states
-    mean = states.float().mean()
-    out = states * weights.to(states.device, states.dtype)[..., None]
-    return out * (mean / out.float().mean()).to(states.dtype)
 
 
 def clip_states(pipe, which: int, segments: list[Segment]) -> torch.Tensor:

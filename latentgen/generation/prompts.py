@@ -126,9 +126,15 @@ class ChunkedEncoder:
             pooled = pooled[0]
         else:
             hidden = b.encode_ids(torch.tensor(rows), torch.tensor(masks))  # (k, T, D)
-        scale = torch.tensor(scales, dtype=hidden.dtype, device=hidden.device)[..., None]
-        if (scale != 1).any():
-            mean = hidden.float().mean(dim=(1, 2), keepdim=True)
-            hidden = hidden * scale
-            hidden = hidden * (mean / hidden.float().mean(dim=(1, 2), keepdim=True)).to(hidden.dtype)
+        hidden = emphasized(hidden, torch.tensor(scales))
         return hidden.reshape(-1, hidden.shape[-1]), pooled  # (k·T, D)
+
+
+def emphasized(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(k, T, D) token states times their tokens' weights (k, T), each row rescaled to its former mean (A1111's
+    rule); the states themselves where every weight is 1."""
+    if (weights == 1).all():
+        return states
+    mean = states.float().mean(dim=(1, 2), keepdim=True)
+    out = states * weights.to(states.device, states.dtype)[..., None]
+    return out * (mean / out.float().mean(dim=(1, 2), keepdim=True)).to(states.dtype)
